@@ -1,0 +1,205 @@
+//! Batches, their headers, write sets and receipts.
+
+use crate::merkle::{leaf_hash, verify_proof};
+use crate::{encode, hash_with_domain, ClusterId, CodecError, Digest, ErrorCode, PublicKey, RequestId, Signature, SignedRequest};
+use borsh::{BorshDeserialize, BorshSerialize};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+
+pub const HEADER_DOMAIN: &[u8] = b"tally/header/v1\0";
+pub const HEADER_SIG_DOMAIN: &[u8] = b"tally/header-signature/v1\0";
+pub const WRITE_SET_DOMAIN: &[u8] = b"tally/write-set/v1\0";
+pub const STATE_DOMAIN: &[u8] = b"tally/state/v1\0";
+
+/// The result of executing one request in stage 4. It is a Merkle leaf, so it is what the
+/// operator commits to.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum Outcome {
+    DocCreated { revision: u64 },
+    DocUpdated { revision: u64 },
+    DocDeleted,
+    Transferred { sender_balance: u64 },
+    /// Executed but refused (e.g. funds spent by an earlier request in the same batch). The id is
+    /// consumed: a retry returns this receipt.
+    Rejected(ErrorCode),
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        !matches!(self, Outcome::Rejected(_))
+    }
+}
+
+/// What the operator signs for each committed batch.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BatchHeader {
+    pub cluster_id: ClusterId,
+    pub height: u64,
+    pub prev_hash: Digest,
+    pub merkle_root: Digest,
+    pub leaf_count: u32,
+    pub write_set_digest: Digest,
+    /// blake3(STATE_DOMAIN ‖ previous state digest ‖ write-set digest): equal on every replica
+    /// that applied the same history (invariant I3).
+    pub state_digest: Digest,
+    pub term: u64,
+    pub time_ms: u64,
+}
+
+impl BatchHeader {
+    pub fn hash(&self) -> Digest {
+        hash_with_domain(HEADER_DOMAIN, &encode(self))
+    }
+
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut out = HEADER_SIG_DOMAIN.to_vec();
+        out.extend_from_slice(&self.hash().0);
+        out
+    }
+
+    /// Deterministic ed25519 (RFC 8032): every replica holding the operator key produces the
+    /// same signature for the same header.
+    pub fn sign(&self, key: &SigningKey) -> Signature {
+        Signature(key.sign(&self.signing_bytes()).to_bytes())
+    }
+
+    /// # Errors
+    /// [`CodecError::ReceiptInvalid`] when the key is malformed or weak or the signature fails.
+    pub fn verify(&self, operator: &PublicKey, signature: &Signature) -> Result<(), CodecError> {
+        let vk = VerifyingKey::from_bytes(&operator.0).map_err(|_| CodecError::ReceiptInvalid("operator key is not a valid ed25519 point"))?;
+        if vk.is_weak() {
+            return Err(CodecError::ReceiptInvalid("operator key is weak"));
+        }
+        let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
+        vk.verify_strict(&self.signing_bytes(), &sig).map_err(|_| CodecError::ReceiptInvalid("header signature does not verify against the operator key"))
+    }
+}
+
+pub fn next_state_digest(prev: &Digest, write_set_digest: &Digest) -> Digest {
+    let mut buf = [0u8; 64];
+    buf[..32].copy_from_slice(&prev.0);
+    buf[32..].copy_from_slice(&write_set_digest.0);
+    hash_with_domain(STATE_DOMAIN, &buf)
+}
+
+/// One store mutation. Values are absolute (never deltas) so replaying a suffix of the log over
+/// a newer state converges to the same state.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct WriteOp {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The state changes of one batch, in key order, one op per key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct WriteSet {
+    pub ops: Vec<WriteOp>,
+}
+
+impl WriteSet {
+    pub fn digest(&self) -> Digest {
+        hash_with_domain(WRITE_SET_DOMAIN, &encode(self))
+    }
+}
+
+/// One Raft/log entry: a whole batch. Followers apply `write_set` without re-executing.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BatchEntry {
+    pub header: BatchHeader,
+    pub requests: Vec<SignedRequest>,
+    pub outcomes: Vec<Outcome>,
+    pub write_set: WriteSet,
+}
+
+impl BatchEntry {
+    pub fn leaves(&self) -> Vec<[u8; 32]> {
+        self.requests.iter().zip(&self.outcomes).map(|(r, o)| leaf_hash(&r.id(), o)).collect()
+    }
+
+    /// Checks the entry against its header: leaf count, Merkle root, write-set digest.
+    ///
+    /// # Errors
+    /// [`CodecError::Malformed`] naming the first mismatch.
+    pub fn check(&self) -> Result<(), CodecError> {
+        if self.requests.len() != self.outcomes.len() || self.requests.len() != self.header.leaf_count as usize {
+            return Err(CodecError::Malformed("batch leaf count mismatch".into()));
+        }
+        if crate::merkle::Tree::from_leaves(&self.leaves()).root() != self.header.merkle_root {
+            return Err(CodecError::Malformed("batch merkle root mismatch".into()));
+        }
+        if self.write_set.digest() != self.header.write_set_digest {
+            return Err(CodecError::Malformed("batch write-set digest mismatch".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The body of a committed batch, kept so any replica can rebuild any proof later.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BatchBody {
+    pub requests: Vec<SignedRequest>,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// Stored per height: the header, its signature and where the body lives.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BatchRecord {
+    pub header: BatchHeader,
+    pub signature: Signature,
+    /// Opaque body location (segment reference) written by the store.
+    pub body_ref: Vec<u8>,
+}
+
+/// Stored per document key.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct DocMeta {
+    pub owner: PublicKey,
+    pub revision: u64,
+    pub body: Digest,
+}
+
+/// Stored per request id: where its receipt can be rebuilt from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct RequestLocation {
+    pub height: u64,
+    pub leaf_index: u32,
+    pub expires_at_ms: u64,
+}
+
+/// What a client keeps: proof, checkable offline, that the operator accepted `request` with
+/// `outcome` at `header.height`.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Receipt {
+    pub request: SignedRequest,
+    pub outcome: Outcome,
+    pub leaf_index: u32,
+    pub proof: Vec<Digest>,
+    pub header: BatchHeader,
+    pub signature: Signature,
+}
+
+impl Receipt {
+    pub fn request_id(&self) -> RequestId {
+        self.request.id()
+    }
+
+    /// Offline check: the request's own signature, the Merkle proof of (id, outcome) against the
+    /// header's root, and the operator's signature over the header.
+    ///
+    /// # Errors
+    /// [`CodecError::ReceiptInvalid`] naming the first check that failed.
+    pub fn verify(&self, operator: &PublicKey) -> Result<(), CodecError> {
+        let signing = self.request.request.signing_bytes();
+        let signer = VerifyingKey::from_bytes(&self.request.request.signer.0).map_err(|_| CodecError::ReceiptInvalid("request signer is not a valid key"))?;
+        signer
+            .verify_strict(&signing, &ed25519_dalek::Signature::from_bytes(&self.request.signature.0))
+            .map_err(|_| CodecError::ReceiptInvalid("request signature does not verify"))?;
+        if self.request.request.cluster_id != self.header.cluster_id {
+            return Err(CodecError::ReceiptInvalid("request and header name different clusters"));
+        }
+        let leaf = leaf_hash(&self.request_id(), &self.outcome);
+        if !verify_proof(&self.header.merkle_root, self.leaf_index as usize, leaf, self.header.leaf_count as usize, &self.proof) {
+            return Err(CodecError::ReceiptInvalid("Merkle proof does not lead to the header's root"));
+        }
+        self.header.verify(operator, &self.signature)
+    }
+}

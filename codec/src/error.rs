@@ -1,0 +1,87 @@
+use borsh::{BorshDeserialize, BorshSerialize};
+use std::fmt;
+
+/// Errors from decoding or checking canonical bytes.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("input of {size} bytes is over the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed encoding: {0}")]
+    Malformed(String),
+    #[error("Key is not a proper UUID4")]
+    NotUuid4,
+    #[error("invalid hex: {0}")]
+    BadHex(String),
+    #[error("receipt does not verify: {0}")]
+    ReceiptInvalid(&'static str),
+}
+
+/// Why a request was refused, at any stage. Stable on the wire: append only.
+///
+/// Stage 2 and 3 refusals are answered at once and never enter a batch; stage 4 refusals are
+/// executed (the id is consumed) and carried in the batch as [`crate::Outcome::Rejected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, BorshSerialize, BorshDeserialize)]
+#[borsh(use_discriminant = true)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    Malformed = 0,
+    BadSignature = 1,
+    WeakKey = 2,
+    Expired = 3,
+    ExpiryTooFar = 4,
+    NotUuid4 = 5,
+    InvalidJson = 6,
+    ValueTooLarge = 7,
+    InsufficientFunds = 8,
+    ZeroAmount = 9,
+    TransferToSelf = 10,
+    NotOwner = 11,
+    NotFound = 12,
+    WrongCluster = 13,
+    NotLeader = 14,
+    Overloaded = 15,
+    /// Leadership was lost before the batch committed: retry the same bytes.
+    Retry = 16,
+    TooManyRequests = 17,
+    Internal = 18,
+}
+
+impl ErrorCode {
+    /// Whether resending the same bytes later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::NotLeader | ErrorCode::Overloaded | ErrorCode::Retry)
+    }
+
+    /// The message a user sees.
+    pub fn message(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed request",
+            ErrorCode::BadSignature => "bad signature",
+            ErrorCode::WeakKey => "weak (small-order) public key",
+            ErrorCode::Expired => "request expired",
+            ErrorCode::ExpiryTooFar => "request expiry is too far in the future",
+            ErrorCode::NotUuid4 => "Key is not a proper UUID4",
+            ErrorCode::InvalidJson => "value is not valid JSON",
+            ErrorCode::ValueTooLarge => "value is over the size limit",
+            ErrorCode::InsufficientFunds => "insufficient funds",
+            ErrorCode::ZeroAmount => "amount must be greater than zero",
+            ErrorCode::TransferToSelf => "transfer to self",
+            ErrorCode::NotOwner => "document is owned by another key",
+            ErrorCode::NotFound => "Not found",
+            ErrorCode::WrongCluster => "request is for another cluster",
+            ErrorCode::NotLeader => "this replica is not the leader",
+            ErrorCode::Overloaded => "server overloaded, retry later",
+            ErrorCode::Retry => "leadership changed before commit; retry",
+            ErrorCode::TooManyRequests => "too many requests in one frame",
+            ErrorCode::Internal => "internal error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}

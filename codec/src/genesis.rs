@@ -1,0 +1,63 @@
+//! The genesis file: the cluster id, the operator key and the only money there will ever be.
+
+use crate::{ClusterId, CodecError, PublicKey};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenesisAccount {
+    /// Hex ed25519 public key.
+    pub key: String,
+    pub balance: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Genesis {
+    /// Hex, 32 digits.
+    pub cluster_id: String,
+    /// Hex operator public key.
+    pub operator_key: String,
+    pub accounts: Vec<GenesisAccount>,
+}
+
+impl Genesis {
+    /// # Errors
+    /// [`CodecError::Malformed`] for bad JSON, bad hex, duplicate accounts or a total that
+    /// overflows u64.
+    pub fn parse(json: &str) -> Result<Self, CodecError> {
+        let g: Genesis = serde_json::from_str(json).map_err(|e| CodecError::Malformed(format!("genesis: {e}")))?;
+        g.cluster()?;
+        g.operator()?;
+        let accounts = g.balances()?;
+        let mut seen = std::collections::HashSet::new();
+        let mut total: u64 = 0;
+        for (k, b) in &accounts {
+            if !seen.insert(*k) {
+                return Err(CodecError::Malformed(format!("genesis: account {k} appears twice")));
+            }
+            total = total.checked_add(*b).ok_or_else(|| CodecError::Malformed("genesis: total balance overflows u64".into()))?;
+        }
+        Ok(g)
+    }
+
+    /// # Errors
+    /// On bad hex.
+    pub fn cluster(&self) -> Result<ClusterId, CodecError> {
+        ClusterId::from_hex(&self.cluster_id)
+    }
+
+    /// # Errors
+    /// On bad hex.
+    pub fn operator(&self) -> Result<PublicKey, CodecError> {
+        PublicKey::from_hex(&self.operator_key)
+    }
+
+    /// # Errors
+    /// On bad hex.
+    pub fn balances(&self) -> Result<Vec<(PublicKey, u64)>, CodecError> {
+        self.accounts.iter().map(|a| Ok((PublicKey::from_hex(&a.key)?, a.balance))).collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.accounts.iter().map(|a| a.balance).sum()
+    }
+}

@@ -1,0 +1,62 @@
+//! Canonical bytes for everything tally hashes, signs, stores or sends.
+//!
+//! ```text
+//!   SignedRequest ──blake3(signing bytes)──▶ RequestId
+//!        │                                       │
+//!        ▼ stage 4                               ▼
+//!   Outcome ──leaf_hash(0x00‖id‖outcome)──▶ Merkle tree (0x01‖l‖r) ──▶ BatchHeader.merkle_root
+//!                                                                       │
+//!                                   header_hash(domain‖borsh(header)) ◀─┘ ──ed25519──▶ Receipt
+//! ```
+//!
+//! This crate is pure: no I/O, no clock. All encoding is borsh; decoding is bounded by
+//! [`limits`] and rejects trailing bytes. It is the only place that turns values into bytes for
+//! hashing or signing, so a change here is a deliberate change of the wire and disk formats
+//! (pinned by fixture hashes in the tests).
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod error;
+pub mod genesis;
+pub mod keys;
+pub mod limits;
+pub mod merkle;
+pub mod request;
+pub mod types;
+pub mod wire;
+
+pub use batch::{
+    BatchBody, BatchEntry, BatchHeader, BatchRecord, DocMeta, Outcome, Receipt, RequestLocation,
+    WriteOp, WriteSet,
+};
+pub use error::{CodecError, ErrorCode};
+pub use keys::{ContentKey, IntentKey, TableId, Tables};
+pub use request::{Operation, Request, SignedRequest};
+pub use types::{ClusterId, Digest, DocKey, PublicKey, RequestId, Signature};
+
+use borsh::{BorshDeserialize, BorshSerialize};
+
+/// Encodes a value canonically.
+pub fn encode<T: BorshSerialize>(value: &T) -> Vec<u8> {
+    borsh::to_vec(value).expect("borsh encoding into a Vec cannot fail")
+}
+
+/// Decodes a value, rejecting trailing bytes and inputs over `bytes_max`.
+///
+/// # Errors
+/// [`CodecError::TooLarge`] when the input is over the bound, [`CodecError::Malformed`] when it
+/// is not the canonical encoding of a `T` (truncated, trailing bytes, invalid tag).
+pub fn decode<T: BorshDeserialize>(bytes: &[u8], bytes_max: usize) -> Result<T, CodecError> {
+    if bytes.len() > bytes_max {
+        return Err(CodecError::TooLarge { size: bytes.len(), max: bytes_max });
+    }
+    T::try_from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+/// blake3 of `domain ‖ bytes`: every hash in tally is domain-separated.
+pub fn hash_with_domain(domain: &[u8], bytes: &[u8]) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(domain);
+    h.update(bytes);
+    Digest(*h.finalize().as_bytes())
+}

@@ -1,0 +1,172 @@
+//! Client protocol: length-prefixed frames carrying borsh messages.
+//!
+//! ```text
+//! frame := u32-le body_len ‖ body            (body_len ≤ FRAME_BYTES_MAX)
+//! body  := borsh(Envelope<ClientMessage | ServerMessage>)
+//! ```
+//! A connection may have many frames in flight; replies carry the request frame's `id` and may
+//! come back out of order.
+
+use crate::{limits, CodecError, DocKey, ErrorCode, PublicKey, Receipt, RequestId, SignedRequest};
+use borsh::{BorshDeserialize, BorshSerialize};
+use std::io::{self, Read, Write};
+
+/// Wraps a message with the id the reply will echo.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Envelope<M> {
+    pub id: u64,
+    pub msg: M,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum ClientMessage {
+    /// Client-side batching: many independently signed requests, one reply entry each.
+    Submit(Vec<SignedRequest>),
+    /// `stale` allows a follower to answer from its own state.
+    Get { key: DocKey, stale: bool },
+    Balance { account: PublicKey, stale: bool },
+    /// Also the heartbeat.
+    Status,
+    Receipt { id: RequestId },
+    ClusterAdd { node_id: u64, client_addr: String, peer_addr: String },
+    ClusterRemove { node_id: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum ServerMessage {
+    /// One entry per submitted request, in order.
+    Submitted(Vec<SubmitReply>),
+    Doc(Option<DocView>),
+    Balance(Option<u64>),
+    Status(StatusInfo),
+    Receipt(Option<Receipt>),
+    Done,
+    Error(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum SubmitReply {
+    /// Committed and signed. `durable_replicas` replicas had fsynced the batch when we answered.
+    Committed { receipt: Box<Receipt>, durable_replicas: u8 },
+    Refused(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Client address of the leader, when known (for NotLeader).
+    pub leader_hint: Option<String>,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError { code, message: message.into(), leader_hint: None }
+    }
+    pub fn from_code(code: ErrorCode) -> Self {
+        WireError::new(code, code.message())
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct DocView {
+    pub owner: PublicKey,
+    pub revision: u64,
+    pub value: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct MemberInfo {
+    pub node_id: u64,
+    pub client_addr: String,
+    pub peer_addr: String,
+    /// Highest log index this replica is known to hold durably (leader's view).
+    pub matched_index: u64,
+    pub is_voter: bool,
+}
+
+/// Heartbeat / status reply.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct StatusInfo {
+    pub node_id: u64,
+    pub cluster_id: crate::ClusterId,
+    pub operator_key: PublicKey,
+    pub leader_id: Option<u64>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub committed_height: u64,
+    pub applied_height: u64,
+    pub replicas_configured: u32,
+    pub members: Vec<MemberInfo>,
+    pub warnings: Vec<String>,
+    pub time_ms: u64,
+}
+
+/// Writes one frame.
+///
+/// # Errors
+/// I/O errors, or `InvalidInput` when the body is over the frame limit.
+pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
+    if body.len() > limits::FRAME_BYTES_MAX {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {} bytes is over the limit of {}", body.len(), limits::FRAME_BYTES_MAX)));
+    }
+    w.write_all(&(body.len() as u32).to_le_bytes())?;
+    w.write_all(body)
+}
+
+/// Reads one frame body into `buf` (reused across calls).
+///
+/// Returns `Ok(false)` on a clean end of stream before a frame starts.
+///
+/// # Errors
+/// `UnexpectedEof` for a truncated frame; `InvalidData` for a length over `frame_bytes_max`
+/// (the connection can't be resynchronised after that, so callers reply and close).
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, frame_bytes_max: usize) -> io::Result<bool> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame length")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > frame_bytes_max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes is over the limit of {frame_bytes_max} bytes")));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf).map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame body") } else { e })?;
+    Ok(true)
+}
+
+/// Decodes a client frame body.
+///
+/// # Errors
+/// [`CodecError`] naming the problem (trailing bytes, bad tag, too many requests).
+pub fn decode_client(body: &[u8]) -> Result<Envelope<ClientMessage>, CodecError> {
+    let env: Envelope<ClientMessage> = crate::decode(body, limits::FRAME_BYTES_MAX)?;
+    if let ClientMessage::Submit(reqs) = &env.msg {
+        if reqs.len() > limits::FRAME_REQUESTS_MAX {
+            return Err(CodecError::TooLarge { size: reqs.len(), max: limits::FRAME_REQUESTS_MAX });
+        }
+    }
+    Ok(env)
+}
+
+/// Decodes a server frame body.
+///
+/// # Errors
+/// See [`decode_client`].
+pub fn decode_server(body: &[u8]) -> Result<Envelope<ServerMessage>, CodecError> {
+    crate::decode(body, limits::FRAME_BYTES_MAX)
+}
