@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod config;
 pub mod error;
 pub mod genesis;
 pub mod keys;

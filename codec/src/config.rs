@@ -1,0 +1,70 @@
+//! Node configuration (TOML), written by `tally cluster init` and read by `tallyd --config`.
+//! Only the data type lives here so both binaries agree on it; reading files is theirs.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConfig {
+    pub node_id: u64,
+    /// Client address (HOST:PORT).
+    pub client: String,
+    /// Peer (replication) address (HOST:PORT).
+    pub peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    /// Hex cluster id; must match the genesis file and every peer.
+    pub cluster_id: String,
+    pub data_dir: String,
+    /// Client address to listen on.
+    pub listen: String,
+    /// Peer address to listen on.
+    pub peer_listen: String,
+    /// Secret operator key file (hex of the 32-byte ed25519 seed). Shared by all replicas:
+    /// deterministic ed25519 makes their signatures over one header identical.
+    pub operator_key_file: String,
+    pub genesis_file: String,
+    /// All voters at cluster creation, this node included.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default = "default_batch_interval_ms")]
+    pub batch_interval_ms: u64,
+    #[serde(default = "default_batch_requests_max")]
+    pub batch_requests_max: usize,
+    /// Prometheus /metrics address; none disables it.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// Raft tick length.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// Election timeout in ticks (randomised in [n, 2n)).
+    #[serde(default = "default_election_ticks")]
+    pub election_ticks: usize,
+    #[serde(default = "default_heartbeat_ticks")]
+    pub heartbeat_ticks: usize,
+    /// Turning fsync off voids every durability claim; for experiments only.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
+}
+
+pub fn default_batch_interval_ms() -> u64 {
+    100
+}
+pub fn default_batch_requests_max() -> usize {
+    16_384
+}
+pub fn default_tick_ms() -> u64 {
+    50
+}
+pub fn default_election_ticks() -> usize {
+    10
+}
+pub fn default_heartbeat_ticks() -> usize {
+    2
+}
+fn default_true() -> bool {
+    true
+}
