@@ -1,7 +1,9 @@
 //! Batches, their headers, write sets and receipts.
 
 use crate::merkle::{leaf_hash, verify_proof};
-use crate::{encode, hash_with_domain, ClusterId, CodecError, Digest, ErrorCode, PublicKey, RequestId, Signature, SignedRequest};
+use crate::{
+    encode, hash_with_domain, ClusterId, CodecError, Digest, ErrorCode, PublicKey, RequestId, Signature, SignedRequest,
+};
 use borsh::{BorshDeserialize, BorshSerialize};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
@@ -14,10 +16,16 @@ pub const STATE_DOMAIN: &[u8] = b"tally/state/v1\0";
 /// operator commits to.
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum Outcome {
-    DocCreated { revision: u64 },
-    DocUpdated { revision: u64 },
+    DocCreated {
+        revision: u64,
+    },
+    DocUpdated {
+        revision: u64,
+    },
     DocDeleted,
-    Transferred { sender_balance: u64 },
+    Transferred {
+        sender_balance: u64,
+    },
     /// Executed but refused (e.g. funds spent by an earlier request in the same batch). The id is
     /// consumed: a retry returns this receipt.
     Rejected(ErrorCode),
@@ -65,12 +73,14 @@ impl BatchHeader {
     /// # Errors
     /// [`CodecError::ReceiptInvalid`] when the key is malformed or weak or the signature fails.
     pub fn verify(&self, operator: &PublicKey, signature: &Signature) -> Result<(), CodecError> {
-        let vk = VerifyingKey::from_bytes(&operator.0).map_err(|_| CodecError::ReceiptInvalid("operator key is not a valid ed25519 point"))?;
+        let vk = VerifyingKey::from_bytes(&operator.0)
+            .map_err(|_| CodecError::ReceiptInvalid("operator key is not a valid ed25519 point"))?;
         if vk.is_weak() {
             return Err(CodecError::ReceiptInvalid("operator key is weak"));
         }
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-        vk.verify_strict(&self.signing_bytes(), &sig).map_err(|_| CodecError::ReceiptInvalid("header signature does not verify against the operator key"))
+        vk.verify_strict(&self.signing_bytes(), &sig)
+            .map_err(|_| CodecError::ReceiptInvalid("header signature does not verify against the operator key"))
     }
 }
 
@@ -189,7 +199,8 @@ impl Receipt {
     /// [`CodecError::ReceiptInvalid`] naming the first check that failed.
     pub fn verify(&self, operator: &PublicKey) -> Result<(), CodecError> {
         let signing = self.request.request.signing_bytes();
-        let signer = VerifyingKey::from_bytes(&self.request.request.signer.0).map_err(|_| CodecError::ReceiptInvalid("request signer is not a valid key"))?;
+        let signer = VerifyingKey::from_bytes(&self.request.request.signer.0)
+            .map_err(|_| CodecError::ReceiptInvalid("request signer is not a valid key"))?;
         signer
             .verify_strict(&signing, &ed25519_dalek::Signature::from_bytes(&self.request.signature.0))
             .map_err(|_| CodecError::ReceiptInvalid("request signature does not verify"))?;
@@ -197,7 +208,13 @@ impl Receipt {
             return Err(CodecError::ReceiptInvalid("request and header name different clusters"));
         }
         let leaf = leaf_hash(&self.request_id(), &self.outcome);
-        if !verify_proof(&self.header.merkle_root, self.leaf_index as usize, leaf, self.header.leaf_count as usize, &self.proof) {
+        if !verify_proof(
+            &self.header.merkle_root,
+            self.leaf_index as usize,
+            leaf,
+            self.header.leaf_count as usize,
+            &self.proof,
+        ) {
             return Err(CodecError::ReceiptInvalid("Merkle proof does not lead to the header's root"));
         }
         self.header.verify(operator, &self.signature)

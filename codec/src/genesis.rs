@@ -34,7 +34,9 @@ impl Genesis {
             if !seen.insert(*k) {
                 return Err(CodecError::Malformed(format!("genesis: account {k} appears twice")));
             }
-            total = total.checked_add(*b).ok_or_else(|| CodecError::Malformed("genesis: total balance overflows u64".into()))?;
+            total = total
+                .checked_add(*b)
+                .ok_or_else(|| CodecError::Malformed("genesis: total balance overflows u64".into()))?;
         }
         Ok(g)
     }

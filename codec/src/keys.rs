@@ -135,6 +135,9 @@ mod tests {
     /// Pins the derivation: a change here changes the on-disk format.
     #[test]
     fn table_id_fixture() {
-        assert_eq!(hex::encode(TableId::derive("docs", 1).0), hex::encode(&blake3::hash(b"tally/table/docs/v1").as_bytes()[..4]));
+        assert_eq!(
+            hex::encode(TableId::derive("docs", 1).0),
+            hex::encode(&blake3::hash(b"tally/table/docs/v1").as_bytes()[..4])
+        );
     }
 }

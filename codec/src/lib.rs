@@ -27,8 +27,7 @@ pub mod types;
 pub mod wire;
 
 pub use batch::{
-    BatchBody, BatchEntry, BatchHeader, BatchRecord, DocMeta, Outcome, Receipt, RequestLocation,
-    WriteOp, WriteSet,
+    BatchBody, BatchEntry, BatchHeader, BatchRecord, DocMeta, Outcome, Receipt, RequestLocation, WriteOp, WriteSet,
 };
 pub use error::{CodecError, ErrorCode};
 pub use keys::{ContentKey, IntentKey, TableId, Tables};

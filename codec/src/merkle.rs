@@ -82,7 +82,11 @@ mod tests {
     fn leaves(n: usize) -> Vec<[u8; 32]> {
         (0..n)
             .map(|i| {
-                let outcome = if i % 3 == 0 { Outcome::Rejected(ErrorCode::InsufficientFunds) } else { Outcome::Transferred { sender_balance: i as u64 } };
+                let outcome = if i % 3 == 0 {
+                    Outcome::Rejected(ErrorCode::InsufficientFunds)
+                } else {
+                    Outcome::Transferred { sender_balance: i as u64 }
+                };
                 leaf_hash(&RequestId([i as u8; 32]), &outcome)
             })
             .collect()

@@ -85,7 +85,11 @@ impl DocKey {
     pub fn parse(s: &str) -> Result<Self, CodecError> {
         let u = uuid::Uuid::parse_str(s.trim()).map_err(|_| CodecError::NotUuid4)?;
         let key = DocKey(*u.as_bytes());
-        if key.is_uuid4() { Ok(key) } else { Err(CodecError::NotUuid4) }
+        if key.is_uuid4() {
+            Ok(key)
+        } else {
+            Err(CodecError::NotUuid4)
+        }
     }
 
     /// Version nibble 4 and variant bits 10xx.

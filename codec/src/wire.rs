@@ -23,13 +23,27 @@ pub enum ClientMessage {
     /// Client-side batching: many independently signed requests, one reply entry each.
     Submit(Vec<SignedRequest>),
     /// `stale` allows a follower to answer from its own state.
-    Get { key: DocKey, stale: bool },
-    Balance { account: PublicKey, stale: bool },
+    Get {
+        key: DocKey,
+        stale: bool,
+    },
+    Balance {
+        account: PublicKey,
+        stale: bool,
+    },
     /// Also the heartbeat.
     Status,
-    Receipt { id: RequestId },
-    ClusterAdd { node_id: u64, client_addr: String, peer_addr: String },
-    ClusterRemove { node_id: u64 },
+    Receipt {
+        id: RequestId,
+    },
+    ClusterAdd {
+        node_id: u64,
+        client_addr: String,
+        peer_addr: String,
+    },
+    ClusterRemove {
+        node_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
@@ -47,7 +61,10 @@ pub enum ServerMessage {
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum SubmitReply {
     /// Committed and signed. `durable_replicas` replicas had fsynced the batch when we answered.
-    Committed { receipt: Box<Receipt>, durable_replicas: u8 },
+    Committed {
+        receipt: Box<Receipt>,
+        durable_replicas: u8,
+    },
     Refused(WireError),
 }
 
@@ -114,7 +131,10 @@ pub struct StatusInfo {
 /// I/O errors, or `InvalidInput` when the body is over the frame limit.
 pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
     if body.len() > limits::FRAME_BYTES_MAX {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {} bytes is over the limit of {}", body.len(), limits::FRAME_BYTES_MAX)));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("frame of {} bytes is over the limit of {}", body.len(), limits::FRAME_BYTES_MAX),
+        ));
     }
     w.write_all(&(body.len() as u32).to_le_bytes())?;
     w.write_all(body)
@@ -141,11 +161,20 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, frame_bytes_max: usize) 
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > frame_bytes_max {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes is over the limit of {frame_bytes_max} bytes")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit of {frame_bytes_max} bytes"),
+        ));
     }
     buf.clear();
     buf.resize(len, 0);
-    r.read_exact(buf).map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame body") } else { e })?;
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame body")
+        } else {
+            e
+        }
+    })?;
     Ok(true)
 }
 
