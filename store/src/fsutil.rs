@@ -1,0 +1,47 @@
+//! Small durable-file helpers shared by the log and the segment files.
+
+use crate::StoreError;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+/// fsyncs a directory so that creations, renames and deletions in it survive a crash.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+}
+
+/// Writes `crc32(payload) ‖ payload` to `path` atomically and durably: tmp file, fsync, rename,
+/// fsync of the directory. A reader sees the old or the new contents, never a mix.
+pub(crate) fn write_atomic(dir: &Path, name: &str, payload: &[u8]) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut bytes = Vec::with_capacity(4 + payload.len());
+    bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    let mut f =
+        OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    f.write_all(&bytes).map_err(|e| StoreError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, &dst).map_err(|e| StoreError::io(&dst, e))?;
+    sync_dir(dir)
+}
+
+/// Reads a file written by [`write_atomic`]; `None` when it does not exist.
+pub(crate) fn read_atomic(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let path = dir.join(name);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io(&path, e)),
+    };
+    if bytes.len() < 4 {
+        return Err(StoreError::Corrupt { file: path, offset: 0, reason: "file shorter than its checksum".into() });
+    }
+    let (crc, payload) = bytes.split_at(4);
+    let crc = u32::from_le_bytes(crc.try_into().expect("split_at(4) gives 4 bytes"));
+    if crc != crc32fast::hash(payload) {
+        return Err(StoreError::Corrupt { file: path, offset: 0, reason: "checksum mismatch".into() });
+    }
+    Ok(Some(payload.to_vec()))
+}

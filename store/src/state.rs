@@ -1,0 +1,364 @@
+//! The application state store: the view rebuilt from the log. One committed batch is one
+//! atomic [`Kv::write`] that also moves the applied index, so the state and the point in the log
+//! it reflects can never disagree.
+
+use crate::kv::{Kv, LevelKv, MemKv};
+use crate::segments::{SegmentRef, Segments, SEGMENT_REF_BYTES};
+use crate::StoreError;
+use borsh::{BorshDeserialize, BorshSerialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tally_codec::limits::ENTRY_BYTES_MAX;
+use tally_codec::merkle::{leaf_hash, Tree};
+use tally_codec::{
+    decode, encode, BatchBody, BatchEntry, BatchRecord, Digest, DocKey, DocMeta, PublicKey, Receipt, RequestId,
+    RequestLocation, Signature, Tables, WriteOp,
+};
+
+/// Segment files for batch bodies roll at this size.
+pub const BODY_SEGMENT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Bound for decoding a stored [`BatchRecord`] (fixed-size header, signature, small body ref).
+const BATCH_RECORD_BYTES_MAX: usize = 4096;
+/// Bound for decoding small stored values ([`DocMeta`], [`RequestLocation`], [`Applied`]).
+const SMALL_VALUE_BYTES_MAX: usize = 1024;
+
+const META_SCHEMA: &str = "schema";
+const META_APPLIED: &str = "applied";
+const META_GENESIS: &str = "genesis";
+
+/// Where the state is in the log and the chain: replay resumes after `index`, the next batch
+/// must have height `height + 1` and `prev_hash == header_hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Applied {
+    /// Last log index applied (batch or not).
+    pub index: u64,
+    /// Height of the last batch applied (0 before the first).
+    pub height: u64,
+    /// Hash of that batch's header (zeros before the first).
+    pub header_hash: Digest,
+    /// That batch's state digest (zeros before the first).
+    pub state_digest: Digest,
+}
+
+impl Default for Applied {
+    fn default() -> Self {
+        Applied { index: 0, height: 0, header_hash: Digest::ZERO, state_digest: Digest::ZERO }
+    }
+}
+
+/// The state of one replica: documents, balances, batches, request locations.
+///
+/// `Store<LevelKv>` is neither `Send` nor `Sync` (rusty-leveldb holds `Rc`s): one thread owns it.
+pub struct Store<K: Kv = LevelKv> {
+    kv: K,
+    segments: Segments,
+    tables: Tables,
+    applied: Applied,
+    initialized: bool,
+}
+
+impl<K: Kv> std::fmt::Debug for Store<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("applied", &self.applied).field("initialized", &self.initialized).finish()
+    }
+}
+
+impl Store<LevelKv> {
+    /// Opens the on-disk store: LevelDB in `dir/state`, body segments in `dir/segments`.
+    ///
+    /// # Errors
+    /// [`StoreError::SchemaMismatch`] for a store of another schema; LevelDB and I/O errors.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let kv = LevelKv::open(&dir.join("state"))?;
+        Store::from_parts(kv, &dir.join("segments"))
+    }
+}
+
+impl Store<MemKv> {
+    /// A store with in-memory keys (bodies still go to real segment files), for tests.
+    ///
+    /// # Errors
+    /// I/O errors on the segment directory.
+    pub fn in_memory(dir_for_segments: &Path) -> Result<Self, StoreError> {
+        Store::from_parts(MemKv::new(), dir_for_segments)
+    }
+}
+
+impl<K: Kv> Store<K> {
+    /// Builds a store on any [`Kv`] (e.g. a fault-injecting one), checking the schema.
+    ///
+    /// # Errors
+    /// [`StoreError::SchemaMismatch`] when the kv holds data of another schema (or data without
+    /// a schema marker); backend errors.
+    pub fn from_parts(mut kv: K, segments_dir: &Path) -> Result<Self, StoreError> {
+        let tables = Tables::v1();
+        let expected = tables.fingerprint();
+        let schema_key = tables.meta(META_SCHEMA).into_bytes();
+        match kv.get(&schema_key)? {
+            Some(found) if found == expected => {}
+            Some(found) => {
+                return Err(StoreError::SchemaMismatch { found: hex(&found), expected: hex(&expected) });
+            }
+            None if kv.scan_prefix(&[], 1)?.is_empty() => {
+                kv.write(&[WriteOp { key: schema_key, value: Some(expected) }])?;
+            }
+            None => {
+                return Err(StoreError::SchemaMismatch { found: "(missing)".into(), expected: hex(&expected) });
+            }
+        }
+        let applied = match kv.get(tables.meta(META_APPLIED).as_bytes())? {
+            Some(bytes) => {
+                decode(&bytes, SMALL_VALUE_BYTES_MAX).map_err(|e| StoreError::decode("applied marker", e))?
+            }
+            None => Applied::default(),
+        };
+        let initialized = kv.get(tables.meta(META_GENESIS).as_bytes())?.is_some();
+        let segments = Segments::open(segments_dir, BODY_SEGMENT_BYTES_MAX)?;
+        Ok(Store { kv, segments, tables, applied, initialized })
+    }
+
+    /// The key layout, so callers build write sets with the same table ids the store reads.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// Where the state is; replay the log from `applied().index + 1`. Zeros when fresh.
+    pub fn applied(&self) -> Applied {
+        self.applied
+    }
+
+    /// Whether genesis balances were written (a replica must not apply batches before).
+    pub fn is_initialized(&self) -> bool {
+        self.initialized
+    }
+
+    /// Raw read of any key, for stage 3's snapshot reads of keys it builds from [`Tables`].
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv.get(key)
+    }
+
+    /// The underlying kv, for snapshots and debugging tools.
+    pub fn kv(&self) -> &K {
+        &self.kv
+    }
+
+    /// Writes genesis balances and the genesis marker in one atomic write. Only once.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyInitialized`]; [`StoreError::InvalidArgument`] for a duplicate
+    /// account; backend errors.
+    pub fn init_genesis(&mut self, balances: &[(PublicKey, u64)]) -> Result<(), StoreError> {
+        if self.initialized {
+            return Err(StoreError::AlreadyInitialized);
+        }
+        let mut unique = BTreeMap::new();
+        for (key, balance) in balances {
+            if unique.insert(*key, *balance).is_some() {
+                return Err(StoreError::InvalidArgument(format!("genesis lists account {key} twice")));
+            }
+        }
+        let mut ops: Vec<WriteOp> = unique
+            .iter()
+            .map(|(key, balance)| WriteOp { key: self.tables.account(key).into_bytes(), value: Some(encode(balance)) })
+            .collect();
+        ops.push(WriteOp { key: self.tables.meta(META_GENESIS).into_bytes(), value: Some(vec![1]) });
+        self.kv.write(&ops)?;
+        self.initialized = true;
+        Ok(())
+    }
+
+    /// Applies one committed batch as ONE atomic [`Kv::write`]: the write set, the
+    /// [`BatchRecord`] at its height, a [`RequestLocation`] per request and the applied marker.
+    /// The body goes to a segment file first and is synced, so a durable index never points at
+    /// a lost body.
+    ///
+    /// # Errors
+    /// Backend and I/O errors; then nothing of the batch is applied in the kv.
+    ///
+    /// # Panics
+    /// If the chain is broken (height, previous hash), `index` does not advance, the entry's
+    /// leaf counts disagree, or the write set touches the store's own meta table.
+    pub fn apply_batch(&mut self, index: u64, entry: &BatchEntry, signature: &Signature) -> Result<(), StoreError> {
+        let header = &entry.header;
+        assert!(index > self.applied.index, "log index {index} does not advance past {}", self.applied.index);
+        assert_eq!(header.height, self.applied.height + 1, "chain broken: batch height does not follow");
+        assert_eq!(header.prev_hash, self.applied.header_hash, "chain broken: prev_hash is not the last header's hash");
+        assert_eq!(entry.requests.len(), entry.outcomes.len(), "one outcome per request");
+        assert_eq!(entry.requests.len(), header.leaf_count as usize, "leaf count matches requests");
+        let meta_table = self.tables.meta.0;
+        assert!(!entry.write_set.ops.iter().any(|op| op.key.starts_with(&meta_table)), "write set touches store meta");
+
+        // Same bytes as `encode(&BatchBody { requests, outcomes })`, without cloning the requests.
+        let mut body = Vec::new();
+        borsh::to_writer(&mut body, &entry.requests).expect("borsh into a Vec cannot fail");
+        borsh::to_writer(&mut body, &entry.outcomes).expect("borsh into a Vec cannot fail");
+        let body_ref = self.segments.append(&body)?;
+        self.segments.sync()?;
+
+        let applied =
+            Applied { index, height: header.height, header_hash: header.hash(), state_digest: header.state_digest };
+        let record = BatchRecord { header: header.clone(), signature: *signature, body_ref: encode(&body_ref) };
+        let mut ops = Vec::with_capacity(entry.write_set.ops.len() + entry.requests.len() + 2);
+        ops.extend(entry.write_set.ops.iter().cloned());
+        ops.push(WriteOp { key: self.tables.batch(header.height).into_bytes(), value: Some(encode(&record)) });
+        for (leaf_index, request) in entry.requests.iter().enumerate() {
+            let location = RequestLocation {
+                height: header.height,
+                leaf_index: u32::try_from(leaf_index).expect("leaf_count is a u32"),
+                expires_at_ms: request.request.expires_at_ms,
+            };
+            ops.push(WriteOp { key: self.tables.request(&request.id()).into_bytes(), value: Some(encode(&location)) });
+        }
+        ops.push(self.applied_op(&applied));
+        self.kv.write(&ops)?;
+        self.applied = applied;
+        Ok(())
+    }
+
+    /// A log entry that is not a batch (Raft no-op / conf change): only advances the index.
+    ///
+    /// # Errors
+    /// Backend errors.
+    ///
+    /// # Panics
+    /// If `index` does not advance.
+    pub fn apply_noop(&mut self, index: u64) -> Result<(), StoreError> {
+        assert!(index > self.applied.index, "log index {index} does not advance past {}", self.applied.index);
+        let applied = Applied { index, ..self.applied };
+        self.kv.write(&[self.applied_op(&applied)])?;
+        self.applied = applied;
+        Ok(())
+    }
+
+    fn applied_op(&self, applied: &Applied) -> WriteOp {
+        WriteOp { key: self.tables.meta(META_APPLIED).into_bytes(), value: Some(encode(applied)) }
+    }
+
+    /// An account's balance; `None` for an account that never held money.
+    ///
+    /// # Errors
+    /// Backend errors; [`StoreError::Decode`] for a malformed value.
+    pub fn balance(&self, account: &PublicKey) -> Result<Option<u64>, StoreError> {
+        self.get_decoded(self.tables.account(account).as_bytes(), 8, "balance")
+    }
+
+    /// A document's metadata and body.
+    ///
+    /// # Errors
+    /// Backend and decode errors; [`StoreError::Inconsistent`] if the body is missing.
+    pub fn doc(&self, key: &DocKey) -> Result<Option<(DocMeta, Vec<u8>)>, StoreError> {
+        let Some(meta) = self.doc_meta(key)? else { return Ok(None) };
+        let body = self
+            .kv
+            .get(&self.tables.doc_body(&meta.body).to_bytes())?
+            .ok_or_else(|| StoreError::Inconsistent(format!("document {key} has no body {}", meta.body)))?;
+        Ok(Some((meta, body)))
+    }
+
+    /// A document's owner, revision and body digest (ownership checks need no body).
+    ///
+    /// # Errors
+    /// Backend and decode errors.
+    pub fn doc_meta(&self, key: &DocKey) -> Result<Option<DocMeta>, StoreError> {
+        self.get_decoded(self.tables.doc(key).as_bytes(), SMALL_VALUE_BYTES_MAX, "document meta")
+    }
+
+    /// The stored header, signature and body reference at `height`.
+    ///
+    /// # Errors
+    /// Backend and decode errors.
+    pub fn batch(&self, height: u64) -> Result<Option<BatchRecord>, StoreError> {
+        self.get_decoded(self.tables.batch(height).as_bytes(), BATCH_RECORD_BYTES_MAX, "batch record")
+    }
+
+    /// Loads a batch's requests and outcomes from its segment.
+    ///
+    /// # Errors
+    /// Decode errors; [`StoreError::Corrupt`] when the segment bytes fail their checksum.
+    pub fn batch_body(&self, record: &BatchRecord) -> Result<BatchBody, StoreError> {
+        let body_ref: SegmentRef =
+            decode(&record.body_ref, SEGMENT_REF_BYTES).map_err(|e| StoreError::decode("body reference", e))?;
+        let bytes = self.segments.read(&body_ref)?;
+        decode(&bytes, ENTRY_BYTES_MAX).map_err(|e| StoreError::decode("batch body", e))
+    }
+
+    /// Where a request's receipt can be rebuilt from; `None` for an unknown id.
+    ///
+    /// # Errors
+    /// Backend and decode errors.
+    pub fn request_location(&self, id: &RequestId) -> Result<Option<RequestLocation>, StoreError> {
+        self.get_decoded(self.tables.request(id).as_bytes(), SMALL_VALUE_BYTES_MAX, "request location")
+    }
+
+    /// Rebuilds the Merkle proof from the stored body and returns a full receipt, verifiable
+    /// offline with [`Receipt::verify`]; this is how any replica serves any old receipt.
+    ///
+    /// # Errors
+    /// Backend, decode and segment errors; [`StoreError::Inconsistent`] when the location,
+    /// the batch and its body disagree.
+    pub fn receipt(&self, id: &RequestId) -> Result<Option<Receipt>, StoreError> {
+        let Some(location) = self.request_location(id)? else { return Ok(None) };
+        let record = self.batch(location.height)?.ok_or_else(|| {
+            StoreError::Inconsistent(format!("request {id} points at missing batch {}", location.height))
+        })?;
+        let body = self.batch_body(&record)?;
+        let leaf_index = location.leaf_index as usize;
+        let (Some(request), Some(outcome)) = (body.requests.get(leaf_index), body.outcomes.get(leaf_index)) else {
+            return Err(StoreError::Inconsistent(format!(
+                "request {id} points past the end of batch {}",
+                location.height
+            )));
+        };
+        if request.id() != *id {
+            return Err(StoreError::Inconsistent(format!(
+                "leaf {leaf_index} of batch {} is not request {id}",
+                location.height
+            )));
+        }
+        let leaves: Vec<[u8; 32]> =
+            body.requests.iter().zip(&body.outcomes).map(|(r, o)| leaf_hash(&r.id(), o)).collect();
+        let tree = Tree::from_leaves(&leaves);
+        if tree.root() != record.header.merkle_root || leaves.len() != record.header.leaf_count as usize {
+            return Err(StoreError::Inconsistent(format!(
+                "body of batch {} does not match its header",
+                location.height
+            )));
+        }
+        Ok(Some(Receipt {
+            request: request.clone(),
+            outcome: outcome.clone(),
+            leaf_index: location.leaf_index,
+            proof: tree.proof(leaf_index),
+            header: record.header,
+            signature: record.signature,
+        }))
+    }
+
+    /// Makes segments and kv durable; call before compacting the log past `applied().index`.
+    ///
+    /// # Errors
+    /// Flush and fsync errors.
+    pub fn sync_all(&mut self) -> Result<(), StoreError> {
+        self.segments.sync()?;
+        self.kv.sync_all()
+    }
+
+    fn get_decoded<T: BorshDeserialize>(
+        &self,
+        key: &[u8],
+        bytes_max: usize,
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.kv.get(key)? {
+            Some(bytes) => decode(&bytes, bytes_max).map(Some).map_err(|e| StoreError::decode(what, e)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
