@@ -1,0 +1,836 @@
+//! A cluster-aware client: signs requests, follows the leader, and fails over by itself.
+//!
+//! ```text
+//!   Client ──current──▶ Connection ──▶ node A        heartbeat thread (≈1 s):
+//!     │  on I/O error / timeout:                       Status → current node (members, leader)
+//!     │    close A, try leader hint, members, seeds    Status → every other member (reachability)
+//!     └──▶ resend the SAME signed bytes to node B      events: Reconnected, minority WARNING
+//! ```
+//! Retrying the same signed bytes is safe because the server executes a request id at most once
+//! and answers a retry with the original receipt (DESIGN §3, exactly-once).
+
+use crate::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
+use crate::error::ClientError;
+use crate::keyfile::public_of;
+use crossbeam::channel::{self, Receiver, Sender};
+use ed25519_dalek::SigningKey;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tally_codec::wire::{ClientMessage, DocView, ServerMessage, StatusInfo, SubmitReply, WireError};
+use tally_codec::{
+    limits, ClusterId, DocKey, Operation, Outcome, PublicKey, Receipt, Request, RequestId, SignedRequest,
+};
+
+/// How long a request stays valid; longer than the whole retry budget so retries never expire.
+pub const REQUEST_TTL_MS: u64 = 60_000;
+/// A node counts as reachable if it answered a Status this recently.
+pub const REACHABLE_WINDOW_MS: u64 = 3_000;
+/// Bound of the event channel; events beyond it are dropped rather than growing memory.
+pub const EVENTS_MAX: usize = 64;
+
+/// Timeouts and retry budget. The defaults follow DESIGN §2.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Wait for one reply at most this long before trying another node.
+    pub call_timeout: Duration,
+    /// Give up on an operation (and report "Failed to ...") after this long.
+    pub retry_total: Duration,
+    /// Heartbeat period; `None` for one-shot commands that need no background thread.
+    pub heartbeat: Option<Duration>,
+    /// Wait for a heartbeat/probe reply at most this long.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            call_timeout: Duration::from_millis(CALL_TIMEOUT_MS),
+            retry_total: Duration::from_secs(15),
+            heartbeat: None,
+            heartbeat_timeout: Duration::from_millis(CONNECT_TIMEOUT_MS),
+        }
+    }
+}
+
+/// Which node the client talks to and what it knows of the cluster, for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionReport {
+    pub addr: String,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    /// Client addresses of the members that answered recently, in node-id order.
+    pub known: Vec<String>,
+}
+
+/// Things the REPL shows as they happen in the background.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The client moved to another node by itself.
+    Reconnected(ConnectionReport),
+    /// Fewer members than a majority answer: writes cannot commit.
+    MinorityWarning { reachable: usize, configured: usize, needed: usize },
+    /// A majority answers again after a warning.
+    MajorityRestored { reachable: usize, configured: usize },
+}
+
+impl ConnectionReport {
+    fn write(&self, f: &mut fmt::Formatter<'_>, verb: &str) -> fmt::Result {
+        match self.leader_id {
+            Some(n) => writeln!(f, "{verb} to tally cluster at {} (leader: node {n}, term {})", self.addr, self.term)?,
+            None => writeln!(f, "{verb} to tally cluster at {} (leader: none)", self.addr)?,
+        }
+        write!(f, "Known nodes:")?;
+        for a in &self.known {
+            write!(f, "\n{a}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `Connected to tally cluster at ...` followed by `Known nodes:` lines (DESIGN §2 session).
+impl fmt::Display for ConnectionReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, "Connected")
+    }
+}
+
+impl fmt::Display for ClientEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientEvent::Reconnected(r) => r.write(f, "Reconnected"),
+            ClientEvent::MinorityWarning { reachable, configured, needed } => write!(
+                f,
+                "WARNING: {reachable} of {configured} replicas reachable; writes need {needed}. \
+                 Writes will wait or fail until a majority is back."
+            ),
+            ClientEvent::MajorityRestored { reachable, configured } => {
+                write!(f, "Majority reachable again: {reachable} of {configured} replicas.")
+            }
+        }
+    }
+}
+
+/// A committed write: its id, its receipt, and how many replicas held it durably.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub request_id: RequestId,
+    pub receipt: Box<Receipt>,
+    pub durable_replicas: u8,
+}
+
+/// What the client knows about the cluster, updated by every Status reply.
+#[derive(Default)]
+struct View {
+    cluster_id: Option<ClusterId>,
+    operator_key: Option<PublicKey>,
+    status: Option<StatusInfo>,
+    /// (node id, client address) of the voters, from the last Status of the current node.
+    members: Vec<(u64, String)>,
+    configured: usize,
+    last_ok: HashMap<u64, Instant>,
+    /// The reachable count last warned about, while below a majority.
+    warned: Option<usize>,
+}
+
+struct Inner {
+    key: SigningKey,
+    opts: ClientOptions,
+    seeds: Vec<String>,
+    conn: Mutex<Option<Arc<Connection>>>,
+    /// Serialises node switches so concurrent failures move the client once.
+    switch_lock: Mutex<()>,
+    view: Mutex<View>,
+    events_tx: Sender<ClientEvent>,
+    events_rx: Receiver<ClientEvent>,
+    stop: AtomicBool,
+}
+
+/// The Rust client library's entry point (DESIGN §2). Cheap to share: all methods take `&self`.
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The heartbeat thread notices within one period and exits; no need to wait for it.
+        self.inner.stop.store(true, Ordering::Release);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Splits `--addr` values that may be repeated or comma-separated, dropping empties.
+pub fn split_addrs<S: AsRef<str>>(values: &[S]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in values {
+        for a in v.as_ref().split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            if !out.iter().any(|x| x == a) {
+                out.push(a.to_string());
+            }
+        }
+    }
+    out
+}
+
+impl Client {
+    /// Connects to the first of `addrs` that answers a Status, learning the cluster id.
+    ///
+    /// # Errors
+    /// [`ClientError::NoAddress`] for an empty list, [`ClientError::Unavailable`] when no
+    /// address answers.
+    pub fn connect(addrs: &[String], key: SigningKey, opts: ClientOptions) -> Result<Client, ClientError> {
+        if addrs.is_empty() {
+            return Err(ClientError::NoAddress);
+        }
+        let (events_tx, events_rx) = channel::bounded(EVENTS_MAX);
+        let inner = Arc::new(Inner {
+            key,
+            opts,
+            seeds: addrs.to_vec(),
+            conn: Mutex::new(None),
+            switch_lock: Mutex::new(()),
+            view: Mutex::new(View::default()),
+            events_tx,
+            events_rx,
+            stop: AtomicBool::new(false),
+        });
+        let mut last = String::from("no address tried");
+        for addr in addrs {
+            match inner.open(addr) {
+                Ok((conn, info)) => {
+                    inner.install(conn, info);
+                    last.clear();
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if !last.is_empty() {
+            return Err(ClientError::Unavailable { what: "connect", detail: last });
+        }
+        if let Some(period) = inner.opts.heartbeat {
+            inner.probe_members();
+            let hb = inner.clone();
+            std::thread::Builder::new()
+                .name("tally-heartbeat".into())
+                .spawn(move || hb.heartbeat_loop(period))
+                .map_err(|e| ClientError::Invalid(format!("cannot start the heartbeat thread: {e}")))?;
+        }
+        Ok(Client { inner })
+    }
+
+    /// Background events (reconnects, warnings); only the first receiver to take one sees it.
+    pub fn events(&self) -> Receiver<ClientEvent> {
+        self.inner.events_rx.clone()
+    }
+
+    /// Where the client is connected now, for the `Connected to ...` banner.
+    pub fn report(&self) -> ConnectionReport {
+        self.inner.report()
+    }
+
+    /// The minority warning if fewer than a majority answer now (shown after the banner).
+    pub fn majority_warning(&self) -> Option<ClientEvent> {
+        let (reachable, configured) = self.inner.reachable();
+        let needed = configured / 2 + 1;
+        (reachable < needed).then_some(ClientEvent::MinorityWarning { reachable, configured, needed })
+    }
+
+    /// (members that answered recently, replicas configured).
+    pub fn reachable(&self) -> (usize, usize) {
+        self.inner.reachable()
+    }
+
+    /// Sends one Status to every member now, so `reachable` is fresh (used by `tally status`).
+    pub fn probe_members(&self) {
+        self.inner.probe_members();
+    }
+
+    /// The signer's public key (the account and document owner this client acts as).
+    pub fn public_key(&self) -> PublicKey {
+        public_of(&self.inner.key)
+    }
+
+    /// The cluster id learned from Status; every request is bound to it.
+    pub fn cluster_id(&self) -> Option<ClusterId> {
+        self.inner.view.lock().cluster_id
+    }
+
+    /// The operator key the nodes report, saved as a hint in receipt files.
+    pub fn operator_key(&self) -> Option<PublicKey> {
+        self.inner.view.lock().operator_key
+    }
+
+    /// Signs `op` for this cluster with a random nonce and a 60 s expiry.
+    ///
+    /// # Errors
+    /// [`ClientError::Invalid`] when the cluster id is not known yet.
+    pub fn sign(&self, op: Operation) -> Result<SignedRequest, ClientError> {
+        let cluster_id = self.cluster_id().ok_or_else(|| ClientError::Invalid("cluster id not known yet".into()))?;
+        Ok(sign_request(&self.inner.key, cluster_id, op))
+    }
+
+    /// The Status of the node the client talks to (the heartbeat message).
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] when no node answers.
+    pub fn status(&self) -> Result<StatusInfo, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        match self.inner.request(deadline, "read", &ClientMessage::Status)? {
+            ServerMessage::Status(info) => Ok(info),
+            other => Err(self.inner.unexpected("Status", &other)),
+        }
+    }
+
+    /// Submits many signed requests (client-side batching), one reply per request, in order.
+    /// Retryable refusals are resent (same bytes) until the retry budget runs out.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] when no node can take the frame.
+    pub fn submit(&self, reqs: Vec<SignedRequest>) -> Result<Vec<SubmitReply>, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        let mut out = Vec::with_capacity(reqs.len());
+        for chunk in reqs.chunks(limits::FRAME_REQUESTS_MAX) {
+            out.extend(self.inner.submit_chunk(deadline, chunk)?);
+        }
+        Ok(out)
+    }
+
+    /// Submits one request and turns its reply into a result.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] (not executed), [`ClientError::Rejected`] (executed, refused;
+    /// carries the receipt), [`ClientError::Unavailable`].
+    pub fn submit_one(&self, req: SignedRequest) -> Result<Committed, ClientError> {
+        let request_id = req.id();
+        let reply = self.submit(vec![req])?.pop();
+        match reply {
+            Some(SubmitReply::Committed { receipt, durable_replicas }) => {
+                let committed = Committed { request_id, receipt, durable_replicas };
+                match committed.receipt.outcome {
+                    Outcome::Rejected(code) => Err(ClientError::Rejected { code, committed: Box::new(committed) }),
+                    _ => Ok(committed),
+                }
+            }
+            Some(SubmitReply::Refused(e)) if e.code.is_retryable() => {
+                Err(ClientError::Unavailable { what: "write", detail: e.message })
+            }
+            Some(SubmitReply::Refused(e)) => Err(ClientError::Refused(e)),
+            None => Err(ClientError::Protocol { addr: self.inner.addr(), detail: "empty Submitted reply".into() }),
+        }
+    }
+
+    /// Sets a JSON document; the text is stored exactly as given.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidJson`] before sending; then as [`Client::submit_one`].
+    pub fn set(&self, key: DocKey, json: &str) -> Result<Committed, ClientError> {
+        check_json(json)?;
+        self.submit_one(self.sign(Operation::Set { key, value: json.as_bytes().to_vec() })?)
+    }
+
+    /// Deletes a document this key owns.
+    ///
+    /// # Errors
+    /// As [`Client::submit_one`].
+    pub fn delete(&self, key: DocKey) -> Result<Committed, ClientError> {
+        self.submit_one(self.sign(Operation::Delete { key })?)
+    }
+
+    /// Moves `amount` from this key's account to `to`.
+    ///
+    /// # Errors
+    /// As [`Client::submit_one`].
+    pub fn transfer(&self, to: PublicKey, amount: u64) -> Result<Committed, ClientError> {
+        self.submit_one(self.sign(Operation::Transfer { to, amount })?)
+    }
+
+    /// Reads a document; `stale` allows a follower to answer from its own state.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] when no node can serve the read.
+    pub fn get(&self, key: DocKey, stale: bool) -> Result<Option<DocView>, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        match self.inner.request(deadline, "read", &ClientMessage::Get { key, stale })? {
+            ServerMessage::Doc(d) => Ok(d),
+            other => Err(self.inner.unexpected("Doc", &other)),
+        }
+    }
+
+    /// Reads a balance; `None` means the account never held money.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] when no node can serve the read.
+    pub fn balance(&self, account: PublicKey, stale: bool) -> Result<Option<u64>, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        match self.inner.request(deadline, "read", &ClientMessage::Balance { account, stale })? {
+            ServerMessage::Balance(b) => Ok(b),
+            other => Err(self.inner.unexpected("Balance", &other)),
+        }
+    }
+
+    /// Fetches the receipt of an executed request from any replica.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] when no node can serve the read.
+    pub fn receipt(&self, id: RequestId) -> Result<Option<Receipt>, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        match self.inner.request(deadline, "read", &ClientMessage::Receipt { id })? {
+            ServerMessage::Receipt(r) => Ok(r),
+            other => Err(self.inner.unexpected("Receipt", &other)),
+        }
+    }
+
+    /// Adds a replica at runtime (joint consensus on the server side).
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] with the server's reason, or [`ClientError::Unavailable`].
+    pub fn cluster_add(&self, node_id: u64, client_addr: &str, peer_addr: &str) -> Result<(), ClientError> {
+        let msg = ClientMessage::ClusterAdd {
+            node_id,
+            client_addr: client_addr.to_string(),
+            peer_addr: peer_addr.to_string(),
+        };
+        self.expect_done(&msg)
+    }
+
+    /// Removes a replica at runtime.
+    ///
+    /// # Errors
+    /// As [`Client::cluster_add`].
+    pub fn cluster_remove(&self, node_id: u64) -> Result<(), ClientError> {
+        self.expect_done(&ClientMessage::ClusterRemove { node_id })
+    }
+
+    fn expect_done(&self, msg: &ClientMessage) -> Result<(), ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        match self.inner.request(deadline, "write", msg)? {
+            ServerMessage::Done => Ok(()),
+            other => Err(self.inner.unexpected("Done", &other)),
+        }
+    }
+}
+
+/// Builds and signs a request; shared with the bench, which signs ahead of time.
+pub fn sign_request(key: &SigningKey, cluster_id: ClusterId, op: Operation) -> SignedRequest {
+    use rand_core::RngCore;
+    Request {
+        cluster_id,
+        signer: public_of(key),
+        nonce: rand_core::OsRng.next_u64(),
+        expires_at_ms: now_ms() + REQUEST_TTL_MS,
+        op,
+    }
+    .sign(key)
+}
+
+/// Client-side value checks, so a bad value is reported before anything is sent.
+///
+/// # Errors
+/// [`ClientError::InvalidJson`] or [`ClientError::Invalid`] for an oversized value.
+pub fn check_json(json: &str) -> Result<(), ClientError> {
+    if json.len() > limits::VALUE_BYTES_MAX {
+        return Err(ClientError::Invalid(format!(
+            "value is over the size limit ({} bytes; at most {})",
+            json.len(),
+            limits::VALUE_BYTES_MAX
+        )));
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map(|_| ()).map_err(|_| ClientError::InvalidJson)
+}
+
+impl Inner {
+    fn addr(&self) -> String {
+        self.conn.lock().as_ref().map(|c| c.addr().to_string()).unwrap_or_default()
+    }
+
+    fn unexpected(&self, wanted: &str, got: &ServerMessage) -> ClientError {
+        ClientError::Protocol { addr: self.addr(), detail: format!("expected a {wanted} reply, got {got:?}") }
+    }
+
+    /// Connects to `addr` and asks its Status; refuses a node of another cluster.
+    fn open(&self, addr: &str) -> Result<(Arc<Connection>, StatusInfo), ClientError> {
+        let conn = Arc::new(Connection::connect(addr)?);
+        match conn.call_timeout(ClientMessage::Status, self.opts.heartbeat_timeout)? {
+            ServerMessage::Status(info) => {
+                if let Some(cid) = self.view.lock().cluster_id {
+                    if cid != info.cluster_id {
+                        return Err(ClientError::Protocol {
+                            addr: addr.to_string(),
+                            detail: format!("node belongs to cluster {}, not {cid}", info.cluster_id),
+                        });
+                    }
+                }
+                Ok((conn, info))
+            }
+            ServerMessage::Error(e) => Err(ClientError::Server(e)),
+            other => {
+                Err(ClientError::Protocol { addr: addr.to_string(), detail: format!("bad Status reply {other:?}") })
+            }
+        }
+    }
+
+    /// Makes `conn` current and records its Status.
+    fn install(&self, conn: Arc<Connection>, info: StatusInfo) {
+        let addr = conn.addr().to_string();
+        let old = self.conn.lock().replace(conn);
+        if let Some(old) = old {
+            old.close();
+        }
+        self.apply_status(&addr, info);
+    }
+
+    fn apply_status(&self, addr: &str, info: StatusInfo) {
+        let mut v = self.view.lock();
+        v.cluster_id.get_or_insert(info.cluster_id);
+        v.operator_key = Some(info.operator_key);
+        let mut members: Vec<(u64, String)> =
+            info.members.iter().filter(|m| m.is_voter).map(|m| (m.node_id, m.client_addr.clone())).collect();
+        if members.is_empty() {
+            members.push((info.node_id, addr.to_string()));
+        }
+        members.sort();
+        v.configured = (info.replicas_configured as usize).max(members.len()).max(1);
+        v.members = members;
+        v.last_ok.insert(info.node_id, Instant::now());
+        v.status = Some(info);
+    }
+
+    fn mark_ok(&self, conn: &Connection) {
+        // Lock order: never hold `view` while taking `conn`.
+        let is_current = self.conn.lock().as_ref().is_some_and(|c| std::ptr::eq(c.as_ref(), conn));
+        if !is_current {
+            return;
+        }
+        let mut v = self.view.lock();
+        if let Some(id) = v.status.as_ref().map(|s| s.node_id) {
+            v.last_ok.insert(id, Instant::now());
+        }
+    }
+
+    fn reachable(&self) -> (usize, usize) {
+        let v = self.view.lock();
+        let window = Duration::from_millis(REACHABLE_WINDOW_MS);
+        let n = v.members.iter().filter(|(id, _)| v.last_ok.get(id).is_some_and(|t| t.elapsed() < window)).count();
+        (n, v.configured.max(1))
+    }
+
+    fn report(&self) -> ConnectionReport {
+        let addr = self.addr();
+        let v = self.view.lock();
+        let window = Duration::from_millis(REACHABLE_WINDOW_MS);
+        let known = v
+            .members
+            .iter()
+            .filter(|(id, _)| v.last_ok.get(id).is_some_and(|t| t.elapsed() < window))
+            .map(|(_, a)| a.clone())
+            .collect();
+        let (leader_id, term) = v.status.as_ref().map(|s| (s.leader_id, s.term)).unwrap_or((None, 0));
+        ConnectionReport { addr, leader_id, term, known }
+    }
+
+    fn emit(&self, ev: ClientEvent) {
+        // A full channel means nobody is listening closely; dropping is better than blocking.
+        let _ = self.events_tx.try_send(ev);
+    }
+
+    /// Emits a warning when the reachable count drops below a majority (once per count), and a
+    /// recovery note when it comes back.
+    fn check_majority(&self) {
+        let (reachable, configured) = self.reachable();
+        let needed = configured / 2 + 1;
+        let ev = {
+            let mut v = self.view.lock();
+            if reachable < needed {
+                (v.warned != Some(reachable)).then(|| {
+                    v.warned = Some(reachable);
+                    ClientEvent::MinorityWarning { reachable, configured, needed }
+                })
+            } else {
+                v.warned.take().map(|_| ClientEvent::MajorityRestored { reachable, configured })
+            }
+        };
+        if let Some(ev) = ev {
+            self.emit(ev);
+        }
+    }
+
+    /// Candidate nodes after `failed`: the leader, the other members from the next one on, the
+    /// user's addresses, and the failed node last (it may come back).
+    fn candidates(&self, failed: Option<&str>) -> Vec<String> {
+        let v = self.view.lock();
+        let mut out: Vec<String> = Vec::new();
+        let mut push = |a: &str| {
+            if Some(a) != failed && !out.iter().any(|x| x == a) {
+                out.push(a.to_string());
+            }
+        };
+        if let Some(l) = v.status.as_ref().and_then(|s| s.leader_addr.as_deref()) {
+            push(l);
+        }
+        let start = v.members.iter().position(|(_, a)| Some(a.as_str()) == failed).map_or(0, |i| i + 1);
+        for i in 0..v.members.len() {
+            push(&v.members[(start + i) % v.members.len()].1);
+        }
+        for s in &self.seeds {
+            push(s);
+        }
+        drop(v);
+        if let Some(f) = failed {
+            out.push(f.to_string());
+        }
+        out
+    }
+
+    /// The current connection, or a new one if `failed` is still current (or there is none).
+    /// Emits `Reconnected` when it moves.
+    fn switch_from(&self, failed: Option<&Arc<Connection>>) -> Result<Arc<Connection>, ClientError> {
+        let _switching = self.switch_lock.lock();
+        let current = self.conn.lock().clone();
+        if let Some(c) = &current {
+            let is_failed = failed.is_some_and(|f| Arc::ptr_eq(f, c));
+            if !is_failed && !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let failed_addr = current.as_ref().map(|c| c.addr().to_string());
+        if let Some(c) = &current {
+            c.close();
+            let mut v = self.view.lock();
+            if let Some(id) = v.status.as_ref().map(|s| s.node_id) {
+                v.last_ok.remove(&id);
+            }
+        }
+        let mut last = String::from("no known node");
+        for addr in self.candidates(failed_addr.as_deref()) {
+            match self.open(&addr) {
+                Ok((conn, info)) => {
+                    self.install(conn.clone(), info);
+                    tracing::info!(%addr, "switched node");
+                    self.emit(ClientEvent::Reconnected(self.report()));
+                    self.check_majority();
+                    return Ok(conn);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        *self.conn.lock() = None;
+        Err(ClientError::Unavailable { what: "connect", detail: last })
+    }
+
+    /// Moves to the node a NotLeader reply points at, if it answers.
+    fn follow_hint(&self, from: &Arc<Connection>, hint: Option<&str>) {
+        let Some(hint) = hint.filter(|h| *h != from.addr()) else { return };
+        let _switching = self.switch_lock.lock();
+        if !self.conn.lock().as_ref().is_some_and(|c| Arc::ptr_eq(c, from)) {
+            return;
+        }
+        if let Ok((conn, info)) = self.open(hint) {
+            self.install(conn, info);
+            self.emit(ClientEvent::Reconnected(self.report()));
+            self.check_majority();
+        }
+    }
+
+    /// Sends `msg` until a node answers with something other than a retryable error, moving
+    /// between nodes on transport failures, until `deadline`.
+    fn request(
+        &self,
+        deadline: Instant,
+        what: &'static str,
+        msg: &ClientMessage,
+    ) -> Result<ServerMessage, ClientError> {
+        let mut backoff = Duration::from_millis(50);
+        let mut last = String::from("no node answered");
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Unavailable { what, detail: last });
+            }
+            let remaining = deadline - now;
+            let current = self.conn.lock().clone();
+            let conn = match current.filter(|c| !c.is_closed()) {
+                Some(c) => c,
+                None => match self.switch_from(None) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = e.to_string();
+                        std::thread::sleep(backoff.min(remaining));
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            let timeout = self.opts.call_timeout.min(remaining).max(Duration::from_millis(100));
+            match conn.call_timeout(msg.clone(), timeout) {
+                Ok(ServerMessage::Error(e)) if e.code.is_retryable() => {
+                    last = e.message.clone();
+                    self.follow_hint(&conn, e.leader_hint.as_deref());
+                    std::thread::sleep(backoff.min(remaining));
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Ok(ServerMessage::Error(e)) => return Err(ClientError::Server(e)),
+                Ok(reply) => {
+                    self.mark_ok(&conn);
+                    return Ok(reply);
+                }
+                Err(e) if e.is_transport() => {
+                    last = e.to_string();
+                    if let Err(e) = self.switch_from(Some(&conn)) {
+                        last = e.to_string();
+                        std::thread::sleep(backoff.min(remaining));
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One frame's worth of requests; resends the retryable refusals with the same bytes.
+    fn submit_chunk(&self, deadline: Instant, reqs: &[SignedRequest]) -> Result<Vec<SubmitReply>, ClientError> {
+        let mut replies: Vec<Option<SubmitReply>> = vec![None; reqs.len()];
+        let mut todo: Vec<usize> = (0..reqs.len()).collect();
+        let mut backoff = Duration::from_millis(50);
+        while !todo.is_empty() {
+            let frame: Vec<SignedRequest> = todo.iter().map(|&i| reqs[i].clone()).collect();
+            let got = match self.request(deadline, "write", &ClientMessage::Submit(frame))? {
+                ServerMessage::Submitted(rs) if rs.len() == todo.len() => rs,
+                other => return Err(self.unexpected(&format!("Submitted of {}", todo.len()), &other)),
+            };
+            let mut again = Vec::new();
+            let mut hint: Option<WireError> = None;
+            for (i, r) in todo.iter().copied().zip(got) {
+                if let SubmitReply::Refused(e) = &r {
+                    if e.code.is_retryable() {
+                        again.push(i);
+                        hint = Some(e.clone());
+                    }
+                }
+                replies[i] = Some(r);
+            }
+            if again.is_empty() || Instant::now() + backoff >= deadline {
+                break;
+            }
+            if let (Some(e), Some(conn)) = (hint, self.conn.lock().clone()) {
+                self.follow_hint(&conn, e.leader_hint.as_deref());
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            todo = again;
+        }
+        replies
+            .into_iter()
+            .map(|r| r.ok_or_else(|| ClientError::Protocol { addr: self.addr(), detail: "missing reply".into() }))
+            .collect()
+    }
+
+    /// Asks every member other than the current node for its Status, in parallel.
+    fn probe_members(&self) {
+        let members = self.view.lock().members.clone();
+        let current = self.view.lock().status.as_ref().map(|s| s.node_id);
+        let timeout = self.opts.heartbeat_timeout;
+        let answered: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = members
+                .iter()
+                .filter(|(id, _)| Some(*id) != current)
+                .map(|(_, addr)| s.spawn(move || probe(addr, timeout)))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
+        });
+        let mut v = self.view.lock();
+        for id in answered {
+            v.last_ok.insert(id, Instant::now());
+        }
+    }
+
+    fn heartbeat_loop(self: Arc<Self>, period: Duration) {
+        while !self.stop.load(Ordering::Acquire) {
+            let started = Instant::now();
+            let current = self.conn.lock().clone();
+            match current {
+                Some(c) if !c.is_closed() => match c.call_timeout(ClientMessage::Status, self.opts.heartbeat_timeout) {
+                    Ok(ServerMessage::Status(info)) => {
+                        if self.conn.lock().as_ref().is_some_and(|x| Arc::ptr_eq(x, &c)) {
+                            self.apply_status(c.addr(), info);
+                        }
+                    }
+                    Ok(_) => self.mark_ok(&c),
+                    Err(_) => {
+                        let _ = self.switch_from(Some(&c));
+                    }
+                },
+                Some(c) => {
+                    let _ = self.switch_from(Some(&c));
+                }
+                None => {
+                    let _ = self.switch_from(None);
+                }
+            }
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            self.probe_members();
+            self.check_majority();
+            if let Some(rest) = period.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+    }
+}
+
+/// One Status round trip on a fresh connection; the node id if it answered.
+fn probe(addr: &str, timeout: Duration) -> Option<u64> {
+    let conn = Connection::connect_timeout(addr, timeout).ok()?;
+    match conn.call_timeout(ClientMessage::Status, timeout).ok()? {
+        ServerMessage::Status(info) => Some(info.node_id),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banner_and_warning_text_match_the_design_session() {
+        let r = ConnectionReport {
+            addr: "127.0.0.1:7001".into(),
+            leader_id: Some(2),
+            term: 7,
+            known: vec!["127.0.0.1:7001".into(), "127.0.0.1:7002".into()],
+        };
+        assert_eq!(
+            r.to_string(),
+            "Connected to tally cluster at 127.0.0.1:7001 (leader: node 2, term 7)\nKnown nodes:\n127.0.0.1:7001\n127.0.0.1:7002"
+        );
+        let r = ConnectionReport { addr: "127.0.0.1:7002".into(), leader_id: None, term: 8, known: vec![] };
+        assert_eq!(
+            ClientEvent::Reconnected(r).to_string(),
+            "Reconnected to tally cluster at 127.0.0.1:7002 (leader: none)\nKnown nodes:"
+        );
+        let w = ClientEvent::MinorityWarning { reachable: 1, configured: 3, needed: 2 };
+        assert_eq!(
+            w.to_string(),
+            "WARNING: 1 of 3 replicas reachable; writes need 2. Writes will wait or fail until a majority is back."
+        );
+    }
+
+    #[test]
+    fn addrs_split_on_commas_and_dedup() {
+        let v = split_addrs(&["a:1,b:2", " c:3 ", "a:1", ""]);
+        assert_eq!(v, vec!["a:1", "b:2", "c:3"]);
+    }
+
+    #[test]
+    fn json_is_checked_before_sending() {
+        assert!(check_json(r#"{"name": "Chapayev's Mustache comb"}"#).is_ok());
+        assert_eq!(check_json("{nope").expect_err("bad").to_string(), "value is not valid JSON");
+    }
+}

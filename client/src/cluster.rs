@@ -1,0 +1,201 @@
+//! `tally cluster init`: everything a local cluster needs, written in one go.
+//!
+//! ```text
+//! DIR/node-<i>.toml     NodeConfig: listen P+i, peer P+100+i, metrics P+200+i, data DIR/node-<i>
+//! DIR/operator.key      hex ed25519 seed (0600), shared by all replicas
+//! DIR/operator.pub      hex public key, for `tally verify --operator-key`
+//! DIR/genesis.json      cluster id, operator key, K accounts × 1_000_000_000
+//! DIR/accounts/<j>.key  key files of the funded accounts (keygen format)
+//! ```
+
+use crate::error::ClientError;
+use crate::keyfile::{generate_key, public_of, save_key, write_private_file};
+use std::path::{Path, PathBuf};
+use tally_codec::config::{self, NodeConfig, PeerConfig};
+use tally_codec::genesis::{Genesis, GenesisAccount};
+
+/// Money each genesis account starts with.
+pub const GENESIS_BALANCE: u64 = 1_000_000_000;
+/// Defaults of `tally cluster init`.
+pub const DEFAULT_NODES: usize = 3;
+/// Number of funded accounts by default.
+pub const DEFAULT_ACCOUNTS: usize = 4;
+/// Client ports start right above this.
+pub const DEFAULT_BASE_PORT: u16 = 7000;
+/// Largest cluster `init` writes; DESIGN §1 allows 1, 3 or 5, we allow up to 99 for tests.
+pub const NODES_MAX: usize = 99;
+/// Keeps `accounts/` listable and genesis small.
+pub const ACCOUNTS_MAX: usize = 100_000;
+
+/// What `cluster_init` wrote, so `tally up` and tests need not re-read the files.
+#[derive(Debug, Clone)]
+pub struct ClusterLayout {
+    /// Absolute directory holding everything.
+    pub dir: PathBuf,
+    pub cluster_id: String,
+    pub operator_public: String,
+    /// node-<i>.toml paths, node 1 first.
+    pub config_paths: Vec<PathBuf>,
+    pub configs: Vec<NodeConfig>,
+    /// accounts/<j>.key paths.
+    pub account_keys: Vec<PathBuf>,
+    pub operator_pub_path: PathBuf,
+    pub genesis_path: PathBuf,
+}
+
+impl ClusterLayout {
+    /// Client addresses of all nodes, node 1 first.
+    pub fn client_addrs(&self) -> Vec<String> {
+        self.configs.iter().map(|c| c.listen.clone()).collect()
+    }
+}
+
+/// Writes a fresh cluster's configuration into `dir` (created if missing).
+///
+/// # Errors
+/// [`ClientError::Invalid`] for bad counts, ports out of range, or a directory that already holds
+/// a cluster (overwriting operator keys would orphan the old one); [`ClientError::File`] on I/O.
+pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -> Result<ClusterLayout, ClientError> {
+    if nodes == 0 || nodes > NODES_MAX {
+        return Err(ClientError::Invalid(format!("--nodes must be between 1 and {NODES_MAX}, not {nodes}")));
+    }
+    if accounts > ACCOUNTS_MAX {
+        return Err(ClientError::Invalid(format!("--accounts must be at most {ACCOUNTS_MAX}, not {accounts}")));
+    }
+    if base_port as usize + 200 + nodes > u16::MAX as usize {
+        return Err(ClientError::Invalid(format!(
+            "--base-port {base_port} leaves no room for {nodes} nodes (ports up to base+200+nodes must be below 65536)"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| ClientError::file(dir, e))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| ClientError::file(dir, e))?;
+    for existing in ["genesis.json", "operator.key"] {
+        if dir.join(existing).exists() {
+            return Err(ClientError::Invalid(format!(
+                "{} already holds a cluster ({existing} exists); choose an empty directory",
+                dir.display()
+            )));
+        }
+    }
+    let path_str = |p: &Path| p.to_string_lossy().into_owned();
+
+    let operator = generate_key();
+    let operator_key_path = dir.join("operator.key");
+    write_private_file(&operator_key_path, format!("{}\n", hex::encode(operator.to_bytes())).as_bytes())?;
+    let operator_public = public_of(&operator).to_hex();
+    let operator_pub_path = dir.join("operator.pub");
+    std::fs::write(&operator_pub_path, format!("{operator_public}\n"))
+        .map_err(|e| ClientError::file(&operator_pub_path, e))?;
+
+    let mut cluster_bytes = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut cluster_bytes);
+    let cluster_id = hex::encode(cluster_bytes);
+
+    let accounts_dir = dir.join("accounts");
+    let mut account_keys = Vec::with_capacity(accounts);
+    let mut genesis_accounts = Vec::with_capacity(accounts);
+    for j in 0..accounts {
+        let key = generate_key();
+        let path = accounts_dir.join(format!("{j}.key"));
+        save_key(&path, &key)?;
+        genesis_accounts.push(GenesisAccount { key: public_of(&key).to_hex(), balance: GENESIS_BALANCE });
+        account_keys.push(path);
+    }
+    let genesis =
+        Genesis { cluster_id: cluster_id.clone(), operator_key: operator_public.clone(), accounts: genesis_accounts };
+    let genesis_path = dir.join("genesis.json");
+    let genesis_json = serde_json::to_string_pretty(&genesis).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    std::fs::write(&genesis_path, genesis_json + "\n").map_err(|e| ClientError::file(&genesis_path, e))?;
+
+    let port = |offset: usize, i: usize| format!("127.0.0.1:{}", base_port as usize + offset + i);
+    let peers: Vec<PeerConfig> =
+        (1..=nodes).map(|i| PeerConfig { node_id: i as u64, client: port(0, i), peer: port(100, i) }).collect();
+    let mut configs = Vec::with_capacity(nodes);
+    let mut config_paths = Vec::with_capacity(nodes);
+    for i in 1..=nodes {
+        let cfg = NodeConfig {
+            node_id: i as u64,
+            cluster_id: cluster_id.clone(),
+            data_dir: path_str(&dir.join(format!("node-{i}"))),
+            listen: port(0, i),
+            peer_listen: port(100, i),
+            operator_key_file: path_str(&operator_key_path),
+            genesis_file: path_str(&genesis_path),
+            peers: peers.clone(),
+            batch_interval_ms: config::default_batch_interval_ms(),
+            batch_requests_max: config::default_batch_requests_max(),
+            metrics_listen: Some(port(200, i)),
+            tick_ms: config::default_tick_ms(),
+            election_ticks: config::default_election_ticks(),
+            heartbeat_ticks: config::default_heartbeat_ticks(),
+            fsync: true,
+        };
+        let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
+        let path = dir.join(format!("node-{i}.toml"));
+        std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;
+        configs.push(cfg);
+        config_paths.push(path);
+    }
+    Ok(ClusterLayout {
+        dir,
+        cluster_id,
+        operator_public,
+        config_paths,
+        configs,
+        account_keys,
+        operator_pub_path,
+        genesis_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_writes_parseable_configs_with_the_port_formula() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("c");
+        let layout = cluster_init(3, &dir, 4, 7000).expect("init");
+        assert!(layout.dir.is_absolute());
+        for i in 1..=3u64 {
+            let path = dir.join(format!("node-{i}.toml"));
+            let cfg: NodeConfig = toml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("parse");
+            assert_eq!(cfg.node_id, i);
+            assert_eq!(cfg.listen, format!("127.0.0.1:{}", 7000 + i));
+            assert_eq!(cfg.peer_listen, format!("127.0.0.1:{}", 7100 + i));
+            assert_eq!(cfg.metrics_listen, Some(format!("127.0.0.1:{}", 7200 + i)));
+            assert_eq!(cfg.peers.len(), 3);
+            assert_eq!(cfg.cluster_id, layout.cluster_id);
+            assert!(Path::new(&cfg.data_dir).is_absolute());
+            assert!(cfg.data_dir.ends_with(&format!("node-{i}")));
+            assert!(Path::new(&cfg.operator_key_file).is_absolute());
+            assert!(Path::new(&cfg.genesis_file).is_absolute());
+        }
+        let genesis = Genesis::parse(&std::fs::read_to_string(dir.join("genesis.json")).expect("read")).expect("parse");
+        assert_eq!(genesis.accounts.len(), 4);
+        assert_eq!(genesis.total(), 4 * GENESIS_BALANCE);
+        assert_eq!(genesis.cluster_id, layout.cluster_id);
+        let op_pub = std::fs::read_to_string(dir.join("operator.pub")).expect("pub");
+        assert_eq!(op_pub.trim(), genesis.operator_key);
+        let op_key = dir.join("operator.key");
+        assert_eq!(std::fs::metadata(&op_key).expect("meta").permissions().mode() & 0o777, 0o600);
+        let seed = std::fs::read_to_string(&op_key).expect("key");
+        let seed: [u8; 32] = hex::decode(seed.trim()).expect("hex").try_into().expect("32 bytes");
+        assert_eq!(public_of(&ed25519_dalek::SigningKey::from_bytes(&seed)).to_hex(), genesis.operator_key);
+        for j in 0..4 {
+            let key = crate::keyfile::load_key(&dir.join(format!("accounts/{j}.key"))).expect("account key");
+            assert_eq!(public_of(&key).to_hex(), genesis.accounts[j].key);
+        }
+        // A second init into the same directory is refused.
+        assert!(cluster_init(3, &dir, 4, 7000).is_err());
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(cluster_init(0, tmp.path(), 1, 7000).is_err());
+        assert!(cluster_init(3, tmp.path(), 1, 65_400).is_err());
+    }
+}

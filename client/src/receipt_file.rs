@@ -1,0 +1,205 @@
+//! Receipt files: what `--receipt FILE` and `tally receipt --out FILE` write, and exactly what
+//! `tally verify` reads.
+//!
+//! ```json
+//! {"receipt": "<hex of borsh(Receipt)>", "request_id": "<hex>", "height": 12,
+//!  "outcome": "DocCreated { revision: 1 }", "operator_key_hint": "<hex or null>"}
+//! ```
+//! Only `receipt` is trusted input to the check; the other fields are for people and must agree
+//! with it, so a hand-edited file is caught rather than misleading.
+
+use crate::error::ClientError;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tally_codec::{limits, PublicKey, Receipt};
+
+/// The JSON form of a receipt file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptFile {
+    /// Hex of the canonical (borsh) receipt: the only field `verify` relies on.
+    pub receipt: String,
+    pub request_id: String,
+    pub height: u64,
+    /// Debug form of the outcome, for reading by eye.
+    pub outcome: String,
+    /// The operator key the node reported; a hint only: verify against a key you trust.
+    pub operator_key_hint: Option<String>,
+}
+
+impl ReceiptFile {
+    /// Builds the file form of `receipt`.
+    pub fn new(receipt: &Receipt, operator_key_hint: Option<PublicKey>) -> Self {
+        ReceiptFile {
+            receipt: hex::encode(tally_codec::encode(receipt)),
+            request_id: receipt.request_id().to_hex(),
+            height: receipt.header.height,
+            outcome: format!("{:?}", receipt.outcome),
+            operator_key_hint: operator_key_hint.map(|k| k.to_hex()),
+        }
+    }
+
+    /// Decodes the receipt and checks the readable fields agree with it.
+    ///
+    /// # Errors
+    /// [`ClientError::Invalid`] naming the field that is wrong.
+    pub fn decode(&self) -> Result<Receipt, ClientError> {
+        let bytes = hex::decode(self.receipt.trim())
+            .map_err(|e| ClientError::Invalid(format!("receipt field is not hex: {e}")))?;
+        let receipt: Receipt = tally_codec::decode(&bytes, limits::FRAME_BYTES_MAX)
+            .map_err(|e| ClientError::Invalid(format!("receipt field is not a tally receipt: {e}")))?;
+        if receipt.request_id().to_hex() != self.request_id.trim().to_lowercase() {
+            return Err(ClientError::Invalid("request_id field does not match the receipt".into()));
+        }
+        if receipt.header.height != self.height {
+            return Err(ClientError::Invalid("height field does not match the receipt".into()));
+        }
+        Ok(receipt)
+    }
+}
+
+/// Writes a receipt file (readable JSON, one object).
+///
+/// # Errors
+/// [`ClientError::File`] when the file can't be written.
+pub fn save_receipt(path: &Path, receipt: &Receipt, operator_key_hint: Option<PublicKey>) -> Result<(), ClientError> {
+    let file = ReceiptFile::new(receipt, operator_key_hint);
+    let mut json = serde_json::to_string_pretty(&file).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    json.push('\n');
+    std::fs::write(path, json).map_err(|e| ClientError::file(path, e))
+}
+
+/// Reads a receipt file written by [`save_receipt`].
+///
+/// # Errors
+/// [`ClientError::File`] or [`ClientError::Invalid`].
+pub fn load_receipt(path: &Path) -> Result<Receipt, ClientError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ClientError::file(path, e))?;
+    let file: ReceiptFile = serde_json::from_str(&text)
+        .map_err(|e| ClientError::Invalid(format!("{} is not a tally receipt file: {e}", path.display())))?;
+    file.decode()
+}
+
+/// Accepts a hex operator key, or the path of a file holding one (like `operator.pub`).
+///
+/// # Errors
+/// [`ClientError::Invalid`] when it is neither.
+pub fn parse_operator_key(arg: &str) -> Result<PublicKey, ClientError> {
+    let trimmed = arg.trim();
+    if trimmed.len() == 2 * PublicKey::LEN && trimmed.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(PublicKey::from_hex(trimmed)?);
+    }
+    let path = Path::new(trimmed);
+    if !path.exists() {
+        return Err(ClientError::Invalid(format!(
+            "operator key '{arg}' is neither 64 hex digits nor a file that holds them"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ClientError::file(path, e))?;
+    PublicKey::from_hex(text.trim())
+        .map_err(|e| ClientError::Invalid(format!("{} does not hold an operator public key: {e}", path.display())))
+}
+
+/// The offline check behind `tally verify`: the file is well formed and the receipt verifies
+/// against `operator`.
+///
+/// # Errors
+/// [`ClientError::Invalid`] or [`ClientError::Codec`] saying which check failed.
+pub fn verify_receipt_file(path: &Path, operator: &PublicKey) -> Result<Receipt, ClientError> {
+    let receipt = load_receipt(path)?;
+    receipt.verify(operator)?;
+    Ok(receipt)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use tally_codec::merkle::{leaf_hash, Tree};
+    use tally_codec::{BatchHeader, ClusterId, Digest, DocKey, Operation, Outcome, Request};
+
+    /// A receipt for a 1-leaf batch, signed by `operator`.
+    pub(crate) fn sample_receipt(operator: &SigningKey) -> Receipt {
+        let user = SigningKey::from_bytes(&[9; 32]);
+        let cluster_id = ClusterId([3; 16]);
+        let request = Request {
+            cluster_id,
+            signer: crate::keyfile::public_of(&user),
+            nonce: 42,
+            expires_at_ms: 1_000_000,
+            op: Operation::Set {
+                key: DocKey::from_random([5; 16]),
+                value: br#"{"name": "Chapayev's Mustache comb"}"#.to_vec(),
+            },
+        }
+        .sign(&user);
+        let outcome = Outcome::DocCreated { revision: 1 };
+        let leaf = leaf_hash(&request.id(), &outcome);
+        let tree = Tree::from_leaves(&[leaf]);
+        let header = BatchHeader {
+            cluster_id,
+            height: 7,
+            prev_hash: Digest::ZERO,
+            merkle_root: tree.root(),
+            leaf_count: 1,
+            write_set_digest: Digest([1; 32]),
+            state_digest: Digest([2; 32]),
+            term: 3,
+            time_ms: 999,
+        };
+        let signature = header.sign(operator);
+        Receipt { request, outcome, leaf_index: 0, proof: tree.proof(0), header, signature }
+    }
+
+    #[test]
+    fn receipt_file_round_trip_and_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let receipt = sample_receipt(&operator);
+        let path = dir.path().join("r.json");
+        save_receipt(&path, &receipt, Some(op_pub)).expect("save");
+        assert_eq!(load_receipt(&path).expect("load"), receipt);
+        verify_receipt_file(&path, &op_pub).expect("valid receipt verifies");
+
+        // The operator key may be given as a file, like operator.pub.
+        let pub_path = dir.path().join("operator.pub");
+        std::fs::write(&pub_path, format!("{}\n", op_pub.to_hex())).expect("write");
+        assert_eq!(parse_operator_key(pub_path.to_str().expect("utf8")).expect("file key"), op_pub);
+        assert_eq!(parse_operator_key(&op_pub.to_hex()).expect("hex key"), op_pub);
+        assert!(parse_operator_key("nope").is_err());
+
+        // Another operator key fails.
+        let other = crate::keyfile::public_of(&SigningKey::from_bytes(&[2; 32]));
+        let err = verify_receipt_file(&path, &other).expect_err("wrong key");
+        assert!(err.to_string().contains("header signature"), "{err}");
+    }
+
+    #[test]
+    fn tampered_receipts_are_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let mut receipt = sample_receipt(&operator);
+        receipt.outcome = Outcome::DocCreated { revision: 2 };
+        let path = dir.path().join("tampered.json");
+        save_receipt(&path, &receipt, None).expect("save");
+        let err = verify_receipt_file(&path, &op_pub).expect_err("tampered outcome");
+        assert!(err.to_string().contains("Merkle proof"), "{err}");
+
+        // Editing a readable field without the receipt is caught too.
+        let good = sample_receipt(&operator);
+        let mut file = ReceiptFile::new(&good, None);
+        file.height = 8;
+        std::fs::write(&path, serde_json::to_string(&file).expect("json")).expect("write");
+        assert!(verify_receipt_file(&path, &op_pub).expect_err("height").to_string().contains("height"));
+
+        // A flipped byte in the receipt hex.
+        let mut file = ReceiptFile::new(&good, None);
+        let mut bytes = hex::decode(&file.receipt).expect("hex");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        file.receipt = hex::encode(bytes);
+        std::fs::write(&path, serde_json::to_string(&file).expect("json")).expect("write");
+        assert!(verify_receipt_file(&path, &op_pub).is_err());
+    }
+}
