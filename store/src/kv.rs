@@ -97,8 +97,10 @@ pub const WRITE_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 
 /// [`Kv`] on rusty-leveldb, in stock LevelDB format (readable by LevelDB 1.23).
 ///
-/// rusty-leveldb's `DB` takes `&mut self` even for reads and holds `Rc`s, so it sits in a
-/// `RefCell`: getters stay `&self`, and the type is neither `Send` nor `Sync` (one thread owns it).
+/// rusty-leveldb's `DB` takes `&mut self` even for reads, so it sits in a `RefCell`: getters stay
+/// `&self`. `DB` is `Send` upstream (`unsafe impl`: its `Rc`s never leave it), and the snapshots
+/// and iterators made here (which do share those `Rc`s) are dropped before each call returns, so
+/// `LevelKv` is `Send` too; it is not `Sync`.
 pub struct LevelKv {
     db: RefCell<DB>,
     dir: PathBuf,

@@ -12,9 +12,18 @@
 //! ```
 //!
 //! rusty-leveldb never fsyncs, so the state store is a cache of the log: before the log is
-//! compacted past an index, call [`state::Store::sync_all`]. [`rusty_leveldb::DB`] holds `Rc`s,
-//! so [`kv::LevelKv`] and `Store<LevelKv>` are neither `Send` nor `Sync`: own the store on one
-//! thread.
+//! compacted past an index, call [`state::Store::sync_all`].
+//!
+//! Threading: [`rusty_leveldb::DB`] is `Send` (an `unsafe impl` upstream; its `Rc`s are internal)
+//! but not `Sync`, and takes `&mut self` even to read. [`kv::LevelKv`] wraps it in a `RefCell` and
+//! never lets a snapshot or iterator escape a call, so `LevelKv` and `Store<LevelKv>` are `Send`
+//! but not `Sync`: one thread owns the store at a time (move it into a store thread, or share it
+//! behind a `Mutex`).
+//!
+//! ```compile_fail
+//! fn assert_sync<T: Sync>() {}
+//! assert_sync::<tally_store::LevelKv>(); // not Sync: reads need `&mut DB` through a RefCell
+//! ```
 
 pub mod error;
 pub mod kv;

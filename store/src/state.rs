@@ -48,7 +48,7 @@ impl Default for Applied {
 
 /// The state of one replica: documents, balances, batches, request locations.
 ///
-/// `Store<LevelKv>` is neither `Send` nor `Sync` (rusty-leveldb holds `Rc`s): one thread owns it.
+/// `Store<LevelKv>` is `Send` but not `Sync` (see the crate docs): one thread owns it at a time.
 pub struct Store<K: Kv = LevelKv> {
     kv: K,
     segments: Segments,

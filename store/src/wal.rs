@@ -660,3 +660,363 @@ impl Wal {
         self.poisoned = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(index: u64, term: u64) -> LogEntry {
+        LogEntry { index, term, data: format!("entry {index} of term {term}").into_bytes() }
+    }
+
+    fn entries(lo: u64, hi: u64, term: u64) -> Vec<LogEntry> {
+        (lo..hi).map(|i| entry(i, term)).collect()
+    }
+
+    fn small() -> WalOptions {
+        WalOptions { segment_bytes_max: 200, fsync: true }
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn append_sync_reopen_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), small()).expect("open");
+            assert_eq!((wal.first_index(), wal.last_index()), (1, 0));
+            assert_eq!(wal.term(0).expect("term"), Some(0));
+            wal.append(&entries(1, 6, 1)).expect("append");
+            wal.append(&entries(6, 11, 2)).expect("append");
+            wal.sync().expect("sync");
+            assert!(wal.segment_count() > 1, "200-byte segments must roll");
+        }
+        let wal = Wal::open(dir.path(), small()).expect("reopen");
+        assert_eq!((wal.first_index(), wal.last_index()), (1, 10));
+        let mut want = entries(1, 6, 1);
+        want.extend(entries(6, 11, 2));
+        assert_eq!(wal.entries(1, 11, None).expect("entries"), want);
+        assert_eq!(wal.term(5).expect("term"), Some(1));
+        assert_eq!(wal.term(6).expect("term"), Some(2));
+        assert_eq!(wal.term(11).expect("term"), None);
+        // bytes_max: at least one entry, then stop before exceeding.
+        assert_eq!(wal.entries(3, 11, Some(0)).expect("entries").len(), 1);
+        let one = want[2].data.len() as u64;
+        assert_eq!(wal.entries(3, 11, Some(2 * one)).expect("entries").len(), 2);
+        assert!(matches!(wal.entries(0, 3, None), Err(StoreError::Compacted { .. })));
+        assert!(matches!(wal.entries(3, 12, None), Err(StoreError::Unavailable { .. })));
+    }
+
+    #[test]
+    fn append_rejects_gaps_and_non_contiguous_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::open(dir.path(), small()).expect("open");
+        assert!(matches!(wal.append(&[entry(2, 1)]), Err(StoreError::InvalidArgument(_))));
+        assert!(matches!(wal.append(&[entry(1, 1), entry(3, 1)]), Err(StoreError::InvalidArgument(_))));
+        assert_eq!(wal.last_index(), 0, "a rejected append writes nothing");
+    }
+
+    #[test]
+    fn torn_tail_is_cut_off_and_prefix_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), WalOptions::default()).expect("open");
+            wal.append(&entries(1, 6, 1)).expect("append");
+            wal.sync().expect("sync");
+        }
+        let seg = segment_files(dir.path()).pop().expect("a segment");
+        let len = fs::metadata(&seg).expect("meta").len();
+        let f = OpenOptions::new().write(true).open(&seg).expect("open seg");
+        f.set_len(len - 5).expect("truncate mid-record");
+        drop(f);
+        {
+            let mut wal = Wal::open(dir.path(), WalOptions::default()).expect("reopen repairs");
+            assert_eq!(wal.last_index(), 4);
+            assert_eq!(wal.entries(1, 5, None).expect("prefix"), entries(1, 5, 1));
+            // The log continues cleanly after the repair.
+            wal.append(&[entry(5, 2)]).expect("append after repair");
+            wal.sync().expect("sync");
+        }
+        let wal = Wal::open(dir.path(), WalOptions::default()).expect("reopen");
+        assert_eq!(wal.entries(5, 6, None).expect("entries"), vec![entry(5, 2)]);
+    }
+
+    #[test]
+    fn flipped_byte_in_last_record_is_cut_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), WalOptions::default()).expect("open");
+            wal.append(&entries(1, 6, 1)).expect("append");
+            wal.sync().expect("sync");
+        }
+        let seg = segment_files(dir.path()).pop().expect("a segment");
+        let mut bytes = fs::read(&seg).expect("read");
+        let n = bytes.len();
+        bytes[n - 2] ^= 0x01;
+        fs::write(&seg, &bytes).expect("write");
+        let wal = Wal::open(dir.path(), WalOptions::default()).expect("reopen repairs");
+        assert_eq!(wal.last_index(), 4);
+        assert_eq!(wal.entries(1, 5, None).expect("prefix"), entries(1, 5, 1));
+        assert!(fs::metadata(&seg).expect("meta").len() < n as u64, "the bad record is gone from disk");
+    }
+
+    #[test]
+    fn corruption_in_a_middle_record_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), WalOptions::default()).expect("open");
+            wal.append(&entries(1, 6, 1)).expect("append");
+            wal.sync().expect("sync");
+        }
+        let seg = segment_files(dir.path()).pop().expect("a segment");
+        let mut bytes = fs::read(&seg).expect("read");
+        // Record 2 starts after record 1; flip a data byte inside it.
+        let first_len = HEADER_BYTES as usize + entry(1, 1).data.len();
+        bytes[first_len + HEADER_BYTES as usize + 1] ^= 0x01;
+        fs::write(&seg, &bytes).expect("write");
+        match Wal::open(dir.path(), WalOptions::default()) {
+            Err(StoreError::Corrupt { file, offset, .. }) => {
+                assert_eq!(file, seg);
+                assert_eq!(offset, first_len as u64);
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn corruption_in_an_earlier_segment_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), small()).expect("open");
+            wal.append(&entries(1, 20, 1)).expect("append");
+            wal.sync().expect("sync");
+        }
+        let segs = segment_files(dir.path());
+        assert!(segs.len() > 2);
+        let mut bytes = fs::read(&segs[0]).expect("read");
+        let n = bytes.len();
+        bytes[n - 1] ^= 0x01; // Tail of a segment that is not the last one.
+        fs::write(&segs[0], &bytes).expect("write");
+        assert!(matches!(Wal::open(dir.path(), small()), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn truncate_on_conflict() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), small()).expect("open");
+            wal.append(&entries(1, 15, 1)).expect("append");
+            let before = wal.segment_count();
+            wal.append(&entries(4, 6, 2)).expect("conflicting append");
+            assert_eq!(wal.last_index(), 5);
+            assert!(wal.segment_count() < before, "later segments are deleted");
+            assert_eq!(wal.term(3).expect("term"), Some(1));
+            assert_eq!(wal.term(4).expect("term"), Some(2));
+            assert_eq!(wal.term(6).expect("term"), None);
+            wal.sync().expect("sync");
+        }
+        let wal = Wal::open(dir.path(), small()).expect("reopen");
+        let mut want = entries(1, 4, 1);
+        want.extend(entries(4, 6, 2));
+        assert_eq!(wal.entries(1, 6, None).expect("entries"), want);
+    }
+
+    #[test]
+    fn compact_deletes_old_segments_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), small()).expect("open");
+            wal.append(&entries(1, 30, 1)).expect("append");
+            wal.sync().expect("sync");
+            let before = segment_files(dir.path()).len();
+            wal.compact_to(20, 1).expect("compact");
+            assert!(segment_files(dir.path()).len() < before, "segments wholly <= 20 are deleted");
+            assert_eq!((wal.first_index(), wal.last_index()), (21, 29));
+            assert_eq!(wal.term(20).expect("term"), Some(1));
+            assert_eq!(wal.term(19).expect("term"), None);
+            assert!(matches!(wal.entries(20, 22, None), Err(StoreError::Compacted { .. })));
+        }
+        let wal = Wal::open(dir.path(), small()).expect("reopen");
+        assert_eq!(wal.snapshot_marker(), (20, 1));
+        assert_eq!((wal.first_index(), wal.last_index()), (21, 29));
+        assert_eq!(wal.entries(21, 30, None).expect("entries"), entries(21, 30, 1));
+    }
+
+    #[test]
+    fn compact_beyond_last_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut wal = Wal::open(dir.path(), small()).expect("open");
+            wal.append(&entries(1, 10, 1)).expect("append");
+            wal.compact_to(50, 3).expect("install snapshot");
+            assert_eq!((wal.first_index(), wal.last_index()), (51, 50));
+            assert!(segment_files(dir.path()).is_empty());
+            assert!(matches!(wal.append(&[entry(52, 3)]), Err(StoreError::InvalidArgument(_))));
+            wal.append(&entries(51, 53, 3)).expect("append after snapshot");
+            wal.sync().expect("sync");
+        }
+        let wal = Wal::open(dir.path(), small()).expect("reopen");
+        assert_eq!(wal.snapshot_marker(), (50, 3));
+        assert_eq!(wal.entries(51, 53, None).expect("entries"), entries(51, 53, 3));
+    }
+
+    #[test]
+    fn compact_with_conflicting_term_discards_suffix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::open(dir.path(), small()).expect("open");
+        wal.append(&entries(1, 10, 1)).expect("append");
+        wal.compact_to(5, 2).expect("snapshot with another term at 5");
+        assert_eq!(wal.last_index(), 5, "entries after a conflicting snapshot point are dropped");
+        drop(wal);
+        assert_eq!(Wal::open(dir.path(), small()).expect("reopen").last_index(), 5);
+    }
+
+    #[test]
+    fn hard_state_and_meta_blobs_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hs = HardStateRecord { term: 7, vote: 2, commit: 41 };
+        {
+            let mut wal = Wal::open(dir.path(), small()).expect("open");
+            assert_eq!(wal.hard_state(), HardStateRecord::default());
+            wal.set_hard_state(HardStateRecord { term: 1, vote: 1, commit: 0 }).expect("set");
+            wal.set_hard_state(hs).expect("set");
+            wal.set_meta_blob("conf_state", b"voters 1 2 3").expect("meta");
+            assert!(matches!(wal.set_meta_blob("../evil", b"x"), Err(StoreError::InvalidArgument(_))));
+        }
+        let wal = Wal::open(dir.path(), small()).expect("reopen");
+        assert_eq!(wal.hard_state(), hs);
+        assert_eq!(wal.meta_blob("conf_state"), Some(b"voters 1 2 3".to_vec()));
+        assert_eq!(wal.meta_blob("other"), None);
+        // A damaged hard state is reported, not defaulted.
+        let path = dir.path().join(HARD_STATE_FILE);
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[5] ^= 1;
+        fs::write(&path, bytes).expect("write");
+        assert!(matches!(Wal::open(dir.path(), small()), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn poisoned_wal_refuses_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wal = Wal::open(dir.path(), small()).expect("open");
+        wal.append(&entries(1, 3, 1)).expect("append");
+        wal.poison_for_test();
+        assert!(matches!(wal.sync(), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.append(&[entry(3, 1)]), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.entries(1, 2, None), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.term(1), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.compact_to(1, 1), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.set_hard_state(HardStateRecord::default()), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.set_meta_blob("x", b""), Err(StoreError::Poisoned)));
+    }
+
+    /// One step of the model test.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Append `count` entries starting `back` entries before the end (conflict rule).
+        Append {
+            back: u64,
+            count: u64,
+            size: usize,
+        },
+        /// Compact to `last_index - back`, or beyond the end when `beyond > 0`.
+        Compact {
+            back: u64,
+            beyond: u64,
+        },
+        Reopen,
+        Sync,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0u64..4, 1u64..6, 0usize..80).prop_map(|(back, count, size)| Op::Append { back, count, size }),
+            1 => (0u64..8, prop_oneof![3 => Just(0u64), 1 => 1u64..5])
+                .prop_map(|(back, beyond)| Op::Compact { back, beyond }),
+            1 => Just(Op::Reopen),
+            1 => Just(Op::Sync),
+        ]
+    }
+
+    /// The simple model: a snapshot marker and a vector of entries after it.
+    #[derive(Default)]
+    struct Model {
+        snapshot: (u64, u64),
+        entries: Vec<LogEntry>,
+    }
+
+    impl Model {
+        fn last(&self) -> u64 {
+            self.snapshot.0 + self.entries.len() as u64
+        }
+        fn term(&self, index: u64) -> Option<u64> {
+            if index == self.snapshot.0 {
+                return Some(self.snapshot.1);
+            }
+            self.entries.iter().find(|e| e.index == index).map(|e| e.term)
+        }
+    }
+
+    fn check(wal: &Wal, model: &Model) {
+        assert_eq!(wal.snapshot_marker(), model.snapshot);
+        assert_eq!(wal.first_index(), model.snapshot.0 + 1);
+        assert_eq!(wal.last_index(), model.last());
+        assert_eq!(wal.entries(wal.first_index(), wal.last_index() + 1, None).expect("entries"), model.entries);
+        for index in model.snapshot.0.saturating_sub(1)..=model.last() + 1 {
+            assert_eq!(wal.term(index).expect("term"), model.term(index), "term of {index}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn matches_in_memory_model(ops in proptest::collection::vec(op(), 1..30)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let opts = WalOptions { segment_bytes_max: 256, fsync: false };
+            let mut wal = Wal::open(dir.path(), opts).expect("open");
+            let mut model = Model::default();
+            let mut term = 1;
+            for op in ops {
+                match op {
+                    Op::Append { back, count, size } => {
+                        let start = (model.last() + 1).saturating_sub(back).max(model.snapshot.0 + 1);
+                        term += 1;
+                        let new: Vec<LogEntry> = (start..start + count)
+                            .map(|index| LogEntry { index, term, data: vec![(index % 251) as u8; size] })
+                            .collect();
+                        wal.append(&new).expect("append");
+                        model.entries.truncate((start - model.snapshot.0 - 1) as usize);
+                        model.entries.extend(new);
+                    }
+                    Op::Compact { back, beyond } => {
+                        let index = if beyond > 0 { model.last() + beyond } else { model.last().saturating_sub(back) };
+                        if index <= model.snapshot.0 {
+                            continue;
+                        }
+                        let t = model.term(index).unwrap_or(term);
+                        wal.compact_to(index, t).expect("compact");
+                        let keep = model.last().saturating_sub(index) as usize;
+                        let from = model.entries.len() - keep;
+                        model.entries.drain(..from);
+                        model.snapshot = (index, t);
+                    }
+                    Op::Reopen => {
+                        drop(wal);
+                        wal = Wal::open(dir.path(), opts).expect("reopen");
+                    }
+                    Op::Sync => wal.sync().expect("sync"),
+                }
+                check(&wal, &model);
+            }
+        }
+    }
+}
