@@ -362,3 +362,274 @@ impl<K: Kv> Store<K> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::FaultyKv;
+    use ed25519_dalek::SigningKey;
+    use tally_codec::batch::next_state_digest;
+    use tally_codec::{BatchHeader, ClusterId, Operation, Outcome, Request, SignedRequest, WriteSet};
+
+    const CLUSTER: ClusterId = ClusterId([1; 16]);
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn operator() -> SigningKey {
+        key(7)
+    }
+
+    fn pk(k: &SigningKey) -> PublicKey {
+        PublicKey(k.verifying_key().to_bytes())
+    }
+
+    fn request(signer: &SigningKey, nonce: u64, op: Operation) -> SignedRequest {
+        Request { cluster_id: CLUSTER, signer: pk(signer), nonce, expires_at_ms: 60_000, op }.sign(signer)
+    }
+
+    /// A batch on top of `prev` with a real Merkle root, write-set digest and state digest.
+    fn batch(prev: &Applied, requests: Vec<SignedRequest>, outcomes: Vec<Outcome>, ops: Vec<WriteOp>) -> BatchEntry {
+        let write_set = WriteSet { ops };
+        let leaves: Vec<[u8; 32]> = requests.iter().zip(&outcomes).map(|(r, o)| leaf_hash(&r.id(), o)).collect();
+        let header = BatchHeader {
+            cluster_id: CLUSTER,
+            height: prev.height + 1,
+            prev_hash: prev.header_hash,
+            merkle_root: Tree::from_leaves(&leaves).root(),
+            leaf_count: u32::try_from(leaves.len()).expect("small"),
+            write_set_digest: write_set.digest(),
+            state_digest: next_state_digest(&prev.state_digest, &write_set.digest()),
+            term: 1,
+            time_ms: 1_000 + prev.height,
+        };
+        let entry = BatchEntry { header, requests, outcomes, write_set };
+        entry.check().expect("test batch is well formed");
+        entry
+    }
+
+    fn balance_op(t: &Tables, who: &SigningKey, balance: u64) -> WriteOp {
+        WriteOp { key: t.account(&pk(who)).into_bytes(), value: Some(encode(&balance)) }
+    }
+
+    fn doc_key() -> DocKey {
+        DocKey::parse("0d5d3807-5fbf-4228-a657-5a091c4e497f").expect("uuid4")
+    }
+
+    const BODY: &[u8] = br#"{"name": "Chapayev's Mustache comb"}"#;
+
+    /// Genesis, batch 1 at index 1, a no-op at 2, batch 2 at index 3. Returns all request ids.
+    fn scenario<K: Kv>(store: &mut Store<K>) -> Vec<RequestId> {
+        let (alice, bob) = (key(1), key(2));
+        let t = *store.tables();
+        store.init_genesis(&[(pk(&alice), 100), (pk(&bob), 50)]).expect("genesis");
+        let digest = tally_codec::hash_with_domain(b"test/doc", BODY);
+        let meta = DocMeta { owner: pk(&alice), revision: 1, body: digest };
+        let r1 = vec![
+            request(&alice, 1, Operation::Transfer { to: pk(&bob), amount: 30 }),
+            request(&alice, 2, Operation::Set { key: doc_key(), value: BODY.to_vec() }),
+        ];
+        let o1 = vec![Outcome::Transferred { sender_balance: 70 }, Outcome::DocCreated { revision: 1 }];
+        let ops1 = vec![
+            balance_op(&t, &alice, 70),
+            balance_op(&t, &bob, 80),
+            WriteOp { key: t.doc(&doc_key()).into_bytes(), value: Some(encode(&meta)) },
+            WriteOp { key: t.doc_body(&digest).to_bytes(), value: Some(BODY.to_vec()) },
+        ];
+        let b1 = batch(&store.applied(), r1.clone(), o1, ops1);
+        store.apply_batch(1, &b1, &b1.header.sign(&operator())).expect("apply 1");
+        store.apply_noop(2).expect("noop");
+
+        // Checked between batches: the document exists now.
+        assert_eq!(store.doc(&doc_key()).expect("doc"), Some((meta, BODY.to_vec())));
+
+        let r2 = vec![
+            request(&bob, 1, Operation::Transfer { to: pk(&alice), amount: 5 }),
+            request(&alice, 3, Operation::Delete { key: doc_key() }),
+            request(&bob, 2, Operation::Transfer { to: pk(&alice), amount: 1_000 }),
+        ];
+        let o2 = vec![
+            Outcome::Transferred { sender_balance: 75 },
+            Outcome::DocDeleted,
+            Outcome::Rejected(tally_codec::ErrorCode::InsufficientFunds),
+        ];
+        let ops2 = vec![
+            balance_op(&t, &alice, 75),
+            balance_op(&t, &bob, 75),
+            WriteOp { key: t.doc(&doc_key()).into_bytes(), value: None },
+        ];
+        let b2 = batch(&store.applied(), r2.clone(), o2, ops2);
+        store.apply_batch(3, &b2, &b2.header.sign(&operator())).expect("apply 2");
+        r1.iter().chain(&r2).map(SignedRequest::id).collect()
+    }
+
+    fn check_after_scenario<K: Kv>(store: &Store<K>, ids: &[RequestId]) {
+        let (alice, bob) = (key(1), key(2));
+        let applied = store.applied();
+        assert_eq!((applied.index, applied.height), (3, 2));
+        let last = store.batch(2).expect("batch").expect("batch 2 stored");
+        assert_eq!(applied.header_hash, last.header.hash());
+        assert_eq!(applied.state_digest, last.header.state_digest);
+        last.header.verify(&pk(&operator()), &last.signature).expect("stored signature verifies");
+        assert!(store.is_initialized());
+        assert_eq!(store.balance(&pk(&alice)).expect("balance"), Some(75));
+        assert_eq!(store.balance(&pk(&bob)).expect("balance"), Some(75));
+        assert_eq!(store.balance(&pk(&key(3))).expect("balance"), None);
+        assert_eq!(store.doc(&doc_key()).expect("doc"), None, "deleted in batch 2");
+        assert_eq!(store.doc_meta(&doc_key()).expect("doc meta"), None);
+        assert_eq!(store.batch(3).expect("batch"), None);
+        for (i, id) in ids.iter().enumerate() {
+            let receipt = store.receipt(id).expect("receipt").expect("every applied request has a receipt");
+            receipt.verify(&pk(&operator())).expect("receipt verifies offline");
+            assert_eq!(receipt.request_id(), *id);
+            let (height, leaf) = if i < 2 { (1, i) } else { (2, i - 2) };
+            assert_eq!((receipt.header.height, receipt.leaf_index as usize), (height, leaf));
+            let location = store.request_location(id).expect("location").expect("stored");
+            assert_eq!(location.expires_at_ms, 60_000);
+            assert!(receipt.verify(&pk(&key(9))).is_err(), "another operator key must not verify");
+        }
+        assert_eq!(store.receipt(&RequestId([0xAB; 32])).expect("receipt"), None);
+        let body = store.batch_body(&last).expect("body");
+        assert_eq!(body.requests.len(), 3);
+        assert_eq!(body.outcomes[1], Outcome::DocDeleted);
+    }
+
+    #[test]
+    fn level_store_applies_batches_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = {
+            let mut store = Store::open(dir.path()).expect("open");
+            assert_eq!(store.applied(), Applied::default());
+            assert!(!store.is_initialized());
+            let ids = scenario(&mut store);
+            check_after_scenario(&store, &ids);
+            store.sync_all().expect("sync");
+            ids
+        };
+        let store = Store::open(dir.path()).expect("reopen");
+        check_after_scenario(&store, &ids);
+    }
+
+    #[test]
+    fn mem_store_applies_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::in_memory(dir.path()).expect("open");
+        let ids = scenario(&mut store);
+        check_after_scenario(&store, &ids);
+    }
+
+    #[test]
+    #[should_panic(expected = "chain broken")]
+    fn height_gap_panics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::in_memory(dir.path()).expect("open");
+        let prev = Applied { height: 1, ..Applied::default() };
+        let b = batch(&prev, vec![], vec![], vec![]);
+        let _ = store.apply_batch(1, &b, &b.header.sign(&operator()));
+    }
+
+    #[test]
+    #[should_panic(expected = "chain broken")]
+    fn wrong_prev_hash_panics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::in_memory(dir.path()).expect("open");
+        let prev = Applied { header_hash: Digest([9; 32]), ..Applied::default() };
+        let b = batch(&prev, vec![], vec![], vec![]);
+        let _ = store.apply_batch(1, &b, &b.header.sign(&operator()));
+    }
+
+    #[test]
+    #[should_panic(expected = "does not advance")]
+    fn index_must_advance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::in_memory(dir.path()).expect("open");
+        store.apply_noop(5).expect("noop");
+        let _ = store.apply_noop(5);
+    }
+
+    #[test]
+    fn schema_mismatch_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("create"));
+        {
+            let mut kv = LevelKv::open(&dir.path().join("state")).expect("raw open");
+            let schema_key = Tables::v1().meta(META_SCHEMA).into_bytes();
+            kv.write(&[WriteOp { key: schema_key, value: Some(vec![0xEE; 24]) }]).expect("write");
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::SchemaMismatch { found, expected }) => {
+                assert_eq!(found, "ee".repeat(24));
+                assert_eq!(expected, hex(&Tables::v1().fingerprint()));
+            }
+            other => panic!("expected SchemaMismatch, got {other:?}"),
+        }
+        // Data without any schema marker is refused too.
+        let mut kv = MemKv::new();
+        kv.write(&[WriteOp { key: b"stranger".to_vec(), value: Some(vec![1]) }]).expect("write");
+        let seg_dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(Store::from_parts(kv, seg_dir.path()), Err(StoreError::SchemaMismatch { .. })));
+    }
+
+    #[test]
+    fn level_data_dir_is_stock_leveldb_after_sync_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        scenario(&mut store);
+        store.sync_all().expect("sync_all");
+        let names: Vec<String> = fs_names(&dir.path().join("state"));
+        assert!(names.iter().any(|n| n == "CURRENT"), "{names:?}");
+        let current = std::fs::read_to_string(dir.path().join("state/CURRENT")).expect("CURRENT");
+        assert!(current.starts_with("MANIFEST-") && current.ends_with('\n'), "{current:?}");
+        assert!(names.contains(&current.trim().to_string()), "CURRENT names an existing manifest");
+        assert!(names.iter().any(|n| n.ends_with(".ldb") || n.ends_with(".log")), "{names:?}");
+        assert!(names.iter().all(|n| !n.ends_with(".seg")), "segments live outside the LevelDB dir");
+    }
+
+    fn fs_names(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn genesis_is_written_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::in_memory(dir.path()).expect("open");
+        let a = pk(&key(1));
+        assert!(matches!(store.init_genesis(&[(a, 1), (a, 2)]), Err(StoreError::InvalidArgument(_))));
+        assert!(!store.is_initialized());
+        store.init_genesis(&[(a, 10)]).expect("genesis");
+        assert!(matches!(store.init_genesis(&[(a, 10)]), Err(StoreError::AlreadyInitialized)));
+        assert_eq!(store.balance(&a).expect("balance"), Some(10));
+    }
+
+    #[test]
+    fn failed_kv_write_leaves_applied_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::from_parts(FaultyKv::new(MemKv::new()), dir.path()).expect("open");
+        store.init_genesis(&[(pk(&key(1)), 10)]).expect("genesis");
+        let b = batch(&store.applied(), vec![], vec![], vec![balance_op(store.tables(), &key(1), 9)]);
+        let sig = b.header.sign(&operator());
+        store.kv.writes_ok_left = Some(0);
+        assert!(matches!(store.apply_batch(1, &b, &sig), Err(StoreError::Injected(_))));
+        assert_eq!(store.applied(), Applied::default());
+        assert_eq!(store.balance(&pk(&key(1))).expect("balance"), Some(10));
+        // The caller retries the same entry once the backend recovers.
+        store.kv.writes_ok_left = None;
+        store.apply_batch(1, &b, &sig).expect("retry");
+        assert_eq!(store.applied().height, 1);
+        assert_eq!(store.balance(&pk(&key(1))).expect("balance"), Some(9));
+    }
+
+    #[test]
+    fn threading_model() {
+        fn assert_send<T: Send>() {}
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send::<Store<LevelKv>>();
+        assert_send::<crate::Wal>();
+        assert_send_sync::<Store<MemKv>>();
+        assert_send_sync::<Segments>();
+    }
+}
