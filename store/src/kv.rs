@@ -10,6 +10,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use tally_codec::WriteOp;
 
+/// Key/value pairs in key order, as [`Kv::scan_prefix`] returns them.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The only storage operations the state store needs; small so that fakes are easy to write.
 pub trait Kv {
     /// Reads one key.
@@ -28,7 +31,7 @@ pub trait Kv {
     ///
     /// # Errors
     /// When the backend fails to read.
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError>;
 
     /// Make every file durable: flush memtables if possible, fsync every file of the db and its
     /// directory. Called before the log is compacted past the applied index.
@@ -76,7 +79,7 @@ impl Kv for MemKv {
         Ok(())
     }
 
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         Ok(self
             .map
             .range(prefix.to_vec()..)
@@ -151,7 +154,7 @@ impl Kv for LevelKv {
         Ok(())
     }
 
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         let mut db = self.db.borrow_mut();
         let mut it = db.new_iter()?;
         let mut out = Vec::new();
@@ -228,7 +231,7 @@ impl<K: Kv> Kv for FaultyKv<K> {
         }
     }
 
-    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         self.inner.scan_prefix(prefix, limit)
     }
 

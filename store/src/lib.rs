@@ -32,7 +32,7 @@ pub mod state;
 pub mod wal;
 
 pub use error::StoreError;
-pub use kv::{FaultyKv, Kv, LevelKv, MemKv};
+pub use kv::{FaultyKv, Kv, KvPairs, LevelKv, MemKv};
 pub use segments::{SegmentRef, Segments};
 pub use state::{Applied, Store};
 pub use wal::{HardStateRecord, LogEntry, Wal, WalOptions};

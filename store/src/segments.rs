@@ -190,7 +190,14 @@ impl Segments {
         // change under a reader. The data directory belongs to one replica process (the state
         // LevelDB's LOCK is held alongside), so no other process modifies the files either.
         let map = unsafe { Mmap::map(&seg.file) }.map_err(|e| StoreError::io(&seg.path, e))?;
-        assert!(map.len() as u64 >= end, "a fresh map covers every byte written so far");
+        if (map.len() as u64) < end {
+            // Only possible if something outside this process shortened the file.
+            return Err(StoreError::Corrupt {
+                file: seg.path.clone(),
+                offset: map.len() as u64,
+                reason: format!("file is shorter than the {end} bytes written to it"),
+            });
+        }
         let map = Arc::new(map);
         maps.insert(id, Arc::clone(&map));
         Ok(map)
