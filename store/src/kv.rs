@@ -115,8 +115,16 @@ impl LevelKv {
     /// # Errors
     /// When LevelDB cannot open the directory (locked by another process, corrupt, I/O).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_write_buffer(dir, WRITE_BUFFER_BYTES)
+    }
+
+    /// Like [`LevelKv::open`] with another memtable size (small ones let tests reach table files).
+    ///
+    /// # Errors
+    /// As [`LevelKv::open`].
+    pub fn open_with_write_buffer(dir: &Path, write_buffer_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        let opts = Options { create_if_missing: true, write_buffer_size: WRITE_BUFFER_BYTES, ..Options::default() };
+        let opts = Options { create_if_missing: true, write_buffer_size: write_buffer_bytes, ..Options::default() };
         let db = DB::open(dir, opts).map_err(|s| StoreError::Level(format!("opening {}: {s}", dir.display())))?;
         Ok(LevelKv { db: RefCell::new(db), dir: dir.to_path_buf() })
     }
@@ -278,6 +286,30 @@ mod tests {
         let kv = LevelKv::open(dir.path()).expect("reopen");
         assert_eq!(kv.get(b"a2").expect("get"), Some(b"y".to_vec()));
         assert_eq!(kv.get(b"a0").expect("get"), None);
+    }
+
+    #[test]
+    fn level_kv_survives_memtable_compactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = |i: u32| format!("key-{i:06}").into_bytes();
+        {
+            let mut kv = LevelKv::open_with_write_buffer(dir.path(), 32 * 1024).expect("open");
+            for chunk in 0..40u32 {
+                let ops: Vec<WriteOp> = (chunk * 50..chunk * 50 + 50).map(|i| put(&key(i), &[i as u8; 100])).collect();
+                kv.write(&ops).expect("write");
+            }
+            kv.sync_all().expect("sync_all");
+        }
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n.ends_with(".ldb")), "memtables were written to tables: {names:?}");
+        let kv = LevelKv::open(dir.path()).expect("reopen");
+        for i in [0u32, 777, 1999] {
+            assert_eq!(kv.get(&key(i)).expect("get"), Some(vec![i as u8; 100]));
+        }
+        assert_eq!(kv.scan_prefix(b"key-", 5000).expect("scan").len(), 2000);
     }
 
     #[test]
