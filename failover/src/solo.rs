@@ -44,7 +44,10 @@ impl SoloReplicator {
         let (tx, rx) = bounded(PROPOSALS_QUEUED_MAX);
         // Redeliver the durable suffix the state store has not applied yet.
         let last = wal.last_index();
-        assert!(applied_index <= last || last < wal.first_index(), "store applied {applied_index} past the log end {last}");
+        assert!(
+            applied_index <= last || last < wal.first_index(),
+            "store applied {applied_index} past the log end {last}"
+        );
         if applied_index < last {
             for e in wal.entries(applied_index.max(wal.first_index() - 1) + 1, last + 1, None)? {
                 let kind = if e.data.is_empty() { EntryKind::Noop } else { EntryKind::Batch };
@@ -63,8 +66,15 @@ impl SoloReplicator {
         let thread = std::thread::Builder::new()
             .name("solo-log".into())
             .spawn(move || run(wal, rx, committed_tx, ci))
-            .map_err(tally_store::StoreError::Io)?;
-        Ok(SoloReplicator { node_id, client_addr, tx, commit_index, term_start_index: start, thread: Mutex::new(Some(thread)) })
+            .map_err(|e| tally_store::StoreError::Io { path: "solo-log thread".into(), source: e })?;
+        Ok(SoloReplicator {
+            node_id,
+            client_addr,
+            tx,
+            commit_index,
+            term_start_index: start,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 }
 
@@ -94,7 +104,10 @@ fn run(mut wal: Wal, rx: Receiver<Cmd>, committed_tx: Sender<Committed>, commit_
             }
             commit_index.store(index, Ordering::Release);
             for e in entries {
-                if committed_tx.send(Committed { index: e.index, term: e.term, kind: EntryKind::Batch, data: e.data }).is_err() {
+                if committed_tx
+                    .send(Committed { index: e.index, term: e.term, kind: EntryKind::Batch, data: e.data })
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -1,0 +1,446 @@
+//! Raft's view of the durable log: [`WalStorage`] implements [`raft::Storage`] on a
+//! [`LogStore`] (production: [`tally_store::Wal`]), and persists what raft-rs leaves to the
+//! application: the conf state (with the index it took effect at) and the members' addresses.
+//!
+//! ```text
+//!  raft-rs ──Storage (reads)──▶ WalStorage ──▶ LogStore (Wal: entries, marker, hard state)
+//!  ready loop ──append/sync/set_hard_state/set_conf/apply_snapshot──▶      └─ meta blobs:
+//!                                                         raft-conf (history), raft-members
+//! ```
+//!
+//! Log entry data on disk: `[]` is an empty normal entry (a leader's no-op); `0x00 ‖ data` is a
+//! normal entry; `0x01 ‖ protobuf(Entry)` is anything else (conf changes, entries with context).
+
+use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
+use borsh::{BorshDeserialize, BorshSerialize};
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
+use raft::storage::{GetEntriesContext, RaftState, Storage};
+use raft::{Error as RaftError, StorageError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tally_store::wal::{HardStateRecord, LogEntry, Wal};
+use tally_store::StoreError;
+
+/// Meta blob holding the conf-state history.
+pub const CONF_BLOB: &str = "raft-conf";
+/// Meta blob holding the members' addresses.
+pub const MEMBERS_BLOB: &str = "raft-members";
+/// Conf states kept, newest last, so a snapshot at an older index carries the right one.
+pub const CONF_HISTORY_MAX: usize = 16;
+/// Bound on decoding a meta blob.
+const META_DECODE_BYTES_MAX: usize = 1024 * 1024;
+
+const TAG_NORMAL: u8 = 0x00;
+const TAG_PROTOBUF: u8 = 0x01;
+
+/// The durable log as failover needs it. [`Wal`] is the production implementation; a simulator
+/// can substitute a faulty or in-memory one.
+#[allow(missing_docs)]
+pub trait LogStore: Send {
+    fn append(&mut self, entries: &[LogEntry]) -> Result<(), StoreError>;
+    fn sync(&mut self) -> Result<(), StoreError>;
+    fn first_index(&self) -> u64;
+    fn last_index(&self) -> u64;
+    fn term(&self, index: u64) -> Result<Option<u64>, StoreError>;
+    fn entries(&self, lo: u64, hi: u64, bytes_max: Option<u64>) -> Result<Vec<LogEntry>, StoreError>;
+    fn compact_to(&mut self, index: u64, term: u64) -> Result<(), StoreError>;
+    fn snapshot_marker(&self) -> (u64, u64);
+    fn hard_state(&self) -> HardStateRecord;
+    fn set_hard_state(&mut self, hs: HardStateRecord) -> Result<(), StoreError>;
+    fn meta_blob(&self, name: &str) -> Option<Vec<u8>>;
+    fn set_meta_blob(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
+}
+
+impl LogStore for Wal {
+    fn append(&mut self, entries: &[LogEntry]) -> Result<(), StoreError> {
+        Wal::append(self, entries)
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        Wal::sync(self)
+    }
+    fn first_index(&self) -> u64 {
+        Wal::first_index(self)
+    }
+    fn last_index(&self) -> u64 {
+        Wal::last_index(self)
+    }
+    fn term(&self, index: u64) -> Result<Option<u64>, StoreError> {
+        Wal::term(self, index)
+    }
+    fn entries(&self, lo: u64, hi: u64, bytes_max: Option<u64>) -> Result<Vec<LogEntry>, StoreError> {
+        Wal::entries(self, lo, hi, bytes_max)
+    }
+    fn compact_to(&mut self, index: u64, term: u64) -> Result<(), StoreError> {
+        Wal::compact_to(self, index, term)
+    }
+    fn snapshot_marker(&self) -> (u64, u64) {
+        Wal::snapshot_marker(self)
+    }
+    fn hard_state(&self) -> HardStateRecord {
+        Wal::hard_state(self)
+    }
+    fn set_hard_state(&mut self, hs: HardStateRecord) -> Result<(), StoreError> {
+        Wal::set_hard_state(self, hs)
+    }
+    fn meta_blob(&self, name: &str) -> Option<Vec<u8>> {
+        Wal::meta_blob(self, name)
+    }
+    fn set_meta_blob(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        Wal::set_meta_blob(self, name, bytes)
+    }
+}
+
+/// Where a member can be reached. Carried in conf-change contexts and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct MemberAddr {
+    pub node_id: u64,
+    pub client_addr: String,
+    pub peer_addr: String,
+}
+
+#[derive(BorshSerialize, BorshDeserialize)]
+struct ConfHistory {
+    /// `(index the conf state took effect at, protobuf ConfState)`, ascending.
+    entries: Vec<(u64, Vec<u8>)>,
+}
+
+fn store_err(e: StoreError) -> RaftError {
+    match e {
+        StoreError::Compacted { .. } => RaftError::Store(StorageError::Compacted),
+        StoreError::Unavailable { .. } => RaftError::Store(StorageError::Unavailable),
+        other => RaftError::Store(StorageError::Other(Box::new(other))),
+    }
+}
+
+/// Encodes a raft entry's payload for the log (see the module docs).
+pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, RaftError> {
+    if e.get_entry_type() == EntryType::EntryNormal && e.context.is_empty() {
+        if e.data.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(1 + e.data.len());
+        out.push(TAG_NORMAL);
+        out.extend_from_slice(&e.data);
+        return Ok(out);
+    }
+    let mut bare = Entry::default();
+    bare.set_entry_type(e.get_entry_type());
+    bare.data = e.data.clone();
+    bare.context = e.context.clone();
+    let mut out = vec![TAG_PROTOBUF];
+    out.extend_from_slice(&bare.write_to_bytes()?);
+    Ok(out)
+}
+
+/// Decodes a log record back into a raft entry.
+///
+/// # Errors
+/// When the record has an unknown tag or a bad protobuf body (corruption or a foreign log).
+pub fn decode_entry(le: &LogEntry) -> Result<Entry, RaftError> {
+    let mut e = match le.data.first() {
+        None => Entry::default(),
+        Some(&TAG_NORMAL) => {
+            let mut e = Entry::default();
+            e.data = le.data[1..].to_vec().into();
+            e
+        }
+        Some(&TAG_PROTOBUF) => Entry::parse_from_bytes(&le.data[1..])?,
+        Some(tag) => {
+            return Err(RaftError::Store(StorageError::Other(
+                format!("log entry {} has unknown tag {tag:#x}", le.index).into(),
+            )))
+        }
+    };
+    e.index = le.index;
+    e.term = le.term;
+    Ok(e)
+}
+
+/// Conf-state helpers: raft-rs's `ConfState` has no `PartialEq` on content order, so compare
+/// sorted id lists.
+pub fn conf_ids(cs: &ConfState) -> Vec<u64> {
+    let mut ids: Vec<u64> =
+        cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing).chain(&cs.learners_next).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The Raft storage over the durable log. Owned by the raft thread (inside the `RawNode`).
+pub struct WalStorage {
+    log: Box<dyn LogStore>,
+    /// Newest last; never empty once initialised.
+    conf_history: Vec<(u64, ConfState)>,
+    members: BTreeMap<u64, MemberAddr>,
+    snapshots: Arc<dyn StateSnapshots>,
+}
+
+impl WalStorage {
+    /// Loads the conf state and members from the log's meta blobs. On a fresh log,
+    /// `bootstrap` (the initial voters) becomes the conf state at index 0; a node that is not an
+    /// initial voter passes `None` and waits to be added by the leader.
+    ///
+    /// # Errors
+    /// When a meta blob does not decode or cannot be written.
+    pub fn open(
+        log: Box<dyn LogStore>,
+        bootstrap: Option<ConfState>,
+        known: &[MemberAddr],
+        snapshots: Arc<dyn StateSnapshots>,
+    ) -> Result<Self, RaftError> {
+        let mut conf_history = Vec::new();
+        if let Some(bytes) = log.meta_blob(CONF_BLOB) {
+            let h: ConfHistory = tally_codec::decode(&bytes, META_DECODE_BYTES_MAX)
+                .map_err(|e| RaftError::ConfigInvalid(format!("conf-state blob does not decode: {e}")))?;
+            for (index, pb) in h.entries {
+                conf_history.push((index, ConfState::parse_from_bytes(&pb)?));
+            }
+        }
+        let mut members = BTreeMap::new();
+        for m in known {
+            members.insert(m.node_id, m.clone());
+        }
+        if let Some(bytes) = log.meta_blob(MEMBERS_BLOB) {
+            let stored: Vec<MemberAddr> = tally_codec::decode(&bytes, META_DECODE_BYTES_MAX)
+                .map_err(|e| RaftError::ConfigInvalid(format!("members blob does not decode: {e}")))?;
+            // The log's record wins: it follows membership changes the config file never saw.
+            for m in stored {
+                members.insert(m.node_id, m);
+            }
+        }
+        let fresh = conf_history.is_empty() && log.last_index() == 0;
+        let mut s = WalStorage { log, conf_history, members, snapshots };
+        if fresh {
+            if let Some(cs) = bootstrap {
+                s.set_conf_state(0, cs)?;
+            }
+            s.persist_members()?;
+        }
+        Ok(s)
+    }
+
+    /// The conf state in force now (empty for a node waiting to join).
+    pub fn conf_state(&self) -> ConfState {
+        self.conf_history.last().map(|(_, cs)| cs.clone()).unwrap_or_default()
+    }
+
+    /// Index the current conf state took effect at: committed conf changes at or below it are
+    /// already applied and must not be applied again after a restart.
+    pub fn conf_index(&self) -> u64 {
+        self.conf_history.last().map_or(0, |(i, _)| *i)
+    }
+
+    /// The conf state in force at `index`, if the history still reaches back that far.
+    pub fn conf_at(&self, index: u64) -> Option<ConfState> {
+        self.conf_history.iter().rev().find(|(i, _)| *i <= index).map(|(_, cs)| cs.clone())
+    }
+
+    pub fn members(&self) -> &BTreeMap<u64, MemberAddr> {
+        &self.members
+    }
+
+    pub fn log(&self) -> &dyn LogStore {
+        self.log.as_ref()
+    }
+
+    /// Records a conf state applied at `index`, durably.
+    ///
+    /// # Errors
+    /// When the meta blob cannot be written.
+    pub fn set_conf_state(&mut self, index: u64, cs: ConfState) -> Result<(), RaftError> {
+        assert!(index >= self.conf_index(), "conf state at {index} goes back before {}", self.conf_index());
+        self.conf_history.push((index, cs));
+        if self.conf_history.len() > CONF_HISTORY_MAX {
+            let excess = self.conf_history.len() - CONF_HISTORY_MAX;
+            self.conf_history.drain(..excess);
+        }
+        self.persist_conf()
+    }
+
+    fn persist_conf(&mut self) -> Result<(), RaftError> {
+        let mut entries = Vec::with_capacity(self.conf_history.len());
+        for (i, cs) in &self.conf_history {
+            entries.push((*i, cs.write_to_bytes()?));
+        }
+        let bytes = tally_codec::encode(&ConfHistory { entries });
+        self.log.set_meta_blob(CONF_BLOB, &bytes).map_err(store_err)
+    }
+
+    /// Adds or updates a member's addresses, durably.
+    ///
+    /// # Errors
+    /// When the meta blob cannot be written.
+    pub fn upsert_member(&mut self, m: MemberAddr) -> Result<(), RaftError> {
+        if self.members.get(&m.node_id) == Some(&m) {
+            return Ok(());
+        }
+        self.members.insert(m.node_id, m);
+        self.persist_members()
+    }
+
+    /// Forgets the addresses of nodes no longer in the configuration.
+    ///
+    /// # Errors
+    /// When the meta blob cannot be written.
+    pub fn retain_members(&mut self, keep: &[u64], self_id: u64) -> Result<(), RaftError> {
+        let before = self.members.len();
+        self.members.retain(|id, _| *id == self_id || keep.contains(id));
+        if self.members.len() != before {
+            self.persist_members()?;
+        }
+        Ok(())
+    }
+
+    fn persist_members(&mut self) -> Result<(), RaftError> {
+        let list: Vec<MemberAddr> = self.members.values().cloned().collect();
+        self.log.set_meta_blob(MEMBERS_BLOB, &tally_codec::encode(&list)).map_err(store_err)
+    }
+
+    /// Appends unstable entries (the log truncates a conflicting suffix). Not durable until
+    /// [`Self::sync`].
+    ///
+    /// # Errors
+    /// Log write errors.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), RaftError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            out.push(LogEntry { index: e.index, term: e.term, data: encode_entry(e)? });
+        }
+        self.log.append(&out).map_err(store_err)?;
+        assert_eq!(self.log.last_index(), entries[entries.len() - 1].index, "append must end at the last entry");
+        Ok(())
+    }
+
+    /// # Errors
+    /// Fsync failure (the log is then poisoned).
+    pub fn sync(&mut self) -> Result<(), RaftError> {
+        self.log.sync().map_err(store_err)
+    }
+
+    /// Stores term, vote and commit durably.
+    ///
+    /// # Errors
+    /// Log write errors.
+    pub fn set_hard_state(&mut self, hs: &HardState) -> Result<(), RaftError> {
+        let rec = HardStateRecord { term: hs.term, vote: hs.vote, commit: hs.commit };
+        if rec == self.log.hard_state() {
+            return Ok(());
+        }
+        self.log.set_hard_state(rec).map_err(store_err)
+    }
+
+    /// Replaces the log with a snapshot's marker (the state was installed by the sink first),
+    /// and adopts its conf state and members.
+    ///
+    /// # Errors
+    /// Log write errors.
+    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata, members: &[MemberAddr]) -> Result<(), RaftError> {
+        let (index, term) = (meta.index, meta.term);
+        assert!(index >= self.log.first_index() - 1, "snapshot at {index} is older than the log start");
+        self.log.compact_to(index, term).map_err(store_err)?;
+        assert_eq!(self.log.snapshot_marker(), (index, term), "snapshot marker must be recorded");
+        let mut hs = self.log.hard_state();
+        hs.term = hs.term.max(term);
+        hs.commit = hs.commit.max(index);
+        self.log.set_hard_state(hs).map_err(store_err)?;
+        self.conf_history.clear();
+        self.conf_history.push((index, meta.get_conf_state().clone()));
+        self.persist_conf()?;
+        for m in members {
+            self.members.insert(m.node_id, m.clone());
+        }
+        self.persist_members()
+    }
+
+    /// Drops entries up to `index` (they are in the state store, durably).
+    ///
+    /// # Errors
+    /// Log errors; `index` must be held.
+    pub fn compact(&mut self, index: u64) -> Result<(), RaftError> {
+        if index < self.log.first_index() {
+            return Ok(());
+        }
+        let term = self.term(index)?;
+        self.log.compact_to(index, term).map_err(store_err)
+    }
+}
+
+impl Storage for WalStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let rec = self.log.hard_state();
+        let mut hs = HardState::default();
+        hs.term = rec.term;
+        hs.vote = rec.vote;
+        hs.commit = rec.commit;
+        Ok(RaftState::new(hs, self.conf_state()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let records = self.log.entries(low, high, max_size.into()).map_err(store_err)?;
+        let mut out = Vec::with_capacity(records.len());
+        for r in &records {
+            out.push(decode_entry(r)?);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        match self.log.term(idx).map_err(store_err)? {
+            Some(t) => Ok(t),
+            None if idx < self.log.snapshot_marker().0 => Err(RaftError::Store(StorageError::Compacted)),
+            None => Err(RaftError::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.log.first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.log.last_index())
+    }
+
+    /// Builds a snapshot from the state machine. Any failure is reported as temporarily
+    /// unavailable: raft-rs treats every other storage error here as fatal, and it retries.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let unavailable = Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable));
+        let (index, term, data) = match self.snapshots.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(to, error = %e, "state snapshot unavailable");
+                return unavailable;
+            }
+        };
+        // The follower continues from the log right after the snapshot, so it must still be held.
+        if index < request_index || index == 0 || index + 1 < self.log.first_index() || index > self.log.last_index() {
+            tracing::warn!(to, index, request_index, first = self.log.first_index(), "state snapshot does not fit the log");
+            return unavailable;
+        }
+        if self.log.term(index).ok().flatten().is_some_and(|t| t != term) {
+            tracing::error!(to, index, term, "state snapshot term disagrees with the log");
+            return unavailable;
+        }
+        let Some(cs) = self.conf_at(index) else {
+            tracing::warn!(to, index, "no conf state recorded at the snapshot index");
+            return unavailable;
+        };
+        let envelope = SnapshotEnvelope { members: self.members.values().cloned().collect(), state: data };
+        let mut snap = Snapshot::default();
+        snap.data = tally_codec::encode(&envelope).into();
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(cs);
+        Ok(snap)
+    }
+}

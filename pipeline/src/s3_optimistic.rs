@@ -1,0 +1,64 @@
+//! Stage 3: optimistic validation against recent state, before a request enters a batch.
+//!
+//! * A request whose id is already executed gets its original receipt (exactly-once).
+//! * A request whose id sits in a batch still in flight waits for that batch's receipt.
+//! * Every account and document the batch will touch is prefetched into the view in one pass.
+//! * A transfer the pre-batch state can't fund is refused at once, without consuming its id.
+//!
+//! Requests that pass may still fail in stage 4 (an earlier request in the same batch spent the
+//! money); those are executed as `Rejected` outcomes and their ids are consumed.
+
+use crate::node::{Shared, Submission};
+use crate::state::{BatchWrites, View};
+use std::collections::HashMap;
+use tally_codec::{ErrorCode, Operation, RequestId};
+
+/// Filters one group of submissions. `in_batch` holds ids already placed in the batch being
+/// built (a duplicate of one joins the first copy's leaf).
+pub fn filter(
+    shared: &Shared,
+    view: &mut View,
+    subs: Vec<Submission>,
+    in_batch: &mut HashMap<RequestId, usize>,
+    dup_waiters: &mut Vec<(usize, crate::node::Waiter)>,
+) -> Vec<Submission> {
+    let mut out = Vec::with_capacity(subs.len());
+    {
+        let mut pending = shared.pending.lock();
+        let seen = shared.seen.lock();
+        for Submission { req, waiter } in subs {
+            let id = req.id;
+            if let Some(&pos) = in_batch.get(&id) {
+                dup_waiters.push((pos, waiter));
+                continue;
+            }
+            let Some(waiter) = pending.attach(&id, waiter) else { continue };
+            if let Some(loc) = seen.get(&id) {
+                crate::s7_signatures::answer_with_stored_receipt(shared, id, loc.height, waiter);
+                continue;
+            }
+            out.push(Submission { req, waiter });
+        }
+    }
+    // One pass over the store for every key the batch will touch.
+    {
+        let store = shared.store.lock();
+        let mut backing = crate::node::StoreBacking(&store);
+        view.prefetch(out.iter().map(|s| (&s.req.request.request.signer, &s.req.request.request.op)), &mut backing);
+    }
+    // Funds check against the state before this batch.
+    let empty = BatchWrites::default();
+    let mut funded = Vec::with_capacity(out.len());
+    for sub in out {
+        let r = &sub.req.request.request;
+        if let Operation::Transfer { amount, .. } = r.op {
+            if view.balance(&empty, &r.signer) < amount {
+                metrics::counter!("tally_refused_total", "stage" => "optimistic").increment(1);
+                sub.waiter.refuse(ErrorCode::InsufficientFunds);
+                continue;
+            }
+        }
+        funded.push(sub);
+    }
+    funded
+}

@@ -1,0 +1,185 @@
+//! Stage 4: the sequential batch. One thread, the leader's only writer of state.
+//!
+//! Every `batch_interval_ms` after a batch opens (or at `batch_requests_max`), it runs stage 3
+//! on what arrived, executes the survivors in order on the latest state (including batches not
+//! yet committed), builds the Merkle tree over (id, outcome) leaves and the header chained to the
+//! previous one, and hands the batch to stage 5. It never waits for a commit: batch N+1 executes
+//! while N replicates.
+
+use crate::node::{Shared, Submission, Waiter};
+use crate::s5_commit::{self, PendingBatch};
+use crate::state::{execute, BatchWrites, View};
+use crossbeam::channel::RecvTimeoutError;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_codec::batch::next_state_digest;
+use tally_codec::merkle::{leaf_hash, Tree};
+use tally_codec::{BatchEntry, BatchHeader, Digest, ErrorCode, RequestId};
+use tally_failover::env::Env;
+
+/// Batches executed but not yet committed, at most. Past this the sequencer waits.
+pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
+
+/// The head of the speculative chain.
+#[derive(Debug, Clone, Copy)]
+pub struct Tip {
+    pub height: u64,
+    pub hash: Digest,
+    pub state_digest: Digest,
+    pub time_ms: u64,
+}
+
+/// Leadership as the sequencer last saw it.
+enum Mode {
+    Following,
+    /// Leading in `term` with the chain head at `tip`.
+    Leading {
+        term: u64,
+        tip: Tip,
+    },
+}
+
+pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
+    let mut view = View::default();
+    let mut mode = Mode::Following;
+    let interval = Duration::from_millis(shared.opts.batch_interval_ms);
+    while !shared.is_stopping() {
+        mode = update_mode(&shared, &mut view, mode);
+        // Wait for the first submission of the next batch.
+        let first = match shared.seq_rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(s) => s,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Mode::Leading { term, tip } = &mut mode else {
+            for sub in first {
+                sub.waiter.refuse_not_leader(&shared);
+            }
+            continue;
+        };
+        let deadline = Instant::now() + interval;
+        let mut groups = vec![first];
+        let mut queued: usize = groups[0].len();
+        while queued < shared.opts.batch_requests_max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match shared.seq_rx.recv_timeout(left) {
+                Ok(g) => {
+                    queued += g.len();
+                    groups.push(g);
+                }
+                Err(_) => break,
+            }
+        }
+        wait_for_room(&shared);
+        view.on_applied(shared.applied_height());
+        let started = Instant::now();
+        let batch = build_batch(&shared, &mut view, *term, tip, groups, env.wall_ms());
+        metrics::histogram!("tally_stage4_sequence_ms").record(started.elapsed().as_secs_f64() * 1e3);
+        if let Some(batch) = batch {
+            if let Err(e) = s5_commit::propose(&shared, *term, batch) {
+                tracing::warn!(error = %e, term, "proposal refused; leaving the leader role");
+                s5_commit::fail_all_pending(&shared, ErrorCode::Retry);
+                view.reset();
+                mode = Mode::Following;
+            }
+        }
+    }
+}
+
+/// Drops speculative state when leadership is lost; takes up the chain once a new term's
+/// predecessors are all applied.
+fn update_mode(shared: &Shared, view: &mut View, mode: Mode) -> Mode {
+    let role = shared.replicator().role();
+    match mode {
+        Mode::Leading { term, tip } if role.is_leader && role.term == term => Mode::Leading { term, tip },
+        Mode::Leading { term, .. } => {
+            tracing::info!(old_term = term, new_term = role.term, "lost leadership; discarding uncommitted batches");
+            s5_commit::fail_all_pending(shared, ErrorCode::Retry);
+            view.reset();
+            Mode::Following
+        }
+        Mode::Following if role.is_leader && shared.applied_index() >= role.term_start_index => {
+            // Everything committed before this term is applied: the store is the chain head.
+            s5_commit::fail_all_pending(shared, ErrorCode::Retry);
+            view.reset();
+            let a = shared.store.lock().applied();
+            let time_ms = shared.store_time_ms();
+            tracing::info!(term = role.term, height = a.height, "leading: sequencing from the applied head");
+            Mode::Leading {
+                term: role.term,
+                tip: Tip { height: a.height, hash: a.header_hash, state_digest: a.state_digest, time_ms },
+            }
+        }
+        Mode::Following => Mode::Following,
+    }
+}
+
+fn wait_for_room(shared: &Shared) {
+    let mut waited = 0;
+    while shared.pending.lock().batches.len() >= BATCHES_IN_FLIGHT_MAX && waited < 5000 {
+        std::thread::sleep(Duration::from_millis(1));
+        waited += 1;
+    }
+}
+
+/// Stages 3 and 4 for one batch. Returns `None` when nothing survived stage 3.
+fn build_batch(
+    shared: &Shared,
+    view: &mut View,
+    term: u64,
+    tip: &mut Tip,
+    groups: Vec<Vec<Submission>>,
+    wall_ms: u64,
+) -> Option<PendingBatch> {
+    let mut in_batch: HashMap<RequestId, usize> = HashMap::new();
+    let mut dup_waiters: Vec<(usize, Waiter)> = Vec::new();
+    let subs: Vec<Submission> = groups.into_iter().flatten().collect();
+    let subs = crate::s3_optimistic::filter(shared, view, subs, &mut in_batch, &mut dup_waiters);
+
+    // Header time never goes backwards, whatever the wall clock does.
+    let time_ms = wall_ms.max(tip.time_ms);
+    let mut cur = BatchWrites::default();
+    let mut requests = Vec::with_capacity(subs.len());
+    let mut outcomes = Vec::with_capacity(subs.len());
+    let mut ids = Vec::with_capacity(subs.len());
+    let mut waiters: Vec<Vec<Waiter>> = Vec::with_capacity(subs.len());
+    for sub in subs {
+        if let Some(&pos) = in_batch.get(&sub.req.id) {
+            waiters[pos].push(sub.waiter);
+            continue;
+        }
+        let outcome = execute(view, &mut cur, &sub.req.request.request, time_ms);
+        in_batch.insert(sub.req.id, requests.len());
+        ids.push(sub.req.id);
+        requests.push(sub.req.request);
+        outcomes.push(outcome);
+        waiters.push(vec![sub.waiter]);
+    }
+    for (pos, w) in dup_waiters {
+        waiters[pos].push(w);
+    }
+    if requests.is_empty() {
+        return None;
+    }
+    let leaves: Vec<[u8; 32]> = ids.iter().zip(&outcomes).map(|(id, o)| leaf_hash(id, o)).collect();
+    let tree = Tree::from_leaves(&leaves);
+    let write_set = cur.to_write_set(&shared.tables);
+    let write_set_digest = write_set.digest();
+    let header = BatchHeader {
+        cluster_id: shared.opts.cluster_id,
+        height: tip.height + 1,
+        prev_hash: tip.hash,
+        merkle_root: tree.root(),
+        leaf_count: u32::try_from(requests.len()).expect("batch_requests_max fits in u32"),
+        write_set_digest,
+        state_digest: next_state_digest(&tip.state_digest, &write_set_digest),
+        term,
+        time_ms,
+    };
+    let header_hash = header.hash();
+    *tip = Tip { height: header.height, hash: header_hash, state_digest: header.state_digest, time_ms };
+    view.push_layer(header.height, Arc::new(cur));
+    metrics::histogram!("tally_batch_requests").record(requests.len() as f64);
+    Some(PendingBatch { entry: BatchEntry { header, requests, outcomes, write_set }, header_hash, tree, ids, waiters })
+}

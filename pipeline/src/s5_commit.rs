@@ -1,0 +1,107 @@
+//! Stage 5: commit. The batch (header, requests, outcomes, write set) is proposed to the
+//! replicated log; it commits once a majority has fsynced it. Until then its waiters sit in
+//! [`Pending`], keyed by height. Batches commit in order; if leadership is lost, every batch
+//! still pending is discarded and its clients are told to retry (the same bytes, so the retry is
+//! exactly-once).
+
+use crate::node::{Shared, Waiter};
+use std::collections::{BTreeMap, HashMap};
+use tally_codec::merkle::Tree;
+use tally_codec::{encode, BatchEntry, Digest, ErrorCode, RequestId};
+use tally_failover::ProposeError;
+
+/// A batch proposed but not yet committed.
+pub struct PendingBatch {
+    pub entry: BatchEntry,
+    pub header_hash: Digest,
+    pub tree: Tree,
+    pub ids: Vec<RequestId>,
+    /// Waiters per leaf (a duplicate submission waits on the first copy's leaf).
+    pub waiters: Vec<Vec<Waiter>>,
+}
+
+/// Batches in flight and an index of their request ids.
+#[derive(Default)]
+pub struct Pending {
+    pub batches: BTreeMap<u64, PendingBatch>,
+    ids: HashMap<RequestId, (u64, usize)>,
+}
+
+impl Pending {
+    /// Adds a waiter to an in-flight request with this id; gives the waiter back when there is
+    /// none.
+    pub fn attach(&mut self, id: &RequestId, waiter: Waiter) -> Option<Waiter> {
+        let Some(&(height, leaf)) = self.ids.get(id) else { return Some(waiter) };
+        let batch = self.batches.get_mut(&height).expect("id index points at a pending batch");
+        batch.waiters[leaf].push(waiter);
+        None
+    }
+
+    fn insert(&mut self, batch: PendingBatch) {
+        let height = batch.entry.header.height;
+        if let Some((&last, _)) = self.batches.last_key_value() {
+            assert_eq!(last + 1, height, "pending batches are consecutive");
+        }
+        for (leaf, id) in batch.ids.iter().enumerate() {
+            self.ids.insert(*id, (height, leaf));
+        }
+        self.batches.insert(height, batch);
+    }
+
+    /// Removes and returns the batch at `height`, if pending.
+    pub fn take(&mut self, height: u64) -> Option<PendingBatch> {
+        let b = self.batches.remove(&height)?;
+        for id in &b.ids {
+            self.ids.remove(id);
+        }
+        Some(b)
+    }
+
+    /// Removes every pending batch.
+    pub fn drain(&mut self) -> Vec<PendingBatch> {
+        self.ids.clear();
+        std::mem::take(&mut self.batches).into_values().collect()
+    }
+}
+
+/// Proposes a batch for `term`. The pending entry is registered first so the commit can never
+/// arrive before its waiters.
+///
+/// # Errors
+/// When the log refuses the proposal (not leader in `term`, queue full, stopped); the batch's
+/// waiters have then been answered with a retryable error.
+pub fn propose(shared: &Shared, term: u64, batch: PendingBatch) -> Result<(), ProposeError> {
+    let data = encode(&batch.entry);
+    let height = batch.entry.header.height;
+    shared.pending.lock().insert(batch);
+    let started = std::time::Instant::now();
+    let result = shared.replicator().propose(term, data);
+    metrics::histogram!("tally_stage5_propose_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    if let Err(e) = &result {
+        if let Some(b) = shared.pending.lock().take(height) {
+            fail_batch(shared, b, ErrorCode::Retry);
+        }
+        tracing::debug!(error = %e, height, "proposal refused");
+    }
+    result
+}
+
+/// Answers every waiter of every pending batch with `code`.
+pub fn fail_all_pending(shared: &Shared, code: ErrorCode) {
+    let drained = shared.pending.lock().drain();
+    for b in drained {
+        fail_batch(shared, b, code);
+    }
+}
+
+pub fn fail_batch(shared: &Shared, b: PendingBatch, code: ErrorCode) {
+    for waiters in b.waiters {
+        for w in waiters {
+            if code == ErrorCode::NotLeader {
+                w.refuse_not_leader(shared);
+            } else {
+                w.refuse(code);
+            }
+        }
+    }
+}

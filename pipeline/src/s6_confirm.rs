@@ -1,0 +1,120 @@
+//! Stage 6: confirm. Runs on every replica, for every committed entry, in log order.
+//!
+//! For a committed batch it checks the chain (I2) and the state digest (I3), signs the header
+//! (deterministic ed25519: every replica holding the operator key produces the same signature),
+//! records the ids as executed, answers the leader's waiting clients with their receipts, and
+//! hands the batch to the store thread. Nothing claiming success is sent before this point.
+
+use crate::node::{Applied, Shared};
+use crate::s5_commit::fail_batch;
+use std::sync::Arc;
+use tally_codec::batch::next_state_digest;
+use tally_codec::wire::SubmitReply;
+use tally_codec::{decode, limits, BatchEntry, Digest, ErrorCode, Receipt, RequestLocation};
+use tally_failover::{Committed, EntryKind};
+
+/// Work for the store thread.
+pub enum ToStore {
+    Batch { index: u64, entry: Box<BatchEntry>, signature: tally_codec::Signature },
+    Noop { index: u64 },
+}
+
+/// The confirmed chain head, checked against every committed batch.
+pub struct ChainHead {
+    pub height: u64,
+    pub hash: Digest,
+    pub state_digest: Digest,
+}
+
+pub fn run(shared: Arc<Shared>, committed_rx: crossbeam::channel::Receiver<Committed>, mut head: ChainHead) {
+    while let Ok(c) = committed_rx.recv() {
+        let msg = match c.kind {
+            EntryKind::Noop => ToStore::Noop { index: c.index },
+            EntryKind::Batch => confirm_batch(&shared, &mut head, c),
+        };
+        if shared.store_tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore {
+    let started = std::time::Instant::now();
+    let entry: BatchEntry =
+        decode(&c.data, limits::ENTRY_BYTES_MAX).expect("a committed entry is a batch this cluster encoded");
+    let h = &entry.header;
+    // I2: the header chain is unbroken. I3: the state digest follows from the write sets.
+    assert_eq!(h.height, head.height + 1, "committed batch height {} does not follow {}", h.height, head.height);
+    assert_eq!(h.prev_hash, head.hash, "committed batch {} does not chain to the previous header", h.height);
+    assert_eq!(h.cluster_id, shared.opts.cluster_id, "committed batch from another cluster");
+    let write_set_digest = entry.write_set.digest();
+    assert_eq!(
+        h.state_digest,
+        next_state_digest(&head.state_digest, &write_set_digest),
+        "state digest diverged at height {}",
+        h.height
+    );
+    if let Err(e) = entry.check() {
+        panic!("committed batch {} is inconsistent with its header: {e}", h.height);
+    }
+    let header_hash = h.hash();
+    let signature = h.sign(&shared.opts.operator_key);
+    *head = ChainHead { height: h.height, hash: header_hash, state_digest: h.state_digest };
+
+    // Ids are recorded as executed before they leave the pending index, so stage 3 always finds
+    // a request in one or the other.
+    {
+        let mut seen = shared.seen.lock();
+        for (leaf, r) in entry.requests.iter().enumerate() {
+            let loc =
+                RequestLocation { height: h.height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
+            seen.insert(r.id(), loc);
+        }
+        seen.prune(h.time_ms);
+    }
+    let pending = {
+        let mut p = shared.pending.lock();
+        let mine = p.take(h.height);
+        // A pending batch at this height with another hash was built on a chain that lost.
+        match mine {
+            Some(b) if b.header_hash != header_hash => {
+                let mut lost = vec![b];
+                lost.extend(p.drain());
+                Err(lost)
+            }
+            other => Ok(other),
+        }
+    };
+    shared.set_committed(Applied { index: c.index, height: h.height });
+    match pending {
+        Ok(Some(b)) => answer(shared, c.index, b, &signature),
+        Ok(None) => {}
+        Err(lost) => {
+            for b in lost {
+                fail_batch(shared, b, ErrorCode::Retry);
+            }
+        }
+    }
+    metrics::histogram!("tally_stage6_confirm_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    ToStore::Batch { index: c.index, entry: Box::new(entry), signature }
+}
+
+fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signature: &tally_codec::Signature) {
+    let durable = shared.replicator().durable_replicas(index);
+    for (leaf, waiters) in b.waiters.into_iter().enumerate() {
+        if waiters.is_empty() {
+            continue;
+        }
+        let receipt = Receipt {
+            request: b.entry.requests[leaf].clone(),
+            outcome: b.entry.outcomes[leaf].clone(),
+            leaf_index: leaf as u32,
+            proof: b.tree.proof(leaf),
+            header: b.entry.header.clone(),
+            signature: *signature,
+        };
+        for w in waiters {
+            w.fill(SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Stage 7: signatures are stored, keyed by height, with the batch, so any replica can serve
+//! any receipt later. This module owns the store thread, which applies committed batches in
+//! order (one atomic write each), makes the store durable before the log may be compacted, and
+//! serves stored receipts.
+
+use crate::node::{Applied, Shared, Waiter};
+use crate::s6_confirm::ToStore;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_codec::wire::SubmitReply;
+use tally_codec::{ErrorCode, Receipt, RequestId};
+
+/// How often the store is made durable (every file fsynced) so the log can be compacted.
+pub const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Entries kept in the log behind the durable store, for followers catching up from the log.
+pub const LOG_ENTRIES_KEPT: u64 = 2_000;
+
+pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
+    let mut last_sync = Instant::now();
+    while let Ok(msg) = rx.recv() {
+        let started = Instant::now();
+        let applied = {
+            let mut store = shared.store.lock();
+            let result = match &msg {
+                ToStore::Batch { index, entry, signature } => store.apply_batch(*index, entry, signature),
+                ToStore::Noop { index } => store.apply_noop(*index),
+            };
+            if let Err(e) = result {
+                // The log still holds the batch; a restart replays it. Refusing to go on is
+                // safer than serving a state that skipped a batch.
+                tracing::error!(error = %e, "store apply failed; stopping the store thread");
+                shared.poison(format!("store apply failed: {e}"));
+                return;
+            }
+            let a = store.applied();
+            Applied { index: a.index, height: a.height }
+        };
+        shared.set_applied(applied);
+        metrics::histogram!("tally_store_apply_ms").record(started.elapsed().as_secs_f64() * 1e3);
+        metrics::gauge!("tally_applied_height").set(applied.height as f64);
+        if last_sync.elapsed() >= STORE_SYNC_INTERVAL {
+            last_sync = Instant::now();
+            let synced = shared.store.lock().sync_all();
+            match synced {
+                Ok(()) => shared.replicator().compact_hint(applied.index.saturating_sub(LOG_ENTRIES_KEPT)),
+                Err(e) => tracing::warn!(error = %e, "store sync failed; log not compacted"),
+            }
+        }
+    }
+}
+
+/// Builds the receipt of an executed request from the stored batch and signature.
+pub fn stored_receipt(shared: &Shared, id: &RequestId) -> Option<Receipt> {
+    match shared.store.lock().receipt(id) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a stored receipt failed");
+            None
+        }
+    }
+}
+
+/// Answers a resubmitted, already executed request with its original receipt, once the store
+/// holds that height. Runs off the sequencer thread.
+pub fn answer_with_stored_receipt(shared: &Shared, id: RequestId, height: u64, waiter: Waiter) {
+    let shared = shared.self_arc();
+    rayon::spawn(move || {
+        if !shared.wait_applied_height(height, Duration::from_secs(5)) {
+            waiter.refuse(ErrorCode::Retry);
+            return;
+        }
+        match stored_receipt(&shared, &id) {
+            Some(receipt) => {
+                let durable = shared.replicator().durable_replicas(shared.applied_index());
+                waiter.fill(SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable });
+            }
+            None => waiter.refuse(ErrorCode::Internal),
+        }
+    });
+}

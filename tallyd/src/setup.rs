@@ -1,0 +1,188 @@
+//! Turning a configuration into a running replica.
+
+use ed25519_dalek::SigningKey;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_codec::config::NodeConfig;
+use tally_codec::genesis::Genesis;
+use tally_codec::{ClusterId, PublicKey};
+use tally_failover::env::SystemEnv;
+use tally_failover::solo::SoloReplicator;
+use tally_pipeline::{Node, NodeOptions};
+use tally_store::state::Store;
+use tally_store::wal::{Wal, WalOptions};
+
+/// Reads a node TOML.
+///
+/// # Errors
+/// Names the file and what is wrong with it.
+pub fn load_config(path: &Path) -> Result<NodeConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config {} is invalid: {e}", path.display()))
+}
+
+/// The configuration of a single-replica cluster kept in `dir`. On first start it creates the
+/// operator key and a genesis (empty, or with the accounts of `genesis_from`).
+///
+/// # Errors
+/// When files can't be read or written.
+pub fn single_replica_config(
+    dir: &Path,
+    listen: &str,
+    genesis_from: Option<&Path>,
+    metrics_listen: Option<String>,
+    batch_interval_ms: u64,
+) -> Result<NodeConfig, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let key_file = dir.join("operator.key");
+    if !key_file.exists() {
+        let key = SigningKey::generate(&mut rand_core::OsRng);
+        write_secret(&key_file, &hex::encode(key.to_bytes()))?;
+        std::fs::write(dir.join("operator.pub"), format!("{}\n", hex::encode(key.verifying_key().to_bytes())))
+            .map_err(|e| format!("cannot write operator.pub: {e}"))?;
+    }
+    let operator = read_operator_key(&key_file)?;
+    let genesis_file = dir.join("genesis.json");
+    if !genesis_file.exists() {
+        let accounts = match genesis_from {
+            Some(p) => read_genesis(p)?.accounts,
+            None => Vec::new(),
+        };
+        let mut cluster = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut cluster);
+        let g = Genesis {
+            cluster_id: hex::encode(cluster),
+            operator_key: hex::encode(operator.verifying_key().to_bytes()),
+            accounts,
+        };
+        let json = serde_json::to_string_pretty(&g).map_err(|e| e.to_string())?;
+        std::fs::write(&genesis_file, json).map_err(|e| format!("cannot write {}: {e}", genesis_file.display()))?;
+    }
+    let genesis = read_genesis(&genesis_file)?;
+    Ok(NodeConfig {
+        node_id: 1,
+        cluster_id: genesis.cluster_id.clone(),
+        data_dir: dir.display().to_string(),
+        listen: listen.to_string(),
+        peer_listen: "127.0.0.1:0".into(),
+        operator_key_file: key_file.display().to_string(),
+        genesis_file: genesis_file.display().to_string(),
+        peers: Vec::new(),
+        batch_interval_ms,
+        batch_requests_max: tally_codec::config::default_batch_requests_max(),
+        metrics_listen,
+        tick_ms: tally_codec::config::default_tick_ms(),
+        election_ticks: tally_codec::config::default_election_ticks(),
+        heartbeat_ticks: tally_codec::config::default_heartbeat_ticks(),
+        fsync: true,
+    })
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Reads a hex ed25519 seed.
+///
+/// # Errors
+/// Names the file and the problem.
+pub fn read_operator_key(path: &Path) -> Result<SigningKey, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read operator key {}: {e}", path.display()))?;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed)
+        .map_err(|e| format!("operator key {} must be 64 hex digits: {e}", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn read_genesis(path: &Path) -> Result<Genesis, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read genesis {}: {e}", path.display()))?;
+    Genesis::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Opens the store and log, starts the pipeline and the replicator, then serves until killed.
+///
+/// # Errors
+/// Any setup failure, with the reason.
+pub fn run(cfg: NodeConfig) -> Result<(), String> {
+    let operator = read_operator_key(Path::new(&cfg.operator_key_file))?;
+    let genesis = read_genesis(Path::new(&cfg.genesis_file))?;
+    let cluster_id = ClusterId::from_hex(&cfg.cluster_id).map_err(|e| format!("config cluster_id: {e}"))?;
+    let genesis_cluster = genesis.cluster().map_err(|e| e.to_string())?;
+    if genesis_cluster != cluster_id {
+        return Err(format!("genesis is for cluster {genesis_cluster}, config says {cluster_id}"));
+    }
+    let operator_pub = PublicKey(operator.verifying_key().to_bytes());
+    if genesis.operator().map_err(|e| e.to_string())? != operator_pub {
+        return Err(format!(
+            "operator key {} does not match the genesis operator key {}",
+            operator_pub, genesis.operator_key
+        ));
+    }
+    let data_dir = PathBuf::from(&cfg.data_dir);
+    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let mut store = Store::open(&data_dir).map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))?;
+    if !store.is_initialized() {
+        store.init_genesis(&genesis.balances().map_err(|e| e.to_string())?).map_err(|e| format!("genesis: {e}"))?;
+        store.sync_all().map_err(|e| format!("genesis sync: {e}"))?;
+    }
+    let wal = Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
+        .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
+
+    if let Some(addr) = &cfg.metrics_listen {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| format!("metrics recorder: {e}"))?;
+        crate::metrics_http::serve(addr, handle)?;
+    }
+
+    let opts = NodeOptions {
+        node_id: cfg.node_id,
+        cluster_id,
+        operator_key: operator,
+        batch_interval_ms: cfg.batch_interval_ms,
+        batch_requests_max: cfg.batch_requests_max,
+        listen: cfg.listen.clone(),
+        replicas_configured: u32::try_from(cfg.peers.len().max(1)).unwrap_or(u32::MAX),
+    };
+    let node_id = cfg.node_id;
+    let client_addr = cfg.listen.clone();
+    if cfg.peers.len() > 1 {
+        return Err("multi-replica clusters are not wired into tallyd yet".into());
+    }
+    let node = Node::start(
+        opts,
+        store,
+        Box::new(SystemEnv::new(None)),
+        Box::new(move |committed_tx, applied_index| {
+            let r = SoloReplicator::start(node_id, client_addr, wal, applied_index, committed_tx)
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(r) as Arc<dyn tally_failover::Replicator>)
+        }),
+    )?;
+    tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");
+    eprintln!("tallyd node {} listening on {} (operator key {})", cfg.node_id, node.local_addr, operator_pub);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let role = node.shared.replicator().role();
+        metrics::gauge!("tally_term").set(role.term as f64);
+        metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("tally_commit_lag")
+            .set(node.shared.committed().index.saturating_sub(node.shared.applied_index()) as f64);
+        if let Some(p) = node.shared.poisoned() {
+            return Err(format!("replica stopped: {p}"));
+        }
+    }
+}
