@@ -12,12 +12,16 @@
 //! user-facing text.
 #![forbid(unsafe_code)]
 
+pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod connection;
 pub mod error;
 pub mod keyfile;
 pub mod receipt_file;
+pub mod repl;
+pub mod up;
 
 pub use client::{Client, ClientEvent, ClientOptions, Committed, ConnectionReport};
 pub use cluster::{cluster_init, ClusterLayout};

@@ -1,0 +1,686 @@
+//! `tally bench`: the end-to-end load generator of DESIGN §9.
+//!
+//! ```text
+//!  pre-sign (rayon, before the clock) ─▶ frames per client
+//!  client thread × C: Connection, ≤ inflight frames outstanding, N requests per frame
+//!        reply ─▶ Recorder (hdrhistogram µs, per-second buckets)
+//!  merge ─▶ BenchSummary ─▶ stdout, --json FILE, --plot FILE (PNG)
+//! ```
+//! Latency is per request, measured from the frame's send to its reply (the commit latency a
+//! client sees, batching included).
+
+use crate::client::REQUEST_TTL_MS;
+use crate::connection::{Connection, CALL_TIMEOUT_MS};
+use crate::error::ClientError;
+use crate::keyfile::{generate_key, public_of};
+use crossbeam::channel::Select;
+use ed25519_dalek::SigningKey;
+use hdrhistogram::Histogram;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
+use tally_codec::{limits, ClusterId, DocKey, Operation, Outcome, PublicKey, Request, SignedRequest};
+
+/// Most requests pre-signed for one run, whatever the flags say (memory bound: ~200 B each).
+pub const PRESIGNED_MAX: u64 = 20_000_000;
+/// Recipients of bench transfers: fresh keys, reused at random.
+pub const RECIPIENTS: usize = 1024;
+/// Highest latency the histograms track (µs); longer is clamped.
+const LATENCY_US_MAX: u64 = 600_000_000;
+
+/// What the requests do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mix {
+    /// Transfers of 1 from funded accounts to fresh keys.
+    Transfer,
+    /// SETs of random UUID4 keys with ~100-byte JSON values.
+    Doc,
+    /// Half and half.
+    Mixed,
+}
+
+/// Everything a run needs; built by the CLI.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub addr: String,
+    pub duration: Duration,
+    pub clients: usize,
+    pub mix: Mix,
+    /// Requests per frame.
+    pub batch: usize,
+    /// Frames outstanding per client.
+    pub inflight: usize,
+    /// Pre-sign at most this many requests per second of duration.
+    pub rate_max: u64,
+    /// Signers of transfers (funded); documents are signed by these too, or by `doc_key`.
+    pub accounts: Vec<SigningKey>,
+    pub doc_key: SigningKey,
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    /// Show progress bars (off in tests).
+    pub progress: bool,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    pub t_s: u64,
+    pub committed: u64,
+    pub errors: u64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+}
+
+/// The JSON summary (DESIGN §9 names the required fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchSummary {
+    pub committed: u64,
+    /// Committed, but executed as a refusal (e.g. insufficient funds); counted in `committed`.
+    pub rejected: u64,
+    pub errors: u64,
+    pub duration_s: f64,
+    pub throughput_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_p999: f64,
+    pub latency_ms_max: f64,
+    pub clients: usize,
+    pub batch: usize,
+    pub inflight: usize,
+    pub mix: Mix,
+    pub presigned: u64,
+    pub series: Vec<SeriesPoint>,
+}
+
+/// Per-second bucket.
+#[derive(Clone)]
+struct Second {
+    committed: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+}
+
+/// Latencies and counts of one client (merged at the end).
+#[derive(Clone)]
+pub struct Recorder {
+    hist: Histogram<u64>,
+    seconds: Vec<Second>,
+    committed: u64,
+    rejected: u64,
+    errors: u64,
+}
+
+fn new_hist(sigfig: u8) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, sigfig).expect("static histogram bounds are valid")
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder { hist: new_hist(3), seconds: Vec::new(), committed: 0, rejected: 0, errors: 0 }
+    }
+}
+
+impl Recorder {
+    fn second(&mut self, t_s: usize) -> &mut Second {
+        while self.seconds.len() <= t_s {
+            self.seconds.push(Second { committed: 0, errors: 0, hist: new_hist(2) });
+        }
+        &mut self.seconds[t_s]
+    }
+
+    /// Records one frame's replies that arrived `t_s` seconds into the run.
+    pub fn record(&mut self, t_s: usize, latency: Duration, committed: u64, rejected: u64, errors: u64) {
+        let us = (latency.as_micros() as u64).clamp(1, LATENCY_US_MAX);
+        self.committed += committed;
+        self.rejected += rejected;
+        self.errors += errors;
+        if committed > 0 {
+            self.hist.saturating_record_n(us, committed);
+        }
+        let s = self.second(t_s);
+        s.committed += committed;
+        s.errors += errors;
+        if committed > 0 {
+            s.hist.saturating_record_n(us, committed);
+        }
+    }
+
+    /// Adds another client's recording.
+    pub fn merge(&mut self, other: &Recorder) {
+        self.committed += other.committed;
+        self.rejected += other.rejected;
+        self.errors += other.errors;
+        self.hist.add(&other.hist).ok();
+        for (t, s) in other.seconds.iter().enumerate() {
+            let mine = self.second(t);
+            mine.committed += s.committed;
+            mine.errors += s.errors;
+            mine.hist.add(&s.hist).ok();
+        }
+    }
+}
+
+fn ms_at(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        0.0
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Turns a recording into the summary; `elapsed` is the wall time of the run.
+pub fn summarize(rec: &Recorder, elapsed: Duration, cfg: &BenchConfig, presigned: u64) -> BenchSummary {
+    let duration_s = elapsed.as_secs_f64().max(1e-9);
+    BenchSummary {
+        committed: rec.committed,
+        rejected: rec.rejected,
+        errors: rec.errors,
+        duration_s,
+        throughput_per_s: rec.committed as f64 / duration_s,
+        latency_ms_p50: ms_at(&rec.hist, 0.5),
+        latency_ms_p99: ms_at(&rec.hist, 0.99),
+        latency_ms_p999: ms_at(&rec.hist, 0.999),
+        latency_ms_max: if rec.hist.is_empty() { 0.0 } else { rec.hist.max() as f64 / 1000.0 },
+        clients: cfg.clients,
+        batch: cfg.batch,
+        inflight: cfg.inflight,
+        mix: cfg.mix,
+        presigned,
+        series: rec
+            .seconds
+            .iter()
+            .enumerate()
+            .map(|(t, s)| SeriesPoint {
+                t_s: t as u64,
+                committed: s.committed,
+                errors: s.errors,
+                latency_ms_p50: ms_at(&s.hist, 0.5),
+                latency_ms_p99: ms_at(&s.hist, 0.99),
+            })
+            .collect(),
+    }
+}
+
+/// The human summary printed at the end.
+pub fn summary_text(s: &BenchSummary) -> String {
+    format!(
+        "committed {} ({} rejected), errors {}, {:.1} s\nthroughput {:.0} requests/s\nlatency ms: p50 {:.1}, p99 {:.1}, p999 {:.1}, max {:.1}",
+        s.committed,
+        s.rejected,
+        s.errors,
+        s.duration_s,
+        s.throughput_per_s,
+        s.latency_ms_p50,
+        s.latency_ms_p99,
+        s.latency_ms_p999,
+        s.latency_ms_max
+    )
+}
+
+/// Writes the JSON summary.
+///
+/// # Errors
+/// [`ClientError::File`] when the file can't be written.
+pub fn write_json(s: &BenchSummary, path: &Path) -> Result<(), ClientError> {
+    let json = serde_json::to_string_pretty(s).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    std::fs::write(path, json + "\n").map_err(|e| ClientError::file(path, e))
+}
+
+/// Registers DejaVu Sans for plot text, once. False when no font is available (plots are then
+/// drawn without text instead of failing).
+pub fn register_plot_font() -> bool {
+    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FONT.get_or_init(|| {
+        const CANDIDATES: [&str; 2] =
+            ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
+        for path in CANDIDATES {
+            if let Ok(bytes) = std::fs::read(path) {
+                // Registered fonts must live for the whole process; this happens once.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Draws throughput (top) and p50/p99 latency (bottom) per second into a PNG.
+///
+/// # Errors
+/// [`ClientError::Invalid`] naming the drawing failure.
+pub fn write_plot(s: &BenchSummary, path: &Path, with_text: bool) -> Result<(), ClientError> {
+    use plotters::prelude::*;
+    let err = |e: String| ClientError::Invalid(format!("cannot draw {}: {e}", path.display()));
+    let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let (top, bottom) = root.split_vertically(350);
+    let n = s.series.len().max(1) as f64;
+    let tput_max = s.series.iter().map(|p| p.committed).max().unwrap_or(0).max(1) as f64 * 1.1;
+    let lat_max = s.series.iter().map(|p| p.latency_ms_p99).fold(0.0, f64::max).max(1.0) * 1.1;
+    let panels: [(&DrawingArea<BitMapBackend<'_>, _>, &str, &str, f64); 2] =
+        [(&top, "throughput (committed requests/s)", "requests/s", tput_max), (&bottom, "latency (ms)", "ms", lat_max)];
+    for (i, (area, title, y_desc, y_max)) in panels.into_iter().enumerate() {
+        let mut builder = ChartBuilder::on(area);
+        builder.margin(15);
+        if with_text {
+            builder.caption(title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
+        }
+        let mut chart = builder.build_cartesian_2d(0f64..n, 0f64..y_max).map_err(|e| err(e.to_string()))?;
+        let mut mesh = chart.configure_mesh();
+        if with_text {
+            mesh.x_desc("seconds").y_desc(y_desc).label_style(("sans-serif", 14));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| err(e.to_string()))?;
+        let series: Vec<Vec<(f64, f64)>> = if i == 0 {
+            vec![s.series.iter().map(|p| (p.t_s as f64, p.committed as f64)).collect()]
+        } else {
+            vec![
+                s.series.iter().map(|p| (p.t_s as f64, p.latency_ms_p50)).collect(),
+                s.series.iter().map(|p| (p.t_s as f64, p.latency_ms_p99)).collect(),
+            ]
+        };
+        let styles = [(BLUE, "p50"), (RED, "p99")];
+        for (j, points) in series.into_iter().enumerate() {
+            let (color, label) = styles[j];
+            let drawn =
+                chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|e| err(e.to_string()))?;
+            if with_text && i == 1 {
+                drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+        }
+        if with_text && i == 1 {
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 14))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+/// Small fast RNG for choosing recipients and keys; not for secrets.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> Self {
+        XorShift(seed | 1)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+/// Deterministic pseudo-random choice of request `i`'s content (so signing parallelises).
+fn mixed(i: u64, seed: u64) -> u64 {
+    let mut r = XorShift::new(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    r.next();
+    r.next()
+}
+
+/// Signs every request of the run, before the clock starts; frames grouped per client.
+pub fn presign(cfg: &BenchConfig, cluster_id: ClusterId) -> Result<Vec<Vec<Vec<SignedRequest>>>, ClientError> {
+    let total = (cfg.rate_max.saturating_mul(cfg.duration.as_secs().max(1))).clamp(1, PRESIGNED_MAX);
+    let per_client = total.div_ceil(cfg.clients as u64).div_ceil(cfg.batch as u64) * cfg.batch as u64;
+    let total = per_client * cfg.clients as u64;
+    let recipients: Vec<PublicKey> = (0..RECIPIENTS).into_par_iter().map(|_| public_of(&generate_key())).collect();
+    let signers: Vec<SigningKey> =
+        if cfg.accounts.is_empty() { vec![cfg.doc_key.clone()] } else { cfg.accounts.clone() };
+    let seed = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    // Valid through signing, the run and its drain; the server accepts up to 10 minutes ahead.
+    let sign_estimate_ms = total / 40;
+    let expires_at_ms =
+        now_ms + (sign_estimate_ms + cfg.duration.as_millis() as u64 + 2 * REQUEST_TTL_MS).min(9 * 60_000);
+    let bar = progress_bar(cfg.progress, total, "signing");
+    let chunk = 4096u64;
+    let chunks: Vec<Vec<SignedRequest>> = (0..total.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let range = c * chunk..((c + 1) * chunk).min(total);
+            let out: Vec<SignedRequest> = range
+                .map(|i| {
+                    let r = mixed(i, seed);
+                    let signer = &signers[(i % signers.len() as u64) as usize];
+                    let doc = match cfg.mix {
+                        Mix::Transfer => false,
+                        Mix::Doc => true,
+                        Mix::Mixed => r & 1 == 1,
+                    };
+                    let op = if doc {
+                        doc_op(r, i)
+                    } else {
+                        Operation::Transfer { to: recipients[(r >> 8) as usize % recipients.len()], amount: 1 }
+                    };
+                    Request { cluster_id, signer: public_of(signer), nonce: seed.wrapping_add(i), expires_at_ms, op }
+                        .sign(signer)
+                })
+                .collect();
+            bar.inc(out.len() as u64);
+            out
+        })
+        .collect();
+    bar.finish_and_clear();
+    let mut all = chunks.into_iter().flatten();
+    let mut clients = Vec::with_capacity(cfg.clients);
+    for _ in 0..cfg.clients {
+        let mut frames = Vec::new();
+        for _ in 0..per_client / cfg.batch as u64 {
+            frames.push(all.by_ref().take(cfg.batch).collect::<Vec<_>>());
+        }
+        clients.push(frames);
+    }
+    Ok(clients)
+}
+
+/// A SET of a fresh UUID4 with a ~100-byte JSON value.
+fn doc_op(r: u64, i: u64) -> Operation {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&r.to_le_bytes());
+    bytes[8..].copy_from_slice(&i.to_le_bytes());
+    let key = DocKey::from_random(bytes);
+    let value =
+        format!(r#"{{"bench": {i}, "note": "tally load generator document", "rnd": "{r:016x}", "pad": "xxxxxxxx"}}"#);
+    Operation::Set { key, value: value.into_bytes() }
+}
+
+fn progress_bar(show: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("{prefix:>8} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Live counters the progress bar reads.
+#[derive(Default)]
+struct Live {
+    committed: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One client: keeps `inflight` frames outstanding until the clock or the frames run out.
+fn client_loop(
+    addr: &str,
+    frames: Vec<Vec<SignedRequest>>,
+    inflight_max: usize,
+    start: Instant,
+    end: Instant,
+    live: &Live,
+) -> Recorder {
+    let mut rec = Recorder::default();
+    let mut frames = frames.into_iter();
+    let mut conn = Connection::connect(addr).ok();
+    let mut inflight: VecDeque<(Instant, crate::connection::PendingReply, u64)> = VecDeque::new();
+    let timeout = Duration::from_millis(CALL_TIMEOUT_MS);
+    loop {
+        while inflight.len() < inflight_max && Instant::now() < end {
+            let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) else { break };
+            let Some(frame) = frames.next() else { break };
+            let n = frame.len() as u64;
+            let sent_at = Instant::now();
+            match c.send(ClientMessage::Submit(frame)) {
+                Ok(p) => inflight.push_back((sent_at, p, n)),
+                Err(_) => {
+                    rec.record(start.elapsed().as_secs() as usize, Duration::ZERO, 0, 0, n);
+                    live.errors.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+        if inflight.is_empty() {
+            let broken = conn.as_ref().is_none_or(|c| c.is_closed());
+            if broken && Instant::now() < end && frames.len() > 0 {
+                // Reconnect once per pass; a dead node leaves us here until the clock ends.
+                std::thread::sleep(Duration::from_millis(100));
+                conn = Connection::connect(addr).ok();
+                continue;
+            }
+            break;
+        }
+        let picked = {
+            let mut sel = Select::new();
+            for (_, p, _) in &inflight {
+                sel.recv(p.receiver());
+            }
+            match sel.select_timeout(timeout) {
+                Ok(op) => {
+                    let i = op.index();
+                    let r = op.recv(inflight[i].1.receiver());
+                    Some((i, r))
+                }
+                Err(_) => None,
+            }
+        };
+        let Some((i, received)) = picked else {
+            // Nothing answered within the call timeout: count the frames as errors and move on.
+            for (_, _, n) in inflight.drain(..) {
+                rec.record(start.elapsed().as_secs() as usize, timeout, 0, 0, n);
+                live.errors.fetch_add(n, Ordering::Relaxed);
+            }
+            if let Some(c) = conn.take() {
+                c.close();
+            }
+            continue;
+        };
+        let Some((sent_at, pending, n)) = inflight.remove(i) else { continue };
+        let latency = sent_at.elapsed();
+        let t_s = start.elapsed().as_secs() as usize;
+        let (committed, rejected, errors) = match pending.finish(received) {
+            Ok(ServerMessage::Submitted(replies)) => count_replies(&replies, n),
+            _ => (0, 0, n),
+        };
+        rec.record(t_s, latency, committed, rejected, errors);
+        live.committed.fetch_add(committed, Ordering::Relaxed);
+        live.errors.fetch_add(errors, Ordering::Relaxed);
+    }
+    rec
+}
+
+/// (committed, rejected-but-committed, errors) of one frame's replies.
+fn count_replies(replies: &[SubmitReply], sent: u64) -> (u64, u64, u64) {
+    let mut committed = 0;
+    let mut rejected = 0;
+    for r in replies {
+        if let SubmitReply::Committed { receipt, .. } = r {
+            committed += 1;
+            if matches!(receipt.outcome, Outcome::Rejected(_)) {
+                rejected += 1;
+            }
+        }
+    }
+    (committed, rejected, sent.saturating_sub(committed))
+}
+
+/// Runs the whole benchmark and writes its outputs.
+///
+/// # Errors
+/// [`ClientError`] when the node can't be reached before the run or the outputs can't be written.
+pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
+    if cfg.clients == 0 || cfg.inflight == 0 || cfg.batch == 0 || cfg.batch > limits::FRAME_REQUESTS_MAX {
+        return Err(ClientError::Invalid(format!(
+            "--clients and --inflight must be at least 1 and --batch between 1 and {}",
+            limits::FRAME_REQUESTS_MAX
+        )));
+    }
+    let conn = Connection::connect(&cfg.addr)?;
+    let cluster_id = match conn.call(ClientMessage::Status)? {
+        ServerMessage::Status(s) => s.cluster_id,
+        other => {
+            return Err(ClientError::Protocol { addr: cfg.addr.clone(), detail: format!("bad Status reply {other:?}") })
+        }
+    };
+    drop(conn);
+    let frames = presign(cfg, cluster_id)?;
+    let presigned: u64 = frames.iter().flatten().map(|f| f.len() as u64).sum();
+    if cfg.progress {
+        eprintln!("pre-signed {presigned} requests; running {} s with {} clients", cfg.duration.as_secs(), cfg.clients);
+    }
+    let live = Arc::new(Live::default());
+    let start = Instant::now();
+    let end = start + cfg.duration;
+    let bar = progress_bar(cfg.progress, cfg.duration.as_secs().max(1), "running");
+    let recs: Vec<Recorder> = std::thread::scope(|s| {
+        let handles: Vec<_> = frames
+            .into_iter()
+            .map(|f| {
+                let live = live.clone();
+                let addr = cfg.addr.as_str();
+                s.spawn(move || client_loop(addr, f, cfg.inflight, start, end, &live))
+            })
+            .collect();
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(200));
+            let secs = start.elapsed().as_secs_f64().max(0.001);
+            let c = live.committed.load(Ordering::Relaxed);
+            bar.set_position(start.elapsed().as_secs().min(cfg.duration.as_secs()));
+            bar.set_message(format!(
+                "{c} committed, {:.0}/s, {} errors",
+                c as f64 / secs,
+                live.errors.load(Ordering::Relaxed)
+            ));
+        }
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let mut all = Recorder::default();
+    for r in &recs {
+        all.merge(r);
+    }
+    let summary = summarize(&all, elapsed, cfg, presigned);
+    if let Some(path) = &cfg.json {
+        write_json(&summary, path)?;
+    }
+    if let Some(path) = &cfg.plot {
+        write_plot(&summary, path, register_plot_font())?;
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BenchConfig {
+        BenchConfig {
+            addr: "127.0.0.1:1".into(),
+            duration: Duration::from_secs(3),
+            clients: 2,
+            mix: Mix::Mixed,
+            batch: 10,
+            inflight: 2,
+            rate_max: 20,
+            accounts: vec![SigningKey::from_bytes(&[4; 32])],
+            doc_key: SigningKey::from_bytes(&[5; 32]),
+            json: None,
+            plot: None,
+            progress: false,
+        }
+    }
+
+    fn sample_summary() -> BenchSummary {
+        let mut a = Recorder::default();
+        let mut b = Recorder::default();
+        for t in 0..3 {
+            a.record(t, Duration::from_millis(100), 900, 0, 0);
+            a.record(t, Duration::from_millis(200), 90, 1, 0);
+            b.record(t, Duration::from_millis(1000), 10, 0, 5);
+        }
+        a.merge(&b);
+        summarize(&a, Duration::from_secs(3), &cfg(), 3000)
+    }
+
+    #[test]
+    fn histogram_becomes_the_json_fields() {
+        let s = sample_summary();
+        assert_eq!(s.committed, 3000);
+        assert_eq!(s.rejected, 3);
+        assert_eq!(s.errors, 15);
+        assert!((s.throughput_per_s - 1000.0).abs() < 1e-6);
+        assert!((s.latency_ms_p50 - 100.0).abs() < 1.0, "{}", s.latency_ms_p50);
+        assert!((s.latency_ms_p99 - 200.0).abs() < 1.0, "{}", s.latency_ms_p99);
+        assert!((s.latency_ms_p999 - 1000.0).abs() < 2.0, "{}", s.latency_ms_p999);
+        assert_eq!(s.series.len(), 3);
+        assert_eq!(s.series[1].committed, 1000);
+        let json: serde_json::Value = serde_json::to_value(&s).expect("json");
+        for field in [
+            "committed",
+            "errors",
+            "duration_s",
+            "throughput_per_s",
+            "latency_ms_p50",
+            "latency_ms_p99",
+            "latency_ms_p999",
+        ] {
+            assert!(json.get(field).is_some_and(|v| v.is_number()), "{field}");
+        }
+        assert!(json["series"].is_array());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.json");
+        write_json(&s, &path).expect("write");
+        let back: BenchSummary = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("parse");
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn plot_writes_a_png_with_and_without_text() {
+        let s = sample_summary();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with_font = register_plot_font();
+        for (name, text) in [("a.png", with_font), ("b.png", false)] {
+            let path = dir.path().join(name);
+            write_plot(&s, &path, text).expect("plot");
+            let bytes = std::fs::read(&path).expect("read");
+            assert!(bytes.len() > 1000, "{name} is {} bytes", bytes.len());
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        }
+        // An empty run still plots.
+        let empty = summarize(&Recorder::default(), Duration::from_secs(1), &cfg(), 0);
+        write_plot(&empty, &dir.path().join("c.png"), false).expect("empty plot");
+    }
+
+    #[test]
+    fn presign_makes_whole_frames_of_valid_distinct_requests() {
+        let c = cfg();
+        let frames = presign(&c, ClusterId([7; 16])).expect("presign");
+        assert_eq!(frames.len(), 2);
+        let all: Vec<&SignedRequest> = frames.iter().flatten().flatten().collect();
+        assert_eq!(all.len(), 60);
+        assert!(frames.iter().flatten().all(|f| f.len() == 10));
+        let ids: std::collections::HashSet<_> = all.iter().map(|r| r.id()).collect();
+        assert_eq!(ids.len(), all.len());
+        let docs = all.iter().filter(|r| matches!(r.request.op, Operation::Set { .. })).count();
+        assert!(docs > 0 && docs < all.len(), "mixed mix has both kinds ({docs})");
+        for r in all {
+            let vk = ed25519_dalek::VerifyingKey::from_bytes(&r.request.signer.0).expect("key");
+            let sig = ed25519_dalek::Signature::from_bytes(&r.signature.0);
+            vk.verify_strict(&r.request.signing_bytes(), &sig).expect("signature");
+            if let Operation::Set { key, value } = &r.request.op {
+                assert!(key.is_uuid4());
+                assert!(serde_json::from_slice::<serde_json::Value>(value).is_ok());
+                assert!((80..140).contains(&value.len()), "{}", value.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The `tally` command line (DESIGN §2): clap definitions and one small function per command.
+//! `main.rs` only parses and prints the error; everything testable lives here and below.
+
+use crate::bench::{self, BenchConfig, Mix};
+use crate::client::{check_json, split_addrs, Client, ClientOptions, Committed};
+use crate::cluster::{self, cluster_init};
+use crate::error::ClientError;
+use crate::keyfile::{self, generate_key, load_key, load_or_create, public_of};
+use crate::receipt_file::{parse_operator_key, save_receipt, verify_receipt_file, ReceiptFile};
+use crate::repl;
+use crate::up::{self, UpOptions};
+use clap::{Parser, Subcommand};
+use ed25519_dalek::SigningKey;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tally_codec::{DocKey, Operation, PublicKey, RequestId};
+
+/// tally: client for the tally replicated operator server.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about)]
+pub struct Cli {
+    /// Node address HOST:PORT; repeat or separate with commas to list several.
+    #[arg(long, global = true, env = "TALLY_ADDR", value_delimiter = ',')]
+    pub addr: Vec<String>,
+    /// Signing key file (default: one in your config directory, created on first use).
+    #[arg(long, global = true, env = "TALLY_KEY")]
+    pub key: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// The subcommands of DESIGN §2.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Write a new signing key file.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create or replace a JSON document.
+    Set {
+        #[arg(value_name = "UUID4")]
+        doc: String,
+        json: String,
+        /// Save the receipt to FILE.
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+    },
+    /// Read a document.
+    Get {
+        #[arg(value_name = "UUID4")]
+        doc: String,
+        /// Allow a follower to answer from possibly stale state.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete a document you own.
+    Delete {
+        #[arg(value_name = "UUID4")]
+        doc: String,
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+    },
+    /// Move money from your account.
+    Transfer {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: u64,
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+    },
+    /// Show a balance (yours by default).
+    Balance {
+        pubkey: Option<String>,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Members, leader, term, lag, operator key and warnings.
+    Status,
+    /// Fetch the receipt of an executed request.
+    Receipt {
+        request_id: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a receipt file offline; exit 0 only if it is valid.
+    Verify {
+        receipt_file: PathBuf,
+        /// Operator public key: hex, or a file holding it (e.g. operator.pub).
+        #[arg(long)]
+        operator_key: String,
+    },
+    /// Create or change a cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+    /// Interactive session (also reads commands from stdin).
+    Repl,
+    /// Load generator (DESIGN §9).
+    Bench(BenchArgs),
+    /// Init and start a local cluster, run a demo load, stay until Ctrl-C.
+    Up {
+        #[arg(long, default_value_t = cluster::DEFAULT_NODES)]
+        nodes: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = cluster::DEFAULT_ACCOUNTS)]
+        accounts: usize,
+        #[arg(long, default_value_t = cluster::DEFAULT_BASE_PORT)]
+        base_port: u16,
+        /// Stop the cluster right after the demo.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Chaos monkey (not in this build).
+    Chaos {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// `tally cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Write node configs, keys and genesis for a new cluster.
+    Init {
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = cluster::DEFAULT_ACCOUNTS)]
+        accounts: usize,
+        #[arg(long, default_value_t = cluster::DEFAULT_BASE_PORT)]
+        base_port: u16,
+    },
+    /// Add a replica at runtime.
+    Add {
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        peer: String,
+    },
+    /// Remove a replica at runtime.
+    Remove { node_id: u64 },
+}
+
+/// `tally bench` flags.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Client threads, each with its own connection.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    #[arg(long, value_enum, default_value_t = Mix::Transfer)]
+    pub mix: Mix,
+    /// Write the JSON summary here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write a PNG plot of throughput and latency over time here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Requests per frame.
+    #[arg(long, default_value_t = 1024)]
+    pub batch: usize,
+    /// Frames in flight per client.
+    #[arg(long, default_value_t = 4)]
+    pub inflight: usize,
+    /// Pre-sign at most this many requests per second of --duration.
+    #[arg(long, default_value_t = 150_000)]
+    pub rate_max: u64,
+    /// Funded account keys (accounts/*.key from `cluster init`, or the cluster directory).
+    #[arg(long)]
+    pub accounts_dir: Option<PathBuf>,
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// Any [`ClientError`]; `main` prints it as `Error: ...` and exits 1.
+pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
+    let addrs = split_addrs(&cli.addr);
+    let key_path = cli.key.as_deref();
+    match cli.command {
+        Cmd::Keygen { out } => {
+            let key = keyfile::keygen(&out)?;
+            println!("Wrote a new key to {}", out.display());
+            println!("Public key: {}", public_of(&key));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Set { doc, json, receipt } => {
+            let doc = DocKey::parse(&doc)?;
+            check_json(&json)?;
+            let client = connect(&addrs, load_or_create(key_path)?)?;
+            let req = client.sign(Operation::Set { key: doc, value: json.into_bytes() })?;
+            write(&client, req, receipt.as_deref())
+        }
+        Cmd::Delete { doc, receipt } => {
+            let doc = DocKey::parse(&doc)?;
+            let client = connect(&addrs, load_or_create(key_path)?)?;
+            let req = client.sign(Operation::Delete { key: doc })?;
+            write(&client, req, receipt.as_deref())
+        }
+        Cmd::Transfer { to, amount, receipt } => {
+            let to = parse_pubkey(&to)?;
+            let client = connect(&addrs, load_or_create(key_path)?)?;
+            let req = client.sign(Operation::Transfer { to, amount })?;
+            write(&client, req, receipt.as_deref())
+        }
+        Cmd::Get { doc, stale } => {
+            let doc = DocKey::parse(&doc)?;
+            let client = connect(&addrs, read_key(key_path)?)?;
+            match client.get(doc, stale)? {
+                Some(d) => {
+                    println!("{}", String::from_utf8_lossy(&d.value));
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    println!("Not found");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Cmd::Balance { pubkey, stale } => {
+            let (who, key) = match pubkey {
+                Some(p) => (parse_pubkey(&p)?, read_key(key_path)?),
+                None => {
+                    let key = load_or_create(key_path)?;
+                    (public_of(&key), key)
+                }
+            };
+            let client = connect(&addrs, key)?;
+            println!("{}", client.balance(who, stale)?.unwrap_or(0));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => status(&addrs, key_path),
+        Cmd::Receipt { request_id, out } => receipt(&addrs, key_path, &request_id, out.as_deref()),
+        Cmd::Verify { receipt_file, operator_key } => {
+            let operator = parse_operator_key(&operator_key)?;
+            let r = verify_receipt_file(&receipt_file, &operator)?;
+            println!(
+                "Valid receipt: request {} at height {} (term {}), outcome {:?}, signed by operator {}",
+                r.request_id(),
+                r.header.height,
+                r.header.term,
+                r.outcome,
+                operator
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster { command } => cluster_cmd(&addrs, key_path, command),
+        Cmd::Repl => {
+            let opts = ClientOptions { heartbeat: Some(Duration::from_secs(1)), ..ClientOptions::default() };
+            let client = Client::connect(&addrs, load_or_create(key_path)?, opts)?;
+            repl::run(&client)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(args) => bench_cmd(&addrs, key_path, args),
+        Cmd::Up { nodes, dir, accounts, base_port, no_wait } => {
+            up::run_up(&UpOptions { nodes, dir, accounts, base_port, no_wait })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Chaos { .. } => {
+            eprintln!("tally chaos: not yet implemented in this build");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn connect(addrs: &[String], key: SigningKey) -> Result<Client, ClientError> {
+    Client::connect(addrs, key, ClientOptions::default())
+}
+
+/// Reads need no identity; don't create a key file just for them.
+fn read_key(path: Option<&Path>) -> Result<SigningKey, ClientError> {
+    match path {
+        Some(p) => load_key(p),
+        None => Ok(generate_key()),
+    }
+}
+
+fn parse_pubkey(s: &str) -> Result<PublicKey, ClientError> {
+    PublicKey::from_hex(s).map_err(|_| ClientError::Invalid(format!("'{s}' is not a public key (64 hex digits)")))
+}
+
+fn save_if_asked(client: &Client, path: Option<&Path>, c: &Committed) -> Result<(), ClientError> {
+    if let Some(p) = path {
+        save_receipt(p, &c.receipt, client.operator_key())?;
+        println!("Receipt saved to {}", p.display());
+    }
+    Ok(())
+}
+
+/// Submits one write; prints its id and outcome, saves the receipt (even of a rejection).
+fn write(client: &Client, req: tally_codec::SignedRequest, receipt: Option<&Path>) -> Result<ExitCode, ClientError> {
+    println!("Request id: {}", req.id());
+    match client.submit_one(req) {
+        Ok(c) => {
+            println!("{}", repl::outcome_line(&c.receipt.outcome, c.durable_replicas));
+            save_if_asked(client, receipt, &c)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ClientError::Rejected { code, committed }) => {
+            save_if_asked(client, receipt, &committed)?;
+            Err(ClientError::Rejected { code, committed })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn status(addrs: &[String], key_path: Option<&Path>) -> Result<ExitCode, ClientError> {
+    let client = connect(addrs, read_key(key_path)?)?;
+    for line in repl::status_lines(&client)? {
+        println!("{line}");
+    }
+    client.probe_members();
+    let (reachable, configured) = client.reachable();
+    println!("Reachable from here: {reachable} of {configured} replicas");
+    if let Some(w) = client.majority_warning() {
+        println!("{w}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn receipt(addrs: &[String], key_path: Option<&Path>, id: &str, out: Option<&Path>) -> Result<ExitCode, ClientError> {
+    let id = RequestId::from_hex(id)
+        .map_err(|_| ClientError::Invalid(format!("'{id}' is not a request id (64 hex digits)")))?;
+    let client = connect(addrs, read_key(key_path)?)?;
+    let r = client.receipt(id)?.ok_or_else(|| {
+        ClientError::Invalid(format!("no receipt for request {id} (unknown, or expired and forgotten)"))
+    })?;
+    match out {
+        Some(path) => {
+            save_receipt(path, &r, client.operator_key())?;
+            println!(
+                "Receipt for request {id}: height {}, outcome {:?}; saved to {}",
+                r.header.height,
+                r.outcome,
+                path.display()
+            );
+        }
+        None => {
+            let file = ReceiptFile::new(&r, client.operator_key());
+            println!("{}", serde_json::to_string_pretty(&file).map_err(|e| ClientError::Invalid(e.to_string()))?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cluster_cmd(addrs: &[String], key_path: Option<&Path>, cmd: ClusterCmd) -> Result<ExitCode, ClientError> {
+    match cmd {
+        ClusterCmd::Init { nodes, dir, accounts, base_port } => {
+            let layout = cluster_init(nodes, &dir, accounts, base_port)?;
+            println!("Wrote a {nodes}-node cluster to {}", layout.dir.display());
+            println!("Cluster id: {}", layout.cluster_id);
+            println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
+            for (cfg, path) in layout.configs.iter().zip(&layout.config_paths) {
+                println!(
+                    "  node {}: client {}  peer {}  config {}",
+                    cfg.node_id,
+                    cfg.listen,
+                    cfg.peer_listen,
+                    path.display()
+                );
+            }
+            println!("Funded accounts: {} in {}", layout.account_keys.len(), layout.dir.join("accounts").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCmd::Add { node_id, client: client_addr, peer } => {
+            let client = connect(addrs, load_or_create(key_path)?)?;
+            client.cluster_add(node_id, &client_addr, &peer)?;
+            println!("Node {node_id} added (client {client_addr}, peer {peer})");
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCmd::Remove { node_id } => {
+            let client = connect(addrs, load_or_create(key_path)?)?;
+            client.cluster_remove(node_id)?;
+            println!("Node {node_id} removed");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads `DIR/*.key`, or `DIR/accounts/*.key` when given a cluster directory.
+///
+/// # Errors
+/// [`ClientError::File`] or [`ClientError::KeyFile`].
+pub fn load_accounts(dir: &Path) -> Result<Vec<SigningKey>, ClientError> {
+    let dir = if dir.join("accounts").is_dir() { dir.join("accounts") } else { dir.to_path_buf() };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| ClientError::file(&dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "key"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(ClientError::Invalid(format!("no *.key files in {}", dir.display())));
+    }
+    paths.iter().map(|p| load_key(p)).collect()
+}
+
+fn bench_cmd(addrs: &[String], key_path: Option<&Path>, a: BenchArgs) -> Result<ExitCode, ClientError> {
+    let addr = addrs.first().cloned().ok_or(ClientError::NoAddress)?;
+    let accounts = match &a.accounts_dir {
+        Some(d) => load_accounts(d)?,
+        None => Vec::new(),
+    };
+    if accounts.is_empty() && a.mix != Mix::Doc {
+        eprintln!("WARNING: no --accounts-dir; transfers are signed by your own key and may be rejected for insufficient funds");
+    }
+    let doc_key = load_or_create(key_path)?;
+    let accounts = if accounts.is_empty() { vec![doc_key.clone()] } else { accounts };
+    use std::io::IsTerminal;
+    let cfg = BenchConfig {
+        addr,
+        duration: Duration::from_secs(a.duration.max(1)),
+        clients: a.clients,
+        mix: a.mix,
+        batch: a.batch,
+        inflight: a.inflight,
+        rate_max: a.rate_max,
+        accounts,
+        doc_key,
+        json: a.json,
+        plot: a.plot,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let summary = bench::run_bench(&cfg)?;
+    println!("{}", bench::summary_text(&summary));
+    if let Some(p) = &cfg.json {
+        println!("JSON summary: {}", p.display());
+    }
+    if let Some(p) = &cfg.plot {
+        println!("Plot: {}", p.display());
+    }
+    Ok(if summary.committed > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_as_designed() {
+        let cli = Cli::try_parse_from([
+            "tally",
+            "--addr",
+            "a:1,b:2",
+            "--addr",
+            "c:3",
+            "set",
+            "k",
+            "{}",
+            "--receipt",
+            "r.json",
+        ])
+        .expect("parse");
+        assert_eq!(split_addrs(&cli.addr), vec!["a:1", "b:2", "c:3"]);
+        assert!(matches!(cli.command, Cmd::Set { receipt: Some(_), .. }));
+        let cli = Cli::try_parse_from([
+            "tally",
+            "bench",
+            "--addr",
+            "a:1",
+            "--duration",
+            "5",
+            "--clients",
+            "2",
+            "--mix",
+            "mixed",
+        ])
+        .expect("bench");
+        match cli.command {
+            Cmd::Bench(b) => {
+                assert_eq!(b.mix, Mix::Mixed);
+                assert_eq!(b.batch, 1024);
+                assert_eq!(b.inflight, 4);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(cli.addr, vec!["a:1"]);
+        let cli = Cli::try_parse_from(["tally", "cluster", "init", "--nodes", "3", "--dir", "/tmp/x"]).expect("init");
+        assert!(matches!(cli.command, Cmd::Cluster { command: ClusterCmd::Init { accounts: 4, base_port: 7000, .. } }));
+        assert!(Cli::try_parse_from(["tally", "verify", "r.json", "--operator-key", "op.pub"]).is_ok());
+        assert!(Cli::try_parse_from(["tally", "chaos", "--nodes", "3", "--seed", "1"]).is_ok());
+        assert!(Cli::try_parse_from(["tally", "transfer", "--to", "ab", "--amount", "5"]).is_ok());
+        assert!(Cli::try_parse_from(["tally", "up", "--no-wait"]).is_ok());
+    }
+
+    #[test]
+    fn accounts_dir_accepts_cluster_dir_or_accounts_dir() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = cluster_init(1, tmp.path(), 3, 9000).expect("init");
+        assert_eq!(load_accounts(&layout.dir).expect("cluster dir").len(), 3);
+        assert_eq!(load_accounts(&layout.dir.join("accounts")).expect("accounts dir").len(), 3);
+        assert!(load_accounts(&tmp.path().join("node-1")).is_err());
+    }
+}

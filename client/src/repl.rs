@@ -1,0 +1,421 @@
+//! The interactive session of DESIGN §2: line parsing, command execution and the exact output.
+//!
+//! Parsing is pure ([`parse_line`]) so the session text can be tested without a server; running a
+//! command ([`execute`]) writes to any `Write`, so a fake node can drive it in tests.
+
+use crate::client::{check_json, Client, ClientEvent};
+use crate::error::ClientError;
+use std::io::{BufRead, IsTerminal, Write};
+use tally_codec::{DocKey, ErrorCode, Outcome, PublicKey};
+
+/// One parsed REPL line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplCommand {
+    Set {
+        key: DocKey,
+        json: String,
+    },
+    Get {
+        key: DocKey,
+    },
+    Delete {
+        key: DocKey,
+    },
+    Transfer {
+        to: PublicKey,
+        amount: u64,
+    },
+    /// `None` is the session's own account.
+    Balance(Option<PublicKey>),
+    Status,
+    Help,
+    Quit,
+    /// A blank line or a comment: nothing to do.
+    Nothing,
+}
+
+/// Shown by `HELP`.
+pub const HELP: &str = "\
+Commands (case-insensitive):
+  SET <uuid4> <json>         create or replace a document (the JSON may be wrapped in '...')
+  GET <uuid4>                read a document
+  DELETE <uuid4>             delete a document you own
+  TRANSFER <pubkey> <amount> move money from your account
+  BALANCE [pubkey]           show a balance (yours by default)
+  STATUS                     show the cluster's members, leader and term
+  HELP                       this text
+  QUIT                       leave";
+
+/// Splits off the first whitespace-separated word.
+fn split_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(i) => (&s[..i], s[i..].trim_start()),
+        None => (s, ""),
+    }
+}
+
+/// Removes one outer pair of single quotes; inner apostrophes stay (`'{"a": "it's"}'`).
+pub fn strip_single_quotes(s: &str) -> &str {
+    let s = s.trim();
+    match s.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')) {
+        Some(inner) => inner,
+        None => s,
+    }
+}
+
+fn parse_key(word: &str, usage: &str) -> Result<DocKey, String> {
+    if word.is_empty() {
+        return Err(format!("usage: {usage}"));
+    }
+    DocKey::parse(word).map_err(|e| e.to_string())
+}
+
+fn no_more(rest: &str, usage: &str) -> Result<(), String> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unexpected '{rest}'; usage: {usage}"))
+    }
+}
+
+fn parse_pubkey(word: &str) -> Result<PublicKey, String> {
+    PublicKey::from_hex(word).map_err(|_| format!("'{word}' is not a public key (64 hex digits)"))
+}
+
+/// Parses one line. The error is the text after `Error: `.
+///
+/// # Errors
+/// A message naming what is wrong: `Key is not a proper UUID4`, `value is not valid JSON`, a
+/// usage line, or an unknown command.
+pub fn parse_line(line: &str) -> Result<ReplCommand, String> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(ReplCommand::Nothing);
+    }
+    let (cmd, rest) = split_word(line);
+    match cmd.to_ascii_uppercase().as_str() {
+        "SET" => {
+            const USAGE: &str = "SET <uuid4> <json>";
+            let (key, value) = split_word(rest);
+            let key = parse_key(key, USAGE)?;
+            let json = strip_single_quotes(value);
+            if json.is_empty() {
+                return Err(format!("usage: {USAGE}"));
+            }
+            check_json(json).map_err(|e| e.to_string())?;
+            Ok(ReplCommand::Set { key, json: json.to_string() })
+        }
+        "GET" => {
+            let (key, more) = split_word(rest);
+            let key = parse_key(key, "GET <uuid4>")?;
+            no_more(more, "GET <uuid4>")?;
+            Ok(ReplCommand::Get { key })
+        }
+        "DELETE" | "DEL" => {
+            let (key, more) = split_word(rest);
+            let key = parse_key(key, "DELETE <uuid4>")?;
+            no_more(more, "DELETE <uuid4>")?;
+            Ok(ReplCommand::Delete { key })
+        }
+        "TRANSFER" => {
+            const USAGE: &str = "TRANSFER <pubkey> <amount>";
+            let (to, rest) = split_word(rest);
+            let (amount, more) = split_word(rest);
+            if to.is_empty() || amount.is_empty() {
+                return Err(format!("usage: {USAGE}"));
+            }
+            no_more(more, USAGE)?;
+            let to = parse_pubkey(to)?;
+            let amount = amount.parse::<u64>().map_err(|_| format!("'{amount}' is not an amount (a whole number)"))?;
+            Ok(ReplCommand::Transfer { to, amount })
+        }
+        "BALANCE" => {
+            let (who, more) = split_word(rest);
+            no_more(more, "BALANCE [pubkey]")?;
+            if who.is_empty() {
+                Ok(ReplCommand::Balance(None))
+            } else {
+                Ok(ReplCommand::Balance(Some(parse_pubkey(who)?)))
+            }
+        }
+        "STATUS" => no_more(rest, "STATUS").map(|()| ReplCommand::Status),
+        "HELP" | "?" => Ok(ReplCommand::Help),
+        "QUIT" | "EXIT" => Ok(ReplCommand::Quit),
+        _ => Err(format!("unknown command '{cmd}'; type HELP for the list")),
+    }
+}
+
+/// "1 replica" / "3 replicas".
+pub fn replicas(n: u8) -> String {
+    if n == 1 {
+        "1 replica".to_string()
+    } else {
+        format!("{n} replicas")
+    }
+}
+
+/// The line printed for a committed document write or transfer.
+pub fn outcome_line(outcome: &Outcome, durable_replicas: u8) -> String {
+    let r = replicas(durable_replicas);
+    match outcome {
+        Outcome::DocCreated { .. } => format!("Created ({r})"),
+        Outcome::DocUpdated { .. } => format!("Updated ({r})"),
+        Outcome::DocDeleted => format!("Deleted ({r})"),
+        Outcome::Transferred { sender_balance } => format!("Transferred ({r}); your balance is {sender_balance}"),
+        Outcome::Rejected(code) => format!("Error: {code}"),
+    }
+}
+
+/// Status as a few readable lines (shared with `tally status`).
+pub fn status_lines(client: &Client) -> Result<Vec<String>, ClientError> {
+    let s = client.status()?;
+    let mut out = Vec::new();
+    let leader = match (s.leader_id, &s.leader_addr) {
+        (Some(id), Some(a)) => format!("node {id} at {a}"),
+        (Some(id), None) => format!("node {id}"),
+        _ => "none".to_string(),
+    };
+    out.push(format!("Cluster {} (operator key {})", s.cluster_id, s.operator_key));
+    out.push(format!("Answered by node {}; leader: {leader}; term {}", s.node_id, s.term));
+    out.push(format!(
+        "Committed height {}, applied height {}; replicas configured: {}",
+        s.committed_height, s.applied_height, s.replicas_configured
+    ));
+    let top = s.members.iter().map(|m| m.matched_index).max().unwrap_or(0);
+    if !s.members.is_empty() {
+        out.push("Members:".to_string());
+    }
+    for m in &s.members {
+        let role = if Some(m.node_id) == s.leader_id {
+            "leader"
+        } else if m.is_voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        out.push(format!(
+            "  node {}  client {}  peer {}  {role}  matched {} (lag {})",
+            m.node_id,
+            m.client_addr,
+            m.peer_addr,
+            m.matched_index,
+            top - m.matched_index
+        ));
+    }
+    for w in &s.warnings {
+        out.push(format!("WARNING: {w}"));
+    }
+    Ok(out)
+}
+
+/// Runs one command; returns false when the session should end.
+///
+/// # Errors
+/// Only when writing to `out` fails; command failures are printed as `Error: ...`.
+pub fn execute(client: &Client, cmd: ReplCommand, out: &mut dyn Write) -> std::io::Result<bool> {
+    let line = match cmd {
+        ReplCommand::Nothing => return Ok(true),
+        ReplCommand::Quit => return Ok(false),
+        ReplCommand::Help => HELP.to_string(),
+        ReplCommand::Set { key, json } => match client.set(key, &json) {
+            Ok(c) => outcome_line(&c.receipt.outcome, c.durable_replicas),
+            Err(e) => format!("Error: {e}"),
+        },
+        ReplCommand::Delete { key } => match client.delete(key) {
+            Ok(c) => outcome_line(&c.receipt.outcome, c.durable_replicas),
+            Err(ClientError::Rejected { code: ErrorCode::NotFound, .. }) => "Not found".to_string(),
+            Err(e) => format!("Error: {e}"),
+        },
+        ReplCommand::Get { key } => match client.get(key, false) {
+            Ok(Some(doc)) => format!("'{}'", String::from_utf8_lossy(&doc.value)),
+            Ok(None) => "Not found".to_string(),
+            Err(e) => format!("Error: {e}"),
+        },
+        ReplCommand::Transfer { to, amount } => match client.transfer(to, amount) {
+            Ok(c) => outcome_line(&c.receipt.outcome, c.durable_replicas),
+            Err(e) => format!("Error: {e}"),
+        },
+        ReplCommand::Balance(who) => {
+            let who = who.unwrap_or_else(|| client.public_key());
+            match client.balance(who, false) {
+                Ok(b) => b.unwrap_or(0).to_string(),
+                Err(e) => format!("Error: {e}"),
+            }
+        }
+        ReplCommand::Status => match status_lines(client) {
+            Ok(lines) => lines.join("\n"),
+            Err(e) => format!("Error: {e}"),
+        },
+    };
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(true)
+}
+
+/// Prints the banner (and a minority warning) the session starts with.
+fn banner(client: &Client) -> String {
+    let mut s = client.report().to_string();
+    if let Some(w) = client.majority_warning() {
+        s.push('\n');
+        s.push_str(&w.to_string());
+    }
+    s
+}
+
+/// Runs the session: rustyline on a terminal, plain lines otherwise (scriptable).
+///
+/// # Errors
+/// Terminal or stdout failures.
+pub fn run(client: &Client) -> Result<(), ClientError> {
+    let io_err = |e: std::io::Error| ClientError::Io { addr: "terminal".into(), source: e };
+    println!("{}", banner(client));
+    let events = client.events();
+    if std::io::stdin().is_terminal() {
+        return run_terminal(client, events);
+    }
+    std::thread::spawn(move || {
+        for ev in events.iter() {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{ev}");
+            let _ = out.flush();
+        }
+    });
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(io_err)?;
+        let keep_going = match parse_line(&line) {
+            Ok(cmd) => execute(client, cmd, &mut out).map_err(io_err)?,
+            Err(msg) => {
+                writeln!(out, "Error: {msg}").map_err(io_err)?;
+                true
+            }
+        };
+        if !keep_going {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn run_terminal(client: &Client, events: crossbeam::channel::Receiver<ClientEvent>) -> Result<(), ClientError> {
+    use rustyline::error::ReadlineError;
+    use rustyline::ExternalPrinter;
+    let term_err = |e: ReadlineError| ClientError::Invalid(format!("terminal: {e}"));
+    let mut rl = rustyline::DefaultEditor::new().map_err(term_err)?;
+    match rl.create_external_printer() {
+        Ok(mut printer) => {
+            std::thread::spawn(move || {
+                for ev in events.iter() {
+                    let _ = printer.print(format!("{ev}\n"));
+                }
+            });
+        }
+        Err(_) => {
+            std::thread::spawn(move || {
+                for ev in events.iter() {
+                    println!("{ev}");
+                }
+            });
+        }
+    }
+    let mut out = std::io::stdout();
+    loop {
+        match rl.readline("> ") {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    let _ = rl.add_history_entry(line.as_str());
+                }
+                let keep_going = match parse_line(&line) {
+                    Ok(cmd) => execute(client, cmd, &mut out)
+                        .map_err(|e| ClientError::Io { addr: "terminal".into(), source: e })?,
+                    Err(msg) => {
+                        println!("Error: {msg}");
+                        true
+                    }
+                };
+                if !keep_going {
+                    return Ok(());
+                }
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => return Ok(()),
+            Err(e) => return Err(term_err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID: &str = "0d5d3807-5fbf-4228-a657-5a091c4e497f";
+
+    #[test]
+    fn set_with_quoted_json_keeps_the_inner_apostrophe() {
+        let line = format!(r#"SET {UUID} '{{"name": "Chapayev's Mustache comb"}}'"#);
+        match parse_line(&line).expect("parses") {
+            ReplCommand::Set { key, json } => {
+                assert_eq!(key.to_string(), UUID);
+                assert_eq!(json, r#"{"name": "Chapayev's Mustache comb"}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Unquoted JSON works too, with extra spaces.
+        let line = format!(r#"  set   {UUID}    {{"a": 1}}  "#);
+        assert_eq!(
+            parse_line(&line),
+            Ok(ReplCommand::Set { key: DocKey::parse(UUID).expect("uuid"), json: r#"{"a": 1}"#.into() })
+        );
+    }
+
+    #[test]
+    fn bad_keys_and_values_give_the_session_errors() {
+        let line = r#"SET 12345 '{"name": "Chapayev's Mustache comb"}'"#;
+        assert_eq!(parse_line(line), Err("Key is not a proper UUID4".to_string()));
+        assert_eq!(parse_line("GET 12345"), Err("Key is not a proper UUID4".to_string()));
+        assert_eq!(parse_line(&format!("SET {UUID} '{{nope'")), Err("value is not valid JSON".to_string()));
+        assert!(parse_line(&format!("SET {UUID}")).expect_err("usage").starts_with("usage"));
+        assert!(parse_line("FROB").expect_err("unknown").contains("unknown command 'FROB'"));
+        assert!(parse_line("TRANSFER abc 5").expect_err("bad key").contains("not a public key"));
+        assert!(parse_line(&format!("TRANSFER {} x", "ab".repeat(32))).expect_err("amount").contains("amount"));
+    }
+
+    #[test]
+    fn commands_are_case_insensitive() {
+        let key = DocKey::parse(UUID).expect("uuid");
+        for word in ["GET", "get", "Get", "gEt"] {
+            assert_eq!(parse_line(&format!("{word} {UUID}")), Ok(ReplCommand::Get { key }));
+        }
+        assert_eq!(parse_line("delete ".to_string().as_str()).map(|_| ()), Err("usage: DELETE <uuid4>".into()));
+        assert_eq!(parse_line(&format!("Delete {UUID}")), Ok(ReplCommand::Delete { key }));
+        assert_eq!(parse_line("quit"), Ok(ReplCommand::Quit));
+        assert_eq!(parse_line("Status"), Ok(ReplCommand::Status));
+        assert_eq!(parse_line("balance"), Ok(ReplCommand::Balance(None)));
+        assert_eq!(parse_line("help"), Ok(ReplCommand::Help));
+        assert_eq!(parse_line("   "), Ok(ReplCommand::Nothing));
+        let pk = "cd".repeat(32);
+        assert_eq!(
+            parse_line(&format!("transfer {pk} 10")),
+            Ok(ReplCommand::Transfer { to: PublicKey::from_hex(&pk).expect("pk"), amount: 10 })
+        );
+    }
+
+    #[test]
+    fn outcome_lines_match_the_session() {
+        assert_eq!(outcome_line(&Outcome::DocCreated { revision: 1 }, 3), "Created (3 replicas)");
+        assert_eq!(outcome_line(&Outcome::DocCreated { revision: 1 }, 1), "Created (1 replica)");
+        assert_eq!(outcome_line(&Outcome::DocUpdated { revision: 2 }, 2), "Updated (2 replicas)");
+        assert_eq!(outcome_line(&Outcome::DocDeleted, 3), "Deleted (3 replicas)");
+        assert_eq!(outcome_line(&Outcome::Rejected(ErrorCode::InsufficientFunds), 3), "Error: insufficient funds");
+    }
+
+    #[test]
+    fn quote_stripping_takes_one_pair_only() {
+        assert_eq!(strip_single_quotes("'x'"), "x");
+        assert_eq!(strip_single_quotes("''x''"), "'x'");
+        assert_eq!(strip_single_quotes("'x"), "'x");
+        assert_eq!(strip_single_quotes("x"), "x");
+    }
+}
