@@ -285,8 +285,9 @@ pub fn write_plot(s: &BenchSummary, path: &Path, with_text: bool) -> Result<(), 
             vec![s.series.iter().map(|p| (p.t_s as f64, p.committed as f64)).collect()]
         } else {
             vec![
-                s.series.iter().map(|p| (p.t_s as f64, p.latency_ms_p50)).collect(),
-                s.series.iter().map(|p| (p.t_s as f64, p.latency_ms_p99)).collect(),
+                // Seconds without commits have no latency; leave them out rather than draw zeros.
+                s.series.iter().filter(|p| p.committed > 0).map(|p| (p.t_s as f64, p.latency_ms_p50)).collect(),
+                s.series.iter().filter(|p| p.committed > 0).map(|p| (p.t_s as f64, p.latency_ms_p99)).collect(),
             ]
         };
         let styles = [(BLUE, "p50"), (RED, "p99")];
