@@ -86,10 +86,8 @@ impl LeaseTracker {
 pub fn quorum_ack_ms(voter_sets: &[&[u64]], self_id: u64, now_ms: u64, acks: &HashMap<u64, u64>) -> Option<u64> {
     let mut result: Option<u64> = None;
     for voters in voter_sets.iter().filter(|v| !v.is_empty()) {
-        let mut times: Vec<u64> = voters
-            .iter()
-            .filter_map(|id| if *id == self_id { Some(now_ms) } else { acks.get(id).copied() })
-            .collect();
+        let mut times: Vec<u64> =
+            voters.iter().filter_map(|id| if *id == self_id { Some(now_ms) } else { acks.get(id).copied() }).collect();
         let quorum = voters.len() / 2 + 1;
         if times.len() < quorum {
             return None;

@@ -14,7 +14,20 @@
 #![forbid(unsafe_code)]
 
 pub mod env;
+pub mod frame;
+pub mod handshake;
+pub mod lease;
+pub mod node;
+mod raft_log_bridge;
+pub mod snapshot;
 pub mod solo;
+pub mod storage;
+pub mod transport;
+
+pub use node::{FailoverError, RaftConfig, RaftReplicator};
+pub use snapshot::{NoSnapshots, SnapshotSink, SnapshotSource, StateSnapshots};
+pub use storage::{LogStore, MemberAddr};
+pub use transport::{TcpTransport, Transport};
 
 use std::fmt;
 
@@ -69,6 +82,9 @@ pub enum ProposeError {
     Busy,
     #[error("replication stopped: {0}")]
     Stopped(String),
+    /// The entry would not fit one peer frame.
+    #[error("entry of {bytes} bytes is over the limit of {max}")]
+    TooLarge { bytes: usize, max: usize },
 }
 
 /// The replicated log as the pipeline sees it.

@@ -423,7 +423,13 @@ impl Storage for WalStorage {
         };
         // The follower continues from the log right after the snapshot, so it must still be held.
         if index < request_index || index == 0 || index + 1 < self.log.first_index() || index > self.log.last_index() {
-            tracing::warn!(to, index, request_index, first = self.log.first_index(), "state snapshot does not fit the log");
+            tracing::warn!(
+                to,
+                index,
+                request_index,
+                first = self.log.first_index(),
+                "state snapshot does not fit the log"
+            );
             return unavailable;
         }
         if self.log.term(index).ok().flatten().is_some_and(|t| t != term) {

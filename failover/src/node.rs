@@ -1,0 +1,894 @@
+//! [`RaftReplicator`]: the Raft implementation of [`Replicator`].
+//!
+//! ```text
+//!  pipeline ──propose/compact/conf change──▶ cmd queue ─┐
+//!  peers ──TcpTransport──▶ inbox ───────────────────────┤
+//!                                                       ▼
+//!                         raft thread: step · tick (Env clock) · ready:
+//!                           1. leader messages out           (may precede persistence)
+//!                           2. snapshot → SnapshotSink, log marker
+//!                           3. committed entries → Committed channel (conf changes applied)
+//!                           4. entries → Wal, fsync; hard state (durable)
+//!                           5. persisted messages out        (votes, append responses)
+//!                           6. advance; repeat 3 and 5 for the light ready
+//!                         then publish Role / progress / lease to `Shared`
+//!  role(), lease_valid(), members() ◀── Shared (mutex)
+//! ```
+//!
+//! Determinism: ticks come from [`Env::monotonic_ms`]. raft-rs draws randomized election
+//! timeouts from `rand::thread_rng` inside `reset()`; before every tick, if the election timer
+//! was reset since the previous tick (`election_elapsed == 0`), the loop overwrites the timeout
+//! with one drawn from the Env's seeded RNG. Only `tick_election` reads the value, and every
+//! reset is followed by such a check before the next tick, so the thread RNG never decides an
+//! election.
+
+use crate::env::Env;
+use crate::handshake::Hello;
+use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
+use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
+use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage};
+use crate::transport::{TcpTransport, Transport};
+use crate::{Committed, EntryKind, Member, ProposeError, Replicator, Role};
+use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    Message, MessageType, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_store::wal::Wal;
+
+/// Proposals and commands waiting for the raft thread.
+pub const COMMANDS_QUEUED_MAX: usize = 256;
+/// Raft messages received and not yet stepped; more are dropped (Raft retransmits).
+pub const INBOX_MESSAGES_MAX: usize = 4096;
+/// Inputs handled between two ready passes.
+const INPUTS_PER_PASS_MAX: usize = 1024;
+/// Committed entries held while the committed channel is full; past this the raft thread
+/// blocks on the channel (the applier is the bottleneck; commits wait for it).
+pub const COMMITTED_PENDING_MAX: usize = 1024;
+/// Bytes of entries per append message.
+const APPEND_BYTES_MAX: u64 = 1024 * 1024;
+/// Append messages in flight per follower.
+const INFLIGHT_APPENDS_MAX: usize = 256;
+/// Room left in a peer frame for the message around an entry.
+const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
+/// A proposal's data may not exceed this (it must fit one peer frame).
+pub const PROPOSAL_BYTES_MAX: usize = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES;
+/// How long a membership change may take before the call gives up.
+pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
+/// How long a snapshot install waits for the applier to drain the committed channel.
+const SNAPSHOT_DRAIN_WAIT_MS: u64 = 10_000;
+
+/// Errors starting a replicator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailoverError {
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    #[error("log: {0}")]
+    Store(#[from] tally_store::StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a Raft replica needs to know. Times are in ticks of `tick_ms`; see `NodeConfig`.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: u64,
+    /// The initial voters, this node included, with their addresses. A node not listed here
+    /// starts empty and waits to be added by the leader (`cluster add`); it then needs at least
+    /// the current members' addresses here to reach them.
+    pub peers: Vec<Member>,
+    /// Replication address to listen on (HOST:PORT).
+    pub peer_listen: String,
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub cluster_id: String,
+    /// Digest of the settings all replicas must share; a peer with another one is refused.
+    /// [`RaftConfig::timing_fingerprint`] covers the Raft timing; the server may mix in more
+    /// (e.g. the genesis hash).
+    pub config_fingerprint: [u8; 32],
+    /// Entries kept below a compaction hint, so a briefly lagging follower catches up from the
+    /// log rather than a snapshot.
+    pub log_retain_entries: u64,
+}
+
+impl RaftConfig {
+    /// A fingerprint of the Raft timing and protocol version.
+    pub fn timing_fingerprint(tick_ms: u64, election_ticks: usize, heartbeat_ticks: usize) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"tally-raft-config-v1");
+        h.update(&crate::handshake::PEER_PROTOCOL_VERSION.to_le_bytes());
+        h.update(&tick_ms.to_le_bytes());
+        h.update(&(election_ticks as u64).to_le_bytes());
+        h.update(&(heartbeat_ticks as u64).to_le_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    fn validate(&self) -> Result<(), FailoverError> {
+        let bad = |s: &str| Err(FailoverError::Config(s.to_string()));
+        if self.node_id == 0 {
+            return bad("node_id must not be 0");
+        }
+        if self.tick_ms == 0 {
+            return bad("tick_ms must be positive");
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return bad("need 0 < heartbeat_ticks < election_ticks");
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|m| m.node_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.peers.len() || ids.contains(&0) {
+            return bad("peer node ids must be unique and non-zero");
+        }
+        Ok(())
+    }
+}
+
+enum Cmd {
+    Propose { term: u64, data: Vec<u8> },
+    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), String>> },
+    Compact(u64),
+}
+
+/// What the raft thread publishes for the API methods.
+#[derive(Debug, Default, Clone)]
+struct Shared {
+    role: Role,
+    conf: ConfState,
+    /// `(node, matched)`; the leader knows everyone's, a follower only its own.
+    matched: BTreeMap<u64, u64>,
+    persisted: u64,
+    members: BTreeMap<u64, MemberAddr>,
+    lease_until_ms: Option<u64>,
+    stopped: Option<String>,
+}
+
+type SharedEnv = Arc<Mutex<Box<dyn Env>>>;
+
+/// A Raft replica of the log. See the module docs.
+pub struct RaftReplicator {
+    node_id: u64,
+    cmd_tx: Sender<Cmd>,
+    shared: Arc<Mutex<Shared>>,
+    env: SharedEnv,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RaftReplicator {
+    /// Starts a replica on the TCP peer transport, listening on `cfg.peer_listen`.
+    ///
+    /// `applied_index` is the state store's applied index: committed entries up to it are not
+    /// delivered again. Entries after it are delivered on `committed_tx` in log order.
+    ///
+    /// # Errors
+    /// Bad configuration, an unreadable log, a log that cannot rebuild the store (compacted past
+    /// `applied_index`), or a peer port that cannot be bound.
+    pub fn start(
+        cfg: RaftConfig,
+        wal: Wal,
+        applied_index: u64,
+        env: Box<dyn Env>,
+        committed_tx: Sender<Committed>,
+        snapshots: Arc<dyn StateSnapshots>,
+    ) -> Result<Self, FailoverError> {
+        let listener = TcpListener::bind(&cfg.peer_listen)?;
+        let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
+        let hello = Hello::new(&cfg.cluster_id, cfg.node_id, cfg.config_fingerprint);
+        let transport = TcpTransport::start(listener, hello, net_tx)?;
+        Self::start_with(cfg, Box::new(wal), applied_index, env, committed_tx, snapshots, Box::new(transport), net_rx)
+    }
+
+    /// Starts a replica on any log and transport (the simulator's entry point). `net_rx`
+    /// carries the messages the transport received.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_with(
+        cfg: RaftConfig,
+        log: Box<dyn LogStore>,
+        applied_index: u64,
+        env: Box<dyn Env>,
+        committed_tx: Sender<Committed>,
+        snapshots: Arc<dyn StateSnapshots>,
+        transport: Box<dyn Transport>,
+        net_rx: Receiver<Message>,
+    ) -> Result<Self, FailoverError> {
+        cfg.validate()?;
+        let env: SharedEnv = Arc::new(Mutex::new(env));
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let node =
+            Node::new(&cfg, log, applied_index, env.clone(), committed_tx, snapshots, transport, shared.clone())?;
+        let (cmd_tx, cmd_rx) = bounded(COMMANDS_QUEUED_MAX);
+        let t_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{}", cfg.node_id))
+            .spawn(move || node.run(net_rx, cmd_rx, t_stop))?;
+        Ok(RaftReplicator { node_id: cfg.node_id, cmd_tx, shared, env, stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Stops the raft thread and the transport, and waits for them. Idempotent.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Why the replica stopped replicating, if it did (log failure, failed install, ...).
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.shared.lock().stopped.clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.env.lock().monotonic_ms()
+    }
+
+    /// Proposes a conf change and returns once the raft thread took it (not committed).
+    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), String> {
+        let (reply, rx) = bounded(1);
+        self.cmd_tx
+            .try_send(Cmd::ConfChange { cc, context, reply })
+            .map_err(|_| "replicator busy or stopped".to_string())?;
+        rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)).map_err(|_| "replicator stopped".to_string())?
+    }
+
+    /// Polls the published state until `done` holds, for at most [`MEMBERSHIP_TIMEOUT_MS`].
+    fn wait_for(&self, what: &str, done: impl Fn(&Shared) -> bool) -> Result<(), String> {
+        let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
+        loop {
+            {
+                let s = self.shared.lock();
+                if done(&s) {
+                    return Ok(());
+                }
+                if let Some(r) = &s.stopped {
+                    return Err(format!("replicator stopped: {r}"));
+                }
+            }
+            if self.now_ms() > deadline {
+                return Err(format!("timed out waiting for {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), String> {
+        let role = self.role();
+        if !role.is_leader {
+            return Err(format!("not the leader ({role})"));
+        }
+        Ok(())
+    }
+}
+
+fn single(id: u64, ty: ConfChangeType) -> ConfChangeSingle {
+    let mut c = ConfChangeSingle::default();
+    c.node_id = id;
+    c.set_change_type(ty);
+    c
+}
+
+fn conf_change(changes: Vec<ConfChangeSingle>, transition: ConfChangeTransition) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_transition(transition);
+    cc.set_changes(changes.into());
+    cc
+}
+
+fn is_joint(cs: &ConfState) -> bool {
+    !cs.voters_outgoing.is_empty()
+}
+
+impl Replicator for RaftReplicator {
+    fn propose(&self, term: u64, data: Vec<u8>) -> Result<(), ProposeError> {
+        assert!(!data.is_empty(), "a batch entry is never empty");
+        {
+            let s = self.shared.lock();
+            if let Some(r) = &s.stopped {
+                return Err(ProposeError::Stopped(r.clone()));
+            }
+            // The term check fences a deposed master: its batches carry its old term.
+            if !s.role.is_leader || s.role.term != term {
+                return Err(ProposeError::NotLeader { leader: s.role.leader_id });
+            }
+        }
+        if data.len() > PROPOSAL_BYTES_MAX {
+            return Err(ProposeError::TooLarge { bytes: data.len(), max: PROPOSAL_BYTES_MAX });
+        }
+        match self.cmd_tx.try_send(Cmd::Propose { term, data }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped("raft thread ended".into())),
+        }
+    }
+
+    fn role(&self) -> Role {
+        self.shared.lock().role.clone()
+    }
+
+    fn lease_valid(&self) -> bool {
+        let (is_leader, until) = {
+            let s = self.shared.lock();
+            (s.role.is_leader && s.stopped.is_none(), s.lease_until_ms)
+        };
+        is_leader && until.is_some_and(|u| self.now_ms() < u)
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let s = self.shared.lock();
+        conf_ids(&s.conf)
+            .into_iter()
+            .map(|id| {
+                let addr = s.members.get(&id);
+                Member {
+                    node_id: id,
+                    client_addr: addr.map(|a| a.client_addr.clone()).unwrap_or_default(),
+                    peer_addr: addr.map(|a| a.peer_addr.clone()).unwrap_or_default(),
+                    is_voter: s.conf.voters.contains(&id) || s.conf.voters_outgoing.contains(&id),
+                    matched_index: s.matched.get(&id).copied().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    fn durable_replicas(&self, index: u64) -> u8 {
+        let s = self.shared.lock();
+        let voter = |id: &u64| s.conf.voters.contains(id) || s.conf.voters_outgoing.contains(id);
+        let count = if s.role.is_leader {
+            s.matched.iter().filter(|(id, m)| voter(id) && **m >= index).count()
+        } else {
+            let local = usize::from(s.persisted >= index);
+            if index <= s.role.commit_index {
+                local.max(s.conf.voters.len() / 2 + 1)
+            } else {
+                local
+            }
+        };
+        u8::try_from(count).unwrap_or(u8::MAX)
+    }
+
+    fn voters(&self) -> usize {
+        self.shared.lock().conf.voters.len()
+    }
+
+    fn compact_hint(&self, index: u64) {
+        let _ = self.cmd_tx.try_send(Cmd::Compact(index));
+    }
+
+    /// Adds `member` as a learner, waits until it caught up with the commit index, then promotes
+    /// it through a joint configuration (left automatically).
+    fn add_member(&self, member: Member) -> Result<(), String> {
+        self.require_leader()?;
+        let id = member.node_id;
+        if id == 0 {
+            return Err("node id 0 is reserved".into());
+        }
+        if conf_ids(&self.shared.lock().conf).contains(&id) && self.shared.lock().conf.voters.contains(&id) {
+            return Err(format!("node {id} is already a voter"));
+        }
+        let addr = MemberAddr { node_id: id, client_addr: member.client_addr, peer_addr: member.peer_addr };
+        let context = tally_codec::encode(&addr);
+        if !self.shared.lock().conf.learners.contains(&id) {
+            let cc = conf_change(vec![single(id, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
+            self.propose_conf_change(cc, context.clone())?;
+            self.wait_for("the learner to join", |s| s.conf.learners.contains(&id))?;
+        }
+        let target = self.role().commit_index;
+        self.wait_for("the learner to catch up", |s| s.matched.get(&id).is_some_and(|m| *m >= target))?;
+        self.require_leader()?;
+        let cc = conf_change(vec![single(id, ConfChangeType::AddNode)], ConfChangeTransition::Implicit);
+        self.propose_conf_change(cc, context)?;
+        self.wait_for("the promotion to commit", |s| s.conf.voters.contains(&id) && !is_joint(&s.conf))
+    }
+
+    /// Removes `node_id` through a joint configuration (left automatically).
+    fn remove_member(&self, node_id: u64) -> Result<(), String> {
+        self.require_leader()?;
+        if !conf_ids(&self.shared.lock().conf).contains(&node_id) {
+            return Err(format!("node {node_id} is not a member"));
+        }
+        let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
+        self.propose_conf_change(cc, Vec::new())?;
+        self.wait_for("the removal to commit", |s| !conf_ids(&s.conf).contains(&node_id) && !is_joint(&s.conf))
+    }
+}
+
+impl Drop for RaftReplicator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The raft thread's state. All Raft I/O happens here.
+struct Node {
+    id: u64,
+    raw: RawNode<WalStorage>,
+    transport: Box<dyn Transport>,
+    env: SharedEnv,
+    committed_tx: Sender<Committed>,
+    undelivered: VecDeque<Committed>,
+    snapshots: Arc<dyn StateSnapshots>,
+    shared: Arc<Mutex<Shared>>,
+    lease: LeaseTracker,
+    lease_ms: u64,
+    tick_ms: u64,
+    election_ticks: u64,
+    heartbeat_ticks: u64,
+    next_tick_ms: u64,
+    ticks: u64,
+    last_probe_tick: u64,
+    leader_term: u64,
+    term_start_index: u64,
+    log_retain_entries: u64,
+    compact_wanted: u64,
+    snapshot_reports: Vec<(u64, SnapshotStatus)>,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &RaftConfig,
+        log: Box<dyn LogStore>,
+        applied_index: u64,
+        env: SharedEnv,
+        committed_tx: Sender<Committed>,
+        snapshots: Arc<dyn StateSnapshots>,
+        transport: Box<dyn Transport>,
+        shared: Arc<Mutex<Shared>>,
+    ) -> Result<Node, FailoverError> {
+        let bootstrap = cfg.peers.iter().any(|m| m.node_id == cfg.node_id).then(|| {
+            let mut cs = ConfState::default();
+            cs.voters = cfg.peers.iter().map(|m| m.node_id).collect();
+            cs
+        });
+        let known: Vec<MemberAddr> = cfg
+            .peers
+            .iter()
+            .map(|m| MemberAddr {
+                node_id: m.node_id,
+                client_addr: m.client_addr.clone(),
+                peer_addr: m.peer_addr.clone(),
+            })
+            .collect();
+        let mut storage = WalStorage::open(log, bootstrap, &known, snapshots.clone())?;
+        let applied = reconcile_applied(&mut storage, applied_index)?;
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            max_size_per_msg: APPEND_BYTES_MAX,
+            max_inflight_msgs: INFLIGHT_APPENDS_MAX,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, storage, &crate::raft_log_bridge::logger(cfg.node_id))?;
+        let now = env.lock().monotonic_ms();
+        let mut node = Node {
+            id: cfg.node_id,
+            raw,
+            transport,
+            env,
+            committed_tx,
+            undelivered: VecDeque::new(),
+            snapshots,
+            shared,
+            lease: LeaseTracker::default(),
+            lease_ms: lease_duration_ms(cfg.tick_ms, cfg.election_ticks as u64),
+            tick_ms: cfg.tick_ms,
+            election_ticks: cfg.election_ticks as u64,
+            heartbeat_ticks: cfg.heartbeat_ticks as u64,
+            next_tick_ms: now + cfg.tick_ms,
+            ticks: 0,
+            last_probe_tick: 0,
+            leader_term: 0,
+            term_start_index: 0,
+            log_retain_entries: cfg.log_retain_entries,
+            compact_wanted: 0,
+            snapshot_reports: Vec::new(),
+        };
+        node.update_transport_peers();
+        node.publish();
+        tracing::info!(
+            node = cfg.node_id,
+            applied,
+            first = node.raw.store().log().first_index(),
+            last = node.raw.store().log().last_index(),
+            voters = ?node.raw.store().conf_state().voters,
+            "raft replica started"
+        );
+        Ok(node)
+    }
+
+    fn run(mut self, net_rx: Receiver<Message>, cmd_rx: Receiver<Cmd>, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Relaxed) {
+            let wait_ms = self.next_tick_ms.saturating_sub(self.now_ms()).min(self.tick_ms);
+            crossbeam::channel::select! {
+                recv(net_rx) -> m => if let Ok(m) = m { self.on_message(m) },
+                recv(cmd_rx) -> c => if let Ok(c) = c { self.on_cmd(c) },
+                default(Duration::from_millis(wait_ms)) => {},
+            }
+            for _ in 0..INPUTS_PER_PASS_MAX {
+                let mut idle = true;
+                if let Ok(m) = net_rx.try_recv() {
+                    self.on_message(m);
+                    idle = false;
+                }
+                if let Ok(c) = cmd_rx.try_recv() {
+                    self.on_cmd(c);
+                    idle = false;
+                }
+                if idle {
+                    break;
+                }
+            }
+            self.maybe_tick();
+            let r = self.on_ready().and_then(|()| self.deliver(false)).and_then(|()| self.maybe_compact());
+            if let Err(e) = r {
+                tracing::error!(node = self.id, error = %e, "raft replica stops");
+                self.shared.lock().stopped = Some(e);
+                break;
+            }
+            self.publish();
+        }
+        self.publish();
+        self.transport.stop();
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.env.lock().monotonic_ms()
+    }
+
+    fn on_message(&mut self, m: Message) {
+        let t = m.get_msg_type();
+        if (t == MessageType::MsgRequestVote || t == MessageType::MsgRequestPreVote) && self.ticks < self.election_ticks
+        {
+            // This voter may have acknowledged a leader's lease just before it restarted; it
+            // stays silent for one election timeout so that lease can run out.
+            tracing::debug!(node = self.id, from = m.from, "vote request ignored during the start-up quiet period");
+            return;
+        }
+        if t == MessageType::MsgHeartbeatResponse
+            && self.raw.raft.state == StateRole::Leader
+            && m.term == self.raw.raft.term
+        {
+            if let Some((term, sent_ms)) = parse_probe_context(&m.context) {
+                self.lease.on_ack(m.from, term, sent_ms);
+            }
+        }
+        if let Err(e) = self.raw.step(m) {
+            tracing::debug!(node = self.id, error = %e, "raft message not stepped");
+        }
+    }
+
+    fn on_cmd(&mut self, c: Cmd) {
+        let leading = self.raw.raft.state == StateRole::Leader;
+        match c {
+            Cmd::Propose { term, data } => {
+                if !leading || self.raw.raft.term != term {
+                    tracing::debug!(node = self.id, term, "proposal from another term dropped");
+                    return;
+                }
+                if let Err(e) = self.raw.propose(Vec::new(), data) {
+                    tracing::warn!(node = self.id, error = %e, "proposal dropped");
+                }
+            }
+            Cmd::ConfChange { cc, context, reply } => {
+                let r = if leading {
+                    self.raw.propose_conf_change(context, cc).map_err(|e| format!("conf change refused: {e}"))
+                } else {
+                    Err("not the leader".into())
+                };
+                let _ = reply.try_send(r);
+            }
+            Cmd::Compact(i) => self.compact_wanted = self.compact_wanted.max(i),
+        }
+    }
+
+    fn maybe_tick(&mut self) {
+        let now = self.now_ms();
+        if now < self.next_tick_ms {
+            return;
+        }
+        // One tick however late we are: after a pause, the node re-synchronises with the
+        // cluster instead of firing a burst of elapsed timeouts.
+        let late = (now - self.next_tick_ms) / self.tick_ms;
+        self.next_tick_ms += (late + 1) * self.tick_ms;
+        if self.raw.raft.election_elapsed == 0 {
+            let span = self.election_ticks;
+            let t = self.election_ticks + self.env.lock().next_u64() % span;
+            self.raw.raft.set_randomized_election_timeout(t as usize);
+        }
+        self.raw.tick();
+        self.ticks += 1;
+        if self.raw.raft.state == StateRole::Leader && self.ticks - self.last_probe_tick >= self.heartbeat_ticks {
+            self.last_probe_tick = self.ticks;
+            let term = self.raw.raft.term;
+            self.raw.read_index(probe_context(term, now));
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            let (to, snap) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
+            let sent = self.transport.send(m);
+            if snap {
+                let status = if sent { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.snapshot_reports.push((to, status));
+            }
+        }
+    }
+
+    /// Handles one Ready following raft-rs's rules (see the module docs).
+    fn on_ready(&mut self) -> Result<(), String> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(&snap)?;
+        }
+        let committed = rd.take_committed_entries();
+        self.on_committed(committed)?;
+        let store = self.raw.mut_store();
+        store.append(rd.entries()).map_err(|e| format!("log append: {e}"))?;
+        if !rd.entries().is_empty() {
+            store.sync().map_err(|e| format!("log fsync: {e}"))?;
+        }
+        if let Some(hs) = rd.hs() {
+            // Term and vote must be durable before any message that depends on them. The commit
+            // index rides along but is not worth an fsync on its own.
+            let stored = store.log().hard_state();
+            if hs.term != stored.term || hs.vote != stored.vote {
+                store.set_hard_state(hs).map_err(|e| format!("hard state: {e}"))?;
+            }
+        }
+        let _ = rd.take_read_states(); // lease probes: their acks were taken when stepped
+        self.send(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        self.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.on_committed(committed)?;
+        self.raw.advance_apply();
+        for (to, status) in std::mem::take(&mut self.snapshot_reports) {
+            self.raw.report_snapshot(to, status);
+        }
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
+        let meta = snap.get_metadata();
+        let env: SnapshotEnvelope =
+            tally_codec::decode(&snap.data, FRAME_BYTES_MAX).map_err(|e| format!("snapshot does not decode: {e}"))?;
+        // Everything committed before the snapshot goes out first; the sink orders the install
+        // after those entries.
+        self.deliver(true)?;
+        let deadline = self.now_ms() + SNAPSHOT_DRAIN_WAIT_MS;
+        while !self.committed_tx.is_empty() && self.now_ms() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracing::info!(
+            node = self.id,
+            index = meta.index,
+            term = meta.term,
+            bytes = env.state.len(),
+            "installing snapshot"
+        );
+        self.snapshots
+            .install(meta.index, meta.term, &env.state)
+            .map_err(|e| format!("snapshot install at {}: {e}", meta.index))?;
+        self.raw
+            .mut_store()
+            .apply_snapshot(meta, &env.members)
+            .map_err(|e| format!("snapshot marker at {}: {e}", meta.index))?;
+        self.update_transport_peers();
+        Ok(())
+    }
+
+    fn on_committed(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        for e in entries {
+            let (index, term) = (e.index, e.term);
+            let kind = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => EntryKind::Noop,
+                EntryType::EntryNormal => EntryKind::Batch,
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| format!("conf change {index}: {x}"))?;
+                    // Never proposed by tally; converted as raft-rs's `into_v2` does.
+                    let v2 = conf_change(vec![single(cc.node_id, cc.get_change_type())], ConfChangeTransition::Auto);
+                    self.apply_conf_change(index, &v2, &e.context)?;
+                    EntryKind::Noop
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc =
+                        ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| format!("conf change {index}: {x}"))?;
+                    self.apply_conf_change(index, &cc, &e.context)?;
+                    EntryKind::Noop
+                }
+            };
+            let data = if kind == EntryKind::Batch { e.data.to_vec() } else { Vec::new() };
+            self.undelivered.push_back(Committed { index, term, kind, data });
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, index: u64, cc: &ConfChangeV2, context: &[u8]) -> Result<(), String> {
+        if index <= self.raw.store().conf_index() {
+            return Ok(()); // applied before a restart; the stored conf state includes it
+        }
+        if !context.is_empty() {
+            match tally_codec::decode::<MemberAddr>(context, 64 * 1024) {
+                Ok(addr) => self.raw.mut_store().upsert_member(addr).map_err(|e| format!("members: {e}"))?,
+                Err(e) => tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode"),
+            }
+        }
+        let cs = self.raw.apply_conf_change(cc).map_err(|e| format!("conf change {index}: {e}"))?;
+        tracing::info!(node = self.id, index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "configuration changed");
+        let ids = conf_ids(&cs);
+        let store = self.raw.mut_store();
+        store.set_conf_state(index, cs).map_err(|e| format!("conf state: {e}"))?;
+        store.retain_members(&ids, self.id).map_err(|e| format!("members: {e}"))?;
+        self.update_transport_peers();
+        Ok(())
+    }
+
+    /// Sends committed entries to the applier. With `block` (or too many waiting) it waits for
+    /// room; otherwise it keeps what does not fit for the next pass.
+    fn deliver(&mut self, block: bool) -> Result<(), String> {
+        while let Some(c) = self.undelivered.pop_front() {
+            let must_block = block || self.undelivered.len() >= COMMITTED_PENDING_MAX;
+            let r = if must_block {
+                self.committed_tx.send(c).map_err(|e| TrySendError::Disconnected(e.0))
+            } else {
+                self.committed_tx.try_send(c)
+            };
+            match r {
+                Ok(()) => {}
+                Err(TrySendError::Full(c)) => {
+                    self.undelivered.push_front(c);
+                    return Ok(());
+                }
+                Err(TrySendError::Disconnected(_)) => return Err("the committed channel is closed".into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), String> {
+        let applied = self.raw.raft.raft_log.applied;
+        let target = self.compact_wanted.min(applied).saturating_sub(self.log_retain_entries);
+        if target < self.raw.store().log().first_index() {
+            return Ok(());
+        }
+        self.raw.mut_store().compact(target).map_err(|e| format!("log compaction to {target}: {e}"))
+    }
+
+    fn update_transport_peers(&mut self) {
+        let peers: BTreeMap<u64, String> = self
+            .raw
+            .store()
+            .members()
+            .values()
+            .filter(|m| m.node_id != self.id && !m.peer_addr.is_empty())
+            .map(|m| (m.node_id, m.peer_addr.clone()))
+            .collect();
+        self.transport.set_peers(&peers);
+    }
+
+    /// Publishes role, configuration, progress and lease for the API methods.
+    fn publish(&mut self) {
+        let now = self.now_ms();
+        let raft = &self.raw.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        if is_leader && self.leader_term != raft.term {
+            self.leader_term = raft.term;
+            self.lease.reset(raft.term);
+            self.term_start_index = term_start(&self.raw);
+            tracing::info!(node = self.id, term = raft.term, start = self.term_start_index, "became leader");
+        }
+        let raft = &self.raw.raft;
+        let conf = self.raw.store().conf_state();
+        let mut matched = BTreeMap::new();
+        if is_leader {
+            for (id, pr) in raft.prs().iter() {
+                matched.insert(*id, pr.matched);
+            }
+        }
+        matched.insert(self.id, raft.raft_log.persisted);
+        let committed_in_term = raft.raft_log.term(raft.raft_log.committed).is_ok_and(|t| t == raft.term);
+        let lease_until_ms = if is_leader && committed_in_term {
+            let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
+            self.lease.lease_until_ms(&sets, self.id, now, self.lease_ms)
+        } else {
+            None
+        };
+        let role = Role {
+            node_id: self.id,
+            term: raft.term,
+            leader_id: (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id),
+            is_leader,
+            term_start_index: if is_leader { self.term_start_index } else { 0 },
+            commit_index: raft.raft_log.committed,
+        };
+        let members = self.raw.store().members().clone();
+        let mut s = self.shared.lock();
+        s.role = role;
+        s.conf = conf;
+        s.matched = matched;
+        s.persisted = raft.raft_log.persisted;
+        s.members = members;
+        s.lease_until_ms = lease_until_ms;
+    }
+}
+
+/// Index of the leader's first entry of its current term (its no-op).
+fn term_start<S: raft::Storage>(raw: &RawNode<S>) -> u64 {
+    let log = &raw.raft.raft_log;
+    let term = raw.raft.term;
+    let mut i = log.last_index();
+    while i > log.first_index() && log.term(i - 1).is_ok_and(|t| t == term) {
+        i -= 1;
+    }
+    assert!(log.term(i).is_ok_and(|t| t == term), "a new leader's log ends with an entry of its term");
+    i
+}
+
+/// Makes the stored commit index cover what the state store already applied, and returns the
+/// applied index raft starts from.
+fn reconcile_applied(storage: &mut WalStorage, applied_index: u64) -> Result<u64, FailoverError> {
+    let log = storage.log();
+    let (snap_index, _) = log.snapshot_marker();
+    let last = log.last_index();
+    if applied_index < snap_index {
+        return Err(FailoverError::Config(format!(
+            "the state store applied up to {applied_index} but the log is compacted to {snap_index}: \
+             the entries in between are gone; restore the store or wipe this replica to resync"
+        )));
+    }
+    if applied_index > last {
+        return Err(FailoverError::Config(format!(
+            "the state store applied up to {applied_index} but the log ends at {last}: the log lost \
+             entries the store relied on"
+        )));
+    }
+    let mut hs = log.hard_state();
+    let mut commit = hs.commit.max(applied_index).max(snap_index);
+    if commit > last {
+        tracing::warn!(commit, last, "stored commit index is past the log end; clamping");
+        commit = last;
+    }
+    if commit != hs.commit {
+        hs.commit = commit;
+        let mut pb = raft::eraftpb::HardState::default();
+        pb.term = hs.term;
+        pb.vote = hs.vote;
+        pb.commit = hs.commit;
+        storage.set_hard_state(&pb)?;
+    }
+    Ok(applied_index.max(snap_index))
+}
