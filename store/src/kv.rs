@@ -124,7 +124,16 @@ impl LevelKv {
     /// As [`LevelKv::open`].
     pub fn open_with_write_buffer(dir: &Path, write_buffer_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        let opts = Options { create_if_missing: true, write_buffer_size: write_buffer_bytes, ..Options::default() };
+        // reuse_logs must be off: rusty-leveldb's default (on) appends new records after a torn
+        // log tail left by a crash, and the next recovery stops at the tear, silently dropping
+        // everything written since (tests/leveldb_torn_log.rs). Off, recovery writes the
+        // recovered memtable to a table and starts a fresh log, as stock LevelDB does.
+        let opts = Options {
+            create_if_missing: true,
+            write_buffer_size: write_buffer_bytes,
+            reuse_logs: false,
+            ..Options::default()
+        };
         let db = DB::open(dir, opts).map_err(|s| StoreError::Level(format!("opening {}: {s}", dir.display())))?;
         Ok(LevelKv { db: RefCell::new(db), dir: dir.to_path_buf() })
     }

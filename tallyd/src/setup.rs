@@ -174,8 +174,25 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     )?;
     tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");
     eprintln!("tallyd node {} listening on {} (operator key {})", cfg.node_id, node.local_addr, operator_pub);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Release))
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    let mut ticks = 0u64;
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(100));
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            // Graceful stop: the store is made durable so the next start replays nothing.
+            node.sync_store()?;
+            tracing::info!(applied_height = node.shared.applied_height(), "stopped; store synced");
+            return Ok(());
+        }
+        ticks += 1;
+        if ticks % 10 != 0 {
+            continue;
+        }
         let role = node.shared.replicator().role();
         metrics::gauge!("tally_term").set(role.term as f64);
         metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
