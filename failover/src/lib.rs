@@ -12,6 +12,8 @@
 //! single-replica cluster and a Raft cluster implement the same trait. Time and randomness come
 //! from an [`env::Env`], so a seeded simulation can drive failover exactly.
 #![forbid(unsafe_code)]
+// raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
 
 pub mod env;
 pub mod frame;

@@ -26,7 +26,7 @@ use crate::env::Env;
 use crate::handshake::Hello;
 use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
 use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
-use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage};
+use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::transport::{TcpTransport, Transport};
 use crate::{Committed, EntryKind, Member, ProposeError, Replicator, Role};
 use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
@@ -187,6 +187,22 @@ impl RaftReplicator {
         snapshots: Arc<dyn StateSnapshots>,
     ) -> Result<Self, FailoverError> {
         let listener = TcpListener::bind(&cfg.peer_listen)?;
+        Self::start_on(cfg, listener, wal, applied_index, env, committed_tx, snapshots)
+    }
+
+    /// As [`Self::start`], on a listener the caller bound (tests bind port 0).
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn start_on(
+        cfg: RaftConfig,
+        listener: TcpListener,
+        wal: Wal,
+        applied_index: u64,
+        env: Box<dyn Env>,
+        committed_tx: Sender<Committed>,
+        snapshots: Arc<dyn StateSnapshots>,
+    ) -> Result<Self, FailoverError> {
         let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
         let hello = Hello::new(&cfg.cluster_id, cfg.node_id, cfg.config_fingerprint);
         let transport = TcpTransport::start(listener, hello, net_tx)?;
@@ -472,7 +488,7 @@ impl Node {
             })
             .collect();
         let mut storage = WalStorage::open(log, bootstrap, &known, snapshots.clone())?;
-        let applied = reconcile_applied(&mut storage, applied_index)?;
+        let (applied, deliver_bootstrap) = reconcile_applied(&mut storage, applied_index)?;
         let raft_cfg = raft::Config {
             id: cfg.node_id,
             election_tick: cfg.election_ticks,
@@ -511,6 +527,10 @@ impl Node {
             compact_wanted: 0,
             snapshot_reports: Vec::new(),
         };
+        if deliver_bootstrap {
+            let c = Committed { index: BOOTSTRAP_INDEX, term: BOOTSTRAP_TERM, kind: EntryKind::Noop, data: Vec::new() };
+            node.undelivered.push_back(c);
+        }
         node.update_transport_peers();
         node.publish();
         tracing::info!(
@@ -859,11 +879,15 @@ fn term_start<S: raft::Storage>(raw: &RawNode<S>) -> u64 {
 }
 
 /// Makes the stored commit index cover what the state store already applied, and returns the
-/// applied index raft starts from.
-fn reconcile_applied(storage: &mut WalStorage, applied_index: u64) -> Result<u64, FailoverError> {
+/// applied index raft starts from, and whether the bootstrap entry (index 1, a no-op that exists
+/// only as the log's initial snapshot marker) must be delivered first.
+fn reconcile_applied(storage: &mut WalStorage, applied_index: u64) -> Result<(u64, bool), FailoverError> {
     let log = storage.log();
-    let (snap_index, _) = log.snapshot_marker();
+    let (snap_index, snap_term) = log.snapshot_marker();
     let last = log.last_index();
+    if applied_index == 0 && (snap_index, snap_term) == (BOOTSTRAP_INDEX, BOOTSTRAP_TERM) {
+        return Ok((BOOTSTRAP_INDEX, true));
+    }
     if applied_index < snap_index {
         return Err(FailoverError::Config(format!(
             "the state store applied up to {applied_index} but the log is compacted to {snap_index}: \
@@ -890,5 +914,5 @@ fn reconcile_applied(storage: &mut WalStorage, applied_index: u64) -> Result<u64
         pb.commit = hs.commit;
         storage.set_hard_state(&pb)?;
     }
-    Ok(applied_index.max(snap_index))
+    Ok((applied_index.max(snap_index), false))
 }

@@ -26,6 +26,10 @@ use tally_store::StoreError;
 pub const CONF_BLOB: &str = "raft-conf";
 /// Meta blob holding the members' addresses.
 pub const MEMBERS_BLOB: &str = "raft-members";
+/// The initial voters' configuration takes effect at this index (a no-op for the state).
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// The term of the bootstrap marker.
+pub const BOOTSTRAP_TERM: u64 = 1;
 /// Conf states kept, newest last, so a snapshot at an older index carries the right one.
 pub const CONF_HISTORY_MAX: usize = 16;
 /// Bound on decoding a meta blob.
@@ -213,7 +217,13 @@ impl WalStorage {
         let mut s = WalStorage { log, conf_history, members, snapshots };
         if fresh {
             if let Some(cs) = bootstrap {
-                s.set_conf_state(0, cs)?;
+                // The initial configuration is a snapshot at (1, 1), as if entry 1 had been
+                // compacted: a node that joins later has no entry to replay it from, so the
+                // leader must send it a snapshot, which carries the configuration.
+                s.log.compact_to(BOOTSTRAP_INDEX, BOOTSTRAP_TERM).map_err(store_err)?;
+                let hs = HardStateRecord { term: BOOTSTRAP_TERM, vote: 0, commit: BOOTSTRAP_INDEX };
+                s.log.set_hard_state(hs).map_err(store_err)?;
+                s.set_conf_state(BOOTSTRAP_INDEX, cs)?;
             }
             s.persist_members()?;
         }
@@ -448,5 +458,163 @@ impl Storage for WalStorage {
         meta.term = term;
         meta.set_conf_state(cs);
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{NoSnapshots, SnapshotSink, SnapshotSource};
+    use tally_store::wal::WalOptions;
+
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = data.to_vec().into();
+        e
+    }
+
+    fn voters(ids: &[u64]) -> ConfState {
+        let mut cs = ConfState::default();
+        cs.voters = ids.to_vec();
+        cs
+    }
+
+    fn open(dir: &std::path::Path, snaps: Arc<dyn StateSnapshots>) -> WalStorage {
+        let wal = Wal::open(dir, WalOptions::default()).expect("wal");
+        WalStorage::open(Box::new(wal), Some(voters(&[1, 2, 3])), &[], snaps).expect("storage")
+    }
+
+    fn ctx() -> GetEntriesContext {
+        GetEntriesContext::empty(false)
+    }
+
+    #[test]
+    fn entry_codec_round_trips_every_kind() {
+        let mut cc = entry(3, 2, b"cc-bytes");
+        cc.set_entry_type(EntryType::EntryConfChangeV2);
+        cc.context = b"ctx".to_vec().into();
+        for e in [entry(1, 1, b""), entry(2, 1, b"batch"), cc] {
+            let le = LogEntry { index: e.index, term: e.term, data: encode_entry(&e).expect("encode") };
+            assert_eq!(decode_entry(&le).expect("decode"), e);
+        }
+        assert!(encode_entry(&entry(1, 1, b"")).expect("encode").is_empty(), "a no-op costs no bytes");
+        let bad = LogEntry { index: 1, term: 1, data: vec![0x7f, 1] };
+        assert!(decode_entry(&bad).is_err());
+    }
+
+    #[test]
+    fn raft_storage_contract() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = open(dir.path(), Arc::new(NoSnapshots));
+        let st = s.initial_state().expect("state");
+        assert!(st.initialized());
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!((st.hard_state.term, st.hard_state.commit), (1, 1), "bootstrap marker at (1, 1)");
+        assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (2, 1));
+        assert_eq!(s.term(1).expect("marker term"), 1);
+        assert_eq!(s.term(0), Err(RaftError::Store(StorageError::Compacted)));
+        assert_eq!(s.term(2), Err(RaftError::Store(StorageError::Unavailable)));
+        assert_eq!(s.entries(1, 2, None, ctx()), Err(RaftError::Store(StorageError::Compacted)));
+
+        let ents: Vec<Entry> = (2..=6).map(|i| entry(i, 1 + i / 4, format!("e{i}").as_bytes())).collect();
+        s.append(&ents).expect("append");
+        s.sync().expect("sync");
+        assert_eq!(s.entries(3, 6, None, ctx()).expect("entries"), ents[1..4].to_vec());
+        // max_size still returns at least one entry.
+        assert_eq!(s.entries(3, 6, Some(0), ctx()).expect("entries").len(), 1);
+        assert_eq!(s.term(5).expect("term"), 2);
+
+        // A conflicting append truncates the suffix.
+        s.append(&[entry(5, 3, b"x")]).expect("append");
+        assert_eq!(s.last_index().expect("l"), 5);
+        assert_eq!(s.term(5).expect("term"), 3);
+
+        s.compact(4).expect("compact");
+        assert_eq!(s.first_index().expect("f"), 5);
+        assert_eq!(s.term(4).expect("term at marker"), 2, "the marker's term is retained");
+        assert_eq!(s.term(3), Err(RaftError::Store(StorageError::Compacted)));
+        assert_eq!(s.entries(3, 5, None, ctx()), Err(RaftError::Store(StorageError::Compacted)));
+        assert_eq!(s.entries(5, 6, None, ctx()).expect("entries").len(), 1);
+
+        // No snapshot source: temporarily unavailable, which raft-rs retries (anything else is fatal).
+        assert_eq!(s.snapshot(0, 2), Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable)));
+    }
+
+    #[test]
+    fn a_joining_node_starts_empty() {
+        let dir = tempfile::tempdir().expect("dir");
+        let wal = Wal::open(dir.path(), WalOptions::default()).expect("wal");
+        let s = WalStorage::open(Box::new(wal), None, &[], Arc::new(NoSnapshots)).expect("storage");
+        let st = s.initial_state().expect("state");
+        assert!(!st.initialized(), "no configuration until the leader's snapshot");
+        assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (1, 0));
+    }
+
+    #[test]
+    fn hard_state_conf_and_members_survive_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let mut s = open(dir.path(), Arc::new(NoSnapshots));
+            s.append(&[entry(2, 1, b""), entry(3, 1, b"a")]).expect("append");
+            s.sync().expect("sync");
+            let mut hs = HardState::default();
+            hs.term = 1;
+            hs.vote = 2;
+            hs.commit = 3;
+            s.set_hard_state(&hs).expect("hs");
+            s.set_conf_state(3, voters(&[1, 2, 3, 4])).expect("conf");
+            s.upsert_member(MemberAddr { node_id: 4, client_addr: "c4".into(), peer_addr: "p4".into() }).expect("m");
+        }
+        let s = open(dir.path(), Arc::new(NoSnapshots));
+        let st = s.initial_state().expect("state");
+        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (1, 2, 3));
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3, 4], "the stored conf state wins over bootstrap");
+        assert_eq!(s.conf_index(), 3);
+        assert_eq!(s.conf_at(2).expect("old conf").voters, vec![1, 2, 3]);
+        assert!(s.conf_at(0).is_none());
+        assert_eq!(s.members()[&4].peer_addr, "p4");
+    }
+
+    struct FixedSnapshot(u64, u64);
+    impl SnapshotSource for FixedSnapshot {
+        fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
+            Ok((self.0, self.1, b"state".to_vec()))
+        }
+    }
+    impl SnapshotSink for FixedSnapshot {
+        fn install(&self, _: u64, _: u64, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn snapshot_carries_state_conf_and_members_and_installs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = open(dir.path(), Arc::new(FixedSnapshot(3, 1)));
+        s.append(&(2..=4).map(|i| entry(i, 1, b"d")).collect::<Vec<_>>()).expect("append");
+        let snap = s.snapshot(0, 2).expect("snapshot");
+        assert_eq!((snap.get_metadata().index, snap.get_metadata().term), (3, 1));
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+        let env: SnapshotEnvelope = tally_codec::decode(&snap.data, 1 << 20).expect("envelope");
+        assert_eq!(env.state, b"state");
+        // A snapshot ahead of what the source can give is refused as "later".
+        assert_eq!(s.snapshot(4, 2), Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable)));
+
+        // Installing on a follower: the log is replaced by the marker.
+        let dir2 = tempfile::tempdir().expect("dir");
+        let mut f = open(dir2.path(), Arc::new(NoSnapshots));
+        f.append(&[entry(2, 1, b"d"), entry(3, 1, b"stale")]).expect("append");
+        let mut meta = snap.get_metadata().clone();
+        meta.index = 10;
+        meta.term = 4;
+        let m = MemberAddr { node_id: 9, client_addr: "c".into(), peer_addr: "p".into() };
+        f.apply_snapshot(&meta, &[m]).expect("install");
+        assert_eq!((f.first_index().expect("f"), f.last_index().expect("l")), (11, 10));
+        assert_eq!(f.term(10).expect("marker term"), 4);
+        assert_eq!(f.initial_state().expect("st").hard_state.commit, 10);
+        assert_eq!(f.conf_index(), 10);
+        assert!(f.members().contains_key(&9));
     }
 }

@@ -159,26 +159,35 @@ fn sleep_unless_stopped(ms: u64, stop: &AtomicBool) {
     }
 }
 
-fn connect(addr: &str, local: &Hello, peer: u64) -> Result<TcpStream, String> {
+/// Why a link could not be set up.
+enum LinkError {
+    /// Network trouble: retried quietly.
+    Down(String),
+    /// The handshake refused the link (wrong cluster, configuration, node): logged as an error.
+    Refused(String),
+}
+
+fn connect(addr: &str, local: &Hello, peer: u64) -> Result<TcpStream, LinkError> {
+    let down = |e: String| LinkError::Down(e);
     let sock: SocketAddr = addr
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .map_err(|e| down(format!("cannot resolve {addr}: {e}")))?
         .next()
-        .ok_or_else(|| format!("{addr} resolves to no address"))?;
+        .ok_or_else(|| down(format!("{addr} resolves to no address")))?;
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
+        .map_err(|e| down(format!("connect to {addr}: {e}")))?;
     let _ = s.set_nodelay(true);
     let t = Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS));
-    s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)).map_err(|e| down(e.to_string()))?;
     match handshake(&mut s, local, Some(peer)) {
         Ok(_) => {}
         Err(e @ (HandshakeError::RefusedByUs(_) | HandshakeError::RefusedByPeer(_))) => {
-            return Err(format!("handshake with node {peer} at {addr} failed: {e}"))
+            return Err(LinkError::Refused(format!("handshake with node {peer} at {addr}: {e}")))
         }
-        Err(e) => return Err(format!("handshake with {addr}: {e}")),
+        Err(e) => return Err(down(format!("handshake with {addr}: {e}"))),
     }
-    s.set_read_timeout(None).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(None).map_err(|e| down(e.to_string()))?;
+    s.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS))).map_err(|e| down(e.to_string()))?;
     Ok(s)
 }
 
@@ -210,13 +219,18 @@ fn run_outbound(peer: u64, addr: String, local: Hello, rx: Receiver<Message>, st
                     last_error = None;
                 }
                 Err(e) => {
-                    if last_error.as_deref() != Some(e.as_str()) {
-                        if e.contains("refused") {
-                            tracing::error!(peer, %addr, reason = %e, "peer link refused");
+                    let (refused, text) = match e {
+                        LinkError::Refused(t) => (true, t),
+                        LinkError::Down(t) => (false, t),
+                    };
+                    // Logged once per distinct reason, not on every retry.
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        if refused {
+                            tracing::error!(peer, %addr, reason = %text, "peer link refused");
                         } else {
-                            tracing::warn!(peer, %addr, reason = %e, "peer link down");
+                            tracing::warn!(peer, %addr, reason = %text, "peer link down");
                         }
-                        last_error = Some(e);
+                        last_error = Some(text);
                     }
                     sleep_unless_stopped(backoff_ms, &stop);
                     backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
