@@ -11,6 +11,19 @@
 //! (term, leader, lease), and consumes committed entries, in order, from a channel. A
 //! single-replica cluster and a Raft cluster implement the same trait. Time and randomness come
 //! from an [`env::Env`], so a seeded simulation can drive failover exactly.
+//!
+//! Modules, in the order a message travels:
+//! - [`solo`]: the one-replica log (no Raft).
+//! - [`node`]: [`RaftReplicator`], the raft-rs loop (ready handling, ticks, membership).
+//! - [`storage`]: raft-rs `Storage` on the Wal ([`LogStore`]); conf state and members in meta
+//!   blobs. A new cluster's log starts with a snapshot marker at (1, 1) holding the initial
+//!   voters, so a node added later always starts from a snapshot.
+//! - [`snapshot`]: [`SnapshotSource`] / [`SnapshotSink`], state transfer with the pipeline.
+//! - [`lease`]: the leader lease (acks matched to send times).
+//! - [`transport`], [`handshake`], [`frame`]: TCP peer links behind the [`Transport`] trait.
+//!
+//! The Raft log's entry encoding (see [`storage`]) differs from [`solo`]'s raw entries: a data
+//! directory cannot switch between the two.
 #![forbid(unsafe_code)]
 // raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
 #![allow(clippy::field_reassign_with_default)]

@@ -29,7 +29,7 @@ use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
 use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::transport::{TcpTransport, Transport};
 use crate::{Committed, EntryKind, Member, ProposeError, Replicator, Role};
-use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{
@@ -229,13 +229,21 @@ impl RaftReplicator {
         let env: SharedEnv = Arc::new(Mutex::new(env));
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let node =
-            Node::new(&cfg, log, applied_index, env.clone(), committed_tx, snapshots, transport, shared.clone())?;
+        let node = Node::new(
+            &cfg,
+            log,
+            applied_index,
+            env.clone(),
+            committed_tx,
+            snapshots,
+            transport,
+            shared.clone(),
+            stop.clone(),
+        )?;
         let (cmd_tx, cmd_rx) = bounded(COMMANDS_QUEUED_MAX);
-        let t_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.node_id))
-            .spawn(move || node.run(net_rx, cmd_rx, t_stop))?;
+            .spawn(move || node.run(net_rx, cmd_rx))?;
         Ok(RaftReplicator { node_id: cfg.node_id, cmd_tx, shared, env, stop, thread: Mutex::new(Some(thread)) })
     }
 
@@ -459,6 +467,8 @@ struct Node {
     log_retain_entries: u64,
     compact_wanted: u64,
     snapshot_reports: Vec<(u64, SnapshotStatus)>,
+    /// Set by [`RaftReplicator::stop`]; blocking waits give up when it is set.
+    stop: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -472,6 +482,7 @@ impl Node {
         snapshots: Arc<dyn StateSnapshots>,
         transport: Box<dyn Transport>,
         shared: Arc<Mutex<Shared>>,
+        stop: Arc<AtomicBool>,
     ) -> Result<Node, FailoverError> {
         let bootstrap = cfg.peers.iter().any(|m| m.node_id == cfg.node_id).then(|| {
             let mut cs = ConfState::default();
@@ -526,6 +537,7 @@ impl Node {
             log_retain_entries: cfg.log_retain_entries,
             compact_wanted: 0,
             snapshot_reports: Vec::new(),
+            stop,
         };
         if deliver_bootstrap {
             let c = Committed { index: BOOTSTRAP_INDEX, term: BOOTSTRAP_TERM, kind: EntryKind::Noop, data: Vec::new() };
@@ -544,8 +556,8 @@ impl Node {
         Ok(node)
     }
 
-    fn run(mut self, net_rx: Receiver<Message>, cmd_rx: Receiver<Cmd>, stop: Arc<AtomicBool>) {
-        while !stop.load(Ordering::Relaxed) {
+    fn run(mut self, net_rx: Receiver<Message>, cmd_rx: Receiver<Cmd>) {
+        while !self.stop.load(Ordering::Relaxed) {
             let wait_ms = self.next_tick_ms.saturating_sub(self.now_ms()).min(self.tick_ms);
             crossbeam::channel::select! {
                 recv(net_rx) -> m => if let Ok(m) = m { self.on_message(m) },
@@ -782,18 +794,25 @@ impl Node {
     fn deliver(&mut self, block: bool) -> Result<(), String> {
         while let Some(c) = self.undelivered.pop_front() {
             let must_block = block || self.undelivered.len() >= COMMITTED_PENDING_MAX;
-            let r = if must_block {
-                self.committed_tx.send(c).map_err(|e| TrySendError::Disconnected(e.0))
-            } else {
-                self.committed_tx.try_send(c)
-            };
-            match r {
-                Ok(()) => {}
-                Err(TrySendError::Full(c)) => {
-                    self.undelivered.push_front(c);
-                    return Ok(());
+            let mut pending = c;
+            loop {
+                let r = if must_block {
+                    self.committed_tx.send_timeout(pending, Duration::from_millis(self.tick_ms)).map_err(|e| match e {
+                        SendTimeoutError::Timeout(c) => TrySendError::Full(c),
+                        SendTimeoutError::Disconnected(c) => TrySendError::Disconnected(c),
+                    })
+                } else {
+                    self.committed_tx.try_send(pending)
+                };
+                match r {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(c)) if must_block && !self.stop.load(Ordering::Relaxed) => pending = c,
+                    Err(TrySendError::Full(c)) => {
+                        self.undelivered.push_front(c);
+                        return Ok(());
+                    }
+                    Err(TrySendError::Disconnected(_)) => return Err("the committed channel is closed".into()),
                 }
-                Err(TrySendError::Disconnected(_)) => return Err("the committed channel is closed".into()),
             }
         }
         Ok(())
