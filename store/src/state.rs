@@ -25,6 +25,20 @@ const SMALL_VALUE_BYTES_MAX: usize = 1024;
 const META_SCHEMA: &str = "schema";
 const META_APPLIED: &str = "applied";
 const META_GENESIS: &str = "genesis";
+const META_INSTALLING: &str = "installing";
+
+/// Batch bodies inlined in a state snapshot (the most recent ones).
+pub const SNAPSHOT_BODIES_MAX: u64 = 64;
+
+/// What [`Store::export_snapshot`] produces and [`Store::install_snapshot`] consumes.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct StateSnapshot {
+    pub applied: Applied,
+    /// Every non-meta key and value, batch records with an empty body reference.
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// (height, encoded body) of the most recent batches.
+    pub bodies: Vec<(u64, Vec<u8>)>,
+}
 
 /// Where the state is in the log and the chain: replay resumes after `index`, the next batch
 /// must have height `height + 1` and `prev_hash == header_hash`.
@@ -112,6 +126,11 @@ impl<K: Kv> Store<K> {
             }
             None => Applied::default(),
         };
+        if kv.get(tables.meta(META_INSTALLING).as_bytes())?.is_some() {
+            return Err(StoreError::Inconsistent(
+                "a snapshot install was interrupted; remove this replica's data directory and let it resync".into(),
+            ));
+        }
         let initialized = kv.get(tables.meta(META_GENESIS).as_bytes())?.is_some();
         let segments = Segments::open(segments_dir, BODY_SEGMENT_BYTES_MAX)?;
         Ok(Store { kv, segments, tables, applied, initialized })
@@ -335,6 +354,96 @@ impl<K: Kv> Store<K> {
             header: record.header,
             signature: record.signature,
         }))
+    }
+    /// A state snapshot for a follower that fell behind the compacted log: every key of every
+    /// table except the store's own meta, batch records with the bodies of the last
+    /// [`SNAPSHOT_BODIES_MAX`] batches inlined (older bodies stay with the replicas that executed
+    /// them; their headers and signatures travel), and the applied marker.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn export_snapshot(&self) -> Result<StateSnapshot, StoreError> {
+        let meta = self.tables.meta.0;
+        let batches = self.tables.batches.0;
+        let mut pairs = Vec::new();
+        let mut bodies = Vec::new();
+        for (k, v) in self.kv.scan_prefix(&[], usize::MAX)? {
+            if k.starts_with(&meta) {
+                continue;
+            }
+            if k.starts_with(&batches) {
+                let mut record: BatchRecord =
+                    decode(&v, BATCH_RECORD_BYTES_MAX).map_err(|e| StoreError::decode("batch record", e))?;
+                if record.header.height + SNAPSHOT_BODIES_MAX > self.applied.height {
+                    let r: SegmentRef = decode(&record.body_ref, SEGMENT_REF_BYTES)
+                        .map_err(|e| StoreError::decode("segment reference", e))?;
+                    bodies.push((record.header.height, self.segments.read(&r)?));
+                }
+                record.body_ref = Vec::new();
+                pairs.push((k, encode(&record)));
+                continue;
+            }
+            pairs.push((k, v));
+        }
+        Ok(StateSnapshot { applied: self.applied, pairs, bodies })
+    }
+
+    /// Replaces the whole state with `snap`, durably, before returning. A crash midway leaves
+    /// an "installing" marker that makes the next open refuse the store (it must be resynced).
+    ///
+    /// # Errors
+    /// Backend errors; [`StoreError::InvalidArgument`] for a snapshot behind this store.
+    pub fn install_snapshot(&mut self, snap: &StateSnapshot) -> Result<(), StoreError> {
+        if snap.applied.index <= self.applied.index {
+            return Err(StoreError::InvalidArgument(format!(
+                "snapshot at index {} is not ahead of the store at {}",
+                snap.applied.index, self.applied.index
+            )));
+        }
+        let installing = self.tables.meta(META_INSTALLING).into_bytes();
+        self.kv.write(&[WriteOp { key: installing.clone(), value: Some(vec![1]) }])?;
+        self.kv.sync_all()?;
+        let meta = self.tables.meta.0;
+        let old: Vec<Vec<u8>> = self
+            .kv
+            .scan_prefix(&[], usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !k.starts_with(&meta))
+            .collect();
+        for chunk in old.chunks(10_000) {
+            let ops: Vec<WriteOp> = chunk.iter().map(|k| WriteOp { key: k.clone(), value: None }).collect();
+            self.kv.write(&ops)?;
+        }
+        let bodies: BTreeMap<u64, &Vec<u8>> = snap.bodies.iter().map(|(h, b)| (*h, b)).collect();
+        let batches = self.tables.batches.0;
+        for chunk in snap.pairs.chunks(10_000) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            for (k, v) in chunk {
+                assert!(!k.starts_with(&meta), "snapshots carry no store meta");
+                let mut value = v.clone();
+                if k.starts_with(&batches) {
+                    let mut record: BatchRecord =
+                        decode(v, BATCH_RECORD_BYTES_MAX).map_err(|e| StoreError::decode("batch record", e))?;
+                    if let Some(body) = bodies.get(&record.header.height) {
+                        record.body_ref = encode(&self.segments.append(body)?);
+                        value = encode(&record);
+                    }
+                }
+                ops.push(WriteOp { key: k.clone(), value: Some(value) });
+            }
+            self.kv.write(&ops)?;
+        }
+        self.segments.sync()?;
+        self.kv.write(&[
+            self.applied_op(&snap.applied),
+            WriteOp { key: self.tables.meta(META_GENESIS).into_bytes(), value: Some(vec![1]) },
+            WriteOp { key: installing, value: None },
+        ])?;
+        self.kv.sync_all()?;
+        self.applied = snap.applied;
+        self.initialized = true;
+        Ok(())
     }
 
     /// Makes segments and kv durable; call before compacting the log past `applied().index`.
@@ -631,5 +740,28 @@ mod tests {
         assert_send::<crate::Wal>();
         assert_send_sync::<Store<MemKv>>();
         assert_send_sync::<Segments>();
+    }
+
+    #[test]
+    fn snapshot_install_reproduces_the_state_and_receipts() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut source = Store::open(&dir.path().join("a")).expect("open a");
+        let ids = scenario(&mut source);
+        let snap = source.export_snapshot().expect("export");
+        let bytes = encode(&snap);
+        let snap: StateSnapshot = decode(&bytes, usize::MAX).expect("snapshot round trip");
+
+        let mut target = Store::open(&dir.path().join("b")).expect("open b");
+        target.init_genesis(&[(pk(&key(9)), 1)]).expect("other genesis, to be replaced");
+        target.install_snapshot(&snap).expect("install");
+        assert_eq!(target.applied(), source.applied());
+        assert_eq!(target.balance(&pk(&key(9))).expect("read"), None, "old state is gone");
+        check_after_scenario(&target, &ids);
+        drop(target);
+        let reopened = Store::open(&dir.path().join("b")).expect("reopen");
+        check_after_scenario(&reopened, &ids);
+        // A snapshot that is not ahead is refused.
+        let mut again = reopened;
+        assert!(again.install_snapshot(&snap).is_err());
     }
 }
