@@ -459,7 +459,8 @@ impl Inner {
         let conn = Arc::new(Connection::connect(addr)?);
         match conn.call_timeout(ClientMessage::Status, self.opts.heartbeat_timeout)? {
             ServerMessage::Status(info) => {
-                if let Some(cid) = self.view.lock().cluster_id {
+                let known = self.view.lock().cluster_id;
+                if let Some(cid) = known {
                     if cid != info.cluster_id {
                         return Err(ClientError::Protocol {
                             addr: addr.to_string(),
@@ -718,7 +719,9 @@ impl Inner {
             if again.is_empty() || Instant::now() + backoff >= deadline {
                 break;
             }
-            if let (Some(e), Some(conn)) = (hint, self.conn.lock().clone()) {
+            // Bind first: an `if let` scrutinee would hold the lock through the body.
+            let current = self.conn.lock().clone();
+            if let (Some(e), Some(conn)) = (hint, current) {
                 self.follow_hint(&conn, e.leader_hint.as_deref());
             }
             std::thread::sleep(backoff);
@@ -832,5 +835,143 @@ mod tests {
     fn json_is_checked_before_sending() {
         assert!(check_json(r#"{"name": "Chapayev's Mustache comb"}"#).is_ok());
         assert_eq!(check_json("{nope").expect_err("bad").to_string(), "value is not valid JSON");
+    }
+}
+
+#[cfg(test)]
+mod failover_tests {
+    use super::*;
+    use crate::testkit::{cluster, FakeNode};
+    use tally_codec::wire::MemberInfo;
+
+    fn opts(heartbeat: bool) -> ClientOptions {
+        ClientOptions {
+            call_timeout: Duration::from_millis(700),
+            retry_total: Duration::from_secs(8),
+            heartbeat: heartbeat.then_some(Duration::from_millis(200)),
+            heartbeat_timeout: Duration::from_millis(500),
+        }
+    }
+
+    fn dead_member(node_id: u64) -> MemberInfo {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        drop(l);
+        MemberInfo { node_id, client_addr: addr, peer_addr: String::new(), matched_index: 0, is_voter: true }
+    }
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[8; 32])
+    }
+
+    fn next_event(rx: &Receiver<ClientEvent>, pred: impl Fn(&ClientEvent) -> bool) -> Option<ClientEvent> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(ev) if pred(&ev) => return Some(ev),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn heartbeat_moves_to_a_live_node_and_warns_about_a_minority() {
+        let a = FakeNode::start(1);
+        let b = FakeNode::start(2);
+        let dead = dead_member(3);
+        cluster(&[&a, &b], std::slice::from_ref(&dead), Some(&a));
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), opts(true)).expect("connect");
+        let r = client.report();
+        assert_eq!(r.addr, a.addr);
+        assert_eq!((r.leader_id, r.term), (Some(1), 7));
+        assert_eq!(r.known, vec![a.addr.clone(), b.addr.clone()]);
+        assert!(client.majority_warning().is_none(), "2 of 3 is a majority");
+        let doc = DocKey::from_random([1; 16]);
+        let c = client.set(doc, r#"{"x": 1}"#).expect("set");
+        assert_eq!(c.receipt.outcome, Outcome::DocCreated { revision: 1 });
+        c.receipt.verify(&PublicKey(crate::testkit::operator().verifying_key().to_bytes())).expect("receipt");
+
+        let events = client.events();
+        cluster(&[&b], &[a.member(), dead], Some(&b));
+        a.kill();
+        let ev = next_event(&events, |e| matches!(e, ClientEvent::Reconnected(_))).expect("reconnected");
+        assert_eq!(
+            ev.to_string(),
+            format!("Reconnected to tally cluster at {} (leader: node 2, term 7)\nKnown nodes:\n{}", b.addr, b.addr)
+        );
+        let ev = next_event(&events, |e| matches!(e, ClientEvent::MinorityWarning { .. })).expect("warning");
+        assert_eq!(ev, ClientEvent::MinorityWarning { reachable: 1, configured: 3, needed: 2 });
+        // And the client keeps working on the new node.
+        assert!(client.set(doc, r#"{"x": 2}"#).is_ok());
+        assert_eq!(b.state.seen.lock().len(), 1);
+    }
+
+    #[test]
+    fn in_flight_write_is_resent_with_the_same_bytes_after_the_node_dies() {
+        let a = FakeNode::start(1);
+        let b = FakeNode::start(2);
+        cluster(&[&a, &b], &[], Some(&a));
+        let mut o = opts(false);
+        o.call_timeout = Duration::from_secs(5);
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), o).expect("connect");
+        a.state.swallow.store(true, Ordering::Release);
+        let doc = DocKey::from_random([2; 16]);
+        let started = Instant::now();
+        let result = std::thread::scope(|s| {
+            let h = s.spawn(|| client.set(doc, "[1, 2]"));
+            std::thread::sleep(Duration::from_millis(300));
+            a.kill();
+            h.join().expect("join")
+        });
+        let c = result.expect("retried on b");
+        assert!(started.elapsed() < Duration::from_secs(4), "retry waited for the call timeout");
+        assert_eq!(*a.state.seen.lock(), vec![c.request_id]);
+        assert_eq!(*b.state.seen.lock(), vec![c.request_id]);
+        assert_eq!(client.report().addr, b.addr);
+    }
+
+    #[test]
+    fn hung_node_times_out_and_not_leader_is_followed() {
+        let a = FakeNode::start(1);
+        let b = FakeNode::start(2);
+        cluster(&[&a, &b], &[], Some(&a));
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), opts(false)).expect("connect");
+        a.state.swallow.store(true, Ordering::Release);
+        let c = client.set(DocKey::from_random([3; 16]), "{}").expect("timed out on a, committed on b");
+        assert_eq!(*b.state.seen.lock(), vec![c.request_id]);
+
+        // b now says a is the leader; a answers again.
+        a.state.swallow.store(false, Ordering::Release);
+        *b.state.not_leader_hint.lock() = Some(a.addr.clone());
+        let c = client.set(DocKey::from_random([4; 16]), "{}").expect("followed the hint");
+        assert!(a.state.seen.lock().contains(&c.request_id));
+        assert_eq!(client.report().addr, a.addr);
+    }
+
+    #[test]
+    fn no_node_gives_failed_to_write() {
+        let a = FakeNode::start(1);
+        cluster(&[&a], &[], Some(&a));
+        let mut o = opts(false);
+        o.retry_total = Duration::from_secs(1);
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), o).expect("connect");
+        a.kill();
+        let err = client.set(DocKey::from_random([5; 16]), "{}").expect_err("nobody serves");
+        assert!(err.to_string().starts_with("Failed to write"), "{err}");
+        let err = client.get(DocKey::from_random([5; 16]), false).expect_err("nobody serves");
+        assert!(err.to_string().starts_with("Failed to read"), "{err}");
+    }
+
+    #[test]
+    fn rejected_and_refused_writes_are_errors_with_the_code_message() {
+        let a = FakeNode::start(1);
+        cluster(&[&a], &[], Some(&a));
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), opts(false)).expect("connect");
+        let err = client.transfer(PublicKey([9; 32]), 5).expect_err("fake node rejects transfers");
+        assert_eq!(err.to_string(), "insufficient funds");
+        assert!(matches!(err, ClientError::Rejected { .. }));
+        assert!(matches!(client.set(DocKey::from_random([6; 16]), "nope"), Err(ClientError::InvalidJson)));
     }
 }

@@ -23,6 +23,9 @@ pub mod receipt_file;
 pub mod repl;
 pub mod up;
 
+#[cfg(test)]
+mod testkit;
+
 pub use client::{Client, ClientEvent, ClientOptions, Committed, ConnectionReport};
 pub use cluster::{cluster_init, ClusterLayout};
 pub use connection::{Connection, PendingReply};

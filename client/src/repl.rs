@@ -419,3 +419,50 @@ mod tests {
         assert_eq!(strip_single_quotes("x"), "x");
     }
 }
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+    use crate::client::ClientOptions;
+    use crate::testkit::{cluster, FakeNode};
+
+    #[test]
+    fn design_session_output_against_a_fake_node() {
+        let a = FakeNode::start(1);
+        cluster(&[&a], &[], Some(&a));
+        let key = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let client = Client::connect(std::slice::from_ref(&a.addr), key, ClientOptions::default()).expect("connect");
+        let script = [
+            r#"SET 12345 '{"name": "Chapayev's Mustache comb"}'"#,
+            r#"SET 0d5d3807-5fbf-4228-a657-5a091c4e497f '{"name": "Chapayev's Mustache comb"}'"#,
+            "GET 0d5d3807-5fbf-4228-a657-5a091c4e497f",
+            r#"set 0d5d3807-5fbf-4228-a657-5a091c4e497f {"v": 2}"#,
+            "DELETE 0d5d3807-5fbf-4228-a657-5a091c4e497f",
+            "GET 0d5d3807-5fbf-4228-a657-5a091c4e497f",
+            "delete 0d5d3807-5fbf-4228-a657-5a091c4e497f",
+            "BALANCE",
+        ];
+        let mut out = Vec::new();
+        for line in script {
+            match parse_line(line) {
+                Ok(cmd) => {
+                    execute(&client, cmd, &mut out).expect("write");
+                }
+                Err(msg) => writeln!(out, "Error: {msg}").expect("write"),
+            }
+        }
+        let text = String::from_utf8(out).expect("utf8");
+        assert_eq!(
+            text,
+            "Error: Key is not a proper UUID4\n\
+             Created (3 replicas)\n\
+             '{\"name\": \"Chapayev's Mustache comb\"}'\n\
+             Updated (3 replicas)\n\
+             Deleted (3 replicas)\n\
+             Not found\n\
+             Not found\n\
+             5\n"
+        );
+        assert!(!execute(&client, ReplCommand::Quit, &mut Vec::new()).expect("quit"));
+    }
+}
