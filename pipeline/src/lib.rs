@@ -17,6 +17,7 @@ pub mod s4_sequence;
 pub mod s5_commit;
 pub mod s6_confirm;
 pub mod s7_signatures;
+pub mod snapshots;
 pub mod state;
 
 pub use node::{Node, NodeOptions};

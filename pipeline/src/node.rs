@@ -129,6 +129,14 @@ pub struct Shared {
     progress_cv: Condvar,
     stopping: AtomicBool,
     pub connections: AtomicUsize,
+    /// Set while the confirm thread holds an entry taken from the committed channel.
+    pub confirm_busy: AtomicBool,
+    /// The committed channel's receiving end, to tell when it is drained (snapshot installs).
+    pub committed_rx: Receiver<Committed>,
+    /// A new chain head for the confirm thread after a snapshot install.
+    pub head_reset: Mutex<Option<ChainHead>>,
+    /// Term of the entry at the store's applied index; written under the store lock.
+    pub applied_term: std::sync::atomic::AtomicU64,
     me: Weak<Shared>,
 }
 
@@ -163,6 +171,37 @@ impl Shared {
         assert!(c.height > p.committed.height || p.committed.height == 0, "commits go forward");
         p.committed = c;
     }
+    /// After a snapshot install: the commit point is at least the snapshot, and the executed ids
+    /// come from the installed request index.
+    pub fn after_install(&self, a: Applied) {
+        {
+            let mut p = self.progress.lock();
+            if p.committed.index < a.index {
+                p.committed = a;
+            }
+        }
+        let now_ms = crate::s1_receive::wall_ms();
+        let store = self.store.lock();
+        let mut seen = SeenIds::default();
+        match store.kv_scan(&self.tables.requests.0) {
+            Ok(pairs) => {
+                for (k, v) in pairs {
+                    let (Ok(id), Ok(loc)) = (
+                        <[u8; 32]>::try_from(&k[4..]).map(tally_codec::RequestId),
+                        tally_codec::decode::<RequestLocation>(&v, 64),
+                    ) else {
+                        continue;
+                    };
+                    if loc.expires_at_ms >= now_ms {
+                        seen.insert(id, loc);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot rebuild seen ids after a snapshot"),
+        }
+        *self.seen.lock() = seen;
+    }
+
     pub fn set_applied(&self, a: Applied) {
         let mut p = self.progress.lock();
         assert!(a.index >= p.applied.index && a.height >= p.applied.height, "applied goes forward");
@@ -225,7 +264,16 @@ pub struct Node {
 }
 
 /// Builds the replicator once the committed channel exists: `(committed_tx, applied_index)`.
-pub type ReplicatorFactory<'a> = Box<dyn FnOnce(Sender<Committed>, u64) -> Result<Arc<dyn Replicator>, String> + 'a>;
+/// Builds the replicator once the committed channel exists:
+/// `(committed_tx, applied_index, state snapshots)`.
+pub type ReplicatorFactory<'a> = Box<
+    dyn FnOnce(
+            Sender<Committed>,
+            u64,
+            Arc<dyn tally_failover::snapshot::StateSnapshots>,
+        ) -> Result<Arc<dyn Replicator>, String>
+        + 'a,
+>;
 
 impl Node {
     /// Starts every stage. The store must already hold genesis.
@@ -262,6 +310,10 @@ impl Node {
             progress_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            confirm_busy: AtomicBool::new(false),
+            committed_rx: committed_rx.clone(),
+            head_reset: Mutex::new(None),
+            applied_term: std::sync::atomic::AtomicU64::new(0),
             me: me.clone(),
         });
         rebuild_seen_ids(&shared, env.wall_ms());
@@ -275,7 +327,8 @@ impl Node {
             let s = shared.clone();
             move || crate::s7_signatures::run(s, store_rx)
         })?);
-        let replicator = make_replicator(committed_tx, applied.index)?;
+        let snapshots = Arc::new(crate::snapshots::PipelineSnapshots { shared: Arc::downgrade(&shared) });
+        let replicator = make_replicator(committed_tx, applied.index, snapshots)?;
         if shared.replicator.set(replicator).is_err() {
             return Err("replicator set twice".into());
         }
@@ -320,7 +373,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 
 /// After a restart, reload the ids of recent batches whose requests have not expired, so a
 /// retry across the restart still gets its original receipt. Bounded by the expiry window.
-fn rebuild_seen_ids(shared: &Shared, now_ms: u64) {
+pub fn rebuild_seen_ids(shared: &Shared, now_ms: u64) {
     let window_start = now_ms.saturating_sub(crate::s2_validate::EXPIRY_WINDOW_MAX_MS);
     let store = shared.store.lock();
     let mut seen = shared.seen.lock();

@@ -15,8 +15,21 @@ use tally_failover::{Committed, EntryKind};
 
 /// Work for the store thread.
 pub enum ToStore {
-    Batch { index: u64, entry: Box<BatchEntry>, signature: tally_codec::Signature },
-    Noop { index: u64 },
+    Batch {
+        index: u64,
+        term: u64,
+        entry: Box<BatchEntry>,
+        signature: tally_codec::Signature,
+    },
+    Noop {
+        index: u64,
+        term: u64,
+    },
+    /// Replace the state with a snapshot from the leader.
+    Install {
+        snapshot: Box<tally_store::state::StateSnapshot>,
+        term: u64,
+    },
 }
 
 /// The confirmed chain head, checked against every committed batch.
@@ -28,11 +41,17 @@ pub struct ChainHead {
 
 pub fn run(shared: Arc<Shared>, committed_rx: crossbeam::channel::Receiver<Committed>, mut head: ChainHead) {
     while let Ok(c) = committed_rx.recv() {
+        shared.confirm_busy.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(h) = shared.head_reset.lock().take() {
+            head = h;
+        }
         let msg = match c.kind {
-            EntryKind::Noop => ToStore::Noop { index: c.index },
+            EntryKind::Noop => ToStore::Noop { index: c.index, term: c.term },
             EntryKind::Batch => confirm_batch(&shared, &mut head, c),
         };
-        if shared.store_tx.send(msg).is_err() {
+        let sent = shared.store_tx.send(msg);
+        shared.confirm_busy.store(false, std::sync::atomic::Ordering::Release);
+        if sent.is_err() {
             return;
         }
     }
@@ -96,7 +115,7 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
         }
     }
     metrics::histogram!("tally_stage6_confirm_ms").record(started.elapsed().as_secs_f64() * 1e3);
-    ToStore::Batch { index: c.index, entry: Box::new(entry), signature }
+    ToStore::Batch { index: c.index, term: c.term, entry: Box::new(entry), signature }
 }
 
 fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signature: &tally_codec::Signature) {

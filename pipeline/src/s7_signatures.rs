@@ -21,9 +21,12 @@ pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
         let started = Instant::now();
         let applied = {
             let mut store = shared.store.lock();
-            let result = match &msg {
-                ToStore::Batch { index, entry, signature } => store.apply_batch(*index, entry, signature),
-                ToStore::Noop { index } => store.apply_noop(*index),
+            let (result, term) = match &msg {
+                ToStore::Batch { index, term, entry, signature } => {
+                    (store.apply_batch(*index, entry, signature), *term)
+                }
+                ToStore::Noop { index, term } => (store.apply_noop(*index), *term),
+                ToStore::Install { snapshot, term } => (store.install_snapshot(snapshot), *term),
             };
             if let Err(e) = result {
                 // The log still holds the batch; a restart replays it. Refusing to go on is
@@ -32,9 +35,13 @@ pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
                 shared.poison(format!("store apply failed: {e}"));
                 return;
             }
+            shared.applied_term.store(term, std::sync::atomic::Ordering::Release);
             let a = store.applied();
             Applied { index: a.index, height: a.height }
         };
+        if let ToStore::Install { .. } = msg {
+            shared.after_install(applied);
+        }
         shared.set_applied(applied);
         metrics::histogram!("tally_store_apply_ms").record(started.elapsed().as_secs_f64() * 1e3);
         metrics::gauge!("tally_applied_height").set(applied.height as f64);

@@ -160,6 +160,14 @@ impl<K: Kv> Store<K> {
     }
 
     /// The underlying kv, for snapshots and debugging tools.
+    /// Every key and value of one table (by table id prefix), in key order.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn kv_scan(&self, table: &[u8; 4]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.kv.scan_prefix(table, usize::MAX)
+    }
+
     pub fn kv(&self) -> &K {
         &self.kv
     }

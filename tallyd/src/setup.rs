@@ -8,7 +8,9 @@ use tally_codec::config::NodeConfig;
 use tally_codec::genesis::Genesis;
 use tally_codec::{ClusterId, PublicKey};
 use tally_failover::env::SystemEnv;
+use tally_failover::node::{RaftConfig, RaftReplicator};
 use tally_failover::solo::SoloReplicator;
+use tally_failover::Member;
 use tally_pipeline::{Node, NodeOptions};
 use tally_store::state::Store;
 use tally_store::wal::{Wal, WalOptions};
@@ -79,6 +81,39 @@ pub fn single_replica_config(
         fsync: true,
     })
 }
+
+/// Raft settings from the node config. Peers must agree on the timing and the genesis, so both
+/// go into the fingerprint the handshake compares.
+fn raft_config(cfg: &NodeConfig, genesis_text: &[u8]) -> RaftConfig {
+    let timing = RaftConfig::timing_fingerprint(cfg.tick_ms, cfg.election_ticks, cfg.heartbeat_ticks);
+    let mut h = blake3::Hasher::new();
+    h.update(&timing);
+    h.update(blake3::hash(genesis_text).as_bytes());
+    RaftConfig {
+        node_id: cfg.node_id,
+        peers: cfg
+            .peers
+            .iter()
+            .map(|p| Member {
+                node_id: p.node_id,
+                client_addr: p.client.clone(),
+                peer_addr: p.peer.clone(),
+                is_voter: true,
+                matched_index: 0,
+            })
+            .collect(),
+        peer_listen: cfg.peer_listen.clone(),
+        tick_ms: cfg.tick_ms,
+        election_ticks: cfg.election_ticks,
+        heartbeat_ticks: cfg.heartbeat_ticks,
+        cluster_id: cfg.cluster_id.clone(),
+        config_fingerprint: *h.finalize().as_bytes(),
+        log_retain_entries: LOG_RETAIN_ENTRIES,
+    }
+}
+
+/// Log entries kept behind the durable store so a lagging follower catches up from the log.
+pub const LOG_RETAIN_ENTRIES: u64 = 10_000;
 
 fn write_secret(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
@@ -159,17 +194,30 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     };
     let node_id = cfg.node_id;
     let client_addr = cfg.listen.clone();
-    if cfg.peers.len() > 1 {
-        return Err("multi-replica clusters are not wired into tallyd yet".into());
-    }
+    let genesis_text = std::fs::read(&cfg.genesis_file).map_err(|e| format!("cannot read genesis: {e}"))?;
+    let raft_cfg = raft_config(&cfg, &genesis_text);
+    let multi = cfg.peers.len() > 1 || !cfg.peers.iter().any(|p| p.node_id == cfg.node_id) && !cfg.peers.is_empty();
     let node = Node::start(
         opts,
         store,
         Box::new(SystemEnv::new(None)),
-        Box::new(move |committed_tx, applied_index| {
-            let r = SoloReplicator::start(node_id, client_addr, wal, applied_index, committed_tx)
-                .map_err(|e| e.to_string())?;
-            Ok(Arc::new(r) as Arc<dyn tally_failover::Replicator>)
+        Box::new(move |committed_tx, applied_index, snapshots| {
+            if multi {
+                let r = RaftReplicator::start(
+                    raft_cfg,
+                    wal,
+                    applied_index,
+                    Box::new(SystemEnv::new(None)),
+                    committed_tx,
+                    snapshots,
+                )
+                .map_err(|e| format!("replication: {e}"))?;
+                Ok(Arc::new(r) as Arc<dyn tally_failover::Replicator>)
+            } else {
+                let r = SoloReplicator::start(node_id, client_addr, wal, applied_index, committed_tx)
+                    .map_err(|e| e.to_string())?;
+                Ok(Arc::new(r) as Arc<dyn tally_failover::Replicator>)
+            }
         }),
     )?;
     tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");

@@ -1,0 +1,70 @@
+//! State transfer for Raft snapshots: the leader exports its store; a follower that fell behind
+//! the compacted log installs it, ordered after every committed entry it already received.
+
+use crate::node::Shared;
+use crate::s6_confirm::{ChainHead, ToStore};
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+use tally_failover::snapshot::{SnapshotSink, SnapshotSource};
+use tally_store::state::StateSnapshot;
+
+/// How long an install waits for the pipeline to drain and apply.
+pub const INSTALL_WAIT: Duration = Duration::from_secs(60);
+
+pub struct PipelineSnapshots {
+    pub shared: Weak<Shared>,
+}
+
+impl SnapshotSource for PipelineSnapshots {
+    fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
+        let shared = self.shared.upgrade().ok_or("node stopped")?;
+        let store = shared.store.lock();
+        let snap = store.export_snapshot().map_err(|e| format!("snapshot export: {e}"))?;
+        let term = shared.applied_term.load(Ordering::Acquire);
+        let bytes = tally_codec::encode(&snap);
+        tracing::info!(
+            index = snap.applied.index,
+            height = snap.applied.height,
+            bytes = bytes.len(),
+            "state snapshot exported"
+        );
+        Ok((snap.applied.index, term, bytes))
+    }
+}
+
+impl SnapshotSink for PipelineSnapshots {
+    fn install(&self, index: u64, term: u64, data: &[u8]) -> Result<(), String> {
+        let shared = self.shared.upgrade().ok_or("node stopped")?;
+        let snap: StateSnapshot =
+            tally_codec::decode(data, usize::MAX).map_err(|e| format!("snapshot does not decode: {e}"))?;
+        if snap.applied.index != index {
+            return Err(format!("snapshot data is at index {}, Raft says {index}", snap.applied.index));
+        }
+        // Every earlier committed entry was sent before this call: wait until the confirm thread
+        // has passed all of them to the store thread, whose queue then orders the install.
+        let deadline = Instant::now() + INSTALL_WAIT;
+        while !shared.committed_rx.is_empty() || shared.confirm_busy.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                return Err("pipeline did not drain before the snapshot install".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        crate::s5_commit::fail_all_pending(&shared, tally_codec::ErrorCode::Retry);
+        *shared.head_reset.lock() = Some(ChainHead {
+            height: snap.applied.height,
+            hash: snap.applied.header_hash,
+            state_digest: snap.applied.state_digest,
+        });
+        tracing::info!(index, height = snap.applied.height, "installing state snapshot");
+        shared
+            .store_tx
+            .send(ToStore::Install { snapshot: Box::new(snap), term })
+            .map_err(|_| "store thread stopped")?;
+        if shared.wait_applied_index(index, INSTALL_WAIT) {
+            Ok(())
+        } else {
+            Err(format!("snapshot at {index} was not applied in time"))
+        }
+    }
+}
