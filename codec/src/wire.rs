@@ -44,6 +44,12 @@ pub enum ClientMessage {
     ClusterRemove {
         node_id: u64,
     },
+    /// One committed batch as this replica stores it (auditing, invariant checks).
+    Batch {
+        height: u64,
+    },
+    /// Totals over this replica's state (invariant I4).
+    Audit,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
@@ -54,6 +60,8 @@ pub enum ServerMessage {
     Balance(Option<u64>),
     Status(StatusInfo),
     Receipt(Option<Receipt>),
+    Batch(Option<BatchInfo>),
+    Audit(AuditInfo),
     Done,
     Error(WireError),
 }
@@ -89,6 +97,27 @@ impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
+}
+
+/// Totals over one replica's applied state, read in one consistent pass.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct AuditInfo {
+    pub applied_height: u64,
+    pub state_digest: crate::Digest,
+    pub accounts: u64,
+    pub balance_total: u128,
+    pub documents: u64,
+}
+
+/// A committed batch: signed header and, where this replica holds the body, its leaves.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BatchInfo {
+    pub header: crate::BatchHeader,
+    pub signature: crate::Signature,
+    /// False on a replica that installed a snapshot past this height (bodies stay behind).
+    pub body_available: bool,
+    pub request_ids: Vec<RequestId>,
+    pub outcomes: Vec<crate::Outcome>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]

@@ -124,6 +124,11 @@ fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envel
                 Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, format!("store read failed: {e}"))),
             },
         },
+        ClientMessage::Audit => match crate::s7_signatures::audit(shared) {
+            Ok(a) => ServerMessage::Audit(a),
+            Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
+        },
+        ClientMessage::Batch { height } => ServerMessage::Batch(crate::s7_signatures::batch_info(shared, height)),
         ClientMessage::Receipt { id: rid } => {
             ServerMessage::Receipt(crate::s7_signatures::stored_receipt(shared, &rid))
         }

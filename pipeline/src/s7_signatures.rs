@@ -56,6 +56,46 @@ pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
     }
 }
 
+/// Sums over the applied state under the store lock (one consistent view).
+///
+/// # Errors
+/// Store read failures.
+pub fn audit(shared: &Shared) -> Result<tally_codec::wire::AuditInfo, String> {
+    let store = shared.store.lock();
+    let applied = store.applied();
+    let accounts = store.kv_scan(&shared.tables.accounts.0).map_err(|e| e.to_string())?;
+    let mut balance_total: u128 = 0;
+    for (_, v) in &accounts {
+        balance_total += u128::from(tally_codec::decode::<u64>(v, 8).map_err(|e| e.to_string())?);
+    }
+    let documents = store.kv_scan(&shared.tables.docs.0).map_err(|e| e.to_string())?.len() as u64;
+    Ok(tally_codec::wire::AuditInfo {
+        applied_height: applied.height,
+        state_digest: applied.state_digest,
+        accounts: accounts.len() as u64,
+        balance_total,
+        documents,
+    })
+}
+
+/// A stored batch with its leaves, for auditors and invariant checks.
+pub fn batch_info(shared: &Shared, height: u64) -> Option<tally_codec::wire::BatchInfo> {
+    let store = shared.store.lock();
+    let record = store.batch(height).ok()??;
+    let body = if record.body_ref.is_empty() { None } else { store.batch_body(&record).ok() };
+    let (request_ids, outcomes) = match &body {
+        Some(b) => (b.requests.iter().map(tally_codec::SignedRequest::id).collect(), b.outcomes.clone()),
+        None => (Vec::new(), Vec::new()),
+    };
+    Some(tally_codec::wire::BatchInfo {
+        header: record.header,
+        signature: record.signature,
+        body_available: body.is_some(),
+        request_ids,
+        outcomes,
+    })
+}
+
 /// Builds the receipt of an executed request from the stored batch and signature.
 pub fn stored_receipt(shared: &Shared, id: &RequestId) -> Option<Receipt> {
     match shared.store.lock().receipt(id) {
