@@ -141,12 +141,95 @@ fn strict(
     }
 }
 
-/// R must decompress to a point whose canonical encoding is the given bytes and is not of
-/// small order; `verify_strict` enforces this, `verify_batch` does not.
+/// R must be the canonical encoding of a point that is not of small order; `verify_strict`
+/// enforces this, `verify_batch` does not. Checked on the bytes (no point decompression): `y < p`,
+/// no "negative zero" x, and not one of the eight small-order points' encodings. A `y` that is
+/// not on the curve at all fails the batch equation anyway.
 fn r_is_canonical(sig: &Signature) -> bool {
     let r = sig.r_bytes();
-    match curve25519_dalek::edwards::CompressedEdwardsY(*r).decompress() {
-        Some(point) => point.compress().as_bytes() == r && !point.is_small_order(),
-        None => false,
+    let sign = r[31] >> 7;
+    let mut y = *r;
+    y[31] &= 0x7f;
+    // p = 2^255 - 19, little-endian: ed ff .. ff 7f
+    let y_ge_p = y[31] == 0x7f && y[1..31].iter().all(|b| *b == 0xff) && y[0] >= 0xed;
+    if y_ge_p {
+        return false;
+    }
+    // x = 0 exactly when y = 1 or y = p - 1; then the sign bit must be 0.
+    let y_is_one = y[0] == 1 && y[1..].iter().all(|b| *b == 0);
+    let y_is_p_minus_one = y[31] == 0x7f && y[1..31].iter().all(|b| *b == 0xff) && y[0] == 0xec;
+    if sign == 1 && (y_is_one || y_is_p_minus_one) {
+        return false;
+    }
+    !small_order_encodings().contains(r)
+}
+
+fn small_order_encodings() -> &'static [[u8; 32]; 8] {
+    static ENCODINGS: std::sync::OnceLock<[[u8; 32]; 8]> = std::sync::OnceLock::new();
+    ENCODINGS.get_or_init(|| curve25519_dalek::constants::EIGHT_TORSION.map(|p| p.compress().to_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+
+    /// The byte-level check agrees with decompress/compress/is_small_order on every R that
+    /// decompresses, including the edge encodings.
+    #[test]
+    fn r_check_matches_point_arithmetic() {
+        let reference = |r: &[u8; 32]| match CompressedEdwardsY(*r).decompress() {
+            Some(p) => Some(p.compress().as_bytes() == r && !p.is_small_order()),
+            None => None,
+        };
+        let mut cases: Vec<[u8; 32]> = Vec::new();
+        for p in curve25519_dalek::constants::EIGHT_TORSION {
+            let mut b = p.compress().to_bytes();
+            cases.push(b);
+            b[31] ^= 0x80;
+            cases.push(b);
+        }
+        let mut p_minus_one = [0xffu8; 32];
+        p_minus_one[0] = 0xec;
+        p_minus_one[31] = 0x7f;
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for base in [p_minus_one, one] {
+            cases.push(base);
+            let mut b = base;
+            b[31] |= 0x80;
+            cases.push(b);
+        }
+        // y >= p encodings, with and without the sign bit.
+        for low in [0xedu8, 0xee, 0xf0, 0xff] {
+            let mut b = [0xffu8; 32];
+            b[0] = low;
+            b[31] = 0x7f;
+            cases.push(b);
+            b[31] = 0xff;
+            cases.push(b);
+        }
+        // Real signatures' R values.
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        for i in 0..200u32 {
+            use ed25519_dalek::Signer;
+            let sig = key.sign(&i.to_le_bytes());
+            cases.push(*sig.r_bytes());
+        }
+        let mut checked = 0;
+        for r in cases {
+            if let Some(expected) = reference(&r) {
+                let mut sig_bytes = [0u8; 64];
+                sig_bytes[..32].copy_from_slice(&r);
+                let sig = Signature::from_bytes(&sig_bytes);
+                assert_eq!(r_is_canonical(&sig), expected, "R = {}", hex_of(&r));
+                checked += 1;
+            }
+        }
+        assert!(checked > 200, "only {checked} cases decompressed");
+    }
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 }
