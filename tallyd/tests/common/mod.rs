@@ -18,6 +18,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, addr: &str, log: &Path) -> Daemon {
+        let d = Daemon::spawn(config, addr, log);
+        d.wait_ready(Duration::from_secs(20));
+        d
+    }
+
+    /// Starts the process without waiting for it to know a leader (a cluster's first node
+    /// cannot elect one alone).
+    pub fn spawn(config: &Path, addr: &str, log: &Path) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .arg("--config")
@@ -26,10 +34,11 @@ impl Daemon {
             .stderr(Stdio::from(log_file))
             .spawn()
             .expect("spawn tallyd");
-        let d =
-            Daemon { child: Some(child), config: config.to_path_buf(), addr: addr.to_string(), log: log.to_path_buf() };
-        d.wait_ready(Duration::from_secs(20));
-        d
+        Daemon { child: Some(child), config: config.to_path_buf(), addr: addr.to_string(), log: log.to_path_buf() }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn pid(&self) -> u32 {
@@ -121,14 +130,19 @@ pub fn init_cluster(nodes: usize, accounts: usize) -> (tempfile::TempDir, Cluste
     (dir, layout)
 }
 
+/// Starts every node of `layout`, then waits until each knows a leader.
 pub fn start_all(layout: &ClusterLayout) -> Vec<Daemon> {
-    layout
+    let nodes: Vec<Daemon> = layout
         .config_paths
         .iter()
         .zip(&layout.configs)
         .enumerate()
-        .map(|(i, (p, c))| Daemon::start(p, &c.listen, &layout.dir.join(format!("node-{}.log", i + 1))))
-        .collect()
+        .map(|(i, (p, c))| Daemon::spawn(p, &c.listen, &layout.dir.join(format!("node-{}.log", i + 1))))
+        .collect();
+    for d in &nodes {
+        d.wait_ready(Duration::from_secs(30));
+    }
+    nodes
 }
 
 pub fn account_key(layout: &ClusterLayout, j: usize) -> ed25519_dalek::SigningKey {
@@ -141,4 +155,279 @@ pub fn client(layout: &ClusterLayout, j: usize) -> Client {
 
 pub fn operator(layout: &ClusterLayout) -> tally_codec::PublicKey {
     tally_codec::PublicKey::from_hex(&layout.operator_public).expect("operator key")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster helpers (multi-process tests).
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tally_codec::wire::{ClientMessage, ServerMessage, StatusInfo, SubmitReply};
+use tally_codec::{BatchHeader, Operation, PublicKey, Receipt, RequestId};
+
+/// Money in genesis: every account starts with this much.
+pub const GENESIS_BALANCE: u128 = tally_client::cluster::GENESIS_BALANCE as u128;
+
+/// Status of one replica, or `None` if it does not answer within ~1 s.
+pub fn status_of(addr: &str) -> Option<StatusInfo> {
+    let conn = tally_client::Connection::connect_timeout(addr, Duration::from_millis(500)).ok()?;
+    match conn.call_timeout(ClientMessage::Status, Duration::from_millis(1000)).ok()? {
+        ServerMessage::Status(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The replica among `nodes` (by index) that says it leads, in the highest term seen.
+pub fn find_leader(nodes: &[Daemon]) -> Option<(usize, StatusInfo)> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.is_running())
+        .filter_map(|(i, d)| status_of(&d.addr).map(|s| (i, s)))
+        .filter(|(_, s)| s.leader_id == Some(s.node_id))
+        .max_by_key(|(_, s)| s.term)
+}
+
+/// Waits up to `timeout` for a leader among the running `nodes`.
+pub fn wait_leader(nodes: &[Daemon], timeout: Duration) -> (usize, StatusInfo) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = find_leader(nodes) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no leader within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Client addresses of the running nodes.
+pub fn running_addrs(nodes: &[Daemon]) -> Vec<String> {
+    nodes.iter().filter(|d| d.is_running()).map(|d| d.addr.clone()).collect()
+}
+
+/// Client options for writers: fail fast, so a writer thread notices stops promptly.
+pub fn short_opts() -> ClientOptions {
+    ClientOptions {
+        retry_total: Duration::from_secs(2),
+        call_timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    }
+}
+
+pub fn fresh_key() -> PublicKey {
+    PublicKey(tally_client::keyfile::generate_key().verifying_key().to_bytes())
+}
+
+/// A background writer: frames of `frame` transfers of 1 from one funded account to fresh
+/// keys; every `Committed` receipt is recorded.
+pub struct Writer {
+    pub acked: Arc<Mutex<HashMap<RequestId, Receipt>>>,
+    pub frames_failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// `threads` writer threads share one client of `key`.
+    pub fn start(addrs: &[String], key: ed25519_dalek::SigningKey, frame: usize, threads: usize) -> Writer {
+        Writer::start_with(addrs, key, frame, threads, short_opts())
+    }
+
+    pub fn start_with(
+        addrs: &[String],
+        key: ed25519_dalek::SigningKey,
+        frame: usize,
+        threads: usize,
+        opts: ClientOptions,
+    ) -> Writer {
+        let client = Arc::new(Client::connect(addrs, key, opts).expect("writer connects"));
+        let acked: Arc<Mutex<HashMap<RequestId, Receipt>>> = Arc::default();
+        let frames_failed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let (client, acked, failed, stop) =
+                    (client.clone(), acked.clone(), frames_failed.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        let reqs: Vec<_> = (0..frame)
+                            .map(|_| client.sign(Operation::Transfer { to: fresh_key(), amount: 1 }).expect("sign"))
+                            .collect();
+                        match client.submit(reqs) {
+                            Ok(replies) => {
+                                let mut a = acked.lock();
+                                for r in replies {
+                                    if let SubmitReply::Committed { receipt, .. } = r {
+                                        a.insert(receipt.request_id(), *receipt);
+                                    }
+                                }
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writer { acked, frames_failed, stop, threads }
+    }
+
+    pub fn acked_len(&self) -> usize {
+        self.acked.lock().len()
+    }
+
+    /// Stops the threads (each finishes its frame) and returns every acknowledged receipt.
+    pub fn finish(mut self) -> HashMap<RequestId, Receipt> {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            t.join().expect("writer thread");
+        }
+        self.acked.lock().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Waits until `cond` holds, polling every 50 ms; false after `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the invariant checker over `addrs` and panics with every violation.
+pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashMap<RequestId, Receipt>) {
+    assert!(
+        tally_chaos::checker::wait_converged(addrs, Duration::from_secs(30)),
+        "replicas {addrs:?} did not converge: {:?}",
+        addrs
+            .iter()
+            .map(|a| status_of(a).map(|s| (s.node_id, s.committed_height, s.applied_height)))
+            .collect::<Vec<_>>()
+    );
+    let supply = GENESIS_BALANCE * layout.account_keys.len() as u128;
+    let v = tally_chaos::checker::check(addrs, &operator(layout), acked, supply);
+    eprintln!(
+        "check: {} heights, {} replicas, {} requests in history, {} acknowledged, {} violations",
+        v.heights,
+        v.replicas,
+        v.requests_in_history,
+        v.acknowledged,
+        v.violations.len()
+    );
+    for x in v.violations.iter().take(50) {
+        eprintln!("  violation: {x}");
+    }
+    assert!(v.ok(), "{} invariant violations (first: {:?})", v.violations.len(), v.violations.first());
+    assert!(v.acknowledged == 0 || v.requests_in_history >= v.acknowledged);
+}
+
+/// The header at `height` as `addr` stores it.
+pub fn header_at(addr: &str, height: u64) -> Option<BatchHeader> {
+    let conn = tally_client::Connection::connect_timeout(addr, Duration::from_secs(1)).ok()?;
+    match conn.call_timeout(ClientMessage::Batch { height }, Duration::from_secs(5)).ok()? {
+        ServerMessage::Batch(Some(b)) => Some(b.header),
+        _ => None,
+    }
+}
+
+/// Writes a node config where `tallyd --config` reads it.
+pub fn write_config(path: &Path, cfg: &tally_codec::config::NodeConfig) {
+    std::fs::write(path, toml::to_string_pretty(cfg).expect("toml")).expect("write config");
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Prints the tail of every node log (for failures).
+pub fn dump_logs(nodes: &[Daemon]) {
+    for d in nodes {
+        let t = d.log_text();
+        let tail: Vec<&str> = t.lines().rev().take(30).collect();
+        eprintln!("---- {} ({}) ----", d.log.display(), d.addr);
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+}
+
+/// Submits one transfer at a time to each of `addrs` directly (no client-library retry or
+/// backoff), so a new leader gets work the moment it can take it. Committed receipts go to
+/// `acked`. One thread per address.
+pub struct Prober {
+    pub acked: Arc<Mutex<HashMap<RequestId, Receipt>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    pub fn start(addrs: &[String], layout: &ClusterLayout, account: usize) -> Prober {
+        let cluster = tally_codec::ClusterId::from_hex(&layout.cluster_id).expect("cluster id");
+        let acked: Arc<Mutex<HashMap<RequestId, Receipt>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = addrs
+            .iter()
+            .map(|addr| {
+                let (addr, key, acked, stop) =
+                    (addr.clone(), account_key(layout, account), acked.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<tally_client::Connection> = None;
+                    while !stop.load(Ordering::Acquire) {
+                        if conn.as_ref().map_or(true, tally_client::Connection::is_closed) {
+                            conn = tally_client::Connection::connect_timeout(&addr, Duration::from_millis(200)).ok();
+                        }
+                        if let Some(c) = &conn {
+                            let req = tally_client::client::sign_request(
+                                &key,
+                                cluster,
+                                Operation::Transfer { to: fresh_key(), amount: 1 },
+                            );
+                            if let Ok(ServerMessage::Submitted(rs)) =
+                                c.call_timeout(ClientMessage::Submit(vec![req]), Duration::from_millis(1500))
+                            {
+                                for r in rs {
+                                    if let SubmitReply::Committed { receipt, .. } = r {
+                                        acked.lock().insert(receipt.request_id(), *receipt);
+                                    }
+                                }
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            })
+            .collect();
+        Prober { acked, stop, threads }
+    }
+
+    pub fn finish(mut self) -> HashMap<RequestId, Receipt> {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            t.join().expect("prober thread");
+        }
+        self.acked.lock().clone()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
