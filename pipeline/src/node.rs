@@ -129,6 +129,8 @@ pub struct Shared {
     progress_cv: Condvar,
     stopping: AtomicBool,
     pub connections: AtomicUsize,
+    /// Decompressed, checked public keys (stage 2).
+    pub keys: crate::s2_validate::KeyCache,
     /// Set while the confirm thread holds an entry taken from the committed channel.
     pub confirm_busy: AtomicBool,
     /// The committed channel's receiving end, to tell when it is drained (snapshot installs).
@@ -310,6 +312,7 @@ impl Node {
             progress_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            keys: crate::s2_validate::KeyCache::default(),
             confirm_busy: AtomicBool::new(false),
             committed_rx: committed_rx.clone(),
             head_reset: Mutex::new(None),

@@ -163,7 +163,7 @@ fn submit(
     let frame = FrameReply::new(id, n, out.clone());
     let started = std::time::Instant::now();
     let now_ms = wall_ms();
-    let results = crate::s2_validate::validate_all(requests, &shared.opts.cluster_id, now_ms);
+    let results = crate::s2_validate::validate_all_with(requests, &shared.opts.cluster_id, now_ms, &shared.keys);
     metrics::histogram!("tally_stage2_validate_ms").record(started.elapsed().as_secs_f64() * 1e3);
     let leading = shared.replicator().role().is_leader;
     let mut subs = Vec::with_capacity(n);

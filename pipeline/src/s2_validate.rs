@@ -21,11 +21,74 @@ pub struct Validated {
     pub id: tally_codec::RequestId,
 }
 
+/// Keys already decompressed and checked (point decompression is ~3 µs; accounts repeat).
+/// Bounded: cleared when full. Invalid and weak keys are remembered as such.
+pub struct KeyCache {
+    map: parking_lot::RwLock<std::collections::HashMap<[u8; 32], Result<VerifyingKey, ErrorCode>>>,
+    entries_max: usize,
+}
+
+/// Keys a node's cache holds at most.
+pub const KEY_CACHE_ENTRIES_MAX: usize = 1 << 18;
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        KeyCache::new(KEY_CACHE_ENTRIES_MAX)
+    }
+}
+
+impl KeyCache {
+    pub fn new(entries_max: usize) -> Self {
+        KeyCache { map: parking_lot::RwLock::new(std::collections::HashMap::new()), entries_max }
+    }
+
+    /// A valid, non-weak key, or why not: `invalid` names the code for bytes that are no point.
+    ///
+    /// # Errors
+    /// `invalid` when the bytes don't decompress, [`ErrorCode::WeakKey`] for small order.
+    pub fn key(&self, bytes: &[u8; 32], invalid: ErrorCode) -> Result<VerifyingKey, ErrorCode> {
+        if let Some(r) = self.map.read().get(bytes) {
+            return r.map_err(|_| invalid_or_weak(*r, invalid));
+        }
+        let r = match VerifyingKey::from_bytes(bytes) {
+            Err(_) => Err(ErrorCode::Malformed),
+            Ok(k) if k.is_weak() => Err(ErrorCode::WeakKey),
+            Ok(k) => Ok(k),
+        };
+        let mut map = self.map.write();
+        if map.len() >= self.entries_max {
+            map.clear();
+        }
+        map.insert(*bytes, r);
+        r.map_err(|_| invalid_or_weak(r, invalid))
+    }
+}
+
+fn invalid_or_weak(r: Result<VerifyingKey, ErrorCode>, invalid: ErrorCode) -> ErrorCode {
+    match r {
+        Err(ErrorCode::WeakKey) => ErrorCode::WeakKey,
+        _ => invalid,
+    }
+}
+
 /// Checks everything about one request that needs no state, except its signature.
 ///
 /// # Errors
 /// The [`ErrorCode`] naming the first problem found.
 pub fn check_fields(req: &SignedRequest, cluster_id: &ClusterId, now_ms: u64) -> Result<VerifyingKey, ErrorCode> {
+    check_fields_with(req, cluster_id, now_ms, &KeyCache::new(4))
+}
+
+/// [`check_fields`] with a shared key cache.
+///
+/// # Errors
+/// The [`ErrorCode`] naming the first problem found.
+pub fn check_fields_with(
+    req: &SignedRequest,
+    cluster_id: &ClusterId,
+    now_ms: u64,
+    keys: &KeyCache,
+) -> Result<VerifyingKey, ErrorCode> {
     let r = &req.request;
     if r.cluster_id != *cluster_id {
         return Err(ErrorCode::WrongCluster);
@@ -61,17 +124,10 @@ pub fn check_fields(req: &SignedRequest, cluster_id: &ClusterId, now_ms: u64) ->
                 return Err(ErrorCode::TransferToSelf);
             }
             // Money sent to a key nobody can sign for is burned: refuse it.
-            let to_key = VerifyingKey::from_bytes(&to.0).map_err(|_| ErrorCode::Malformed)?;
-            if to_key.is_weak() {
-                return Err(ErrorCode::WeakKey);
-            }
+            keys.key(&to.0, ErrorCode::Malformed)?;
         }
     }
-    let key = VerifyingKey::from_bytes(&r.signer.0).map_err(|_| ErrorCode::BadSignature)?;
-    if key.is_weak() {
-        return Err(ErrorCode::WeakKey);
-    }
-    Ok(key)
+    keys.key(&r.signer.0, ErrorCode::BadSignature)
 }
 
 /// Validates a frame's requests in parallel. Returns one result per request, in order.
@@ -80,21 +136,36 @@ pub fn validate_all(
     cluster_id: &ClusterId,
     now_ms: u64,
 ) -> Vec<Result<Validated, ErrorCode>> {
+    validate_all_with(requests, cluster_id, now_ms, &KeyCache::default())
+}
+
+/// [`validate_all`] with the node's shared key cache.
+pub fn validate_all_with(
+    requests: Vec<SignedRequest>,
+    cluster_id: &ClusterId,
+    now_ms: u64,
+    keys: &KeyCache,
+) -> Vec<Result<Validated, ErrorCode>> {
     requests
         .into_par_iter()
         .chunks(VERIFY_CHUNK)
-        .flat_map_iter(|chunk| validate_chunk(chunk, cluster_id, now_ms))
+        .flat_map_iter(|chunk| validate_chunk(chunk, cluster_id, now_ms, keys))
         .collect()
 }
 
-fn validate_chunk(chunk: Vec<SignedRequest>, cluster_id: &ClusterId, now_ms: u64) -> Vec<Result<Validated, ErrorCode>> {
+fn validate_chunk(
+    chunk: Vec<SignedRequest>,
+    cluster_id: &ClusterId,
+    now_ms: u64,
+    key_cache: &KeyCache,
+) -> Vec<Result<Validated, ErrorCode>> {
     let mut results: Vec<Result<Validated, ErrorCode>> = Vec::with_capacity(chunk.len());
     let mut msgs = Vec::with_capacity(chunk.len());
     let mut keys = Vec::with_capacity(chunk.len());
     let mut sigs = Vec::with_capacity(chunk.len());
     let mut slots = Vec::with_capacity(chunk.len());
     for req in chunk {
-        match check_fields(&req, cluster_id, now_ms) {
+        match check_fields_with(&req, cluster_id, now_ms, key_cache) {
             Ok(key) => {
                 let bytes = req.request.signing_bytes();
                 let id = tally_codec::Request::id_of_signing_bytes(&bytes);
