@@ -109,7 +109,12 @@ impl Drop for Daemon {
 
 /// A base port P such that P+1..=P+n, P+101.., P+201.. are all free right now.
 pub fn free_base_port(n: usize) -> u16 {
-    let seed = (std::process::id() as u64).wrapping_mul(2654435761) ^ Instant::now().elapsed().as_nanos() as u64;
+    // Tests of one binary run in parallel threads of one process: mix in a per-process counter
+    // and the wall clock so they never draw the same range.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nth = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let seed = (std::process::id() as u64).wrapping_mul(2654435761) ^ nanos ^ nth.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for attempt in 0..200u64 {
         let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 40_000) as u16 / 10 * 10;
         let ok = (1..=n as u16).all(|i| {
