@@ -50,6 +50,9 @@ pub enum ClientMessage {
     },
     /// Totals over this replica's state (invariant I4).
     Audit,
+    /// A frame a follower relays to the leader. Never relayed again: one hop at most, so two
+    /// replicas with stale views of the leader cannot bounce a frame between them.
+    Forwarded(Box<ClientMessage>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]

@@ -247,7 +247,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         .prop_map(ServerMessage::Doc),
         prop::option::of(any::<u64>()).prop_map(ServerMessage::Balance),
         status_info().prop_map(ServerMessage::Status),
-        prop::option::of(receipt()).prop_map(|r| ServerMessage::Receipt(r)),
+        prop::option::of(receipt()).prop_map(ServerMessage::Receipt),
         Just(ServerMessage::Done),
         wire_error().prop_map(ServerMessage::Error),
     ]

@@ -129,6 +129,8 @@ pub struct Shared {
     progress_cv: Condvar,
     stopping: AtomicBool,
     pub connections: AtomicUsize,
+    /// A follower's link to the leader for forwarded frames.
+    pub forwarder: crate::forward::Forwarder,
     /// Decompressed, checked public keys (stage 2).
     pub keys: crate::s2_validate::KeyCache,
     /// Set while the confirm thread holds an entry taken from the committed channel.
@@ -313,6 +315,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             keys: crate::s2_validate::KeyCache::default(),
+            forwarder: crate::forward::Forwarder::default(),
             confirm_busy: AtomicBool::new(false),
             committed_rx: committed_rx.clone(),
             head_reset: Mutex::new(None),

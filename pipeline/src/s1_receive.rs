@@ -103,9 +103,41 @@ fn error_reply(id: u64, code: ErrorCode, message: String) -> Envelope<ServerMess
     Envelope { id, msg: ServerMessage::Error(WireError::new(code, message)) }
 }
 
+/// Whether this frame is served by the leader only (writes, linearizable reads).
+fn leader_only(msg: &ClientMessage) -> bool {
+    match msg {
+        ClientMessage::Submit(_) => true,
+        ClientMessage::Get { stale, .. } | ClientMessage::Balance { stale, .. } => !stale,
+        _ => false,
+    }
+}
+
 fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envelope<ServerMessage>>) {
     let id = env.id;
-    let reply = match env.msg {
+    let env = match env.msg {
+        // Served here or refused here: never relayed twice.
+        ClientMessage::Forwarded(inner) => return answer(shared, id, *inner, out),
+        msg => Envelope { id, msg },
+    };
+    if leader_only(&env.msg) && !shared.replicator().role().is_leader {
+        // A follower relays the frame to the leader as it came; with no leader known, the
+        // stages below answer NotLeader and the client retries.
+        if let Some(leader) = shared.leader_addr() {
+            if leader != shared.opts.listen {
+                metrics::counter!("tally_forwarded_frames_total").increment(1);
+                shared.forwarder.forward(&leader, id, env.msg, out);
+                return;
+            }
+        }
+    }
+    answer(shared, id, env.msg, out);
+}
+
+fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelope<ServerMessage>>) {
+    let reply = match msg {
+        ClientMessage::Forwarded(_) => {
+            ServerMessage::Error(WireError::new(ErrorCode::Malformed, "a forwarded frame cannot nest another"))
+        }
         ClientMessage::Submit(requests) => return submit(shared, id, requests, out),
         ClientMessage::Status => ServerMessage::Status(status(shared)),
         ClientMessage::Get { key, stale } => match read_barrier(shared, stale) {

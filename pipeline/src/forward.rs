@@ -1,0 +1,130 @@
+//! Followers forward client frames to the leader (DESIGN.md §6): writes and linearizable reads
+//! sent to any replica are served. The frame is relayed untouched over one pooled connection;
+//! replies come back by id and go to the client's own connection. If the link breaks, every
+//! frame in flight on it is answered with a retryable error (the client resends the same bytes,
+//! so exactly-once holds).
+
+use crossbeam::channel::Sender;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_codec::wire::{self, ClientMessage, Envelope, ServerMessage, WireError};
+use tally_codec::{encode, limits, ErrorCode};
+
+/// Frames forwarded and not yet answered, per link, at most.
+pub const FORWARDED_IN_FLIGHT_MAX: usize = 4096;
+
+struct Link {
+    addr: String,
+    writer: Mutex<BufWriter<TcpStream>>,
+    /// forwarded id → (client's id, client's reply channel)
+    waiting: Mutex<HashMap<u64, (u64, Sender<Envelope<ServerMessage>>)>>,
+    next_id: AtomicU64,
+    dead: std::sync::atomic::AtomicBool,
+}
+
+/// The follower's connection to the current leader, opened on demand.
+#[derive(Default)]
+pub struct Forwarder {
+    link: Mutex<Option<Arc<Link>>>,
+}
+
+impl Forwarder {
+    /// Relays `msg` to the leader at `leader_addr`; the reply goes to `out` under `client_id`.
+    pub fn forward(
+        &self,
+        leader_addr: &str,
+        client_id: u64,
+        msg: ClientMessage,
+        out: &Sender<Envelope<ServerMessage>>,
+    ) {
+        let link = match self.link_to(leader_addr) {
+            Ok(l) => l,
+            Err(e) => return refuse(out, client_id, &format!("cannot reach the leader at {leader_addr}: {e}")),
+        };
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut w = link.waiting.lock();
+            if w.len() >= FORWARDED_IN_FLIGHT_MAX {
+                drop(w);
+                return refuse_code(out, client_id, ErrorCode::Overloaded, "too many frames forwarded to the leader");
+            }
+            w.insert(id, (client_id, out.clone()));
+        }
+        let body = encode(&Envelope { id, msg: ClientMessage::Forwarded(Box::new(msg)) });
+        let sent = {
+            let mut w = link.writer.lock();
+            wire::write_frame(&mut *w, &body).and_then(|()| w.flush())
+        };
+        if sent.is_err() {
+            self.drop_link(&link);
+        }
+    }
+
+    fn link_to(&self, addr: &str) -> std::io::Result<Arc<Link>> {
+        let mut slot = self.link.lock();
+        if let Some(l) = slot.as_ref() {
+            if l.addr == addr && !l.dead.load(Ordering::Acquire) {
+                return Ok(l.clone());
+            }
+        }
+        let sock: std::net::SocketAddr =
+            addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+        stream.set_nodelay(true)?;
+        let reader = stream.try_clone()?;
+        let link = Arc::new(Link {
+            addr: addr.to_string(),
+            writer: Mutex::new(BufWriter::new(stream)),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            dead: std::sync::atomic::AtomicBool::new(false),
+        });
+        let l = link.clone();
+        std::thread::Builder::new().name("forward".into()).spawn(move || read_replies(&l, reader))?;
+        if let Some(old) = slot.replace(link.clone()) {
+            fail_all(&old);
+        }
+        Ok(link)
+    }
+
+    fn drop_link(&self, link: &Arc<Link>) {
+        fail_all(link);
+        let mut slot = self.link.lock();
+        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *slot = None;
+        }
+    }
+}
+
+fn read_replies(link: &Arc<Link>, stream: TcpStream) {
+    let mut r = BufReader::new(stream);
+    let mut buf = Vec::new();
+    while let Ok(true) = wire::read_frame(&mut r, &mut buf, limits::FRAME_BYTES_MAX) {
+        let Ok(env) = wire::decode_server(&buf) else { break };
+        if let Some((client_id, out)) = link.waiting.lock().remove(&env.id) {
+            let _ = out.try_send(Envelope { id: client_id, msg: env.msg });
+        }
+    }
+    fail_all(link);
+}
+
+fn fail_all(link: &Link) {
+    link.dead.store(true, Ordering::Release);
+    let waiting: Vec<_> = link.waiting.lock().drain().collect();
+    for (_, (client_id, out)) in waiting {
+        refuse(&out, client_id, "the link to the leader broke; retry");
+    }
+}
+
+fn refuse(out: &Sender<Envelope<ServerMessage>>, id: u64, message: &str) {
+    refuse_code(out, id, ErrorCode::Retry, message);
+}
+
+fn refuse_code(out: &Sender<Envelope<ServerMessage>>, id: u64, code: ErrorCode, message: &str) {
+    let _ = out.try_send(Envelope { id, msg: ServerMessage::Error(WireError::new(code, message)) });
+}
