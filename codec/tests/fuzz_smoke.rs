@@ -152,8 +152,14 @@ fn client_envelope(rng: &mut Rng) -> Envelope<ClientMessage> {
         _ if rng.chance(2) => {
             ClientMessage::ClusterAdd { node_id: rng.interesting_u64(), client_addr: rng.text(), peer_addr: rng.text() }
         }
-        _ => ClientMessage::ClusterRemove { node_id: rng.interesting_u64() },
+        _ => match rng.below(3) {
+            0 => ClientMessage::ClusterRemove { node_id: rng.interesting_u64() },
+            1 => ClientMessage::Batch { height: rng.interesting_u64() },
+            _ => ClientMessage::Audit,
+        },
     };
+    // One hop of forwarding, as a follower relays it.
+    let msg = if rng.chance(6) { ClientMessage::Forwarded(Box::new(msg)) } else { msg };
     Envelope { id: rng.interesting_u64(), msg }
 }
 

@@ -10,7 +10,8 @@ use proptest::prelude::*;
 use std::fmt::Debug;
 use tally_codec::merkle::{leaf_hash, verify_proof, Tree};
 use tally_codec::wire::{
-    self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, SubmitReply, WireError,
+    self, AuditInfo, BatchInfo, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, SubmitReply,
+    WireError,
 };
 use tally_codec::{
     limits, BatchEntry, BatchHeader, ClusterId, Digest, DocKey, ErrorCode, Operation, Outcome, PublicKey, Receipt,
@@ -173,6 +174,16 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             peer_addr
         }),
         any::<u64>().prop_map(|node_id| ClientMessage::ClusterRemove { node_id }),
+        any::<u64>().prop_map(|height| ClientMessage::Batch { height }),
+        Just(ClientMessage::Audit),
+    ]
+}
+
+/// Everything a client sends, plus one hop of forwarding (what a follower relays).
+fn client_message_or_forwarded() -> impl Strategy<Value = ClientMessage> {
+    prop_oneof![
+        3 => client_message(),
+        1 => client_message().prop_map(|m| ClientMessage::Forwarded(Box::new(m))),
     ]
 }
 
@@ -248,6 +259,27 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         prop::option::of(any::<u64>()).prop_map(ServerMessage::Balance),
         status_info().prop_map(ServerMessage::Status),
         prop::option::of(receipt()).prop_map(ServerMessage::Receipt),
+        prop::option::of(
+            (batch_header(), signature(), any::<bool>(), vec(bytes_n::<32>(), 0..4), vec(outcome(), 0..4)).prop_map(
+                |(header, signature, body_available, ids, outcomes)| BatchInfo {
+                    header,
+                    signature,
+                    body_available,
+                    request_ids: ids.into_iter().map(RequestId).collect(),
+                    outcomes,
+                }
+            )
+        )
+        .prop_map(ServerMessage::Batch),
+        (any::<u64>(), digest(), any::<u64>(), any::<u128>(), any::<u64>()).prop_map(
+            |(applied_height, state_digest, accounts, balance_total, documents)| ServerMessage::Audit(AuditInfo {
+                applied_height,
+                state_digest,
+                accounts,
+                balance_total,
+                documents
+            })
+        ),
         Just(ServerMessage::Done),
         wire_error().prop_map(ServerMessage::Error),
     ]
@@ -312,7 +344,7 @@ proptest! {
     }
 
     #[test]
-    fn client_envelope_round_trips(id in any::<u64>(), msg in client_message()) {
+    fn client_envelope_round_trips(id in any::<u64>(), msg in client_message_or_forwarded()) {
         check_round_trip(&Envelope { id, msg }, wire::decode_client)?;
     }
 
