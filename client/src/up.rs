@@ -98,7 +98,12 @@ pub fn start_nodes(layout: &ClusterLayout, tallyd: &Path) -> Result<Children, Cl
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(|e| ClientError::Invalid(format!("cannot start {}: {e}", tallyd.display())))?;
+            .map_err(|e| {
+                ClientError::Invalid(format!(
+                    "cannot start {}: {e} (build the server first: `cargo build --release -p tallyd`)",
+                    tallyd.display()
+                ))
+            })?;
         children.procs.push((cfg.node_id, child));
     }
     Ok(children)
