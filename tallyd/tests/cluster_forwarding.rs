@@ -40,7 +40,7 @@ fn follower_forwards_writes_and_reads_to_the_leader() {
 
     // A frame already forwarded once is never forwarded again: a follower refuses it.
     let again = conn
-        .call(ClientMessage::Forwarded(Box::new(ClientMessage::Balance { account: bob, stale: false })))
+        .call(ClientMessage::Forwarded(tally_codec::wire::Relayed::Balance { account: bob, stale: false }))
         .expect("reply");
     match again {
         ServerMessage::Error(e) => assert_eq!(e.code, tally_codec::ErrorCode::NotLeader, "{}", e.message),
