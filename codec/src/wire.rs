@@ -52,7 +52,39 @@ pub enum ClientMessage {
     Audit,
     /// A frame a follower relays to the leader. Never relayed again: one hop at most, so two
     /// replicas with stale views of the leader cannot bounce a frame between them.
-    Forwarded(Box<ClientMessage>),
+    Forwarded(Relayed),
+}
+
+/// What a follower may relay: the leader-only messages. Not a [`ClientMessage`], so a relayed
+/// frame cannot nest another one (decoding stays shallow whatever the input).
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum Relayed {
+    Submit(Vec<SignedRequest>),
+    Get { key: DocKey, stale: bool },
+    Balance { account: PublicKey, stale: bool },
+}
+
+impl Relayed {
+    /// The relayable part of a client message, or the message back when it is not relayable.
+    ///
+    /// # Errors
+    /// Returns the message unchanged when it is not one of the relayable kinds.
+    pub fn from_client(msg: ClientMessage) -> Result<Relayed, ClientMessage> {
+        match msg {
+            ClientMessage::Submit(r) => Ok(Relayed::Submit(r)),
+            ClientMessage::Get { key, stale } => Ok(Relayed::Get { key, stale }),
+            ClientMessage::Balance { account, stale } => Ok(Relayed::Balance { account, stale }),
+            other => Err(other),
+        }
+    }
+
+    pub fn into_client(self) -> ClientMessage {
+        match self {
+            Relayed::Submit(r) => ClientMessage::Submit(r),
+            Relayed::Get { key, stale } => ClientMessage::Get { key, stale },
+            Relayed::Balance { account, stale } => ClientMessage::Balance { account, stale },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
@@ -198,15 +230,12 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, frame_bytes_max: usize) 
             format!("frame of {len} bytes is over the limit of {frame_bytes_max} bytes"),
         ));
     }
+    // Grow the buffer as bytes arrive: 4 bytes from a peer must not reserve 16 MiB up front.
     buf.clear();
-    buf.resize(len, 0);
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame body")
-        } else {
-            e
-        }
-    })?;
+    let got = r.take(len as u64).read_to_end(buf)?;
+    if got < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame body"));
+    }
     Ok(true)
 }
 

@@ -159,7 +159,11 @@ fn client_envelope(rng: &mut Rng) -> Envelope<ClientMessage> {
         },
     };
     // One hop of forwarding, as a follower relays it.
-    let msg = if rng.chance(6) { ClientMessage::Forwarded(Box::new(msg)) } else { msg };
+    let msg = if rng.chance(6) {
+        tally_codec::wire::Relayed::from_client(msg).map_or_else(|m| m, ClientMessage::Forwarded)
+    } else {
+        msg
+    };
     Envelope { id: rng.interesting_u64(), msg }
 }
 

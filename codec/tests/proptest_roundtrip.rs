@@ -183,7 +183,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
 fn client_message_or_forwarded() -> impl Strategy<Value = ClientMessage> {
     prop_oneof![
         3 => client_message(),
-        1 => client_message().prop_map(|m| ClientMessage::Forwarded(Box::new(m))),
+        1 => client_message().prop_map(|m| tally_codec::wire::Relayed::from_client(m).map_or_else(|m| m, ClientMessage::Forwarded)),
     ]
 }
 

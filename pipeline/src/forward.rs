@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tally_codec::wire::{self, ClientMessage, Envelope, ServerMessage, WireError};
+use tally_codec::wire::{self, ClientMessage, Envelope, Relayed, ServerMessage, WireError};
 use tally_codec::{encode, limits, ErrorCode};
 
 /// Frames forwarded and not yet answered, per link, at most.
@@ -35,13 +35,7 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Relays `msg` to the leader at `leader_addr`; the reply goes to `out` under `client_id`.
-    pub fn forward(
-        &self,
-        leader_addr: &str,
-        client_id: u64,
-        msg: ClientMessage,
-        out: &Sender<Envelope<ServerMessage>>,
-    ) {
+    pub fn forward(&self, leader_addr: &str, client_id: u64, msg: Relayed, out: &Sender<Envelope<ServerMessage>>) {
         let link = match self.link_to(leader_addr) {
             Ok(l) => l,
             Err(e) => return refuse(out, client_id, &format!("cannot reach the leader at {leader_addr}: {e}")),
@@ -55,7 +49,7 @@ impl Forwarder {
             }
             w.insert(id, (client_id, out.clone()));
         }
-        let body = encode(&Envelope { id, msg: ClientMessage::Forwarded(Box::new(msg)) });
+        let body = encode(&Envelope { id, msg: ClientMessage::Forwarded(msg) });
         let sent = {
             let mut w = link.writer.lock();
             wire::write_frame(&mut *w, &body).and_then(|()| w.flush())

@@ -114,30 +114,29 @@ fn leader_only(msg: &ClientMessage) -> bool {
 
 fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envelope<ServerMessage>>) {
     let id = env.id;
-    let env = match env.msg {
+    let msg = match env.msg {
         // Served here or refused here: never relayed twice.
-        ClientMessage::Forwarded(inner) => return answer(shared, id, *inner, out),
-        msg => Envelope { id, msg },
+        ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out),
+        msg => msg,
     };
-    if leader_only(&env.msg) && !shared.replicator().role().is_leader {
-        // A follower relays the frame to the leader as it came; with no leader known, the
-        // stages below answer NotLeader and the client retries.
-        if let Some(leader) = shared.leader_addr() {
-            if leader != shared.opts.listen {
+    // A follower relays leader-only frames to the leader as they came; with no leader known,
+    // the stages below answer NotLeader and the client retries.
+    let leader = if leader_only(&msg) && !shared.replicator().role().is_leader { shared.leader_addr() } else { None };
+    match leader {
+        Some(leader) if leader != shared.opts.listen => match tally_codec::wire::Relayed::from_client(msg) {
+            Ok(relayed) => {
                 metrics::counter!("tally_forwarded_frames_total").increment(1);
-                shared.forwarder.forward(&leader, id, env.msg, out);
-                return;
+                shared.forwarder.forward(&leader, id, relayed, out);
             }
-        }
+            Err(msg) => answer(shared, id, msg, out),
+        },
+        _ => answer(shared, id, msg, out),
     }
-    answer(shared, id, env.msg, out);
 }
 
 fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelope<ServerMessage>>) {
     let reply = match msg {
-        ClientMessage::Forwarded(_) => {
-            ServerMessage::Error(WireError::new(ErrorCode::Malformed, "a forwarded frame cannot nest another"))
-        }
+        ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out),
         ClientMessage::Submit(requests) => return submit(shared, id, requests, out),
         ClientMessage::Status => ServerMessage::Status(status(shared)),
         ClientMessage::Get { key, stale } => match read_barrier(shared, stale) {
