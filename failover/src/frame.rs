@@ -27,8 +27,11 @@ pub fn read_frame<R: Read>(r: &mut R, bytes_max: usize) -> io::Result<Vec<u8>> {
             format!("frame of {len} bytes is over the limit of {bytes_max}"),
         ));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grow as bytes arrive: a 4-byte header from a stranger must not reserve 16 MiB.
+    let mut body = Vec::new();
+    if r.take(len as u64).read_to_end(&mut body)? < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame"));
+    }
     Ok(body)
 }
 
