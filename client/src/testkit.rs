@@ -192,6 +192,10 @@ fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
             ClientMessage::Balance { .. } => ServerMessage::Balance(Some(5)),
             ClientMessage::Receipt { .. } => ServerMessage::Receipt(None),
             ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => ServerMessage::Done,
+            ClientMessage::Batch { .. } => ServerMessage::Batch(None),
+            ClientMessage::Audit | ClientMessage::Forwarded(_) => {
+                ServerMessage::Error(WireError::new(ErrorCode::Malformed, "the fake node does not serve this"))
+            }
         };
         let body = tally_codec::encode(&Envelope { id: env.id, msg: reply });
         if wire::write_frame(&mut s, &body).and_then(|()| s.flush()).is_err() {

@@ -18,11 +18,14 @@ use tally_codec::{encode, limits, ErrorCode};
 /// Frames forwarded and not yet answered, per link, at most.
 pub const FORWARDED_IN_FLIGHT_MAX: usize = 4096;
 
+/// Where a forwarded frame's reply goes: the client's own id and reply channel.
+type ReplyTo = (u64, Sender<Envelope<ServerMessage>>);
+
 struct Link {
     addr: String,
     writer: Mutex<BufWriter<TcpStream>>,
     /// forwarded id → (client's id, client's reply channel)
-    waiting: Mutex<HashMap<u64, (u64, Sender<Envelope<ServerMessage>>)>>,
+    waiting: Mutex<HashMap<u64, ReplyTo>>,
     next_id: AtomicU64,
     dead: std::sync::atomic::AtomicBool,
 }

@@ -250,9 +250,8 @@ mod tests {
     /// decompresses, including the edge encodings.
     #[test]
     fn r_check_matches_point_arithmetic() {
-        let reference = |r: &[u8; 32]| match CompressedEdwardsY(*r).decompress() {
-            Some(p) => Some(p.compress().as_bytes() == r && !p.is_small_order()),
-            None => None,
+        let reference = |r: &[u8; 32]| {
+            CompressedEdwardsY(*r).decompress().map(|p| p.compress().as_bytes() == r && !p.is_small_order())
         };
         let mut cases: Vec<[u8; 32]> = Vec::new();
         for p in curve25519_dalek::constants::EIGHT_TORSION {

@@ -164,7 +164,7 @@ impl<K: Kv> Store<K> {
     ///
     /// # Errors
     /// Backend errors.
-    pub fn kv_scan(&self, table: &[u8; 4]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn kv_scan(&self, table: &[u8; 4]) -> Result<crate::kv::KvPairs, StoreError> {
         self.kv.scan_prefix(table, usize::MAX)
     }
 
