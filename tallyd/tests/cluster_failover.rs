@@ -44,7 +44,7 @@ fn wait_new_leader_commit(nodes: &[Daemon], writer: &Writer, old_term: u64, kill
             if s.leader_id != Some(s.node_id) || s.term <= old_term {
                 continue;
             }
-            let elected = *elected.get_or_insert(killed_at.elapsed());
+            elected.get_or_insert(killed_at.elapsed());
             if s.committed_height == 0 {
                 continue;
             }

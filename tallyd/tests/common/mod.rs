@@ -395,7 +395,7 @@ impl Prober {
                 std::thread::spawn(move || {
                     let mut conn: Option<tally_client::Connection> = None;
                     while !stop.load(Ordering::Acquire) {
-                        if conn.as_ref().map_or(true, tally_client::Connection::is_closed) {
+                        if conn.as_ref().is_none_or(|c| c.is_closed()) {
                             conn = tally_client::Connection::connect_timeout(&addr, Duration::from_millis(200)).ok();
                         }
                         if let Some(c) = &conn {
