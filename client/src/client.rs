@@ -627,7 +627,14 @@ impl Inner {
 
     /// Moves to the node a NotLeader reply points at, if it answers.
     fn follow_hint(&self, from: &Arc<Connection>, hint: Option<&str>) {
-        let Some(hint) = hint.filter(|h| *h != from.addr()) else { return };
+        let Some(hint) = hint.filter(|h| *h != from.addr()) else {
+            // No leader known there (an isolated or electing node): try another member rather
+            // than retrying a node that may never learn of the leader.
+            if hint.is_none() {
+                let _ = self.switch_from(Some(from));
+            }
+            return;
+        };
         let _switching = self.switch_lock.lock();
         if !self.conn.lock().as_ref().is_some_and(|c| Arc::ptr_eq(c, from)) {
             return;

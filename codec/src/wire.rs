@@ -62,6 +62,8 @@ pub enum Relayed {
     Submit(Vec<SignedRequest>),
     Get { key: DocKey, stale: bool },
     Balance { account: PublicKey, stale: bool },
+    ClusterAdd { node_id: u64, client_addr: String, peer_addr: String },
+    ClusterRemove { node_id: u64 },
 }
 
 impl Relayed {
@@ -74,6 +76,10 @@ impl Relayed {
             ClientMessage::Submit(r) => Ok(Relayed::Submit(r)),
             ClientMessage::Get { key, stale } => Ok(Relayed::Get { key, stale }),
             ClientMessage::Balance { account, stale } => Ok(Relayed::Balance { account, stale }),
+            ClientMessage::ClusterAdd { node_id, client_addr, peer_addr } => {
+                Ok(Relayed::ClusterAdd { node_id, client_addr, peer_addr })
+            }
+            ClientMessage::ClusterRemove { node_id } => Ok(Relayed::ClusterRemove { node_id }),
             other => Err(other),
         }
     }
@@ -83,6 +89,10 @@ impl Relayed {
             Relayed::Submit(r) => ClientMessage::Submit(r),
             Relayed::Get { key, stale } => ClientMessage::Get { key, stale },
             Relayed::Balance { account, stale } => ClientMessage::Balance { account, stale },
+            Relayed::ClusterAdd { node_id, client_addr, peer_addr } => {
+                ClientMessage::ClusterAdd { node_id, client_addr, peer_addr }
+            }
+            Relayed::ClusterRemove { node_id } => ClientMessage::ClusterRemove { node_id },
         }
     }
 }

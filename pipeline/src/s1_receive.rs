@@ -106,7 +106,7 @@ fn error_reply(id: u64, code: ErrorCode, message: String) -> Envelope<ServerMess
 /// Whether this frame is served by the leader only (writes, linearizable reads).
 fn leader_only(msg: &ClientMessage) -> bool {
     match msg {
-        ClientMessage::Submit(_) => true,
+        ClientMessage::Submit(_) | ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => true,
         ClientMessage::Get { stale, .. } | ClientMessage::Balance { stale, .. } => !stale,
         _ => false,
     }
@@ -165,17 +165,27 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
         }
         ClientMessage::ClusterAdd { node_id, client_addr, peer_addr } => {
             let m = tally_failover::Member { node_id, client_addr, peer_addr, is_voter: true, matched_index: 0 };
-            match shared.replicator().add_member(m) {
-                Ok(()) => ServerMessage::Done,
-                Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
-            }
+            membership_reply(shared, shared.replicator().add_member(m))
         }
-        ClientMessage::ClusterRemove { node_id } => match shared.replicator().remove_member(node_id) {
-            Ok(()) => ServerMessage::Done,
-            Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
-        },
+        ClientMessage::ClusterRemove { node_id } => {
+            membership_reply(shared, shared.replicator().remove_member(node_id))
+        }
     };
     let _ = out.try_send(Envelope { id, msg: reply });
+}
+
+/// A refused membership change on a replica that is not (or no longer) the leader is retryable
+/// at the leader; anything else names the failure.
+fn membership_reply(shared: &Shared, result: Result<(), String>) -> ServerMessage {
+    match result {
+        Ok(()) => ServerMessage::Done,
+        Err(e) if !shared.replicator().role().is_leader => {
+            let mut err = WireError::new(ErrorCode::NotLeader, format!("membership changes go to the leader: {e}"));
+            err.leader_hint = shared.leader_addr();
+            ServerMessage::Error(err)
+        }
+        Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
+    }
 }
 
 /// Stage 1 hands a frame's requests to stage 2, answers refusals at once, and queues the rest

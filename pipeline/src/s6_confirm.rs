@@ -124,7 +124,7 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
 }
 
 fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signature: &tally_codec::Signature) {
-    let durable = shared.replicator().durable_replicas(index);
+    let durable = committed_durable(shared, index);
     for (leaf, waiters) in b.waiters.into_iter().enumerate() {
         if waiters.is_empty() {
             continue;
@@ -141,4 +141,12 @@ fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signat
             w.fill(SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
         }
     }
+}
+
+/// Replicas holding a committed index durably. Committed means a majority fsynced it, so the
+/// count is never below a majority, even when the replicator's view of follower progress lags.
+pub fn committed_durable(shared: &Shared, index: u64) -> u8 {
+    let r = shared.replicator();
+    let majority = u8::try_from(r.voters() / 2 + 1).unwrap_or(u8::MAX);
+    r.durable_replicas(index).max(majority)
 }

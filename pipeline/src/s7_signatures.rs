@@ -118,7 +118,7 @@ pub fn answer_with_stored_receipt(shared: &Shared, id: RequestId, height: u64, w
         }
         match stored_receipt(&shared, &id) {
             Some(receipt) => {
-                let durable = shared.replicator().durable_replicas(shared.applied_index());
+                let durable = crate::s6_confirm::committed_durable(&shared, shared.applied_index());
                 waiter.fill(SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable });
             }
             None => waiter.refuse(ErrorCode::Internal),

@@ -32,8 +32,6 @@ fn admin_client(layout: &tally_client::ClusterLayout, addrs: &[String]) -> tally
 /// `tally --addr <follower> cluster add ...` must work like any other command: the follower
 /// points the client at the leader (or forwards), and the client follows.
 #[test]
-#[ignore = "product bug: pipeline/src/s1_receive.rs answers ClusterAdd/ClusterRemove on a follower with a \
-            non-retryable Internal error 'not the leader' and no leader_hint; the client gives up"]
 fn cluster_add_through_a_follower() {
     let (_dir, layout) = init_cluster(3, 1);
     let nodes = start_all(&layout);

@@ -22,9 +22,6 @@ fn isolated_leader_cannot_commit_and_majority_goes_on() {
 /// isolated. That node then answers `NotLeader` without a leader hint (it knows of none); the
 /// client must move to another member instead of retrying the same node until its budget runs out.
 #[test]
-#[ignore = "client bug: a client connected to a node that gets isolated receives NotLeader/Retry with no \
-            leader_hint; client/src/client.rs submit_chunk/request only follow a hint and otherwise retry the \
-            same healthy connection, so it never tries the other members"]
 fn client_moves_off_an_isolated_node() {
     run(true);
 }
