@@ -15,7 +15,7 @@ use tally_codec::{encode, DocKey, DocMeta, ErrorCode, Operation, Outcome, Public
 use tally_codec::{Digest, RequestId};
 
 /// Entries per cache generation (two generations are kept).
-pub const CACHE_ENTRIES_MAX: usize = 1 << 20;
+pub const CACHE_ENTRIES_MAX: usize = 1 << 17;
 
 /// A bounded map that forgets the least recently inserted half when full.
 pub struct GenCache<K, V> {
