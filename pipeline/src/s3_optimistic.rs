@@ -33,8 +33,8 @@ pub fn filter(
                 continue;
             }
             let Some(waiter) = pending.attach(&id, waiter) else { continue };
-            if let Some(loc) = seen.get(&id) {
-                crate::s7_signatures::answer_with_stored_receipt(shared, id, loc.height, waiter);
+            if let Some((height, _)) = seen.get(&id) {
+                crate::s7_signatures::answer_with_stored_receipt(shared, id, height, waiter);
                 continue;
             }
             out.push(Submission { req, waiter });

@@ -149,6 +149,12 @@ fn build_batch(
             waiters[pos].push(sub.waiter);
             continue;
         }
+        // Expired by the batch clock: refused without executing, so an id forgotten after its
+        // expiry can never be executed a second time (stage 2's wall clock may lag the header).
+        if sub.req.request.request.expires_at_ms < time_ms {
+            sub.waiter.refuse(ErrorCode::Expired);
+            continue;
+        }
         let outcome = execute(view, &mut cur, &sub.req.request.request, time_ms);
         in_batch.insert(sub.req.id, requests.len());
         ids.push(sub.req.id);
