@@ -249,14 +249,24 @@ impl Shared {
 }
 
 /// Lets the sequencer's view read what it has not cached.
-pub struct StoreBacking<'a>(pub &'a Store);
+/// The store lock is taken on the first miss and held for the rest of the prefetch pass.
+pub struct StoreBacking<'a> {
+    pub shared: &'a Shared,
+    pub guard: Option<parking_lot::MutexGuard<'a, Store>>,
+}
+
+impl StoreBacking<'_> {
+    fn store(&mut self) -> &Store {
+        self.guard.get_or_insert_with(|| self.shared.store.lock())
+    }
+}
 
 impl crate::state::Backing for StoreBacking<'_> {
     fn balance(&mut self, account: &PublicKey) -> Option<u64> {
-        self.0.balance(account).expect("store reads succeed; a failing store poisons the node")
+        self.store().balance(account).expect("store reads succeed; a failing store poisons the node")
     }
     fn doc_meta(&mut self, key: &DocKey) -> Option<DocMeta> {
-        self.0.doc_meta(key).expect("store reads succeed; a failing store poisons the node")
+        self.store().doc_meta(key).expect("store reads succeed; a failing store poisons the node")
     }
 }
 

@@ -13,7 +13,7 @@ use tally_codec::{limits, ClusterId, ErrorCode, Operation, SignedRequest};
 /// is ~300 MB). Clients retry within seconds; two minutes covers a failover and a restart.
 pub const EXPIRY_WINDOW_MAX_MS: u64 = 2 * 60 * 1000;
 /// Signatures per `verify_batch` call.
-pub const VERIFY_CHUNK: usize = 256;
+pub const VERIFY_CHUNK: usize = 1024;
 
 /// A request that passed stage 2, with the bytes derived while checking it.
 #[derive(Debug, Clone)]

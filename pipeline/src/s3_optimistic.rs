@@ -40,10 +40,10 @@ pub fn filter(
             out.push(Submission { req, waiter });
         }
     }
-    // One pass over the store for every key the batch will touch.
+    // One pass over the store for every key the batch will touch. The store lock is taken only
+    // on a cache miss, so a LevelDB stall in the store thread rarely reaches the sequencer.
     {
-        let store = shared.store.lock();
-        let mut backing = crate::node::StoreBacking(&store);
+        let mut backing = crate::node::StoreBacking { shared, guard: None };
         view.prefetch(out.iter().map(|s| (&s.req.request.request.signer, &s.req.request.request.op)), &mut backing);
     }
     // Funds check against the state before this batch.
