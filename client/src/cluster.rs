@@ -129,6 +129,8 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
             election_ticks: config::default_election_ticks(),
             heartbeat_ticks: config::default_heartbeat_ticks(),
             fsync: true,
+            store_sync_interval_ms: config::default_store_sync_interval_ms(),
+            log_retain_entries: config::default_log_retain_entries(),
         };
         let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
         let path = dir.join(format!("node-{i}.toml"));

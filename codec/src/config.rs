@@ -48,6 +48,21 @@ pub struct NodeConfig {
     /// Turning fsync off voids every durability claim; for experiments only.
     #[serde(default = "default_true")]
     pub fsync: bool,
+    /// How often the state store is made durable (every file fsynced) so the log can be
+    /// compacted behind it. Each sync competes with the log's fsyncs for the disk.
+    #[serde(default = "default_store_sync_interval_ms")]
+    pub store_sync_interval_ms: u64,
+    /// Log entries kept behind the durable store, so a lagging follower catches up from the log
+    /// rather than a snapshot.
+    #[serde(default = "default_log_retain_entries")]
+    pub log_retain_entries: u64,
+}
+
+pub fn default_store_sync_interval_ms() -> u64 {
+    30_000
+}
+pub fn default_log_retain_entries() -> u64 {
+    10_000
 }
 
 pub fn default_batch_interval_ms() -> u64 {

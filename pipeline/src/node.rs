@@ -41,6 +41,8 @@ pub struct NodeOptions {
     pub listen: String,
     /// Voters at cluster creation (for status and warnings).
     pub replicas_configured: u32,
+    /// How often the store is fsynced so the log can be compacted behind it.
+    pub store_sync_interval_ms: u64,
 }
 
 /// A request that passed stage 2 and the slot its answer goes to.

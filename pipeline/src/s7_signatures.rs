@@ -10,11 +10,6 @@ use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
 use tally_codec::{ErrorCode, Receipt, RequestId};
 
-/// How often the store is made durable (every file fsynced) so the log can be compacted.
-pub const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
-/// Entries kept in the log behind the durable store, for followers catching up from the log.
-pub const LOG_ENTRIES_KEPT: u64 = 2_000;
-
 pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
     let mut last_sync = Instant::now();
     while let Ok(msg) = rx.recv() {
@@ -45,11 +40,13 @@ pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
         shared.set_applied(applied);
         metrics::histogram!("tally_store_apply_ms").record(started.elapsed().as_secs_f64() * 1e3);
         metrics::gauge!("tally_applied_height").set(applied.height as f64);
-        if last_sync.elapsed() >= STORE_SYNC_INTERVAL {
+        // The store is made durable now and then so the log can be compacted behind it (the
+        // replicator keeps `log_retain_entries` more for lagging followers).
+        if last_sync.elapsed() >= Duration::from_millis(shared.opts.store_sync_interval_ms) {
             last_sync = Instant::now();
             let synced = shared.store.lock().sync_all();
             match synced {
-                Ok(()) => shared.replicator().compact_hint(applied.index.saturating_sub(LOG_ENTRIES_KEPT)),
+                Ok(()) => shared.replicator().compact_hint(applied.index),
                 Err(e) => tracing::warn!(error = %e, "store sync failed; log not compacted"),
             }
         }

@@ -79,6 +79,8 @@ pub fn single_replica_config(
         election_ticks: tally_codec::config::default_election_ticks(),
         heartbeat_ticks: tally_codec::config::default_heartbeat_ticks(),
         fsync: true,
+        store_sync_interval_ms: tally_codec::config::default_store_sync_interval_ms(),
+        log_retain_entries: tally_codec::config::default_log_retain_entries(),
     })
 }
 
@@ -108,12 +110,9 @@ fn raft_config(cfg: &NodeConfig, genesis_text: &[u8]) -> RaftConfig {
         heartbeat_ticks: cfg.heartbeat_ticks,
         cluster_id: cfg.cluster_id.clone(),
         config_fingerprint: *h.finalize().as_bytes(),
-        log_retain_entries: LOG_RETAIN_ENTRIES,
+        log_retain_entries: cfg.log_retain_entries,
     }
 }
-
-/// Log entries kept behind the durable store so a lagging follower catches up from the log.
-pub const LOG_RETAIN_ENTRIES: u64 = 10_000;
 
 fn write_secret(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
@@ -190,6 +189,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         batch_interval_ms: cfg.batch_interval_ms,
         batch_requests_max: cfg.batch_requests_max,
         listen: cfg.listen.clone(),
+        store_sync_interval_ms: cfg.store_sync_interval_ms,
         replicas_configured: u32::try_from(cfg.peers.len().max(1)).unwrap_or(u32::MAX),
     };
     let node_id = cfg.node_id;

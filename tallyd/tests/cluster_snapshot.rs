@@ -2,18 +2,20 @@
 //! others commit so many batches that the leader compacts its log past the follower; restarted,
 //! the follower gets a state snapshot, converges, and the history passes the checker.
 //!
-//! Raft keeps `LOG_RETAIN_ENTRIES` = 10,000 entries below the compaction hint, and the store
-//! sync (every 5 s) hints `applied - 2,000`; one batch is one entry. With
+//! The test's nodes keep `LOG_RETAIN_ENTRIES` = 1,000 entries below the compaction hint, and
+//! their store syncs every second and hints its applied index; one batch is one entry. With
 //! `batch_requests_max = 1` and a 1 ms batch interval, each one-request frame is its own batch,
-//! which reaches ~700 batches/s here: >12,000 entries take ~20 s.
+//! which reaches ~700 batches/s here: 1,500 entries take a few seconds.
 
 mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
 
+/// Log entries the test's nodes retain behind the durable store.
+const LOG_RETAIN_ENTRIES: u64 = 1_000;
 /// Entries the leader must commit past the follower before a sync tick compacts past it.
-const ENTRIES_PAST_FOLLOWER: u64 = 10_000 + 2_000 + 500;
+const ENTRIES_PAST_FOLLOWER: u64 = LOG_RETAIN_ENTRIES + 500;
 
 #[test]
 fn follower_catches_up_by_snapshot_after_compaction() {
@@ -22,6 +24,8 @@ fn follower_catches_up_by_snapshot_after_compaction() {
     for (cfg, path) in layout.configs.iter_mut().zip(&layout.config_paths) {
         cfg.batch_requests_max = 1;
         cfg.batch_interval_ms = 1;
+        cfg.store_sync_interval_ms = 1_000;
+        cfg.log_retain_entries = LOG_RETAIN_ENTRIES;
         write_config(path, cfg);
     }
     let mut nodes = start_all(&layout);
@@ -47,8 +51,8 @@ fn follower_catches_up_by_snapshot_after_compaction() {
         fi + 1,
         killed_at.elapsed()
     );
-    // Past one store sync (every 5 s), which lets Raft compact below applied - 12,000.
-    std::thread::sleep(Duration::from_millis(5500));
+    // Past one store sync (every second here), which lets Raft compact below applied - 1,000.
+    std::thread::sleep(Duration::from_millis(2500));
     let mut acked = writer.finish();
     let leader_height = status_of(&running_addrs(&nodes)[0]).expect("status").committed_height;
 
