@@ -1,0 +1,151 @@
+//! What a new user does, through the real `tally` binary against a real `tallyd`: init a
+//! cluster, transfer with a saved receipt, verify it offline (and see a tampered one refused),
+//! use the REPL, and run the bench (JSON + PNG).
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn tally_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
+    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    p
+}
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(tally_bin()).args(args).env_remove("TALLY_ADDR").env_remove("TALLY_KEY").output().expect("run tally")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn public_of(key_file: &Path) -> String {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(key_file).expect("key")).expect("json");
+    v["public"].as_str().expect("public").to_string()
+}
+
+#[test]
+fn new_user_flow_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let base = free_base_port(1).to_string();
+    let ds = d.to_str().expect("utf8");
+    let o = tally(&["cluster", "init", "--nodes", "1", "--dir", ds, "--accounts", "2", "--base-port", &base]);
+    assert!(o.status.success(), "{}", text(&o));
+    for f in ["node-1.toml", "operator.pub", "operator.key", "genesis.json", "accounts/0.key", "accounts/1.key"] {
+        assert!(d.join(f).exists(), "cluster init wrote no {f}");
+    }
+    let cfg: tally_codec::config::NodeConfig =
+        toml::from_str(&std::fs::read_to_string(d.join("node-1.toml")).expect("toml")).expect("config parses");
+    let _node = Daemon::start(&d.join("node-1.toml"), &cfg.listen, &d.join("node-1.log"));
+    let addr = cfg.listen.as_str();
+    let k0 = d.join("accounts/0.key");
+    let k1 = d.join("accounts/1.key");
+    let receipt = d.join("r.json");
+
+    // Transfer with a saved receipt; verify it offline; a tampered copy is refused.
+    let to = public_of(&k1);
+    let o = tally(&[
+        "--addr",
+        addr,
+        "--key",
+        k0.to_str().expect("p"),
+        "transfer",
+        "--to",
+        &to,
+        "--amount",
+        "7",
+        "--receipt",
+        receipt.to_str().expect("p"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let op = d.join("operator.pub");
+    let o = tally(&["verify", receipt.to_str().expect("p"), "--operator-key", op.to_str().expect("p")]);
+    assert!(o.status.success(), "a fresh receipt verifies: {}", text(&o));
+    let other = tally_client::keyfile::generate_key();
+    let o = tally(&[
+        "verify",
+        receipt.to_str().expect("p"),
+        "--operator-key",
+        &hex::encode(other.verifying_key().to_bytes()),
+    ]);
+    assert!(!o.status.success(), "another operator key must not verify it");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&receipt).expect("read")).expect("json");
+    let hexr = doc["receipt"].as_str().expect("receipt hex").to_string();
+    let mid = hexr.len() / 2;
+    let flipped = if &hexr[mid..mid + 1] == "0" { "1" } else { "0" };
+    doc["receipt"] = serde_json::Value::String(format!("{}{}{}", &hexr[..mid], flipped, &hexr[mid + 1..]));
+    let tampered = d.join("tampered.json");
+    std::fs::write(&tampered, doc.to_string()).expect("write");
+    let o = tally(&["verify", tampered.to_str().expect("p"), "--operator-key", op.to_str().expect("p")]);
+    assert!(!o.status.success(), "a tampered receipt must not verify: {}", text(&o));
+    let o = tally(&["--addr", addr, "--key", k1.to_str().expect("p"), "balance"]);
+    assert!(text(&o).contains("1000000007"), "{}", text(&o));
+
+    // The REPL session of DESIGN.md §2 on one replica, scripted on stdin.
+    let mut child = Command::new(tally_bin())
+        .args(["--addr", addr, "--key", k0.to_str().expect("p"), "repl"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("repl");
+    let script = "SET 12345 '{\"name\": \"Chapayev's Mustache comb\"}'\n\
+                  SET 0d5d3807-5fbf-4228-a657-5a091c4e497f '{\"name\": \"Chapayev's Mustache comb\"}'\n\
+                  GET 0d5d3807-5fbf-4228-a657-5a091c4e497f\n\
+                  DELETE 0d5d3807-5fbf-4228-a657-5a091c4e497f\n\
+                  GET 0d5d3807-5fbf-4228-a657-5a091c4e497f\n";
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("repl output");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let expected = [
+        "Error: Key is not a proper UUID4",
+        "Created (1 replica)",
+        "'{\"name\": \"Chapayev's Mustache comb\"}'",
+        "Deleted (1 replica)",
+        "Not found",
+    ];
+    let mut at = 0;
+    for want in expected {
+        let found =
+            lines[at..].iter().position(|l| l == want).unwrap_or_else(|| panic!("no line {want:?} in {lines:#?}"));
+        at += found + 1;
+    }
+    assert!(lines.first().is_some_and(|l| l.starts_with("Connected to tally cluster at")), "{lines:#?}");
+
+    // The bench: progress, JSON summary with the documented fields, a PNG plot.
+    let json = d.join("b.json");
+    let png = d.join("b.png");
+    let o = tally(&[
+        "--addr",
+        addr,
+        "bench",
+        "--duration",
+        "2",
+        "--clients",
+        "2",
+        "--rate-max",
+        "5000",
+        "--accounts-dir",
+        ds,
+        "--json",
+        json.to_str().expect("p"),
+        "--plot",
+        png.to_str().expect("p"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    for field in
+        ["committed", "errors", "duration_s", "throughput_per_s", "latency_ms_p50", "latency_ms_p99", "latency_ms_p999"]
+    {
+        assert!(b[field].is_number(), "bench JSON lacks {field}: {b}");
+    }
+    assert!(b["committed"].as_u64().expect("n") > 0, "the bench committed nothing: {b}");
+    let png_bytes = std::fs::read(&png).expect("png");
+    assert!(png_bytes.starts_with(b"\x89PNG"), "the plot is a PNG");
+}
