@@ -1,11 +1,23 @@
 //! `tally`: the command-line client. Parsing and error printing only; the commands live in
 //! `tally_client::cli` so they can be tested.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 use clap::Parser;
 use std::process::ExitCode;
 
+/// Rust ignores SIGPIPE, so `tally status | head` would panic on the closed pipe. Restore the
+/// default so `tally` ends quietly like other Unix tools.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; setting a signal's
+    // disposition to SIG_DFL has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = tally_client::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
