@@ -184,3 +184,35 @@ impl Drop for SoloReplicator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_store::wal::WalOptions;
+
+    /// Once the store is durable up to an index, the log forgets what is below it (whole
+    /// segment files) and a restart resumes after the marker.
+    #[test]
+    fn compaction_hint_drops_old_segments() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let opts = WalOptions { segment_bytes_max: 4096, fsync: false };
+        let (tx, rx) = crossbeam::channel::bounded(1024);
+        let wal = Wal::open(dir.path(), opts).expect("open");
+        let solo = SoloReplicator::start(1, "127.0.0.1:1".into(), wal, 0, tx).expect("start");
+        for i in 0..200u32 {
+            solo.propose(SOLO_TERM, vec![7u8; 100 + (i % 3) as usize]).expect("propose");
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("committed");
+        }
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+        let segments_before = std::fs::read_dir(dir.path()).expect("ls").count();
+        solo.compact_hint(150);
+        // The hint is handled with the next proposal's group.
+        solo.propose(SOLO_TERM, vec![1]).expect("propose");
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("committed");
+        drop(solo);
+        let wal = Wal::open(dir.path(), opts).expect("reopen");
+        assert!(wal.first_index() > 100, "log still starts at {}", wal.first_index());
+        let segments_after = std::fs::read_dir(dir.path()).expect("ls").count();
+        assert!(segments_after < segments_before, "{segments_after} files, was {segments_before}");
+    }
+}
