@@ -23,8 +23,10 @@ use tally_failover::env::Env;
 use tally_failover::{Committed, Replicator};
 use tally_store::state::Store;
 
-/// Client frames waiting for the sequencer, at most. A full queue refuses with `Overloaded`.
-pub const SUBMISSIONS_QUEUED_MAX: usize = 4096;
+/// Client frames waiting for the sequencer, at most. A full queue refuses with `Overloaded`
+/// (retryable), so memory stays bounded: 128 frames × 8,189 requests × ~200 B ≈ 200 MB worst case,
+/// and far more than the ~100 ms of work a batch interval holds.
+pub const SUBMISSIONS_QUEUED_MAX: usize = 128;
 /// Committed entries waiting for the confirm thread.
 pub const COMMITTED_QUEUED_MAX: usize = 1024;
 /// Confirmed batches waiting for the store thread.
