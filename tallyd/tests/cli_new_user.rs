@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 
 fn tally_bin() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
     p
 }
 

@@ -11,10 +11,12 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-/// `tally` sits next to `tallyd` in the target directory (`cargo test --workspace` builds both).
-fn tally_bin() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).parent()?.join("tally");
-    p.exists().then_some(p)
+/// `tally` sits next to `tallyd` in the target directory once `cargo build --workspace` ran (the
+/// README's test command does that first). A missing binary fails the test rather than skipping.
+fn tally_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    p
 }
 
 /// The `tally repl` child: its stdin, its stdout lines on a channel, killed by PID on drop.
@@ -77,14 +79,7 @@ fn created(l: &str) -> bool {
 
 #[test]
 fn repl_session_survives_two_kills() {
-    let Some(bin) = tally_bin() else {
-        eprintln!(
-            "SKIPPED: the tally binary is not next to tallyd ({}); run `cargo build -p tally-client` or \
-             `cargo test --workspace`",
-            env!("CARGO_BIN_EXE_tallyd")
-        );
-        return;
-    };
+    let bin = tally_bin();
     let (_dir, layout) = init_cluster(3, 1);
     let mut nodes = start_all(&layout);
     let mut child = Command::new(bin)
