@@ -149,3 +149,35 @@ fn new_user_flow_through_the_cli() {
     let png_bytes = std::fs::read(&png).expect("png");
     assert!(png_bytes.starts_with(b"\x89PNG"), "the plot is a PNG");
 }
+
+/// `tally up`: a 3-node cluster from nothing, a demo load, a verified receipt, and every child
+/// stopped again (`--no-wait`).
+#[test]
+fn tally_up_starts_a_three_node_cluster_and_runs_the_demo() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = dir.path().join("up");
+    let base = free_base_port(3).to_string();
+    let o = Command::new(tally_bin())
+        .args(["up", "--nodes", "3", "--dir", cluster.to_str().expect("p"), "--base-port", &base, "--no-wait"])
+        .output()
+        .expect("tally up");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("tally cluster is up (leader: node"), "{out}");
+    let demo = out.lines().find(|l| l.starts_with("Demo: ")).unwrap_or_else(|| panic!("no demo line: {out}"));
+    let parts: Vec<&str> = demo.split_whitespace().collect();
+    assert_eq!(parts[1], parts[3], "every demo request committed: {demo}");
+    assert!(out.contains("verified against operator key"), "{out}");
+    let receipt = cluster.join("demo-receipt.json");
+    let op = cluster.join("operator.pub");
+    let o = tally(&["verify", receipt.to_str().expect("p"), "--operator-key", op.to_str().expect("p")]);
+    assert!(o.status.success(), "the saved demo receipt verifies offline: {}", text(&o));
+    // --no-wait stops exactly what it started: the client ports are free again.
+    for i in 1..=3u16 {
+        let port: u16 = base.parse::<u16>().expect("port") + i;
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "node {i} still listening after up --no-wait"
+        );
+    }
+}
