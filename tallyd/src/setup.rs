@@ -238,7 +238,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             return Ok(());
         }
         ticks += 1;
-        if !ticks.is_multiple_of(10) {
+        if ticks % 10 != 1 {
             continue;
         }
         let role = node.shared.replicator().role();

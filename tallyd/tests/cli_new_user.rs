@@ -28,6 +28,15 @@ fn public_of(key_file: &Path) -> String {
     v["public"].as_str().expect("public").to_string()
 }
 
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
 #[test]
 fn new_user_flow_through_the_cli() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -117,6 +126,13 @@ fn new_user_flow_through_the_cli() {
         at += found + 1;
     }
     assert!(lines.first().is_some_and(|l| l.starts_with("Connected to tally cluster at")), "{lines:#?}");
+
+    // Prometheus metrics on the port cluster init assigned.
+    let metrics_addr = cfg.metrics_listen.clone().expect("cluster init sets a metrics address");
+    let body = http_get(&metrics_addr, "/metrics");
+    for name in ["tally_term", "tally_is_leader", "tally_batch_requests", "tally_stage2_validate_ms"] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
 
     // The bench: progress, JSON summary with the documented fields, a PNG plot.
     let json = d.join("b.json");
