@@ -116,7 +116,8 @@ pub fn free_base_port(n: usize) -> u16 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let seed = (std::process::id() as u64).wrapping_mul(2654435761) ^ nanos ^ nth.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for attempt in 0..200u64 {
-        let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 40_000) as u16 / 10 * 10;
+        // Below the ephemeral range (32768+), so outgoing connections never take our ports.
+        let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 12_000) as u16 / 10 * 10;
         let ok = (1..=n as u16).all(|i| {
             [base + i, base + 100 + i, base + 200 + i].iter().all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
         });
