@@ -60,10 +60,26 @@ pub enum ClientMessage {
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum Relayed {
     Submit(Vec<SignedRequest>),
-    Get { key: DocKey, stale: bool },
-    Balance { account: PublicKey, stale: bool },
-    ClusterAdd { node_id: u64, client_addr: String, peer_addr: String },
-    ClusterRemove { node_id: u64 },
+    Get {
+        key: DocKey,
+        stale: bool,
+    },
+    Balance {
+        account: PublicKey,
+        stale: bool,
+    },
+    ClusterAdd {
+        node_id: u64,
+        client_addr: String,
+        peer_addr: String,
+    },
+    ClusterRemove {
+        node_id: u64,
+    },
+    /// A receipt this replica does not hold (it installed a snapshot past that height).
+    Receipt {
+        id: RequestId,
+    },
 }
 
 impl Relayed {
@@ -80,6 +96,7 @@ impl Relayed {
                 Ok(Relayed::ClusterAdd { node_id, client_addr, peer_addr })
             }
             ClientMessage::ClusterRemove { node_id } => Ok(Relayed::ClusterRemove { node_id }),
+            ClientMessage::Receipt { id } => Ok(Relayed::Receipt { id }),
             other => Err(other),
         }
     }
@@ -93,6 +110,7 @@ impl Relayed {
                 ClientMessage::ClusterAdd { node_id, client_addr, peer_addr }
             }
             Relayed::ClusterRemove { node_id } => ClientMessage::ClusterRemove { node_id },
+            Relayed::Receipt { id } => ClientMessage::Receipt { id },
         }
     }
 }

@@ -189,24 +189,7 @@ impl Shared {
             }
         }
         let now_ms = crate::s1_receive::wall_ms();
-        let store = self.store.lock();
-        let mut seen = SeenIds::default();
-        match store.kv_scan(&self.tables.requests.0) {
-            Ok(pairs) => {
-                for (k, v) in pairs {
-                    let (Ok(id), Ok(loc)) = (
-                        <[u8; 32]>::try_from(&k[4..]).map(tally_codec::RequestId),
-                        tally_codec::decode::<RequestLocation>(&v, 64),
-                    ) else {
-                        continue;
-                    };
-                    if loc.expires_at_ms >= now_ms {
-                        seen.insert(id, loc);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot rebuild seen ids after a snapshot"),
-        }
+        let seen = seen_from_index(&self.store.lock(), &self.tables, now_ms);
         *self.seen.lock() = seen;
     }
 
@@ -391,6 +374,28 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| format!("cannot start {name} thread: {e}"))
 }
 
+/// Every unexpired id in the store's request index (after a snapshot, or past its boundary).
+fn seen_from_index(store: &Store, tables: &Tables, now_ms: u64) -> SeenIds {
+    let mut seen = SeenIds::default();
+    match store.kv_scan(&tables.requests.0) {
+        Ok(pairs) => {
+            for (k, v) in pairs {
+                let (Ok(id), Ok(loc)) = (
+                    <[u8; 32]>::try_from(&k[4..]).map(tally_codec::RequestId),
+                    tally_codec::decode::<RequestLocation>(&v, 64),
+                ) else {
+                    continue;
+                };
+                if loc.expires_at_ms >= now_ms {
+                    seen.insert(id, loc);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot rebuild seen ids from the request index"),
+    }
+    seen
+}
+
 /// After a restart, reload the ids of recent batches whose requests have not expired, so a
 /// retry across the restart still gets its original receipt. Bounded by the expiry window.
 pub fn rebuild_seen_ids(shared: &Shared, now_ms: u64) {
@@ -399,7 +404,13 @@ pub fn rebuild_seen_ids(shared: &Shared, now_ms: u64) {
     let mut seen = shared.seen.lock();
     let mut height = store.applied().height;
     while height > 0 {
-        let Ok(Some(record)) = store.batch(height) else { break };
+        let Ok(Some(record)) = store.batch(height) else {
+            // A snapshot boundary: older batches live elsewhere, but the snapshot carried every
+            // live id in the request index.
+            *seen = seen_from_index(&store, &shared.tables, now_ms);
+            tracing::info!(ids = seen.len(), "seen ids rebuilt from the request index");
+            return;
+        };
         if record.header.time_ms < window_start {
             break;
         }

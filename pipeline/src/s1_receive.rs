@@ -116,7 +116,7 @@ fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envel
     let id = env.id;
     let msg = match env.msg {
         // Served here or refused here: never relayed twice.
-        ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out),
+        ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out, Hop::Relayed),
         msg => msg,
     };
     // A follower relays leader-only frames to the leader as they came; with no leader known,
@@ -128,15 +128,23 @@ fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envel
                 metrics::counter!("tally_forwarded_frames_total").increment(1);
                 shared.forwarder.forward(&leader, id, relayed, out);
             }
-            Err(msg) => answer(shared, id, msg, out),
+            Err(msg) => answer(shared, id, msg, out, Hop::Direct),
         },
-        _ => answer(shared, id, msg, out),
+        _ => answer(shared, id, msg, out, Hop::Direct),
     }
 }
 
-fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelope<ServerMessage>>) {
+/// Whether a frame came from a client or was relayed by a follower (then it is never relayed
+/// again).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    Direct,
+    Relayed,
+}
+
+fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelope<ServerMessage>>, hop: Hop) {
     let reply = match msg {
-        ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out),
+        ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out, Hop::Relayed),
         ClientMessage::Submit(requests) => return submit(shared, id, requests, out),
         ClientMessage::Status => ServerMessage::Status(status(shared)),
         ClientMessage::Get { key, stale } => match read_barrier(shared, stale) {
@@ -160,9 +168,17 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
             Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
         },
         ClientMessage::Batch { height } => ServerMessage::Batch(crate::s7_signatures::batch_info(shared, height)),
-        ClientMessage::Receipt { id: rid } => {
-            ServerMessage::Receipt(crate::s7_signatures::stored_receipt(shared, &rid))
-        }
+        ClientMessage::Receipt { id: rid } => match crate::s7_signatures::stored_receipt(shared, &rid) {
+            Some(r) => ServerMessage::Receipt(Some(r)),
+            // A replica that installed a snapshot lacks older receipts: ask the leader, once.
+            None => match shared.leader_addr().filter(|l| hop == Hop::Direct && *l != shared.opts.listen) {
+                Some(leader) if !shared.replicator().role().is_leader => {
+                    shared.forwarder.forward(&leader, id, tally_codec::wire::Relayed::Receipt { id: rid }, out);
+                    return;
+                }
+                _ => ServerMessage::Receipt(None),
+            },
+        },
         ClientMessage::ClusterAdd { node_id, client_addr, peer_addr } => {
             let m = tally_failover::Member { node_id, client_addr, peer_addr, is_voter: true, matched_index: 0 };
             membership_reply(shared, shared.replicator().add_member(m))

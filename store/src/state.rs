@@ -363,16 +363,19 @@ impl<K: Kv> Store<K> {
             signature: record.signature,
         }))
     }
-    /// A state snapshot for a follower that fell behind the compacted log: every key of every
-    /// table except the store's own meta, batch records with the bodies of the last
-    /// [`SNAPSHOT_BODIES_MAX`] batches inlined (older bodies stay with the replicas that executed
-    /// them; their headers and signatures travel), and the applied marker.
+    /// A state snapshot for a follower that fell behind the compacted log. It carries the live
+    /// state, not the history, so its size follows the state: every document, body and balance;
+    /// the request ids still inside their expiry window (exactly-once needs them); the last
+    /// [`SNAPSHOT_BODIES_MAX`] batch records with their bodies inlined; the applied marker. Older
+    /// batches and receipts stay with the replicas that executed them.
     ///
     /// # Errors
     /// Backend errors.
     pub fn export_snapshot(&self) -> Result<StateSnapshot, StoreError> {
         let meta = self.tables.meta.0;
         let batches = self.tables.batches.0;
+        let requests = self.tables.requests.0;
+        let head_time_ms = self.batch(self.applied.height)?.map_or(0, |r| r.header.time_ms);
         let mut pairs = Vec::new();
         let mut bodies = Vec::new();
         for (k, v) in self.kv.scan_prefix(&[], usize::MAX)? {
@@ -382,14 +385,23 @@ impl<K: Kv> Store<K> {
             if k.starts_with(&batches) {
                 let mut record: BatchRecord =
                     decode(&v, BATCH_RECORD_BYTES_MAX).map_err(|e| StoreError::decode("batch record", e))?;
-                if record.header.height + SNAPSHOT_BODIES_MAX > self.applied.height {
-                    let r: SegmentRef = decode(&record.body_ref, SEGMENT_REF_BYTES)
-                        .map_err(|e| StoreError::decode("segment reference", e))?;
-                    bodies.push((record.header.height, self.segments.read(&r)?));
+                if record.header.height + SNAPSHOT_BODIES_MAX <= self.applied.height {
+                    continue;
                 }
+                let r: SegmentRef = decode(&record.body_ref, SEGMENT_REF_BYTES)
+                    .map_err(|e| StoreError::decode("segment reference", e))?;
+                bodies.push((record.header.height, self.segments.read(&r)?));
                 record.body_ref = Vec::new();
                 pairs.push((k, encode(&record)));
                 continue;
+            }
+            if k.starts_with(&requests) {
+                let loc: RequestLocation =
+                    decode(&v, SMALL_VALUE_BYTES_MAX).map_err(|e| StoreError::decode("request location", e))?;
+                // Expired ids can never execute again (stage 4 refuses them), so they stay behind.
+                if loc.expires_at_ms < head_time_ms {
+                    continue;
+                }
             }
             pairs.push((k, v));
         }
