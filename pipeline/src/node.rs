@@ -15,7 +15,6 @@ use ed25519_dalek::SigningKey;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tally_codec::wire::{Envelope, ServerMessage, SubmitReply, WireError};
 use tally_codec::{ClusterId, DocKey, DocMeta, ErrorCode, PublicKey, RequestLocation, Tables};
@@ -261,7 +260,6 @@ impl crate::state::Backing for StoreBacking<'_> {
 pub struct Node {
     pub shared: Arc<Shared>,
     pub local_addr: std::net::SocketAddr,
-    threads: Vec<JoinHandle<()>>,
 }
 
 /// Builds the replicator once the committed channel exists: `(committed_tx, applied_index)`.
@@ -320,30 +318,29 @@ impl Node {
             me: me.clone(),
         });
         rebuild_seen_ids(&shared, env.wall_ms());
-        let mut threads = Vec::new();
         let head = ChainHead { height: applied.height, hash: applied.header_hash, state_digest: applied.state_digest };
-        threads.push(spawn("confirm", {
+        spawn("confirm", {
             let s = shared.clone();
             move || crate::s6_confirm::run(s, committed_rx, head)
-        })?);
-        threads.push(spawn("store", {
+        })?;
+        spawn("store", {
             let s = shared.clone();
             move || crate::s7_signatures::run(s, store_rx)
-        })?);
+        })?;
         let snapshots = Arc::new(crate::snapshots::PipelineSnapshots { shared: Arc::downgrade(&shared) });
         let replicator = make_replicator(committed_tx, applied.index, snapshots)?;
         if shared.replicator.set(replicator).is_err() {
             return Err("replicator set twice".into());
         }
-        threads.push(spawn("sequencer", {
+        spawn("sequencer", {
             let s = shared.clone();
             move || crate::s4_sequence::run(s, env)
-        })?);
-        threads.push(spawn("listener", {
+        })?;
+        spawn("listener", {
             let s = shared.clone();
             move || crate::s1_receive::listen(s, listener)
-        })?);
-        Ok(Node { shared, local_addr, threads })
+        })?;
+        Ok(Node { shared, local_addr })
     }
 
     /// Makes the store durable (every file fsynced): for a graceful shutdown. The log is the
@@ -355,23 +352,15 @@ impl Node {
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.store.lock().sync_all().map_err(|e| e.to_string())
     }
-
-    /// Stops accepting work and joins what can be joined (blocked readers end with their
-    /// connections).
-    pub fn stop(self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        // Wake the listener so it sees the flag.
-        let _ = std::net::TcpStream::connect(self.local_addr);
-        for t in self.threads {
-            if t.thread().name() == Some("sequencer") || t.thread().name() == Some("listener") {
-                let _ = t.join();
-            }
-        }
-    }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, String> {
-    std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| format!("cannot start {name} thread: {e}"))
+/// The stage threads run for the life of the process (a graceful stop syncs the store and exits).
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| format!("cannot start {name} thread: {e}"))
 }
 
 /// Every unexpired id in the store's request index (after a snapshot, or past its boundary).

@@ -72,15 +72,8 @@ fn invalid_or_weak(r: Result<VerifyingKey, ErrorCode>, invalid: ErrorCode) -> Er
     }
 }
 
-/// Checks everything about one request that needs no state, except its signature.
-///
-/// # Errors
-/// The [`ErrorCode`] naming the first problem found.
-pub fn check_fields(req: &SignedRequest, cluster_id: &ClusterId, now_ms: u64) -> Result<VerifyingKey, ErrorCode> {
-    check_fields_with(req, cluster_id, now_ms, &KeyCache::new(4))
-}
-
-/// [`check_fields`] with a shared key cache.
+/// Checks everything about one request that needs no state, except its signature. Keys come
+/// from the shared cache.
 ///
 /// # Errors
 /// The [`ErrorCode`] naming the first problem found.

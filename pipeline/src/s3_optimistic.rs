@@ -10,28 +10,17 @@
 
 use crate::node::{Shared, Submission};
 use crate::state::{BatchWrites, View};
-use std::collections::HashMap;
-use tally_codec::{ErrorCode, Operation, RequestId};
+use tally_codec::{ErrorCode, Operation};
 
-/// Filters one group of submissions. `in_batch` holds ids already placed in the batch being
-/// built (a duplicate of one joins the first copy's leaf).
-pub fn filter(
-    shared: &Shared,
-    view: &mut View,
-    subs: Vec<Submission>,
-    in_batch: &mut HashMap<RequestId, usize>,
-    dup_waiters: &mut Vec<(usize, crate::node::Waiter)>,
-) -> Vec<Submission> {
+/// Filters the submissions of one batch. Duplicates *within* the batch are left for stage 4,
+/// which joins them to the first copy's leaf.
+pub fn filter(shared: &Shared, view: &mut View, subs: Vec<Submission>) -> Vec<Submission> {
     let mut out = Vec::with_capacity(subs.len());
     {
         let mut pending = shared.pending.lock();
         let seen = shared.seen.lock();
         for Submission { req, waiter } in subs {
             let id = req.id;
-            if let Some(&pos) = in_batch.get(&id) {
-                dup_waiters.push((pos, waiter));
-                continue;
-            }
             let Some(waiter) = pending.attach(&id, waiter) else { continue };
             if let Some((height, _)) = seen.get(&id) {
                 crate::s7_signatures::answer_with_stored_receipt(shared, id, height, waiter);

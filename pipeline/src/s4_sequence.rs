@@ -132,10 +132,10 @@ fn build_batch(
     groups: Vec<Vec<Submission>>,
     wall_ms: u64,
 ) -> Option<PendingBatch> {
-    let mut in_batch: HashMap<RequestId, usize> = HashMap::new();
-    let mut dup_waiters: Vec<(usize, Waiter)> = Vec::new();
     let subs: Vec<Submission> = groups.into_iter().flatten().collect();
-    let subs = crate::s3_optimistic::filter(shared, view, subs, &mut in_batch, &mut dup_waiters);
+    let subs = crate::s3_optimistic::filter(shared, view, subs);
+    // A duplicate inside the batch waits on the first copy's leaf.
+    let mut in_batch: HashMap<RequestId, usize> = HashMap::new();
 
     // Header time never goes backwards, whatever the wall clock does.
     let time_ms = wall_ms.max(tip.time_ms);
@@ -161,9 +161,6 @@ fn build_batch(
         requests.push(sub.req.request);
         outcomes.push(outcome);
         waiters.push(vec![sub.waiter]);
-    }
-    for (pos, w) in dup_waiters {
-        waiters[pos].push(w);
     }
     if requests.is_empty() {
         return None;

@@ -10,6 +10,23 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
 }
 
+/// fdatasyncs the given files, then the directory if entries were created or removed in it.
+/// Shared by the log and the segment files, whose "dirty" bookkeeping is the same.
+pub(crate) fn sync_files<'a>(
+    files: impl Iterator<Item = (&'a File, &'a Path)>,
+    dir: &Path,
+    dir_dirty: &mut bool,
+) -> Result<(), StoreError> {
+    for (file, path) in files {
+        file.sync_data().map_err(|e| StoreError::io(path, e))?;
+    }
+    if *dir_dirty {
+        sync_dir(dir)?;
+        *dir_dirty = false;
+    }
+    Ok(())
+}
+
 /// Writes `crc32(payload) ‖ payload` to `path` atomically and durably: tmp file, fsync, rename,
 /// fsync of the directory. A reader sees the old or the new contents, never a mix.
 pub(crate) fn write_atomic(dir: &Path, name: &str, payload: &[u8]) -> Result<(), StoreError> {

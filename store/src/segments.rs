@@ -9,7 +9,7 @@
 //! `unsafe` is allowed only in this module, for `memmap2::Mmap::map`.
 #![allow(unsafe_code)]
 
-use crate::fsutil::sync_dir;
+use crate::fsutil::sync_files;
 use crate::StoreError;
 use borsh::{BorshDeserialize, BorshSerialize};
 use memmap2::Mmap;
@@ -220,15 +220,11 @@ impl Segments {
     }
 
     fn sync_inner(&mut self) -> Result<(), StoreError> {
-        for id in std::mem::take(&mut self.dirty) {
-            let seg = self.files.get(&id).expect("dirty segments are held");
-            seg.file.sync_data().map_err(|e| StoreError::io(&seg.path, e))?;
-        }
-        if self.dir_dirty {
-            sync_dir(&self.dir)?;
-            self.dir_dirty = false;
-        }
-        Ok(())
+        let dirty = std::mem::take(&mut self.dirty);
+        let files = &self.files;
+        let segs =
+            dirty.iter().map(|id| files.get(id).expect("dirty segments are held")).map(|s| (&s.file, s.path.as_path()));
+        sync_files(segs, &self.dir, &mut self.dir_dirty)
     }
 
     /// Number of segment files, for tests and metrics.

@@ -13,7 +13,7 @@
 //! torn or corrupt record at the tail of the last segment (a crash mid-append) is cut off on
 //! open; damage anywhere else is reported, never skipped.
 
-use crate::fsutil::{read_atomic, sync_dir, write_atomic};
+use crate::fsutil::{read_atomic, sync_dir, sync_files, write_atomic};
 use crate::StoreError;
 use borsh::{BorshDeserialize, BorshSerialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -481,15 +481,13 @@ impl Wal {
     }
 
     fn sync_inner(&mut self) -> Result<(), StoreError> {
-        for seq in std::mem::take(&mut self.dirty) {
-            let seg = self.segments.get(&seq).expect("dirty segments are held");
-            seg.file.sync_data().map_err(|e| StoreError::io(&seg.path, e))?;
-        }
-        if self.dir_dirty {
-            sync_dir(&self.dir)?;
-            self.dir_dirty = false;
-        }
-        Ok(())
+        let dirty = std::mem::take(&mut self.dirty);
+        let segments = &self.segments;
+        let segs = dirty
+            .iter()
+            .map(|seq| segments.get(seq).expect("dirty segments are held"))
+            .map(|s| (&s.file, s.path.as_path()));
+        sync_files(segs, &self.dir, &mut self.dir_dirty)
     }
 
     /// The first index held (or that will be held): one past the snapshot marker.

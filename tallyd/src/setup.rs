@@ -196,7 +196,10 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     let client_addr = cfg.listen.clone();
     let genesis_text = std::fs::read(&cfg.genesis_file).map_err(|e| format!("cannot read genesis: {e}"))?;
     let raft_cfg = raft_config(&cfg, &genesis_text);
-    let multi = cfg.peers.len() > 1 || !cfg.peers.iter().any(|p| p.node_id == cfg.node_id) && !cfg.peers.is_empty();
+    // A cluster of one (no peers, or only this node) runs on the local log; anything else,
+    // including a node joining a cluster it is not yet a member of, runs Raft.
+    let solo = cfg.peers.iter().all(|p| p.node_id == cfg.node_id);
+    let multi = !solo;
     let node = Node::start(
         opts,
         store,
