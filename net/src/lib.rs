@@ -1,0 +1,10 @@
+//! The network edge shared by every tally link: TLS streams anchored in the cluster CA
+//! ([`tls`]) and admission control that keeps floods from starving other clients
+//! ([`admission`]).
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod tls;
+
+pub use admission::{Admission, AdmissionLimits, Admitted, Refusal};
+pub use tls::{ClientAuth, Stream, TlsError, TlsFiles};
