@@ -57,6 +57,33 @@ pub struct NodeConfig {
     /// this is also a disk budget: 2,000 batches at ~45k requests/s is ~200 s and ~1.5 GB.
     #[serde(default = "default_log_retain_entries")]
     pub log_retain_entries: u64,
+    /// A batch is closed before its Raft entry would pass this many bytes (an estimate from the
+    /// requests' sizes, kept well below the proposal limit of one peer frame). A single request
+    /// larger than this is refused alone with `ProposalTooLarge`.
+    #[serde(default = "default_batch_bytes_max")]
+    pub batch_bytes_max: usize,
+    /// The cluster CA (PEM). With `tls_cert_file` and `tls_key_file`: TLS on the client port and
+    /// mutual TLS between replicas. `cluster init` writes all three.
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
+    /// This node's certificate (PEM), issued by the cluster CA for `node-<id>.tally`.
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    /// This node's private key (PEM).
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
+    /// Serve both ports without TLS: anyone who reaches the peer port is a replica. Only for
+    /// local experiments; without TLS files a node refuses to start unless this is set.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Hex ed25519 public keys that may change the cluster (membership, state scans). Nobody
+    /// else can; with none listed, nobody can.
+    #[serde(default)]
+    pub admin_keys: Vec<String>,
+}
+
+pub fn default_batch_bytes_max() -> usize {
+    8 * 1024 * 1024
 }
 
 pub fn default_store_sync_interval_ms() -> u64 {

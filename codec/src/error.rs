@@ -46,12 +46,25 @@ pub enum ErrorCode {
     Retry = 16,
     TooManyRequests = 17,
     Internal = 18,
+    /// Only an admin key named in the configuration may do this.
+    NotAuthorized = 19,
+    /// The replica's disk is full (or its log failed): it stepped down; retry elsewhere.
+    StorageFull = 20,
+    /// The request alone is bigger than a batch may be.
+    ProposalTooLarge = 21,
+    /// The peer was too slow or idle too long.
+    Timeout = 22,
+    /// This replica's log failed (fsync error); it stepped down and serves no writes.
+    LogFailed = 23,
 }
 
 impl ErrorCode {
     /// Whether resending the same bytes later may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::NotLeader | ErrorCode::Overloaded | ErrorCode::Retry)
+        matches!(
+            self,
+            ErrorCode::NotLeader | ErrorCode::Overloaded | ErrorCode::Retry | ErrorCode::StorageFull | ErrorCode::LogFailed
+        )
     }
 
     /// The message a user sees.
@@ -76,6 +89,11 @@ impl ErrorCode {
             ErrorCode::Retry => "leadership changed before commit; retry",
             ErrorCode::TooManyRequests => "too many requests in one frame",
             ErrorCode::Internal => "internal error",
+            ErrorCode::NotAuthorized => "not authorized: this needs an admin key named in the cluster configuration",
+            ErrorCode::StorageFull => "the replica's disk is full; it stepped down, retry at the new leader",
+            ErrorCode::ProposalTooLarge => "request is larger than a whole batch may be",
+            ErrorCode::Timeout => "timed out",
+            ErrorCode::LogFailed => "the replica's log failed; it stepped down, retry at the new leader",
         }
     }
 }

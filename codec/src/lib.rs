@@ -15,6 +15,7 @@
 //! (pinned by fixture hashes in the tests).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod batch;
 pub mod config;
 pub mod error;

@@ -53,6 +53,10 @@ pub enum ClientMessage {
     /// A frame a follower relays to the leader. Never relayed again: one hop at most, so two
     /// replicas with stale views of the leader cannot bounce a frame between them.
     Forwarded(Relayed),
+    /// A cluster operation signed by an admin key. The unsigned `ClusterAdd`, `ClusterRemove`
+    /// and `Audit` above are kept for the wire format's sake and always refused
+    /// (`NotAuthorized`).
+    Admin(crate::admin::SignedAdmin),
 }
 
 /// What a follower may relay: the leader-only messages. Not a [`ClientMessage`], so a relayed
@@ -80,6 +84,7 @@ pub enum Relayed {
     Receipt {
         id: RequestId,
     },
+    Admin(crate::admin::SignedAdmin),
 }
 
 impl Relayed {
@@ -97,6 +102,9 @@ impl Relayed {
             }
             ClientMessage::ClusterRemove { node_id } => Ok(Relayed::ClusterRemove { node_id }),
             ClientMessage::Receipt { id } => Ok(Relayed::Receipt { id }),
+            ClientMessage::Admin(a) if !matches!(a.command.op, crate::admin::AdminOp::AuditPage { .. }) => {
+                Ok(Relayed::Admin(a))
+            }
             other => Err(other),
         }
     }
@@ -111,6 +119,7 @@ impl Relayed {
             }
             Relayed::ClusterRemove { node_id } => ClientMessage::ClusterRemove { node_id },
             Relayed::Receipt { id } => ClientMessage::Receipt { id },
+            Relayed::Admin(a) => ClientMessage::Admin(a),
         }
     }
 }
@@ -127,6 +136,19 @@ pub enum ServerMessage {
     Audit(AuditInfo),
     Done,
     Error(WireError),
+    AuditPage(AuditPageInfo),
+}
+
+/// One page of an admin scan: totals over the keys it covered, and where the next page starts.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct AuditPageInfo {
+    pub applied_height: u64,
+    pub state_digest: crate::Digest,
+    pub keys: u64,
+    /// Sum of balances (accounts table; 0 for documents).
+    pub balance_total: u128,
+    /// Last key of this page; `None` when the table is done.
+    pub next_after: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]

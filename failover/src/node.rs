@@ -103,6 +103,8 @@ pub struct RaftConfig {
     /// Entries kept below a compaction hint, so a briefly lagging follower catches up from the
     /// log rather than a snapshot.
     pub log_retain_entries: u64,
+    /// Mutual TLS between replicas, or an explicit opt-out.
+    pub peer_security: crate::transport::PeerSecurity,
 }
 
 impl RaftConfig {
@@ -167,6 +169,9 @@ pub struct RaftReplicator {
     env: SharedEnv,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// This node's hello and link security, to probe a node before it is added.
+    hello: Hello,
+    peer_security: crate::transport::PeerSecurity,
 }
 
 impl RaftReplicator {
@@ -205,7 +210,7 @@ impl RaftReplicator {
     ) -> Result<Self, FailoverError> {
         let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
         let hello = Hello::new(&cfg.cluster_id, cfg.node_id, cfg.config_fingerprint);
-        let transport = TcpTransport::start(listener, hello, net_tx)?;
+        let transport = TcpTransport::start(listener, hello, cfg.peer_security.clone(), net_tx)?;
         Self::start_with(cfg, Box::new(wal), applied_index, env, committed_tx, snapshots, Box::new(transport), net_rx)
     }
 
@@ -244,7 +249,16 @@ impl RaftReplicator {
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.node_id))
             .spawn(move || node.run(net_rx, cmd_rx))?;
-        Ok(RaftReplicator { node_id: cfg.node_id, cmd_tx, shared, env, stop, thread: Mutex::new(Some(thread)) })
+        Ok(RaftReplicator {
+            node_id: cfg.node_id,
+            cmd_tx,
+            shared,
+            env,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            hello: Hello::new(&cfg.cluster_id, cfg.node_id, cfg.config_fingerprint),
+            peer_security: cfg.peer_security.clone(),
+        })
     }
 
     /// Stops the raft thread and the transport, and waits for them. Idempotent.
@@ -411,15 +425,29 @@ impl Replicator for RaftReplicator {
         if conf_ids(&self.shared.lock().conf).contains(&id) && self.shared.lock().conf.voters.contains(&id) {
             return Err(format!("node {id} is already a voter"));
         }
+        // Before anything is proposed: the node must answer at that address as node `id` of this
+        // cluster (its certificate, cluster id and configuration), or nothing is added.
+        crate::transport::probe(&member.peer_addr, &self.hello, &self.peer_security, id)
+            .map_err(|e| format!("node {id} is not reachable as a replica of this cluster: {e}"))?;
         let addr = MemberAddr { node_id: id, client_addr: member.client_addr, peer_addr: member.peer_addr };
         let context = tally_codec::encode(&addr);
-        if !self.shared.lock().conf.learners.contains(&id) {
+        let was_learner = self.shared.lock().conf.learners.contains(&id);
+        if !was_learner {
             let cc = conf_change(vec![single(id, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
             self.propose_conf_change(cc, context.clone())?;
             self.wait_for("the learner to join", |s| s.conf.learners.contains(&id))?;
         }
         let target = self.role().commit_index;
-        self.wait_for("the learner to catch up", |s| s.matched.get(&id).is_some_and(|m| *m >= target))?;
+        if let Err(e) = self.wait_for("the learner to catch up", |s| s.matched.get(&id).is_some_and(|m| *m >= target)) {
+            // A failed add leaves no learner behind.
+            if !was_learner {
+                let cc = conf_change(vec![single(id, ConfChangeType::RemoveNode)], ConfChangeTransition::Auto);
+                if self.propose_conf_change(cc, Vec::new()).is_ok() {
+                    let _ = self.wait_for("the learner's removal", |s| !conf_ids(&s.conf).contains(&id));
+                }
+            }
+            return Err(format!("{e}; node {id} was not added"));
+        }
         self.require_leader()?;
         let cc = conf_change(vec![single(id, ConfChangeType::AddNode)], ConfChangeTransition::Implicit);
         self.propose_conf_change(cc, context)?;
@@ -467,6 +495,8 @@ struct Node {
     log_retain_entries: u64,
     compact_wanted: u64,
     snapshot_reports: Vec<(u64, SnapshotStatus)>,
+    /// Peer messages refused by [`Node::check_payload`].
+    refused_messages: u64,
     /// Set by [`RaftReplicator::stop`]; blocking waits give up when it is set.
     stop: Arc<AtomicBool>,
 }
@@ -537,6 +567,7 @@ impl Node {
             log_retain_entries: cfg.log_retain_entries,
             compact_wanted: 0,
             snapshot_reports: Vec::new(),
+            refused_messages: 0,
             stop,
         };
         if deliver_bootstrap {
@@ -612,8 +643,39 @@ impl Node {
                 self.lease.on_ack(m.from, term, sent_ms);
             }
         }
+        if let Err(why) = self.check_payload(&m) {
+            // Defence in depth behind mutual TLS: a peer that sends what can never be applied
+            // is ignored, and nothing of it reaches the log.
+            self.refused_messages += 1;
+            tracing::error!(node = self.id, from = m.from, msg = ?t, %why, "raft message refused before persisting");
+            return;
+        }
         if let Err(e) = self.raw.step(m) {
             tracing::debug!(node = self.id, error = %e, "raft message not stepped");
+        }
+    }
+
+    /// Every entry of an append, and a snapshot's data, must be something this replica can apply.
+    fn check_payload(&self, m: &Message) -> Result<(), String> {
+        match m.get_msg_type() {
+            MessageType::MsgAppend => {
+                for e in m.get_entries() {
+                    check_entry(self.snapshots.as_ref(), e).map_err(|w| format!("entry {}: {w}", e.index))?;
+                }
+                Ok(())
+            }
+            MessageType::MsgSnapshot => {
+                let snap = m.get_snapshot();
+                let env: SnapshotEnvelope = tally_codec::decode(&snap.data, tally_codec::limits::ENTRY_BYTES_MAX)
+                    .map_err(|e| format!("snapshot does not decode: {e}"))?;
+                for member in &env.members {
+                    if member.node_id == 0 {
+                        return Err("snapshot names node 0".into());
+                    }
+                }
+                self.snapshots.check_snapshot(&env.state)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -883,6 +945,45 @@ impl Node {
         s.members = members;
         s.lease_until_ms = lease_until_ms;
     }
+}
+
+/// Whether `e` could be applied when it commits: a batch the state machine accepts, an empty
+/// no-op, or a well-formed configuration change.
+fn check_entry(sm: &dyn StateSnapshots, e: &Entry) -> Result<(), String> {
+    match e.get_entry_type() {
+        EntryType::EntryNormal if e.data.is_empty() => Ok(()),
+        EntryType::EntryNormal => sm.check_entry(&e.data),
+        EntryType::EntryConfChange => {
+            let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
+            check_conf_context(cc.node_id, &e.context)
+        }
+        EntryType::EntryConfChangeV2 => {
+            let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
+            if cc.get_changes().iter().any(|c| c.node_id == 0) {
+                return Err("conf change names node 0".into());
+            }
+            match cc.get_changes().first() {
+                Some(c) if cc.get_changes().len() == 1 => check_conf_context(c.node_id, &e.context),
+                _ if e.context.is_empty() => Ok(()),
+                _ => Err("a conf change with an address must change one node".into()),
+            }
+        }
+    }
+}
+
+fn check_conf_context(node_id: u64, context: &[u8]) -> Result<(), String> {
+    if node_id == 0 {
+        return Err("conf change names node 0".into());
+    }
+    if context.is_empty() {
+        return Ok(());
+    }
+    let addr: MemberAddr =
+        tally_codec::decode(context, 64 * 1024).map_err(|e| format!("conf change address does not decode: {e}"))?;
+    if addr.node_id != node_id {
+        return Err(format!("conf change for node {node_id} carries node {}'s address", addr.node_id));
+    }
+    Ok(())
 }
 
 /// Index of the leader's first entry of its current term (its no-op).

@@ -28,6 +28,25 @@ pub trait SnapshotSink: Send + Sync {
     /// # Errors
     /// When the state cannot be installed; the replica then stops replicating.
     fn install(&self, index: u64, term: u64, data: &[u8]) -> Result<(), String>;
+
+    /// Judges a batch entry's data as it arrives from the leader, before it is persisted or
+    /// acknowledged: an entry that would not apply (not a batch of this cluster, inconsistent)
+    /// is refused here rather than wedging the replica when it commits. The default accepts
+    /// anything (replicators without a state machine).
+    ///
+    /// # Errors
+    /// Why the entry can never be applied.
+    fn check_entry(&self, _data: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Judges a snapshot's state bytes before anything of it is installed. Default: anything.
+    ///
+    /// # Errors
+    /// Why the snapshot can never be installed.
+    fn check_snapshot(&self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Both halves; what the replicator is given.

@@ -11,9 +11,17 @@
 //! dialled and reads only on ones it accepted. Frames are `u32-le len ‖ protobuf(Message)`,
 //! bounded by [`FRAME_BYTES_MAX`]. Bytes that do not decode close the connection; nothing a
 //! peer sends can panic this side.
+//!
+//! **Authentication.** With [`PeerSecurity::Tls`] (what `cluster init` configures) every link is
+//! mutual TLS with certificates of the cluster CA: the dialler checks that the listener is
+//! `node-<dialled id>.tally`, the listener checks that the dialler's certificate names the node
+//! its hello claims. Nothing is sent before TLS is up, so a stranger learns no fingerprint and
+//! gets no message to Raft. Handshakes must finish within [`HANDSHAKE_TIMEOUT_MS`]; when the
+//! handshake pool is full the oldest one is cut, so dripping bytes cannot hold the port.
 
 use crate::frame::{read_frame, write_frame};
 use crate::handshake::{handshake, HandshakeError, Hello};
+use tally_net::{Admission, AdmissionLimits, Stream};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
@@ -21,6 +29,7 @@ use raft::eraftpb::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Instant;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,12 +40,14 @@ use tally_codec::limits::FRAME_BYTES_MAX;
 pub const OUTBOUND_MESSAGES_MAX: usize = 1024;
 /// Messages written before one flush.
 const WRITE_BATCH_MAX: usize = 256;
-/// Accepted connections held at once.
+/// Accepted connections held at once (authenticated replicas; handshakes have their own pool,
+/// see [`AdmissionLimits::PEER_PORT`]).
 pub const INBOUND_CONNECTIONS_MAX: usize = 64;
 const RECONNECT_BACKOFF_MS_MIN: u64 = 50;
 const RECONNECT_BACKOFF_MS_MAX: u64 = 2_000;
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
-const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
+/// Whole handshake (TCP accept to accepted hello), however the peer paces its bytes.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
 const WRITE_TIMEOUT_MS: u64 = 5_000;
 /// How often idle threads look at the stop flag.
 const POLL_MS: u64 = 50;
@@ -52,6 +63,38 @@ pub trait Transport: Send {
     fn stop(&mut self);
 }
 
+/// How peer links are protected.
+#[derive(Clone)]
+pub enum PeerSecurity {
+    /// Mutual TLS with certificates of the cluster CA (the default of `cluster init`).
+    Tls { server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig> },
+    /// No authentication at all: anyone who reaches the port is a peer. An explicit opt-in for
+    /// local experiments and tests of the transport itself.
+    InsecurePlaintext,
+}
+
+impl std::fmt::Debug for PeerSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerSecurity::Tls { .. } => "PeerSecurity::Tls",
+            PeerSecurity::InsecurePlaintext => "PeerSecurity::InsecurePlaintext",
+        })
+    }
+}
+
+impl PeerSecurity {
+    /// Peer TLS from the node's files: its certificate serves both directions.
+    ///
+    /// # Errors
+    /// Unreadable or mismatched files.
+    pub fn from_files(files: &tally_net::TlsFiles) -> Result<PeerSecurity, tally_net::TlsError> {
+        Ok(PeerSecurity::Tls {
+            server: tally_net::tls::server_config(files, tally_net::ClientAuth::Required)?,
+            client: tally_net::tls::client_config(&files.ca, Some(files))?,
+        })
+    }
+}
+
 struct OutLink {
     addr: String,
     tx: Sender<Message>,
@@ -63,6 +106,7 @@ type InboundConns = Arc<Mutex<HashMap<u64, (TcpStream, Option<JoinHandle<()>>)>>
 /// TCP implementation of [`Transport`].
 pub struct TcpTransport {
     local: Hello,
+    security: PeerSecurity,
     stop: Arc<AtomicBool>,
     links: HashMap<u64, OutLink>,
     listener: Option<JoinHandle<()>>,
@@ -74,15 +118,20 @@ impl TcpTransport {
     ///
     /// # Errors
     /// When the listener cannot be configured or its thread cannot start.
-    pub fn start(listener: TcpListener, local: Hello, inbox: Sender<Message>) -> std::io::Result<Self> {
+    pub fn start(
+        listener: TcpListener,
+        local: Hello,
+        security: PeerSecurity,
+        inbox: Sender<Message>,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let inbound: InboundConns = Arc::new(Mutex::new(HashMap::new()));
-        let (l_stop, l_inbound, l_local) = (stop.clone(), inbound.clone(), local.clone());
+        let (l_stop, l_inbound, l_local, l_sec) = (stop.clone(), inbound.clone(), local.clone(), security.clone());
         let thread = std::thread::Builder::new()
             .name(format!("peer-listen-{}", local.node_id))
-            .spawn(move || run_listener(listener, l_local, inbox, l_stop, l_inbound))?;
-        Ok(TcpTransport { local, stop, links: HashMap::new(), listener: Some(thread), inbound })
+            .spawn(move || run_listener(listener, l_local, l_sec, inbox, l_stop, l_inbound))?;
+        Ok(TcpTransport { local, security, stop, links: HashMap::new(), listener: Some(thread), inbound })
     }
 }
 
@@ -113,9 +162,10 @@ impl Transport for TcpTransport {
             }
             let (tx, rx) = bounded(OUTBOUND_MESSAGES_MAX);
             let (peer, a, local, stop) = (*id, addr.clone(), self.local.clone(), self.stop.clone());
+            let sec = self.security.clone();
             match std::thread::Builder::new()
                 .name(format!("peer-out-{}-{}", self.local.node_id, id))
-                .spawn(move || run_outbound(peer, a, local, rx, stop))
+                .spawn(move || run_outbound(peer, a, local, sec, rx, stop))
             {
                 Ok(thread) => {
                     self.links.insert(*id, OutLink { addr: addr.clone(), tx, thread });
@@ -167,28 +217,54 @@ enum LinkError {
     Refused(String),
 }
 
-fn connect(addr: &str, local: &Hello, peer: u64) -> Result<TcpStream, LinkError> {
+fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Result<Stream, LinkError> {
     let down = |e: String| LinkError::Down(e);
     let sock: SocketAddr = addr
         .to_socket_addrs()
         .map_err(|e| down(format!("cannot resolve {addr}: {e}")))?
         .next()
         .ok_or_else(|| down(format!("{addr} resolves to no address")))?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_millis(CONNECT_TIMEOUT_MS))
+    let s = TcpStream::connect_timeout(&sock, Duration::from_millis(CONNECT_TIMEOUT_MS))
         .map_err(|e| down(format!("connect to {addr}: {e}")))?;
     let _ = s.set_nodelay(true);
+    let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let t = Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS));
     s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)).map_err(|e| down(e.to_string()))?;
-    match handshake(&mut s, local, Some(peer)) {
+    let mut stream = match security {
+        PeerSecurity::Tls { client, .. } => {
+            // The listener must prove it is the node we dialled before we say anything.
+            Stream::connect(s, client.clone(), &tally_net::tls::node_server_name(peer), deadline).map_err(|e| {
+                LinkError::Refused(format!("TLS with node {peer} at {addr}: {e} (is it node {peer} of this cluster?)"))
+            })?
+        }
+        PeerSecurity::InsecurePlaintext => Stream::plain(s),
+    };
+    match handshake(&mut stream, local, Some(peer)) {
         Ok(_) => {}
         Err(e @ (HandshakeError::RefusedByUs(_) | HandshakeError::RefusedByPeer(_))) => {
             return Err(LinkError::Refused(format!("handshake with node {peer} at {addr}: {e}")))
         }
         Err(e) => return Err(down(format!("handshake with {addr}: {e}"))),
     }
-    s.set_read_timeout(None).map_err(|e| down(e.to_string()))?;
-    s.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS))).map_err(|e| down(e.to_string()))?;
-    Ok(s)
+    let tcp = stream.tcp();
+    tcp.set_read_timeout(None).map_err(|e| down(e.to_string()))?;
+    tcp.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS))).map_err(|e| down(e.to_string()))?;
+    Ok(stream)
+}
+
+/// Checks that `addr` answers as node `node_id` of this cluster (TLS identity, cluster id,
+/// configuration), without sending any Raft message.
+///
+/// # Errors
+/// Why the node can't be reached or was refused.
+pub fn probe(addr: &str, local: &Hello, security: &PeerSecurity, node_id: u64) -> Result<(), String> {
+    match connect(addr, local, security, node_id) {
+        Ok(s) => {
+            s.shutdown();
+            Ok(())
+        }
+        Err(LinkError::Down(e) | LinkError::Refused(e)) => Err(e),
+    }
 }
 
 fn write_message<W: Write>(w: &mut W, msg: &Message) -> std::io::Result<()> {
@@ -200,8 +276,15 @@ fn write_message<W: Write>(w: &mut W, msg: &Message) -> std::io::Result<()> {
     write_frame(w, &bytes)
 }
 
-fn run_outbound(peer: u64, addr: String, local: Hello, rx: Receiver<Message>, stop: Arc<AtomicBool>) {
-    let mut conn: Option<BufWriter<TcpStream>> = None;
+fn run_outbound(
+    peer: u64,
+    addr: String,
+    local: Hello,
+    security: PeerSecurity,
+    rx: Receiver<Message>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut conn: Option<BufWriter<Stream>> = None;
     let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -211,7 +294,7 @@ fn run_outbound(peer: u64, addr: String, local: Hello, rx: Receiver<Message>, st
             Err(RecvTimeoutError::Disconnected) => break,
         };
         if conn.is_none() {
-            match connect(&addr, &local, peer) {
+            match connect(&addr, &local, &security, peer) {
                 Ok(s) => {
                     tracing::info!(peer, %addr, "peer link up");
                     conn = Some(BufWriter::new(s));
@@ -251,7 +334,9 @@ fn run_outbound(peer: u64, addr: String, local: Hello, rx: Receiver<Message>, st
         }
         if let Err(e) = r.and_then(|()| w.flush()) {
             tracing::warn!(peer, %addr, error = %e, "peer link write failed; reconnecting");
-            conn = None;
+            if let Some(w) = conn.take() {
+                w.get_ref().shutdown();
+            }
         }
     }
 }
@@ -259,10 +344,12 @@ fn run_outbound(peer: u64, addr: String, local: Hello, rx: Receiver<Message>, st
 fn run_listener(
     listener: TcpListener,
     local: Hello,
+    security: PeerSecurity,
     inbox: Sender<Message>,
     stop: Arc<AtomicBool>,
     conns: InboundConns,
 ) {
+    let admission = Admission::new(AdmissionLimits { nodes_max: INBOUND_CONNECTIONS_MAX, ..AdmissionLimits::PEER_PORT });
     let next_id = AtomicU64::new(0);
     while !stop.load(Ordering::Relaxed) {
         let (stream, from) = match listener.accept() {
@@ -277,19 +364,17 @@ fn run_listener(
                 continue;
             }
         };
-        if conns.lock().len() >= INBOUND_CONNECTIONS_MAX {
-            tracing::warn!(%from, "too many peer connections; closing the new one");
-            continue;
-        }
+        // Cuts the oldest pending handshake when the pool is full.
+        let Ok(slot) = admission.admit(&stream) else { continue };
         let Ok(clone) = stream.try_clone() else { continue };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let (l, ib, cs) = (local.clone(), inbox.clone(), conns.clone());
+        let (l, ib, cs, sec) = (local.clone(), inbox.clone(), conns.clone(), security.clone());
         // Register before the thread can deregister itself.
         let mut guard = conns.lock();
         guard.insert(id, (clone, None));
         match std::thread::Builder::new()
             .name(format!("peer-in-{}-{id}", local.node_id))
-            .spawn(move || run_inbound(stream, from, l, ib, cs, id))
+            .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot))
         {
             Ok(t) => {
                 if let Some(e) = guard.get_mut(&id) {
@@ -304,53 +389,100 @@ fn run_listener(
     }
 }
 
-fn run_inbound(mut s: TcpStream, from: SocketAddr, local: Hello, inbox: Sender<Message>, conns: InboundConns, id: u64) {
-    read_messages(&mut s, from, &local, &inbox);
-    let _ = s.shutdown(Shutdown::Both);
+#[allow(clippy::too_many_arguments)]
+fn run_inbound(
+    s: TcpStream,
+    from: SocketAddr,
+    local: Hello,
+    security: PeerSecurity,
+    inbox: Sender<Message>,
+    conns: InboundConns,
+    id: u64,
+    slot: tally_net::Admitted,
+) {
+    if let Some((stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
+        read_messages(&stream, peer_id, from, &local, &inbox);
+        stream.shutdown();
+    }
+    drop(slot);
     conns.lock().remove(&id);
 }
 
-fn read_messages(s: &mut TcpStream, from: SocketAddr, local: &Hello, inbox: &Sender<Message>) {
+/// TLS (when configured), then the hello; returns the stream once the peer proved it is the node
+/// its hello names.
+fn authenticate(
+    s: TcpStream,
+    from: SocketAddr,
+    local: &Hello,
+    security: &PeerSecurity,
+    slot: &tally_net::Admitted,
+) -> Option<(Stream, u64)> {
+    let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let _ = s.set_nonblocking(false);
     let _ = s.set_nodelay(true);
     let t = Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS));
     if s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)).is_err() {
-        return;
+        return None;
     }
-    let peer = match handshake(s, local, None) {
+    let mut stream = match security {
+        PeerSecurity::Tls { server, .. } => match Stream::accept(s, server.clone(), deadline) {
+            Ok(st) => st,
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "peer TLS handshake failed (no certificate of this cluster?)");
+                return None;
+            }
+        },
+        PeerSecurity::InsecurePlaintext => Stream::plain(s),
+    };
+    // What is left of the deadline bounds the hello too.
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let _ = stream.tcp().set_read_timeout(Some(left));
+    let peer = match handshake(&mut stream, local, None) {
         Ok(h) => h,
         Err(HandshakeError::RefusedByUs(r)) => {
             tracing::error!(%from, reason = %r, "refused peer connection");
-            return;
+            return None;
         }
         Err(e) => {
             tracing::warn!(%from, error = %e, "peer handshake failed");
-            return;
+            return None;
         }
     };
-    if s.set_read_timeout(None).is_err() {
-        return;
+    if matches!(security, PeerSecurity::Tls { .. }) && !stream.peer_is_node(peer.node_id) {
+        tracing::error!(%from, claimed = peer.node_id, "refused peer: its certificate is not node {}'s", peer.node_id);
+        return None;
+    }
+    if let Err(e) = slot.establish(true) {
+        tracing::warn!(%from, node = peer.node_id, error = %e, "peer connection refused");
+        return None;
+    }
+    if stream.tcp().set_read_timeout(None).is_err() {
+        return None;
     }
     tracing::debug!(%from, node = peer.node_id, "peer connected");
-    let mut r = std::io::BufReader::new(s);
+    Some((stream, peer.node_id))
+}
+
+fn read_messages(s: &Stream, peer_id: u64, from: SocketAddr, local: &Hello, inbox: &Sender<Message>) {
+    let mut r = std::io::BufReader::new(s.clone());
     loop {
         let bytes = match read_frame(&mut r, FRAME_BYTES_MAX) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
             Err(e) => {
-                tracing::warn!(%from, node = peer.node_id, error = %e, "peer read failed; closing");
+                tracing::warn!(%from, node = peer_id, error = %e, "peer read failed; closing");
                 return;
             }
         };
         let msg = match Message::parse_from_bytes(&bytes) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(%from, node = peer.node_id, error = %e, "undecodable raft message; closing");
+                tracing::warn!(%from, node = peer_id, error = %e, "undecodable raft message; closing");
                 return;
             }
         };
-        if msg.from != peer.node_id || msg.to != local.node_id {
-            tracing::warn!(%from, node = peer.node_id, msg_from = msg.from, msg_to = msg.to, "misaddressed raft message; closing");
+        if msg.from != peer_id || msg.to != local.node_id {
+            tracing::warn!(%from, node = peer_id, msg_from = msg.from, msg_to = msg.to, "misaddressed raft message; closing");
             return;
         }
         match inbox.try_send(msg) {
@@ -378,7 +510,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let (tx, rx) = bounded(64);
-        let t = TcpTransport::start(l, Hello::new(cluster, node, [1; 32]), tx).expect("start");
+        let t = TcpTransport::start(l, Hello::new(cluster, node, [1; 32]), PeerSecurity::InsecurePlaintext, tx)
+            .expect("start");
         (t, addr, rx)
     }
 

@@ -159,6 +159,7 @@ fn config(id: u64, peers: Vec<Member>, port: u16, retain: u64) -> RaftConfig {
         cluster_id: "test-cluster".into(),
         config_fingerprint: RaftConfig::timing_fingerprint(TICK_MS, ELECTION_TICKS, HEARTBEAT_TICKS),
         log_retain_entries: retain,
+        peer_security: tally_failover::transport::PeerSecurity::InsecurePlaintext,
     }
 }
 

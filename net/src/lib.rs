@@ -7,4 +7,4 @@ pub mod admission;
 pub mod tls;
 
 pub use admission::{Admission, AdmissionLimits, Admitted, Refusal};
-pub use tls::{ClientAuth, Stream, TlsError, TlsFiles};
+pub use tls::{ClientAuth, Dial, Stream, TlsError, TlsFiles};

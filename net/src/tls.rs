@@ -217,6 +217,57 @@ pub fn host_of(addr: &str) -> String {
     host.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
+/// How a client reaches a replica's client port.
+#[derive(Clone)]
+pub enum Dial {
+    /// No TLS: only for the loopback quick start or an explicit `--insecure-plaintext`.
+    Plain,
+    /// TLS, checking the server's certificate for `server_name` against the cluster CA.
+    Tls { config: Arc<ClientConfig>, server_name: String },
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dial::Plain => f.write_str("Dial::Plain"),
+            Dial::Tls { server_name, .. } => write!(f, "Dial::Tls({server_name})"),
+        }
+    }
+}
+
+impl Dial {
+    /// TLS to any replica of the cluster whose CA is in `ca` (what clients use).
+    ///
+    /// # Errors
+    /// An unreadable CA file.
+    pub fn cluster(ca: &Path) -> Result<Dial, TlsError> {
+        Ok(Dial::Tls { config: client_config(ca, None)?, server_name: CLUSTER_SERVER_NAME.into() })
+    }
+
+    /// TLS as node `files` (a follower relaying to the leader presents its certificate).
+    ///
+    /// # Errors
+    /// Unreadable files.
+    pub fn as_node(files: &TlsFiles) -> Result<Dial, TlsError> {
+        Ok(Dial::Tls { config: client_config(&files.ca, Some(files))?, server_name: CLUSTER_SERVER_NAME.into() })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Dial::Tls { .. })
+    }
+
+    /// Wraps a connected socket, finishing any handshake by `deadline`.
+    ///
+    /// # Errors
+    /// A failed or late handshake; a server that is not of this cluster.
+    pub fn open(&self, sock: TcpStream, deadline: Instant) -> io::Result<Stream> {
+        match self {
+            Dial::Plain => Ok(Stream::plain(sock)),
+            Dial::Tls { config, server_name } => Stream::connect(sock, config.clone(), server_name, deadline),
+        }
+    }
+}
+
 enum Inner {
     Plain(TcpStream),
     Tls { sock: TcpStream, conn: Mutex<rustls::Connection>, write_lock: Mutex<()> },

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
+use tally_net::{Dial, Stream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,20 +24,26 @@ type ReplyTo = (u64, Sender<Envelope<ServerMessage>>);
 
 struct Link {
     addr: String,
-    writer: Mutex<BufWriter<TcpStream>>,
+    writer: Mutex<BufWriter<Stream>>,
     /// forwarded id → (client's id, client's reply channel)
     waiting: Mutex<HashMap<u64, ReplyTo>>,
     next_id: AtomicU64,
     dead: std::sync::atomic::AtomicBool,
 }
 
-/// The follower's connection to the current leader, opened on demand.
-#[derive(Default)]
+/// The follower's connection to the current leader, opened on demand. With TLS it presents this
+/// node's certificate, so the leader serves it from the replicas' pool (a flood of anonymous
+/// connections on the leader can't shut followers out) and accepts its `Forwarded` frames.
 pub struct Forwarder {
     link: Mutex<Option<Arc<Link>>>,
+    dial: Dial,
 }
 
 impl Forwarder {
+    pub fn new(dial: Dial) -> Forwarder {
+        Forwarder { link: Mutex::new(None), dial }
+    }
+
     /// Relays `msg` to the leader at `leader_addr`; the reply goes to `out` under `client_id`.
     pub fn forward(&self, leader_addr: &str, client_id: u64, msg: Relayed, out: &Sender<Envelope<ServerMessage>>) {
         let link = match self.link_to(leader_addr) {
@@ -71,9 +78,10 @@ impl Forwarder {
         }
         let sock: std::net::SocketAddr =
             addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
-        stream.set_nodelay(true)?;
-        let reader = stream.try_clone()?;
+        let tcp = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+        tcp.set_nodelay(true)?;
+        let stream = self.dial.open(tcp, std::time::Instant::now() + Duration::from_secs(2))?;
+        let reader = stream.clone();
         let link = Arc::new(Link {
             addr: addr.to_string(),
             writer: Mutex::new(BufWriter::new(stream)),
@@ -98,7 +106,7 @@ impl Forwarder {
     }
 }
 
-fn read_replies(link: &Arc<Link>, stream: TcpStream) {
+fn read_replies(link: &Arc<Link>, stream: Stream) {
     let mut r = BufReader::new(stream);
     let mut buf = Vec::new();
     while let Ok(true) = wire::read_frame(&mut r, &mut buf, limits::FRAME_BYTES_MAX) {

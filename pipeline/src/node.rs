@@ -44,6 +44,14 @@ pub struct NodeOptions {
     pub replicas_configured: u32,
     /// How often the store is fsynced so the log can be compacted behind it.
     pub store_sync_interval_ms: u64,
+    /// A batch closes before its entry would pass this many bytes.
+    pub batch_bytes_max: usize,
+    /// TLS on the client port (`None`: plaintext, an explicit opt-in).
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// How this node reaches the leader's client port to relay frames.
+    pub relay_dial: tally_net::Dial,
+    /// Keys that may change the cluster (membership, scans).
+    pub admin_keys: Vec<PublicKey>,
 }
 
 /// A request that passed stage 2 and the slot its answer goes to.
@@ -132,6 +140,8 @@ pub struct Shared {
     progress_cv: Condvar,
     stopping: AtomicBool,
     pub connections: AtomicUsize,
+    /// Who may hold a connection to the client port (see [`tally_net::admission`]).
+    pub admission: Arc<tally_net::Admission>,
     /// A follower's link to the leader for forwarded frames.
     pub forwarder: crate::forward::Forwarder,
     /// Decompressed, checked public keys (stage 2).
@@ -294,6 +304,7 @@ impl Node {
         let (committed_tx, committed_rx) = bounded(COMMITTED_QUEUED_MAX);
         let operator_pub = PublicKey(opts.operator_key.verifying_key().to_bytes());
         let progress = Applied { index: applied.index, height: applied.height };
+        let relay_dial = opts.relay_dial.clone();
         let shared = Arc::new_cyclic(|me| Shared {
             tables: *store.tables(),
             opts,
@@ -309,8 +320,9 @@ impl Node {
             progress_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            admission: tally_net::Admission::new(tally_net::AdmissionLimits::CLIENT_PORT),
             keys: crate::s2_validate::KeyCache::default(),
-            forwarder: crate::forward::Forwarder::default(),
+            forwarder: crate::forward::Forwarder::new(relay_dial),
             confirm_busy: AtomicBool::new(false),
             committed_rx: committed_rx.clone(),
             head_reset: Mutex::new(None),

@@ -1,24 +1,47 @@
-//! Stage 1: receive. Each client connection gets a reader thread (decode, then stage 2 on the
-//! rayon pool) and a writer thread (encode replies in the order they complete). A bad frame gets
-//! an error reply naming the problem; only a frame that breaks the framing itself (oversized or
-//! truncated) closes that one connection. Other clients never notice.
+//! Stage 1: receive. Each client connection gets a reader thread (TLS, decode, then stage 2 on
+//! the rayon pool) and a writer thread (encode replies in the order they complete). A bad frame
+//! gets an error reply naming the problem; only a frame that breaks the framing itself
+//! (oversized or truncated) closes that one connection. Other clients never notice.
+//!
+//! **Limits** (each named below, with its reason): connections per pool and per address
+//! ([`tally_net::AdmissionLimits::CLIENT_PORT`]), the TLS handshake time, idle time, the minimum
+//! rate at which a started frame must arrive, frames in flight per connection, the frame size.
+//! A replica relaying to the leader authenticates with its node certificate and is served from
+//! its own pool, so a flood of anonymous sockets on the leader cannot cut followers off.
 
 use crate::node::{FrameReply, Shared, Submission, Waiter};
 use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tally_codec::admin::{AdminOp, SignedAdmin};
+use tally_net::Stream;
 use tally_codec::wire::{self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, WireError};
 use tally_codec::{encode, limits, ErrorCode};
 
-/// Concurrent client connections, at most.
-pub const CONNECTIONS_MAX: usize = 1024;
 /// Replies queued for one connection's writer, at most.
 pub const OUTGOING_FRAMES_MAX: usize = 4096;
+/// Frames one connection may have unanswered at once; more are refused with `Overloaded`
+/// (the client library keeps a few in flight; TigerBeetle's clients keep one).
+pub const FRAMES_IN_FLIGHT_MAX: usize = 256;
+/// A write that blocks this long means the client stopped reading: the connection is closed.
+pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 /// How long a linearizable read waits for the store to catch up with the commit index.
 pub const READ_WAIT: Duration = Duration::from_secs(5);
+/// TLS handshake, from accept to the first frame's possible start.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// A connection with nothing in flight that sends no frame for this long is closed (clients
+/// heartbeat every second; a one-shot command reconnects).
+pub const IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Once a frame's first byte arrived, the whole frame must arrive within this long plus its
+/// length at [`FRAME_RATE_BYTES_PER_S_MIN`]: a slow drip can't pin a connection open.
+pub const FRAME_GRACE_MS: u64 = 5_000;
+/// The slowest pace a frame body may arrive at (after the grace).
+pub const FRAME_RATE_BYTES_PER_S_MIN: u64 = 256 * 1024;
+/// How often a blocked reader wakes to check its deadlines.
+const READ_POLL_MS: u64 = 500;
 
 pub fn listen(shared: Arc<Shared>, listener: TcpListener) {
     for stream in listener.incoming() {
@@ -26,19 +49,13 @@ pub fn listen(shared: Arc<Shared>, listener: TcpListener) {
             return;
         }
         let Ok(stream) = stream else { continue };
-        if shared.connections.load(Ordering::Acquire) >= CONNECTIONS_MAX {
-            let mut s = stream;
-            let e = Envelope {
-                id: 0,
-                msg: ServerMessage::Error(WireError::new(ErrorCode::Overloaded, "too many connections")),
-            };
-            let _ = wire::write_frame(&mut s, &encode(&e));
-            continue;
-        }
+        // The handshake pool cuts its oldest member when full; established connections are
+        // judged once we know whether the peer is a replica of this cluster.
+        let Ok(slot) = shared.admission.admit(&stream) else { continue };
         shared.connections.fetch_add(1, Ordering::AcqRel);
         let s = shared.clone();
         let spawned = std::thread::Builder::new().name("conn".into()).spawn(move || {
-            serve(&s, stream);
+            serve(&s, stream, &slot);
             s.connections.fetch_sub(1, Ordering::AcqRel);
         });
         if spawned.is_err() {
@@ -47,56 +64,267 @@ pub fn listen(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-fn serve(shared: &Arc<Shared>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let Ok(write_half) = stream.try_clone() else { return };
-    let (out_tx, out_rx) = bounded::<Envelope<ServerMessage>>(OUTGOING_FRAMES_MAX);
-    let writer = std::thread::Builder::new().name("conn-writer".into()).spawn(move || write_loop(write_half, out_rx));
-    let Ok(writer) = writer else { return };
-    let mut reader = BufReader::with_capacity(1 << 16, stream);
-    let mut buf = Vec::new();
-    loop {
-        match wire::read_frame(&mut reader, &mut buf, limits::FRAME_BYTES_MAX) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => {
-                // The framing is lost: say why, then close this connection only.
-                let _ = out_tx.send(error_reply(0, ErrorCode::Malformed, format!("bad frame: {e}")));
-                break;
+/// A plaintext error frame for a client that can't speak to this port, then close.
+fn refuse_connection(mut s: TcpStream, code: ErrorCode, message: String) {
+    metrics::counter!("tally_connections_refused_total", "reason" => format!("{code:?}")).increment(1);
+    let e = Envelope { id: 0, msg: ServerMessage::Error(WireError::new(code, message)) };
+    let _ = wire::write_frame(&mut s, &encode(&e));
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// TLS (when configured), then admission to the client or replica pool.
+fn open(shared: &Shared, tcp: TcpStream, slot: &tally_net::Admitted) -> Option<Stream> {
+    let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    let _ = tcp.set_nodelay(true);
+    let stream = match &shared.opts.client_tls {
+        Some(cfg) => {
+            let _ = tcp.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)));
+            let mut first = [0u8; 1];
+            match tcp.peek(&mut first) {
+                Ok(1) if first[0] != tally_net::tls::TLS_HANDSHAKE_RECORD => {
+                    refuse_connection(
+                        tcp,
+                        ErrorCode::Malformed,
+                        "this port requires TLS: give the client the cluster CA (--ca FILE or --cluster-dir DIR)"
+                            .into(),
+                    );
+                    return None;
+                }
+                Ok(1) => {}
+                _ => return None,
+            }
+            match Stream::accept(tcp, cfg.clone(), deadline) {
+                Ok(s) => s,
+                Err(e) => {
+                    metrics::counter!("tally_connections_refused_total", "reason" => "tls").increment(1);
+                    tracing::debug!(error = %e, "client TLS handshake failed");
+                    return None;
+                }
             }
         }
-        match wire::decode_client(&buf) {
-            Ok(env) => handle(shared, env, &out_tx),
+        None => Stream::plain(tcp),
+    };
+    if let Err(refusal) = slot.establish(stream.peer_is_cluster_node()) {
+        let e = Envelope { id: 0, msg: ServerMessage::Error(WireError::new(ErrorCode::Overloaded, refusal.to_string())) };
+        metrics::counter!("tally_connections_refused_total", "reason" => "limit").increment(1);
+        let _ = wire::write_frame(&mut &stream, &encode(&e)).and_then(|()| (&stream).flush());
+        stream.shutdown();
+        return None;
+    }
+    Some(stream)
+}
+
+fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
+    let Some(stream) = open(shared, tcp, slot) else { return };
+    let peer = if stream.peer_is_cluster_node() { Peer::Replica } else { Peer::Client };
+    if stream.tcp().set_read_timeout(Some(Duration::from_millis(READ_POLL_MS))).is_err() {
+        return;
+    }
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (out_tx, out_rx) = bounded::<Envelope<ServerMessage>>(OUTGOING_FRAMES_MAX);
+    let (w_stream, w_in_flight) = (stream.clone(), in_flight.clone());
+    let writer = std::thread::Builder::new()
+        .name("conn-writer".into())
+        .spawn(move || write_loop(w_stream, out_rx, &w_in_flight));
+    let Ok(writer) = writer else { return };
+    let mut reader = BufReader::with_capacity(1 << 16, stream.clone());
+    let mut frames = PacedFrames::new(limits::FRAME_BYTES_MAX);
+    loop {
+        match frames.next(&mut reader, in_flight.load(Ordering::Acquire) > 0) {
+            Ok(Some(body)) => {
+                slot.touch();
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= FRAMES_IN_FLIGHT_MAX {
+                    let msg = format!("too many frames in flight on this connection (limit {FRAMES_IN_FLIGHT_MAX})");
+                    let _ = out_tx.try_send(error_reply(0, ErrorCode::Overloaded, msg));
+                    continue;
+                }
+                match wire::decode_client(&body) {
+                    Ok(env) => handle(shared, env, &out_tx, peer),
+                    Err(e) => {
+                        metrics::counter!("tally_bad_frames_total").increment(1);
+                        let _ = out_tx.try_send(error_reply(0, ErrorCode::Malformed, format!("bad frame: {e}")));
+                    }
+                }
+            }
+            Ok(None) => break,
             Err(e) => {
-                metrics::counter!("tally_bad_frames_total").increment(1);
-                let _ = out_tx.send(error_reply(0, ErrorCode::Malformed, format!("bad frame: {e}")));
+                // The framing is lost or the peer too slow: say why, then close this one only.
+                metrics::counter!("tally_connections_closed_total", "reason" => e.metric()).increment(1);
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                let _ = out_tx.try_send(error_reply(0, e.code(), e.to_string()));
+                break;
             }
         }
     }
     drop(out_tx);
     let _ = writer.join();
+    stream.shutdown();
 }
 
-fn write_loop(stream: TcpStream, rx: Receiver<Envelope<ServerMessage>>) {
-    let mut w = BufWriter::with_capacity(1 << 16, stream);
-    while let Ok(env) = rx.recv() {
-        if wire::write_frame(&mut w, &encode(&env)).is_err() {
-            return;
+/// Why a connection's reader gave up.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("bad frame: {0}")]
+    Framing(std::io::Error),
+    #[error("frame of {len} bytes did not arrive within {limit_ms} ms (the minimum rate is {FRAME_RATE_BYTES_PER_S_MIN} B/s)")]
+    TooSlow { len: usize, limit_ms: u64 },
+    #[error("connection idle for {IDLE_TIMEOUT_MS} ms; closed")]
+    Idle,
+}
+
+impl ReadError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ReadError::Framing(_) => ErrorCode::Malformed,
+            ReadError::TooSlow { .. } | ReadError::Idle => ErrorCode::Timeout,
         }
-        // Coalesce whatever else is ready into one flush.
-        while let Ok(env) = rx.try_recv() {
-            if wire::write_frame(&mut w, &encode(&env)).is_err() {
-                return;
+    }
+    fn metric(&self) -> &'static str {
+        match self {
+            ReadError::Framing(_) => "framing",
+            ReadError::TooSlow { .. } => "slow_frame",
+            ReadError::Idle => "idle",
+        }
+    }
+}
+
+/// Reads frames while enforcing the idle timeout and the minimum frame rate: a frame's deadline
+/// starts at its first byte. Partial progress survives the reader's periodic wake-ups.
+struct PacedFrames {
+    bytes_max: usize,
+    header: [u8; 4],
+    header_got: usize,
+    body: Vec<u8>,
+    body_len: usize,
+    frame_started: Option<Instant>,
+    last_frame: Instant,
+}
+
+impl PacedFrames {
+    fn new(bytes_max: usize) -> Self {
+        PacedFrames {
+            bytes_max,
+            header: [0; 4],
+            header_got: 0,
+            body: Vec::new(),
+            body_len: 0,
+            frame_started: None,
+            last_frame: Instant::now(),
+        }
+    }
+
+    fn deadline_ms(len: usize) -> u64 {
+        FRAME_GRACE_MS + (len as u64).saturating_mul(1000) / FRAME_RATE_BYTES_PER_S_MIN
+    }
+
+    /// The next whole frame; `None` at a clean end of stream. `waiting` means replies are
+    /// pending, so silence is not idleness.
+    fn next(&mut self, r: &mut impl Read, waiting: bool) -> Result<Option<Vec<u8>>, ReadError> {
+        loop {
+            let step = if self.header_got < 4 {
+                r.read(&mut self.header[self.header_got..])
+            } else {
+                let want = (self.body_len - self.body.len()).min(64 * 1024);
+                let mut chunk = [0u8; 64 * 1024];
+                r.read(&mut chunk[..want]).map(|n| {
+                    self.body.extend_from_slice(&chunk[..n]);
+                    n
+                })
+            };
+            match step {
+                Ok(0) if self.header_got == 0 => return Ok(None),
+                Ok(0) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "truncated frame");
+                    return Err(ReadError::Framing(e));
+                }
+                Ok(n) => {
+                    if self.frame_started.is_none() {
+                        self.frame_started = Some(Instant::now());
+                    }
+                    if self.header_got < 4 {
+                        self.header_got += n;
+                        if self.header_got == 4 {
+                            self.body_len = u32::from_le_bytes(self.header) as usize;
+                            if self.body_len > self.bytes_max {
+                                let e = std::io::Error::new(
+                                    std::io::ErrorKind::InvalidData,
+                                    format!("frame of {} bytes is over the limit of {} bytes", self.body_len, self.bytes_max),
+                                );
+                                return Err(ReadError::Framing(e));
+                            }
+                            self.body.clear();
+                        }
+                    }
+                    if self.header_got == 4 && self.body.len() == self.body_len {
+                        self.header_got = 0;
+                        self.frame_started = None;
+                        self.last_frame = Instant::now();
+                        return Ok(Some(std::mem::take(&mut self.body)));
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    self.check_deadlines(waiting)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Framing(e)),
+            }
+            if self.frame_started.is_some() {
+                self.check_deadlines(waiting)?;
             }
         }
-        if w.flush().is_err() {
-            return;
+    }
+
+    fn check_deadlines(&self, waiting: bool) -> Result<(), ReadError> {
+        match self.frame_started {
+            Some(started) => {
+                let len = if self.header_got == 4 { self.body_len } else { 0 };
+                let limit_ms = Self::deadline_ms(len);
+                if started.elapsed() > Duration::from_millis(limit_ms) {
+                    return Err(ReadError::TooSlow { len, limit_ms });
+                }
+            }
+            None if !waiting && self.last_frame.elapsed() > Duration::from_millis(IDLE_TIMEOUT_MS) => {
+                return Err(ReadError::Idle)
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+fn write_loop(stream: Stream, rx: Receiver<Envelope<ServerMessage>>, in_flight: &AtomicUsize) {
+    let _ = stream.tcp().set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
+    let mut w = BufWriter::with_capacity(1 << 16, stream.clone());
+    let write = |w: &mut BufWriter<Stream>, env: &Envelope<ServerMessage>| {
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        wire::write_frame(w, &encode(env))
+    };
+    while let Ok(env) = rx.recv() {
+        if write(&mut w, &env).is_err() {
+            break;
+        }
+        // Coalesce whatever else is ready into one flush.
+        let mut ok = true;
+        while let Ok(env) = rx.try_recv() {
+            if write(&mut w, &env).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok || w.flush().is_err() {
+            break;
         }
     }
     let _ = w.flush();
-    if let Ok(s) = w.into_inner() {
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    }
+    stream.shutdown();
+}
+
+/// Who is on the other end of a client-port connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Client,
+    /// A replica of this cluster (mutual TLS): it may relay frames.
+    Replica,
 }
 
 fn error_reply(id: u64, code: ErrorCode, message: String) -> Envelope<ServerMessage> {
@@ -106,15 +334,22 @@ fn error_reply(id: u64, code: ErrorCode, message: String) -> Envelope<ServerMess
 /// Whether this frame is served by the leader only (writes, linearizable reads).
 fn leader_only(msg: &ClientMessage) -> bool {
     match msg {
-        ClientMessage::Submit(_) | ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => true,
+        ClientMessage::Submit(_) => true,
+        ClientMessage::Admin(a) => !matches!(a.command.op, AdminOp::AuditPage { .. }),
         ClientMessage::Get { stale, .. } | ClientMessage::Balance { stale, .. } => !stale,
         _ => false,
     }
 }
 
-fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envelope<ServerMessage>>) {
+fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envelope<ServerMessage>>, peer: Peer) {
     let id = env.id;
     let msg = match env.msg {
+        // With TLS only an authenticated replica may relay; anyone else is refused.
+        ClientMessage::Forwarded(_) if peer != Peer::Replica && shared.opts.client_tls.is_some() => {
+            let e = WireError::new(ErrorCode::NotAuthorized, "only a replica of this cluster may relay frames");
+            let _ = out.try_send(Envelope { id, msg: ServerMessage::Error(e) });
+            return;
+        }
         // Served here or refused here: never relayed twice.
         ClientMessage::Forwarded(inner) => return answer(shared, id, inner.into_client(), out, Hop::Relayed),
         msg => msg,
@@ -163,10 +398,14 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
                 Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, format!("store read failed: {e}"))),
             },
         },
-        ClientMessage::Audit => match crate::s7_signatures::audit(shared) {
-            Ok(a) => ServerMessage::Audit(a),
-            Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
-        },
+        ClientMessage::Audit | ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => {
+            metrics::counter!("tally_refused_total", "stage" => "admin").increment(1);
+            ServerMessage::Error(WireError::new(
+                ErrorCode::NotAuthorized,
+                "not authorized: cluster operations and scans must be signed by an admin key (tally --cluster-dir DIR, or --admin-key FILE)",
+            ))
+        }
+        ClientMessage::Admin(cmd) => admin(shared, &cmd),
         ClientMessage::Batch { height } => ServerMessage::Batch(crate::s7_signatures::batch_info(shared, height)),
         ClientMessage::Receipt { id: rid } => match crate::s7_signatures::stored_receipt(shared, &rid) {
             Some(r) => ServerMessage::Receipt(Some(r)),
@@ -179,15 +418,37 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
                 _ => ServerMessage::Receipt(None),
             },
         },
-        ClientMessage::ClusterAdd { node_id, client_addr, peer_addr } => {
-            let m = tally_failover::Member { node_id, client_addr, peer_addr, is_voter: true, matched_index: 0 };
-            membership_reply(shared, shared.replicator().add_member(m))
-        }
-        ClientMessage::ClusterRemove { node_id } => {
-            membership_reply(shared, shared.replicator().remove_member(node_id))
-        }
     };
     let _ = out.try_send(Envelope { id, msg: reply });
+}
+
+/// An admin command: authorised against the configured admin keys, then carried out.
+fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
+    if let Err(refusal) = cmd.authorize(&shared.opts.cluster_id, &shared.opts.admin_keys, wall_ms()) {
+        metrics::counter!("tally_refused_total", "stage" => "admin").increment(1);
+        tracing::warn!(signer = %cmd.command.signer, %refusal, "admin command refused");
+        return ServerMessage::Error(WireError::new(ErrorCode::NotAuthorized, refusal.to_string()));
+    }
+    tracing::info!(signer = %cmd.command.signer, op = ?cmd.command.op, "admin command");
+    match &cmd.command.op {
+        AdminOp::ClusterAdd { node_id, client_addr, peer_addr } => {
+            let m = tally_failover::Member {
+                node_id: *node_id,
+                client_addr: client_addr.clone(),
+                peer_addr: peer_addr.clone(),
+                is_voter: true,
+                matched_index: 0,
+            };
+            membership_reply(shared, shared.replicator().add_member(m))
+        }
+        AdminOp::ClusterRemove { node_id } => membership_reply(shared, shared.replicator().remove_member(*node_id)),
+        AdminOp::AuditPage { table, after, limit } => {
+            match crate::s7_signatures::audit_page(shared, *table, after.as_deref(), *limit) {
+                Ok(p) => ServerMessage::AuditPage(p),
+                Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
+            }
+        }
+    }
 }
 
 /// A refused membership change on a replica that is not (or no longer) the leader is retryable

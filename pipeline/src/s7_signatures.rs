@@ -57,21 +57,39 @@ pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
 ///
 /// # Errors
 /// Store read failures.
-pub fn audit(shared: &Shared) -> Result<tally_codec::wire::AuditInfo, String> {
+/// One page of an admin scan, read under the store lock for at most
+/// [`tally_codec::admin::AUDIT_PAGE_MAX`] keys, so a scan never stalls the pipeline for long.
+///
+/// # Errors
+/// Store read failures or an undecodable balance.
+pub fn audit_page(
+    shared: &Shared,
+    table: tally_codec::admin::AuditTable,
+    after: Option<&[u8]>,
+    limit: u32,
+) -> Result<tally_codec::wire::AuditPageInfo, String> {
+    let limit = limit.clamp(1, tally_codec::admin::AUDIT_PAGE_MAX) as usize;
+    let prefix = match table {
+        tally_codec::admin::AuditTable::Accounts => shared.tables.accounts.0,
+        tally_codec::admin::AuditTable::Documents => shared.tables.docs.0,
+    };
     let store = shared.store.lock();
     let applied = store.applied();
-    let accounts = store.kv_scan(&shared.tables.accounts.0).map_err(|e| e.to_string())?;
+    let page = store.kv_scan_page(&prefix, after, limit).map_err(|e| e.to_string())?;
+    drop(store);
     let mut balance_total: u128 = 0;
-    for (_, v) in &accounts {
-        balance_total += u128::from(tally_codec::decode::<u64>(v, 8).map_err(|e| e.to_string())?);
+    if table == tally_codec::admin::AuditTable::Accounts {
+        for (_, v) in &page {
+            balance_total += u128::from(tally_codec::decode::<u64>(v, 8).map_err(|e| e.to_string())?);
+        }
     }
-    let documents = store.kv_scan(&shared.tables.docs.0).map_err(|e| e.to_string())?.len() as u64;
-    Ok(tally_codec::wire::AuditInfo {
+    let next_after = if page.len() == limit { page.last().map(|(k, _)| k.clone()) } else { None };
+    Ok(tally_codec::wire::AuditPageInfo {
         applied_height: applied.height,
         state_digest: applied.state_digest,
-        accounts: accounts.len() as u64,
+        keys: page.len() as u64,
         balance_total,
-        documents,
+        next_after,
     })
 }
 

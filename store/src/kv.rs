@@ -33,6 +33,13 @@ pub trait Kv {
     /// When the backend fails to read.
     fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError>;
 
+    /// One page of a prefix scan: keys with `prefix` strictly after `after` (from the start when
+    /// `None`), in key order, at most `limit`.
+    ///
+    /// # Errors
+    /// When the backend fails to read.
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KvPairs, StoreError>;
+
     /// Make every file durable: flush memtables if possible, fsync every file of the db and its
     /// directory. Called before the log is compacted past the applied index.
     ///
@@ -77,6 +84,18 @@ impl Kv for MemKv {
             };
         }
         Ok(())
+    }
+
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KvPairs, StoreError> {
+        let start = after.map_or_else(|| prefix.to_vec(), <[u8]>::to_vec);
+        Ok(self
+            .map
+            .range(start..)
+            .filter(|(k, _)| Some(k.as_slice()) != after)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
@@ -171,6 +190,24 @@ impl Kv for LevelKv {
         Ok(())
     }
 
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KvPairs, StoreError> {
+        let mut db = self.db.borrow_mut();
+        let mut it = db.new_iter()?;
+        let mut out = Vec::new();
+        it.seek(after.unwrap_or(prefix));
+        while it.valid() && out.len() < limit {
+            let Some((k, v)) = it.current() else { break };
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if Some(&k[..]) != after {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            it.advance();
+        }
+        Ok(out)
+    }
+
     fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         let mut db = self.db.borrow_mut();
         let mut it = db.new_iter()?;
@@ -252,6 +289,10 @@ impl<K: Kv> Kv for FaultyKv<K> {
         self.inner.scan_prefix(prefix, limit)
     }
 
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<KvPairs, StoreError> {
+        self.inner.scan_page(prefix, after, limit)
+    }
+
     fn sync_all(&mut self) -> Result<(), StoreError> {
         if self.fail_sync {
             return Err(StoreError::Injected("sync_all"));
@@ -277,6 +318,12 @@ mod tests {
         assert_eq!(scan, vec![(b"a1".to_vec(), b"x".to_vec()), (b"a2".to_vec(), b"y".to_vec())]);
         assert_eq!(kv.scan_prefix(b"a", 1).expect("scan").len(), 1);
         assert!(kv.scan_prefix(b"c", 10).expect("scan").is_empty());
+        // Pages: strictly after the given key, within the prefix, bounded.
+        let first = kv.scan_page(b"a", None, 1).expect("page");
+        assert_eq!(first, vec![(b"a1".to_vec(), b"x".to_vec())]);
+        let second = kv.scan_page(b"a", Some(b"a1"), 1).expect("page");
+        assert_eq!(second, vec![(b"a2".to_vec(), b"y".to_vec())]);
+        assert!(kv.scan_page(b"a", Some(b"a2"), 10).expect("page").is_empty(), "b1 is outside the prefix");
         kv.sync_all().expect("sync");
     }
 

@@ -164,6 +164,19 @@ impl<K: Kv> Store<K> {
     ///
     /// # Errors
     /// Backend errors.
+    /// One bounded page of a table (see [`crate::kv::Kv::scan_page`]).
+    ///
+    /// # Errors
+    /// Backend read errors.
+    pub fn kv_scan_page(
+        &self,
+        table: &[u8; 4],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<crate::kv::KvPairs, StoreError> {
+        self.kv.scan_page(table, after, limit)
+    }
+
     pub fn kv_scan(&self, table: &[u8; 4]) -> Result<crate::kv::KvPairs, StoreError> {
         self.kv.scan_prefix(table, usize::MAX)
     }
