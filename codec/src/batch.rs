@@ -1,6 +1,6 @@
 //! Batches, their headers, write sets and receipts.
 
-use crate::merkle::{leaf_hash, verify_proof};
+use crate::merkle::{leaf_hash, proof_len, verify_proof};
 use crate::{
     encode, hash_with_domain, ClusterId, CodecError, Digest, ErrorCode, PublicKey, RequestId, Signature, SignedRequest,
 };
@@ -206,6 +206,13 @@ impl Receipt {
             .map_err(|_| CodecError::ReceiptInvalid("request signature does not verify"))?;
         if self.request.request.cluster_id != self.header.cluster_id {
             return Err(CodecError::ReceiptInvalid("request and header name different clusters"));
+        }
+        let (leaf_index, leaf_count) = (self.leaf_index, self.header.leaf_count);
+        let Some(expected) = proof_len(leaf_index as usize, leaf_count as usize) else {
+            return Err(CodecError::ReceiptInvalid("leaf index is not below the header's leaf count"));
+        };
+        if self.proof.len() != expected {
+            return Err(CodecError::ProofLength { hashes: self.proof.len(), leaf_index, leaf_count, expected });
         }
         let leaf = leaf_hash(&self.request_id(), &self.outcome);
         if !verify_proof(

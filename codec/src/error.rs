@@ -15,6 +15,12 @@ pub enum CodecError {
     BadHex(String),
     #[error("receipt does not verify: {0}")]
     ReceiptInvalid(&'static str),
+    /// The Merkle proof is not exactly as long as the leaf's path calls for (see
+    /// [`crate::merkle::proof_len`]): one receipt has one byte form.
+    #[error(
+        "receipt does not verify: Merkle proof has {hashes} hashes; leaf {leaf_index} of {leaf_count} needs exactly {expected}"
+    )]
+    ProofLength { hashes: usize, leaf_index: u32, leaf_count: u32, expected: usize },
 }
 
 /// Why a request was refused, at any stage. Stable on the wire: append only.
