@@ -207,6 +207,11 @@ impl Receipt {
         if self.request.request.cluster_id != self.header.cluster_id {
             return Err(CodecError::ReceiptInvalid("request and header name different clusters"));
         }
+        // Stage 4 refuses `expires_at_ms < time_ms` without executing it.
+        let (expires_at_ms, header_time_ms) = (self.request.request.expires_at_ms, self.header.time_ms);
+        if expires_at_ms < header_time_ms {
+            return Err(CodecError::ExpiredBeforeBatch { expires_at_ms, header_time_ms });
+        }
         let (leaf_index, leaf_count) = (self.leaf_index, self.header.leaf_count);
         let Some(expected) = proof_len(leaf_index as usize, leaf_count as usize) else {
             return Err(CodecError::ReceiptInvalid("leaf index is not below the header's leaf count"));

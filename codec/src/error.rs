@@ -21,6 +21,10 @@ pub enum CodecError {
         "receipt does not verify: Merkle proof has {hashes} hashes; leaf {leaf_index} of {leaf_count} needs exactly {expected}"
     )]
     ProofLength { hashes: usize, leaf_index: u32, leaf_count: u32, expected: usize },
+    /// The request had expired by its batch's header time; an honest operator refuses such a
+    /// request before executing it, so it never signs a batch holding one.
+    #[error("receipt does not verify: request expired at {expires_at_ms} ms, before its batch's header time {header_time_ms} ms")]
+    ExpiredBeforeBatch { expires_at_ms: u64, header_time_ms: u64 },
 }
 
 /// Why a request was refused, at any stage. Stable on the wire: append only.

@@ -133,3 +133,21 @@ fn verify_proof_refuses_any_other_length() {
         }
     }
 }
+
+/// (c) An honest operator never signs a request that had expired by the batch's header time.
+#[test]
+fn request_expired_before_the_header_time_is_refused() {
+    let r = receipt_in(CLUSTER, 4, 2, (2, HEADER_TIME_MS - 1));
+    let err = r.verify(&operator_pub()).expect_err("expired request must be refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "receipt does not verify: request expired at {} ms, before its batch's header time {} ms",
+            HEADER_TIME_MS - 1,
+            HEADER_TIME_MS
+        )
+    );
+    // Expiring exactly at the header time is still in time (the sequencer refuses only
+    // `expires_at_ms < time_ms`).
+    receipt_in(CLUSTER, 4, 2, (2, HEADER_TIME_MS)).verify(&operator_pub()).expect("expires at the header time");
+}
