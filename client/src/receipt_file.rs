@@ -13,7 +13,7 @@
 use crate::error::ClientError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tally_codec::{limits, PublicKey, Receipt};
+use tally_codec::{limits, ClusterId, PublicKey, Receipt};
 
 /// The JSON form of a receipt file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,15 +136,41 @@ pub fn parse_operator_key(arg: &str) -> Result<PublicKey, ClientError> {
         .map_err(|e| ClientError::Invalid(format!("{} does not hold an operator public key: {e}", path.display())))
 }
 
-/// The offline check behind `tally verify`: the file is well formed, its readable fields agree
-/// with the receipt, and the receipt verifies against `operator`.
+/// Accepts a cluster id as `tally cluster init` and `tally status` print it (32 hex digits).
+///
+/// # Errors
+/// [`ClientError::Invalid`] when it is not one.
+pub fn parse_cluster_id(arg: &str) -> Result<ClusterId, ClientError> {
+    ClusterId::from_hex(arg)
+        .map_err(|_| ClientError::Invalid(format!("cluster id '{arg}' is not {} hex digits", 2 * ClusterId::LEN)))
+}
+
+/// The offline check behind `tally verify` without `--cluster-id`: see
+/// [`verify_receipt_file_for`].
 ///
 /// # Errors
 /// [`ClientError::Invalid`] or [`ClientError::Codec`] saying which check failed.
 pub fn verify_receipt_file(path: &Path, operator: &PublicKey) -> Result<Receipt, ClientError> {
+    verify_receipt_file_for(path, operator, None)
+}
+
+/// The offline check behind `tally verify`: the file is well formed, its readable fields agree
+/// with the receipt, the receipt verifies against `operator` and, when `cluster_id` is given,
+/// it is a receipt of that cluster (clusters may share an operator key).
+///
+/// # Errors
+/// [`ClientError::Invalid`] or [`ClientError::Codec`] saying which check failed.
+pub fn verify_receipt_file_for(
+    path: &Path,
+    operator: &PublicKey,
+    cluster_id: Option<&ClusterId>,
+) -> Result<Receipt, ClientError> {
     let file = read_receipt_file(path)?;
     let receipt = file.decode()?;
-    receipt.verify(operator)?;
+    match cluster_id {
+        Some(c) => receipt.verify_for_cluster(operator, c)?,
+        None => receipt.verify(operator)?,
+    }
     // Checked last: against a wrong key, the failed signature is the error to report.
     if let Some(hint) = file.operator_key_hint()? {
         if hint != *operator {
@@ -154,6 +180,19 @@ pub fn verify_receipt_file(path: &Path, operator: &PublicKey) -> Result<Receipt,
         }
     }
     Ok(receipt)
+}
+
+/// What `tally verify` prints for a receipt that verified.
+pub fn verified_summary(receipt: &Receipt, operator: &PublicKey) -> String {
+    format!(
+        "Valid receipt: request {} at height {} of cluster {} (term {}), outcome {:?}, signed by operator {}",
+        receipt.request_id(),
+        receipt.header.height,
+        receipt.header.cluster_id,
+        receipt.header.term,
+        receipt.outcome,
+        operator
+    )
 }
 
 #[cfg(test)]
@@ -308,5 +347,45 @@ pub(crate) mod tests {
         std::fs::write(&path, doc.to_string()).expect("write");
         let err = verify_receipt_file(&path, &op_pub).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field `amount`"), "{err}");
+    }
+
+    /// (d) Two clusters sharing an operator key: `--cluster-id` binds the receipt to one.
+    #[test]
+    fn cluster_id_binds_the_receipt_to_its_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let receipt = sample_receipt(&operator);
+        let own = receipt.header.cluster_id;
+        let other = ClusterId([4; 16]);
+        let path = dir.path().join("r.json");
+        save_receipt(&path, &receipt, Some(op_pub)).expect("save");
+
+        verify_receipt_file_for(&path, &op_pub, Some(&own)).expect("its own cluster");
+        let err = verify_receipt_file_for(&path, &op_pub, Some(&other)).expect_err("another cluster");
+        assert_eq!(
+            err.to_string(),
+            format!("receipt does not verify: it is a receipt of cluster {own}, not of cluster {other}")
+        );
+        assert_eq!(parse_cluster_id(&own.to_hex()).expect("hex"), own);
+        assert!(parse_cluster_id("03").expect_err("short").to_string().contains("32 hex digits"));
+
+        // The success line names the cluster it verified.
+        let line = verified_summary(&receipt, &op_pub);
+        assert!(
+            line.starts_with(&format!("Valid receipt: request {} at height 7 of cluster {own}", receipt.request_id()))
+        );
+
+        // Through the command line, as `tally verify FILE --operator-key KEY --cluster-id ID`.
+        use clap::Parser;
+        let tally = |cluster: &str| {
+            let args = ["tally", "verify", path.to_str().expect("utf8"), "--operator-key", &op_pub.to_hex()];
+            let cli = crate::cli::Cli::try_parse_from(args.into_iter().chain(["--cluster-id", cluster]));
+            crate::cli::run(cli.expect("parse"))
+        };
+        assert!(tally(&own.to_hex()).is_ok());
+        let err = tally(&other.to_hex()).expect_err("another cluster");
+        assert!(err.to_string().contains(&format!("not of cluster {other}")), "{err}");
+        assert!(tally("xyz").expect_err("bad id").to_string().contains("cluster id 'xyz'"));
     }
 }

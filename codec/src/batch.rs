@@ -192,11 +192,15 @@ impl Receipt {
         self.request.id()
     }
 
-    /// Offline check: the request's own signature, the Merkle proof of (id, outcome) against the
-    /// header's root, and the operator's signature over the header.
+    /// Offline check, in this order (docs/receipt-format.md): the request's own signature, the
+    /// request and header name the same cluster, the request had not expired at the header's
+    /// time, the proof has exactly the length the leaf's path calls for, the Merkle proof of
+    /// (id, outcome) leads to the header's root, and the operator's signature over the header.
+    /// It does not bind the receipt to a cluster: see [`Receipt::verify_for_cluster`].
     ///
     /// # Errors
-    /// [`CodecError::ReceiptInvalid`] naming the first check that failed.
+    /// [`CodecError::ReceiptInvalid`], [`CodecError::ExpiredBeforeBatch`] or
+    /// [`CodecError::ProofLength`], naming the first check that failed.
     pub fn verify(&self, operator: &PublicKey) -> Result<(), CodecError> {
         let signing = self.request.request.signing_bytes();
         let signer = VerifyingKey::from_bytes(&self.request.request.signer.0)
@@ -230,5 +234,18 @@ impl Receipt {
             return Err(CodecError::ReceiptInvalid("Merkle proof does not lead to the header's root"));
         }
         self.header.verify(operator, &self.signature)
+    }
+
+    /// [`Receipt::verify`], and the receipt must be of cluster `cluster_id`: the operator key
+    /// alone does not name a cluster, since clusters may share one.
+    ///
+    /// # Errors
+    /// [`CodecError::WrongCluster`] when the header names another cluster (checked first), else
+    /// as [`Receipt::verify`].
+    pub fn verify_for_cluster(&self, operator: &PublicKey, cluster_id: &ClusterId) -> Result<(), CodecError> {
+        if self.header.cluster_id != *cluster_id {
+            return Err(CodecError::WrongCluster { expected: *cluster_id, got: self.header.cluster_id });
+        }
+        self.verify(operator)
     }
 }

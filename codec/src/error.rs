@@ -25,6 +25,10 @@ pub enum CodecError {
     /// request before executing it, so it never signs a batch holding one.
     #[error("receipt does not verify: request expired at {expires_at_ms} ms, before its batch's header time {header_time_ms} ms")]
     ExpiredBeforeBatch { expires_at_ms: u64, header_time_ms: u64 },
+    /// The receipt is genuine but for another cluster than the one asked for (two clusters may
+    /// share an operator key).
+    #[error("receipt does not verify: it is a receipt of cluster {got}, not of cluster {expected}")]
+    WrongCluster { expected: crate::ClusterId, got: crate::ClusterId },
 }
 
 /// Why a request was refused, at any stage. Stable on the wire: append only.

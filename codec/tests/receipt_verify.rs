@@ -6,7 +6,7 @@
 use ed25519_dalek::SigningKey;
 use tally_codec::merkle::{leaf_hash, verify_proof, Tree};
 use tally_codec::{
-    BatchHeader, ClusterId, Digest, DocKey, Operation, Outcome, PublicKey, Receipt, Request, SignedRequest,
+    BatchHeader, ClusterId, CodecError, Digest, DocKey, Operation, Outcome, PublicKey, Receipt, Request, SignedRequest,
 };
 
 const CLUSTER: ClusterId = ClusterId([0x11; 16]);
@@ -150,4 +150,19 @@ fn request_expired_before_the_header_time_is_refused() {
     // Expiring exactly at the header time is still in time (the sequencer refuses only
     // `expires_at_ms < time_ms`).
     receipt_in(CLUSTER, 4, 2, (2, HEADER_TIME_MS)).verify(&operator_pub()).expect("expires at the header time");
+}
+
+/// (d) Two clusters sharing an operator key: a receipt of one must not verify for the other.
+#[test]
+fn receipt_is_bound_to_its_cluster() {
+    let other = ClusterId([0x99; 16]);
+    let r = receipt_in(other, 3, 1, (usize::MAX, 0));
+    r.verify(&operator_pub()).expect("a genuine receipt of the other cluster");
+    r.verify_for_cluster(&operator_pub(), &other).expect("verifies for its own cluster");
+    let err = r.verify_for_cluster(&operator_pub(), &CLUSTER).expect_err("wrong cluster");
+    assert!(matches!(err, CodecError::WrongCluster { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("receipt does not verify: it is a receipt of cluster {other}, not of cluster {CLUSTER}")
+    );
 }
