@@ -166,3 +166,33 @@ fn receipt_is_bound_to_its_cluster() {
         format!("receipt does not verify: it is a receipt of cluster {other}, not of cluster {CLUSTER}")
     );
 }
+
+/// The worked example in docs/receipt-format.md: leaf 1 of a 3-leaf batch. Its bytes and
+/// intermediate values are printed here (`--nocapture`) and must appear verbatim in the doc, so
+/// the doc cannot drift from the code.
+#[test]
+fn documented_example_matches_the_code() {
+    let r = receipt(3, 1);
+    r.verify_for_cluster(&operator_pub(), &CLUSTER).expect("the documented example verifies");
+    let leaf = leaf_hash(&r.request_id(), &r.outcome);
+    let values = [
+        ("operator key", operator_pub().to_hex()),
+        ("cluster id", CLUSTER.to_hex()),
+        ("request id", r.request_id().to_hex()),
+        ("leaf", hex::encode(leaf)),
+        ("merkle root", r.header.merkle_root.to_hex()),
+        ("header hash", r.header.hash().to_hex()),
+        ("receipt", hex::encode(tally_codec::encode(&r))),
+    ];
+    let doc = include_str!("../../docs/receipt-format.md");
+    let doc: String = doc.split_whitespace().collect();
+    for (what, value) in values {
+        println!("{what}: {value}");
+        assert!(doc.contains(&value), "docs/receipt-format.md lacks the example's {what}: {value}");
+    }
+    let mut longer = r;
+    longer.proof.push(Digest([0; 32]));
+    let err = longer.verify(&operator_pub()).expect_err("one more hash");
+    let message = "Merkle proof has 3 hashes; leaf 1 of 3 needs exactly 2";
+    assert!(err.to_string().contains(message) && doc.contains(&message.replace(' ', "")), "{err}");
+}
