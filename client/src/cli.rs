@@ -6,7 +6,9 @@ use crate::client::{check_json, split_addrs, Client, ClientOptions, Committed};
 use crate::cluster::{self, cluster_init};
 use crate::error::ClientError;
 use crate::keyfile::{self, generate_key, load_key, load_or_create, public_of};
-use crate::receipt_file::{parse_operator_key, save_receipt, verify_receipt_file, ReceiptFile};
+use crate::receipt_file::{
+    parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file_for, ReceiptFile,
+};
 use crate::repl;
 use crate::up::{self, UpOptions};
 use clap::{Parser, Subcommand};
@@ -91,6 +93,10 @@ pub enum Cmd {
         /// Operator public key: hex, or a file holding it (e.g. operator.pub).
         #[arg(long)]
         operator_key: String,
+        /// Require a receipt of this cluster (hex, as `tally status` prints it); clusters may
+        /// share an operator key.
+        #[arg(long)]
+        cluster_id: Option<String>,
     },
     /// Create or change a cluster.
     Cluster {
@@ -241,17 +247,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         }
         Cmd::Status => status(&addrs, key_path),
         Cmd::Receipt { request_id, out } => receipt(&addrs, key_path, &request_id, out.as_deref()),
-        Cmd::Verify { receipt_file, operator_key } => {
+        Cmd::Verify { receipt_file, operator_key, cluster_id } => {
             let operator = parse_operator_key(&operator_key)?;
-            let r = verify_receipt_file(&receipt_file, &operator)?;
-            println!(
-                "Valid receipt: request {} at height {} (term {}), outcome {:?}, signed by operator {}",
-                r.request_id(),
-                r.header.height,
-                r.header.term,
-                r.outcome,
-                operator
-            );
+            let cluster_id = cluster_id.as_deref().map(parse_cluster_id).transpose()?;
+            let r = verify_receipt_file_for(&receipt_file, &operator, cluster_id.as_ref())?;
+            println!("{}", verified_summary(&r, &operator));
+            if cluster_id.is_none() {
+                println!("Cluster not checked: pass --cluster-id to require yours");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cluster { command } => cluster_cmd(&addrs, key_path, command),

@@ -31,4 +31,7 @@ pub use cluster::{cluster_init, ClusterLayout};
 pub use connection::{Connection, PendingReply};
 pub use error::ClientError;
 pub use keyfile::{default_key_path, keygen, load_key, load_or_create};
-pub use receipt_file::{load_receipt, parse_operator_key, save_receipt, verify_receipt_file, ReceiptFile};
+pub use receipt_file::{
+    load_receipt, parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file,
+    verify_receipt_file_for, ReceiptFile,
+};

@@ -6,15 +6,18 @@
 //!  "outcome": "DocCreated { revision: 1 }", "operator_key_hint": "<hex or null>"}
 //! ```
 //! Only `receipt` is trusted input to the check; the other fields are for people and must agree
-//! with it, so a hand-edited file is caught rather than misleading.
+//! with it, so a hand-edited file is caught rather than misleading: `request_id`, `height` and
+//! `outcome` must be what the receipt says, `operator_key_hint` (when present) must name the key
+//! the receipt verified against, and a field the format does not have is refused.
 
 use crate::error::ClientError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tally_codec::{limits, PublicKey, Receipt};
+use tally_codec::{limits, ClusterId, PublicKey, Receipt};
 
 /// The JSON form of a receipt file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReceiptFile {
     /// Hex of the canonical (borsh) receipt: the only field `verify` relies on.
     pub receipt: String,
@@ -38,7 +41,9 @@ impl ReceiptFile {
         }
     }
 
-    /// Decodes the receipt and checks the readable fields agree with it.
+    /// Decodes the receipt and checks the readable fields agree with it (the operator key hint
+    /// only for being a key: [`verify_receipt_file`] compares it with the key it verifies
+    /// against).
     ///
     /// # Errors
     /// [`ClientError::Invalid`] naming the field that is wrong.
@@ -47,13 +52,42 @@ impl ReceiptFile {
             .map_err(|e| ClientError::Invalid(format!("receipt field is not hex: {e}")))?;
         let receipt: Receipt = tally_codec::decode(&bytes, limits::FRAME_BYTES_MAX)
             .map_err(|e| ClientError::Invalid(format!("receipt field is not a tally receipt: {e}")))?;
-        if receipt.request_id().to_hex() != self.request_id.trim().to_lowercase() {
-            return Err(ClientError::Invalid("request_id field does not match the receipt".into()));
+        let id = receipt.request_id().to_hex();
+        if id != self.request_id.trim().to_lowercase() {
+            return Err(ClientError::Invalid(format!(
+                "request_id field says '{}' but the receipt says '{id}'",
+                self.request_id
+            )));
         }
         if receipt.header.height != self.height {
-            return Err(ClientError::Invalid("height field does not match the receipt".into()));
+            return Err(ClientError::Invalid(format!(
+                "height field says {} but the receipt says {}",
+                self.height, receipt.header.height
+            )));
         }
+        let outcome = format!("{:?}", receipt.outcome);
+        if self.outcome.trim() != outcome {
+            return Err(ClientError::Invalid(format!(
+                "outcome field says '{}' but the receipt says '{outcome}'",
+                self.outcome
+            )));
+        }
+        self.operator_key_hint()?;
         Ok(receipt)
+    }
+
+    /// The operator key hint, if the file has one.
+    ///
+    /// # Errors
+    /// [`ClientError::Invalid`] when it is not a public key.
+    pub fn operator_key_hint(&self) -> Result<Option<PublicKey>, ClientError> {
+        self.operator_key_hint
+            .as_deref()
+            .map(|h| {
+                PublicKey::from_hex(h)
+                    .map_err(|e| ClientError::Invalid(format!("operator_key_hint field is not a public key: {e}")))
+            })
+            .transpose()
     }
 }
 
@@ -73,10 +107,13 @@ pub fn save_receipt(path: &Path, receipt: &Receipt, operator_key_hint: Option<Pu
 /// # Errors
 /// [`ClientError::File`] or [`ClientError::Invalid`].
 pub fn load_receipt(path: &Path) -> Result<Receipt, ClientError> {
+    read_receipt_file(path)?.decode()
+}
+
+fn read_receipt_file(path: &Path) -> Result<ReceiptFile, ClientError> {
     let text = std::fs::read_to_string(path).map_err(|e| ClientError::file(path, e))?;
-    let file: ReceiptFile = serde_json::from_str(&text)
-        .map_err(|e| ClientError::Invalid(format!("{} is not a tally receipt file: {e}", path.display())))?;
-    file.decode()
+    serde_json::from_str(&text)
+        .map_err(|e| ClientError::Invalid(format!("{} is not a tally receipt file: {e}", path.display())))
 }
 
 /// Accepts a hex operator key, or the path of a file holding one (like `operator.pub`).
@@ -99,15 +136,63 @@ pub fn parse_operator_key(arg: &str) -> Result<PublicKey, ClientError> {
         .map_err(|e| ClientError::Invalid(format!("{} does not hold an operator public key: {e}", path.display())))
 }
 
-/// The offline check behind `tally verify`: the file is well formed and the receipt verifies
-/// against `operator`.
+/// Accepts a cluster id as `tally cluster init` and `tally status` print it (32 hex digits).
+///
+/// # Errors
+/// [`ClientError::Invalid`] when it is not one.
+pub fn parse_cluster_id(arg: &str) -> Result<ClusterId, ClientError> {
+    ClusterId::from_hex(arg)
+        .map_err(|_| ClientError::Invalid(format!("cluster id '{arg}' is not {} hex digits", 2 * ClusterId::LEN)))
+}
+
+/// The offline check behind `tally verify` without `--cluster-id`: see
+/// [`verify_receipt_file_for`].
 ///
 /// # Errors
 /// [`ClientError::Invalid`] or [`ClientError::Codec`] saying which check failed.
 pub fn verify_receipt_file(path: &Path, operator: &PublicKey) -> Result<Receipt, ClientError> {
-    let receipt = load_receipt(path)?;
-    receipt.verify(operator)?;
+    verify_receipt_file_for(path, operator, None)
+}
+
+/// The offline check behind `tally verify`: the file is well formed, its readable fields agree
+/// with the receipt, the receipt verifies against `operator` and, when `cluster_id` is given,
+/// it is a receipt of that cluster (clusters may share an operator key).
+///
+/// # Errors
+/// [`ClientError::Invalid`] or [`ClientError::Codec`] saying which check failed.
+pub fn verify_receipt_file_for(
+    path: &Path,
+    operator: &PublicKey,
+    cluster_id: Option<&ClusterId>,
+) -> Result<Receipt, ClientError> {
+    let file = read_receipt_file(path)?;
+    let receipt = file.decode()?;
+    match cluster_id {
+        Some(c) => receipt.verify_for_cluster(operator, c)?,
+        None => receipt.verify(operator)?,
+    }
+    // Checked last: against a wrong key, the failed signature is the error to report.
+    if let Some(hint) = file.operator_key_hint()? {
+        if hint != *operator {
+            return Err(ClientError::Invalid(format!(
+                "operator_key_hint field names operator {hint}, but the receipt is signed by {operator}"
+            )));
+        }
+    }
     Ok(receipt)
+}
+
+/// What `tally verify` prints for a receipt that verified.
+pub fn verified_summary(receipt: &Receipt, operator: &PublicKey) -> String {
+    format!(
+        "Valid receipt: request {} at height {} of cluster {} (term {}), outcome {:?}, signed by operator {}",
+        receipt.request_id(),
+        receipt.header.height,
+        receipt.header.cluster_id,
+        receipt.header.term,
+        receipt.outcome,
+        operator
+    )
 }
 
 #[cfg(test)]
@@ -201,5 +286,106 @@ pub(crate) mod tests {
         file.receipt = hex::encode(bytes);
         std::fs::write(&path, serde_json::to_string(&file).expect("json")).expect("write");
         assert!(verify_receipt_file(&path, &op_pub).is_err());
+    }
+
+    /// Writes `file`, then `tally verify`'s check of it against `operator`.
+    fn verify_file(file: &ReceiptFile, operator: &PublicKey) -> Result<Receipt, ClientError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.json");
+        std::fs::write(&path, serde_json::to_string_pretty(file).expect("json")).expect("write");
+        verify_receipt_file(&path, operator)
+    }
+
+    /// (b) Every readable field must agree with the signed bytes: an edited outcome is refused
+    /// although the receipt itself is intact.
+    #[test]
+    fn edited_outcome_field_is_refused() {
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let good = sample_receipt(&operator);
+        verify_file(&ReceiptFile::new(&good, Some(op_pub)), &op_pub).expect("untouched file verifies");
+
+        let mut file = ReceiptFile::new(&good, Some(op_pub));
+        file.outcome = "DocCreated { revision: 2 }".into();
+        let err = verify_file(&file, &op_pub).expect_err("edited outcome");
+        assert_eq!(
+            err.to_string(),
+            "outcome field says 'DocCreated { revision: 2 }' but the receipt says 'DocCreated { revision: 1 }'"
+        );
+        let mut file = ReceiptFile::new(&good, Some(op_pub));
+        file.outcome = "Rejected(InsufficientFunds)".into();
+        assert!(verify_file(&file, &op_pub).expect_err("edited outcome").to_string().contains("outcome field"));
+    }
+
+    /// (b) The operator key hint is readable too: one naming another key than the one the
+    /// receipt verified against is misleading, so it is refused; a missing hint is fine.
+    #[test]
+    fn operator_key_hint_must_name_the_verifying_key() {
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let other = crate::keyfile::public_of(&SigningKey::from_bytes(&[2; 32]));
+        let good = sample_receipt(&operator);
+        verify_file(&ReceiptFile::new(&good, None), &op_pub).expect("no hint");
+        let err = verify_file(&ReceiptFile::new(&good, Some(other)), &op_pub).expect_err("hint names another key");
+        assert!(err.to_string().contains("operator_key_hint field"), "{err}");
+        let mut file = ReceiptFile::new(&good, None);
+        file.operator_key_hint = Some("not a key".into());
+        let err = verify_file(&file, &op_pub).expect_err("hint is not a key");
+        assert!(err.to_string().contains("operator_key_hint field"), "{err}");
+    }
+
+    /// (b) A field the format does not have would be read by people but checked by nobody.
+    #[test]
+    fn unknown_readable_fields_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let good = sample_receipt(&operator);
+        let mut doc = serde_json::to_value(ReceiptFile::new(&good, Some(op_pub))).expect("json");
+        doc["amount"] = serde_json::Value::from(1_000_000u64);
+        let path = dir.path().join("extra.json");
+        std::fs::write(&path, doc.to_string()).expect("write");
+        let err = verify_receipt_file(&path, &op_pub).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `amount`"), "{err}");
+    }
+
+    /// (d) Two clusters sharing an operator key: `--cluster-id` binds the receipt to one.
+    #[test]
+    fn cluster_id_binds_the_receipt_to_its_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let receipt = sample_receipt(&operator);
+        let own = receipt.header.cluster_id;
+        let other = ClusterId([4; 16]);
+        let path = dir.path().join("r.json");
+        save_receipt(&path, &receipt, Some(op_pub)).expect("save");
+
+        verify_receipt_file_for(&path, &op_pub, Some(&own)).expect("its own cluster");
+        let err = verify_receipt_file_for(&path, &op_pub, Some(&other)).expect_err("another cluster");
+        assert_eq!(
+            err.to_string(),
+            format!("receipt does not verify: it is a receipt of cluster {own}, not of cluster {other}")
+        );
+        assert_eq!(parse_cluster_id(&own.to_hex()).expect("hex"), own);
+        assert!(parse_cluster_id("03").expect_err("short").to_string().contains("32 hex digits"));
+
+        // The success line names the cluster it verified.
+        let line = verified_summary(&receipt, &op_pub);
+        assert!(
+            line.starts_with(&format!("Valid receipt: request {} at height 7 of cluster {own}", receipt.request_id()))
+        );
+
+        // Through the command line, as `tally verify FILE --operator-key KEY --cluster-id ID`.
+        use clap::Parser;
+        let tally = |cluster: &str| {
+            let args = ["tally", "verify", path.to_str().expect("utf8"), "--operator-key", &op_pub.to_hex()];
+            let cli = crate::cli::Cli::try_parse_from(args.into_iter().chain(["--cluster-id", cluster]));
+            crate::cli::run(cli.expect("parse"))
+        };
+        assert!(tally(&own.to_hex()).is_ok());
+        let err = tally(&other.to_hex()).expect_err("another cluster");
+        assert!(err.to_string().contains(&format!("not of cluster {other}")), "{err}");
+        assert!(tally("xyz").expect_err("bad id").to_string().contains("cluster id 'xyz'"));
     }
 }

@@ -1,6 +1,6 @@
 //! Batches, their headers, write sets and receipts.
 
-use crate::merkle::{leaf_hash, verify_proof};
+use crate::merkle::{leaf_hash, proof_len, verify_proof};
 use crate::{
     encode, hash_with_domain, ClusterId, CodecError, Digest, ErrorCode, PublicKey, RequestId, Signature, SignedRequest,
 };
@@ -192,11 +192,15 @@ impl Receipt {
         self.request.id()
     }
 
-    /// Offline check: the request's own signature, the Merkle proof of (id, outcome) against the
-    /// header's root, and the operator's signature over the header.
+    /// Offline check, in this order (docs/receipt-format.md): the request's own signature, the
+    /// request and header name the same cluster, the request had not expired at the header's
+    /// time, the proof has exactly the length the leaf's path calls for, the Merkle proof of
+    /// (id, outcome) leads to the header's root, and the operator's signature over the header.
+    /// It does not bind the receipt to a cluster: see [`Receipt::verify_for_cluster`].
     ///
     /// # Errors
-    /// [`CodecError::ReceiptInvalid`] naming the first check that failed.
+    /// [`CodecError::ReceiptInvalid`], [`CodecError::ExpiredBeforeBatch`] or
+    /// [`CodecError::ProofLength`], naming the first check that failed.
     pub fn verify(&self, operator: &PublicKey) -> Result<(), CodecError> {
         let signing = self.request.request.signing_bytes();
         let signer = VerifyingKey::from_bytes(&self.request.request.signer.0)
@@ -206,6 +210,18 @@ impl Receipt {
             .map_err(|_| CodecError::ReceiptInvalid("request signature does not verify"))?;
         if self.request.request.cluster_id != self.header.cluster_id {
             return Err(CodecError::ReceiptInvalid("request and header name different clusters"));
+        }
+        // Stage 4 refuses `expires_at_ms < time_ms` without executing it.
+        let (expires_at_ms, header_time_ms) = (self.request.request.expires_at_ms, self.header.time_ms);
+        if expires_at_ms < header_time_ms {
+            return Err(CodecError::ExpiredBeforeBatch { expires_at_ms, header_time_ms });
+        }
+        let (leaf_index, leaf_count) = (self.leaf_index, self.header.leaf_count);
+        let Some(expected) = proof_len(leaf_index as usize, leaf_count as usize) else {
+            return Err(CodecError::ReceiptInvalid("leaf index is not below the header's leaf count"));
+        };
+        if self.proof.len() != expected {
+            return Err(CodecError::ProofLength { hashes: self.proof.len(), leaf_index, leaf_count, expected });
         }
         let leaf = leaf_hash(&self.request_id(), &self.outcome);
         if !verify_proof(
@@ -218,5 +234,18 @@ impl Receipt {
             return Err(CodecError::ReceiptInvalid("Merkle proof does not lead to the header's root"));
         }
         self.header.verify(operator, &self.signature)
+    }
+
+    /// [`Receipt::verify`], and the receipt must be of cluster `cluster_id`: the operator key
+    /// alone does not name a cluster, since clusters may share one.
+    ///
+    /// # Errors
+    /// [`CodecError::WrongCluster`] when the header names another cluster (checked first), else
+    /// as [`Receipt::verify`].
+    pub fn verify_for_cluster(&self, operator: &PublicKey, cluster_id: &ClusterId) -> Result<(), CodecError> {
+        if self.header.cluster_id != *cluster_id {
+            return Err(CodecError::WrongCluster { expected: *cluster_id, got: self.header.cluster_id });
+        }
+        self.verify(operator)
     }
 }

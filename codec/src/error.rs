@@ -15,6 +15,20 @@ pub enum CodecError {
     BadHex(String),
     #[error("receipt does not verify: {0}")]
     ReceiptInvalid(&'static str),
+    /// The Merkle proof is not exactly as long as the leaf's path calls for (see
+    /// [`crate::merkle::proof_len`]): one receipt has one byte form.
+    #[error(
+        "receipt does not verify: Merkle proof has {hashes} hashes; leaf {leaf_index} of {leaf_count} needs exactly {expected}"
+    )]
+    ProofLength { hashes: usize, leaf_index: u32, leaf_count: u32, expected: usize },
+    /// The request had expired by its batch's header time; an honest operator refuses such a
+    /// request before executing it, so it never signs a batch holding one.
+    #[error("receipt does not verify: request expired at {expires_at_ms} ms, before its batch's header time {header_time_ms} ms")]
+    ExpiredBeforeBatch { expires_at_ms: u64, header_time_ms: u64 },
+    /// The receipt is genuine but for another cluster than the one asked for (two clusters may
+    /// share an operator key).
+    #[error("receipt does not verify: it is a receipt of cluster {got}, not of cluster {expected}")]
+    WrongCluster { expected: crate::ClusterId, got: crate::ClusterId },
 }
 
 /// Why a request was refused, at any stage. Stable on the wire: append only.

@@ -65,9 +65,33 @@ impl Tree {
     }
 }
 
-/// Checks that `leaf` sits at `index` in a tree of `leaf_count` leaves with `root`.
+/// The exact number of sibling hashes in the proof of leaf `index` in a tree of `leaf_count`
+/// leaves, or `None` when `index` is out of range.
+///
+/// Walking up from the leaf, each level contributes one hash if the node there has a sibling;
+/// the last node of a level with an odd count has none (it is promoted unchanged), so it
+/// contributes nothing. This is the length [`Tree::proof`] produces, and the only length
+/// [`verify_proof`] accepts: rs_merkle itself ignores hashes beyond the ones it needs, which
+/// would give one receipt many byte forms.
+pub fn proof_len(index: usize, leaf_count: usize) -> Option<usize> {
+    if index >= leaf_count {
+        return None;
+    }
+    let (mut index, mut count, mut len) = (index, leaf_count, 0);
+    while count > 1 {
+        if index ^ 1 < count {
+            len += 1;
+        }
+        index /= 2;
+        count = count.div_ceil(2);
+    }
+    Some(len)
+}
+
+/// Checks that `leaf` sits at `index` in a tree of `leaf_count` leaves with `root`, with a proof
+/// of exactly [`proof_len`] hashes.
 pub fn verify_proof(root: &Digest, index: usize, leaf: [u8; 32], leaf_count: usize, proof: &[Digest]) -> bool {
-    if index >= leaf_count || proof.len() > crate::limits::PROOF_HASHES_MAX {
+    if proof_len(index, leaf_count) != Some(proof.len()) || proof.len() > crate::limits::PROOF_HASHES_MAX {
         return false;
     }
     let hashes: Vec<[u8; 32]> = proof.iter().map(|d| d.0).collect();
@@ -108,6 +132,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The proof fold as docs/receipt-format.md describes it, written without rs_merkle.
+    fn fold(leaf: [u8; 32], index: usize, leaf_count: usize, proof: &[Digest]) -> Option<[u8; 32]> {
+        let (mut node, mut index, mut count) = (leaf, index, leaf_count);
+        let mut hashes = proof.iter();
+        while count > 1 {
+            let sibling = index ^ 1;
+            if sibling < count {
+                let s = hashes.next()?.0;
+                node = if index % 2 == 0 {
+                    NodeHasher::concat_and_hash(&node, Some(&s))
+                } else {
+                    NodeHasher::concat_and_hash(&s, Some(&node))
+                };
+            }
+            index /= 2;
+            count = count.div_ceil(2);
+        }
+        hashes.next().is_none().then_some(node)
+    }
+
+    /// Exhaustive over 1..=300 leaves and every index: `proof_len` is the length `Tree::proof`
+    /// produces, the documented fold reaches the root, and one hash more or less is refused.
+    #[test]
+    fn proof_len_is_exact_for_every_leaf_of_every_tree_up_to_300() {
+        for n in 1..=300usize {
+            let l = leaves(n);
+            let t = Tree::from_leaves(&l);
+            let root = t.root();
+            for (i, &leaf) in l.iter().enumerate() {
+                let p = t.proof(i);
+                assert_eq!(proof_len(i, n), Some(p.len()), "n={n} i={i}");
+                assert_eq!(fold(leaf, i, n, &p), Some(root.0), "n={n} i={i}: documented fold");
+                assert!(verify_proof(&root, i, leaf, n, &p), "n={n} i={i}");
+                let mut longer = p.clone();
+                longer.push(p.first().copied().unwrap_or(Digest::ZERO));
+                assert!(!verify_proof(&root, i, leaf, n, &longer), "n={n} i={i}: one hash appended");
+                if let Some((_, shorter)) = p.split_last() {
+                    assert!(!verify_proof(&root, i, leaf, n, shorter), "n={n} i={i}: one hash removed");
+                }
+            }
+            assert_eq!(proof_len(n, n), None);
+        }
+        assert_eq!(proof_len(0, 0), None);
     }
 
     #[test]
