@@ -22,30 +22,39 @@ impl Verdict {
     }
 }
 
-fn call(addr: &str, msg: ClientMessage) -> Option<ServerMessage> {
-    let conn = Connection::connect_timeout(addr, Duration::from_secs(2)).ok()?;
-    conn.call_timeout(msg, Duration::from_secs(10)).ok()
+/// How the checker reaches a cluster: its TLS and the admin key that scans need.
+#[derive(Clone)]
+pub struct Access {
+    pub dial: tally_net::Dial,
+    pub admin: ed25519_dalek::SigningKey,
 }
 
-pub fn status(addr: &str) -> Option<StatusInfo> {
-    match call(addr, ClientMessage::Status)? {
+impl Access {
+    fn connect(&self, addr: &str) -> Option<Connection> {
+        Connection::connect_with(addr, &self.dial, Duration::from_secs(2)).ok()
+    }
+}
+
+pub fn status(access: &Access, addr: &str) -> Option<StatusInfo> {
+    let conn = access.connect(addr)?;
+    match conn.call_timeout(ClientMessage::Status, Duration::from_secs(10)).ok()? {
         ServerMessage::Status(s) => Some(s),
         _ => None,
     }
 }
 
-pub fn audit(addr: &str) -> Option<AuditInfo> {
-    match call(addr, ClientMessage::Audit)? {
-        ServerMessage::Audit(a) => Some(a),
-        _ => None,
-    }
+/// Totals over one replica's state, paged, with the admin key.
+pub fn audit(access: &Access, addr: &str) -> Option<AuditInfo> {
+    let conn = access.connect(addr)?;
+    let cluster = status(access, addr)?.cluster_id;
+    tally_client::client::audit(&conn, &access.admin, cluster).ok()
 }
 
 /// Waits until every reachable replica has applied `height`, up to `timeout`.
-pub fn wait_converged(addrs: &[String], timeout: Duration) -> bool {
+pub fn wait_converged(access: &Access, addrs: &[String], timeout: Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let statuses: Vec<StatusInfo> = addrs.iter().filter_map(|a| status(a)).collect();
+        let statuses: Vec<StatusInfo> = addrs.iter().filter_map(|a| status(access, a)).collect();
         let top = statuses.iter().map(|s| s.committed_height).max().unwrap_or(0);
         if statuses.len() == addrs.len() && statuses.iter().all(|s| s.applied_height >= top) {
             return true;
@@ -63,13 +72,19 @@ pub fn wait_converged(addrs: &[String], timeout: Duration) -> bool {
 /// * I2: one header per height across replicas, each signed by the operator, chained unbroken;
 /// * I3: replicas that applied a height agree on its state digest (part of the header);
 /// * I4: every replica at the same height reports the same balance total, equal to `supply`.
-pub fn check(addrs: &[String], operator: &PublicKey, acked: &HashMap<RequestId, Receipt>, supply: u128) -> Verdict {
+pub fn check(
+    access: &Access,
+    addrs: &[String],
+    operator: &PublicKey,
+    acked: &HashMap<RequestId, Receipt>,
+    supply: u128,
+) -> Verdict {
     let mut v = Verdict { replicas: addrs.len(), acknowledged: acked.len(), ..Verdict::default() };
-    let top: u64 = addrs.iter().filter_map(|a| status(a)).map(|s| s.applied_height).max().unwrap_or(0);
+    let top: u64 = addrs.iter().filter_map(|a| status(access, a)).map(|s| s.applied_height).max().unwrap_or(0);
     v.heights = top;
     let mut conns: Vec<(String, Connection)> = addrs
         .iter()
-        .filter_map(|a| Connection::connect_timeout(a, Duration::from_secs(2)).ok().map(|c| (a.clone(), c)))
+        .filter_map(|a| access.connect(a).map(|c| (a.clone(), c)))
         .collect();
     if conns.len() < addrs.len() {
         v.violations.push(format!("only {} of {} replicas reachable for the check", conns.len(), addrs.len()));
@@ -139,7 +154,7 @@ pub fn check(addrs: &[String], operator: &PublicKey, acked: &HashMap<RequestId, 
         }
     }
     for addr in addrs {
-        match audit(addr) {
+        match audit(access, addr) {
             Some(a) if a.balance_total != supply => v.violations.push(format!(
                 "I4: {addr} at height {} holds {} in total, genesis had {supply}",
                 a.applied_height, a.balance_total

@@ -10,7 +10,7 @@
 //! client sees, batching included).
 
 use crate::client::REQUEST_TTL_MS;
-use crate::connection::{Connection, CALL_TIMEOUT_MS};
+use crate::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
 use crate::error::ClientError;
 use crate::keyfile::{generate_key, public_of};
 use crossbeam::channel::Select;
@@ -68,6 +68,8 @@ pub struct BenchConfig {
     pub plot: Option<PathBuf>,
     /// Show progress bars (off in tests).
     pub progress: bool,
+    /// TLS against the cluster CA, or plaintext.
+    pub dial: tally_net::Dial,
 }
 
 /// One second of the run.
@@ -425,8 +427,10 @@ struct Live {
 }
 
 /// One client: keeps `inflight` frames outstanding until the clock or the frames run out.
+#[allow(clippy::too_many_arguments)]
 fn client_loop(
     addr: &str,
+    dial: &tally_net::Dial,
     frames: Vec<Vec<SignedRequest>>,
     inflight_max: usize,
     start: Instant,
@@ -435,7 +439,7 @@ fn client_loop(
 ) -> Recorder {
     let mut rec = Recorder::default();
     let mut frames = frames.into_iter();
-    let mut conn = Connection::connect(addr).ok();
+    let mut conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
     let mut inflight: VecDeque<(Instant, crate::connection::PendingReply, u64)> = VecDeque::new();
     let timeout = Duration::from_millis(CALL_TIMEOUT_MS);
     loop {
@@ -457,7 +461,7 @@ fn client_loop(
             if broken && Instant::now() < end && frames.len() > 0 {
                 // Reconnect once per pass; a dead node leaves us here until the clock ends.
                 std::thread::sleep(Duration::from_millis(100));
-                conn = Connection::connect(addr).ok();
+                conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
                 continue;
             }
             break;
@@ -527,7 +531,7 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
             limits::FRAME_REQUESTS_MAX
         )));
     }
-    let conn = Connection::connect(&cfg.addr)?;
+    let conn = Connection::connect_with(&cfg.addr, &cfg.dial, Duration::from_millis(CONNECT_TIMEOUT_MS))?;
     let cluster_id = match conn.call(ClientMessage::Status)? {
         ServerMessage::Status(s) => s.cluster_id,
         other => {
@@ -550,7 +554,7 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
             .map(|f| {
                 let live = live.clone();
                 let addr = cfg.addr.as_str();
-                s.spawn(move || client_loop(addr, f, cfg.inflight, start, end, &live))
+                s.spawn(move || client_loop(addr, &cfg.dial, f, cfg.inflight, start, end, &live))
             })
             .collect();
         while !handles.iter().all(|h| h.is_finished()) {
@@ -588,6 +592,7 @@ mod tests {
 
     fn cfg() -> BenchConfig {
         BenchConfig {
+            dial: tally_net::Dial::Plain,
             addr: "127.0.0.1:1".into(),
             duration: Duration::from_secs(3),
             clients: 2,

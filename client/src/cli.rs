@@ -28,6 +28,18 @@ pub struct Cli {
     /// Signing key file (default: one in your config directory, created on first use).
     #[arg(long, global = true, env = "TALLY_KEY")]
     pub key: Option<PathBuf>,
+    /// The cluster CA (PEM): connect with TLS and check each node against it.
+    #[arg(long, global = true, env = "TALLY_CA")]
+    pub ca: Option<PathBuf>,
+    /// A `tally cluster init` directory: supplies the addresses, the CA and the admin key.
+    #[arg(long, global = true, env = "TALLY_CLUSTER_DIR")]
+    pub cluster_dir: Option<PathBuf>,
+    /// Admin key file for cluster operations (default: admin.key of --cluster-dir).
+    #[arg(long, global = true, env = "TALLY_ADMIN_KEY")]
+    pub admin_key: Option<PathBuf>,
+    /// Talk plaintext to a non-loopback address (anyone on the path can read and change it).
+    #[arg(long, global = true)]
+    pub insecure_plaintext: bool,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -142,7 +154,8 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = cluster::DEFAULT_BASE_PORT)]
         base_port: u16,
     },
-    /// Add a replica at runtime.
+    /// Add a replica at runtime (admin-signed). With --cluster-dir it first writes
+    /// node-N.toml and the node's certificate there, ready for `tallyd --config`.
     Add {
         #[arg(long)]
         node_id: u64,
@@ -150,6 +163,9 @@ pub enum ClusterCmd {
         client: String,
         #[arg(long)]
         peer: String,
+        /// Only write the node's files (start it, then run the command again without this).
+        #[arg(long)]
+        files_only: bool,
     },
     /// Remove a replica at runtime.
     Remove { node_id: u64 },
@@ -191,7 +207,7 @@ pub struct BenchArgs {
 /// # Errors
 /// Any [`ClientError`]; `main` prints it as `Error: ...` and exits 1.
 pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    let addrs = split_addrs(&cli.addr);
+    let addrs = Target::resolve(&cli)?;
     let key_path = cli.key.as_deref();
     match cli.command {
         Cmd::Keygen { out } => {
@@ -259,8 +275,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         }
         Cmd::Cluster { command } => cluster_cmd(&addrs, key_path, command),
         Cmd::Repl => {
-            let opts = ClientOptions { heartbeat: Some(Duration::from_secs(1)), ..ClientOptions::default() };
-            let client = Client::connect(&addrs, load_or_create(key_path)?, opts)?;
+            let opts = ClientOptions { heartbeat: Some(Duration::from_secs(1)), ..addrs.options() };
+            let client = Client::connect(&addrs.addrs, load_or_create(key_path)?, opts)?;
             repl::run(&client)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -276,8 +292,88 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
     }
 }
 
-fn connect(addrs: &[String], key: SigningKey) -> Result<Client, ClientError> {
-    Client::connect(addrs, key, ClientOptions::default())
+/// Where the client connects and how: from `--addr`, `--ca`, `--cluster-dir` and the flags.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addrs: Vec<String>,
+    pub dial: tally_net::Dial,
+    pub admin_key: Option<PathBuf>,
+    pub cluster_dir: Option<PathBuf>,
+}
+
+impl Target {
+    /// # Errors
+    /// An unreadable CA or cluster directory, or plaintext to a non-loopback address without
+    /// `--insecure-plaintext`.
+    pub fn resolve(cli: &Cli) -> Result<Target, ClientError> {
+        let mut addrs = split_addrs(&cli.addr);
+        let dir = cli.cluster_dir.clone();
+        if let Some(d) = &dir {
+            if addrs.is_empty() {
+                addrs = cluster_addrs(d)?;
+            }
+        }
+        let ca = cli.ca.clone().or_else(|| dir.as_ref().map(|d| d.join(cluster::CA_FILE)));
+        let dial = match &ca {
+            Some(ca) => tally_net::Dial::cluster(ca)
+                .map_err(|e| ClientError::Invalid(format!("cluster CA: {e}")))?,
+            None => {
+                let loopback = addrs.iter().all(|a| is_loopback(a));
+                if !loopback && !cli.insecure_plaintext {
+                    return Err(ClientError::Invalid(
+                        "no cluster CA: give --ca FILE or --cluster-dir DIR (TALLY_CA / TALLY_CLUSTER_DIR); \
+                         plaintext to a non-loopback address needs --insecure-plaintext"
+                            .into(),
+                    ));
+                }
+                tally_net::Dial::Plain
+            }
+        };
+        let admin_key = cli.admin_key.clone().or_else(|| dir.as_ref().map(|d| d.join(cluster::ADMIN_KEY_FILE)));
+        Ok(Target { addrs, dial, admin_key, cluster_dir: dir })
+    }
+
+    pub fn options(&self) -> ClientOptions {
+        ClientOptions { dial: self.dial.clone(), ..ClientOptions::default() }
+    }
+
+    /// # Errors
+    /// No admin key given, or an unreadable one.
+    pub fn admin(&self) -> Result<SigningKey, ClientError> {
+        let path = self.admin_key.as_ref().ok_or_else(|| {
+            ClientError::Invalid("cluster operations need the admin key: --admin-key FILE or --cluster-dir DIR".into())
+        })?;
+        load_key(path)
+    }
+}
+
+fn is_loopback(addr: &str) -> bool {
+    let host = tally_net::tls::host_of(addr);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Client addresses of the `node-*.toml` files of a cluster directory.
+fn cluster_addrs(dir: &Path) -> Result<Vec<String>, ClientError> {
+    let mut nodes: Vec<(u64, String)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| ClientError::file(dir, e))? {
+        let path = entry.map_err(|e| ClientError::file(dir, e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with("node-") && name.ends_with(".toml") {
+            let text = std::fs::read_to_string(&path).map_err(|e| ClientError::file(&path, e))?;
+            let cfg: tally_codec::config::NodeConfig = toml::from_str(&text)
+                .map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+            nodes.push((cfg.node_id, cfg.listen));
+        }
+    }
+    nodes.sort();
+    if nodes.is_empty() {
+        return Err(ClientError::Invalid(format!("{} holds no node-*.toml", dir.display())));
+    }
+    Ok(nodes.into_iter().map(|(_, a)| a).collect())
+}
+
+fn connect(t: &Target, key: SigningKey) -> Result<Client, ClientError> {
+    Client::connect(&t.addrs, key, t.options())
 }
 
 /// Reads need no identity; don't create a key file just for them.
@@ -317,7 +413,7 @@ fn write(client: &Client, req: tally_codec::SignedRequest, receipt: Option<&Path
     }
 }
 
-fn status(addrs: &[String], key_path: Option<&Path>) -> Result<ExitCode, ClientError> {
+fn status(addrs: &Target, key_path: Option<&Path>) -> Result<ExitCode, ClientError> {
     let client = connect(addrs, read_key(key_path)?)?;
     for line in repl::status_lines(&client)? {
         println!("{line}");
@@ -331,7 +427,7 @@ fn status(addrs: &[String], key_path: Option<&Path>) -> Result<ExitCode, ClientE
     Ok(ExitCode::SUCCESS)
 }
 
-fn receipt(addrs: &[String], key_path: Option<&Path>, id: &str, out: Option<&Path>) -> Result<ExitCode, ClientError> {
+fn receipt(addrs: &Target, key_path: Option<&Path>, id: &str, out: Option<&Path>) -> Result<ExitCode, ClientError> {
     let id = RequestId::from_hex(id)
         .map_err(|_| ClientError::Invalid(format!("'{id}' is not a request id (64 hex digits)")))?;
     let client = connect(addrs, read_key(key_path)?)?;
@@ -356,7 +452,7 @@ fn receipt(addrs: &[String], key_path: Option<&Path>, id: &str, out: Option<&Pat
     Ok(ExitCode::SUCCESS)
 }
 
-fn cluster_cmd(addrs: &[String], key_path: Option<&Path>, cmd: ClusterCmd) -> Result<ExitCode, ClientError> {
+fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Result<ExitCode, ClientError> {
     match cmd {
         ClusterCmd::Init { nodes, dir, accounts, base_port } => {
             let layout = cluster_init(nodes, &dir, accounts, base_port)?;
@@ -373,17 +469,33 @@ fn cluster_cmd(addrs: &[String], key_path: Option<&Path>, cmd: ClusterCmd) -> Re
                 );
             }
             println!("Funded accounts: {} in {}", layout.account_keys.len(), layout.dir.join("accounts").display());
+            println!("Cluster CA: {} (clients: --ca, or --cluster-dir {})", layout.dir.join(cluster::CA_FILE).display(), layout.dir.display());
+            println!("Admin key: {} (signs cluster add/remove and scans)", layout.dir.join(cluster::ADMIN_KEY_FILE).display());
             Ok(ExitCode::SUCCESS)
         }
-        ClusterCmd::Add { node_id, client: client_addr, peer } => {
-            let client = connect(addrs, load_or_create(key_path)?)?;
-            client.cluster_add(node_id, &client_addr, &peer)?;
+        ClusterCmd::Add { node_id, client: client_addr, peer, files_only } => {
+            if let Some(dir) = &addrs.cluster_dir {
+                let config = dir.join(format!("node-{node_id}.toml"));
+                if config.exists() {
+                    println!("Using {}", config.display());
+                } else {
+                    let (path, _) = cluster::add_node_files(dir, node_id, &client_addr, &peer)?;
+                    println!("Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}", path.display(), path.display());
+                }
+            }
+            if files_only {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let admin = addrs.admin()?;
+            let client = connect(addrs, read_key(key_path)?)?;
+            client.cluster_add(&admin, node_id, &client_addr, &peer)?;
             println!("Node {node_id} added (client {client_addr}, peer {peer})");
             Ok(ExitCode::SUCCESS)
         }
         ClusterCmd::Remove { node_id } => {
-            let client = connect(addrs, load_or_create(key_path)?)?;
-            client.cluster_remove(node_id)?;
+            let admin = addrs.admin()?;
+            let client = connect(addrs, read_key(key_path)?)?;
+            client.cluster_remove(&admin, node_id)?;
             println!("Node {node_id} removed");
             Ok(ExitCode::SUCCESS)
         }
@@ -408,8 +520,8 @@ pub fn load_accounts(dir: &Path) -> Result<Vec<SigningKey>, ClientError> {
     paths.iter().map(|p| load_key(p)).collect()
 }
 
-fn bench_cmd(addrs: &[String], key_path: Option<&Path>, a: BenchArgs) -> Result<ExitCode, ClientError> {
-    let addr = addrs.first().cloned().ok_or(ClientError::NoAddress)?;
+fn bench_cmd(t: &Target, key_path: Option<&Path>, a: BenchArgs) -> Result<ExitCode, ClientError> {
+    let addr = t.addrs.first().cloned().ok_or(ClientError::NoAddress)?;
     let accounts = match &a.accounts_dir {
         Some(d) => load_accounts(d)?,
         None => Vec::new(),
@@ -433,6 +545,7 @@ fn bench_cmd(addrs: &[String], key_path: Option<&Path>, a: BenchArgs) -> Result<
         json: a.json,
         plot: a.plot,
         progress: std::io::stderr().is_terminal(),
+        dial: t.dial.clone(),
     };
     let summary = bench::run_bench(&cfg)?;
     println!("{}", bench::summary_text(&summary));

@@ -20,7 +20,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tally_codec::wire::{ClientMessage, DocView, ServerMessage, StatusInfo, SubmitReply, WireError};
+use tally_codec::admin::{AdminCommand, AdminOp, AuditTable, SignedAdmin};
+use tally_codec::wire::{AuditInfo, ClientMessage, DocView, ServerMessage, StatusInfo, SubmitReply, WireError};
 use tally_codec::{
     limits, ClusterId, DocKey, Operation, Outcome, PublicKey, Receipt, Request, RequestId, SignedRequest,
 };
@@ -43,6 +44,8 @@ pub struct ClientOptions {
     pub heartbeat: Option<Duration>,
     /// Wait for a heartbeat/probe reply at most this long.
     pub heartbeat_timeout: Duration,
+    /// TLS against the cluster CA, or plaintext (loopback quick start / explicit opt-in).
+    pub dial: tally_net::Dial,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +55,7 @@ impl Default for ClientOptions {
             retry_total: Duration::from_secs(15),
             heartbeat: None,
             heartbeat_timeout: Duration::from_millis(CONNECT_TIMEOUT_MS),
+            dial: tally_net::Dial::Plain,
         }
     }
 }
@@ -391,21 +395,32 @@ impl Client {
     ///
     /// # Errors
     /// [`ClientError::Server`] with the server's reason, or [`ClientError::Unavailable`].
-    pub fn cluster_add(&self, node_id: u64, client_addr: &str, peer_addr: &str) -> Result<(), ClientError> {
-        let msg = ClientMessage::ClusterAdd {
-            node_id,
-            client_addr: client_addr.to_string(),
-            peer_addr: peer_addr.to_string(),
-        };
-        self.expect_done(&msg)
+    pub fn cluster_add(
+        &self,
+        admin: &SigningKey,
+        node_id: u64,
+        client_addr: &str,
+        peer_addr: &str,
+    ) -> Result<(), ClientError> {
+        let op = AdminOp::ClusterAdd { node_id, client_addr: client_addr.to_string(), peer_addr: peer_addr.to_string() };
+        self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, op)?))
     }
 
     /// Removes a replica at runtime.
     ///
     /// # Errors
     /// As [`Client::cluster_add`].
-    pub fn cluster_remove(&self, node_id: u64) -> Result<(), ClientError> {
-        self.expect_done(&ClientMessage::ClusterRemove { node_id })
+    pub fn cluster_remove(&self, admin: &SigningKey, node_id: u64) -> Result<(), ClientError> {
+        self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, AdminOp::ClusterRemove { node_id })?))
+    }
+
+    /// An admin command for this cluster, valid for a minute.
+    ///
+    /// # Errors
+    /// When the cluster id is not known yet.
+    pub fn sign_admin(&self, admin: &SigningKey, op: AdminOp) -> Result<SignedAdmin, ClientError> {
+        let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
+        Ok(sign_admin(admin, cluster_id, op))
     }
 
     fn expect_done(&self, msg: &ClientMessage) -> Result<(), ClientError> {
@@ -415,6 +430,69 @@ impl Client {
             other => Err(self.inner.unexpected("Done", &other)),
         }
     }
+}
+
+/// Signs an admin command for `cluster_id`, valid for a minute.
+pub fn sign_admin(admin: &SigningKey, cluster_id: ClusterId, op: AdminOp) -> SignedAdmin {
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    AdminCommand {
+        cluster_id,
+        signer: PublicKey(admin.verifying_key().to_bytes()),
+        nonce: rand_core::RngCore::next_u64(&mut rand_core::OsRng),
+        expires_at_ms: now_ms + 60_000,
+        op,
+    }
+    .sign(admin)
+}
+
+/// Totals over one replica's state, read page by page with an admin key (consistent: every page
+/// saw the same applied height, or the scan starts over).
+///
+/// # Errors
+/// The server's refusal (e.g. `NotAuthorized`), or a state that kept moving.
+pub fn audit(conn: &Connection, admin: &SigningKey, cluster_id: ClusterId) -> Result<AuditInfo, ClientError> {
+    'attempt: for _ in 0..20 {
+        let mut height = None;
+        let mut digest = tally_codec::Digest([0; 32]);
+        let mut totals = [(0u64, 0u128); 2];
+        for (t, table) in [AuditTable::Accounts, AuditTable::Documents].into_iter().enumerate() {
+            let mut after = None;
+            loop {
+                let op = AdminOp::AuditPage { table, after: after.take(), limit: tally_codec::admin::AUDIT_PAGE_MAX };
+                let page = match conn.call(ClientMessage::Admin(sign_admin(admin, cluster_id, op)))? {
+                    ServerMessage::AuditPage(p) => p,
+                    ServerMessage::Error(e) => return Err(ClientError::Server(e)),
+                    other => {
+                        return Err(ClientError::Protocol {
+                            addr: conn.addr().to_string(),
+                            detail: format!("expected an audit page, got {other:?}"),
+                        })
+                    }
+                };
+                if height.is_some_and(|h| h != page.applied_height) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue 'attempt;
+                }
+                height = Some(page.applied_height);
+                digest = page.state_digest;
+                totals[t].0 += page.keys;
+                totals[t].1 += page.balance_total;
+                match page.next_after {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+        }
+        return Ok(AuditInfo {
+            applied_height: height.unwrap_or(0),
+            state_digest: digest,
+            accounts: totals[0].0,
+            balance_total: totals[0].1,
+            documents: totals[1].0,
+        });
+    }
+    Err(ClientError::Unavailable { what: "audit", detail: "the state kept changing during the scan".into() })
 }
 
 /// Builds and signs a request; shared with the bench, which signs ahead of time.
@@ -456,7 +534,7 @@ impl Inner {
 
     /// Connects to `addr` and asks its Status; refuses a node of another cluster.
     fn open(&self, addr: &str) -> Result<(Arc<Connection>, StatusInfo), ClientError> {
-        let conn = Arc::new(Connection::connect(addr)?);
+        let conn = Arc::new(Connection::connect_with(addr, &self.opts.dial, Duration::from_millis(CONNECT_TIMEOUT_MS))?);
         match conn.call_timeout(ClientMessage::Status, self.opts.heartbeat_timeout)? {
             ServerMessage::Status(info) => {
                 let known = self.view.lock().cluster_id;
@@ -750,7 +828,10 @@ impl Inner {
             let handles: Vec<_> = members
                 .iter()
                 .filter(|(id, _)| Some(*id) != current)
-                .map(|(_, addr)| s.spawn(move || probe(addr, timeout)))
+                .map(|(_, addr)| {
+                    let dial = &self.opts.dial;
+                    s.spawn(move || probe(addr, dial, timeout))
+                })
                 .collect();
             handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
         });
@@ -796,8 +877,8 @@ impl Inner {
 }
 
 /// One Status round trip on a fresh connection; the node id if it answered.
-fn probe(addr: &str, timeout: Duration) -> Option<u64> {
-    let conn = Connection::connect_timeout(addr, timeout).ok()?;
+fn probe(addr: &str, dial: &tally_net::Dial, timeout: Duration) -> Option<u64> {
+    let conn = Connection::connect_with(addr, dial, timeout).ok()?;
     match conn.call_timeout(ClientMessage::Status, timeout).ok()? {
         ServerMessage::Status(info) => Some(info.node_id),
         _ => None,

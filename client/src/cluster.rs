@@ -6,7 +6,15 @@
 //! DIR/operator.pub      hex public key, for `tally verify --operator-key`
 //! DIR/genesis.json      cluster id, operator key, K accounts × 1_000_000_000
 //! DIR/accounts/<j>.key  key files of the funded accounts (keygen format)
+//! DIR/ca.pem            the cluster CA: clients check servers against it (`--ca`)
+//! DIR/ca.key            the CA's private key (0600): keep it with the admin; `cluster add`
+//!                       issues a new node's certificate from it
+//! DIR/node-<i>.pem/.key node i's certificate (node-<i>.tally, cluster.tally) and key (0600)
+//! DIR/admin.key         the admin key (keygen format, 0600): signs membership changes and scans
+//! DIR/admin.pub         its public key, listed in every node's `admin_keys`
 //! ```
+//! `tally --cluster-dir DIR` (or `TALLY_CLUSTER_DIR`) takes the addresses, the CA and the admin
+//! key from here.
 
 use crate::error::ClientError;
 use crate::keyfile::{generate_key, public_of, save_key, write_private_file};
@@ -44,10 +52,92 @@ pub struct ClusterLayout {
 }
 
 impl ClusterLayout {
+    /// TLS to this cluster's nodes, checked against its CA.
+    ///
+    /// # Errors
+    /// An unreadable CA file.
+    pub fn dial(&self) -> Result<tally_net::Dial, ClientError> {
+        tally_net::Dial::cluster(&self.dir.join(CA_FILE)).map_err(|e| ClientError::Invalid(e.to_string()))
+    }
+
+    /// The admin key written by `cluster init`.
+    ///
+    /// # Errors
+    /// An unreadable key file.
+    pub fn admin_key(&self) -> Result<ed25519_dalek::SigningKey, ClientError> {
+        crate::keyfile::load_key(&self.dir.join(ADMIN_KEY_FILE))
+    }
+}
+
+impl ClusterLayout {
     /// Client addresses of all nodes, node 1 first.
     pub fn client_addrs(&self) -> Vec<String> {
         self.configs.iter().map(|c| c.listen.clone()).collect()
     }
+}
+
+/// The cluster CA's certificate in a cluster directory.
+pub const CA_FILE: &str = "ca.pem";
+/// The cluster CA's private key.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The admin key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+/// Issues node `cfg.node_id`'s certificate into `dir` and points `cfg` at it.
+fn with_node_cert(dir: &Path, mut cfg: NodeConfig, ca_key: &str) -> Result<NodeConfig, ClientError> {
+    let hosts = [tally_net::tls::host_of(&cfg.listen), tally_net::tls::host_of(&cfg.peer_listen)];
+    let cert = tally_net::tls::issue_node_cert(ca_key, cfg.node_id, &hosts)
+        .map_err(|e| ClientError::Invalid(format!("node {} certificate: {e}", cfg.node_id)))?;
+    let (cert_path, key_path) =
+        (dir.join(format!("node-{}.pem", cfg.node_id)), dir.join(format!("node-{}.key", cfg.node_id)));
+    std::fs::write(&cert_path, cert.cert).map_err(|e| ClientError::file(&cert_path, e))?;
+    if key_path.exists() {
+        std::fs::remove_file(&key_path).map_err(|e| ClientError::file(&key_path, e))?;
+    }
+    write_private_file(&key_path, cert.key.as_bytes())?;
+    cfg.tls_ca_file = Some(dir.join(CA_FILE).to_string_lossy().into_owned());
+    cfg.tls_cert_file = Some(cert_path.to_string_lossy().into_owned());
+    cfg.tls_key_file = Some(key_path.to_string_lossy().into_owned());
+    Ok(cfg)
+}
+
+/// Writes `node-<id>.toml` and the node's certificate for a replica about to be added to the
+/// cluster in `dir`: node 1's settings with its own addresses and data directory, the current
+/// members (from the existing node files) as peers. Start it with `tallyd --config`, then run
+/// `tally cluster add`.
+///
+/// # Errors
+/// A directory without a cluster (no node-1.toml or CA key), an id already used, or I/O.
+pub fn add_node_files(
+    dir: &Path,
+    node_id: u64,
+    client: &str,
+    peer: &str,
+) -> Result<(PathBuf, NodeConfig), ClientError> {
+    let path = dir.join(format!("node-{node_id}.toml"));
+    if path.exists() {
+        return Err(ClientError::Invalid(format!("{} exists: node {node_id} is already configured", path.display())));
+    }
+    let template = dir.join("node-1.toml");
+    let text = std::fs::read_to_string(&template).map_err(|e| ClientError::file(&template, e))?;
+    let mut cfg: NodeConfig = toml::from_str(&text)
+        .map_err(|e| ClientError::Invalid(format!("{} is not a node config: {e}", template.display())))?;
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    let ca_key = std::fs::read_to_string(&ca_key_path).map_err(|e| ClientError::file(&ca_key_path, e))?;
+    if !cfg.peers.iter().any(|p| p.node_id == node_id) {
+        cfg.peers.push(PeerConfig { node_id, client: client.to_string(), peer: peer.to_string() });
+    }
+    cfg.node_id = node_id;
+    cfg.listen = client.to_string();
+    cfg.peer_listen = peer.to_string();
+    cfg.metrics_listen = None;
+    cfg.data_dir = dir.join(format!("node-{node_id}")).to_string_lossy().into_owned();
+    // The new node is not a voter at creation: it starts empty and is added by the leader.
+    cfg.peers.retain(|p| p.node_id != node_id);
+    let cfg = with_node_cert(dir, cfg, &ca_key)?;
+    let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
+    std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;
+    Ok((path, cfg))
 }
 
 /// Writes a fresh cluster's configuration into `dir` (created if missing).
@@ -107,6 +197,16 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
     let genesis_json = serde_json::to_string_pretty(&genesis).map_err(|e| ClientError::Invalid(e.to_string()))?;
     std::fs::write(&genesis_path, genesis_json + "\n").map_err(|e| ClientError::file(&genesis_path, e))?;
 
+    let ca = tally_net::tls::generate_ca().map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let ca_path = dir.join(CA_FILE);
+    std::fs::write(&ca_path, &ca.cert).map_err(|e| ClientError::file(&ca_path, e))?;
+    write_private_file(&dir.join(CA_KEY_FILE), ca.key.as_bytes())?;
+    let admin = generate_key();
+    save_key(&dir.join(ADMIN_KEY_FILE), &admin)?;
+    let admin_public = public_of(&admin).to_hex();
+    let admin_pub_path = dir.join("admin.pub");
+    std::fs::write(&admin_pub_path, format!("{admin_public}\n")).map_err(|e| ClientError::file(&admin_pub_path, e))?;
+
     let port = |offset: usize, i: usize| format!("127.0.0.1:{}", base_port as usize + offset + i);
     let peers: Vec<PeerConfig> =
         (1..=nodes).map(|i| PeerConfig { node_id: i as u64, client: port(0, i), peer: port(100, i) }).collect();
@@ -131,7 +231,14 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
             fsync: true,
             store_sync_interval_ms: config::default_store_sync_interval_ms(),
             log_retain_entries: config::default_log_retain_entries(),
+            batch_bytes_max: config::default_batch_bytes_max(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            insecure_plaintext: false,
+            admin_keys: vec![admin_public.clone()],
         };
+        let cfg = with_node_cert(&dir, cfg, &ca.key)?;
         let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
         let path = dir.join(format!("node-{i}.toml"));
         std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;

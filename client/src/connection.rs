@@ -13,12 +13,13 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_codec::limits;
+use tally_net::{Dial, Stream};
 use tally_codec::wire::{self, ClientMessage, Envelope, ServerMessage};
 
 /// How long opening a connection may take before the node counts as unreachable.
@@ -43,8 +44,8 @@ struct Shared {
 /// A framed connection to one node. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Connection {
     shared: Arc<Shared>,
-    writer: Mutex<BufWriter<TcpStream>>,
-    stream: TcpStream,
+    writer: Mutex<BufWriter<Stream>>,
+    stream: Stream,
     next_id: AtomicU64,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
@@ -117,29 +118,46 @@ impl Connection {
     /// # Errors
     /// [`ClientError::Connect`] when no address accepts within `timeout`.
     pub fn connect_timeout(addr: &str, timeout: Duration) -> Result<Connection, ClientError> {
+        Self::connect_with(addr, &Dial::Plain, timeout)
+    }
+
+    /// Connects through `dial` (TLS checked against the cluster CA, or plaintext).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when no address accepts, or the TLS handshake fails (a server
+    /// that is not of this cluster, or that does not speak TLS).
+    pub fn connect_with(addr: &str, dial: &Dial, timeout: Duration) -> Result<Connection, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_string(), source };
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing");
         for sa in addrs {
             match TcpStream::connect_timeout(&sa, timeout) {
-                Ok(stream) => return Self::from_stream(addr, stream).map_err(connect_err),
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    let stream = dial.open(tcp, std::time::Instant::now() + timeout).map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("TLS handshake failed: {e} (is this a node of the cluster whose CA you gave?)"),
+                        )
+                    });
+                    return stream.and_then(|s| Self::from_stream(addr, s)).map_err(connect_err);
+                }
                 Err(e) => last = e,
             }
         }
         Err(connect_err(last))
     }
 
-    fn from_stream(addr: &str, stream: TcpStream) -> std::io::Result<Connection> {
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)))?;
+    fn from_stream(addr: &str, stream: Stream) -> std::io::Result<Connection> {
+        stream.tcp().set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)))?;
         let shared = Arc::new(Shared {
             addr: addr.to_string(),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
         });
-        let read_half = stream.try_clone()?;
-        let writer = BufWriter::with_capacity(256 * 1024, stream.try_clone()?);
+        let read_half = stream.clone();
+        let writer = BufWriter::with_capacity(256 * 1024, stream.clone());
         let reader_shared = shared.clone();
         let reader = std::thread::Builder::new()
             .name(format!("tally-conn-{addr}"))
@@ -209,7 +227,7 @@ impl Connection {
     /// Closes the socket; every waiting caller gets an error at once. Used when the client moves
     /// to another node, so in-flight operations are retried there instead of waiting out a timeout.
     pub fn close(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.tcp().shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -223,7 +241,7 @@ impl Drop for Connection {
 }
 
 /// Routes replies to waiting callers until the stream ends, then fails everyone still waiting.
-fn reader_loop(stream: TcpStream, shared: &Shared) {
+fn reader_loop(stream: Stream, shared: &Shared) {
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
     let mut buf = Vec::new();
     let reason = loop {

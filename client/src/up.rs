@@ -133,7 +133,7 @@ pub fn wait_for_leader(
             });
         }
         for addr in layout.client_addrs() {
-            let Ok(conn) = Connection::connect_timeout(&addr, Duration::from_millis(500)) else { continue };
+            let Ok(conn) = Connection::connect_with(&addr, &layout.dial()?, Duration::from_millis(500)) else { continue };
             if let Ok(ServerMessage::Status(s)) = conn.call_timeout(ClientMessage::Status, Duration::from_secs(1)) {
                 if let Some(leader) = s.leader_id {
                     return Ok((leader, s.term));
@@ -155,7 +155,8 @@ pub fn demo(layout: &ClusterLayout) -> Result<(), ClientError> {
         .first()
         .ok_or_else(|| ClientError::Invalid("the demo needs at least one funded account".into()))?;
     let key = load_key(key_path)?;
-    let client = Client::connect(&layout.client_addrs(), key.clone(), ClientOptions::default())?;
+    let opts = ClientOptions { dial: layout.dial()?, ..ClientOptions::default() };
+    let client = Client::connect(&layout.client_addrs(), key.clone(), opts)?;
     let cluster_id = client.cluster_id().ok_or_else(|| ClientError::Invalid("cluster id unknown".into()))?;
     let started = Instant::now();
     let mut reqs: Vec<_> = (0..DEMO_TRANSFERS)
@@ -207,9 +208,10 @@ pub fn demo(layout: &ClusterLayout) -> Result<(), ClientError> {
             path.display()
         );
         println!(
-            "  check it yourself: tally verify {} --operator-key {}",
+            "  check it yourself: tally verify {} --operator-key {} --cluster-id {}",
             path.display(),
-            layout.operator_pub_path.display()
+            layout.operator_pub_path.display(),
+            layout.cluster_id
         );
     }
     if failed > 0 {
@@ -251,7 +253,7 @@ pub fn run_up(opts: &UpOptions) -> Result<(), ClientError> {
     println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
     if let Some(k) = layout.account_keys.first() {
         println!("Funded key: {}", k.display());
-        println!("  try: tally --addr {} --key {} repl", layout.client_addrs().join(","), k.display());
+        println!("  try: tally --cluster-dir {} --key {} repl", layout.dir.display(), k.display());
     }
     demo(&layout)?;
     if opts.no_wait {

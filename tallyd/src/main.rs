@@ -30,6 +30,10 @@ struct Args {
     /// Prometheus /metrics address.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Serve plaintext on a non-loopback address in single-replica mode (anyone on the network
+    /// can read the traffic). Loopback quick starts are plaintext without it.
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Batch interval in ms (single-replica mode).
     #[arg(long, default_value_t = tally_codec::config::default_batch_interval_ms())]
     batch_interval_ms: u64,
@@ -40,6 +44,14 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // A broken invariant in any thread ends the replica, so that a backup takes over: a panic
+    // that only ended its own thread would leave a leader heartbeating with a dead stage.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("tallyd: a thread panicked; aborting the replica so a backup takes over");
+        std::process::abort();
+    }));
     let args = Args::parse();
     let cfg = match (&args.config, &args.data_dir, &args.listen) {
         (Some(path), _, _) => setup::load_config(path),
@@ -52,6 +64,16 @@ fn main() {
         ),
         _ => Err("give --config FILE, or --data-dir DIR --listen HOST:PORT".to_string()),
     };
+    let cfg = cfg.and_then(|c| {
+        if args.config.is_none() && !setup::is_loopback(&c.listen) && !args.insecure_plaintext {
+            return Err(format!(
+                "--listen {} is not a loopback address: the quick start serves plaintext only on loopback; \
+                 use tally cluster init (TLS) and --config, or pass --insecure-plaintext",
+                c.listen
+            ));
+        }
+        Ok(c)
+    });
     let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {

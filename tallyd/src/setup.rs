@@ -10,6 +10,7 @@ use tally_codec::{ClusterId, PublicKey};
 use tally_failover::env::SystemEnv;
 use tally_failover::node::{RaftConfig, RaftReplicator};
 use tally_failover::solo::SoloReplicator;
+use tally_failover::transport::PeerSecurity;
 use tally_failover::Member;
 use tally_pipeline::{Node, NodeOptions};
 use tally_store::state::Store;
@@ -81,12 +82,53 @@ pub fn single_replica_config(
         fsync: true,
         store_sync_interval_ms: tally_codec::config::default_store_sync_interval_ms(),
         log_retain_entries: tally_codec::config::default_log_retain_entries(),
+        batch_bytes_max: tally_codec::config::default_batch_bytes_max(),
+        tls_ca_file: None,
+        tls_cert_file: None,
+        tls_key_file: None,
+        // The one-command quick start: a cluster of one, plaintext, on loopback only (checked
+        // when the listener is bound, and said in the log).
+        insecure_plaintext: true,
+        admin_keys: Vec::new(),
     })
+}
+
+/// Whether `addr` is a loopback address (the only place the quick start serves plaintext).
+pub fn is_loopback(addr: &str) -> bool {
+    let host = tally_net::tls::host_of(addr);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The node's TLS files, all three or none.
+///
+/// # Errors
+/// Names the missing key when only some are set, or when none are set and the configuration
+/// does not opt into plaintext.
+pub fn tls_files(cfg: &NodeConfig) -> Result<Option<tally_net::TlsFiles>, String> {
+    match (&cfg.tls_ca_file, &cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(ca), Some(cert), Some(key)) => {
+            Ok(Some(tally_net::TlsFiles { ca: ca.into(), cert: cert.into(), key: key.into() }))
+        }
+        (None, None, None) if cfg.insecure_plaintext => Ok(None),
+        (None, None, None) => Err(
+            "no TLS: set tls_ca_file, tls_cert_file and tls_key_file (tally cluster init writes them), \
+             or opt into insecure_plaintext = true for a local experiment"
+                .into(),
+        ),
+        _ => Err("tls_ca_file, tls_cert_file and tls_key_file must be set together".into()),
+    }
+}
+
+fn admin_keys(cfg: &NodeConfig) -> Result<Vec<PublicKey>, String> {
+    cfg.admin_keys
+        .iter()
+        .map(|k| PublicKey::from_hex(k.trim()).map_err(|e| format!("admin_keys entry {k:?}: {e}")))
+        .collect()
 }
 
 /// Raft settings from the node config. Peers must agree on the timing and the genesis, so both
 /// go into the fingerprint the handshake compares.
-fn raft_config(cfg: &NodeConfig, genesis_text: &[u8]) -> RaftConfig {
+fn raft_config(cfg: &NodeConfig, genesis_text: &[u8], peer_security: PeerSecurity) -> RaftConfig {
     let timing = RaftConfig::timing_fingerprint(cfg.tick_ms, cfg.election_ticks, cfg.heartbeat_ticks);
     let mut h = blake3::Hasher::new();
     h.update(&timing);
@@ -111,6 +153,7 @@ fn raft_config(cfg: &NodeConfig, genesis_text: &[u8]) -> RaftConfig {
         cluster_id: cfg.cluster_id.clone(),
         config_fingerprint: *h.finalize().as_bytes(),
         log_retain_entries: cfg.log_retain_entries,
+        peer_security,
     }
 }
 
@@ -182,6 +225,26 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         crate::metrics_http::serve(addr, handle)?;
     }
 
+    let tls = tls_files(&cfg)?;
+    let (client_tls, relay_dial, peer_security) = match &tls {
+        Some(files) => (
+            Some(
+                tally_net::tls::server_config(files, tally_net::ClientAuth::Optional)
+                    .map_err(|e| format!("client TLS: {e}"))?,
+            ),
+            tally_net::Dial::as_node(files).map_err(|e| format!("relay TLS: {e}"))?,
+            PeerSecurity::from_files(files).map_err(|e| format!("peer TLS: {e}"))?,
+        ),
+        None => {
+            let solo = cfg.peers.iter().all(|p| p.node_id == cfg.node_id);
+            if solo && is_loopback(&cfg.listen) {
+                tracing::warn!(listen = %cfg.listen, "plaintext client port (quick-start mode: one replica on loopback)");
+            } else {
+                tracing::warn!(listen = %cfg.listen, peer_listen = %cfg.peer_listen, "INSECURE: plaintext on every port (insecure_plaintext = true): anyone who reaches the peer port is a replica");
+            }
+            (None, tally_net::Dial::Plain, PeerSecurity::InsecurePlaintext)
+        }
+    };
     let opts = NodeOptions {
         node_id: cfg.node_id,
         cluster_id,
@@ -190,12 +253,16 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         batch_requests_max: cfg.batch_requests_max,
         listen: cfg.listen.clone(),
         store_sync_interval_ms: cfg.store_sync_interval_ms,
+        batch_bytes_max: cfg.batch_bytes_max,
+        client_tls,
+        relay_dial,
+        admin_keys: admin_keys(&cfg)?,
         replicas_configured: u32::try_from(cfg.peers.len().max(1)).unwrap_or(u32::MAX),
     };
     let node_id = cfg.node_id;
     let client_addr = cfg.listen.clone();
     let genesis_text = std::fs::read(&cfg.genesis_file).map_err(|e| format!("cannot read genesis: {e}"))?;
-    let raft_cfg = raft_config(&cfg, &genesis_text);
+    let raft_cfg = raft_config(&cfg, &genesis_text, peer_security);
     // A cluster of one (no peers, or only this node) runs on the local log; anything else,
     // including a node joining a cluster it is not yet a member of, runs Raft.
     let solo = cfg.peers.iter().all(|p| p.node_id == cfg.node_id);
