@@ -82,10 +82,8 @@ pub fn check(
     let mut v = Verdict { replicas: addrs.len(), acknowledged: acked.len(), ..Verdict::default() };
     let top: u64 = addrs.iter().filter_map(|a| status(access, a)).map(|s| s.applied_height).max().unwrap_or(0);
     v.heights = top;
-    let mut conns: Vec<(String, Connection)> = addrs
-        .iter()
-        .filter_map(|a| access.connect(a).map(|c| (a.clone(), c)))
-        .collect();
+    let mut conns: Vec<(String, Connection)> =
+        addrs.iter().filter_map(|a| access.connect(a).map(|c| (a.clone(), c))).collect();
     if conns.len() < addrs.len() {
         v.violations.push(format!("only {} of {} replicas reachable for the check", conns.len(), addrs.len()));
     }

@@ -315,8 +315,7 @@ impl Target {
         }
         let ca = cli.ca.clone().or_else(|| dir.as_ref().map(|d| d.join(cluster::CA_FILE)));
         let dial = match &ca {
-            Some(ca) => tally_net::Dial::cluster(ca)
-                .map_err(|e| ClientError::Invalid(format!("cluster CA: {e}")))?,
+            Some(ca) => tally_net::Dial::cluster(ca).map_err(|e| ClientError::Invalid(format!("cluster CA: {e}")))?,
             None => {
                 let loopback = addrs.iter().all(|a| is_loopback(a));
                 if !loopback && !cli.insecure_plaintext {
@@ -360,8 +359,8 @@ fn cluster_addrs(dir: &Path) -> Result<Vec<String>, ClientError> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if name.starts_with("node-") && name.ends_with(".toml") {
             let text = std::fs::read_to_string(&path).map_err(|e| ClientError::file(&path, e))?;
-            let cfg: tally_codec::config::NodeConfig = toml::from_str(&text)
-                .map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+            let cfg: tally_codec::config::NodeConfig =
+                toml::from_str(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
             nodes.push((cfg.node_id, cfg.listen));
         }
     }
@@ -469,8 +468,15 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Resu
                 );
             }
             println!("Funded accounts: {} in {}", layout.account_keys.len(), layout.dir.join("accounts").display());
-            println!("Cluster CA: {} (clients: --ca, or --cluster-dir {})", layout.dir.join(cluster::CA_FILE).display(), layout.dir.display());
-            println!("Admin key: {} (signs cluster add/remove and scans)", layout.dir.join(cluster::ADMIN_KEY_FILE).display());
+            println!(
+                "Cluster CA: {} (clients: --ca, or --cluster-dir {})",
+                layout.dir.join(cluster::CA_FILE).display(),
+                layout.dir.display()
+            );
+            println!(
+                "Admin key: {} (signs cluster add/remove and scans)",
+                layout.dir.join(cluster::ADMIN_KEY_FILE).display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         ClusterCmd::Add { node_id, client: client_addr, peer, files_only } => {
@@ -480,7 +486,11 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Resu
                     println!("Using {}", config.display());
                 } else {
                     let (path, _) = cluster::add_node_files(dir, node_id, &client_addr, &peer)?;
-                    println!("Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}", path.display(), path.display());
+                    println!(
+                        "Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}",
+                        path.display(),
+                        path.display()
+                    );
                 }
             }
             if files_only {

@@ -402,7 +402,8 @@ impl Client {
         client_addr: &str,
         peer_addr: &str,
     ) -> Result<(), ClientError> {
-        let op = AdminOp::ClusterAdd { node_id, client_addr: client_addr.to_string(), peer_addr: peer_addr.to_string() };
+        let op =
+            AdminOp::ClusterAdd { node_id, client_addr: client_addr.to_string(), peer_addr: peer_addr.to_string() };
         self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, op)?))
     }
 
@@ -434,8 +435,7 @@ impl Client {
 
 /// Signs an admin command for `cluster_id`, valid for a minute.
 pub fn sign_admin(admin: &SigningKey, cluster_id: ClusterId, op: AdminOp) -> SignedAdmin {
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     AdminCommand {
         cluster_id,
         signer: PublicKey(admin.verifying_key().to_bytes()),
@@ -534,7 +534,8 @@ impl Inner {
 
     /// Connects to `addr` and asks its Status; refuses a node of another cluster.
     fn open(&self, addr: &str) -> Result<(Arc<Connection>, StatusInfo), ClientError> {
-        let conn = Arc::new(Connection::connect_with(addr, &self.opts.dial, Duration::from_millis(CONNECT_TIMEOUT_MS))?);
+        let conn =
+            Arc::new(Connection::connect_with(addr, &self.opts.dial, Duration::from_millis(CONNECT_TIMEOUT_MS))?);
         match conn.call_timeout(ClientMessage::Status, self.opts.heartbeat_timeout)? {
             ServerMessage::Status(info) => {
                 let known = self.view.lock().cluster_id;

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_codec::limits;
-use tally_net::{Dial, Stream};
 use tally_codec::wire::{self, ClientMessage, Envelope, ServerMessage};
+use tally_net::{Dial, Stream};
 
 /// How long opening a connection may take before the node counts as unreachable.
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;

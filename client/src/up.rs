@@ -133,7 +133,9 @@ pub fn wait_for_leader(
             });
         }
         for addr in layout.client_addrs() {
-            let Ok(conn) = Connection::connect_with(&addr, &layout.dial()?, Duration::from_millis(500)) else { continue };
+            let Ok(conn) = Connection::connect_with(&addr, &layout.dial()?, Duration::from_millis(500)) else {
+                continue;
+            };
             if let Ok(ServerMessage::Status(s)) = conn.call_timeout(ClientMessage::Status, Duration::from_secs(1)) {
                 if let Some(leader) = s.leader_id {
                     return Ok((leader, s.term));

@@ -22,11 +22,21 @@ pub enum AuditTable {
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum AdminOp {
-    ClusterAdd { node_id: u64, client_addr: String, peer_addr: String },
-    ClusterRemove { node_id: u64 },
+    ClusterAdd {
+        node_id: u64,
+        client_addr: String,
+        peer_addr: String,
+    },
+    ClusterRemove {
+        node_id: u64,
+    },
     /// One page of a scan over a table: keys after `after` (exclusive), at most `limit`
     /// (capped at [`AUDIT_PAGE_MAX`]).
-    AuditPage { table: AuditTable, after: Option<Vec<u8>>, limit: u32 },
+    AuditPage {
+        table: AuditTable,
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
@@ -129,14 +139,20 @@ mod tests {
         let cluster = ClusterId([7; 16]);
         let admins = [PublicKey(admin.verifying_key().to_bytes())];
         assert_eq!(cmd(&admin, cluster, 1_000).authorize(&cluster, &admins, 500), Ok(()));
-        assert!(matches!(cmd(&stranger, cluster, 1_000).authorize(&cluster, &admins, 500), Err(AdminRefusal::NotAdmin(_))));
+        assert!(matches!(
+            cmd(&stranger, cluster, 1_000).authorize(&cluster, &admins, 500),
+            Err(AdminRefusal::NotAdmin(_))
+        ));
         let mut forged = cmd(&stranger, cluster, 1_000);
         forged.command.signer = admins[0];
         assert_eq!(forged.authorize(&cluster, &admins, 500), Err(AdminRefusal::BadSignature));
         let mut edited = cmd(&admin, cluster, 1_000);
         edited.command.op = AdminOp::ClusterRemove { node_id: 1 };
         assert_eq!(edited.authorize(&cluster, &admins, 500), Err(AdminRefusal::BadSignature));
-        assert_eq!(cmd(&admin, ClusterId([8; 16]), 1_000).authorize(&cluster, &admins, 500), Err(AdminRefusal::WrongCluster));
+        assert_eq!(
+            cmd(&admin, ClusterId([8; 16]), 1_000).authorize(&cluster, &admins, 500),
+            Err(AdminRefusal::WrongCluster)
+        );
         assert_eq!(cmd(&admin, cluster, 1_000).authorize(&cluster, &admins, 2_000), Err(AdminRefusal::Expired));
         assert_eq!(
             cmd(&admin, cluster, 500 + ADMIN_VALIDITY_MS_MAX + 1).authorize(&cluster, &admins, 500),

@@ -77,7 +77,11 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::NotLeader | ErrorCode::Overloaded | ErrorCode::Retry | ErrorCode::StorageFull | ErrorCode::LogFailed
+            ErrorCode::NotLeader
+                | ErrorCode::Overloaded
+                | ErrorCode::Retry
+                | ErrorCode::StorageFull
+                | ErrorCode::LogFailed
         )
     }
 

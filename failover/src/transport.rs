@@ -21,7 +21,6 @@
 
 use crate::frame::{read_frame, write_frame};
 use crate::handshake::{handshake, HandshakeError, Hello};
-use tally_net::{Admission, AdmissionLimits, Stream};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
@@ -29,12 +28,13 @@ use raft::eraftpb::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::time::Instant;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use std::time::Instant;
 use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_net::{Admission, AdmissionLimits, Stream};
 
 /// Messages queued per peer before new ones are dropped.
 pub const OUTBOUND_MESSAGES_MAX: usize = 1024;
@@ -349,7 +349,8 @@ fn run_listener(
     stop: Arc<AtomicBool>,
     conns: InboundConns,
 ) {
-    let admission = Admission::new(AdmissionLimits { nodes_max: INBOUND_CONNECTIONS_MAX, ..AdmissionLimits::PEER_PORT });
+    let admission =
+        Admission::new(AdmissionLimits { nodes_max: INBOUND_CONNECTIONS_MAX, ..AdmissionLimits::PEER_PORT });
     let next_id = AtomicU64::new(0);
     while !stop.load(Ordering::Relaxed) {
         let (stream, from) = match listener.accept() {

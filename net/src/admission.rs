@@ -298,7 +298,10 @@ mod tests {
         assert!(is_closed(&mut c2), "the least recently active connection was cut");
         c1.set_read_timeout(Some(Duration::from_millis(100))).expect("t");
         let mut b = [0u8; 1];
-        assert!(matches!(c1.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut), "the active one stays");
+        assert!(
+            matches!(c1.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+            "the active one stays"
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@
 //! thread can share: the TLS state sits behind a mutex held only for in-memory work, never
 //! across socket I/O, and one write lock keeps encrypted records in order on the wire.
 
-
 use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -270,7 +269,14 @@ impl Dial {
 
 enum Inner {
     Plain(TcpStream),
-    Tls { sock: TcpStream, conn: Mutex<rustls::Connection>, write_lock: Mutex<()> },
+    Tls {
+        sock: TcpStream,
+        conn: Mutex<rustls::Connection>,
+        write_lock: Mutex<()>,
+        /// Bytes read from the socket that rustls has not taken yet (it takes at most what its
+        /// buffers hold; the rest must wait here, never be dropped).
+        incoming: Mutex<Vec<u8>>,
+    },
 }
 
 /// One connection, plain or TLS, shareable between a reader and a writer thread (clone it).
@@ -302,7 +308,12 @@ impl Stream {
     ///
     /// # Errors
     /// A failed or late handshake, or a server without a valid certificate for the name.
-    pub fn connect(sock: TcpStream, cfg: Arc<ClientConfig>, server_name: &str, deadline: Instant) -> io::Result<Stream> {
+    pub fn connect(
+        sock: TcpStream,
+        cfg: Arc<ClientConfig>,
+        server_name: &str,
+        deadline: Instant,
+    ) -> io::Result<Stream> {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(io::Error::other)?;
@@ -330,7 +341,12 @@ impl Stream {
             conn.write_tls(&mut s)?;
         }
         sock.set_read_timeout(saved)?;
-        Ok(Stream(Arc::new(Inner::Tls { sock, conn: Mutex::new(conn), write_lock: Mutex::new(()) })))
+        Ok(Stream(Arc::new(Inner::Tls {
+            sock,
+            conn: Mutex::new(conn),
+            write_lock: Mutex::new(()),
+            incoming: Mutex::new(Vec::new()),
+        })))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -372,7 +388,7 @@ impl Stream {
 
     /// Sends every pending encrypted record, in order.
     fn flush_tls(&self) -> io::Result<()> {
-        let Inner::Tls { sock, conn, write_lock } = &*self.0 else { return Ok(()) };
+        let Inner::Tls { sock, conn, write_lock, .. } = &*self.0 else { return Ok(()) };
         let _order = write_lock.lock();
         loop {
             let mut out = Vec::new();
@@ -392,40 +408,53 @@ impl Stream {
 
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let (sock, conn) = match &*self.0 {
+        let (sock, conn, incoming) = match &*self.0 {
             Inner::Plain(s) => return (&*s).read(buf),
-            Inner::Tls { sock, conn, .. } => (sock, conn),
+            Inner::Tls { sock, conn, incoming, .. } => (sock, conn, incoming),
         };
-        let mut raw = vec![0u8; TLS_READ_CHUNK_BYTES];
+        let mut eof = false;
         loop {
-            {
+            let wants_write = {
                 let mut c = conn.lock();
                 match c.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-            }
-            let n = (&*sock).read(&mut raw)?;
-            let wants_write = {
-                let mut c = conn.lock();
-                c.read_tls(&mut &raw[..n])?;
-                let processed = c.process_new_packets();
-                let wants = c.wants_write();
-                if let Err(e) = processed {
-                    drop(c);
-                    let _ = self.flush_tls(); // the alert, so the peer learns why
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")));
+                let mut pending = incoming.lock();
+                if pending.is_empty() && !eof {
+                    None
+                } else {
+                    // Feed what rustls will take now; keep the rest for the next round.
+                    let mut rest: &[u8] = &pending;
+                    let taken = c.read_tls(&mut rest)?;
+                    pending.drain(..taken);
+                    let processed = c.process_new_packets();
+                    let wants = c.wants_write();
+                    if let Err(e) = processed {
+                        drop(c);
+                        let _ = self.flush_tls(); // the alert, so the peer learns why
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")));
+                    }
+                    if eof && pending.is_empty() {
+                        // End of stream: the reader now reports a clean close or a truncation.
+                        return c.reader().read(buf);
+                    }
+                    Some(wants)
                 }
-                wants
             };
-            if wants_write {
-                self.flush_tls()?;
-            }
-            if n == 0 {
-                // End of stream: the reader now reports a clean close or a truncation.
-                let mut c = conn.lock();
-                return c.reader().read(buf);
+            match wants_write {
+                Some(true) => self.flush_tls()?,
+                Some(false) => {}
+                None => {
+                    let mut raw = vec![0u8; TLS_READ_CHUNK_BYTES];
+                    let n = (&*sock).read(&mut raw)?;
+                    if n == 0 {
+                        eof = true;
+                        let _ = conn.lock().read_tls(&mut &[][..]);
+                    }
+                    incoming.lock().extend_from_slice(&raw[..n]);
+                }
             }
         }
     }
@@ -573,7 +602,8 @@ mod tests {
         let client = client_config(&pki.ca, None).expect("client");
         let foreign = server_config(&stranger, ClientAuth::Optional).expect("server");
         let (addr, _t) = serve_once(foreign);
-        let r = Stream::connect(TcpStream::connect(&addr).expect("tcp"), client.clone(), CLUSTER_SERVER_NAME, deadline());
+        let r =
+            Stream::connect(TcpStream::connect(&addr).expect("tcp"), client.clone(), CLUSTER_SERVER_NAME, deadline());
         assert!(r.is_err(), "a server with a certificate of another CA is refused");
         // Node 1's certificate does not pass for node 2.
         let n1 = server_config(&pki.nodes[0], ClientAuth::Optional).expect("server");
@@ -604,6 +634,41 @@ mod tests {
         let (failed, took) = t.join().expect("join");
         assert!(failed);
         assert!(took < Duration::from_millis(1_500), "cut at the deadline, took {took:?}");
+    }
+
+    /// Regression: a socket read can hold more than rustls takes at once; none of it may be lost.
+    #[test]
+    fn megabytes_cross_intact_in_both_directions() {
+        let (pki, _) = pki(2);
+        let server = server_config(&pki.nodes[1], ClientAuth::Optional).expect("server");
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expect = data.clone();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().expect("accept");
+            let mut st = Stream::accept(s, server, deadline()).expect("accept tls");
+            let mut got = vec![0u8; expect.len()];
+            st.read_exact(&mut got).expect("read all");
+            assert!(got == expect, "bytes arrived intact");
+            st.write_all(&got).expect("echo");
+            st.flush().expect("flush");
+        });
+        let client = client_config(&pki.ca, None).expect("client");
+        let mut c = Stream::connect(TcpStream::connect(addr).expect("tcp"), client, CLUSTER_SERVER_NAME, deadline())
+            .expect("handshake");
+        let writer = c.clone();
+        let data2 = data.clone();
+        let w = std::thread::spawn(move || {
+            let mut w = writer;
+            w.write_all(&data2).expect("write");
+            w.flush().expect("flush");
+        });
+        let mut back = vec![0u8; data.len()];
+        c.read_exact(&mut back).expect("read echo");
+        assert!(back == data);
+        w.join().expect("writer");
+        t.join().expect("server");
     }
 
     #[test]

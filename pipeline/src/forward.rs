@@ -9,12 +9,12 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
-use tally_net::{Dial, Stream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::wire::{self, ClientMessage, Envelope, Relayed, ServerMessage, WireError};
 use tally_codec::{encode, limits, ErrorCode};
+use tally_net::{Dial, Stream};
 
 /// Frames forwarded and not yet answered, per link, at most.
 pub const FORWARDED_IN_FLIGHT_MAX: usize = 4096;

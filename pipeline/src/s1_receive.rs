@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::admin::{AdminOp, SignedAdmin};
-use tally_net::Stream;
 use tally_codec::wire::{self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, WireError};
 use tally_codec::{encode, limits, ErrorCode};
+use tally_net::Stream;
 
 /// Replies queued for one connection's writer, at most.
 pub const OUTGOING_FRAMES_MAX: usize = 4096;
@@ -105,7 +105,8 @@ fn open(shared: &Shared, tcp: TcpStream, slot: &tally_net::Admitted) -> Option<S
         None => Stream::plain(tcp),
     };
     if let Err(refusal) = slot.establish(stream.peer_is_cluster_node()) {
-        let e = Envelope { id: 0, msg: ServerMessage::Error(WireError::new(ErrorCode::Overloaded, refusal.to_string())) };
+        let e =
+            Envelope { id: 0, msg: ServerMessage::Error(WireError::new(ErrorCode::Overloaded, refusal.to_string())) };
         metrics::counter!("tally_connections_refused_total", "reason" => "limit").increment(1);
         let _ = wire::write_frame(&mut &stream, &encode(&e)).and_then(|()| (&stream).flush());
         stream.shutdown();
@@ -248,7 +249,10 @@ impl PacedFrames {
                             if self.body_len > self.bytes_max {
                                 let e = std::io::Error::new(
                                     std::io::ErrorKind::InvalidData,
-                                    format!("frame of {} bytes is over the limit of {} bytes", self.body_len, self.bytes_max),
+                                    format!(
+                                        "frame of {} bytes is over the limit of {} bytes",
+                                        self.body_len, self.bytes_max
+                                    ),
                                 );
                                 return Err(ReadError::Framing(e));
                             }

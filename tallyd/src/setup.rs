@@ -110,11 +110,11 @@ pub fn tls_files(cfg: &NodeConfig) -> Result<Option<tally_net::TlsFiles>, String
             Ok(Some(tally_net::TlsFiles { ca: ca.into(), cert: cert.into(), key: key.into() }))
         }
         (None, None, None) if cfg.insecure_plaintext => Ok(None),
-        (None, None, None) => Err(
-            "no TLS: set tls_ca_file, tls_cert_file and tls_key_file (tally cluster init writes them), \
+        (None, None, None) => {
+            Err("no TLS: set tls_ca_file, tls_cert_file and tls_key_file (tally cluster init writes them), \
              or opt into insecure_plaintext = true for a local experiment"
-                .into(),
-        ),
+                .into())
+        }
         _ => Err("tls_ca_file, tls_cert_file and tls_key_file must be set together".into()),
     }
 }

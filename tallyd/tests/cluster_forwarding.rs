@@ -19,7 +19,8 @@ fn follower_forwards_writes_and_reads_to_the_leader() {
         nodes.iter().zip(&layout.configs).find(|(_, c)| c.node_id != leader).map(|(d, _)| d).expect("follower");
 
     // Talk to the follower only, with a raw connection (no client-side leader following).
-    let conn = Connection::connect(&follower.addr).expect("connect follower");
+    let conn = Connection::connect_with(&follower.addr, &dial_for(&follower.addr), Duration::from_secs(2))
+        .expect("connect follower");
     let bob = PublicKey(account_key(&layout, 1).verifying_key().to_bytes());
     let reqs: Vec<_> = (0..50).map(|_| alice.sign(Operation::Transfer { to: bob, amount: 2 }).expect("sign")).collect();
     let reply = conn.call_timeout(ClientMessage::Submit(reqs), Duration::from_secs(15)).expect("submit via follower");

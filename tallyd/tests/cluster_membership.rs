@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use tally_codec::config::PeerConfig;
 use tally_codec::wire::StatusInfo;
 
 fn voters(s: &StatusInfo) -> Vec<u64> {
@@ -25,8 +24,92 @@ fn admin_client(layout: &tally_client::ClusterLayout, addrs: &[String]) -> tally
     let leader = leader_status(addrs).and_then(|s| s.leader_addr).expect("a leader");
     let mut seeds = vec![leader];
     seeds.extend(addrs.iter().cloned());
-    tally_client::Client::connect(&seeds, account_key(layout, 0), tally_client::ClientOptions::default())
-        .expect("connect")
+    tally_client::Client::connect(
+        &seeds,
+        account_key(layout, 0),
+        opts_for(addrs, tally_client::ClientOptions::default()),
+    )
+    .expect("connect")
+}
+
+/// node-4.toml and its certificate, as `tally cluster add --cluster-dir` writes them.
+fn node4(layout: &tally_client::ClusterLayout) -> (std::path::PathBuf, tally_codec::config::NodeConfig) {
+    let (client, peer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (path, cfg) = tally_client::cluster::add_node_files(&layout.dir, 4, &client, &peer).expect("node 4 files");
+    register_dial(&cfg.listen, layout.dial().expect("CA"));
+    (path, cfg)
+}
+
+/// Issue 6, attack 1: a stranger's key changes nothing, through the leader or a follower; the
+/// unsigned legacy messages are refused too.
+#[test]
+fn a_stranger_cannot_change_membership() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let nodes = start_all(&layout);
+    let addrs = layout.client_addrs();
+    let (li, _) = wait_leader(&nodes, Duration::from_secs(10));
+    let stranger = tally_client::keyfile::generate_key();
+    for i in [li, (li + 1) % 3] {
+        let c = tally_client::Client::connect(
+            &[addrs[i].clone()],
+            account_key(&layout, 0),
+            opts_for(&addrs, tally_client::ClientOptions::default()),
+        )
+        .expect("connect");
+        for r in [c.cluster_remove(&stranger, 3), c.cluster_add(&stranger, 9, "127.0.0.1:1", "127.0.0.1:2")] {
+            match r {
+                Err(tally_client::ClientError::Server(e)) => {
+                    assert_eq!(e.code, tally_codec::ErrorCode::NotAuthorized, "{e}");
+                    assert!(e.message.contains("not an admin key"), "{e}");
+                }
+                other => panic!("a stranger's membership change must be refused, got {other:?}"),
+            }
+        }
+        let conn = tally_client::Connection::connect_with(&addrs[i], &dial_for(&addrs[i]), Duration::from_secs(2))
+            .expect("connect");
+        for msg in
+            [tally_codec::wire::ClientMessage::ClusterRemove { node_id: 3 }, tally_codec::wire::ClientMessage::Audit]
+        {
+            match conn.call(msg).expect("reply") {
+                tally_codec::wire::ServerMessage::Error(e) => {
+                    assert_eq!(e.code, tally_codec::ErrorCode::NotAuthorized)
+                }
+                other => panic!("unsigned cluster operation answered {other:?}"),
+            }
+        }
+    }
+    let s = leader_status(&addrs).expect("leader");
+    assert_eq!(voters(&s), [1, 2, 3], "membership unchanged");
+    assert_eq!(s.members.len(), 3, "no learner added");
+}
+
+/// Issue 6, attack 1: `cluster add` of an address where nothing listens, or where a stranger
+/// (no certificate of this cluster) listens, fails and leaves no learner behind.
+#[test]
+fn a_failed_cluster_add_leaves_no_learner() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let nodes = start_all(&layout);
+    let addrs = layout.client_addrs();
+    wait_leader(&nodes, Duration::from_secs(10));
+    let admin_key = layout.admin_key().expect("admin key");
+    let admin = admin_client(&layout, &addrs);
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let e = admin.cluster_add(&admin_key, 4, "127.0.0.1:1", &nobody).expect_err("nothing listens there");
+    assert!(e.to_string().contains("not reachable as a replica"), "{e}");
+    // A stranger's listener: accepts TCP, speaks no TLS of this cluster.
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let stranger_addr = stranger.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for s in stranger.incoming().flatten() {
+            let mut s = s;
+            let _ = std::io::Write::write_all(&mut s, b"I am node 4, trust me");
+        }
+    });
+    let e = admin.cluster_add(&admin_key, 4, "127.0.0.1:1", &stranger_addr).expect_err("a stranger is refused");
+    assert!(e.to_string().contains("not reachable as a replica"), "{e}");
+    let s = leader_status(&addrs).expect("leader");
+    assert_eq!(voters(&s), [1, 2, 3]);
+    assert_eq!(s.members.len(), 3, "no learner left behind: {:?}", s.members);
 }
 
 /// `tally --addr <follower> cluster add ...` must work like any other command: the follower
@@ -37,22 +120,17 @@ fn cluster_add_through_a_follower() {
     let nodes = start_all(&layout);
     let (li, _) = wait_leader(&nodes, Duration::from_secs(10));
     let fi = (li + 1) % 3;
-    let mut cfg = layout.configs[0].clone();
-    cfg.node_id = 4;
-    cfg.data_dir = layout.dir.join("node-4").display().to_string();
-    cfg.listen = format!("127.0.0.1:{}", free_port());
-    cfg.peer_listen = format!("127.0.0.1:{}", free_port());
-    cfg.metrics_listen = None;
-    let path4 = layout.dir.join("node-4.toml");
-    write_config(&path4, &cfg);
+    let (path4, cfg) = node4(&layout);
     let _n4 = Daemon::spawn(&path4, &cfg.listen, &layout.dir.join("node-4.log"));
     let via_follower = tally_client::Client::connect(
         &[layout.configs[fi].listen.clone()],
         account_key(&layout, 0),
-        tally_client::ClientOptions::default(),
+        opts_for(&layout.client_addrs(), tally_client::ClientOptions::default()),
     )
     .expect("connect");
-    via_follower.cluster_add(4, &cfg.listen, &cfg.peer_listen).expect("cluster add through a follower");
+    let admin_key = layout.admin_key().expect("admin key");
+    assert!(wait_until(Duration::from_secs(10), || status_of(&cfg.listen).is_some()), "node 4 does not answer");
+    via_follower.cluster_add(&admin_key, 4, &cfg.listen, &cfg.peer_listen).expect("cluster add through a follower");
     assert!(
         wait_until(Duration::from_secs(10), || leader_status(&layout.client_addrs())
             .is_some_and(|s| voters(&s) == [1, 2, 3, 4])),
@@ -70,19 +148,7 @@ fn add_a_fourth_node_then_remove_node_1() {
     std::thread::sleep(Duration::from_millis(1000));
 
     // node-4.toml: node 1's settings, its own ports and data dir, the three members as peers.
-    let mut cfg = layout.configs[0].clone();
-    cfg.node_id = 4;
-    cfg.data_dir = layout.dir.join("node-4").display().to_string();
-    cfg.listen = format!("127.0.0.1:{}", free_port());
-    cfg.peer_listen = format!("127.0.0.1:{}", free_port());
-    cfg.metrics_listen = Some(format!("127.0.0.1:{}", free_port()));
-    cfg.peers = layout
-        .configs
-        .iter()
-        .map(|c| PeerConfig { node_id: c.node_id, client: c.listen.clone(), peer: c.peer_listen.clone() })
-        .collect();
-    let path4 = layout.dir.join("node-4.toml");
-    write_config(&path4, &cfg);
+    let (path4, cfg) = node4(&layout);
     nodes.push(Daemon::spawn(&path4, &cfg.listen, &layout.dir.join("node-4.log")));
     assert!(
         wait_until(Duration::from_secs(10), || status_of(&cfg.listen).is_some()),
@@ -93,7 +159,8 @@ fn add_a_fourth_node_then_remove_node_1() {
     // Membership changes go to the leader (see `cluster_add_through_a_follower` for why).
     let t = Instant::now();
     let admin = admin_client(&layout, &addrs);
-    admin.cluster_add(4, &cfg.listen, &cfg.peer_listen).unwrap_or_else(|e| {
+    let admin_key = layout.admin_key().expect("admin key");
+    admin.cluster_add(&admin_key, 4, &cfg.listen, &cfg.peer_listen).unwrap_or_else(|e| {
         dump_logs(&nodes);
         panic!("cluster add 4: {e}")
     });
@@ -113,13 +180,16 @@ fn add_a_fourth_node_then_remove_node_1() {
     let s4 = status_of(&cfg.listen).expect("node 4 status");
     assert_eq!(voters(&s4), [1, 2, 3, 4], "node 4 knows itself a voter");
     let n = writer.acked_len();
-    assert!(wait_until(Duration::from_secs(5), || writer.acked_len() > n), "no writes committed with 4 voters");
+    if !wait_until(Duration::from_secs(5), || writer.acked_len() > n) {
+        dump_logs(&nodes);
+        panic!("no writes committed with 4 voters ({n} acknowledged before)");
+    }
 
     // Remove node 1 (the leader or a follower, whichever it is now).
     let was_leader = leader_status(&all).is_some_and(|s| s.node_id == 1);
     let t = Instant::now();
     let admin = admin_client(&layout, &all);
-    admin.cluster_remove(1).unwrap_or_else(|e| {
+    admin.cluster_remove(&admin_key, 1).unwrap_or_else(|e| {
         dump_logs(&nodes);
         panic!("cluster remove 1: {e}")
     });

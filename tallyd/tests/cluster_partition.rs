@@ -74,7 +74,8 @@ fn run(client_must_move: bool) {
     let cluster = ClusterId::from_hex(&layout.cluster_id).expect("cluster id");
     let key = account_key(&layout, 1);
     let mut isolated: Vec<RequestId> = Vec::new();
-    let conn = tally_client::Connection::connect(&addrs[li]).expect("connect to the old leader");
+    let conn = tally_client::Connection::connect_with(&addrs[li], &dial_for(&addrs[li]), Duration::from_secs(2))
+        .expect("connect to the old leader");
     for _ in 0..3 {
         let req = tally_client::client::sign_request(&key, cluster, Operation::Transfer { to: fresh_key(), amount: 1 });
         isolated.push(req.id());
@@ -144,7 +145,7 @@ fn run(client_must_move: bool) {
 
     // The isolated leader's attempts are nowhere in the committed history.
     for addr in &addrs {
-        let c = tally_client::Connection::connect(addr).expect("connect");
+        let c = tally_client::Connection::connect_with(addr, &dial_for(addr), Duration::from_secs(2)).expect("connect");
         for id in &isolated {
             match c.call(ClientMessage::Receipt { id: *id }) {
                 Ok(ServerMessage::Receipt(None)) => {}

@@ -75,7 +75,8 @@ fn follower_catches_up_by_snapshot_after_compaction() {
     // It got there by a snapshot: it holds the state but not the history of heights it skipped
     // (a snapshot carries only the last batches), yet serves their receipts by asking the leader.
     let probe = f_height + (leader_height - f_height) / 2;
-    let conn = tally_client::Connection::connect(&addrs[fi]).expect("connect");
+    let conn = tally_client::Connection::connect_with(&addrs[fi], &dial_for(&addrs[fi]), Duration::from_secs(2))
+        .expect("connect");
     let skipped = match conn.call(tally_codec::wire::ClientMessage::Batch { height: probe }) {
         Ok(tally_codec::wire::ServerMessage::Batch(None)) => true,
         Ok(tally_codec::wire::ServerMessage::Batch(Some(b))) => !b.body_available,

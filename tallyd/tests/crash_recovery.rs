@@ -33,7 +33,7 @@ fn writer(client: Client, acked: Arc<Mutex<HashMap<RequestId, Receipt>>>, stop: 
 }
 
 fn wait_caught_up(addr: &str) {
-    let conn = tally_client::Connection::connect(addr).expect("connect");
+    let conn = tally_client::Connection::connect_with(addr, &dial_for(addr), Duration::from_secs(2)).expect("connect");
     for _ in 0..200 {
         if let Ok(tally_codec::wire::ServerMessage::Status(s)) = conn.call(tally_codec::wire::ClientMessage::Status) {
             if s.applied_height == s.committed_height {
@@ -51,11 +51,14 @@ fn acknowledged_writes_survive_kill_9() {
     let operator = operator(&layout);
     let mut nodes = start_all(&layout);
     let acked: Arc<Mutex<HashMap<RequestId, Receipt>>> = Arc::default();
-    let opts = ClientOptions {
-        retry_total: Duration::from_secs(1),
-        call_timeout: Duration::from_secs(2),
-        ..ClientOptions::default()
-    };
+    let opts = opts_for(
+        &layout.client_addrs(),
+        ClientOptions {
+            retry_total: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        },
+    );
 
     for round in 0..2 {
         let stop = Arc::new(AtomicBool::new(false));

@@ -49,7 +49,9 @@ impl Daemon {
     pub fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(conn) = tally_client::Connection::connect_timeout(&self.addr, Duration::from_millis(500)) {
+            if let Ok(conn) =
+                tally_client::Connection::connect_with(&self.addr, &dial_for(&self.addr), Duration::from_millis(500))
+            {
                 if let Ok(tally_codec::wire::ServerMessage::Status(s)) =
                     conn.call_timeout(tally_codec::wire::ClientMessage::Status, Duration::from_secs(2))
                 {
@@ -128,12 +130,39 @@ pub fn free_base_port(n: usize) -> u16 {
     panic!("no free port range found");
 }
 
+/// How tests reach each client address: the TLS of the cluster it belongs to (tests of one
+/// binary run clusters with different CAs in parallel; their ports never overlap).
+static DIALS: std::sync::OnceLock<Mutex<HashMap<String, tally_net::Dial>>> = std::sync::OnceLock::new();
+
+pub fn register_dial(addr: &str, dial: tally_net::Dial) {
+    DIALS.get_or_init(Mutex::default).lock().insert(addr.to_string(), dial);
+}
+
+/// The TLS of the cluster `addr` belongs to (plaintext for an unknown address).
+pub fn dial_for(addr: &str) -> tally_net::Dial {
+    DIALS.get_or_init(Mutex::default).lock().get(addr).cloned().unwrap_or(tally_net::Dial::Plain)
+}
+
+/// Client options reaching `addrs` with their cluster's TLS.
+pub fn opts_for(addrs: &[String], opts: ClientOptions) -> ClientOptions {
+    ClientOptions { dial: addrs.first().map_or(tally_net::Dial::Plain, |a| dial_for(a)), ..opts }
+}
+
 /// A fresh cluster layout in a temp dir.
 pub fn init_cluster(nodes: usize, accounts: usize) -> (tempfile::TempDir, ClusterLayout) {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = free_base_port(nodes);
     let layout = cluster_init(nodes, dir.path(), accounts, base).expect("cluster init");
+    let dial = layout.dial().expect("cluster CA");
+    for a in layout.client_addrs() {
+        register_dial(&a, dial.clone());
+    }
     (dir, layout)
+}
+
+/// Checker access to the cluster of `layout` (TLS and the admin key).
+pub fn access(layout: &ClusterLayout) -> tally_chaos::checker::Access {
+    tally_chaos::checker::Access { dial: layout.dial().expect("CA"), admin: layout.admin_key().expect("admin key") }
 }
 
 /// Starts every node of `layout`, then waits until each knows a leader.
@@ -156,7 +185,8 @@ pub fn account_key(layout: &ClusterLayout, j: usize) -> ed25519_dalek::SigningKe
 }
 
 pub fn client(layout: &ClusterLayout, j: usize) -> Client {
-    Client::connect(&layout.client_addrs(), account_key(layout, j), ClientOptions::default()).expect("connect")
+    let addrs = layout.client_addrs();
+    Client::connect(&addrs, account_key(layout, j), opts_for(&addrs, ClientOptions::default())).expect("connect")
 }
 
 pub fn operator(layout: &ClusterLayout) -> tally_codec::PublicKey {
@@ -178,7 +208,7 @@ pub const GENESIS_BALANCE: u128 = tally_client::cluster::GENESIS_BALANCE as u128
 
 /// Status of one replica, or `None` if it does not answer within ~1 s.
 pub fn status_of(addr: &str) -> Option<StatusInfo> {
-    let conn = tally_client::Connection::connect_timeout(addr, Duration::from_millis(500)).ok()?;
+    let conn = tally_client::Connection::connect_with(addr, &dial_for(addr), Duration::from_millis(500)).ok()?;
     match conn.call_timeout(ClientMessage::Status, Duration::from_millis(1000)).ok()? {
         ServerMessage::Status(s) => Some(s),
         _ => None,
@@ -248,7 +278,7 @@ impl Writer {
         threads: usize,
         opts: ClientOptions,
     ) -> Writer {
-        let client = Arc::new(Client::connect(addrs, key, opts).expect("writer connects"));
+        let client = Arc::new(Client::connect(addrs, key, opts_for(addrs, opts)).expect("writer connects"));
         let acked: Arc<Mutex<HashMap<RequestId, Receipt>>> = Arc::default();
         let frames_failed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -319,7 +349,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Runs the invariant checker over `addrs` and panics with every violation.
 pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashMap<RequestId, Receipt>) {
     assert!(
-        tally_chaos::checker::wait_converged(addrs, Duration::from_secs(30)),
+        tally_chaos::checker::wait_converged(&access(layout), addrs, Duration::from_secs(30)),
         "replicas {addrs:?} did not converge: {:?}",
         addrs
             .iter()
@@ -327,7 +357,7 @@ pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashM
             .collect::<Vec<_>>()
     );
     let supply = GENESIS_BALANCE * layout.account_keys.len() as u128;
-    let v = tally_chaos::checker::check(addrs, &operator(layout), acked, supply);
+    let v = tally_chaos::checker::check(&access(layout), addrs, &operator(layout), acked, supply);
     eprintln!(
         "check: {} heights, {} replicas, {} requests in history, {} acknowledged, {} violations",
         v.heights,
@@ -345,7 +375,7 @@ pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashM
 
 /// The header at `height` as `addr` stores it.
 pub fn header_at(addr: &str, height: u64) -> Option<BatchHeader> {
-    let conn = tally_client::Connection::connect_timeout(addr, Duration::from_secs(1)).ok()?;
+    let conn = tally_client::Connection::connect_with(addr, &dial_for(addr), Duration::from_secs(1)).ok()?;
     match conn.call_timeout(ClientMessage::Batch { height }, Duration::from_secs(5)).ok()? {
         ServerMessage::Batch(Some(b)) => Some(b.header),
         _ => None,
@@ -397,7 +427,12 @@ impl Prober {
                     let mut conn: Option<tally_client::Connection> = None;
                     while !stop.load(Ordering::Acquire) {
                         if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                            conn = tally_client::Connection::connect_timeout(&addr, Duration::from_millis(200)).ok();
+                            conn = tally_client::Connection::connect_with(
+                                &addr,
+                                &dial_for(&addr),
+                                Duration::from_millis(200),
+                            )
+                            .ok();
                         }
                         if let Some(c) = &conn {
                             let req = tally_client::client::sign_request(
