@@ -939,6 +939,7 @@ mod failover_tests {
             retry_total: Duration::from_secs(8),
             heartbeat: heartbeat.then_some(Duration::from_millis(200)),
             heartbeat_timeout: Duration::from_millis(500),
+            dial: tally_net::Dial::Plain,
         }
     }
 

@@ -191,7 +191,9 @@ fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
             })),
             ClientMessage::Balance { .. } => ServerMessage::Balance(Some(5)),
             ClientMessage::Receipt { .. } => ServerMessage::Receipt(None),
-            ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => ServerMessage::Done,
+            ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } | ClientMessage::Admin(_) => {
+                ServerMessage::Done
+            }
             ClientMessage::Batch { .. } => ServerMessage::Batch(None),
             ClientMessage::Audit | ClientMessage::Forwarded(_) => {
                 ServerMessage::Error(WireError::new(ErrorCode::Malformed, "the fake node does not serve this"))

@@ -92,6 +92,7 @@ impl Relayed {
     ///
     /// # Errors
     /// Returns the message unchanged when it is not one of the relayable kinds.
+    #[allow(clippy::result_large_err)] // the message goes back to its caller by value, once per frame
     pub fn from_client(msg: ClientMessage) -> Result<Relayed, ClientMessage> {
         match msg {
             ClientMessage::Submit(r) => Ok(Relayed::Submit(r)),

@@ -118,6 +118,11 @@ pub trait Replicator: Send + Sync {
     fn durable_replicas(&self, index: u64) -> u8;
     /// Number of voters configured.
     fn voters(&self) -> usize;
+    /// Why this replica stopped replicating (a failed log write or fsync, a full disk), if it
+    /// did. A stopped replica sends nothing, so a leader's followers elect another.
+    fn stopped(&self) -> Option<String> {
+        None
+    }
     /// Tells the log the state machine is durable up to `index` (store fsynced), so entries up to
     /// there may be compacted.
     fn compact_hint(&self, index: u64);

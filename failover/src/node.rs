@@ -410,6 +410,10 @@ impl Replicator for RaftReplicator {
         self.shared.lock().conf.voters.len()
     }
 
+    fn stopped(&self) -> Option<String> {
+        self.stopped_reason()
+    }
+
     fn compact_hint(&self, index: u64) {
         let _ = self.cmd_tx.try_send(Cmd::Compact(index));
     }

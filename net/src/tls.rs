@@ -267,6 +267,7 @@ impl Dial {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one per connection, behind an Arc
 enum Inner {
     Plain(TcpStream),
     Tls {

@@ -227,10 +227,7 @@ impl PacedFrames {
             } else {
                 let want = (self.body_len - self.body.len()).min(64 * 1024);
                 let mut chunk = [0u8; 64 * 1024];
-                r.read(&mut chunk[..want]).map(|n| {
-                    self.body.extend_from_slice(&chunk[..n]);
-                    n
-                })
+                r.read(&mut chunk[..want]).inspect(|&n| self.body.extend_from_slice(&chunk[..n]))
             };
             match step {
                 Ok(0) if self.header_got == 0 => return Ok(None),
@@ -540,6 +537,12 @@ pub fn status(shared: &Shared) -> StatusInfo {
     let members = r.members();
     let committed = shared.committed();
     let mut warnings = Vec::new();
+    if let Some(why) = r.stopped() {
+        let what = if crate::s5_commit::is_disk_full(&why) { "StorageFull" } else { "LogFailed" };
+        warnings.push(format!(
+            "{what}: this replica's log stopped ({why}); it stepped down and serves no writes until it is restarted"
+        ));
+    }
     if let Some(p) = shared.poisoned() {
         warnings.push(format!("replica stopped applying: {p}"));
     }

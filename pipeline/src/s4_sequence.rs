@@ -40,17 +40,66 @@ enum Mode {
     },
 }
 
+/// Bytes a request adds to a batch entry, at most: the request itself, its copy in the write
+/// set (a document body), and room for its outcome and write-set key.
+pub fn entry_bytes_estimate(req: &tally_codec::SignedRequest) -> usize {
+    let value = match &req.request.op {
+        tally_codec::Operation::Set { value, .. } => value.len(),
+        _ => 0,
+    };
+    borsh_len(req) + value + 192
+}
+
+fn borsh_len(req: &tally_codec::SignedRequest) -> usize {
+    // signer, signature, cluster, nonce, expiry, op tag: fixed; the value dominates.
+    let op = match &req.request.op {
+        tally_codec::Operation::Set { value, .. } => 16 + 4 + value.len(),
+        tally_codec::Operation::Delete { .. } => 16,
+        tally_codec::Operation::Transfer { .. } => 40,
+    };
+    16 + 32 + 8 + 8 + 1 + op + 64
+}
+
+/// Keeps what fits in one batch of `bytes_max` (estimated); the rest waits for the next batch.
+/// A request that alone is over the bound is refused with `ProposalTooLarge`.
+fn split_by_bytes(subs: Vec<Submission>, bytes_max: usize) -> (Vec<Submission>, Vec<Submission>) {
+    let mut used = 0usize;
+    let mut now = Vec::with_capacity(subs.len());
+    let mut later = Vec::new();
+    for sub in subs {
+        let b = entry_bytes_estimate(&sub.req.request);
+        if b > bytes_max {
+            metrics::counter!("tally_refused_total", "stage" => "sequence").increment(1);
+            sub.waiter.refuse(ErrorCode::ProposalTooLarge);
+            continue;
+        }
+        if !later.is_empty() || used + b > bytes_max {
+            later.push(sub);
+            continue;
+        }
+        used += b;
+        now.push(sub);
+    }
+    (now, later)
+}
+
 pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
     let mut view = View::default();
     let mut mode = Mode::Following;
     let interval = Duration::from_millis(shared.opts.batch_interval_ms);
+    // Requests that did not fit the previous batch's byte bound open the next one.
+    let mut carry: Vec<Submission> = Vec::new();
     while !shared.is_stopping() {
         mode = update_mode(&shared, &mut view, mode);
         // Wait for the first submission of the next batch.
-        let first = match shared.seq_rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(s) => s,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
+        let first = if carry.is_empty() {
+            match shared.seq_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(s) => s,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            std::mem::take(&mut carry)
         };
         let Mode::Leading { term, tip } = &mut mode else {
             for sub in first {
@@ -59,18 +108,24 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
             continue;
         };
         let deadline = Instant::now() + interval;
+        let bytes_max = shared.opts.batch_bytes_max;
+        let mut queued: usize = first.len();
+        let mut bytes: usize = first.iter().map(|s| entry_bytes_estimate(&s.req.request)).sum();
         let mut groups = vec![first];
-        let mut queued: usize = groups[0].len();
-        while queued < shared.opts.batch_requests_max {
+        while queued < shared.opts.batch_requests_max && bytes < bytes_max {
             let left = deadline.saturating_duration_since(Instant::now());
             match shared.seq_rx.recv_timeout(left) {
                 Ok(g) => {
                     queued += g.len();
+                    bytes += g.iter().map(|s| entry_bytes_estimate(&s.req.request)).sum::<usize>();
                     groups.push(g);
                 }
                 Err(_) => break,
             }
         }
+        let (groups, rest) = split_by_bytes(groups.into_iter().flatten().collect(), bytes_max);
+        carry = rest;
+        let groups = vec![groups];
         wait_for_room(&shared);
         view.on_applied(shared.applied_height());
         let started = Instant::now();
@@ -79,7 +134,7 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
         if let Some(batch) = batch {
             if let Err(e) = s5_commit::propose(&shared, *term, batch) {
                 tracing::warn!(error = %e, term, "proposal refused; leaving the leader role");
-                s5_commit::fail_all_pending(&shared, ErrorCode::Retry);
+                s5_commit::fail_all_pending(&shared, s5_commit::refusal_code(&e));
                 view.reset();
                 mode = Mode::Following;
             }

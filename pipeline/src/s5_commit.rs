@@ -79,11 +79,27 @@ pub fn propose(shared: &Shared, term: u64, batch: PendingBatch) -> Result<(), Pr
     metrics::histogram!("tally_stage5_propose_ms").record(started.elapsed().as_secs_f64() * 1e3);
     if let Err(e) = &result {
         if let Some(b) = shared.pending.lock().take(height) {
-            fail_batch(shared, b, ErrorCode::Retry);
+            fail_batch(shared, b, refusal_code(e));
         }
         tracing::debug!(error = %e, height, "proposal refused");
     }
     result
+}
+
+/// What clients are told when the log refuses a proposal: its real cause.
+pub fn refusal_code(e: &ProposeError) -> ErrorCode {
+    match e {
+        ProposeError::TooLarge { .. } => ErrorCode::ProposalTooLarge,
+        ProposeError::Stopped(why) if is_disk_full(why) => ErrorCode::StorageFull,
+        ProposeError::Stopped(_) => ErrorCode::LogFailed,
+        ProposeError::Busy => ErrorCode::Overloaded,
+        _ => ErrorCode::Retry,
+    }
+}
+
+/// Whether a log failure's text is the disk running out of space (ENOSPC).
+pub fn is_disk_full(why: &str) -> bool {
+    why.contains("No space left") || why.contains("StorageFull") || why.contains("os error 28")
 }
 
 /// Answers every waiter of every pending batch with `code`.

@@ -314,6 +314,11 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         let role = node.shared.replicator().role();
         metrics::gauge!("tally_term").set(role.term as f64);
         metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("tally_log_stopped").set(if node.shared.replicator().stopped().is_some() { 1.0 } else { 0.0 });
+        let (handshaking, clients, replicas) = node.shared.admission.counts();
+        metrics::gauge!("tally_connections", "pool" => "handshake").set(handshaking as f64);
+        metrics::gauge!("tally_connections", "pool" => "client").set(clients as f64);
+        metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
         metrics::gauge!("tally_commit_lag")
             .set(node.shared.committed().index.saturating_sub(node.shared.applied_index()) as f64);
         if let Some(p) = node.shared.poisoned() {
