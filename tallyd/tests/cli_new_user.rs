@@ -15,8 +15,16 @@ fn tally_bin() -> PathBuf {
     p
 }
 
+/// The cluster CA of the new user's cluster, once `cluster init` wrote it.
+static CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn tally(args: &[&str]) -> Output {
-    Command::new(tally_bin()).args(args).env_remove("TALLY_ADDR").env_remove("TALLY_KEY").output().expect("run tally")
+    let mut c = Command::new(tally_bin());
+    c.args(args).env_remove("TALLY_ADDR").env_remove("TALLY_KEY").env_remove("TALLY_CA");
+    if let Some(ca) = CA.get() {
+        c.env("TALLY_CA", ca);
+    }
+    c.output().expect("run tally")
 }
 
 fn text(o: &Output) -> String {
@@ -50,6 +58,8 @@ fn new_user_flow_through_the_cli() {
     }
     let cfg: tally_codec::config::NodeConfig =
         toml::from_str(&std::fs::read_to_string(d.join("node-1.toml")).expect("toml")).expect("config parses");
+    let _ = CA.set(d.join("ca.pem"));
+    register_dial(&cfg.listen, tally_net::Dial::cluster(&d.join("ca.pem")).expect("CA"));
     let _node = Daemon::start(&d.join("node-1.toml"), &cfg.listen, &d.join("node-1.log"));
     let addr = cfg.listen.as_str();
     let k0 = d.join("accounts/0.key");
@@ -98,7 +108,7 @@ fn new_user_flow_through_the_cli() {
 
     // The REPL session of DESIGN.md §2 on one replica, scripted on stdin.
     let mut child = Command::new(tally_bin())
-        .args(["--addr", addr, "--key", k0.to_str().expect("p"), "repl"])
+        .args(["--addr", addr, "--key", k0.to_str().expect("p"), "--ca", d.join("ca.pem").to_str().expect("p"), "repl"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
