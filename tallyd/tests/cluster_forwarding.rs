@@ -39,12 +39,13 @@ fn follower_forwards_writes_and_reads_to_the_leader() {
     let reply = conn.call(ClientMessage::Balance { account: bob, stale: false }).expect("balance via follower");
     assert_eq!(reply, ServerMessage::Balance(Some(1_000_000_000 + 100)));
 
-    // A frame already forwarded once is never forwarded again: a follower refuses it.
+    // A client can't pose as a relaying replica: `Forwarded` from a connection without a node
+    // certificate is refused (issue 6).
     let again = conn
         .call(ClientMessage::Forwarded(tally_codec::wire::Relayed::Balance { account: bob, stale: false }))
         .expect("reply");
     match again {
-        ServerMessage::Error(e) => assert_eq!(e.code, tally_codec::ErrorCode::NotLeader, "{}", e.message),
-        other => panic!("expected NotLeader, got {other:?}"),
+        ServerMessage::Error(e) => assert_eq!(e.code, tally_codec::ErrorCode::NotAuthorized, "{}", e.message),
+        other => panic!("expected NotAuthorized, got {other:?}"),
     }
 }

@@ -87,6 +87,8 @@ fn repl_session_survives_two_kills() {
         .arg(&layout.configs[0].listen)
         .arg("--key")
         .arg(&layout.account_keys[0])
+        .arg("--ca")
+        .arg(layout.dir.join("ca.pem"))
         .arg("repl")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
