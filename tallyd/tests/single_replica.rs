@@ -19,14 +19,14 @@ fn pubkey(k: &ed25519_dalek::SigningKey) -> PublicKey {
 }
 
 /// Sends one frame body and reads one reply frame on a raw connection.
-fn raw_call(stream: &mut TcpStream, body: &[u8]) -> Envelope<ServerMessage> {
+fn raw_call(stream: &mut tally_net::Stream, body: &[u8]) -> Envelope<ServerMessage> {
     wire::write_frame(stream, body).expect("write");
     let mut buf = Vec::new();
     assert!(wire::read_frame(stream, &mut buf, tally_codec::limits::FRAME_BYTES_MAX).expect("read"), "closed");
     wire::decode_server(&buf).expect("decode reply")
 }
 
-fn submit_raw(stream: &mut TcpStream, reqs: Vec<tally_codec::SignedRequest>) -> Vec<SubmitReply> {
+fn submit_raw(stream: &mut tally_net::Stream, reqs: Vec<tally_codec::SignedRequest>) -> Vec<SubmitReply> {
     let env = Envelope { id: 7, msg: ClientMessage::Submit(reqs) };
     match raw_call(stream, &encode(&env)).msg {
         ServerMessage::Submitted(r) => r,
@@ -143,8 +143,10 @@ fn bad_input_gets_named_errors_and_the_node_keeps_serving() {
         Request { cluster_id, signer: pubkey(&alice_key), nonce: rand_nonce(), expires_at_ms, op }.sign(&alice_key)
     };
     let later = now_ms() + 60_000;
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut s = dial_for(addr)
+        .open(TcpStream::connect(addr).expect("connect"), std::time::Instant::now() + std::time::Duration::from_secs(5))
+        .expect("tls");
+    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
 
     // Bad signature.
     let mut forged = mk(Operation::Transfer { to: pubkey(&bob), amount: 1 }, later);
@@ -241,8 +243,10 @@ fn bad_input_gets_named_errors_and_the_node_keeps_serving() {
     ));
 
     // A frame over the limit: named error, then that connection closes.
-    let mut big = TcpStream::connect(addr).expect("connect");
-    big.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut big = dial_for(addr)
+        .open(TcpStream::connect(addr).expect("connect"), std::time::Instant::now() + std::time::Duration::from_secs(5))
+        .expect("tls");
+    big.tcp().set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     big.write_all(&u32::MAX.to_le_bytes()).expect("write");
     let mut buf = Vec::new();
     assert!(wire::read_frame(&mut big, &mut buf, tally_codec::limits::FRAME_BYTES_MAX).expect("reply"));
@@ -254,10 +258,14 @@ fn bad_input_gets_named_errors_and_the_node_keeps_serving() {
     let _ = big.read_to_end(&mut rest);
 
     // A truncated frame followed by a hang-up, and raw random bytes: the node shrugs.
-    let mut t = TcpStream::connect(addr).expect("connect");
+    let mut t = dial_for(addr)
+        .open(TcpStream::connect(addr).expect("connect"), std::time::Instant::now() + std::time::Duration::from_secs(5))
+        .expect("tls");
     t.write_all(&100u32.to_le_bytes()).and_then(|()| t.write_all(b"short")).expect("write");
     drop(t);
-    let mut g = TcpStream::connect(addr).expect("connect");
+    let mut g = dial_for(addr)
+        .open(TcpStream::connect(addr).expect("connect"), std::time::Instant::now() + std::time::Duration::from_secs(5))
+        .expect("tls");
     let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let _ = g.write_all(&noise);
     drop(g);
