@@ -616,9 +616,17 @@ impl Node {
             self.maybe_tick();
             let r = self.on_ready().and_then(|()| self.deliver(false)).and_then(|()| self.maybe_compact());
             if let Err(e) = r {
-                tracing::error!(node = self.id, error = %e, "raft replica stops");
-                self.shared.lock().stopped = Some(e);
-                break;
+                // The log can't be trusted past this point (a failed write or fsync): step down
+                // and go silent, so the others elect a leader. The raft state is not read again.
+                tracing::error!(node = self.id, error = %e, "raft replica stops; stepping down");
+                let mut s = self.shared.lock();
+                s.stopped = Some(e);
+                s.role.is_leader = false;
+                s.role.leader_id = None;
+                s.lease_until_ms = None;
+                drop(s);
+                self.transport.stop();
+                return;
             }
             self.publish();
         }

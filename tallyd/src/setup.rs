@@ -299,6 +299,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     }
     let mut ticks = 0u64;
+    let mut reported_failure = false;
     loop {
         std::thread::sleep(Duration::from_millis(100));
         if stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -321,8 +322,46 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
         metrics::gauge!("tally_commit_lag")
             .set(node.shared.committed().index.saturating_sub(node.shared.applied_index()) as f64);
-        if let Some(p) = node.shared.poisoned() {
-            return Err(format!("replica stopped: {p}"));
+        let failure = node.shared.replicator().stopped().or_else(|| node.shared.poisoned());
+        if let Some(why) = failure {
+            if !reported_failure {
+                // The replicator stepped down and went silent; status and /metrics say why.
+                tracing::error!(reason = %why, "this replica stopped writing; it serves status and stale reads only");
+                reported_failure = true;
+            }
+            if !tally_pipeline::s5_commit::is_disk_full(&why) {
+                // Not a full disk (an I/O error, a broken store): end the replica; a supervisor
+                // restarts it and a backup leads meanwhile.
+                return Err(format!("replica stopped: {why}"));
+            }
+            if space_is_back(&data_dir) {
+                tracing::warn!("disk space is back: restarting this replica in place to recover from its log");
+                return restart_in_place();
+            }
         }
     }
+}
+
+/// Bytes a probe writes and fsyncs to decide the disk has room again.
+const SPACE_PROBE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Whether `dir` takes a fsynced 4 MiB write again.
+fn space_is_back(dir: &Path) -> bool {
+    use std::io::Write;
+    let probe = dir.join(".space-probe");
+    let ok = std::fs::File::create(&probe)
+        .and_then(|mut f| f.write_all(&vec![0u8; SPACE_PROBE_BYTES]).and_then(|()| f.sync_all()))
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// Replaces this process with a fresh start of the same command: the same path a crash takes,
+/// and the tested one (the log is the source of truth; a torn tail is cut; the store replays).
+/// A failed fsync is never retried in place: the kernel may have dropped the dirty pages.
+fn restart_in_place() -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable to restart: {e}"))?;
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+    Err(format!("restart in place failed: {err}"))
 }
