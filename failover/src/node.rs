@@ -1048,3 +1048,59 @@ fn reconcile_applied(storage: &mut WalStorage, applied_index: u64) -> Result<(u6
     }
     Ok((applied_index.max(snap_index), false))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state machine that accepts batches starting with 0xBA only.
+    struct Judge;
+    impl crate::snapshot::SnapshotSource for Judge {
+        fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
+            Err("none".into())
+        }
+    }
+    impl crate::snapshot::SnapshotSink for Judge {
+        fn install(&self, _: u64, _: u64, _: &[u8]) -> Result<(), String> {
+            Err("none".into())
+        }
+        fn check_entry(&self, data: &[u8]) -> Result<(), String> {
+            if data.first() == Some(&0xBA) {
+                Ok(())
+            } else {
+                Err("not a batch".into())
+            }
+        }
+    }
+
+    fn entry(ty: EntryType, data: Vec<u8>, context: Vec<u8>) -> Entry {
+        let mut e = Entry::default();
+        e.set_entry_type(ty);
+        e.data = data.into();
+        e.context = context.into();
+        e
+    }
+
+    /// Issue 6, attack 2: what a forged append could carry is judged before it is persisted.
+    #[test]
+    fn entries_that_could_never_apply_are_refused() {
+        let j = Judge;
+        assert!(check_entry(&j, &entry(EntryType::EntryNormal, vec![], vec![])).is_ok(), "no-op");
+        assert!(check_entry(&j, &entry(EntryType::EntryNormal, vec![0xBA, 1], vec![])).is_ok());
+        assert!(check_entry(&j, &entry(EntryType::EntryNormal, vec![0xAB; 64], vec![])).is_err());
+        assert!(check_entry(&j, &entry(EntryType::EntryConfChangeV2, vec![0xFF; 9], vec![])).is_err());
+        let add = conf_change(vec![single(4, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
+        let bytes = add.write_to_bytes().expect("encode");
+        let addr =
+            |id| tally_codec::encode(&MemberAddr { node_id: id, client_addr: "a:1".into(), peer_addr: "a:2".into() });
+        assert!(check_entry(&j, &entry(EntryType::EntryConfChangeV2, bytes.clone(), addr(4))).is_ok());
+        assert!(
+            check_entry(&j, &entry(EntryType::EntryConfChangeV2, bytes.clone(), addr(5))).is_err(),
+            "an address for another node"
+        );
+        assert!(check_entry(&j, &entry(EntryType::EntryConfChangeV2, bytes, vec![1, 2, 3])).is_err());
+        let zero = conf_change(vec![single(0, ConfChangeType::AddNode)], ConfChangeTransition::Auto);
+        let zero = zero.write_to_bytes().expect("encode");
+        assert!(check_entry(&j, &entry(EntryType::EntryConfChangeV2, zero, vec![])).is_err(), "node 0");
+    }
+}

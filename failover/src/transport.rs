@@ -544,6 +544,76 @@ mod tests {
         b.stop();
     }
 
+    /// A CA and certificates for nodes 1..=n in a temp dir.
+    fn pki(n: u64) -> (tempfile::TempDir, Vec<tally_net::TlsFiles>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = tally_net::tls::generate_ca().expect("ca");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, &ca.cert).expect("write");
+        let files = (1..=n)
+            .map(|id| {
+                let c = tally_net::tls::issue_node_cert(&ca.key, id, &[]).expect("issue");
+                let (cert, key) = (dir.path().join(format!("{id}.pem")), dir.path().join(format!("{id}.key")));
+                std::fs::write(&cert, c.cert).expect("write");
+                std::fs::write(&key, c.key).expect("write");
+                tally_net::TlsFiles { ca: ca_path.clone(), cert, key }
+            })
+            .collect();
+        (dir, files)
+    }
+
+    fn start_tls(node: u64, files: &tally_net::TlsFiles) -> (TcpTransport, String, Receiver<Message>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let (tx, rx) = bounded(64);
+        let sec = PeerSecurity::from_files(files).expect("tls");
+        (TcpTransport::start(l, Hello::new("c", node, [1; 32]), sec, tx).expect("start"), addr, rx)
+    }
+
+    #[test]
+    fn mutual_tls_links_carry_messages() {
+        let (_d, f) = pki(2);
+        let (mut a, a_addr, a_rx) = start_tls(1, &f[0]);
+        let (mut b, b_addr, b_rx) = start_tls(2, &f[1]);
+        a.set_peers(&[(2, b_addr)].into_iter().collect());
+        b.set_peers(&[(1, a_addr)].into_iter().collect());
+        assert!(a.send(msg(1, 2, 5)));
+        assert!(b.send(msg(2, 1, 6)));
+        assert_eq!(b_rx.recv_timeout(Duration::from_secs(5)).expect("b got").term, 5);
+        assert_eq!(a_rx.recv_timeout(Duration::from_secs(5)).expect("a got").term, 6);
+        a.stop();
+        b.stop();
+    }
+
+    /// Issue 6, attack 2: a replica's certificate can't be used to pose as another node, and a
+    /// plaintext stranger (the old echoed-hello attack) gets nothing to Raft.
+    #[test]
+    fn posing_as_another_node_or_skipping_tls_gets_nothing_through() {
+        let (_d, f) = pki(3);
+        let (mut b, b_addr, b_rx) = start_tls(2, &f[1]);
+        // Node 1's certificate, claiming to be node 3 (the leader, say).
+        let client = tally_net::tls::client_config(&f[0].ca, Some(&f[0])).expect("client");
+        let tcp = TcpStream::connect(&b_addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut s = Stream::connect(tcp, client, &tally_net::tls::node_server_name(2), deadline).expect("tls");
+        let r = handshake(&mut s, &Hello::new("c", 3, [1; 32]), Some(2));
+        let _ = write_frame(&mut s, &msg(3, 2, 1000).write_to_bytes().expect("encode"));
+        let _ = s.flush();
+        assert!(r.is_err() || b_rx.recv_timeout(Duration::from_millis(500)).is_err());
+        assert!(b_rx.try_recv().is_err(), "nothing reached Raft");
+        // Plaintext: a hello, then a heartbeat at a high term.
+        let mut p = TcpStream::connect(&b_addr).expect("connect");
+        p.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+        let _ = write_frame(&mut p, &tally_codec::encode(&Hello::new("c", 3, [1; 32])));
+        let _ = write_frame(&mut p, &msg(3, 2, 1000).write_to_bytes().expect("encode"));
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut p, &mut got);
+        assert!(!got.windows(4).any(|w| w == crate::handshake::PEER_MAGIC), "the replica sent its hello to a stranger");
+        assert!(b_rx.recv_timeout(Duration::from_millis(500)).is_err(), "nothing reached Raft");
+        b.stop();
+    }
+
     #[test]
     fn garbage_closes_the_connection_without_panic() {
         let (mut b, b_addr, b_rx) = start(2, "c");
