@@ -54,8 +54,7 @@ fn a_stranger_on_the_peer_port_moves_nothing_and_learns_nothing() {
             hb.term = term + 1000;
             let mut app = hb.clone();
             app.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
-            let mut junk = raft::eraftpb::Entry::default();
-            junk.data = vec![0xAB; 64].into();
+            let junk = raft::eraftpb::Entry { data: vec![0xAB; 64].into(), ..Default::default() };
             app.set_entries(vec![junk].into());
             let _ = s.write_all(&raft_frame(&hb));
             let _ = s.write_all(&raft_frame(&app));
