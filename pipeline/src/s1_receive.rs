@@ -129,7 +129,7 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
         .spawn(move || write_loop(w_stream, out_rx, &w_in_flight));
     let Ok(writer) = writer else { return };
     let mut reader = BufReader::with_capacity(1 << 16, stream.clone());
-    let mut frames = PacedFrames::new(limits::FRAME_BYTES_MAX);
+    let mut frames = PacedFrames::new(limits::FRAME_BYTES_MAX, Pacing::DEFAULT);
     loop {
         match frames.next(&mut reader, in_flight.load(Ordering::Acquire) > 0) {
             Ok(Some(body)) => {
@@ -169,29 +169,43 @@ enum ReadError {
     Framing(std::io::Error),
     #[error("frame of {len} bytes did not arrive within {limit_ms} ms (the minimum rate is {FRAME_RATE_BYTES_PER_S_MIN} B/s)")]
     TooSlow { len: usize, limit_ms: u64 },
-    #[error("connection idle for {IDLE_TIMEOUT_MS} ms; closed")]
-    Idle,
+    #[error("connection idle for {idle_ms} ms; closed")]
+    Idle { idle_ms: u64 },
 }
 
 impl ReadError {
     fn code(&self) -> ErrorCode {
         match self {
             ReadError::Framing(_) => ErrorCode::Malformed,
-            ReadError::TooSlow { .. } | ReadError::Idle => ErrorCode::Timeout,
+            ReadError::TooSlow { .. } | ReadError::Idle { .. } => ErrorCode::Timeout,
         }
     }
     fn metric(&self) -> &'static str {
         match self {
             ReadError::Framing(_) => "framing",
             ReadError::TooSlow { .. } => "slow_frame",
-            ReadError::Idle => "idle",
+            ReadError::Idle { .. } => "idle",
         }
     }
+}
+
+/// The pace a connection must keep.
+#[derive(Debug, Clone, Copy)]
+struct Pacing {
+    grace_ms: u64,
+    rate_bytes_per_s_min: u64,
+    idle_ms: u64,
+}
+
+impl Pacing {
+    const DEFAULT: Pacing =
+        Pacing { grace_ms: FRAME_GRACE_MS, rate_bytes_per_s_min: FRAME_RATE_BYTES_PER_S_MIN, idle_ms: IDLE_TIMEOUT_MS };
 }
 
 /// Reads frames while enforcing the idle timeout and the minimum frame rate: a frame's deadline
 /// starts at its first byte. Partial progress survives the reader's periodic wake-ups.
 struct PacedFrames {
+    pacing: Pacing,
     bytes_max: usize,
     header: [u8; 4],
     header_got: usize,
@@ -202,8 +216,9 @@ struct PacedFrames {
 }
 
 impl PacedFrames {
-    fn new(bytes_max: usize) -> Self {
+    fn new(bytes_max: usize, pacing: Pacing) -> Self {
         PacedFrames {
+            pacing,
             bytes_max,
             header: [0; 4],
             header_got: 0,
@@ -214,8 +229,8 @@ impl PacedFrames {
         }
     }
 
-    fn deadline_ms(len: usize) -> u64 {
-        FRAME_GRACE_MS + (len as u64).saturating_mul(1000) / FRAME_RATE_BYTES_PER_S_MIN
+    fn deadline_ms(&self, len: usize) -> u64 {
+        self.pacing.grace_ms + (len as u64).saturating_mul(1000) / self.pacing.rate_bytes_per_s_min.max(1)
     }
 
     /// The next whole frame; `None` at a clean end of stream. `waiting` means replies are
@@ -279,13 +294,13 @@ impl PacedFrames {
         match self.frame_started {
             Some(started) => {
                 let len = if self.header_got == 4 { self.body_len } else { 0 };
-                let limit_ms = Self::deadline_ms(len);
+                let limit_ms = self.deadline_ms(len);
                 if started.elapsed() > Duration::from_millis(limit_ms) {
                     return Err(ReadError::TooSlow { len, limit_ms });
                 }
             }
-            None if !waiting && self.last_frame.elapsed() > Duration::from_millis(IDLE_TIMEOUT_MS) => {
-                return Err(ReadError::Idle)
+            None if !waiting && self.last_frame.elapsed() > Duration::from_millis(self.pacing.idle_ms) => {
+                return Err(ReadError::Idle { idle_ms: self.pacing.idle_ms })
             }
             None => {}
         }
@@ -576,4 +591,87 @@ pub fn status(shared: &Shared) -> StatusInfo {
 
 pub fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    const FAST: Pacing = Pacing { grace_ms: 300, rate_bytes_per_s_min: 1_000_000, idle_ms: 300 };
+
+    /// A server-side socket with a short read timeout, and the client's end.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+        (s, c)
+    }
+
+    #[test]
+    fn whole_frames_come_through_in_pieces() {
+        let (mut s, mut c) = pair();
+        let mut frames = PacedFrames::new(1 << 20, FAST);
+        let t = std::thread::spawn(move || {
+            let mut f = 5u32.to_le_bytes().to_vec();
+            f.extend_from_slice(b"hello");
+            for b in f {
+                c.write_all(&[b]).expect("write");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            c
+        });
+        assert_eq!(frames.next(&mut s, false).expect("frame"), Some(b"hello".to_vec()));
+        drop(t.join());
+    }
+
+    /// Issue 6, attack 4: a slowloris (a 100,000-byte length prefix, then a byte at a time) is cut
+    /// once the frame's deadline passes, however steadily it drips.
+    #[test]
+    fn a_dripping_frame_is_cut_at_its_deadline() {
+        let (mut s, mut c) = pair();
+        let mut frames = PacedFrames::new(1 << 20, FAST);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let t = std::thread::spawn(move || {
+            let _ = c.write_all(&100_000u32.to_le_bytes());
+            while !st.load(Ordering::Acquire) {
+                if c.write_all(&[0]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let r = frames.next(&mut s, true);
+        stop.store(true, Ordering::Release);
+        let _ = t.join();
+        assert!(matches!(r, Err(ReadError::TooSlow { len: 100_000, limit_ms: 400 })), "{r:?}");
+        assert!(started.elapsed() < Duration::from_millis(1_500), "cut at the deadline");
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_unless_replies_are_pending() {
+        let (mut s, _c) = pair();
+        let mut frames = PacedFrames::new(1 << 20, FAST);
+        let started = Instant::now();
+        // Replies pending: silence is the client waiting, not idleness.
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let mut probe = PacedFrames::new(1 << 20, FAST);
+            probe.last_frame = started;
+            assert!(probe.check_deadlines(true).is_ok());
+        }
+        assert!(matches!(frames.next(&mut s, false), Err(ReadError::Idle { idle_ms: 300 })));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_any_body_arrives() {
+        let (mut s, mut c) = pair();
+        let mut frames = PacedFrames::new(1024, FAST);
+        c.write_all(&2048u32.to_le_bytes()).expect("write");
+        assert!(matches!(frames.next(&mut s, false), Err(ReadError::Framing(_))));
+    }
 }
