@@ -499,8 +499,6 @@ struct Node {
     log_retain_entries: u64,
     compact_wanted: u64,
     snapshot_reports: Vec<(u64, SnapshotStatus)>,
-    /// Peer messages refused by [`Node::check_payload`].
-    refused_messages: u64,
     /// Set by [`RaftReplicator::stop`]; blocking waits give up when it is set.
     stop: Arc<AtomicBool>,
 }
@@ -571,7 +569,6 @@ impl Node {
             log_retain_entries: cfg.log_retain_entries,
             compact_wanted: 0,
             snapshot_reports: Vec::new(),
-            refused_messages: 0,
             stop,
         };
         if deliver_bootstrap {
@@ -658,7 +655,6 @@ impl Node {
         if let Err(why) = self.check_payload(&m) {
             // Defence in depth behind mutual TLS: a peer that sends what can never be applied
             // is ignored, and nothing of it reaches the log.
-            self.refused_messages += 1;
             tracing::error!(node = self.id, from = m.from, msg = ?t, %why, "raft message refused before persisting");
             return;
         }

@@ -139,7 +139,6 @@ pub struct Shared {
     progress: Mutex<Progress>,
     progress_cv: Condvar,
     stopping: AtomicBool,
-    pub connections: AtomicUsize,
     /// Who may hold a connection to the client port (see [`tally_net::admission`]).
     pub admission: Arc<tally_net::Admission>,
     /// A follower's link to the leader for forwarded frames.
@@ -319,7 +318,6 @@ impl Node {
             progress: Mutex::new(Progress { committed: progress, applied: progress, poisoned: None }),
             progress_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
             admission: tally_net::Admission::new(tally_net::AdmissionLimits::CLIENT_PORT),
             keys: crate::s2_validate::KeyCache::default(),
             forwarder: crate::forward::Forwarder::new(relay_dial),

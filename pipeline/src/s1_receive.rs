@@ -52,15 +52,9 @@ pub fn listen(shared: Arc<Shared>, listener: TcpListener) {
         // The handshake pool cuts its oldest member when full; established connections are
         // judged once we know whether the peer is a replica of this cluster.
         let Ok(slot) = shared.admission.admit(&stream) else { continue };
-        shared.connections.fetch_add(1, Ordering::AcqRel);
         let s = shared.clone();
-        let spawned = std::thread::Builder::new().name("conn".into()).spawn(move || {
-            serve(&s, stream, &slot);
-            s.connections.fetch_sub(1, Ordering::AcqRel);
-        });
-        if spawned.is_err() {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-        }
+        // A thread that can't start drops its slot with the closure.
+        let _ = std::thread::Builder::new().name("conn".into()).spawn(move || serve(&s, stream, &slot));
     }
 }
 
