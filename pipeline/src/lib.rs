@@ -9,6 +9,7 @@
 //! Open the files in that order to follow a request. [`node::Node`] wires the stages together.
 #![forbid(unsafe_code)]
 
+pub mod failpoint;
 pub mod forward;
 pub mod node;
 pub mod s1_receive;

@@ -127,6 +127,7 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
         carry = rest;
         let groups = vec![groups];
         wait_for_room(&shared);
+        crate::failpoint::hit("sequencer");
         view.on_applied(shared.applied_height());
         let started = Instant::now();
         let batch = build_batch(&shared, &mut view, *term, tip, groups, env.wall_ms());

@@ -26,8 +26,14 @@ impl Daemon {
     /// Starts the process without waiting for it to know a leader (a cluster's first node
     /// cannot elect one alone).
     pub fn spawn(config: &Path, addr: &str, log: &Path) -> Daemon {
+        Daemon::spawn_env(config, addr, log, &[])
+    }
+
+    /// As [`Daemon::spawn`], with extra environment variables (failpoints).
+    pub fn spawn_env(config: &Path, addr: &str, log: &Path, env: &[(&str, &Path)]) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--config")
             .arg(config)
             .stdout(Stdio::null())
@@ -39,6 +45,13 @@ impl Daemon {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The exit status, if the process has ended (it is reaped then).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,54 @@
+//! Issue 8: a panic in one pipeline thread must end the whole replica, so a backup takes over.
+//! Before the fix, a leader whose sequencer died kept heartbeating and the cluster never
+//! committed again.
+
+mod common;
+
+use common::*;
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+#[test]
+fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
+    let (dir, layout) = init_cluster(3, 1);
+    let failpoints = dir.path().join("failpoints");
+    std::fs::create_dir_all(&failpoints).expect("mkdir");
+    let addrs = layout.client_addrs();
+    let mut nodes: Vec<Daemon> = (0..3)
+        .map(|i| {
+            Daemon::spawn_env(
+                &layout.config_paths[i],
+                &addrs[i],
+                &layout.dir.join(format!("node-{}.log", i + 1)),
+                &[("TALLY_FAILPOINT_DIR", &failpoints)],
+            )
+        })
+        .collect();
+    for d in &nodes {
+        d.wait_ready(Duration::from_secs(30));
+    }
+    let (li, before) = wait_leader(&nodes, Duration::from_secs(10));
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 8, 1);
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 16), "no commits before the fault");
+    // Arm the failpoint: the leader's sequencer panics at its next batch.
+    std::fs::write(failpoints.join("sequencer"), b"").expect("arm");
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = nodes[li].exited();
+            status.is_some()
+        }),
+        "the leader kept running with a dead sequencer"
+    );
+    let status = status.expect("exited");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "the replica aborted: {status:?}");
+    assert!(nodes[li].log_text().contains("failpoint sequencer fired"), "the panic is in the log");
+    let rest: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != li).map(|(_, d)| d).collect();
+    let (_, after) = wait_leader(&rest, Duration::from_secs(10));
+    assert_ne!(after.node_id, before.node_id, "a backup leads");
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 16), "no commits after the failover");
+    let acked = writer.finish();
+    let live: Vec<String> = rest.iter().map(|d| d.addr.clone()).collect();
+    assert_invariants(&live, &layout, &acked);
+}
