@@ -242,3 +242,57 @@ fn build_batch(
     metrics::histogram!("tally_batch_requests").record(requests.len() as f64);
     Some(PendingBatch { entry: BatchEntry { header, requests, outcomes, write_set }, header_hash, tree, ids, waiters })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::FrameReply;
+    use tally_codec::wire::{ServerMessage, SubmitReply};
+    use tally_codec::{ClusterId, DocKey, Operation, PublicKey, Request};
+
+    fn set(value_bytes: usize, nonce: u64) -> tally_codec::SignedRequest {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        Request {
+            cluster_id: ClusterId([1; 16]),
+            signer: PublicKey(key.verifying_key().to_bytes()),
+            nonce,
+            expires_at_ms: u64::MAX,
+            op: Operation::Set {
+                key: DocKey::parse("0d5d3807-5fbf-4228-a657-5a091c4e497f").expect("uuid"),
+                value: vec![b'1'; value_bytes],
+            },
+        }
+        .sign(&key)
+    }
+
+    /// Issue 6, attack 5: a batch is closed by bytes; what does not fit waits for the next one,
+    /// and only a request that alone is over the bound is refused, with its real cause.
+    #[test]
+    fn batches_are_bounded_in_bytes_and_only_an_oversized_request_is_refused() {
+        let (tx, rx) = crossbeam::channel::bounded(4);
+        let reqs = [set(1_000, 1), set(1_000, 2), set(10_000, 3), set(1_000, 4)];
+        let frame = FrameReply::new(9, reqs.len(), tx);
+        let subs: Vec<Submission> = reqs
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| Submission {
+                req: crate::s2_validate::Validated { request: r.clone(), id: r.id() },
+                waiter: Waiter { frame: frame.clone(), slot },
+            })
+            .collect();
+        let one = entry_bytes_estimate(&reqs[0]);
+        assert!(one > 2_000 && one < 2_600, "a 1 KB SET counts its body twice (request and write set): {one}");
+        let (now, later) = split_by_bytes(subs, 2 * one + 10);
+        assert_eq!(now.len(), 2, "two fit");
+        assert_eq!(later.len(), 1, "the last waits for the next batch");
+        assert_eq!(later[0].waiter.slot, 3);
+        // The 10 KB one was refused alone; the others are still waiting for their batch.
+        assert!(rx.try_recv().is_err(), "the frame is answered once every request is");
+        for s in now.into_iter().chain(later) {
+            s.waiter.refuse(ErrorCode::Retry);
+        }
+        let Ok(env) = rx.try_recv() else { panic!("no reply") };
+        let ServerMessage::Submitted(replies) = env.msg else { panic!("unexpected {:?}", env.msg) };
+        assert!(matches!(&replies[2], SubmitReply::Refused(e) if e.code == ErrorCode::ProposalTooLarge));
+    }
+}
