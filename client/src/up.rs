@@ -222,6 +222,43 @@ pub fn demo(layout: &ClusterLayout) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// How to run this very `tally` again (it may not be on PATH).
+fn this_exe() -> String {
+    std::env::current_exe().map_or_else(|_| "tally".to_string(), |p| p.display().to_string())
+}
+
+/// Waits until every node answers a Status; names the first that exited or never answered.
+fn wait_all_answer(layout: &ClusterLayout, children: &mut Children, wait: Duration) -> Result<(), ClientError> {
+    let deadline = Instant::now() + wait;
+    let dial = layout.dial()?;
+    loop {
+        if let Some((node, status)) = children.exited().into_iter().next() {
+            return Err(ClientError::Unavailable {
+                what: "start",
+                detail: format!("node {node} exited ({status}); its log ends with:\n{}", log_tail(&layout.dir, node)),
+            });
+        }
+        let silent: Vec<u64> = layout
+            .configs
+            .iter()
+            .filter(|c| {
+                Connection::connect_with(&c.listen, &dial, Duration::from_millis(500))
+                    .and_then(|conn| conn.call_timeout(ClientMessage::Status, Duration::from_secs(1)))
+                    .is_err()
+            })
+            .map(|c| c.node_id)
+            .collect();
+        let Some(&node) = silent.first() else { return Ok(()) };
+        if Instant::now() > deadline {
+            return Err(ClientError::Unavailable {
+                what: "start",
+                detail: format!("node {node} does not answer; its log ends with:\n{}", log_tail(&layout.dir, node)),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `tally up`.
 ///
 /// # Errors
@@ -240,6 +277,12 @@ pub fn run_up(opts: &UpOptions) -> Result<(), ClientError> {
     let tallyd = find_tallyd();
     let mut children = start_nodes(&layout, &tallyd)?;
     let (leader, term) = wait_for_leader(&layout, &mut children, Duration::from_millis(LEADER_WAIT_MS))?;
+    // Every replica must be up, not just a majority: a node that failed to start (a port in
+    // use) is reported, and the cluster is stopped.
+    if let Err(e) = wait_all_answer(&layout, &mut children, Duration::from_millis(LEADER_WAIT_MS)) {
+        children.stop();
+        return Err(e);
+    }
     println!("tally cluster is up (leader: node {leader}, term {term})");
     println!("Endpoints:");
     for cfg in &layout.configs {
@@ -255,7 +298,7 @@ pub fn run_up(opts: &UpOptions) -> Result<(), ClientError> {
     println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
     if let Some(k) = layout.account_keys.first() {
         println!("Funded key: {}", k.display());
-        println!("  try: tally --cluster-dir {} --key {} repl", layout.dir.display(), k.display());
+        println!("  try: {} --cluster-dir {} --key {} repl", this_exe(), layout.dir.display(), k.display());
     }
     demo(&layout)?;
     if opts.no_wait {

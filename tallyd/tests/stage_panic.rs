@@ -42,7 +42,9 @@ fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
     );
     let status = status.expect("exited");
     assert_eq!(status.signal(), Some(libc::SIGABRT), "the replica aborted: {status:?}");
-    assert!(nodes[li].log_text().contains("failpoint sequencer fired"), "the panic is in the log");
+    let log = nodes[li].log_text();
+    assert!(log.contains("failpoint sequencer fired"), "the panic is in the log");
+    assert!(!log.contains('\x1b'), "a log written to a file has no ANSI colour codes");
     let rest: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != li).map(|(_, d)| d).collect();
     let (_, after) = wait_leader(&rest, Duration::from_secs(10));
     assert_ne!(after.node_id, before.node_id, "a backup leads");
