@@ -18,6 +18,8 @@
 //! TALLY_FUZZ_WRITE_SEEDS=fuzz/seeds  write starting corpora for the cargo-fuzz targets instead
 //! cargo test -p tally-failover --test fuzz_smoke -- --nocapture
 //! ```
+// raft-rs's protobuf messages are built field by field after `default()`, as in the crate itself.
+#![allow(clippy::field_reassign_with_default)]
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 #[path = "../../codec/tests/mutate/mod.rs"]
