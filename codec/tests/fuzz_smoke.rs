@@ -3,9 +3,12 @@
 //! It is not coverage guided (that is what the cargo-fuzz targets in `fuzz/` are for, on
 //! nightly). It feeds pseudo-random bytes and mutations of valid encodings (bit flips,
 //! truncations, insertions, splices, appended bytes, tampered length fields) from one seeded RNG
-//! into `wire::decode_client`, `wire::decode_server`, `SignedRequest::decode` and
-//! `wire::read_frame`. Any panic fails the test; so does a successful decode whose re-encoding
-//! is not the input (the encoding must be canonical), and a valid encoding that fails to decode.
+//! into `wire::decode_client`, `wire::decode_server`, `SignedRequest::decode`,
+//! `wire::read_frame`, the Raft entry payload (`BatchEntry` decode, then `check()`) and receipts
+//! (`Receipt` decode, then `verify()`). Any panic fails the test; so does a successful decode
+//! whose re-encoding is not the input (the encoding must be canonical), a valid encoding that
+//! fails to decode, and a valid signed receipt that fails to verify. The RNG and mutations are in
+//! `mutate/`, shared with the smoke fuzzers of `failover` and `client`.
 //!
 //! ```text
 //! TALLY_FUZZ_ITERS  iterations (default 200_000)     TALLY_FUZZ_SECS  time bound (default 10)
@@ -14,125 +17,18 @@
 //! ```
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
+mod mutate;
+
+use ed25519_dalek::SigningKey;
+use mutate::{batch_entry, env_or, error_code, input, receipt, request, Rng};
 use std::io::Cursor;
 use std::time::{Duration, Instant};
+use tally_codec::merkle::{leaf_hash, Tree};
 use tally_codec::wire::{self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, SubmitReply};
-use tally_codec::{
-    encode, limits, BatchHeader, ClusterId, Digest, DocKey, ErrorCode, Operation, Outcome, PublicKey, Receipt, Request,
-    RequestId, Signature, SignedRequest,
-};
-
-/// SplitMix64: tiny, seedable, good enough to drive mutations. One seed replays one run.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform-ish in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        assert!(n > 0, "below(0)");
-        (self.next_u64() % n as u64) as usize
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        for b in &mut out {
-            *b = self.next_u64() as u8;
-        }
-        out
-    }
-    fn vec(&mut self, len_max: usize) -> Vec<u8> {
-        let len = self.below(len_max + 1);
-        (0..len).map(|_| self.next_u64() as u8).collect()
-    }
-    /// Mostly small numbers, sometimes extremes: the values decoders branch on.
-    fn interesting_u64(&mut self) -> u64 {
-        match self.below(4) {
-            0 => self.below(4) as u64,
-            1 => u64::MAX - self.below(2) as u64,
-            _ => self.next_u64(),
-        }
-    }
-    fn text(&mut self) -> String {
-        const PIECES: &[&str] = &["127.0.0.1:7000", "a", "", "é", "日本", "🦀", "\u{0}", "leader"];
-        (0..self.below(4)).map(|_| PIECES[self.below(PIECES.len())]).collect()
-    }
-}
+use tally_codec::{encode, limits, BatchEntry, ClusterId, DocKey, PublicKey, Receipt, RequestId, SignedRequest};
 
 // ---------------------------------------------------------------------------------------------
 // Valid values.
-
-fn error_code(rng: &mut Rng) -> ErrorCode {
-    const CODES: &[ErrorCode] = &[
-        ErrorCode::Malformed,
-        ErrorCode::BadSignature,
-        ErrorCode::InsufficientFunds,
-        ErrorCode::NotLeader,
-        ErrorCode::Retry,
-        ErrorCode::Internal,
-    ];
-    CODES[rng.below(CODES.len())]
-}
-
-fn request(rng: &mut Rng) -> SignedRequest {
-    let op = match rng.below(3) {
-        0 => Operation::Set { key: DocKey::from_random(rng.bytes()), value: rng.vec(96) },
-        1 => Operation::Delete { key: DocKey(rng.bytes()) },
-        _ => Operation::Transfer { to: PublicKey(rng.bytes()), amount: rng.interesting_u64() },
-    };
-    SignedRequest {
-        request: Request {
-            cluster_id: ClusterId(rng.bytes()),
-            signer: PublicKey(rng.bytes()),
-            nonce: rng.interesting_u64(),
-            expires_at_ms: rng.interesting_u64(),
-            op,
-        },
-        signature: Signature(rng.bytes()),
-    }
-}
-
-fn outcome(rng: &mut Rng) -> Outcome {
-    match rng.below(5) {
-        0 => Outcome::DocCreated { revision: rng.interesting_u64() },
-        1 => Outcome::DocUpdated { revision: rng.interesting_u64() },
-        2 => Outcome::DocDeleted,
-        3 => Outcome::Transferred { sender_balance: rng.interesting_u64() },
-        _ => Outcome::Rejected(error_code(rng)),
-    }
-}
-
-fn header(rng: &mut Rng) -> BatchHeader {
-    BatchHeader {
-        cluster_id: ClusterId(rng.bytes()),
-        height: rng.interesting_u64(),
-        prev_hash: Digest(rng.bytes()),
-        merkle_root: Digest(rng.bytes()),
-        leaf_count: rng.interesting_u64() as u32,
-        write_set_digest: Digest(rng.bytes()),
-        state_digest: Digest(rng.bytes()),
-        term: rng.interesting_u64(),
-        time_ms: rng.interesting_u64(),
-    }
-}
-
-fn receipt(rng: &mut Rng) -> Receipt {
-    Receipt {
-        request: request(rng),
-        outcome: outcome(rng),
-        leaf_index: rng.interesting_u64() as u32,
-        proof: (0..rng.below(6)).map(|_| Digest(rng.bytes())).collect(),
-        header: header(rng),
-        signature: Signature(rng.bytes()),
-    }
-}
 
 fn wire_error(rng: &mut Rng) -> wire::WireError {
     let mut e = wire::WireError::from_code(error_code(rng));
@@ -215,90 +111,34 @@ fn server_envelope(rng: &mut Rng) -> Envelope<ServerMessage> {
     Envelope { id: rng.interesting_u64(), msg }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Mutations.
-
-/// Offsets of 4-byte windows that could be borsh length prefixes: their little-endian value fits
-/// in the bytes after them. Real length fields are always among them.
-fn length_candidates(bytes: &[u8]) -> Vec<usize> {
-    (0..bytes.len().saturating_sub(3))
-        .filter(|&i| {
-            let v = u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
-            v <= bytes.len() - i - 4
-        })
-        .collect()
+/// The operator key `signed_receipt` signs with.
+fn operator_key() -> SigningKey {
+    SigningKey::from_bytes(&[1; 32])
 }
 
-fn tamper_length(rng: &mut Rng, bytes: &mut [u8]) {
-    let candidates = length_candidates(bytes);
-    if candidates.is_empty() {
-        return;
-    }
-    let at = candidates[rng.below(candidates.len())];
-    let old = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    let new = match rng.below(9) {
-        0 => old.wrapping_add(1),
-        1 => old.wrapping_sub(1),
-        2 => 0,
-        3 => old.wrapping_mul(2),
-        4 => u32::MAX,
-        5 => 0x8000_0000,
-        6 => (limits::FRAME_REQUESTS_MAX + 1) as u32,
-        7 => limits::FRAME_BYTES_MAX as u32 + 1,
-        _ => rng.next_u64() as u32,
-    };
-    bytes[at..at + 4].copy_from_slice(&new.to_le_bytes());
+fn operator_public() -> PublicKey {
+    PublicKey(operator_key().verifying_key().to_bytes())
 }
 
-/// One input: random bytes, or a valid encoding (from `valid`) mutated zero or more times.
-/// Returns the bytes and whether they are exactly a valid encoding.
-fn input(rng: &mut Rng, valid: &mut dyn FnMut(&mut Rng) -> Vec<u8>) -> (Vec<u8>, bool) {
-    if rng.chance(8) {
-        return (rng.vec(1024), false);
-    }
-    let mut bytes = valid(rng);
-    if rng.chance(8) {
-        return (bytes, true);
-    }
-    for _ in 0..1 + rng.below(3) {
-        match rng.below(7) {
-            0 => {
-                for _ in 0..1 + rng.below(4) {
-                    if !bytes.is_empty() {
-                        let i = rng.below(bytes.len());
-                        bytes[i] ^= 1 << rng.below(8);
-                    }
-                }
-            }
-            1 => {
-                let cut = rng.below(bytes.len() + 1);
-                bytes.truncate(cut);
-            }
-            2 => tamper_length(rng, &mut bytes),
-            3 => {
-                let at = rng.below(bytes.len() + 1);
-                let extra = rng.vec(8);
-                bytes.splice(at..at, extra);
-            }
-            4 => {
-                if !bytes.is_empty() {
-                    let at = rng.below(bytes.len());
-                    let n = 1 + rng.below((bytes.len() - at).min(16));
-                    bytes.drain(at..at + n);
-                }
-            }
-            5 => {
-                // Splice: head of this one, tail of another valid encoding.
-                let other = valid(rng);
-                let cut = rng.below(bytes.len() + 1);
-                let from = rng.below(other.len() + 1);
-                bytes.truncate(cut);
-                bytes.extend_from_slice(&other[from..]);
-            }
-            _ => bytes.push(rng.next_u64() as u8),
-        }
-    }
-    (bytes, false)
+/// A receipt that verifies against [`operator_public`]: a signed request, a Merkle proof into a
+/// small batch, and the operator's header signature.
+fn signed_receipt(rng: &mut Rng) -> Receipt {
+    let user = SigningKey::from_bytes(&rng.bytes());
+    let mut request = request(rng);
+    request.request.signer = PublicKey(user.verifying_key().to_bytes());
+    let request = request.request.sign(&user);
+    let n = 1 + rng.below(5);
+    let at = rng.below(n);
+    let outcome = mutate::outcome(rng);
+    let leaves: Vec<[u8; 32]> =
+        (0..n).map(|i| if i == at { leaf_hash(&request.id(), &outcome) } else { rng.bytes() }).collect();
+    let tree = Tree::from_leaves(&leaves);
+    let mut header = mutate::header(rng);
+    header.cluster_id = request.request.cluster_id;
+    header.merkle_root = tree.root();
+    header.leaf_count = n as u32;
+    let signature = header.sign(&operator_key());
+    Receipt { request, outcome, leaf_index: at as u32, proof: tree.proof(at), header, signature }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -341,10 +181,6 @@ fn target_frames(stream: &[u8], frame_bytes_max: usize) {
     }
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 #[test]
 fn fuzz_smoke() {
     let iters_max: u64 = env_or("TALLY_FUZZ_ITERS", 200_000);
@@ -361,7 +197,7 @@ fn fuzz_smoke() {
         // Check the clock only every so often; the loop body is microseconds.
         for _ in 0..64.min(iters_max - iters) {
             iters += 1;
-            match rng.below(5) {
+            match rng.below(7) {
                 0 => {
                     let (bytes, valid) = input(&mut rng, &mut |r| encode(&client_envelope(r)));
                     let r = wire::decode_client(&bytes);
@@ -379,6 +215,30 @@ fn fuzz_smoke() {
                     let r = SignedRequest::decode(&bytes);
                     accepted += u64::from(r.is_ok());
                     check_decoded("SignedRequest::decode", &bytes, valid, r);
+                }
+                3 => {
+                    // A Raft entry payload, as a follower decodes and checks it (stage 6).
+                    let (bytes, valid) = input(&mut rng, &mut |r| {
+                        let consistent = !r.chance(4);
+                        encode(&batch_entry(r, consistent))
+                    });
+                    let r = tally_codec::decode::<BatchEntry>(&bytes, limits::ENTRY_BYTES_MAX);
+                    if let Ok(entry) = &r {
+                        let _ = entry.check();
+                    }
+                    accepted += u64::from(r.is_ok());
+                    check_decoded("BatchEntry decode", &bytes, valid, r);
+                }
+                4 => {
+                    // A receipt, as a client decodes and verifies it (node reply or receipt file).
+                    let (bytes, valid) = input(&mut rng, &mut |r| encode(&signed_receipt(r)));
+                    let r = tally_codec::decode::<Receipt>(&bytes, limits::FRAME_BYTES_MAX);
+                    if let Ok(receipt) = &r {
+                        let verified = receipt.verify(&operator_public());
+                        assert!(!valid || verified.is_ok(), "a valid receipt failed to verify: {verified:?}");
+                    }
+                    accepted += u64::from(r.is_ok());
+                    check_decoded("Receipt decode", &bytes, valid, r);
                 }
                 _ => {
                     // A stream of a few frames, mutated as a whole (length prefixes included).
