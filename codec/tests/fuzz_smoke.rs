@@ -137,6 +137,8 @@ fn signed_receipt(rng: &mut Rng) -> Receipt {
     header.cluster_id = request.request.cluster_id;
     header.merkle_root = tree.root();
     header.leaf_count = n as u32;
+    // An honest operator never signs a request that expired before its batch.
+    header.time_ms = header.time_ms.min(request.request.expires_at_ms);
     let signature = header.sign(&operator_key());
     Receipt { request, outcome, leaf_index: at as u32, proof: tree.proof(at), header, signature }
 }
