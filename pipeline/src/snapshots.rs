@@ -64,7 +64,9 @@ impl SnapshotSink for PipelineSnapshots {
         if snap.applied.index == 0 {
             return Err("snapshot at index 0".into());
         }
-        let _ = shared;
+        if snap.pairs.iter().any(|(k, _)| k.starts_with(&shared.tables.meta.0)) {
+            return Err("snapshot carries the store's own metadata".into());
+        }
         Ok(())
     }
 

@@ -427,10 +427,22 @@ impl<K: Kv> Store<K> {
     /// # Errors
     /// Backend errors; [`StoreError::InvalidArgument`] for a snapshot behind this store.
     pub fn install_snapshot(&mut self, snap: &StateSnapshot) -> Result<(), StoreError> {
+        fn hex_prefix(k: &[u8]) -> String {
+            k.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        }
         if snap.applied.index <= self.applied.index {
             return Err(StoreError::InvalidArgument(format!(
                 "snapshot at index {} is not ahead of the store at {}",
                 snap.applied.index, self.applied.index
+            )));
+        }
+        // Judged before anything is deleted: a snapshot that would overwrite the store's own
+        // metadata is refused whole, and the current state stays.
+        let meta_prefix = self.tables.meta.0;
+        if let Some((k, _)) = snap.pairs.iter().find(|(k, _)| k.starts_with(&meta_prefix)) {
+            return Err(StoreError::InvalidArgument(format!(
+                "snapshot carries a store metadata key ({}); refused",
+                hex_prefix(k)
             )));
         }
         let installing = self.tables.meta(META_INSTALLING).into_bytes();
@@ -796,5 +808,21 @@ mod tests {
         // A snapshot that is not ahead is refused.
         let mut again = reopened;
         assert!(again.install_snapshot(&snap).is_err());
+    }
+
+    /// A forged snapshot that would overwrite the store's own metadata is refused before anything
+    /// is deleted (it used to trip an assert after the old state was gone).
+    #[test]
+    fn a_snapshot_with_store_metadata_is_refused_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut source = Store::open(&dir.path().join("a")).expect("open a");
+        let _ = scenario(&mut source);
+        let mut snap = source.export_snapshot().expect("export");
+        snap.pairs.push((source.tables().meta.0.to_vec(), vec![1]));
+        let mut target = Store::open(&dir.path().join("b")).expect("open b");
+        target.init_genesis(&[(pk(&key(9)), 1)]).expect("genesis");
+        let e = target.install_snapshot(&snap).expect_err("refused");
+        assert!(e.to_string().contains("metadata"), "{e}");
+        assert_eq!(target.balance(&pk(&key(9))).expect("read"), Some(1), "the current state stays");
     }
 }
