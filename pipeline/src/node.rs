@@ -40,8 +40,6 @@ pub struct NodeOptions {
     pub batch_interval_ms: u64,
     pub batch_requests_max: usize,
     pub listen: String,
-    /// Voters at cluster creation (for status and warnings).
-    pub replicas_configured: u32,
     /// How often the store is fsynced so the log can be compacted behind it.
     pub store_sync_interval_ms: u64,
     /// A batch closes before its entry would pass this many bytes.

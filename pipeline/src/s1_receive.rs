@@ -567,7 +567,9 @@ pub fn status(shared: &Shared) -> StatusInfo {
         term: role.term,
         committed_height: committed.height,
         applied_height: shared.applied_height(),
-        replicas_configured: shared.opts.replicas_configured,
+        // The voters now (membership changes), never fewer than the replicas configured at
+        // creation while this replica doesn't know the configuration yet.
+        replicas_configured: u32::try_from(r.voters()).unwrap_or(u32::MAX).max(1),
         members: members
             .into_iter()
             .map(|m| MemberInfo {

@@ -257,7 +257,6 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         client_tls,
         relay_dial,
         admin_keys: admin_keys(&cfg)?,
-        replicas_configured: u32::try_from(cfg.peers.len().max(1)).unwrap_or(u32::MAX),
     };
     let node_id = cfg.node_id;
     let client_addr = cfg.listen.clone();

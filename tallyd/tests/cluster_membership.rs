@@ -179,6 +179,7 @@ fn add_a_fourth_node_then_remove_node_1() {
     nodes[3].wait_ready(Duration::from_secs(10));
     let s4 = status_of(&cfg.listen).expect("node 4 status");
     assert_eq!(voters(&s4), [1, 2, 3, 4], "node 4 knows itself a voter");
+    assert_eq!(s4.replicas_configured, 4, "status counts the voters now, not those at creation");
     let n = writer.acked_len();
     if !wait_until(Duration::from_secs(5), || writer.acked_len() > n) {
         dump_logs(&nodes);
