@@ -207,7 +207,16 @@ pub struct BenchArgs {
 /// # Errors
 /// Any [`ClientError`]; `main` prints it as `Error: ...` and exits 1.
 pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    let addrs = Target::resolve(&cli)?;
+    // Offline commands need no address, CA or key: a stale TALLY_CA must not break them.
+    let offline = matches!(
+        cli.command,
+        Cmd::Keygen { .. }
+            | Cmd::Verify { .. }
+            | Cmd::Up { .. }
+            | Cmd::Chaos { .. }
+            | Cmd::Cluster { command: ClusterCmd::Init { .. } }
+    );
+    let addrs = if offline { Target::offline() } else { Target::resolve(&cli)? };
     let key_path = cli.key.as_deref();
     match cli.command {
         Cmd::Keygen { out } => {
@@ -330,6 +339,11 @@ impl Target {
         };
         let admin_key = cli.admin_key.clone().or_else(|| dir.as_ref().map(|d| d.join(cluster::ADMIN_KEY_FILE)));
         Ok(Target { addrs, dial, admin_key, cluster_dir: dir })
+    }
+
+    /// For commands that talk to no node.
+    pub fn offline() -> Target {
+        Target { addrs: Vec::new(), dial: tally_net::Dial::Plain, admin_key: None, cluster_dir: None }
     }
 
     pub fn options(&self) -> ClientOptions {
@@ -576,6 +590,30 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Found by CI: a stale `TALLY_CA` (another cluster's, since deleted) broke the offline
+    /// `tally verify`.
+    #[test]
+    fn offline_commands_ignore_the_connection_settings() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let missing = dir.path().join("no-such-ca.pem");
+        let receipt = dir.path().join("no-such-receipt.json");
+        let cli = Cli::try_parse_from([
+            "tally",
+            "--ca",
+            missing.to_str().expect("utf8"),
+            "verify",
+            receipt.to_str().expect("utf8"),
+            "--operator-key",
+            &"ab".repeat(32),
+        ])
+        .expect("parse");
+        let e = run(cli).expect_err("no receipt file");
+        assert!(e.to_string().contains("no-such-receipt"), "fails on the receipt, not the CA: {e}");
+        let cli = Cli::try_parse_from(["tally", "--ca", missing.to_str().expect("utf8"), "status"]).expect("parse");
+        let e = run(cli).expect_err("no CA");
+        assert!(e.to_string().contains("no-such-ca"), "{e}");
     }
 
     #[test]

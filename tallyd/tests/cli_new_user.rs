@@ -15,13 +15,16 @@ fn tally_bin() -> PathBuf {
     p
 }
 
-/// The cluster CA of the new user's cluster, once `cluster init` wrote it.
-static CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-
 fn tally(args: &[&str]) -> Output {
+    tally_with_ca(args, None)
+}
+
+/// `tally` with `TALLY_CA` set for this one run (tests of this binary run in parallel, each with
+/// its own cluster and CA).
+fn tally_with_ca(args: &[&str], ca: Option<&Path>) -> Output {
     let mut c = Command::new(tally_bin());
     c.args(args).env_remove("TALLY_ADDR").env_remove("TALLY_KEY").env_remove("TALLY_CA");
-    if let Some(ca) = CA.get() {
+    if let Some(ca) = ca {
         c.env("TALLY_CA", ca);
     }
     c.output().expect("run tally")
@@ -58,7 +61,8 @@ fn new_user_flow_through_the_cli() {
     }
     let cfg: tally_codec::config::NodeConfig =
         toml::from_str(&std::fs::read_to_string(d.join("node-1.toml")).expect("toml")).expect("config parses");
-    let _ = CA.set(d.join("ca.pem"));
+    let ca = d.join("ca.pem");
+    let tally = |args: &[&str]| tally_with_ca(args, Some(&ca));
     register_dial(&cfg.listen, tally_net::Dial::cluster(&d.join("ca.pem")).expect("CA"));
     let _node = Daemon::start(&d.join("node-1.toml"), &cfg.listen, &d.join("node-1.log"));
     let addr = cfg.listen.as_str();
