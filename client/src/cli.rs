@@ -326,7 +326,7 @@ impl Target {
         let dial = match &ca {
             Some(ca) => tally_net::Dial::cluster(ca).map_err(|e| ClientError::Invalid(format!("cluster CA: {e}")))?,
             None => {
-                let loopback = addrs.iter().all(|a| is_loopback(a));
+                let loopback = addrs.iter().all(|a| tally_net::tls::is_loopback(a));
                 if !loopback && !cli.insecure_plaintext {
                     return Err(ClientError::Invalid(
                         "no cluster CA: give --ca FILE or --cluster-dir DIR (TALLY_CA / TALLY_CLUSTER_DIR); \
@@ -358,11 +358,6 @@ impl Target {
         })?;
         load_key(path)
     }
-}
-
-fn is_loopback(addr: &str) -> bool {
-    let host = tally_net::tls::host_of(addr);
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Client addresses of the `node-*.toml` files of a cluster directory.

@@ -267,6 +267,13 @@ impl Dial {
     }
 }
 
+/// Whether `addr` (`HOST:PORT`) is a loopback address: the only place plaintext is allowed
+/// without an explicit opt-in (the single-replica quick start).
+pub fn is_loopback(addr: &str) -> bool {
+    let host = host_of(addr);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[allow(clippy::large_enum_variant)] // one per connection, behind an Arc
 enum Inner {
     Plain(TcpStream),
@@ -448,13 +455,18 @@ impl Read for &Stream {
                 Some(true) => self.flush_tls()?,
                 Some(false) => {}
                 None => {
-                    let mut raw = vec![0u8; TLS_READ_CHUNK_BYTES];
-                    let n = (&*sock).read(&mut raw)?;
-                    if n == 0 {
+                    // Only this reader touches `incoming`, so it may hold it across the read; the
+                    // buffer's capacity is reused from read to read.
+                    let mut pending = incoming.lock();
+                    let have = pending.len();
+                    pending.resize(have + TLS_READ_CHUNK_BYTES, 0);
+                    let read = (&*sock).read(&mut pending[have..]);
+                    pending.truncate(have + *read.as_ref().unwrap_or(&0));
+                    if read? == 0 {
                         eof = true;
+                        drop(pending);
                         let _ = conn.lock().read_tls(&mut &[][..]);
                     }
-                    incoming.lock().extend_from_slice(&raw[..n]);
                 }
             }
         }
@@ -674,6 +686,8 @@ mod tests {
 
     #[test]
     fn host_of_strips_port_and_brackets() {
+        assert!(is_loopback("127.0.0.1:7001") && is_loopback("[::1]:1") && is_loopback("localhost:1"));
+        assert!(!is_loopback("10.0.0.1:7001") && !is_loopback("node1:7001"));
         assert_eq!(host_of("127.0.0.1:7001"), "127.0.0.1");
         assert_eq!(host_of("[::1]:7001"), "::1");
         assert_eq!(host_of("node1:7001"), "node1");

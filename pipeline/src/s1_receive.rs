@@ -234,9 +234,14 @@ impl PacedFrames {
             let step = if self.header_got < 4 {
                 r.read(&mut self.header[self.header_got..])
             } else {
-                let want = (self.body_len - self.body.len()).min(64 * 1024);
-                let mut chunk = [0u8; 64 * 1024];
-                r.read(&mut chunk[..want]).inspect(|&n| self.body.extend_from_slice(&chunk[..n]))
+                // Grow as bytes arrive (at most 64 KiB a step): a 4-byte header must not reserve
+                // 16 MiB up front.
+                let have = self.body.len();
+                let want = (self.body_len - have).min(64 * 1024);
+                self.body.resize(have + want, 0);
+                let read = r.read(&mut self.body[have..]);
+                self.body.truncate(have + *read.as_ref().unwrap_or(&0));
+                read
             };
             match step {
                 Ok(0) if self.header_got == 0 => return Ok(None),

@@ -123,14 +123,13 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
                 Err(_) => break,
             }
         }
-        let (groups, rest) = split_by_bytes(groups.into_iter().flatten().collect(), bytes_max);
+        let (subs, rest) = split_by_bytes(groups.into_iter().flatten().collect(), bytes_max);
         carry = rest;
-        let groups = vec![groups];
         wait_for_room(&shared);
         crate::failpoint::hit("sequencer");
         view.on_applied(shared.applied_height());
         let started = Instant::now();
-        let batch = build_batch(&shared, &mut view, *term, tip, groups, env.wall_ms());
+        let batch = build_batch(&shared, &mut view, *term, tip, subs, env.wall_ms());
         metrics::histogram!("tally_stage4_sequence_ms").record(started.elapsed().as_secs_f64() * 1e3);
         if let Some(batch) = batch {
             if let Err(e) = s5_commit::propose(&shared, *term, batch) {
@@ -185,10 +184,9 @@ fn build_batch(
     view: &mut View,
     term: u64,
     tip: &mut Tip,
-    groups: Vec<Vec<Submission>>,
+    subs: Vec<Submission>,
     wall_ms: u64,
 ) -> Option<PendingBatch> {
-    let subs: Vec<Submission> = groups.into_iter().flatten().collect();
     let subs = crate::s3_optimistic::filter(shared, view, subs);
     // A duplicate inside the batch waits on the first copy's leaf.
     let mut in_batch: HashMap<RequestId, usize> = HashMap::new();

@@ -67,7 +67,7 @@ fn main() {
         _ => Err("give --config FILE, or --data-dir DIR --listen HOST:PORT".to_string()),
     };
     let cfg = cfg.and_then(|c| {
-        if args.config.is_none() && !setup::is_loopback(&c.listen) && !args.insecure_plaintext {
+        if args.config.is_none() && !tally_net::tls::is_loopback(&c.listen) && !args.insecure_plaintext {
             return Err(format!(
                 "--listen {} is not a loopback address: the quick start serves plaintext only on loopback; \
                  use tally cluster init (TLS) and --config, or pass --insecure-plaintext",

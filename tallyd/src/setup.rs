@@ -93,12 +93,6 @@ pub fn single_replica_config(
     })
 }
 
-/// Whether `addr` is a loopback address (the only place the quick start serves plaintext).
-pub fn is_loopback(addr: &str) -> bool {
-    let host = tally_net::tls::host_of(addr);
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
 /// The node's TLS files, all three or none.
 ///
 /// # Errors
@@ -237,7 +231,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         ),
         None => {
             let solo = cfg.peers.iter().all(|p| p.node_id == cfg.node_id);
-            if solo && is_loopback(&cfg.listen) {
+            if solo && tally_net::tls::is_loopback(&cfg.listen) {
                 tracing::warn!(listen = %cfg.listen, "plaintext client port (quick-start mode: one replica on loopback)");
             } else {
                 tracing::warn!(listen = %cfg.listen, peer_listen = %cfg.peer_listen, "INSECURE: plaintext on every port (insecure_plaintext = true): anyone who reaches the peer port is a replica");
