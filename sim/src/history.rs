@@ -1,0 +1,115 @@
+//! What a simulated run leaves behind for the checkers: the clients' history (invoke, then
+//! response, refusal or nothing) and each replica's committed history and state.
+
+use tally_codec::{BatchHeader, DocKey, ErrorCode, Outcome, PublicKey, Receipt, RequestId, Signature};
+
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpKind {
+    Transfer { id: RequestId, from: PublicKey, to: PublicKey, amount: u64 },
+    /// `body` is a short value; the document's body digest is derived from it.
+    Set { id: RequestId, key: DocKey, body: Vec<u8> },
+    Delete { id: RequestId, key: DocKey },
+    /// A linearizable read from the leader.
+    Get { key: DocKey },
+}
+
+impl OpKind {
+    pub fn id(&self) -> Option<RequestId> {
+        match self {
+            OpKind::Transfer { id, .. } | OpKind::Set { id, .. } | OpKind::Delete { id, .. } => Some(*id),
+            OpKind::Get { .. } => None,
+        }
+    }
+    pub fn doc_key(&self) -> Option<DocKey> {
+        match self {
+            OpKind::Set { key, .. } | OpKind::Delete { key, .. } | OpKind::Get { key } => Some(*key),
+            OpKind::Transfer { .. } => None,
+        }
+    }
+}
+
+/// A document as a read saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocRead {
+    pub revision: u64,
+    pub body: Vec<u8>,
+}
+
+/// How an operation ended, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    /// No answer before the client gave up (or the run ended): it may or may not have happened.
+    Unknown,
+    /// Executed and committed: the signed receipt the client was given.
+    Committed(Box<Receipt>),
+    /// Refused without executing (not leader, expired, overloaded, …): it did not happen and
+    /// never will, because the client stops retrying those bytes only once they expired.
+    Refused(ErrorCode),
+    /// A read's answer: `None` when the document does not exist.
+    Read(Option<DocRead>),
+}
+
+/// One client operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub client: u64,
+    pub invoke_ms: u64,
+    /// When the response arrived; `None` with [`OpResult::Unknown`].
+    pub complete_ms: Option<u64>,
+    pub kind: OpKind,
+    pub result: OpResult,
+}
+
+/// Every operation of every client, in invoke order.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub ops: Vec<Op>,
+}
+
+/// A committed batch as a replica stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub header: BatchHeader,
+    pub signature: Signature,
+    pub request_ids: Vec<RequestId>,
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A replica's view at the end of the run.
+#[derive(Debug, Clone)]
+pub struct ReplicaFinal {
+    pub node_id: u64,
+    /// Every batch it holds, by height from 1, without gaps.
+    pub batches: Vec<StoredBatch>,
+    /// Height of its applied state and a digest of that state (every key and value).
+    pub applied_height: u64,
+    pub state_digest: tally_codec::Digest,
+    /// Every account balance in its state.
+    pub balances: Vec<(PublicKey, u64)>,
+}
+
+/// A signed header seen anywhere during the run (receipts, announcements, stored batches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenHeader {
+    pub header: BatchHeader,
+    pub signature: Signature,
+    /// Where it was seen, for the report.
+    pub source: String,
+}
+
+/// Everything the checkers need from one run.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub operator: PublicKey,
+    pub genesis_total: u128,
+    pub history: History,
+    pub replicas: Vec<ReplicaFinal>,
+    pub headers: Vec<SeenHeader>,
+    /// Simulated time when the faults were healed, the highest committed height then, and the
+    /// highest committed height at the end of the liveness phase (`None`: no leader at the end).
+    pub healed_at_ms: u64,
+    pub height_at_heal: u64,
+    pub height_at_end: Option<u64>,
+    pub first_commit_after_heal_ms: Option<u64>,
+}
