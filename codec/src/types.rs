@@ -73,6 +73,13 @@ impl Digest {
     pub const ZERO: Digest = Digest([0; 32]);
 }
 
+/// Zeros: the hash before the first header, the state digest before the first batch.
+impl Default for Digest {
+    fn default() -> Self {
+        Digest::ZERO
+    }
+}
+
 /// A document key: always a UUID version 4 (RFC 4122 variant).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, BorshSerialize, BorshDeserialize)]
 pub struct DocKey(pub [u8; 16]);

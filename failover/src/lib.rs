@@ -19,7 +19,7 @@
 //!   blobs. A new cluster's log starts with a snapshot marker at (1, 1) holding the initial
 //!   voters, so a node added later always starts from a snapshot.
 //! - [`snapshot`]: [`SnapshotSource`] / [`SnapshotSink`], state transfer with the pipeline.
-//! - [`lease`]: the leader lease (acks matched to send times).
+//! - the leader lease lives in `tally_core::lease` (acks matched to send times).
 //! - [`transport`], [`handshake`], [`frame`]: TCP peer links behind the [`Transport`] trait.
 //!
 //! The Raft log's entry encoding (see [`storage`]) differs from [`solo`]'s raw entries: a data
@@ -31,7 +31,7 @@
 pub mod env;
 pub mod frame;
 pub mod handshake;
-pub mod lease;
+
 pub mod node;
 mod raft_log_bridge;
 pub mod snapshot;

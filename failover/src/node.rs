@@ -24,7 +24,7 @@
 
 use crate::env::Env;
 use crate::handshake::Hello;
-use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
+use tally_core::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
 use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
 use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::transport::{TcpTransport, Transport};

@@ -20,6 +20,5 @@ pub mod s5_commit;
 pub mod s6_confirm;
 pub mod s7_signatures;
 pub mod snapshots;
-pub mod state;
 
 pub use node::{Node, NodeOptions};

@@ -9,7 +9,7 @@
 
 use crate::s5_commit::Pending;
 use crate::s6_confirm::{ChainHead, ToStore};
-use crate::state::SeenIds;
+use tally_core::state::SeenIds;
 use crossbeam::channel::{bounded, Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use parking_lot::{Condvar, Mutex};
@@ -254,7 +254,7 @@ impl StoreBacking<'_> {
     }
 }
 
-impl crate::state::Backing for StoreBacking<'_> {
+impl tally_core::state::Backing for StoreBacking<'_> {
     fn balance(&mut self, account: &PublicKey) -> Option<u64> {
         self.store().balance(account).expect("store reads succeed; a failing store poisons the node")
     }

@@ -9,7 +9,7 @@
 //! money); those are executed as `Rejected` outcomes and their ids are consumed.
 
 use crate::node::{Shared, Submission};
-use crate::state::{BatchWrites, View};
+use tally_core::state::{BatchWrites, View};
 use tally_codec::{ErrorCode, Operation};
 
 /// Filters the submissions of one batch. Duplicates *within* the batch are left for stage 4,

@@ -8,7 +8,7 @@
 
 use crate::node::{Shared, Submission, Waiter};
 use crate::s5_commit::{self, PendingBatch};
-use crate::state::{execute, BatchWrites, View};
+use tally_core::state::{execute, BatchWrites, View};
 use crossbeam::channel::RecvTimeoutError;
 use std::collections::HashMap;
 use std::sync::Arc;

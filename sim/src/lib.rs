@@ -5,3 +5,75 @@
 
 pub mod check;
 pub mod history;
+pub mod cluster;
+pub mod disk;
+
+pub use cluster::{RunOutput, RunStats, Sim, SimConfig};
+
+/// How long after healing the cluster must commit a new batch (I5), in simulated time.
+pub const LIVENESS_BOUND_MS: u64 = 5_000;
+
+/// The outcome of one seed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeedResult {
+    pub seed: u64,
+    pub stats: RunStats,
+    pub violations: Vec<check::Violation>,
+    pub acked_checked: u64,
+    pub keys_checked: u64,
+    pub linearizability_gave_up: u64,
+    /// A digest of the whole history and final state (hex): equal for equal seeds.
+    pub digest: String,
+    pub wall_ms: u64,
+}
+
+impl SeedResult {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Runs one seed and checks it. A replica that panics (a broken invariant asserted in the core)
+/// is a violation of its own.
+pub fn run_seed(cfg: SimConfig) -> SeedResult {
+    let started = std::time::Instant::now();
+    let seed = cfg.seed;
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Sim::new(cfg).run()));
+    let wall_ms = started.elapsed().as_millis() as u64;
+    match out {
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "a panic without a message".into());
+            SeedResult {
+                seed,
+                stats: RunStats::default(),
+                violations: vec![check::Violation { invariant: "assert", what: format!("a replica panicked: {what}") }],
+                acked_checked: 0,
+                keys_checked: 0,
+                linearizability_gave_up: 0,
+                digest: String::new(),
+                wall_ms,
+            }
+        }
+        Ok(out) => {
+            let verdicts = check::check_all(&out.record, LIVENESS_BOUND_MS);
+            let mut violations = verdicts.violations;
+            violations.extend(
+                out.bad_input_violations.into_iter().map(|what| check::Violation { invariant: "bad-input", what }),
+            );
+            SeedResult {
+                seed,
+                stats: out.stats,
+                violations,
+                acked_checked: verdicts.acked_checked,
+                keys_checked: verdicts.keys_checked,
+                linearizability_gave_up: verdicts.linearizability_gave_up,
+                digest: out.digest.iter().map(|b| format!("{b:02x}")).collect(),
+                wall_ms,
+            }
+        }
+    }
+}

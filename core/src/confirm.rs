@@ -1,0 +1,59 @@
+//! Stage 6: confirm. On every replica, for every committed batch, in log order: the chain and
+//! the state digest are checked (I2, I3) before the header is signed. A broken check is a broken
+//! invariant: the replica stops (panics; the shell turns that into the end of the process).
+
+use tally_codec::batch::next_state_digest;
+use tally_codec::{decode, limits, BatchEntry, ClusterId, Digest};
+
+/// The confirmed chain head, checked against every committed batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChainHead {
+    pub height: u64,
+    pub hash: Digest,
+    pub state_digest: Digest,
+}
+
+/// Whether `data` could be applied when it commits: a consistent batch of this cluster. Judged
+/// before a follower appends an entry, so nothing that can never apply reaches its log.
+///
+/// # Errors
+/// What is wrong with the entry.
+pub fn check_batch_entry(data: &[u8], cluster_id: &ClusterId) -> Result<(), String> {
+    let entry: BatchEntry =
+        decode(data, limits::ENTRY_BYTES_MAX).map_err(|e| format!("not a batch entry: {e}"))?;
+    if entry.header.cluster_id != *cluster_id {
+        return Err(format!("a batch of cluster {}, not this one", entry.header.cluster_id.to_hex()));
+    }
+    if entry.header.height == 0 {
+        return Err("a batch at height 0".into());
+    }
+    entry.check().map_err(|e| format!("inconsistent batch at height {}: {e}", entry.header.height))
+}
+
+/// Checks that committed `entry` follows `head` and moves the head to it. `built_here`: the
+/// leader built this batch and still holds its tree; any other replica re-derives the Merkle root
+/// and write-set digest from the entry before trusting the header.
+///
+/// # Panics
+/// When the batch does not follow the chain, belongs to another cluster, or is inconsistent with
+/// its header: invariants I2 and I3 are broken and the replica must stop.
+pub fn confirm(head: &mut ChainHead, entry: &BatchEntry, cluster_id: &ClusterId, built_here: bool) -> Digest {
+    let h = &entry.header;
+    assert_eq!(h.height, head.height + 1, "committed batch height {} does not follow {}", h.height, head.height);
+    assert_eq!(h.prev_hash, head.hash, "committed batch {} does not chain to the previous header", h.height);
+    assert_eq!(h.cluster_id, *cluster_id, "committed batch from another cluster");
+    assert_eq!(
+        h.state_digest,
+        next_state_digest(&head.state_digest, &h.write_set_digest),
+        "state digest diverged at height {}",
+        h.height
+    );
+    if !built_here {
+        if let Err(e) = entry.check() {
+            panic!("committed batch {} is inconsistent with its header: {e}", h.height);
+        }
+    }
+    let hash = h.hash();
+    *head = ChainHead { height: h.height, hash, state_digest: h.state_digest };
+    hash
+}

@@ -1,0 +1,216 @@
+//! The committed state a replica reads and applies to, as the core sees it.
+//!
+//! The production shell implements [`Ledger`] on the LevelDB store and the segment files; the
+//! simulator uses [`MemLedger`]. Applying a batch applies its write set (the same key/value
+//! operations the store writes), so both hold the same bytes for the same history.
+
+use borsh::{BorshDeserialize, BorshSerialize};
+use std::collections::{BTreeMap, HashMap};
+use tally_codec::merkle::Tree;
+use tally_codec::{
+    decode, encode, BatchEntry, Digest, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature,
+    Tables,
+};
+
+/// Where the applied state stands: the last applied log entry and batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct LedgerHead {
+    pub index: u64,
+    pub term: u64,
+    pub height: u64,
+    pub header_hash: Digest,
+    pub state_digest: Digest,
+    /// Header time of the last applied batch (0 before the first).
+    pub time_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger write failed: {0}")]
+    Write(String),
+    #[error("snapshot refused: {0}")]
+    Snapshot(String),
+}
+
+/// Committed state, applied in log order.
+pub trait Ledger {
+    fn head(&self) -> LedgerHead;
+    fn balance(&self, account: &PublicKey) -> Option<u64>;
+    fn doc_meta(&self, key: &DocKey) -> Option<DocMeta>;
+    /// A document and its body.
+    fn doc(&self, key: &DocKey) -> Option<(DocMeta, Vec<u8>)>;
+    /// The receipt of an executed request, rebuilt from the stored batch.
+    fn receipt(&self, id: &RequestId) -> Option<Receipt>;
+    /// Executed ids whose expiry is not before `now_ms` (exactly-once after a restart).
+    fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)>;
+    /// Applies committed batch `entry` at log `index`, with the operator's signature.
+    ///
+    /// # Errors
+    /// A write that failed; the replica poisons itself.
+    fn apply_batch(&mut self, index: u64, term: u64, entry: &BatchEntry, signature: &Signature)
+        -> Result<(), LedgerError>;
+    /// Applies a no-op or configuration entry: only the applied index moves.
+    ///
+    /// # Errors
+    /// A write that failed.
+    fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError>;
+    /// The whole state, to send to a replica that fell behind the log.
+    fn export(&self) -> Vec<u8>;
+    /// Replaces the state with an exported one.
+    ///
+    /// # Errors
+    /// Bytes that are not a snapshot; nothing is changed then.
+    fn install(&mut self, data: &[u8]) -> Result<(), LedgerError>;
+}
+
+/// A ledger in memory: the store's key/value pairs, and every batch with its signature.
+#[derive(Clone, Default, BorshSerialize, BorshDeserialize)]
+pub struct MemLedger {
+    head: LedgerHead,
+    kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    batches: Vec<(BatchEntry, Signature)>,
+    #[borsh(skip)]
+    ids: HashMap<RequestId, RequestLocation>,
+}
+
+/// The store's table ids (derived by hashing; computed once).
+fn tables() -> &'static Tables {
+    static TABLES: std::sync::LazyLock<Tables> = std::sync::LazyLock::new(Tables::v1);
+    &TABLES
+}
+
+impl MemLedger {
+    /// A ledger holding the genesis balances.
+    pub fn genesis(balances: &[(PublicKey, u64)]) -> Self {
+        let mut l = MemLedger::default();
+        for (k, v) in balances {
+            l.kv.insert(tables().account(k).into_bytes(), encode(v));
+        }
+        l
+    }
+
+    pub fn batches(&self) -> &[(BatchEntry, Signature)] {
+        &self.batches
+    }
+
+    /// Every account and its balance.
+    pub fn balances(&self) -> Vec<(PublicKey, u64)> {
+        let prefix = tables().accounts.0;
+        self.kv
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(k, v)| {
+                let key: [u8; 32] = k[prefix.len()..].try_into().ok()?;
+                Some((PublicKey(key), decode::<u64>(v, 8).ok()?))
+            })
+            .collect()
+    }
+
+    /// A digest of every key and value: equal on replicas that applied the same history.
+    pub fn state_digest(&self) -> Digest {
+        let mut h = blake3::Hasher::new();
+        for (k, v) in &self.kv {
+            h.update(&(k.len() as u64).to_le_bytes());
+            h.update(k);
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v);
+        }
+        Digest(*h.finalize().as_bytes())
+    }
+
+    fn index_ids(&mut self) {
+        self.ids.clear();
+        for (entry, _) in &self.batches {
+            for (leaf, r) in entry.requests.iter().enumerate() {
+                let loc = RequestLocation {
+                    height: entry.header.height,
+                    leaf_index: leaf as u32,
+                    expires_at_ms: r.request.expires_at_ms,
+                };
+                self.ids.insert(r.id(), loc);
+            }
+        }
+    }
+}
+
+impl Ledger for MemLedger {
+    fn head(&self) -> LedgerHead {
+        self.head
+    }
+    fn balance(&self, account: &PublicKey) -> Option<u64> {
+        let v = self.kv.get(tables().account(account).as_bytes())?;
+        Some(decode(v, 8).expect("balances are borsh u64"))
+    }
+    fn doc_meta(&self, key: &DocKey) -> Option<DocMeta> {
+        let v = self.kv.get(tables().doc(key).as_bytes())?;
+        Some(decode(v, 1024).expect("document metadata decodes"))
+    }
+    fn doc(&self, key: &DocKey) -> Option<(DocMeta, Vec<u8>)> {
+        let meta = self.doc_meta(key)?;
+        let body = self.kv.get(&tables().doc_body(&meta.body).to_bytes()).cloned().unwrap_or_default();
+        Some((meta, body))
+    }
+    fn receipt(&self, id: &RequestId) -> Option<Receipt> {
+        let loc = self.ids.get(id)?;
+        let (entry, signature) = self.batches.get(usize::try_from(loc.height).ok()?.checked_sub(1)?)?;
+        let leaf = loc.leaf_index as usize;
+        Some(Receipt {
+            request: entry.requests.get(leaf)?.clone(),
+            outcome: entry.outcomes.get(leaf)?.clone(),
+            leaf_index: loc.leaf_index,
+            proof: Tree::from_leaves(&entry.leaves()).proof(leaf),
+            header: entry.header.clone(),
+            signature: *signature,
+        })
+    }
+    fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
+        self.ids.iter().filter(|(_, l)| l.expires_at_ms >= now_ms).map(|(id, l)| (*id, *l)).collect()
+    }
+    fn apply_batch(
+        &mut self,
+        index: u64,
+        term: u64,
+        entry: &BatchEntry,
+        signature: &Signature,
+    ) -> Result<(), LedgerError> {
+        let h = &entry.header;
+        assert_eq!(h.height, self.head.height + 1, "batches apply in height order");
+        assert!(index > self.head.index, "log entries apply in order");
+        for op in &entry.write_set.ops {
+            match &op.value {
+                Some(v) => self.kv.insert(op.key.clone(), v.clone()),
+                None => self.kv.remove(&op.key),
+            };
+        }
+        for (leaf, r) in entry.requests.iter().enumerate() {
+            let loc = RequestLocation { height: h.height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
+            self.ids.insert(r.id(), loc);
+        }
+        self.batches.push((entry.clone(), *signature));
+        self.head = LedgerHead {
+            index,
+            term,
+            height: h.height,
+            header_hash: h.hash(),
+            state_digest: h.state_digest,
+            time_ms: h.time_ms,
+        };
+        Ok(())
+    }
+    fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError> {
+        assert!(index > self.head.index, "log entries apply in order");
+        self.head.index = index;
+        self.head.term = term;
+        Ok(())
+    }
+    fn export(&self) -> Vec<u8> {
+        encode(self)
+    }
+    fn install(&mut self, data: &[u8]) -> Result<(), LedgerError> {
+        let mut l: MemLedger =
+            decode(data, usize::MAX).map_err(|e| LedgerError::Snapshot(format!("does not decode: {e}")))?;
+        l.index_ids();
+        *self = l;
+        Ok(())
+    }
+}

@@ -1,0 +1,71 @@
+//! One tally replica's decisions as an I/O-free state machine (DESIGN.md §8).
+//!
+//! ```text
+//!  shell (threads, TCP, WAL, LevelDB, clock)      or      simulator (in-memory net, disk, clock)
+//!        │ events: tick(now) · submit · read · peer message · log failed
+//!        ▼
+//!  Replica ── stage 3 optimistic (replica.rs) ─▶ stage 4 sequence (sequence.rs) ─▶ stage 5 propose
+//!        │    (pending.rs: batches in flight)      raft-rs RawNode (log in memory)
+//!        │◀── committed ── stage 6 confirm (confirm.rs) ─▶ stage 7 apply (Ledger, ledger.rs)
+//!        ▼
+//!  effects: send · persist (fsync) · reply · signed header
+//! ```
+//! Stage 2 (decoding, signature checks) stays in the shell: a [`Validated`] request is what
+//! enters the core. Time, randomness, the network and the disk come from outside, so a seed and
+//! a sequence of events replay a run exactly.
+#![forbid(unsafe_code)]
+// raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
+
+pub mod confirm;
+pub mod lease;
+pub mod log;
+pub mod ledger;
+pub mod pending;
+pub mod replica;
+pub mod sequence;
+pub mod state;
+
+pub use ledger::{Ledger, LedgerHead, MemLedger};
+pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog};
+
+/// A request that passed stage 2: decoded, its signature checked, its id computed once.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub request: tally_codec::SignedRequest,
+    pub id: tally_codec::RequestId,
+}
+
+/// A bug planted on purpose so the simulator can prove it catches it. Only the simulator sets
+/// anything but `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Plant {
+    #[default]
+    None,
+    /// Clients get their receipts when the batch is proposed, before it commits.
+    AckBeforeCommit,
+    /// Headers are signed and published when proposed, before they commit.
+    SignBeforeCommit,
+    /// The log is written but never fsynced.
+    SkipFsync,
+    /// A replica that believes it leads serves reads without a lease.
+    StaleLeaseRead,
+}
+
+impl std::str::FromStr for Plant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "none" => Plant::None,
+            "ack-before-commit" => Plant::AckBeforeCommit,
+            "sign-before-commit" => Plant::SignBeforeCommit,
+            "skip-fsync" => Plant::SkipFsync,
+            "stale-lease-read" => Plant::StaleLeaseRead,
+            other => {
+                return Err(format!(
+                    "unknown plant {other:?}: none, ack-before-commit, sign-before-commit, skip-fsync, stale-lease-read"
+                ))
+            }
+        })
+    }
+}

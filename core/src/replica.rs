@@ -1,0 +1,851 @@
+//! One replica as a state machine: events in, effects out (raft-rs's `tick`/`step`/`ready`/
+//! `advance` shape, one level up).
+//!
+//! ```text
+//!  Event::Tick{now}    ─┐                                         ┌─▶ Effect::Send(peer message)
+//!  Event::Submit       ─┤   sequencer (s3, s4) ─propose─▶ raft-rs ├─▶ Effect::Persist(entries, hs; fsync)
+//!  Event::Read         ─┼─▶                                       ├─▶ Effect::Reply / ReadReply
+//!  Event::Peer(msg)    ─┤   confirm (s6) ◀─committed─ raft-rs     └─▶ Effect::Signed(header)
+//!  Event::LogFailed    ─┘   apply (s7) ─▶ Ledger
+//! ```
+//!
+//! Nothing here owns a thread, socket, file or clock, or draws randomness of its own: time comes
+//! with each event, randomness from a seed the shell chooses, the log's durability from the
+//! shell executing [`Effect::Persist`] before any effect after it, and committed state from the
+//! [`Ledger`] the shell provides. The same seed and events give the same effects.
+//!
+//! Effects are ordered: the shell executes them in order and must not execute anything after a
+//! `Persist` that failed; it reports the failure with [`Event::LogFailed`], and the replica
+//! poisons itself and goes silent, so the others elect a leader.
+
+use crate::confirm::{check_batch_entry, confirm, ChainHead};
+use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
+use crate::ledger::{Ledger, LedgerHead};
+use crate::pending::{Pending, PendingBatch};
+use crate::sequence::{execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX};
+use crate::state::{Backing, BatchWrites, SeenIds, View};
+use crate::{Plant, Validated};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use crate::log::CoreLog;
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole, Storage};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::sync::Arc;
+use tally_codec::wire::{SubmitReply, WireError};
+use tally_codec::{
+    decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, Receipt,
+    RequestLocation, Signature, Tables,
+};
+
+/// Who is waiting for an answer: opaque to the core (a connection slot, a simulated client).
+pub type ClientTag = u64;
+
+/// Settings of one replica's core.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub node_id: u64,
+    /// The initial voters (every replica of a new cluster starts with the same list).
+    pub voters: Vec<u64>,
+    pub cluster_id: ClusterId,
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub batch_interval_ms: u64,
+    pub batch_requests_max: usize,
+    pub batch_bytes_max: usize,
+    /// Entries kept in memory behind the applied index for followers that lag; one further
+    /// behind gets a snapshot.
+    pub log_retain_entries: u64,
+    /// A bug planted on purpose, for the simulator to prove it can catch it. `Plant::None` in
+    /// production.
+    pub plant: Plant,
+}
+
+/// What happens to a replica.
+#[derive(Debug)]
+pub enum Event {
+    /// Time passes: `now_ms` is monotonic, `wall_ms` is the (possibly jumping) wall clock.
+    Tick { now_ms: u64, wall_ms: u64 },
+    /// A request that passed stage 2 (decoded, signature checked, not expired by the shell's
+    /// clock).
+    Submit { client: ClientTag, req: Validated },
+    /// A linearizable read of one document, at monotonic time `now_ms`: the lease is judged
+    /// by the time the read is served, not by the last tick (a replica resuming from a pause
+    /// must not serve held reads under a lease that ran out while it was stopped).
+    Read { client: ClientTag, key: DocKey, now_ms: u64 },
+    /// A message from a peer replica.
+    Peer(Message),
+    /// The shell could not make a [`Persist`] durable (a failed write or fsync, a full disk).
+    LogFailed(String),
+}
+
+/// What the log must hold durably, in this order, before any later effect is executed.
+#[derive(Debug, Default)]
+pub struct Persist {
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    /// Whether the shell must fsync (always, unless a bug is planted).
+    pub sync: bool,
+}
+
+/// A read's answer.
+pub type ReadResult = Result<Option<(DocMeta, Vec<u8>)>, WireError>;
+
+/// What a replica asks its shell to do, in order.
+#[derive(Debug)]
+pub enum Effect {
+    Send(Message),
+    Persist(Persist),
+    Reply { client: ClientTag, reply: SubmitReply },
+    ReadReply { client: ClientTag, result: ReadResult },
+    /// A header this replica signed, once committed (for auditors, and the simulator's checker).
+    Signed { header: tally_codec::BatchHeader, signature: Signature },
+}
+
+/// The log a restarting replica finds on its disk, in the order it was written.
+#[derive(Debug, Default)]
+pub struct RestoredLog {
+    pub records: Vec<Persist>,
+}
+
+/// Leadership as the sequencer last saw it.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Following,
+    Leading { term: u64, tip: Tip },
+}
+
+/// Stages 3 and 4: what the leader has accepted and not yet committed.
+struct Sequencer {
+    mode: Mode,
+    view: View,
+    /// Requests waiting for the next batch, and when the first of them arrived.
+    queue: Vec<(Validated, ClientTag)>,
+    opened_ms: Option<u64>,
+    pending: Pending<ClientTag>,
+    /// Ids executed and committed, until their expiry.
+    seen: SeenIds,
+}
+
+/// One replica.
+pub struct Replica<L: Ledger> {
+    cfg: ReplicaConfig,
+    tables: Tables,
+    raw: RawNode<CoreLog>,
+    ledger: L,
+    operator_key: ed25519_dalek::SigningKey,
+    rng: ChaCha20Rng,
+    seq: Sequencer,
+    /// Stage 6's chain head.
+    head: ChainHead,
+    lease: LeaseTracker,
+    lease_ms: u64,
+    leader_term: u64,
+    term_start_index: u64,
+    now_ms: u64,
+    wall_ms: u64,
+    next_tick_ms: u64,
+    ticks: u64,
+    last_probe_tick: u64,
+    poisoned: Option<String>,
+    out: Vec<Effect>,
+}
+
+/// Reads the sequencer's cache misses from the ledger.
+struct LedgerBacking<'a, L>(&'a L);
+
+impl<L: Ledger> Backing for LedgerBacking<'_, L> {
+    fn balance(&mut self, account: &PublicKey) -> Option<u64> {
+        self.0.balance(account)
+    }
+    fn doc_meta(&mut self, key: &DocKey) -> Option<DocMeta> {
+        self.0.doc_meta(key)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("the log on disk is not a log this replica wrote: {0}")]
+    Log(String),
+}
+
+impl<L: Ledger> Replica<L> {
+    /// A replica starting on `ledger` (its durable state) and `log` (what its disk holds),
+    /// at monotonic time `now_ms`. `seed` drives its election timeouts.
+    ///
+    /// # Errors
+    /// A log that raft-rs refuses.
+    pub fn start(
+        cfg: ReplicaConfig,
+        ledger: L,
+        log: RestoredLog,
+        operator_key: ed25519_dalek::SigningKey,
+        seed: u64,
+        now_ms: u64,
+        wall_ms: u64,
+        logger: &slog::Logger,
+    ) -> Result<Self, StartError> {
+        let storage = MemStorage::new_with_conf_state(ConfState::from((cfg.voters.clone(), vec![])));
+        // The durable ledger stands in for the log up to its applied index: those entries are
+        // applied, and the log on disk may not hold them any more (or may have lost its unsynced
+        // tail after the state was made durable).
+        let applied = ledger.head();
+        if applied.index > 0 {
+            let mut snap = Snapshot::default();
+            let meta = snap.mut_metadata();
+            meta.index = applied.index;
+            meta.term = applied.term.max(1);
+            meta.set_conf_state(storage.initial_state()?.conf_state);
+            storage.wl().apply_snapshot(snap).map_err(|e| StartError::Log(format!("ledger marker: {e}")))?;
+        }
+        let mut hs = HardState::default();
+        for p in log.records {
+            let covered = storage.first_index()? - 1;
+            if let Some(s) = p.snapshot {
+                if s.get_metadata().index > covered {
+                    return Err(StartError::Log(format!(
+                        "a snapshot at {} is ahead of the durable state at {covered}",
+                        s.get_metadata().index
+                    )));
+                }
+            }
+            let entries: Vec<Entry> = p.entries.into_iter().filter(|e| e.index > covered).collect();
+            if let Some(first) = entries.first() {
+                let last = storage.last_index()?;
+                if first.index > last + 1 {
+                    return Err(StartError::Log(format!("entries from {} follow the log's last index {last}", first.index)));
+                }
+                storage.wl().append(&entries).map_err(|e| StartError::Log(format!("entries: {e}")))?;
+            }
+            if let Some(h) = p.hard_state {
+                hs = h;
+            }
+        }
+        hs.commit = hs.commit.max(applied.index).min(storage.last_index()?);
+        storage.wl().set_hardstate(hs);
+        let storage = CoreLog::new(storage);
+        let applied = ledger.head().index;
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 4 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, storage, logger)?;
+        let head = ledger.head();
+        let mut seen = SeenIds::default();
+        for (id, loc) in ledger.unexpired_ids(wall_ms) {
+            seen.insert(id, loc);
+        }
+        let lease_ms = lease_duration_ms(cfg.tick_ms, cfg.election_ticks as u64);
+        Ok(Replica {
+            tables: Tables::v1(),
+            raw,
+            operator_key,
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            seq: Sequencer {
+                mode: Mode::Following,
+                view: View::default(),
+                queue: Vec::new(),
+                opened_ms: None,
+                pending: Pending::default(),
+                seen,
+            },
+            head: ChainHead { height: head.height, hash: head.header_hash, state_digest: head.state_digest },
+            ledger,
+            lease: LeaseTracker::default(),
+            lease_ms,
+            leader_term: 0,
+            term_start_index: 0,
+            now_ms,
+            wall_ms,
+            next_tick_ms: now_ms + cfg.tick_ms,
+            ticks: 0,
+            last_probe_tick: 0,
+            poisoned: None,
+            out: Vec::new(),
+            cfg,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.node_id
+    }
+    pub fn ledger(&self) -> &L {
+        &self.ledger
+    }
+    pub fn ledger_mut(&mut self) -> &mut L {
+        &mut self.ledger
+    }
+    pub fn is_leader(&self) -> bool {
+        self.poisoned.is_none() && self.raw.raft.state == StateRole::Leader
+    }
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+    pub fn leader_id(&self) -> Option<u64> {
+        let l = self.raw.raft.leader_id;
+        (l != raft::INVALID_ID).then_some(l)
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+    pub fn applied(&self) -> LedgerHead {
+        self.ledger.head()
+    }
+    /// Whether the sequencer takes requests (leading, with everything before its term applied),
+    /// and how many are queued and in flight.
+    pub fn sequencer_state(&self) -> (bool, usize, usize) {
+        (matches!(self.seq.mode, Mode::Leading { .. }), self.seq.queue.len(), self.seq.pending.len())
+    }
+    /// Why this replica stopped (a failed log write), if it did.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+    /// The time of the next tick the replica wants.
+    pub fn next_tick_ms(&self) -> u64 {
+        self.next_tick_ms
+    }
+
+    /// Handles one event and returns the effects, in the order the shell must execute them.
+    pub fn handle(&mut self, event: Event) -> Vec<Effect> {
+        if let Some(why) = &self.poisoned {
+            // A poisoned replica sends nothing to its peers and refuses its clients.
+            let why = why.clone();
+            match event {
+                Event::Submit { client, .. } => self.reply(
+                    client,
+                    SubmitReply::Refused(WireError::new(ErrorCode::LogFailed, format!("this replica stopped: {why}"))),
+                ),
+                Event::Read { client, .. } => self.out.push(Effect::ReadReply {
+                    client,
+                    result: Err(WireError::new(ErrorCode::LogFailed, format!("this replica stopped: {why}"))),
+                }),
+                _ => {}
+            }
+            return std::mem::take(&mut self.out);
+        }
+        match event {
+            Event::Tick { now_ms, wall_ms } => self.on_tick(now_ms, wall_ms),
+            Event::Submit { client, req } => self.on_submit(client, req),
+            Event::Read { client, key, now_ms } => {
+                self.now_ms = self.now_ms.max(now_ms);
+                self.on_read(client, key)
+            }
+            Event::Peer(m) => self.on_peer(m),
+            Event::LogFailed(why) => {
+                self.poison(why);
+                return std::mem::take(&mut self.out);
+            }
+        }
+        self.drive();
+        self.update_mode();
+        self.maybe_close_batch();
+        self.drive();
+        self.maintain_log();
+        std::mem::take(&mut self.out)
+    }
+
+    /// Builds a snapshot raft-rs asked for, and forgets log entries far behind the applied
+    /// index (the shell's disk keeps them until the ledger is durable past them).
+    fn maintain_log(&mut self) {
+        let head = self.ledger.head();
+        if self.raw.store().snapshot_wanted() > 0 && head.index > 0 {
+            let mut snap = Snapshot::default();
+            snap.data = self.ledger.export().into();
+            let meta = snap.mut_metadata();
+            meta.index = head.index;
+            meta.term = head.term;
+            meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+            self.raw.store().prepare_snapshot(snap);
+        }
+        let first = self.raw.raft.raft_log.first_index();
+        let target = head.index.min(self.raw.raft.raft_log.applied).saturating_sub(self.cfg.log_retain_entries);
+        if target > first + self.cfg.log_retain_entries / 4 {
+            self.raw.mut_store().mem.wl().compact(target).expect("compaction behind the applied index");
+        }
+    }
+
+    fn poison(&mut self, why: String) {
+        let code = if why.contains("No space left") || why.contains("os error 28") {
+            ErrorCode::StorageFull
+        } else {
+            ErrorCode::LogFailed
+        };
+        self.poisoned = Some(why);
+        self.fail_all(code);
+        // Nothing queued for peers goes out: the log behind it cannot be trusted.
+        self.out.retain(|e| !matches!(e, Effect::Send(_) | Effect::Persist(_)));
+    }
+
+    fn on_tick(&mut self, now_ms: u64, wall_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.wall_ms = wall_ms;
+        if self.now_ms < self.next_tick_ms {
+            return;
+        }
+        // One tick however late we are: after a pause the replica re-synchronises with the
+        // cluster instead of firing a burst of elapsed timeouts.
+        let late = (self.now_ms - self.next_tick_ms) / self.cfg.tick_ms;
+        self.next_tick_ms += (late + 1) * self.cfg.tick_ms;
+        if self.raw.raft.election_elapsed == 0 {
+            // raft-rs draws election timeouts from the thread RNG on reset; the seeded one
+            // decides instead (only `tick_election` reads the value).
+            let span = self.cfg.election_ticks as u64;
+            let t = self.cfg.election_ticks as u64 + self.rng.next_u64() % span;
+            self.raw.raft.set_randomized_election_timeout(t as usize);
+        }
+        self.raw.tick();
+        self.ticks += 1;
+        if self.raw.raft.state == StateRole::Leader
+            && self.ticks - self.last_probe_tick >= self.cfg.heartbeat_ticks as u64
+        {
+            self.last_probe_tick = self.ticks;
+            let term = self.raw.raft.term;
+            self.raw.read_index(probe_context(term, self.now_ms));
+        }
+    }
+
+    fn on_submit(&mut self, client: ClientTag, req: Validated) {
+        if !matches!(self.seq.mode, Mode::Leading { .. }) {
+            self.refuse_not_leader(client);
+            return;
+        }
+        if self.seq.queue.is_empty() {
+            self.seq.opened_ms = Some(self.now_ms);
+        }
+        self.seq.queue.push((req, client));
+    }
+
+    fn on_read(&mut self, client: ClientTag, key: DocKey) {
+        let leading = matches!(self.seq.mode, Mode::Leading { .. });
+        let lease_ok = self.lease_until_ms().is_some_and(|t| t > self.now_ms);
+        let allowed = if self.cfg.plant == Plant::StaleLeaseRead {
+            self.raw.raft.state == StateRole::Leader
+        } else {
+            leading && lease_ok && self.ledger.head().index >= self.commit_index()
+        };
+        let result = if allowed {
+            Ok(self.ledger.doc(&key))
+        } else {
+            let mut e = WireError::new(ErrorCode::NotLeader, "not the leader (or lease expired)");
+            e.leader_hint = None;
+            Err(e)
+        };
+        self.out.push(Effect::ReadReply { client, result });
+    }
+
+    /// When the lease ends: only a leader with a committed entry of its term has one.
+    pub fn lease_until_ms(&self) -> Option<u64> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        let committed_in_term = raft.raft_log.term(raft.raft_log.committed).is_ok_and(|t| t == raft.term);
+        if !committed_in_term {
+            return None;
+        }
+        let conf = raft.prs().conf().to_conf_state();
+        let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
+        self.lease.lease_until_ms(&sets, self.cfg.node_id, self.now_ms, self.lease_ms)
+    }
+
+    fn on_peer(&mut self, m: Message) {
+        let t = m.get_msg_type();
+        if (t == MessageType::MsgRequestVote || t == MessageType::MsgRequestPreVote)
+            && self.ticks < self.cfg.election_ticks as u64
+        {
+            // This voter may have acknowledged a leader's lease just before it restarted; it
+            // stays silent for one election timeout so that lease can run out.
+            return;
+        }
+        if t == MessageType::MsgHeartbeatResponse
+            && self.raw.raft.state == StateRole::Leader
+            && m.term == self.raw.raft.term
+        {
+            if let Some((term, sent_ms)) = parse_probe_context(&m.context) {
+                self.lease.on_ack(m.from, term, sent_ms);
+            }
+        }
+        if t == MessageType::MsgAppend {
+            for e in m.get_entries() {
+                if let Err(_why) = self.check_entry(e) {
+                    // Defence in depth behind mutual TLS: nothing that can never be applied
+                    // reaches the log.
+                    return;
+                }
+            }
+        }
+        if t == MessageType::MsgSnapshot && self.ledger_check_snapshot(m.get_snapshot()).is_err() {
+            return;
+        }
+        let _ = self.raw.step(m);
+    }
+
+    fn check_entry(&self, e: &Entry) -> Result<(), String> {
+        match e.get_entry_type() {
+            EntryType::EntryNormal if e.data.is_empty() => Ok(()),
+            EntryType::EntryNormal => check_batch_entry(&e.data, &self.cfg.cluster_id),
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Ok(()),
+        }
+    }
+
+    fn ledger_check_snapshot(&self, s: &Snapshot) -> Result<(), String> {
+        if s.data.is_empty() {
+            return Err("a snapshot without state".into());
+        }
+        Ok(())
+    }
+
+    /// Handles every pending Ready following raft-rs's rules.
+    fn drive(&mut self) {
+        while self.poisoned.is_none() && self.raw.has_ready() {
+            let mut rd = self.raw.ready();
+            self.send(rd.take_messages());
+            let mut persist = Persist { sync: self.cfg.plant != Plant::SkipFsync, ..Persist::default() };
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot().clone();
+                if let Err(e) = self.install_snapshot(&snap) {
+                    self.poison(format!("snapshot install: {e}"));
+                    return;
+                }
+                persist.snapshot = Some(snap);
+            }
+            let committed = rd.take_committed_entries();
+            self.apply_committed(committed);
+            if self.poisoned.is_some() {
+                return;
+            }
+            if !rd.entries().is_empty() {
+                self.raw.mut_store().mem.wl().append(rd.entries()).expect("entries follow the in-memory log");
+                persist.entries = rd.entries().to_vec();
+            }
+            if let Some(hs) = rd.hs() {
+                self.raw.mut_store().mem.wl().set_hardstate(hs.clone());
+                persist.hard_state = Some(hs.clone());
+            }
+            if persist.snapshot.is_some() || !persist.entries.is_empty() || persist.hard_state.is_some() {
+                self.out.push(Effect::Persist(persist));
+            }
+            let _ = rd.take_read_states(); // lease probes: their acks were taken when stepped
+            self.send(rd.take_persisted_messages());
+            let mut light = self.raw.advance(rd);
+            if let Some(c) = light.commit_index() {
+                self.raw.mut_store().mem.wl().mut_hard_state().commit = c;
+            }
+            self.send(light.take_messages());
+            let committed = light.take_committed_entries();
+            self.apply_committed(committed);
+            self.raw.advance_apply();
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        self.out.extend(msgs.into_iter().map(Effect::Send));
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
+        self.ledger.install(&snap.data).map_err(|e| e.to_string())?;
+        let meta = snap.get_metadata();
+        self.raw.mut_store().mem.wl().apply_snapshot(snap.clone()).map_err(|e| e.to_string())?;
+        let h = self.ledger.head();
+        assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
+        self.head = ChainHead { height: h.height, hash: h.header_hash, state_digest: h.state_digest };
+        let mut seen = SeenIds::default();
+        for (id, loc) in self.ledger.unexpired_ids(self.wall_ms) {
+            seen.insert(id, loc);
+        }
+        self.seq.seen = seen;
+        self.seq.view.reset();
+        Ok(())
+    }
+
+    fn apply_committed(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            if self.poisoned.is_some() {
+                return;
+            }
+            if e.index <= self.ledger.head().index {
+                continue; // applied before a restart or covered by a snapshot
+            }
+            let r = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => self.ledger.apply_noop(e.index, e.term),
+                EntryType::EntryNormal => {
+                    self.confirm_batch(&e);
+                    continue;
+                }
+                EntryType::EntryConfChange => {
+                    let cc = raft::eraftpb::ConfChange::parse_from_bytes(&e.data)
+                        .expect("conf changes were checked before they were appended");
+                    let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
+                    self.raw.mut_store().mem.wl().set_conf_state(cs);
+                    self.ledger.apply_noop(e.index, e.term)
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                        .expect("conf changes were checked before they were appended");
+                    let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
+                    self.raw.mut_store().mem.wl().set_conf_state(cs);
+                    self.ledger.apply_noop(e.index, e.term)
+                }
+            };
+            if let Err(err) = r {
+                self.poison(err.to_string());
+            }
+        }
+    }
+
+    /// Stages 6 and 7 for one committed batch.
+    fn confirm_batch(&mut self, e: &Entry) {
+        let entry: BatchEntry =
+            decode(&e.data, limits::ENTRY_BYTES_MAX).expect("a committed entry is a batch this cluster encoded");
+        let height = entry.header.height;
+        let built_here = self.seq.pending.batches.get(&height).map(|b| b.header_hash);
+        let header_hash = confirm(&mut self.head, &entry, &self.cfg.cluster_id, built_here.is_some());
+        let signature = entry.header.sign(&self.operator_key);
+        for (leaf, r) in entry.requests.iter().enumerate() {
+            let loc = RequestLocation { height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
+            self.seq.seen.insert(r.id(), loc);
+        }
+        self.seq.seen.prune(entry.header.time_ms);
+        let lost = match built_here {
+            Some(h) if h == header_hash => {
+                let b = self.seq.pending.take(height).expect("pending at this height");
+                self.answer(b, &signature);
+                Vec::new()
+            }
+            // A pending batch at this height with another hash was built on a chain that lost.
+            Some(_) => self.seq.pending.drain(),
+            None => Vec::new(),
+        };
+        for b in lost {
+            self.fail_batch(b, ErrorCode::Retry);
+        }
+        if let Err(err) = self.ledger.apply_batch(e.index, e.term, &entry, &signature) {
+            self.poison(err.to_string());
+            return;
+        }
+        self.seq.view.on_applied(height);
+        if self.cfg.plant != Plant::SignBeforeCommit {
+            self.out.push(Effect::Signed { header: entry.header, signature });
+        }
+    }
+
+    fn answer(&mut self, b: PendingBatch<ClientTag>, signature: &Signature) {
+        let durable = u8::try_from(self.cfg.voters.len() / 2 + 1).unwrap_or(u8::MAX);
+        for (leaf, waiters) in b.waiters.into_iter().enumerate() {
+            if waiters.is_empty() {
+                continue;
+            }
+            let receipt = Receipt {
+                request: b.entry.requests[leaf].clone(),
+                outcome: b.entry.outcomes[leaf].clone(),
+                leaf_index: leaf as u32,
+                proof: b.tree.proof(leaf),
+                header: b.entry.header.clone(),
+                signature: *signature,
+            };
+            for w in waiters {
+                self.reply(
+                    w,
+                    SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable },
+                );
+            }
+        }
+    }
+
+    fn reply(&mut self, client: ClientTag, reply: SubmitReply) {
+        self.out.push(Effect::Reply { client, reply });
+    }
+
+    fn refuse(&mut self, client: ClientTag, code: ErrorCode) {
+        if code == ErrorCode::NotLeader {
+            self.refuse_not_leader(client);
+        } else {
+            self.reply(client, SubmitReply::Refused(WireError::from_code(code)));
+        }
+    }
+
+    fn refuse_not_leader(&mut self, client: ClientTag) {
+        let mut e = WireError::from_code(ErrorCode::NotLeader);
+        e.leader_hint = self.leader_id().filter(|l| *l != self.cfg.node_id).map(|l| l.to_string());
+        self.reply(client, SubmitReply::Refused(e));
+    }
+
+    fn fail_batch(&mut self, b: PendingBatch<ClientTag>, code: ErrorCode) {
+        for waiters in b.waiters {
+            for w in waiters {
+                self.refuse(w, code);
+            }
+        }
+    }
+
+    /// Answers every waiting request (pending batches and the queue) with `code`.
+    fn fail_all(&mut self, code: ErrorCode) {
+        for b in self.seq.pending.drain() {
+            self.fail_batch(b, code);
+        }
+        for (_, client) in std::mem::take(&mut self.seq.queue) {
+            self.refuse(client, code);
+        }
+        self.seq.opened_ms = None;
+    }
+
+    /// Drops speculative state when leadership is lost; takes up the chain once every entry
+    /// before this term (up to its no-op) is applied.
+    fn update_mode(&mut self) {
+        let raft = &self.raw.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        let term = raft.term;
+        if is_leader && self.leader_term != term {
+            self.leader_term = term;
+            self.lease.reset(term);
+            self.term_start_index = term_start(&self.raw);
+        }
+        match self.seq.mode {
+            Mode::Leading { term: t, .. } if is_leader && t == term => {}
+            Mode::Leading { .. } => {
+                self.fail_all(ErrorCode::Retry);
+                self.seq.view.reset();
+                self.seq.mode = Mode::Following;
+            }
+            Mode::Following if is_leader && self.ledger.head().index >= self.term_start_index => {
+                for b in self.seq.pending.drain() {
+                    self.fail_batch(b, ErrorCode::Retry);
+                }
+                self.seq.view.reset();
+                let a = self.ledger.head();
+                self.seq.mode = Mode::Leading {
+                    term,
+                    tip: Tip { height: a.height, hash: a.header_hash, state_digest: a.state_digest, time_ms: a.time_ms },
+                };
+            }
+            Mode::Following => {
+                for (_, client) in std::mem::take(&mut self.seq.queue) {
+                    self.refuse_not_leader(client);
+                }
+            }
+        }
+    }
+
+    /// Stages 3 to 5 for the next batch, when its interval has passed or it is full.
+    fn maybe_close_batch(&mut self) {
+        let Mode::Leading { term, mut tip } = self.seq.mode else { return };
+        let Some(opened) = self.seq.opened_ms else { return };
+        let due = self.now_ms >= opened + self.cfg.batch_interval_ms
+            || self.seq.queue.len() >= self.cfg.batch_requests_max;
+        if !due || self.seq.pending.len() >= BATCHES_IN_FLIGHT_MAX {
+            return;
+        }
+        let queue = std::mem::take(&mut self.seq.queue);
+        let mut too_large = Vec::new();
+        let (subs, rest) =
+            split_by_bytes(queue, self.cfg.batch_bytes_max, |(v, _)| &v.request, |(_, c)| too_large.push(c));
+        for c in too_large {
+            self.refuse(c, ErrorCode::ProposalTooLarge);
+        }
+        self.seq.opened_ms = if rest.is_empty() { None } else { Some(self.now_ms) };
+        self.seq.queue = rest;
+        let subs = self.optimistic(subs);
+        let ctx = BatchContext { cluster_id: self.cfg.cluster_id, tables: &self.tables, term, wall_ms: self.wall_ms };
+        let mut refused = Vec::new();
+        let batch = execute_batch(&ctx, &mut self.seq.view, &mut tip, subs, |c, code| refused.push((c, code)));
+        for (c, code) in refused {
+            self.refuse(c, code);
+        }
+        let Some(mut batch) = batch else { return };
+        let data = encode(&batch.entry);
+        if let Err(e) = self.raw.propose(Vec::new(), data) {
+            let _ = e;
+            self.fail_batch(batch, ErrorCode::Retry);
+            self.fail_all(ErrorCode::Retry);
+            self.seq.view.reset();
+            self.seq.mode = Mode::Following;
+            return;
+        }
+        self.seq.mode = Mode::Leading { term, tip };
+        match self.cfg.plant {
+            Plant::AckBeforeCommit => {
+                let signature = batch.entry.header.sign(&self.operator_key);
+                let waiters = std::mem::replace(&mut batch.waiters, vec![Vec::new(); batch.ids.len()]);
+                let early = PendingBatch {
+                    entry: batch.entry.clone(),
+                    header_hash: batch.header_hash,
+                    tree: tally_codec::merkle::Tree::from_leaves(&batch.entry.leaves()),
+                    ids: batch.ids.clone(),
+                    waiters,
+                };
+                self.answer(early, &signature);
+            }
+            Plant::SignBeforeCommit => {
+                let signature = batch.entry.header.sign(&self.operator_key);
+                self.out.push(Effect::Signed { header: batch.entry.header.clone(), signature });
+            }
+            _ => {}
+        }
+        self.seq.pending.insert(batch);
+    }
+
+    /// Stage 3: a request already executed gets its receipt, one in flight waits for its batch,
+    /// and a transfer the pre-batch state can't fund is refused without consuming its id.
+    fn optimistic(&mut self, subs: Vec<(Validated, ClientTag)>) -> Vec<(Validated, ClientTag)> {
+        let mut out = Vec::with_capacity(subs.len());
+        for (req, client) in subs {
+            let Some(client) = self.seq.pending.attach(&req.id, client) else { continue };
+            if self.seq.seen.get(&req.id).is_some() {
+                match self.ledger.receipt(&req.id) {
+                    Some(receipt) => {
+                        let durable = u8::try_from(self.cfg.voters.len() / 2 + 1).unwrap_or(u8::MAX);
+                        self.reply(client, SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable });
+                    }
+                    None => self.refuse(client, ErrorCode::Internal),
+                }
+                continue;
+            }
+            out.push((req, client));
+        }
+        self.seq
+            .view
+            .prefetch(out.iter().map(|(v, _)| (&v.request.request.signer, &v.request.request.op)), &mut LedgerBacking(&self.ledger));
+        let empty = BatchWrites::default();
+        let mut funded = Vec::with_capacity(out.len());
+        for (req, client) in out {
+            let r = &req.request.request;
+            if let Operation::Transfer { amount, .. } = r.op {
+                if self.seq.view.balance(&empty, &r.signer) < amount {
+                    self.refuse(client, ErrorCode::InsufficientFunds);
+                    continue;
+                }
+            }
+            funded.push((req, client));
+        }
+        funded
+    }
+}
+
+/// Index of the leader's first entry of its current term (its no-op).
+fn term_start<S: Storage>(raw: &RawNode<S>) -> u64 {
+    let log = &raw.raft.raft_log;
+    let term = raw.raft.term;
+    let mut i = log.last_index();
+    while i > log.first_index() && log.term(i - 1).is_ok_and(|t| t == term) {
+        i -= 1;
+    }
+    assert!(log.term(i).is_ok_and(|t| t == term), "a new leader's log ends with an entry of its term");
+    i
+}
+
+/// The operator key as shared state (cheap to clone into each replica).
+pub type OperatorKey = Arc<ed25519_dalek::SigningKey>;
