@@ -15,7 +15,7 @@ use tally_codec::{
     BatchEntry, BatchHeader, ClusterId, Digest, DocKey, DocMeta, Operation, Outcome, PublicKey, Request, RequestId,
     SignedRequest, Tables,
 };
-use tally_pipeline::state::{execute, Backing, BatchWrites, View};
+use tally_core::state::{execute, Backing, BatchWrites, View};
 
 /// The cluster every fixture request names.
 pub const CLUSTER: ClusterId = ClusterId([0x7a; 16]);

@@ -133,6 +133,12 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// The deterministic whole-cluster simulator (runs `tally-sim`, built with `cargo build -p
+    /// tally-sim`): `tally sim --seeds 1000`, `tally sim --seed 634`, `--plant ack-before-commit`.
+    Sim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Chaos monkey (not in this build).
     Chaos {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -214,6 +220,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             | Cmd::Verify { .. }
             | Cmd::Up { .. }
             | Cmd::Chaos { .. }
+            | Cmd::Sim { .. }
             | Cmd::Cluster { command: ClusterCmd::Init { .. } }
     );
     let addrs = if offline { Target::offline() } else { Target::resolve(&cli)? };
@@ -293,6 +300,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         Cmd::Up { nodes, dir, accounts, base_port, no_wait } => {
             up::run_up(&UpOptions { nodes, dir, accounts, base_port, no_wait })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sim { args } => {
+            // The simulator is its own program so that no product crate depends on it.
+            let sim = up::find_sibling("tally-sim");
+            let status = std::process::Command::new(&sim).args(&args).status().map_err(|e| {
+                ClientError::Invalid(format!(
+                    "cannot run {}: {e} (build it with `cargo build --release -p tally-sim`)",
+                    sim.display()
+                ))
+            })?;
+            Ok(ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1)))
         }
         Cmd::Chaos { .. } => {
             eprintln!("tally chaos: not yet implemented in this build");

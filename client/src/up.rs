@@ -65,20 +65,25 @@ impl Drop for Children {
 
 /// `tallyd` next to this executable (cargo puts both in target/<profile>/), else on PATH.
 pub fn find_tallyd() -> PathBuf {
+    find_sibling("tallyd")
+}
+
+/// A program shipped with `tally` (`tallyd`, `tally-sim`): next to this executable, else on PATH.
+pub fn find_sibling(name: &str) -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
-        let candidate = exe.with_file_name("tallyd");
+        let candidate = exe.with_file_name(name);
         if candidate.is_file() {
             return candidate;
         }
         // Test binaries live one level down, in target/<profile>/deps/.
         if let Some(parent) = exe.parent().and_then(Path::parent) {
-            let candidate = parent.join("tallyd");
+            let candidate = parent.join(name);
             if candidate.is_file() {
                 return candidate;
             }
         }
     }
-    PathBuf::from("tallyd")
+    PathBuf::from(name)
 }
 
 /// Starts one `tallyd --config` per node, logging to DIR/node-<i>.log.

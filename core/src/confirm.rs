@@ -19,8 +19,7 @@ pub struct ChainHead {
 /// # Errors
 /// What is wrong with the entry.
 pub fn check_batch_entry(data: &[u8], cluster_id: &ClusterId) -> Result<(), String> {
-    let entry: BatchEntry =
-        decode(data, limits::ENTRY_BYTES_MAX).map_err(|e| format!("not a batch entry: {e}"))?;
+    let entry: BatchEntry = decode(data, limits::ENTRY_BYTES_MAX).map_err(|e| format!("not a batch entry: {e}"))?;
     if entry.header.cluster_id != *cluster_id {
         return Err(format!("a batch of cluster {}, not this one", entry.header.cluster_id.to_hex()));
     }

@@ -47,8 +47,13 @@ pub trait Ledger {
     ///
     /// # Errors
     /// A write that failed; the replica poisons itself.
-    fn apply_batch(&mut self, index: u64, term: u64, entry: &BatchEntry, signature: &Signature)
-        -> Result<(), LedgerError>;
+    fn apply_batch(
+        &mut self,
+        index: u64,
+        term: u64,
+        entry: &BatchEntry,
+        signature: &Signature,
+    ) -> Result<(), LedgerError>;
     /// Applies a no-op or configuration entry: only the applied index moves.
     ///
     /// # Errors
@@ -183,7 +188,8 @@ impl Ledger for MemLedger {
             };
         }
         for (leaf, r) in entry.requests.iter().enumerate() {
-            let loc = RequestLocation { height: h.height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
+            let loc =
+                RequestLocation { height: h.height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
             self.ids.insert(r.id(), loc);
         }
         self.batches.push((entry.clone(), *signature));

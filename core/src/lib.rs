@@ -19,8 +19,8 @@
 
 pub mod confirm;
 pub mod lease;
-pub mod log;
 pub mod ledger;
+pub mod log;
 pub mod pending;
 pub mod replica;
 pub mod sequence;

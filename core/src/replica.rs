@@ -21,13 +21,13 @@
 use crate::confirm::{check_batch_entry, confirm, ChainHead};
 use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
 use crate::ledger::{Ledger, LedgerHead};
+use crate::log::CoreLog;
 use crate::pending::{Pending, PendingBatch};
 use crate::sequence::{execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX};
 use crate::state::{Backing, BatchWrites, SeenIds, View};
 use crate::{Plant, Validated};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
-use crate::log::CoreLog;
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole, Storage};
 use rand::{RngCore, SeedableRng};
@@ -99,10 +99,19 @@ pub type ReadResult = Result<Option<(DocMeta, Vec<u8>)>, WireError>;
 pub enum Effect {
     Send(Message),
     Persist(Persist),
-    Reply { client: ClientTag, reply: SubmitReply },
-    ReadReply { client: ClientTag, result: ReadResult },
+    Reply {
+        client: ClientTag,
+        reply: SubmitReply,
+    },
+    ReadReply {
+        client: ClientTag,
+        result: ReadResult,
+    },
     /// A header this replica signed, once committed (for auditors, and the simulator's checker).
-    Signed { header: tally_codec::BatchHeader, signature: Signature },
+    Signed {
+        header: tally_codec::BatchHeader,
+        signature: Signature,
+    },
 }
 
 /// The log a restarting replica finds on its disk, in the order it was written.
@@ -218,7 +227,10 @@ impl<L: Ledger> Replica<L> {
             if let Some(first) = entries.first() {
                 let last = storage.last_index()?;
                 if first.index > last + 1 {
-                    return Err(StartError::Log(format!("entries from {} follow the log's last index {last}", first.index)));
+                    return Err(StartError::Log(format!(
+                        "entries from {} follow the log's last index {last}",
+                        first.index
+                    )));
                 }
                 storage.wl().append(&entries).map_err(|e| StartError::Log(format!("entries: {e}")))?;
             }
@@ -658,10 +670,7 @@ impl<L: Ledger> Replica<L> {
                 signature: *signature,
             };
             for w in waiters {
-                self.reply(
-                    w,
-                    SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable },
-                );
+                self.reply(w, SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
             }
         }
     }
@@ -729,7 +738,12 @@ impl<L: Ledger> Replica<L> {
                 let a = self.ledger.head();
                 self.seq.mode = Mode::Leading {
                     term,
-                    tip: Tip { height: a.height, hash: a.header_hash, state_digest: a.state_digest, time_ms: a.time_ms },
+                    tip: Tip {
+                        height: a.height,
+                        hash: a.header_hash,
+                        state_digest: a.state_digest,
+                        time_ms: a.time_ms,
+                    },
                 };
             }
             Mode::Following => {
@@ -744,8 +758,8 @@ impl<L: Ledger> Replica<L> {
     fn maybe_close_batch(&mut self) {
         let Mode::Leading { term, mut tip } = self.seq.mode else { return };
         let Some(opened) = self.seq.opened_ms else { return };
-        let due = self.now_ms >= opened + self.cfg.batch_interval_ms
-            || self.seq.queue.len() >= self.cfg.batch_requests_max;
+        let due =
+            self.now_ms >= opened + self.cfg.batch_interval_ms || self.seq.queue.len() >= self.cfg.batch_requests_max;
         if !due || self.seq.pending.len() >= BATCHES_IN_FLIGHT_MAX {
             return;
         }
@@ -808,7 +822,10 @@ impl<L: Ledger> Replica<L> {
                 match self.ledger.receipt(&req.id) {
                     Some(receipt) => {
                         let durable = u8::try_from(self.cfg.voters.len() / 2 + 1).unwrap_or(u8::MAX);
-                        self.reply(client, SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable });
+                        self.reply(
+                            client,
+                            SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable },
+                        );
                     }
                     None => self.refuse(client, ErrorCode::Internal),
                 }
@@ -816,9 +833,10 @@ impl<L: Ledger> Replica<L> {
             }
             out.push((req, client));
         }
-        self.seq
-            .view
-            .prefetch(out.iter().map(|(v, _)| (&v.request.request.signer, &v.request.request.op)), &mut LedgerBacking(&self.ledger));
+        self.seq.view.prefetch(
+            out.iter().map(|(v, _)| (&v.request.request.signer, &v.request.request.op)),
+            &mut LedgerBacking(&self.ledger),
+        );
         let empty = BatchWrites::default();
         let mut funded = Vec::with_capacity(out.len());
         for (req, client) in out {

@@ -24,7 +24,6 @@
 
 use crate::env::Env;
 use crate::handshake::Hello;
-use tally_core::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
 use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
 use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::transport::{TcpTransport, Transport};
@@ -44,6 +43,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_core::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
 use tally_store::wal::Wal;
 
 /// Proposals and commands waiting for the raft thread.

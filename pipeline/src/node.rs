@@ -9,7 +9,6 @@
 
 use crate::s5_commit::Pending;
 use crate::s6_confirm::{ChainHead, ToStore};
-use tally_core::state::SeenIds;
 use crossbeam::channel::{bounded, Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use parking_lot::{Condvar, Mutex};
@@ -18,6 +17,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tally_codec::wire::{Envelope, ServerMessage, SubmitReply, WireError};
 use tally_codec::{ClusterId, DocKey, DocMeta, ErrorCode, PublicKey, RequestLocation, Tables};
+use tally_core::state::SeenIds;
 use tally_failover::env::Env;
 use tally_failover::{Committed, Replicator};
 use tally_store::state::Store;

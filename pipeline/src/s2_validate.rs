@@ -15,12 +15,8 @@ pub const EXPIRY_WINDOW_MAX_MS: u64 = 2 * 60 * 1000;
 /// Signatures per `verify_batch` call.
 pub const VERIFY_CHUNK: usize = 1024;
 
-/// A request that passed stage 2, with the bytes derived while checking it.
-#[derive(Debug, Clone)]
-pub struct Validated {
-    pub request: SignedRequest,
-    pub id: tally_codec::RequestId,
-}
+/// A request that passed stage 2: what enters the replica core.
+pub use tally_core::Validated;
 
 /// Keys already decompressed and checked (point decompression is ~3 µs; accounts repeat).
 /// Bounded: cleared when full. Invalid and weak keys are remembered as such.

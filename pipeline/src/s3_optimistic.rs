@@ -9,8 +9,8 @@
 //! money); those are executed as `Rejected` outcomes and their ids are consumed.
 
 use crate::node::{Shared, Submission};
-use tally_core::state::{BatchWrites, View};
 use tally_codec::{ErrorCode, Operation};
+use tally_core::state::{BatchWrites, View};
 
 /// Filters the submissions of one batch. Duplicates *within* the batch are left for stage 4,
 /// which joins them to the first copy's leaf.

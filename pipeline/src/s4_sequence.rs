@@ -6,29 +6,15 @@
 //! previous one, and hands the batch to stage 5. It never waits for a commit: batch N+1 executes
 //! while N replicates.
 
-use crate::node::{Shared, Submission, Waiter};
+use crate::node::{Shared, Submission};
 use crate::s5_commit::{self, PendingBatch};
-use tally_core::state::{execute, BatchWrites, View};
 use crossbeam::channel::RecvTimeoutError;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_codec::batch::next_state_digest;
-use tally_codec::merkle::{leaf_hash, Tree};
-use tally_codec::{BatchEntry, BatchHeader, Digest, ErrorCode, RequestId};
+use tally_codec::ErrorCode;
+use tally_core::sequence::{entry_bytes_estimate, execute_batch, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX};
+use tally_core::state::View;
 use tally_failover::env::Env;
-
-/// Batches executed but not yet committed, at most. Past this the sequencer waits.
-pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
-
-/// The head of the speculative chain.
-#[derive(Debug, Clone, Copy)]
-pub struct Tip {
-    pub height: u64,
-    pub hash: Digest,
-    pub state_digest: Digest,
-    pub time_ms: u64,
-}
 
 /// Leadership as the sequencer last saw it.
 enum Mode {
@@ -40,47 +26,18 @@ enum Mode {
     },
 }
 
-/// Bytes a request adds to a batch entry, at most: the request itself, its copy in the write
-/// set (a document body), and room for its outcome and write-set key.
-pub fn entry_bytes_estimate(req: &tally_codec::SignedRequest) -> usize {
-    let value = match &req.request.op {
-        tally_codec::Operation::Set { value, .. } => value.len(),
-        _ => 0,
-    };
-    borsh_len(req) + value + 192
-}
-
-fn borsh_len(req: &tally_codec::SignedRequest) -> usize {
-    // signer, signature, cluster, nonce, expiry, op tag: fixed; the value dominates.
-    let op = match &req.request.op {
-        tally_codec::Operation::Set { value, .. } => 16 + 4 + value.len(),
-        tally_codec::Operation::Delete { .. } => 16,
-        tally_codec::Operation::Transfer { .. } => 40,
-    };
-    16 + 32 + 8 + 8 + 1 + op + 64
-}
-
 /// Keeps what fits in one batch of `bytes_max` (estimated); the rest waits for the next batch.
 /// A request that alone is over the bound is refused with `ProposalTooLarge`.
 fn split_by_bytes(subs: Vec<Submission>, bytes_max: usize) -> (Vec<Submission>, Vec<Submission>) {
-    let mut used = 0usize;
-    let mut now = Vec::with_capacity(subs.len());
-    let mut later = Vec::new();
-    for sub in subs {
-        let b = entry_bytes_estimate(&sub.req.request);
-        if b > bytes_max {
+    tally_core::sequence::split_by_bytes(
+        subs,
+        bytes_max,
+        |s| &s.req.request,
+        |s| {
             metrics::counter!("tally_refused_total", "stage" => "sequence").increment(1);
-            sub.waiter.refuse(ErrorCode::ProposalTooLarge);
-            continue;
-        }
-        if !later.is_empty() || used + b > bytes_max {
-            later.push(sub);
-            continue;
-        }
-        used += b;
-        now.push(sub);
-    }
-    (now, later)
+            s.waiter.refuse(ErrorCode::ProposalTooLarge);
+        },
+    )
 }
 
 pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
@@ -188,63 +145,17 @@ fn build_batch(
     wall_ms: u64,
 ) -> Option<PendingBatch> {
     let subs = crate::s3_optimistic::filter(shared, view, subs);
-    // A duplicate inside the batch waits on the first copy's leaf.
-    let mut in_batch: HashMap<RequestId, usize> = HashMap::new();
-
-    // Header time never goes backwards, whatever the wall clock does.
-    let time_ms = wall_ms.max(tip.time_ms);
-    let mut cur = BatchWrites::default();
-    let mut requests = Vec::with_capacity(subs.len());
-    let mut outcomes = Vec::with_capacity(subs.len());
-    let mut ids = Vec::with_capacity(subs.len());
-    let mut waiters: Vec<Vec<Waiter>> = Vec::with_capacity(subs.len());
-    for sub in subs {
-        if let Some(&pos) = in_batch.get(&sub.req.id) {
-            waiters[pos].push(sub.waiter);
-            continue;
-        }
-        // Expired by the batch clock: refused without executing, so an id forgotten after its
-        // expiry can never be executed a second time (stage 2's wall clock may lag the header).
-        if sub.req.request.request.expires_at_ms < time_ms {
-            sub.waiter.refuse(ErrorCode::Expired);
-            continue;
-        }
-        let outcome = execute(view, &mut cur, &sub.req.request.request, time_ms);
-        in_batch.insert(sub.req.id, requests.len());
-        ids.push(sub.req.id);
-        requests.push(sub.req.request);
-        outcomes.push(outcome);
-        waiters.push(vec![sub.waiter]);
-    }
-    if requests.is_empty() {
-        return None;
-    }
-    let leaves: Vec<[u8; 32]> = ids.iter().zip(&outcomes).map(|(id, o)| leaf_hash(id, o)).collect();
-    let tree = Tree::from_leaves(&leaves);
-    let write_set = cur.to_write_set(&shared.tables);
-    let write_set_digest = write_set.digest();
-    let header = BatchHeader {
-        cluster_id: shared.opts.cluster_id,
-        height: tip.height + 1,
-        prev_hash: tip.hash,
-        merkle_root: tree.root(),
-        leaf_count: u32::try_from(requests.len()).expect("batch_requests_max fits in u32"),
-        write_set_digest,
-        state_digest: next_state_digest(&tip.state_digest, &write_set_digest),
-        term,
-        time_ms,
-    };
-    let header_hash = header.hash();
-    *tip = Tip { height: header.height, hash: header_hash, state_digest: header.state_digest, time_ms };
-    view.push_layer(header.height, Arc::new(cur));
-    metrics::histogram!("tally_batch_requests").record(requests.len() as f64);
-    Some(PendingBatch { entry: BatchEntry { header, requests, outcomes, write_set }, header_hash, tree, ids, waiters })
+    let ctx = BatchContext { cluster_id: shared.opts.cluster_id, tables: &shared.tables, term, wall_ms };
+    let subs = subs.into_iter().map(|s| (s.req, s.waiter)).collect();
+    let batch = execute_batch(&ctx, view, tip, subs, |w, code| w.refuse(code))?;
+    metrics::histogram!("tally_batch_requests").record(batch.entry.requests.len() as f64);
+    Some(batch)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::FrameReply;
+    use crate::node::{FrameReply, Waiter};
     use tally_codec::wire::{ServerMessage, SubmitReply};
     use tally_codec::{ClusterId, DocKey, Operation, PublicKey, Request};
 

@@ -5,64 +5,13 @@
 //! exactly-once).
 
 use crate::node::{Shared, Waiter};
-use std::collections::{BTreeMap, HashMap};
-use tally_codec::merkle::Tree;
-use tally_codec::{encode, BatchEntry, Digest, ErrorCode, RequestId};
+use tally_codec::{encode, ErrorCode};
 use tally_failover::ProposeError;
 
-/// A batch proposed but not yet committed.
-pub struct PendingBatch {
-    pub entry: BatchEntry,
-    pub header_hash: Digest,
-    pub tree: Tree,
-    pub ids: Vec<RequestId>,
-    /// Waiters per leaf (a duplicate submission waits on the first copy's leaf).
-    pub waiters: Vec<Vec<Waiter>>,
-}
-
-/// Batches in flight and an index of their request ids.
-#[derive(Default)]
-pub struct Pending {
-    pub batches: BTreeMap<u64, PendingBatch>,
-    ids: HashMap<RequestId, (u64, usize)>,
-}
-
-impl Pending {
-    /// Adds a waiter to an in-flight request with this id; gives the waiter back when there is
-    /// none.
-    pub fn attach(&mut self, id: &RequestId, waiter: Waiter) -> Option<Waiter> {
-        let Some(&(height, leaf)) = self.ids.get(id) else { return Some(waiter) };
-        let batch = self.batches.get_mut(&height).expect("id index points at a pending batch");
-        batch.waiters[leaf].push(waiter);
-        None
-    }
-
-    fn insert(&mut self, batch: PendingBatch) {
-        let height = batch.entry.header.height;
-        if let Some((&last, _)) = self.batches.last_key_value() {
-            assert_eq!(last + 1, height, "pending batches are consecutive");
-        }
-        for (leaf, id) in batch.ids.iter().enumerate() {
-            self.ids.insert(*id, (height, leaf));
-        }
-        self.batches.insert(height, batch);
-    }
-
-    /// Removes and returns the batch at `height`, if pending.
-    pub fn take(&mut self, height: u64) -> Option<PendingBatch> {
-        let b = self.batches.remove(&height)?;
-        for id in &b.ids {
-            self.ids.remove(id);
-        }
-        Some(b)
-    }
-
-    /// Removes every pending batch.
-    pub fn drain(&mut self) -> Vec<PendingBatch> {
-        self.ids.clear();
-        std::mem::take(&mut self.batches).into_values().collect()
-    }
-}
+/// A batch proposed but not yet committed, with the connection slots waiting for it.
+pub type PendingBatch = tally_core::pending::PendingBatch<Waiter>;
+/// Batches in flight and an index of their request ids (see [`tally_core::pending`]).
+pub type Pending = tally_core::pending::Pending<Waiter>;
 
 /// Proposes a batch for `term`. The pending entry is registered first so the commit can never
 /// arrive before its waiters.

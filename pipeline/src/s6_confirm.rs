@@ -8,9 +8,8 @@
 use crate::node::{Applied, Shared};
 use crate::s5_commit::fail_batch;
 use std::sync::Arc;
-use tally_codec::batch::next_state_digest;
 use tally_codec::wire::SubmitReply;
-use tally_codec::{decode, limits, BatchEntry, Digest, ErrorCode, Receipt, RequestLocation};
+use tally_codec::{decode, limits, BatchEntry, ErrorCode, Receipt, RequestLocation};
 use tally_failover::{Committed, EntryKind};
 
 /// Work for the store thread.
@@ -32,12 +31,7 @@ pub enum ToStore {
     },
 }
 
-/// The confirmed chain head, checked against every committed batch.
-pub struct ChainHead {
-    pub height: u64,
-    pub hash: Digest,
-    pub state_digest: Digest,
-}
+pub use tally_core::confirm::ChainHead;
 
 pub fn run(shared: Arc<Shared>, committed_rx: crossbeam::channel::Receiver<Committed>, mut head: ChainHead) {
     while let Ok(c) = committed_rx.recv() {
@@ -62,29 +56,12 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
     let entry: BatchEntry =
         decode(&c.data, limits::ENTRY_BYTES_MAX).expect("a committed entry is a batch this cluster encoded");
     let h = &entry.header;
-    // I2: the header chain is unbroken. I3: the state digest follows from the write sets.
-    assert_eq!(h.height, head.height + 1, "committed batch height {} does not follow {}", h.height, head.height);
-    assert_eq!(h.prev_hash, head.hash, "committed batch {} does not chain to the previous header", h.height);
-    assert_eq!(h.cluster_id, shared.opts.cluster_id, "committed batch from another cluster");
-    // The header's write-set digest is the entry's: the leader built both, and `entry.check()`
-    // below re-derives it on every other replica.
-    assert_eq!(
-        h.state_digest,
-        next_state_digest(&head.state_digest, &h.write_set_digest),
-        "state digest diverged at height {}",
-        h.height
-    );
-    let header_hash = h.hash();
-    // The leader built this batch and still holds its tree; a follower re-derives the root and
-    // the write-set digest from the entry before trusting the header.
-    let built_here = shared.pending.lock().batches.get(&h.height).is_some_and(|b| b.header_hash == header_hash);
-    if !built_here {
-        if let Err(e) = entry.check() {
-            panic!("committed batch {} is inconsistent with its header: {e}", h.height);
-        }
-    }
+    // I2 and I3 (tally_core::confirm): the chain is unbroken, the state digest follows from the
+    // write sets; a follower re-derives the root and write-set digest from the entry, the leader
+    // built this batch and still holds its tree.
+    let built_here = shared.pending.lock().batches.get(&h.height).is_some_and(|b| b.header_hash == h.hash());
+    let header_hash = tally_core::confirm::confirm(head, &entry, &shared.opts.cluster_id, built_here);
     let signature = h.sign(&shared.opts.operator_key);
-    *head = ChainHead { height: h.height, hash: header_hash, state_digest: h.state_digest };
 
     // Ids are recorded as executed before they leave the pending index, so stage 3 always finds
     // a request in one or the other.

@@ -6,29 +6,12 @@ use crate::s6_confirm::{ChainHead, ToStore};
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
+use tally_core::confirm::check_batch_entry;
 use tally_failover::snapshot::{SnapshotSink, SnapshotSource};
 use tally_store::state::StateSnapshot;
 
 /// How long an install waits for the pipeline to drain and apply.
 pub const INSTALL_WAIT: Duration = Duration::from_secs(60);
-
-/// Whether `data` is a batch entry this replica could apply: it decodes (bounded, no trailing
-/// bytes), names this cluster, and its leaf count, Merkle root and write-set digest agree with
-/// its contents. Whether it extends the chain is checked at commit, in order.
-///
-/// # Errors
-/// What is wrong with the entry.
-pub fn check_batch_entry(data: &[u8], cluster_id: &tally_codec::ClusterId) -> Result<(), String> {
-    let entry: tally_codec::BatchEntry = tally_codec::decode(data, tally_codec::limits::ENTRY_BYTES_MAX)
-        .map_err(|e| format!("not a batch entry: {e}"))?;
-    if entry.header.cluster_id != *cluster_id {
-        return Err(format!("a batch of cluster {}, not this one", entry.header.cluster_id.to_hex()));
-    }
-    if entry.header.height == 0 {
-        return Err("a batch at height 0".into());
-    }
-    entry.check().map_err(|e| format!("inconsistent batch at height {}: {e}", entry.header.height))
-}
 
 pub struct PipelineSnapshots {
     pub shared: Weak<Shared>,
@@ -107,11 +90,11 @@ impl SnapshotSink for PipelineSnapshots {
 
 #[cfg(test)]
 mod tests {
-    use super::check_batch_entry;
     use tally_codec::merkle::{leaf_hash, Tree};
     use tally_codec::{
         encode, BatchEntry, BatchHeader, ClusterId, Digest, Operation, Outcome, PublicKey, Request, WriteSet,
     };
+    use tally_core::confirm::check_batch_entry;
 
     fn entry(cluster: ClusterId) -> BatchEntry {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);

@@ -15,10 +15,10 @@
 
 use crate::disk::SimDisk;
 use crate::history::{DocRead, History, Op, OpKind, OpResult, ReplicaFinal, RunRecord, SeenHeader, StoredBatch};
+use raft::eraftpb::Message;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use raft::eraftpb::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey, Receipt, Request, Signature, SignedRequest};
@@ -274,8 +274,7 @@ impl Sim {
         let cluster_id = ClusterId(cluster);
         let operator = ed25519_dalek::SigningKey::from_bytes(&derived_key(seed, "operator", 0));
         let transfer_clients = 4usize;
-        let accounts: Vec<PublicKey> =
-            (0..6).map(|i| PublicKey(derived_key(seed, "account", i))).collect();
+        let accounts: Vec<PublicKey> = (0..6).map(|i| PublicKey(derived_key(seed, "account", i))).collect();
         let doc_owner = PublicKey(derived_key(seed, "doc-owner", 0));
         let hot_keys: Vec<DocKey> = (0..3).map(|i| doc_key(seed, i)).collect();
         let genesis: Vec<(PublicKey, u64)> = accounts.iter().map(|a| (*a, GENESIS_BALANCE)).collect();
@@ -318,7 +317,14 @@ impl Sim {
             });
         }
         for i in 0..2 {
-            clients.push(Client { kind: ClientKind::Docs, target: i % n, nonce: 0, attempt: 0, op: None, expect: None });
+            clients.push(Client {
+                kind: ClientKind::Docs,
+                target: i % n,
+                nonce: 0,
+                attempt: 0,
+                op: None,
+                expect: None,
+            });
         }
         clients.push(Client { kind: ClientKind::Mischief, target: 0, nonce: 0, attempt: 0, op: None, expect: None });
         let stats = RunStats { nodes: n, ..RunStats::default() };
@@ -740,7 +746,8 @@ impl Sim {
                 match self.rng.gen_range(0..20) {
                     0..=8 => {
                         let body = format!("{{\"c\":{c},\"n\":{nonce}}}").into_bytes();
-                        let req = self.sign(self.doc_owner, nonce, Operation::Set { key, value: body.clone() }, expires);
+                        let req =
+                            self.sign(self.doc_owner, nonce, Operation::Set { key, value: body.clone() }, expires);
                         (OpKind::Set { id: req.id(), key, body }, Frame::Submit(req.encode()))
                     }
                     9..=11 => {
@@ -857,7 +864,8 @@ impl Sim {
             // Expired: an earlier attempt may have executed before the id was forgotten.
             ErrorCode::Expired => self.finish_op(c, None),
             _ => {
-                let hinted = e.leader_hint.as_deref().and_then(|h| h.parse::<usize>().ok()).filter(|h| *h >= 1 && *h <= n);
+                let hinted =
+                    e.leader_hint.as_deref().and_then(|h| h.parse::<usize>().ok()).filter(|h| *h >= 1 && *h <= n);
                 self.clients[c].target = match hinted {
                     Some(h) => h - 1,
                     None => (self.clients[c].target + 1) % n,
@@ -903,7 +911,10 @@ impl Sim {
                 None => (vec![0xff; 3], Expect::Code(ErrorCode::Malformed)),
             },
         };
-        if bytes.len() > 3 && matches!(expect, Expect::Code(ErrorCode::Malformed)) && SignedRequest::decode(&bytes).is_ok() {
+        if bytes.len() > 3
+            && matches!(expect, Expect::Code(ErrorCode::Malformed))
+            && SignedRequest::decode(&bytes).is_ok()
+        {
             // Random bytes that happen to decode: not a probe.
             let attempt = self.clients[c].attempt;
             self.at(100, Ev::ClientWake { client: c, attempt, why: Wake::Next });
@@ -932,7 +943,11 @@ impl Sim {
             // nothing either.
             (Expect::SameReceipt(_), SubmitReply::Refused(e)) => matches!(
                 e.code,
-                ErrorCode::NotLeader | ErrorCode::Retry | ErrorCode::Expired | ErrorCode::Overloaded | ErrorCode::LogFailed
+                ErrorCode::NotLeader
+                    | ErrorCode::Retry
+                    | ErrorCode::Expired
+                    | ErrorCode::Overloaded
+                    | ErrorCode::LogFailed
             ),
             _ => false,
         };
@@ -988,7 +1003,11 @@ impl Sim {
                 let i = self.leader().filter(|_| self.rng.gen_bool(0.5)).unwrap_or_else(|| self.rng.gen_range(0..n));
                 if self.nodes[i].replica.is_some() && self.nodes[i].paused.is_none() {
                     // Shorter and longer than the election timeout (500 ms).
-                    let d = if self.rng.gen_bool(0.5) { self.rng.gen_range(50..400) } else { self.rng.gen_range(600..2_500) };
+                    let d = if self.rng.gen_bool(0.5) {
+                        self.rng.gen_range(50..400)
+                    } else {
+                        self.rng.gen_range(600..2_500)
+                    };
                     self.fault("pause");
                     self.seq += 1;
                     let token = self.seq;

@@ -6,12 +6,26 @@ use tally_codec::{BatchHeader, DocKey, ErrorCode, Outcome, PublicKey, Receipt, R
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpKind {
-    Transfer { id: RequestId, from: PublicKey, to: PublicKey, amount: u64 },
+    Transfer {
+        id: RequestId,
+        from: PublicKey,
+        to: PublicKey,
+        amount: u64,
+    },
     /// `body` is a short value; the document's body digest is derived from it.
-    Set { id: RequestId, key: DocKey, body: Vec<u8> },
-    Delete { id: RequestId, key: DocKey },
+    Set {
+        id: RequestId,
+        key: DocKey,
+        body: Vec<u8>,
+    },
+    Delete {
+        id: RequestId,
+        key: DocKey,
+    },
     /// A linearizable read from the leader.
-    Get { key: DocKey },
+    Get {
+        key: DocKey,
+    },
 }
 
 impl OpKind {

@@ -4,9 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
-pub mod history;
 pub mod cluster;
 pub mod disk;
+pub mod history;
 
 pub use cluster::{RunOutput, RunStats, Sim, SimConfig};
 
