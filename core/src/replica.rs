@@ -32,7 +32,6 @@ use raft::storage::MemStorage;
 use raft::{RawNode, StateRole, Storage};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use std::sync::Arc;
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{
     decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, Receipt,
@@ -58,6 +57,12 @@ pub struct ReplicaConfig {
     /// Entries kept in memory behind the applied index for followers that lag; one further
     /// behind gets a snapshot.
     pub log_retain_entries: u64,
+    /// The operator key that signs committed headers (deterministic ed25519: every replica
+    /// signs the same bytes the same way).
+    pub operator_key: ed25519_dalek::SigningKey,
+    /// Seeds the election timeouts (from the OS in production, from the run's seed in the
+    /// simulator).
+    pub election_seed: u64,
     /// A bug planted on purpose, for the simulator to prove it can catch it. `Plant::None` in
     /// production.
     pub plant: Plant,
@@ -184,8 +189,8 @@ pub enum StartError {
 }
 
 impl<L: Ledger> Replica<L> {
-    /// A replica starting on `ledger` (its durable state) and `log` (what its disk holds),
-    /// at monotonic time `now_ms`. `seed` drives its election timeouts.
+    /// A replica starting on `ledger` (its durable state) and `log` (what its disk holds), at
+    /// monotonic time `now_ms`.
     ///
     /// # Errors
     /// A log that raft-rs refuses.
@@ -193,8 +198,6 @@ impl<L: Ledger> Replica<L> {
         cfg: ReplicaConfig,
         ledger: L,
         log: RestoredLog,
-        operator_key: ed25519_dalek::SigningKey,
-        seed: u64,
         now_ms: u64,
         wall_ms: u64,
         logger: &slog::Logger,
@@ -265,8 +268,8 @@ impl<L: Ledger> Replica<L> {
         Ok(Replica {
             tables: Tables::v1(),
             raw,
-            operator_key,
-            rng: ChaCha20Rng::seed_from_u64(seed),
+            operator_key: cfg.operator_key.clone(),
+            rng: ChaCha20Rng::seed_from_u64(cfg.election_seed),
             seq: Sequencer {
                 mode: Mode::Following,
                 view: View::default(),
@@ -864,6 +867,3 @@ fn term_start<S: Storage>(raw: &RawNode<S>) -> u64 {
     assert!(log.term(i).is_ok_and(|t| t == term), "a new leader's log ends with an entry of its term");
     i
 }
-
-/// The operator key as shared state (cheap to clone into each replica).
-pub type OperatorKey = Arc<ed25519_dalek::SigningKey>;

@@ -1,4 +1,6 @@
 //! A replica restarting from what its disk and its durable ledger hold.
+// raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
 
 use raft::eraftpb::{Entry, HardState, Snapshot};
 use tally_codec::ClusterId;
@@ -17,6 +19,8 @@ fn cfg() -> ReplicaConfig {
         batch_requests_max: 100,
         batch_bytes_max: 1 << 20,
         log_retain_entries: 16,
+        operator_key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        election_seed: 1,
         plant: Plant::None,
     }
 }
@@ -42,9 +46,8 @@ fn ledger_at(index: u64, term: u64) -> MemLedger {
 }
 
 fn start(ledger: MemLedger, records: Vec<Persist>) -> Result<Replica<MemLedger>, StartError> {
-    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    Replica::start(cfg(), ledger, RestoredLog { records }, key, 1, 0, 1_700_000_000_000, &logger)
+    Replica::start(cfg(), ledger, RestoredLog { records }, 0, 1_700_000_000_000, &logger)
 }
 
 /// The ledger got ahead of a log that lost its unsynced tail (entries 6–8 gone), and the replica

@@ -289,6 +289,8 @@ impl Sim {
             batch_requests_max: 256,
             batch_bytes_max: 64 * 1024,
             log_retain_entries: 48,
+            operator_key: operator.clone(),
+            election_seed: 0,
             plant: cfg.plant,
         };
         let nodes = (0..n)
@@ -473,19 +475,11 @@ impl Sim {
         nd.was_leader_term = None;
         let mut cfg = self.replica_cfg.clone();
         cfg.node_id = i as u64 + 1;
+        cfg.election_seed = node_seed;
         let ledger = nd.durable.clone();
         let log = nd.disk.restore();
-        let r = Replica::start(
-            cfg,
-            ledger,
-            log,
-            self.operator.clone(),
-            node_seed,
-            nd.clock.mono(self.now),
-            nd.clock.wall(self.now),
-            &self.logger,
-        )
-        .unwrap_or_else(|e| panic!("replica {} does not restart from its own disk: {e}", i + 1));
+        let r = Replica::start(cfg, ledger, log, nd.clock.mono(self.now), nd.clock.wall(self.now), &self.logger)
+            .unwrap_or_else(|e| panic!("replica {} does not restart from its own disk: {e}", i + 1));
         nd.replica = Some(r);
         let life = nd.life;
         let first = self.rng.gen_range(0..TICK_EVENT_MS);
