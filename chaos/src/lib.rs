@@ -9,4 +9,5 @@
 #![forbid(unsafe_code)]
 
 pub mod checker;
+pub mod monkey;
 pub mod proxy;

@@ -139,7 +139,8 @@ pub enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Chaos monkey (not in this build).
+    /// The chaos monkey over real tallyd processes (runs `tally-chaos`, built with `cargo build
+    /// -p tally-chaos`): `tally chaos --nodes 3 --duration 60 --seed 7`.
     Chaos {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -301,22 +302,22 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             up::run_up(&UpOptions { nodes, dir, accounts, base_port, no_wait })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Sim { args } => {
-            // The simulator is its own program so that no product crate depends on it.
-            let sim = up::find_sibling("tally-sim");
-            let status = std::process::Command::new(&sim).args(&args).status().map_err(|e| {
-                ClientError::Invalid(format!(
-                    "cannot run {}: {e} (build it with `cargo build --release -p tally-sim`)",
-                    sim.display()
-                ))
-            })?;
-            Ok(ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1)))
-        }
-        Cmd::Chaos { .. } => {
-            eprintln!("tally chaos: not yet implemented in this build");
-            Ok(ExitCode::from(2))
-        }
+        Cmd::Sim { args } => run_sibling("tally-sim", &args),
+        Cmd::Chaos { args } => run_sibling("tally-chaos", &args),
     }
+}
+
+/// Runs a companion program (`tally-sim`, `tally-chaos`): they are programs of their own so
+/// that no product crate depends on the test tooling.
+fn run_sibling(name: &str, args: &[String]) -> Result<ExitCode, ClientError> {
+    let path = up::find_sibling(name);
+    let status = std::process::Command::new(&path).args(args).status().map_err(|e| {
+        ClientError::Invalid(format!(
+            "cannot run {}: {e} (build it with `cargo build --release -p {name}`)",
+            path.display()
+        ))
+    })?;
+    Ok(ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1)))
 }
 
 /// Where the client connects and how: from `--addr`, `--ca`, `--cluster-dir` and the flags.

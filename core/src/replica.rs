@@ -23,7 +23,9 @@ use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseT
 use crate::ledger::{Ledger, LedgerHead};
 use crate::log::CoreLog;
 use crate::pending::{Pending, PendingBatch};
-use crate::sequence::{execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX};
+use crate::sequence::{
+    batch_time, drop_expired, execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX,
+};
 use crate::state::{Backing, BatchWrites, SeenIds, View};
 use crate::{Plant, Validated};
 use protobuf::Message as _;
@@ -775,6 +777,11 @@ impl<L: Ledger> Replica<L> {
         }
         self.seq.opened_ms = if rest.is_empty() { None } else { Some(self.now_ms) };
         self.seq.queue = rest;
+        let mut expired = Vec::new();
+        let subs = drop_expired(subs, batch_time(self.wall_ms, &tip), |(v, _)| &v.request, |(_, c)| expired.push(c));
+        for c in expired {
+            self.refuse(c, ErrorCode::Expired);
+        }
         let subs = self.optimistic(subs);
         let ctx = BatchContext { cluster_id: self.cfg.cluster_id, tables: &self.tables, term, wall_ms: self.wall_ms };
         let mut refused = Vec::new();

@@ -74,6 +74,31 @@ pub fn split_by_bytes<T>(
     (now, later)
 }
 
+/// The header time of the next batch: the leader's wall clock, never behind the chain.
+pub fn batch_time(wall_ms: u64, tip: &Tip) -> u64 {
+    wall_ms.max(tip.time_ms)
+}
+
+/// Hands the requests expired by the batch clock to `expired` before stage 3 looks at them. An
+/// executed id is forgotten once its expiry passes in batch time, so a replay after that must be
+/// told `Expired`, never given a fresh verdict (stage 2's clock may lag the chain's).
+pub fn drop_expired<T>(
+    items: Vec<T>,
+    time_ms: u64,
+    request: impl Fn(&T) -> &SignedRequest,
+    mut expired: impl FnMut(T),
+) -> Vec<T> {
+    let mut live = Vec::with_capacity(items.len());
+    for item in items {
+        if request(&item).request.expires_at_ms < time_ms {
+            expired(item);
+        } else {
+            live.push(item);
+        }
+    }
+    live
+}
+
 /// What the batch is built for.
 pub struct BatchContext<'a> {
     pub cluster_id: ClusterId,
@@ -95,7 +120,7 @@ pub fn execute_batch<W>(
     mut refuse: impl FnMut(W, ErrorCode),
 ) -> Option<PendingBatch<W>> {
     let mut in_batch: HashMap<RequestId, usize> = HashMap::new();
-    let time_ms = ctx.wall_ms.max(tip.time_ms);
+    let time_ms = batch_time(ctx.wall_ms, tip);
     let mut cur = BatchWrites::default();
     let mut requests = Vec::with_capacity(subs.len());
     let mut outcomes = Vec::with_capacity(subs.len());

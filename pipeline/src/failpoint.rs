@@ -21,3 +21,26 @@ pub fn hit(name: &str) {
 /// Release builds: no failpoints.
 #[cfg(not(debug_assertions))]
 pub fn hit(_name: &str) {}
+
+/// Whether a test armed the behavioural failpoint `name` (a planted bug that stays on while its
+/// file exists; debug builds only). The file is looked up once per process.
+#[cfg(debug_assertions)]
+pub fn enabled(name: &'static str) -> bool {
+    static ARMED: parking_lot::Mutex<Vec<(&'static str, bool)>> = parking_lot::Mutex::new(Vec::new());
+    let mut armed = ARMED.lock();
+    if let Some((_, on)) = armed.iter().find(|(n, _)| *n == name) {
+        return *on;
+    }
+    let on = std::env::var_os("TALLY_FAILPOINT_DIR").is_some_and(|d| std::path::Path::new(&d).join(name).exists());
+    if on {
+        tracing::error!(failpoint = name, "a planted bug is switched on in this replica (tests only)");
+    }
+    armed.push((name, on));
+    on
+}
+
+/// Release builds: no failpoints.
+#[cfg(not(debug_assertions))]
+pub fn enabled(_name: &'static str) -> bool {
+    false
+}

@@ -12,7 +12,9 @@ use crossbeam::channel::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::ErrorCode;
-use tally_core::sequence::{entry_bytes_estimate, execute_batch, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX};
+use tally_core::sequence::{
+    batch_time, drop_expired, entry_bytes_estimate, execute_batch, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX,
+};
 use tally_core::state::View;
 use tally_failover::env::Env;
 
@@ -144,6 +146,8 @@ fn build_batch(
     subs: Vec<Submission>,
     wall_ms: u64,
 ) -> Option<PendingBatch> {
+    let subs =
+        drop_expired(subs, batch_time(wall_ms, tip), |s| &s.req.request, |s| s.waiter.refuse(ErrorCode::Expired));
     let subs = crate::s3_optimistic::filter(shared, view, subs);
     let ctx = BatchContext { cluster_id: shared.opts.cluster_id, tables: &shared.tables, term, wall_ms };
     let subs = subs.into_iter().map(|s| (s.req, s.waiter)).collect();

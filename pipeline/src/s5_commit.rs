@@ -26,6 +26,9 @@ pub fn propose(shared: &Shared, term: u64, batch: PendingBatch) -> Result<(), Pr
     let started = std::time::Instant::now();
     let result = shared.replicator().propose(term, data);
     metrics::histogram!("tally_stage5_propose_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    if result.is_ok() && crate::failpoint::enabled("ack-before-commit") {
+        ack_before_commit(shared, height);
+    }
     if let Err(e) = &result {
         if let Some(b) = shared.pending.lock().take(height) {
             fail_batch(shared, b, refusal_code(e));
@@ -33,6 +36,23 @@ pub fn propose(shared: &Shared, term: u64, batch: PendingBatch) -> Result<(), Pr
         tracing::debug!(error = %e, height, "proposal refused");
     }
     result
+}
+
+/// A planted bug for the chaos monkey's self-test: the batch's clients get their receipts now,
+/// before it is committed (debug builds, failpoint `ack-before-commit`).
+fn ack_before_commit(shared: &Shared, height: u64) {
+    let mut pending = shared.pending.lock();
+    let Some(b) = pending.batches.get_mut(&height) else { return };
+    let signature = b.entry.header.sign(&shared.opts.operator_key);
+    for leaf in 0..b.waiters.len() {
+        let receipt = crate::s6_confirm::receipt_of(b, leaf, &signature);
+        for w in std::mem::take(&mut b.waiters[leaf]) {
+            w.fill(tally_codec::wire::SubmitReply::Committed {
+                receipt: Box::new(receipt.clone()),
+                durable_replicas: 1,
+            });
+        }
+    }
 }
 
 /// What clients are told when the log refuses a proposal: its real cause.

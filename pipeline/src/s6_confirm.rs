@@ -103,21 +103,26 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
 
 fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signature: &tally_codec::Signature) {
     let durable = committed_durable(shared, index);
-    for (leaf, waiters) in b.waiters.into_iter().enumerate() {
-        if waiters.is_empty() {
-            continue;
-        }
-        let receipt = Receipt {
-            request: b.entry.requests[leaf].clone(),
-            outcome: b.entry.outcomes[leaf].clone(),
-            leaf_index: leaf as u32,
-            proof: b.tree.proof(leaf),
-            header: b.entry.header.clone(),
-            signature: *signature,
-        };
+    let receipts: Vec<Option<Receipt>> = (0..b.waiters.len())
+        .map(|leaf| (!b.waiters[leaf].is_empty()).then(|| receipt_of(&b, leaf, signature)))
+        .collect();
+    for (waiters, receipt) in b.waiters.into_iter().zip(receipts) {
+        let Some(receipt) = receipt else { continue };
         for w in waiters {
             w.fill(SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
         }
+    }
+}
+
+/// The receipt of leaf `leaf` of a batch this replica built.
+pub fn receipt_of(b: &crate::s5_commit::PendingBatch, leaf: usize, signature: &tally_codec::Signature) -> Receipt {
+    Receipt {
+        request: b.entry.requests[leaf].clone(),
+        outcome: b.entry.outcomes[leaf].clone(),
+        leaf_index: leaf as u32,
+        proof: b.tree.proof(leaf),
+        header: b.entry.header.clone(),
+        signature: *signature,
     }
 }
 
