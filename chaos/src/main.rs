@@ -23,7 +23,8 @@ struct Args {
     duration: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Comma-separated: kill, pause, partition, leader (or all).
+    /// Comma-separated: kill, pause, partition, leader, delay, disk; `all` is every kind but disk
+    /// (which puts each replica's data on its own tmpfs and needs root).
     #[arg(long, default_value = "all")]
     faults: Faults,
     #[arg(long, default_value_t = 6)]
@@ -48,7 +49,7 @@ fn main() -> ExitCode {
         eprintln!("--nodes must be 3 or 5");
         return ExitCode::from(2);
     }
-    let tallyd = a.tallyd.clone().unwrap_or_else(|| tally_client::up::find_tallyd());
+    let tallyd = a.tallyd.clone().unwrap_or_else(tally_client::up::find_tallyd);
     let cfg = MonkeyConfig {
         nodes: a.nodes,
         duration: Duration::from_secs(a.duration),

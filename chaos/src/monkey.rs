@@ -37,6 +37,11 @@ pub struct Faults {
     pub pause: bool,
     pub partition: bool,
     pub leader: bool,
+    /// Added latency on random peer links.
+    pub delay: bool,
+    /// A replica's data directory runs out of space, then gets it back. Each replica's data then
+    /// lives on its own small tmpfs (needs root for `mount`).
+    pub disk: bool,
 }
 
 impl std::str::FromStr for Faults {
@@ -49,8 +54,16 @@ impl std::str::FromStr for Faults {
                 "pause" => f.pause = true,
                 "partition" => f.partition = true,
                 "leader" => f.leader = true,
-                "all" => f = Faults { kill: true, pause: true, partition: true, leader: true },
-                other => return Err(format!("unknown fault {other:?}: kill, pause, partition, leader, all")),
+                "delay" => f.delay = true,
+                "disk" => f.disk = true,
+                "all" => {
+                    f = Faults { kill: true, pause: true, partition: true, leader: true, delay: true, disk: f.disk };
+                }
+                other => {
+                    return Err(format!(
+                        "unknown fault {other:?}: kill, pause, partition, leader, delay, disk, all (all but disk)"
+                    ))
+                }
             }
         }
         Ok(f)
@@ -133,6 +146,8 @@ struct Node {
 
 struct Cluster {
     nodes: Vec<Node>,
+    /// Per-replica tmpfs mounts holding the data directories (the disk fault).
+    disks: Vec<PathBuf>,
     links: BTreeMap<(usize, usize), Link>,
     tallyd: PathBuf,
     failpoint_dir: Option<PathBuf>,
@@ -213,7 +228,23 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_all();
+        for m in &self.disks {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
     }
+}
+
+fn filler(disk: &Path) -> PathBuf {
+    disk.join("filler")
+}
+
+/// Fills a replica's disk until writes fail with ENOSPC.
+fn fill_disk(disk: &Path) {
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=256"])
+        .arg(format!("of={}", filler(disk).display()))
+        .stderr(Stdio::null())
+        .status();
 }
 
 struct Shared {
@@ -251,6 +282,26 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
             links.insert((i, j), link);
         }
     }
+    let mut disks = Vec::new();
+    if cfg.faults.disk {
+        for i in 0..cfg.nodes {
+            let m = dir.join(format!("disk-{}", i + 1));
+            std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+                .arg(&m)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                for d in &disks {
+                    let _ = Command::new("umount").arg("-l").arg(d).status();
+                }
+                return Err("the disk fault needs `mount -t tmpfs` (root)".into());
+            }
+            layout.configs[i].data_dir = m.join("data").display().to_string();
+            disks.push(m);
+        }
+    }
     for i in 0..cfg.nodes {
         let mut c = layout.configs[i].clone();
         for (j, p) in c.peers.iter_mut().enumerate() {
@@ -279,7 +330,7 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
             paused: false,
         })
         .collect();
-    let mut cluster = Cluster { nodes, links, tallyd: cfg.tallyd.clone(), failpoint_dir };
+    let mut cluster = Cluster { nodes, disks, links, tallyd: cfg.tallyd.clone(), failpoint_dir };
     for i in 0..cfg.nodes {
         cluster.spawn(i).map_err(|e| format!("start {}: {e}", cfg.tallyd.display()))?;
     }
@@ -340,6 +391,7 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
     let mut events: Vec<FaultEvent> = Vec::new();
     let mut restarts: Vec<(Instant, usize)> = Vec::new();
     let mut resumes: Vec<(Instant, usize)> = Vec::new();
+    let mut refills: Vec<(Instant, usize)> = Vec::new();
     let mut heal_at: Option<Instant> = None;
     let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1_000..3_000));
     let fault_until = Instant::now() + cfg.duration;
@@ -355,6 +407,10 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
             cluster.resume(*i);
         }
         resumes.retain(|(t, _)| *t > now);
+        for (_, i) in refills.iter().filter(|(t, _)| *t <= now) {
+            let _ = std::fs::remove_file(filler(&cluster.disks[*i]));
+        }
+        refills.retain(|(t, _)| *t > now);
         if heal_at.is_some_and(|t| t <= now) {
             cluster.heal_links();
             heal_at = None;
@@ -385,6 +441,12 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
         }
         if cfg.faults.partition && heal_at.is_none() {
             kinds.extend(["partition-minority", "partition-isolate-leader", "partition-bridge", "drop-connections"]);
+        }
+        if cfg.faults.delay && heal_at.is_none() {
+            kinds.push("delay");
+        }
+        if cfg.faults.disk && room && refills.is_empty() {
+            kinds.push("disk-full");
         }
         let Some(&kind) = kinds.choose(&mut rng) else { continue };
         let at_ms = shared.now_ms();
@@ -438,6 +500,26 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
                 hit.push(ids[0]);
                 heal_at = Some(now + Duration::from_millis(rng.gen_range(1_000..5_000)));
             }
+            "delay" => {
+                let mut links: Vec<(usize, usize)> = cluster.links.keys().copied().collect();
+                links.shuffle(&mut rng);
+                let k = rng.gen_range(1..=links.len());
+                let ms = rng.gen_range(20..300);
+                for l in &links[..k] {
+                    cluster.links[l].set_delay(ms);
+                    hit.push(l.0);
+                }
+                hit.sort_unstable();
+                hit.dedup();
+                heal_at = Some(now + Duration::from_millis(rng.gen_range(1_000..5_000)));
+            }
+            "disk-full" => {
+                if let Some(&i) = up.choose(&mut rng) {
+                    fill_disk(&cluster.disks[i]);
+                    refills.push((now + Duration::from_millis(rng.gen_range(2_000..6_000)), i));
+                    hit.push(i);
+                }
+            }
             _ => {
                 // Dropped connections: every link cut and restored at once.
                 let all: Vec<usize> = (0..n).collect();
@@ -458,6 +540,9 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
     // Heal everything; the clients go on, so progress after healing is measured under load.
     let healed_at_ms = shared.now_ms();
     cluster.heal_links();
+    for d in &cluster.disks {
+        let _ = std::fs::remove_file(filler(d));
+    }
     for i in 0..n {
         cluster.resume(i);
         if cluster.nodes[i].child.is_none() {

@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct Link {
     pub listen: String,
     cut: Arc<AtomicBool>,
+    /// Added to every chunk forwarded (milliseconds).
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     live: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
 }
@@ -30,7 +32,8 @@ impl Link {
         let cut = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, l, s, target) = (cut.clone(), live.clone(), stop.clone(), target.to_string());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, l, s, target, d) = (cut.clone(), live.clone(), stop.clone(), target.to_string(), delay_ms.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Acquire) {
                 let Ok((inbound, _)) = listener.accept() else {
@@ -56,11 +59,11 @@ impl Link {
                         }
                     }
                 }
-                pump(&pair[0], &pair[1]);
-                pump(&pair[1], &pair[0]);
+                pump(&pair[0], &pair[1], d.clone());
+                pump(&pair[1], &pair[0], d.clone());
             }
         });
-        Ok(Link { listen, cut, live, stop })
+        Ok(Link { listen, cut, delay_ms, live, stop })
     }
 
     /// Cuts the link: live connections close, new ones are refused.
@@ -73,8 +76,15 @@ impl Link {
         }
     }
 
+    /// Heals a cut and removes any added delay.
     pub fn heal(&self) {
         self.cut.store(false, Ordering::Release);
+        self.delay_ms.store(0, Ordering::Release);
+    }
+
+    /// Delays every chunk forwarded from now on by `ms` (a slow or congested link).
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::Release);
     }
 }
 
@@ -85,7 +95,7 @@ impl Drop for Link {
     }
 }
 
-fn pump(from: &TcpStream, to: &TcpStream) {
+fn pump(from: &TcpStream, to: &TcpStream, delay_ms: Arc<std::sync::atomic::AtomicU64>) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else { return };
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -93,6 +103,10 @@ fn pump(from: &TcpStream, to: &TcpStream) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    let d = delay_ms.load(Ordering::Acquire);
+                    if d > 0 {
+                        std::thread::sleep(Duration::from_millis(d));
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }

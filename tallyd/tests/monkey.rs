@@ -25,11 +25,22 @@ fn config(seed: u64, secs: u64, faults: &str, plant: Option<&str>) -> (tempfile:
     (dir, cfg)
 }
 
+/// Every fault kind; the disk fault needs `mount -t tmpfs` (root) and is left out, with a
+/// message, where that is refused.
 #[test]
 fn a_short_monkey_run_with_every_fault_kind_keeps_every_invariant() {
-    let (dir, cfg) = config(11, 60, "all", None);
-    assert_eq!(cfg.faults, Faults { kill: true, pause: true, partition: true, leader: true });
-    let r = monkey::run(&cfg).expect("monkey run");
+    let (dir, cfg) = config(11, 60, "all,disk", None);
+    assert_eq!(cfg.faults, Faults { kill: true, pause: true, partition: true, leader: true, delay: true, disk: true });
+    let r = match monkey::run(&cfg) {
+        Err(e) if e.contains("root") => {
+            eprintln!("the disk fault is left out: {e}");
+            let mut cfg = cfg.clone();
+            cfg.faults.disk = false;
+            cfg.base_port = common::free_base_port(3);
+            monkey::run(&cfg).expect("monkey run")
+        }
+        other => other.expect("monkey run"),
+    };
     let text = monkey::summary(&r);
     eprintln!("{text}");
     monkey::write_report(&r, dir.path()).expect("report");
