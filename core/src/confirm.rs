@@ -13,20 +13,33 @@ pub struct ChainHead {
     pub state_digest: Digest,
 }
 
+/// Why a log entry can never be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("not a batch entry: {0}")]
+    NotABatch(tally_codec::CodecError),
+    #[error("a batch of cluster {0}, not this one")]
+    OtherCluster(String),
+    #[error("a batch at height 0")]
+    HeightZero,
+    #[error("inconsistent batch at height {height}: {why}")]
+    Inconsistent { height: u64, why: tally_codec::CodecError },
+}
+
 /// Whether `data` could be applied when it commits: a consistent batch of this cluster. Judged
 /// before a follower appends an entry, so nothing that can never apply reaches its log.
 ///
 /// # Errors
 /// What is wrong with the entry.
-pub fn check_batch_entry(data: &[u8], cluster_id: &ClusterId) -> Result<(), String> {
-    let entry: BatchEntry = decode(data, limits::ENTRY_BYTES_MAX).map_err(|e| format!("not a batch entry: {e}"))?;
+pub fn check_batch_entry(data: &[u8], cluster_id: &ClusterId) -> Result<(), EntryError> {
+    let entry: BatchEntry = decode(data, limits::ENTRY_BYTES_MAX).map_err(EntryError::NotABatch)?;
     if entry.header.cluster_id != *cluster_id {
-        return Err(format!("a batch of cluster {}, not this one", entry.header.cluster_id.to_hex()));
+        return Err(EntryError::OtherCluster(entry.header.cluster_id.to_hex()));
     }
     if entry.header.height == 0 {
-        return Err("a batch at height 0".into());
+        return Err(EntryError::HeightZero);
     }
-    entry.check().map_err(|e| format!("inconsistent batch at height {}: {e}", entry.header.height))
+    entry.check().map_err(|why| EntryError::Inconsistent { height: entry.header.height, why })
 }
 
 /// Checks that committed `entry` follows `head` and moves the head to it. `built_here`: the

@@ -183,6 +183,14 @@ impl<L: Ledger> Backing for LedgerBacking<'_, L> {
 }
 
 #[derive(Debug, thiserror::Error)]
+enum InstallError {
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("raft log: {0}")]
+    Log(#[from] raft::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
@@ -505,25 +513,18 @@ impl<L: Ledger> Replica<L> {
                 }
             }
         }
-        if t == MessageType::MsgSnapshot && self.ledger_check_snapshot(m.get_snapshot()).is_err() {
-            return;
+        if t == MessageType::MsgSnapshot && m.get_snapshot().data.is_empty() {
+            return; // a snapshot without state: nothing to install
         }
         let _ = self.raw.step(m);
     }
 
-    fn check_entry(&self, e: &Entry) -> Result<(), String> {
+    fn check_entry(&self, e: &Entry) -> Result<(), crate::confirm::EntryError> {
         match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => Ok(()),
             EntryType::EntryNormal => check_batch_entry(&e.data, &self.cfg.cluster_id),
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Ok(()),
         }
-    }
-
-    fn ledger_check_snapshot(&self, s: &Snapshot) -> Result<(), String> {
-        if s.data.is_empty() {
-            return Err("a snapshot without state".into());
-        }
-        Ok(())
     }
 
     /// Handles every pending Ready following raft-rs's rules.
@@ -573,10 +574,10 @@ impl<L: Ledger> Replica<L> {
         self.out.extend(msgs.into_iter().map(Effect::Send));
     }
 
-    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
-        self.ledger.install(&snap.data).map_err(|e| e.to_string())?;
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), InstallError> {
+        self.ledger.install(&snap.data)?;
         let meta = snap.get_metadata();
-        self.raw.mut_store().mem.wl().apply_snapshot(snap.clone()).map_err(|e| e.to_string())?;
+        self.raw.mut_store().mem.wl().apply_snapshot(snap.clone())?;
         let h = self.ledger.head();
         assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
         self.head = ChainHead { height: h.height, hash: h.header_hash, state_digest: h.state_digest };

@@ -7,7 +7,7 @@
 //!                                   └──▶ store thread (s7) ──▶ LevelDB + segments
 //! ```
 
-use crate::s5_commit::Pending;
+use crate::s5_propose::Pending;
 use crate::s6_confirm::{ChainHead, ToStore};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use ed25519_dalek::SigningKey;
@@ -333,7 +333,7 @@ impl Node {
         })?;
         spawn("store", {
             let s = shared.clone();
-            move || crate::s7_signatures::run(s, store_rx)
+            move || crate::s7_apply::run(s, store_rx)
         })?;
         let snapshots = Arc::new(crate::snapshots::PipelineSnapshots { shared: Arc::downgrade(&shared) });
         let replicator = make_replicator(committed_tx, applied.index, snapshots)?;

@@ -23,7 +23,7 @@ pub fn filter(shared: &Shared, view: &mut View, subs: Vec<Submission>) -> Vec<Su
             let id = req.id;
             let Some(waiter) = pending.attach(&id, waiter) else { continue };
             if let Some((height, _)) = seen.get(&id) {
-                crate::s7_signatures::answer_with_stored_receipt(shared, id, height, waiter);
+                crate::s7_apply::answer_with_stored_receipt(shared, id, height, waiter);
                 continue;
             }
             out.push(Submission { req, waiter });

@@ -7,7 +7,7 @@
 //! while N replicates.
 
 use crate::node::{Shared, Submission};
-use crate::s5_commit::{self, PendingBatch};
+use crate::s5_propose::{self, PendingBatch};
 use crossbeam::channel::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,9 +91,9 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
         let batch = build_batch(&shared, &mut view, *term, tip, subs, env.wall_ms());
         metrics::histogram!("tally_stage4_sequence_ms").record(started.elapsed().as_secs_f64() * 1e3);
         if let Some(batch) = batch {
-            if let Err(e) = s5_commit::propose(&shared, *term, batch) {
+            if let Err(e) = s5_propose::propose(&shared, *term, batch) {
                 tracing::warn!(error = %e, term, "proposal refused; leaving the leader role");
-                s5_commit::fail_all_pending(&shared, s5_commit::refusal_code(&e));
+                s5_propose::fail_all_pending(&shared, s5_propose::refusal_code(&e));
                 view.reset();
                 mode = Mode::Following;
             }
@@ -109,13 +109,13 @@ fn update_mode(shared: &Shared, view: &mut View, mode: Mode) -> Mode {
         Mode::Leading { term, tip } if role.is_leader && role.term == term => Mode::Leading { term, tip },
         Mode::Leading { term, .. } => {
             tracing::info!(old_term = term, new_term = role.term, "lost leadership; discarding uncommitted batches");
-            s5_commit::fail_all_pending(shared, ErrorCode::Retry);
+            s5_propose::fail_all_pending(shared, ErrorCode::Retry);
             view.reset();
             Mode::Following
         }
         Mode::Following if role.is_leader && shared.applied_index() >= role.term_start_index => {
             // Everything committed before this term is applied: the store is the chain head.
-            s5_commit::fail_all_pending(shared, ErrorCode::Retry);
+            s5_propose::fail_all_pending(shared, ErrorCode::Retry);
             view.reset();
             let a = shared.store.lock().applied();
             let time_ms = shared.store_time_ms();

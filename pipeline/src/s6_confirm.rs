@@ -6,7 +6,7 @@
 //! hands the batch to the store thread. Nothing claiming success is sent before this point.
 
 use crate::node::{Applied, Shared};
-use crate::s5_commit::fail_batch;
+use crate::s5_propose::fail_batch;
 use std::sync::Arc;
 use tally_codec::wire::SubmitReply;
 use tally_codec::{decode, limits, BatchEntry, ErrorCode, Receipt, RequestLocation};
@@ -101,7 +101,7 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
     ToStore::Batch { index: c.index, term: c.term, entry: Box::new(entry), signature }
 }
 
-fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signature: &tally_codec::Signature) {
+fn answer(shared: &Shared, index: u64, b: crate::s5_propose::PendingBatch, signature: &tally_codec::Signature) {
     let durable = committed_durable(shared, index);
     let receipts: Vec<Option<Receipt>> = (0..b.waiters.len())
         .map(|leaf| (!b.waiters[leaf].is_empty()).then(|| receipt_of(&b, leaf, signature)))
@@ -115,7 +115,7 @@ fn answer(shared: &Shared, index: u64, b: crate::s5_commit::PendingBatch, signat
 }
 
 /// The receipt of leaf `leaf` of a batch this replica built.
-pub fn receipt_of(b: &crate::s5_commit::PendingBatch, leaf: usize, signature: &tally_codec::Signature) -> Receipt {
+pub fn receipt_of(b: &crate::s5_propose::PendingBatch, leaf: usize, signature: &tally_codec::Signature) -> Receipt {
     Receipt {
         request: b.entry.requests[leaf].clone(),
         outcome: b.entry.outcomes[leaf].clone(),

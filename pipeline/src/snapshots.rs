@@ -37,7 +37,7 @@ impl SnapshotSource for PipelineSnapshots {
 impl SnapshotSink for PipelineSnapshots {
     fn check_entry(&self, data: &[u8]) -> Result<(), String> {
         let shared = self.shared.upgrade().ok_or("node stopped")?;
-        check_batch_entry(data, &shared.opts.cluster_id)
+        check_batch_entry(data, &shared.opts.cluster_id).map_err(|e| e.to_string())
     }
 
     fn check_snapshot(&self, state: &[u8]) -> Result<(), String> {
@@ -69,7 +69,7 @@ impl SnapshotSink for PipelineSnapshots {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        crate::s5_commit::fail_all_pending(&shared, tally_codec::ErrorCode::Retry);
+        crate::s5_propose::fail_all_pending(&shared, tally_codec::ErrorCode::Retry);
         *shared.head_reset.lock() = Some(ChainHead {
             height: snap.applied.height,
             hash: snap.applied.header_hash,
@@ -129,11 +129,12 @@ mod tests {
     fn only_a_consistent_batch_of_this_cluster_passes() {
         let ours = ClusterId([7; 16]);
         assert_eq!(check_batch_entry(&encode(&entry(ours)), &ours), Ok(()));
-        assert!(check_batch_entry(&[0xAB; 64], &ours).is_err_and(|e| e.contains("not a batch entry")));
-        assert!(check_batch_entry(&encode(&entry(ClusterId([8; 16]))), &ours).is_err_and(|e| e.contains("cluster")));
+        assert!(check_batch_entry(&[0xAB; 64], &ours).is_err_and(|e| e.to_string().contains("not a batch entry")));
+        assert!(check_batch_entry(&encode(&entry(ClusterId([8; 16]))), &ours)
+            .is_err_and(|e| e.to_string().contains("cluster")));
         let mut bad_root = entry(ours);
         bad_root.header.merkle_root = Digest([1; 32]);
-        assert!(check_batch_entry(&encode(&bad_root), &ours).is_err_and(|e| e.contains("inconsistent")));
+        assert!(check_batch_entry(&encode(&bad_root), &ours).is_err_and(|e| e.to_string().contains("inconsistent")));
         let mut bad_count = entry(ours);
         bad_count.header.leaf_count = 2;
         assert!(check_batch_entry(&encode(&bad_count), &ours).is_err());

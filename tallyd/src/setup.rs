@@ -322,7 +322,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
                 tracing::error!(reason = %why, "this replica stopped writing; it serves status and stale reads only");
                 reported_failure = true;
             }
-            if !tally_pipeline::s5_commit::is_disk_full(&why) {
+            if !tally_pipeline::s5_propose::is_disk_full(&why) {
                 // Not a full disk (an I/O error, a broken store): end the replica; a supervisor
                 // restarts it and a backup leads meanwhile.
                 return Err(format!("replica stopped: {why}"));

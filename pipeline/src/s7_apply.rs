@@ -1,4 +1,4 @@
-//! Stage 7: signatures are stored, keyed by height, with the batch, so any replica can serve
+//! Stage 7: apply. Committed batches and their signatures are stored, keyed by height, so any replica can serve
 //! any receipt later. This module owns the store thread, which applies committed batches in
 //! order (one atomic write each), makes the store durable before the log may be compacted, and
 //! serves stored receipts.

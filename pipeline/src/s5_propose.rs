@@ -1,4 +1,4 @@
-//! Stage 5: commit. The batch (header, requests, outcomes, write set) is proposed to the
+//! Stage 5: propose. The batch (header, requests, outcomes, write set) is proposed to the
 //! replicated log; it commits once a majority has fsynced it. Until then its waiters sit in
 //! [`Pending`], keyed by height. Batches commit in order; if leadership is lost, every batch
 //! still pending is discarded and its clients are told to retry (the same bytes, so the retry is
