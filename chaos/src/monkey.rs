@@ -770,6 +770,10 @@ fn client_loop(c: usize, seed: u64, shared: &Shared, keys: &[ed25519_dalek::Sign
             };
             let reply = conn.call_timeout(msg.clone(), CALL_TIMEOUT);
             let next = |t: usize| (t + 1) % n;
+            // The replica a refusal points at, when it names one we know.
+            let hinted = |e: &tally_codec::wire::WireError| {
+                e.leader_hint.as_deref().and_then(|h| shared.addrs.iter().position(|a| a == h))
+            };
             match reply {
                 Ok(ServerMessage::Submitted(replies)) => match replies.into_iter().next() {
                     Some(SubmitReply::Committed { receipt, .. }) if Some(receipt.request.id()) == kind.id() => {
@@ -787,11 +791,7 @@ fn client_loop(c: usize, seed: u64, shared: &Shared, keys: &[ed25519_dalek::Sign
                         }
                         ErrorCode::Expired => break,
                         _ => {
-                            target = e
-                                .leader_hint
-                                .as_deref()
-                                .and_then(|h| shared.addrs.iter().position(|a| a == h))
-                                .unwrap_or_else(|| next(target));
+                            target = hinted(&e).unwrap_or_else(|| next(target));
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     },
@@ -801,11 +801,7 @@ fn client_loop(c: usize, seed: u64, shared: &Shared, keys: &[ed25519_dalek::Sign
                     result = Some(OpResult::Read(d.map(|v| DocRead { revision: v.revision, body: v.value })));
                 }
                 Ok(ServerMessage::Error(e)) => {
-                    target = e
-                        .leader_hint
-                        .as_deref()
-                        .and_then(|h| shared.addrs.iter().position(|a| a == h))
-                        .unwrap_or_else(|| next(target));
+                    target = hinted(&e).unwrap_or_else(|| next(target));
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 _ => {

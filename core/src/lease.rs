@@ -81,6 +81,30 @@ impl LeaseTracker {
     }
 }
 
+impl LeaseTracker {
+    /// Records the ack a heartbeat response to this leader's probe carries (any other message,
+    /// or one from another term, is no ack).
+    pub fn observe<S: raft::Storage>(&mut self, m: &raft::eraftpb::Message, raft: &raft::Raft<S>) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeatResponse
+            && raft.state == raft::StateRole::Leader
+            && m.term == raft.term
+        {
+            if let Some((term, sent_ms)) = parse_probe_context(&m.context) {
+                self.on_ack(m.from, term, sent_ms);
+            }
+        }
+    }
+}
+
+/// Whether a (pre-)vote request must be ignored because this replica started less than one
+/// election timeout ago (`ticks` ticks): it may have acknowledged a leader's lease just before it
+/// restarted, and stays silent until that lease can have run out.
+pub fn ignore_vote_while_starting(m: &raft::eraftpb::Message, ticks: u64, election_ticks: u64) -> bool {
+    let t = m.get_msg_type();
+    (t == raft::eraftpb::MessageType::MsgRequestVote || t == raft::eraftpb::MessageType::MsgRequestPreVote)
+        && ticks < election_ticks
+}
+
 /// The latest send time acknowledged by a quorum of every non-empty voter set: the quorum-th
 /// most recent ack. The leader counts itself as acking at `now_ms`.
 pub fn quorum_ack_ms(voter_sets: &[&[u64]], self_id: u64, now_ms: u64, acks: &HashMap<u64, u64>) -> Option<u64> {

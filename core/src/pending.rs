@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use tally_codec::merkle::Tree;
-use tally_codec::{BatchEntry, Digest, RequestId};
+use tally_codec::{BatchEntry, Digest, Receipt, RequestId, Signature};
 
 /// A batch proposed but not yet committed.
 pub struct PendingBatch<W> {
@@ -17,6 +17,20 @@ pub struct PendingBatch<W> {
     pub ids: Vec<RequestId>,
     /// Waiters per leaf (a duplicate submission waits on the first copy's leaf).
     pub waiters: Vec<Vec<W>>,
+}
+
+impl<W> PendingBatch<W> {
+    /// The receipt of leaf `leaf`, with the header's signature.
+    pub fn receipt(&self, leaf: usize, signature: &Signature) -> Receipt {
+        Receipt {
+            request: self.entry.requests[leaf].clone(),
+            outcome: self.entry.outcomes[leaf].clone(),
+            leaf_index: leaf as u32,
+            proof: self.tree.proof(leaf),
+            header: self.entry.header.clone(),
+            signature: *signature,
+        }
+    }
 }
 
 /// Batches in flight, by height, and an index of their request ids.

@@ -19,7 +19,7 @@
 //! poisons itself and goes silent, so the others elect a leader.
 
 use crate::confirm::{check_batch_entry, confirm, ChainHead};
-use crate::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
+use crate::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use crate::ledger::{Ledger, LedgerHead};
 use crate::log::CoreLog;
 use crate::pending::{Pending, PendingBatch};
@@ -489,21 +489,10 @@ impl<L: Ledger> Replica<L> {
 
     fn on_peer(&mut self, m: Message) {
         let t = m.get_msg_type();
-        if (t == MessageType::MsgRequestVote || t == MessageType::MsgRequestPreVote)
-            && self.ticks < self.cfg.election_ticks as u64
-        {
-            // This voter may have acknowledged a leader's lease just before it restarted; it
-            // stays silent for one election timeout so that lease can run out.
+        if ignore_vote_while_starting(&m, self.ticks, self.cfg.election_ticks as u64) {
             return;
         }
-        if t == MessageType::MsgHeartbeatResponse
-            && self.raw.raft.state == StateRole::Leader
-            && m.term == self.raw.raft.term
-        {
-            if let Some((term, sent_ms)) = parse_probe_context(&m.context) {
-                self.lease.on_ack(m.from, term, sent_ms);
-            }
-        }
+        self.lease.observe(&m, &self.raw.raft);
         if t == MessageType::MsgAppend {
             for e in m.get_entries() {
                 if let Err(_why) = self.check_entry(e) {
@@ -663,18 +652,11 @@ impl<L: Ledger> Replica<L> {
 
     fn answer(&mut self, b: PendingBatch<ClientTag>, signature: &Signature) {
         let durable = u8::try_from(self.cfg.voters.len() / 2 + 1).unwrap_or(u8::MAX);
-        for (leaf, waiters) in b.waiters.into_iter().enumerate() {
-            if waiters.is_empty() {
-                continue;
-            }
-            let receipt = Receipt {
-                request: b.entry.requests[leaf].clone(),
-                outcome: b.entry.outcomes[leaf].clone(),
-                leaf_index: leaf as u32,
-                proof: b.tree.proof(leaf),
-                header: b.entry.header.clone(),
-                signature: *signature,
-            };
+        let receipts: Vec<Option<Receipt>> = (0..b.waiters.len())
+            .map(|leaf| (!b.waiters[leaf].is_empty()).then(|| b.receipt(leaf, signature)))
+            .collect();
+        for (waiters, receipt) in b.waiters.into_iter().zip(receipts) {
+            let Some(receipt) = receipt else { continue };
             for w in waiters {
                 self.reply(w, SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
             }
@@ -865,7 +847,7 @@ impl<L: Ledger> Replica<L> {
 }
 
 /// Index of the leader's first entry of its current term (its no-op).
-fn term_start<S: Storage>(raw: &RawNode<S>) -> u64 {
+pub fn term_start<S: Storage>(raw: &RawNode<S>) -> u64 {
     let log = &raw.raft.raft_log;
     let term = raw.raft.term;
     let mut i = log.last_index();

@@ -43,7 +43,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_codec::limits::FRAME_BYTES_MAX;
-use tally_core::lease::{lease_duration_ms, parse_probe_context, probe_context, LeaseTracker};
+use tally_core::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
+use tally_core::replica::term_start;
 use tally_store::wal::Wal;
 
 /// Proposals and commands waiting for the raft thread.
@@ -637,21 +638,11 @@ impl Node {
 
     fn on_message(&mut self, m: Message) {
         let t = m.get_msg_type();
-        if (t == MessageType::MsgRequestVote || t == MessageType::MsgRequestPreVote) && self.ticks < self.election_ticks
-        {
-            // This voter may have acknowledged a leader's lease just before it restarted; it
-            // stays silent for one election timeout so that lease can run out.
-            tracing::debug!(node = self.id, from = m.from, "vote request ignored during the start-up quiet period");
+        if ignore_vote_while_starting(&m, self.ticks, self.election_ticks) {
+            tracing::debug!(node = self.id, from = m.from, ?t, "vote request ignored during the start-up quiet period");
             return;
         }
-        if t == MessageType::MsgHeartbeatResponse
-            && self.raw.raft.state == StateRole::Leader
-            && m.term == self.raw.raft.term
-        {
-            if let Some((term, sent_ms)) = parse_probe_context(&m.context) {
-                self.lease.on_ack(m.from, term, sent_ms);
-            }
-        }
+        self.lease.observe(&m, &self.raw.raft);
         if let Err(why) = self.check_payload(&m) {
             // Defence in depth behind mutual TLS: a peer that sends what can never be applied
             // is ignored, and nothing of it reaches the log.
@@ -992,18 +983,6 @@ fn check_conf_context(node_id: u64, context: &[u8]) -> Result<(), String> {
         return Err(format!("conf change for node {node_id} carries node {}'s address", addr.node_id));
     }
     Ok(())
-}
-
-/// Index of the leader's first entry of its current term (its no-op).
-fn term_start<S: raft::Storage>(raw: &RawNode<S>) -> u64 {
-    let log = &raw.raft.raft_log;
-    let term = raw.raft.term;
-    let mut i = log.last_index();
-    while i > log.first_index() && log.term(i - 1).is_ok_and(|t| t == term) {
-        i -= 1;
-    }
-    assert!(log.term(i).is_ok_and(|t| t == term), "a new leader's log ends with an entry of its term");
-    i
 }
 
 /// Makes the stored commit index cover what the state store already applied, and returns the

@@ -45,7 +45,7 @@ fn ack_before_commit(shared: &Shared, height: u64) {
     let Some(b) = pending.batches.get_mut(&height) else { return };
     let signature = b.entry.header.sign(&shared.opts.operator_key);
     for leaf in 0..b.waiters.len() {
-        let receipt = crate::s6_confirm::receipt_of(b, leaf, &signature);
+        let receipt = b.receipt(leaf, &signature);
         for w in std::mem::take(&mut b.waiters[leaf]) {
             w.fill(tally_codec::wire::SubmitReply::Committed {
                 receipt: Box::new(receipt.clone()),

@@ -103,26 +103,13 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
 
 fn answer(shared: &Shared, index: u64, b: crate::s5_propose::PendingBatch, signature: &tally_codec::Signature) {
     let durable = committed_durable(shared, index);
-    let receipts: Vec<Option<Receipt>> = (0..b.waiters.len())
-        .map(|leaf| (!b.waiters[leaf].is_empty()).then(|| receipt_of(&b, leaf, signature)))
-        .collect();
+    let receipts: Vec<Option<Receipt>> =
+        (0..b.waiters.len()).map(|leaf| (!b.waiters[leaf].is_empty()).then(|| b.receipt(leaf, signature))).collect();
     for (waiters, receipt) in b.waiters.into_iter().zip(receipts) {
         let Some(receipt) = receipt else { continue };
         for w in waiters {
             w.fill(SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
         }
-    }
-}
-
-/// The receipt of leaf `leaf` of a batch this replica built.
-pub fn receipt_of(b: &crate::s5_propose::PendingBatch, leaf: usize, signature: &tally_codec::Signature) -> Receipt {
-    Receipt {
-        request: b.entry.requests[leaf].clone(),
-        outcome: b.entry.outcomes[leaf].clone(),
-        leaf_index: leaf as u32,
-        proof: b.tree.proof(leaf),
-        header: b.entry.header.clone(),
-        signature: *signature,
     }
 }
 
