@@ -59,6 +59,13 @@ pub trait Ledger {
     /// # Errors
     /// A write that failed.
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError>;
+    /// Applies a configuration change entry: the voters from `index` on.
+    ///
+    /// # Errors
+    /// A write that failed.
+    fn apply_conf(&mut self, index: u64, term: u64, voters: Vec<u64>) -> Result<(), LedgerError>;
+    /// The voters as of the applied index; `None` while the initial configuration holds.
+    fn voters(&self) -> Option<Vec<u64>>;
     /// The whole state, to send to a replica that fell behind the log.
     fn export(&self) -> Vec<u8>;
     /// Replaces the state with an exported one.
@@ -74,6 +81,7 @@ pub struct MemLedger {
     head: LedgerHead,
     kv: BTreeMap<Vec<u8>, Vec<u8>>,
     batches: Vec<(BatchEntry, Signature)>,
+    voters: Option<Vec<u64>>,
     #[borsh(skip)]
     ids: HashMap<RequestId, RequestLocation>,
 }
@@ -208,6 +216,14 @@ impl Ledger for MemLedger {
         self.head.index = index;
         self.head.term = term;
         Ok(())
+    }
+    fn apply_conf(&mut self, index: u64, term: u64, voters: Vec<u64>) -> Result<(), LedgerError> {
+        self.apply_noop(index, term)?;
+        self.voters = Some(voters);
+        Ok(())
+    }
+    fn voters(&self) -> Option<Vec<u64>> {
+        self.voters.clone()
     }
     fn export(&self) -> Vec<u8> {
         encode(self)

@@ -27,7 +27,7 @@ pub mod sequence;
 pub mod state;
 
 pub use ledger::{Ledger, LedgerHead, MemLedger};
-pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog};
+pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, VoterChange};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
 #[derive(Debug, Clone)]

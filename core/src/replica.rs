@@ -86,6 +86,16 @@ pub enum Event {
     Peer(Message),
     /// The shell could not make a [`Persist`] durable (a failed write or fsync, a full disk).
     LogFailed(String),
+    /// Adds or removes one voter (a single-step configuration change); leader only. Ignored
+    /// while another change is in flight (raft-rs), and for the leader's own removal.
+    ChangeVoters(VoterChange),
+}
+
+/// One membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoterChange {
+    Add(u64),
+    Remove(u64),
 }
 
 /// What the log must hold durably, in this order, before any later effect is executed.
@@ -118,6 +128,10 @@ pub enum Effect {
     Signed {
         header: tally_codec::BatchHeader,
         signature: Signature,
+    },
+    /// A configuration change was applied: these are the voters now.
+    Reconfigured {
+        voters: Vec<u64>,
     },
 }
 
@@ -212,7 +226,9 @@ impl<L: Ledger> Replica<L> {
         wall_ms: u64,
         logger: &slog::Logger,
     ) -> Result<Self, StartError> {
-        let storage = MemStorage::new_with_conf_state(ConfState::from((cfg.voters.clone(), vec![])));
+        // The configuration as of the durable ledger; conf changes after it replay from the log.
+        let voters = ledger.voters().unwrap_or_else(|| cfg.voters.clone());
+        let storage = MemStorage::new_with_conf_state(ConfState::from((voters, vec![])));
         // The durable ledger stands in for the log up to its applied index: those entries are
         // applied, and the log on disk may not hold them any more (or may have lost its unsynced
         // tail after the state was made durable).
@@ -374,6 +390,7 @@ impl<L: Ledger> Replica<L> {
                 self.poison(why);
                 return std::mem::take(&mut self.out);
             }
+            Event::ChangeVoters(change) => self.on_change_voters(change),
         }
         self.drive();
         self.update_mode();
@@ -452,6 +469,27 @@ impl<L: Ledger> Replica<L> {
             self.seq.opened_ms = Some(self.now_ms);
         }
         self.seq.queue.push((req, client));
+    }
+
+    fn on_change_voters(&mut self, change: VoterChange) {
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        if change == VoterChange::Remove(self.cfg.node_id) {
+            // raft-rs cannot commit once the leader is out of its own configuration (it panics
+            // in `maybe_commit`, found by the simulator): leadership must move first.
+            return;
+        }
+        let (id, ty) = match change {
+            VoterChange::Add(id) => (id, raft::eraftpb::ConfChangeType::AddNode),
+            VoterChange::Remove(id) => (id, raft::eraftpb::ConfChangeType::RemoveNode),
+        };
+        let mut single = raft::eraftpb::ConfChangeSingle::default();
+        single.node_id = id;
+        single.set_change_type(ty);
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        let _ = self.raw.propose_conf_change(Vec::new(), cc);
     }
 
     fn on_read(&mut self, client: ClientTag, key: DocKey) {
@@ -597,21 +635,34 @@ impl<L: Ledger> Replica<L> {
                     let cc = raft::eraftpb::ConfChange::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
                     let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
-                    self.raw.mut_store().mem.wl().set_conf_state(cs);
-                    self.ledger.apply_noop(e.index, e.term)
+                    self.on_conf_applied(e.index, e.term, cs)
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
                     let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
-                    self.raw.mut_store().mem.wl().set_conf_state(cs);
-                    self.ledger.apply_noop(e.index, e.term)
+                    self.on_conf_applied(e.index, e.term, cs)
                 }
             };
             if let Err(err) = r {
                 self.poison(err.to_string());
             }
         }
+    }
+
+    fn on_conf_applied(&mut self, index: u64, term: u64, cs: ConfState) -> Result<(), crate::ledger::LedgerError> {
+        self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
+        self.out.push(Effect::Reconfigured { voters: cs.voters.clone() });
+        self.ledger.apply_conf(index, term, cs.voters)
+    }
+
+    /// The voters of the configuration raft-rs is in now.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raw.raft.prs().conf().to_conf_state().voters
+    }
+
+    fn majority(&self) -> u8 {
+        u8::try_from(self.voters().len() / 2 + 1).unwrap_or(u8::MAX)
     }
 
     /// Stages 6 and 7 for one committed batch.
@@ -651,7 +702,7 @@ impl<L: Ledger> Replica<L> {
     }
 
     fn answer(&mut self, b: PendingBatch<ClientTag>, signature: &Signature) {
-        let durable = u8::try_from(self.cfg.voters.len() / 2 + 1).unwrap_or(u8::MAX);
+        let durable = self.majority();
         let receipts: Vec<Option<Receipt>> = (0..b.waiters.len())
             .map(|leaf| (!b.waiters[leaf].is_empty()).then(|| b.receipt(leaf, signature)))
             .collect();
@@ -814,7 +865,7 @@ impl<L: Ledger> Replica<L> {
             if self.seq.seen.get(&req.id).is_some() {
                 match self.ledger.receipt(&req.id) {
                     Some(receipt) => {
-                        let durable = u8::try_from(self.cfg.voters.len() / 2 + 1).unwrap_or(u8::MAX);
+                        let durable = self.majority();
                         self.reply(
                             client,
                             SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable },

@@ -88,3 +88,15 @@ fn a_snapshot_ahead_of_the_durable_state_is_refused() {
     let e = start(ledger_at(8, 1), vec![noops(1, 8, 1), p]).err().expect("refused");
     assert!(matches!(e, StartError::Log(ref why) if why.contains("ahead")), "{e}");
 }
+
+/// Membership survives a restart: the voters come from the durable ledger (the conf change entry
+/// itself may be behind its index), not from the initial configuration.
+#[test]
+fn the_voters_come_from_the_durable_ledger() {
+    let mut l = ledger_at(4, 1);
+    l.apply_conf(5, 1, vec![1, 3]).expect("conf");
+    let r = start(l, vec![noops(1, 5, 1)]).expect("starts");
+    assert_eq!(r.voters(), vec![1, 3]);
+    let r = start(ledger_at(4, 1), vec![noops(1, 4, 1)]).expect("starts");
+    assert_eq!(r.voters(), vec![1, 2, 3], "initial configuration");
+}

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey, Receipt, Request, Signature, SignedRequest};
 use tally_core::replica::ReadResult;
-use tally_core::{ClientTag, Effect, Event, Ledger, MemLedger, Plant, Replica, ReplicaConfig, Validated};
+use tally_core::{ClientTag, Effect, Event, Ledger, MemLedger, Plant, Replica, ReplicaConfig, Validated, VoterChange};
 
 /// Simulated wall clock at time zero.
 const WALL_BASE_MS: u64 = 1_700_000_000_000;
@@ -70,6 +70,8 @@ pub struct RunStats {
     pub sim_ms: u64,
     pub faults: BTreeMap<String, u64>,
     pub failovers: u64,
+    /// Configuration changes applied (voters removed and added back).
+    pub reconfigurations: u64,
     pub ops: u64,
     pub acked: u64,
     pub bad_inputs: u64,
@@ -108,16 +110,49 @@ enum Wake {
 }
 
 enum Ev {
-    Tick { node: usize, life: u64 },
-    Peer { from: usize, to: usize, msg: Message },
-    Request { node: usize, client: usize, attempt: u64, frame: Frame },
-    Response { client: usize, attempt: u64, resp: Resp },
-    ClientWake { client: usize, attempt: u64, why: Wake },
+    Tick {
+        node: usize,
+        life: u64,
+    },
+    Peer {
+        from: usize,
+        to: usize,
+        msg: Message,
+    },
+    Request {
+        node: usize,
+        client: usize,
+        attempt: u64,
+        frame: Frame,
+    },
+    Response {
+        client: usize,
+        attempt: u64,
+        resp: Resp,
+    },
+    ClientWake {
+        client: usize,
+        attempt: u64,
+        why: Wake,
+    },
     Chaos,
-    Restart { node: usize },
-    Resume { node: usize, pause: u64 },
-    HealPartition { generation: u64 },
-    Unclog { link: (usize, usize) },
+    Restart {
+        node: usize,
+    },
+    Resume {
+        node: usize,
+        pause: u64,
+    },
+    HealPartition {
+        generation: u64,
+    },
+    /// Asks the leader to make `node` a voter again, until it is one.
+    AddVoter {
+        node: usize,
+    },
+    Unclog {
+        link: (usize, usize),
+    },
     Heal,
 }
 
@@ -214,6 +249,8 @@ pub struct Sim {
     loss_pct: u32,
     dup_pct: u32,
     delay_max_ms: u64,
+    /// The voters as the replicas last reported them.
+    voters: Vec<u64>,
     // Phases.
     faults_on: bool,
     clients_on: bool,
@@ -351,6 +388,7 @@ impl Sim {
             clogged: BTreeSet::new(),
             clog_held: BTreeMap::new(),
             partition_generation: 0,
+            voters: (1..=n as u64).collect(),
             loss_pct: 0,
             dup_pct: 0,
             delay_max_ms: 5,
@@ -458,6 +496,16 @@ impl Sim {
                 }
             }
             Ev::Unclog { link } => self.unclog(link),
+            Ev::AddVoter { node } => {
+                let id = node as u64 + 1;
+                if self.voters.contains(&id) {
+                    return;
+                }
+                if let Some(l) = self.leader() {
+                    self.deliver(l, Event::ChangeVoters(VoterChange::Add(id)));
+                }
+                self.at(500, Ev::AddVoter { node });
+            }
             Ev::Heal => self.heal(),
         }
     }
@@ -577,6 +625,12 @@ impl Sim {
                     let (c, attempt) = split_tag(client);
                     let d = self.net_delay();
                     self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(result) });
+                }
+                Effect::Reconfigured { voters } => {
+                    if voters != self.voters {
+                        self.voters = voters;
+                        self.stats.reconfigurations += 1;
+                    }
                 }
                 Effect::Signed { header, signature } => {
                     if self.first_commit_after_heal.is_none()
@@ -1031,6 +1085,17 @@ impl Sim {
                 let now = self.now;
                 self.nodes[i].clock.set_drift(now, ppm);
             }
+            90..=94 => {
+                // Membership: a voter (the leader too) is removed, and added back later.
+                let full = self.voters.len() == n;
+                if let (true, Some(l)) = (full, self.leader()) {
+                    let i = self.rng.gen_range(0..n);
+                    self.fault("remove-voter");
+                    self.deliver(l, Event::ChangeVoters(VoterChange::Remove(i as u64 + 1)));
+                    let d = self.rng.gen_range(1_000..4_000);
+                    self.at(d, Ev::AddVoter { node: i });
+                }
+            }
             _ => {
                 let i = self.rng.gen_range(0..n);
                 self.fault("clock-jump");
@@ -1131,6 +1196,9 @@ impl Sim {
             if self.nodes[i].replica.is_none() {
                 self.boot(i);
             }
+        }
+        for i in 0..self.nodes.len() {
+            self.at(0, Ev::AddVoter { node: i });
         }
         self.healed_at = self.now;
         self.height_at_heal = self.max_height();

@@ -63,6 +63,7 @@ struct Summary {
     simulated_s_per_wall_s: f64,
     faults: std::collections::BTreeMap<String, u64>,
     failovers: u64,
+    reconfigurations: u64,
     ops: u64,
     acked_checked: u64,
     bad_inputs: u64,
@@ -156,6 +157,7 @@ fn main() -> ExitCode {
         simulated_s_per_wall_s: simulated_s / wall_s,
         faults,
         failovers: results.iter().map(|r| r.stats.failovers).sum(),
+        reconfigurations: results.iter().map(|r| r.stats.reconfigurations).sum(),
         ops: results.iter().map(|r| r.stats.ops).sum(),
         acked_checked: results.iter().map(|r| r.acked_checked).sum(),
         bad_inputs: results.iter().map(|r| r.stats.bad_inputs).sum(),
@@ -190,8 +192,8 @@ fn print_summary(s: &Summary) {
         s.wall_s, s.seeds_per_minute, s.simulated_s, s.simulated_s_per_wall_s
     );
     println!(
-        "  {} failovers, {} client ops, {} acknowledged and checked, {} bad inputs, {} document keys checked ({} gave up)",
-        s.failovers, s.ops, s.acked_checked, s.bad_inputs, s.keys_checked, s.linearizability_gave_up
+        "  {} failovers, {} membership changes, {} client ops, {} acknowledged and checked, {} bad inputs, {} document keys checked ({} gave up)",
+        s.failovers, s.reconfigurations, s.ops, s.acked_checked, s.bad_inputs, s.keys_checked, s.linearizability_gave_up
     );
     let faults: Vec<String> = s.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  faults: {}", faults.join(", "));

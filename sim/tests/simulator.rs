@@ -28,13 +28,16 @@ fn a_few_hundred_seeds_keep_every_invariant() {
     let mut faults = 0;
     let mut failovers = 0;
     let mut five = 0;
+    let mut reconfigurations = 0;
     for seed in 1_000..1_000 + n {
         let r = run_seed(SimConfig::new(seed));
         assert!(r.ok(), "seed {seed} broke an invariant: {:#?}\nreplay: tally sim --seed {seed}", r.violations);
         faults += r.stats.faults.values().sum::<u64>();
         failovers += r.stats.failovers;
         five += u64::from(r.stats.nodes == 5);
+        reconfigurations += r.stats.reconfigurations;
     }
+    assert!(reconfigurations > n / 2, "voters were removed and added back: {reconfigurations}");
     assert!(faults > n * 10, "faults were injected: {faults}");
     assert!(failovers > n, "leaders changed: {failovers}");
     assert!(five > 0 && five < n, "both 3 and 5 replicas ran: {five} of {n}");
