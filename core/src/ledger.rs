@@ -59,13 +59,14 @@ pub trait Ledger {
     /// # Errors
     /// A write that failed.
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError>;
-    /// Applies a configuration change entry: the voters from `index` on.
+    /// Applies a configuration change entry: the configuration from `index` on (raft-rs's
+    /// `ConfState`, protobuf-encoded, joint states included).
     ///
     /// # Errors
     /// A write that failed.
-    fn apply_conf(&mut self, index: u64, term: u64, voters: Vec<u64>) -> Result<(), LedgerError>;
-    /// The voters as of the applied index; `None` while the initial configuration holds.
-    fn voters(&self) -> Option<Vec<u64>>;
+    fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError>;
+    /// The configuration as of the applied index; `None` while the initial one holds.
+    fn conf_state(&self) -> Option<Vec<u8>>;
     /// The whole state, to send to a replica that fell behind the log.
     fn export(&self) -> Vec<u8>;
     /// Replaces the state with an exported one.
@@ -81,7 +82,7 @@ pub struct MemLedger {
     head: LedgerHead,
     kv: BTreeMap<Vec<u8>, Vec<u8>>,
     batches: Vec<(BatchEntry, Signature)>,
-    voters: Option<Vec<u64>>,
+    conf_state: Option<Vec<u8>>,
     #[borsh(skip)]
     ids: HashMap<RequestId, RequestLocation>,
 }
@@ -217,13 +218,13 @@ impl Ledger for MemLedger {
         self.head.term = term;
         Ok(())
     }
-    fn apply_conf(&mut self, index: u64, term: u64, voters: Vec<u64>) -> Result<(), LedgerError> {
+    fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError> {
         self.apply_noop(index, term)?;
-        self.voters = Some(voters);
+        self.conf_state = Some(conf_state);
         Ok(())
     }
-    fn voters(&self) -> Option<Vec<u64>> {
-        self.voters.clone()
+    fn conf_state(&self) -> Option<Vec<u8>> {
+        self.conf_state.clone()
     }
     fn export(&self) -> Vec<u8> {
         encode(self)

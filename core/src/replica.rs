@@ -86,8 +86,8 @@ pub enum Event {
     Peer(Message),
     /// The shell could not make a [`Persist`] durable (a failed write or fsync, a full disk).
     LogFailed(String),
-    /// Adds or removes one voter (a single-step configuration change); leader only. Ignored
-    /// while another change is in flight (raft-rs), and for the leader's own removal.
+    /// Adds or removes one voter (through joint consensus, left automatically); leader only.
+    /// Ignored while another change is in flight (raft-rs).
     ChangeVoters(VoterChange),
 }
 
@@ -227,8 +227,12 @@ impl<L: Ledger> Replica<L> {
         logger: &slog::Logger,
     ) -> Result<Self, StartError> {
         // The configuration as of the durable ledger; conf changes after it replay from the log.
-        let voters = ledger.voters().unwrap_or_else(|| cfg.voters.clone());
-        let storage = MemStorage::new_with_conf_state(ConfState::from((voters, vec![])));
+        let conf = match ledger.conf_state() {
+            Some(bytes) => ConfState::parse_from_bytes(&bytes)
+                .map_err(|e| StartError::Log(format!("the ledger's configuration does not decode: {e}")))?,
+            None => ConfState::from((cfg.voters.clone(), vec![])),
+        };
+        let storage = MemStorage::new_with_conf_state(conf);
         // The durable ledger stands in for the log up to its applied index: those entries are
         // applied, and the log on disk may not hold them any more (or may have lost its unsynced
         // tail after the state was made durable).
@@ -475,11 +479,6 @@ impl<L: Ledger> Replica<L> {
         if self.raw.raft.state != StateRole::Leader {
             return;
         }
-        if change == VoterChange::Remove(self.cfg.node_id) {
-            // raft-rs cannot commit once the leader is out of its own configuration (it panics
-            // in `maybe_commit`, found by the simulator): leadership must move first.
-            return;
-        }
         let (id, ty) = match change {
             VoterChange::Add(id) => (id, raft::eraftpb::ConfChangeType::AddNode),
             VoterChange::Remove(id) => (id, raft::eraftpb::ConfChangeType::RemoveNode),
@@ -489,6 +488,9 @@ impl<L: Ledger> Replica<L> {
         single.set_change_type(ty);
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
+        // Through joint consensus, as production does: a one-step change that removes the
+        // leader makes raft-rs panic in `maybe_commit` (found by the simulator).
+        cc.set_transition(raft::eraftpb::ConfChangeTransition::Implicit);
         let _ = self.raw.propose_conf_change(Vec::new(), cc);
     }
 
@@ -652,8 +654,10 @@ impl<L: Ledger> Replica<L> {
 
     fn on_conf_applied(&mut self, index: u64, term: u64, cs: ConfState) -> Result<(), crate::ledger::LedgerError> {
         self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
+        step_down_if_removed(&mut self.raw);
         self.out.push(Effect::Reconfigured { voters: cs.voters.clone() });
-        self.ledger.apply_conf(index, term, cs.voters)
+        let bytes = cs.write_to_bytes().expect("a conf state encodes");
+        self.ledger.apply_conf(index, term, bytes)
     }
 
     /// The voters of the configuration raft-rs is in now.
@@ -894,6 +898,19 @@ impl<L: Ledger> Replica<L> {
             funded.push((req, client));
         }
         funded
+    }
+}
+
+/// A leader that just applied a configuration without itself steps down. raft-rs leaves it
+/// leading (`post_conf_change`: "untested at the time of writing"), and the next response from a
+/// follower then panics in `maybe_commit`, which looks up the leader's own progress (found by the
+/// simulator). It steps down in the same term with no leader; not being a voter, it never
+/// campaigns again.
+pub fn step_down_if_removed<S: Storage>(raw: &mut RawNode<S>) {
+    let raft = &mut raw.raft;
+    if raft.state == StateRole::Leader && !raft.prs().conf().voters().contains(raft.id) {
+        let term = raft.term;
+        raft.become_follower(term, raft::INVALID_ID);
     }
 }
 

@@ -94,7 +94,8 @@ fn a_snapshot_ahead_of_the_durable_state_is_refused() {
 #[test]
 fn the_voters_come_from_the_durable_ledger() {
     let mut l = ledger_at(4, 1);
-    l.apply_conf(5, 1, vec![1, 3]).expect("conf");
+    let cs = raft::eraftpb::ConfState::from((vec![1, 3], vec![]));
+    l.apply_conf(5, 1, protobuf::Message::write_to_bytes(&cs).expect("encodes")).expect("conf");
     let r = start(l, vec![noops(1, 5, 1)]).expect("starts");
     assert_eq!(r.voters(), vec![1, 3]);
     let r = start(ledger_at(4, 1), vec![noops(1, 4, 1)]).expect("starts");

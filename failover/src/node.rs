@@ -841,6 +841,7 @@ impl Node {
             }
         }
         let cs = self.raw.apply_conf_change(cc).map_err(|e| format!("conf change {index}: {e}"))?;
+        tally_core::replica::step_down_if_removed(&mut self.raw);
         tracing::info!(node = self.id, index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "configuration changed");
         let ids = conf_ids(&cs);
         let store = self.raw.mut_store();

@@ -249,8 +249,6 @@ pub struct Sim {
     loss_pct: u32,
     dup_pct: u32,
     delay_max_ms: u64,
-    /// The voters as the replicas last reported them.
-    voters: Vec<u64>,
     // Phases.
     faults_on: bool,
     clients_on: bool,
@@ -388,7 +386,6 @@ impl Sim {
             clogged: BTreeSet::new(),
             clog_held: BTreeMap::new(),
             partition_generation: 0,
-            voters: (1..=n as u64).collect(),
             loss_pct: 0,
             dup_pct: 0,
             delay_max_ms: 5,
@@ -498,10 +495,13 @@ impl Sim {
             Ev::Unclog { link } => self.unclog(link),
             Ev::AddVoter { node } => {
                 let id = node as u64 + 1;
-                if self.voters.contains(&id) {
-                    return;
-                }
+                // The leader's configuration is the one that counts (a restarting replica
+                // replays older ones).
                 if let Some(l) = self.leader() {
+                    let voters = self.nodes[l].replica.as_ref().map(Replica::voters).unwrap_or_default();
+                    if voters.contains(&id) {
+                        return;
+                    }
                     self.deliver(l, Event::ChangeVoters(VoterChange::Add(id)));
                 }
                 self.at(500, Ev::AddVoter { node });
@@ -626,9 +626,8 @@ impl Sim {
                     let d = self.net_delay();
                     self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(result) });
                 }
-                Effect::Reconfigured { voters } => {
-                    if voters != self.voters {
-                        self.voters = voters;
+                Effect::Reconfigured { .. } => {
+                    if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
                         self.stats.reconfigurations += 1;
                     }
                 }
@@ -1087,8 +1086,9 @@ impl Sim {
             }
             90..=94 => {
                 // Membership: a voter (the leader too) is removed, and added back later.
-                let full = self.voters.len() == n;
-                if let (true, Some(l)) = (full, self.leader()) {
+                let leader = self.leader();
+                let full = leader.and_then(|l| self.nodes[l].replica.as_ref()).is_some_and(|r| r.voters().len() == n);
+                if let (true, Some(l)) = (full, leader) {
                     let i = self.rng.gen_range(0..n);
                     self.fault("remove-voter");
                     self.deliver(l, Event::ChangeVoters(VoterChange::Remove(i as u64 + 1)));

@@ -78,12 +78,14 @@ fn reading_without_a_lease_is_caught() {
 /// Seeds of bugs the simulator found, kept so they stay fixed.
 /// - 634, 741, 931: a replica resuming from a pause served the reads held while it was stopped
 ///   under a lease judged by its last tick (the read now carries its own time).
+/// - 11 (membership changes): a leader that applied a configuration without itself kept leading,
+///   and raft-rs panicked on the next follower response (`step_down_if_removed`).
 /// - 108075 (10,000-seed soak): a replay of an acknowledged request whose id was forgotten after
 ///   its expiry, on a replica whose wall clock had jumped back, got `InsufficientFunds` from
 ///   stage 3 instead of `Expired` (the batch clock now refuses expired requests first).
 #[test]
 fn seeds_of_fixed_bugs_stay_clean() {
-    for seed in [634, 741, 931, 108_075] {
+    for seed in [11, 634, 741, 931, 108_075] {
         let r = run_seed(SimConfig::new(seed));
         assert!(r.ok(), "seed {seed}: {:#?}", r.violations);
     }

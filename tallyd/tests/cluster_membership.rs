@@ -216,3 +216,39 @@ fn add_a_fourth_node_then_remove_node_1() {
     assert_invariants(&rest, &layout, &acked);
     eprintln!("{} acknowledged; took {:?}", acked.len(), started.elapsed());
 }
+
+/// `cluster remove` of the current leader. raft-rs panics (`maybe_commit`) when a leader keeps
+/// leading after a simple one-step change removed it (found by the simulator); tally's changes go
+/// through joint consensus, which raft-rs leaves with the old leader stepping down. The removal
+/// succeeds, the old leader is still running (not aborted), and writes go on among the other two.
+#[test]
+fn removing_the_leader_keeps_the_cluster_going() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let mut nodes = start_all(&layout);
+    let addrs = layout.client_addrs();
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 8, 1);
+    let (li, before) = wait_leader(&nodes, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let admin = admin_client(&layout, &addrs);
+    let admin_key = layout.admin_key().expect("admin key");
+    admin.cluster_remove(&admin_key, before.node_id).unwrap_or_else(|e| {
+        dump_logs(&nodes);
+        panic!("cluster remove of the leader: {e}")
+    });
+    let rest: Vec<String> = addrs.iter().enumerate().filter(|(i, _)| *i != li).map(|(_, a)| a.clone()).collect();
+    let mut last = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            last = leader_status(&rest);
+            last.as_ref().is_some_and(|s| voters(s).len() == 2 && !voters(s).contains(&before.node_id))
+        }),
+        "the other two never showed themselves as the voters: {:?}",
+        last.map(|s| s.members)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(nodes[li].exited().is_none(), "the removed leader died:\n{}", nodes[li].log_text());
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 16), "no writes after the removal");
+    let acked = writer.finish();
+    assert_invariants(&rest, &layout, &acked);
+}
