@@ -181,6 +181,8 @@ pub struct Replica<L: Ledger> {
     ticks: u64,
     last_probe_tick: u64,
     poisoned: Option<String>,
+    /// Followers a snapshot was handed to the shell for, since the last report to raft-rs.
+    snapshots_sent: Vec<u64>,
     out: Vec<Effect>,
 }
 
@@ -290,8 +292,12 @@ impl<L: Ledger> Replica<L> {
         raft_cfg.validate()?;
         let raw = RawNode::new(&raft_cfg, storage, logger)?;
         let head = ledger.head();
+        // Ids are forgotten by the chain's clock (header time, which never goes back), never by
+        // this replica's wall clock: with a wall clock ahead of the chain, a restart would forget
+        // ids a later batch, built after the clock stepped back, still takes as live (found by
+        // the simulator, seed 207739).
         let mut seen = SeenIds::default();
-        for (id, loc) in ledger.unexpired_ids(wall_ms) {
+        for (id, loc) in ledger.unexpired_ids(ledger.head().time_ms) {
             seen.insert(id, loc);
         }
         let lease_ms = lease_duration_ms(cfg.tick_ms, cfg.election_ticks as u64);
@@ -320,6 +326,7 @@ impl<L: Ledger> Replica<L> {
             ticks: 0,
             last_probe_tick: 0,
             poisoned: None,
+            snapshots_sent: Vec::new(),
             out: Vec::new(),
             cfg,
         })
@@ -350,6 +357,26 @@ impl<L: Ledger> Replica<L> {
     pub fn applied(&self) -> LedgerHead {
         self.ledger.head()
     }
+    /// The leader's view of each peer's replication progress (for diagnostics).
+    pub fn progress_summary(&self) -> String {
+        let raft = &self.raw.raft;
+        let mut out: Vec<String> = raft
+            .prs()
+            .iter()
+            .map(|(id, p)| {
+                format!("{id}: match {} next {} {:?} snap {}", p.matched, p.next_idx, p.state, p.pending_snapshot)
+            })
+            .collect();
+        out.sort();
+        format!(
+            "{} | conf {:?} | log {}..{}",
+            out.join("; "),
+            raft.prs().conf().to_conf_state(),
+            raft.raft_log.first_index(),
+            raft.raft_log.last_index()
+        )
+    }
+
     /// Whether the sequencer takes requests (leading, with everything before its term applied),
     /// and how many are queued and in flight.
     pub fn sequencer_state(&self) -> (bool, usize, usize) {
@@ -596,11 +623,22 @@ impl<L: Ledger> Replica<L> {
             let committed = light.take_committed_entries();
             self.apply_committed(committed);
             self.raw.advance_apply();
+            // A snapshot handed to the shell counts as sent: raft-rs then probes the follower
+            // and sends another if this one was lost. Without the report it waits for this one
+            // forever (found by the simulator, seed 206408: a lost snapshot stalled the cluster).
+            for to in std::mem::take(&mut self.snapshots_sent) {
+                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+            }
         }
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
-        self.out.extend(msgs.into_iter().map(Effect::Send));
+        for m in msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.snapshots_sent.push(m.to);
+            }
+            self.out.push(Effect::Send(m));
+        }
     }
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), InstallError> {
@@ -611,7 +649,7 @@ impl<L: Ledger> Replica<L> {
         assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
         self.head = ChainHead { height: h.height, hash: h.header_hash, state_digest: h.state_digest };
         let mut seen = SeenIds::default();
-        for (id, loc) in self.ledger.unexpired_ids(self.wall_ms) {
+        for (id, loc) in self.ledger.unexpired_ids(h.time_ms) {
             seen.insert(id, loc);
         }
         self.seq.seen = seen;

@@ -194,8 +194,9 @@ impl Shared {
                 p.committed = a;
             }
         }
-        let now_ms = crate::s1_receive::wall_ms();
-        let seen = seen_from_index(&self.store.lock(), &self.tables, now_ms);
+        // Forgotten by the chain's clock, not the wall clock (see `rebuild_seen_ids`).
+        let chain_ms = self.store_time_ms();
+        let seen = seen_from_index(&self.store.lock(), &self.tables, chain_ms);
         *self.seen.lock() = seen;
     }
 
@@ -325,7 +326,8 @@ impl Node {
             applied_term: std::sync::atomic::AtomicU64::new(0),
             me: me.clone(),
         });
-        rebuild_seen_ids(&shared, env.wall_ms());
+        let chain_ms = shared.store_time_ms();
+        rebuild_seen_ids(&shared, chain_ms);
         let head = ChainHead { height: applied.height, hash: applied.header_hash, state_digest: applied.state_digest };
         spawn("confirm", {
             let s = shared.clone();
@@ -395,6 +397,12 @@ fn seen_from_index(store: &Store, tables: &Tables, now_ms: u64) -> SeenIds {
 
 /// After a restart, reload the ids of recent batches whose requests have not expired, so a
 /// retry across the restart still gets its original receipt. Bounded by the expiry window.
+///
+/// `now_ms` is the chain's time (the last applied header's), never the wall clock: stage 4
+/// refuses requests expired by the batch clock, which never goes back, so an id must be kept
+/// until that clock passes its expiry. Judged by a wall clock ahead of the chain, a restart
+/// forgot ids that a batch built after the clock stepped back still took as live, and executed
+/// them again (found by the simulator in the core, seed 207739).
 pub fn rebuild_seen_ids(shared: &Shared, now_ms: u64) {
     let window_start = now_ms.saturating_sub(crate::s2_validate::EXPIRY_WINDOW_MAX_MS);
     let store = shared.store.lock();

@@ -513,6 +513,14 @@ impl Sim {
     // ---- replicas -------------------------------------------------------------------------
 
     fn boot(&mut self, i: usize) {
+        if trace() {
+            eprintln!(
+                "{:>6} node {} starts (durable ledger at {})",
+                self.now,
+                i + 1,
+                self.nodes[i].durable.head().index
+            );
+        }
         let node_seed = self.rng.next_u64();
         let nd = &mut self.nodes[i];
         nd.life += 1;
@@ -535,6 +543,9 @@ impl Sim {
     }
 
     fn crash(&mut self, i: usize, tear: bool) {
+        if trace() && self.nodes[i].replica.is_some() {
+            eprintln!("{:>6} node {} crashes", self.now, i + 1);
+        }
         let nd = &mut self.nodes[i];
         if nd.replica.is_none() {
             return;
@@ -570,6 +581,17 @@ impl Sim {
         let nd = &mut self.nodes[i];
         if let Some(r) = nd.replica.as_ref() {
             if r.is_leader() && nd.was_leader_term != Some(r.term()) {
+                if trace() {
+                    eprintln!(
+                        "{:>6} node {} leads term {} (applied {} height {}, voters {:?})",
+                        self.now,
+                        i + 1,
+                        r.term(),
+                        r.ledger().head().index,
+                        r.ledger().head().height,
+                        r.voters()
+                    );
+                }
                 nd.was_leader_term = Some(r.term());
                 self.stats.failovers += 1;
             }
@@ -625,6 +647,12 @@ impl Sim {
                     let (c, attempt) = split_tag(client);
                     let d = self.net_delay();
                     self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(result) });
+                }
+                Effect::Reconfigured { ref voters } if trace() => {
+                    eprintln!("{:>6} node {} applied voters {voters:?}", self.now, i + 1);
+                    if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
+                        self.stats.reconfigurations += 1;
+                    }
                 }
                 Effect::Reconfigured { .. } => {
                     if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
@@ -1010,6 +1038,9 @@ impl Sim {
     // ---- faults ---------------------------------------------------------------------------
 
     fn fault(&mut self, kind: &str) {
+        if trace() {
+            eprintln!("{:>6} fault {kind}", self.now);
+        }
         *self.stats.faults.entry(kind.into()).or_default() += 1;
     }
 
@@ -1214,7 +1245,8 @@ impl Sim {
         for (i, nd) in self.nodes.iter().enumerate() {
             let state = match nd.replica.as_ref() {
                 None => "down".to_string(),
-                Some(r) => format!(
+                Some(r) => {
+                    format!(
                     "term {} leader {:?} is_leader {} commit {} applied {} height {} poisoned {:?} paused {} seq {:?}",
                     r.term(),
                     r.leader_id(),
@@ -1225,7 +1257,8 @@ impl Sim {
                     r.poisoned(),
                     nd.paused.is_some(),
                     r.sequencer_state()
-                ),
+                ) + &format!(" [{}]", r.progress_summary())
+                }
             };
             out.push_str(&format!("node {}: {state}\n", i + 1));
         }
@@ -1282,6 +1315,12 @@ impl Sim {
         let digest = run_digest(&record);
         RunOutput { record, stats, bad_input_violations: self.bad_input_violations, digest }
     }
+}
+
+/// `TALLY_SIM_TRACE=1`: print faults, restarts, leaders and configurations as they happen.
+fn trace() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TALLY_SIM_TRACE").is_some())
 }
 
 /// A digest of everything a run produced: the history and every replica's final state.

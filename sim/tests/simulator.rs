@@ -80,12 +80,16 @@ fn reading_without_a_lease_is_caught() {
 ///   under a lease judged by its last tick (the read now carries its own time).
 /// - 11 (membership changes): a leader that applied a configuration without itself kept leading,
 ///   and raft-rs panicked on the next follower response (`step_down_if_removed`).
+/// - 207739 (10,000-seed soak with membership): a restart forgot executed ids by its wall clock,
+///   ahead of the chain's; after the clock stepped back, a retry was executed a second time.
+/// - 206408, 206631: a snapshot lost on the network left the leader waiting for it forever (the
+///   core now reports each snapshot handed to the shell as sent, so raft-rs probes again).
 /// - 108075 (10,000-seed soak): a replay of an acknowledged request whose id was forgotten after
 ///   its expiry, on a replica whose wall clock had jumped back, got `InsufficientFunds` from
 ///   stage 3 instead of `Expired` (the batch clock now refuses expired requests first).
 #[test]
 fn seeds_of_fixed_bugs_stay_clean() {
-    for seed in [11, 634, 741, 931, 108_075] {
+    for seed in [11, 634, 741, 931, 108_075, 206_408, 206_631, 207_739] {
         let r = run_seed(SimConfig::new(seed));
         assert!(r.ok(), "seed {seed}: {:#?}", r.violations);
     }
