@@ -716,7 +716,7 @@ impl Sim {
         let tag = client_tag(client, attempt);
         match frame {
             Frame::Get(key) => {
-                if std::env::var_os("TALLY_SIM_TRACE").is_some() {
+                if trace() {
                     let r = self.nodes[node].replica.as_ref().expect("up");
                     let mono = self.nodes[node].clock.mono(self.now);
                     eprintln!(
