@@ -451,7 +451,9 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
         let Some(&kind) = kinds.choose(&mut rng) else { continue };
         let at_ms = shared.now_ms();
         let up: Vec<usize> = (0..n).filter(|&i| cluster.is_up(i)).collect();
-        let leader = current_leader(&shared);
+        // The sampler's latest view (at most 250 ms old): the fault loop never dials a replica
+        // itself, so a stopped one cannot hold it up.
+        let leader = samples.lock().last().and_then(|s| s.leader).map(|id| id as usize - 1);
         let mut hit = Vec::new();
         match kind {
             "kill" | "kill-leader" => {

@@ -36,8 +36,8 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{
-    decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, Receipt,
-    RequestLocation, Signature, Tables,
+    decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, RequestLocation,
+    Signature, Tables,
 };
 
 /// Who is waiting for an answer: opaque to the core (a connection slot, a simulated client).
@@ -743,13 +743,13 @@ impl<L: Ledger> Replica<L> {
         }
     }
 
-    fn answer(&mut self, b: PendingBatch<ClientTag>, signature: &Signature) {
+    fn answer(&mut self, mut b: PendingBatch<ClientTag>, signature: &Signature) {
         let durable = self.majority();
-        let receipts: Vec<Option<Receipt>> = (0..b.waiters.len())
-            .map(|leaf| (!b.waiters[leaf].is_empty()).then(|| b.receipt(leaf, signature)))
-            .collect();
-        for (waiters, receipt) in b.waiters.into_iter().zip(receipts) {
-            let Some(receipt) = receipt else { continue };
+        for (leaf, waiters) in std::mem::take(&mut b.waiters).into_iter().enumerate() {
+            if waiters.is_empty() {
+                continue;
+            }
+            let receipt = b.receipt(leaf, signature);
             for w in waiters {
                 self.reply(w, SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
             }

@@ -9,7 +9,7 @@ use crate::node::{Applied, Shared};
 use crate::s5_propose::fail_batch;
 use std::sync::Arc;
 use tally_codec::wire::SubmitReply;
-use tally_codec::{decode, limits, BatchEntry, ErrorCode, Receipt, RequestLocation};
+use tally_codec::{decode, limits, BatchEntry, ErrorCode, RequestLocation};
 use tally_failover::{Committed, EntryKind};
 
 /// Work for the store thread.
@@ -101,12 +101,13 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
     ToStore::Batch { index: c.index, term: c.term, entry: Box::new(entry), signature }
 }
 
-fn answer(shared: &Shared, index: u64, b: crate::s5_propose::PendingBatch, signature: &tally_codec::Signature) {
+fn answer(shared: &Shared, index: u64, mut b: crate::s5_propose::PendingBatch, signature: &tally_codec::Signature) {
     let durable = committed_durable(shared, index);
-    let receipts: Vec<Option<Receipt>> =
-        (0..b.waiters.len()).map(|leaf| (!b.waiters[leaf].is_empty()).then(|| b.receipt(leaf, signature))).collect();
-    for (waiters, receipt) in b.waiters.into_iter().zip(receipts) {
-        let Some(receipt) = receipt else { continue };
+    for (leaf, waiters) in std::mem::take(&mut b.waiters).into_iter().enumerate() {
+        if waiters.is_empty() {
+            continue;
+        }
+        let receipt = b.receipt(leaf, signature);
         for w in waiters {
             w.fill(SubmitReply::Committed { receipt: Box::new(receipt.clone()), durable_replicas: durable });
         }
