@@ -160,6 +160,16 @@ pub enum ClusterCmd {
         accounts: usize,
         #[arg(long, default_value_t = cluster::DEFAULT_BASE_PORT)]
         base_port: u16,
+        /// For containers (deploy/compose.yaml): one host name per node, e.g.
+        /// tally-1,tally-2,tally-3. Nodes listen on 0.0.0.0, name peers HOST:PORT, keep data in
+        /// /data and read DIR mounted at /config; DIR/client.toml says where the host reaches
+        /// them.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// With --hosts: node i's client port is published on 127.0.0.1:(this + i) (default:
+        /// --base-port, so the published ports equal the container ports).
+        #[arg(long, requires = "hosts")]
+        published_base_port: Option<u16>,
     },
     /// Add a replica at runtime (admin-signed). With --cluster-dir it first writes
     /// node-N.toml and the node's certificate there, ready for `tallyd --config`.
@@ -327,6 +337,8 @@ pub struct Target {
     pub dial: tally_net::Dial,
     pub admin_key: Option<PathBuf>,
     pub cluster_dir: Option<PathBuf>,
+    /// Advertised → dialled addresses (`client.toml` of a `--hosts` cluster directory).
+    pub addr_map: std::collections::BTreeMap<String, String>,
 }
 
 impl Target {
@@ -336,10 +348,18 @@ impl Target {
     pub fn resolve(cli: &Cli) -> Result<Target, ClientError> {
         let mut addrs = split_addrs(&cli.addr);
         let dir = cli.cluster_dir.clone();
+        let mut addr_map = std::collections::BTreeMap::new();
         if let Some(d) = &dir {
+            // A directory for containers (`cluster init --hosts`) says where the nodes are
+            // published; their own configs hold container addresses.
+            let published = cluster::PublishedAddrs::load(d)?;
             if addrs.is_empty() {
-                addrs = cluster_addrs(d)?;
+                addrs = match &published {
+                    Some(p) => p.dial_addrs(),
+                    None => cluster_addrs(d)?,
+                };
             }
+            addr_map = published.map(|p| p.addr_map()).unwrap_or_default();
         }
         let ca = cli.ca.clone().or_else(|| dir.as_ref().map(|d| d.join(cluster::CA_FILE)));
         let dial = match &ca {
@@ -357,16 +377,26 @@ impl Target {
             }
         };
         let admin_key = cli.admin_key.clone().or_else(|| dir.as_ref().map(|d| d.join(cluster::ADMIN_KEY_FILE)));
-        Ok(Target { addrs, dial, admin_key, cluster_dir: dir })
+        Ok(Target { addrs, dial, admin_key, cluster_dir: dir, addr_map })
     }
 
     /// For commands that talk to no node.
     pub fn offline() -> Target {
-        Target { addrs: Vec::new(), dial: tally_net::Dial::Plain, admin_key: None, cluster_dir: None }
+        Target {
+            addrs: Vec::new(),
+            dial: tally_net::Dial::Plain,
+            admin_key: None,
+            cluster_dir: None,
+            addr_map: Default::default(),
+        }
     }
 
     pub fn options(&self) -> ClientOptions {
-        ClientOptions { dial: self.dial.clone(), ..ClientOptions::default() }
+        ClientOptions {
+            dial: self.dial.clone(),
+            addr_map: std::sync::Arc::new(self.addr_map.clone()),
+            ..ClientOptions::default()
+        }
     }
 
     /// # Errors
@@ -481,8 +511,12 @@ fn receipt(addrs: &Target, key_path: Option<&Path>, id: &str, out: Option<&Path>
 
 fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Result<ExitCode, ClientError> {
     match cmd {
-        ClusterCmd::Init { nodes, dir, accounts, base_port } => {
-            let layout = cluster_init(nodes, &dir, accounts, base_port)?;
+        ClusterCmd::Init { nodes, dir, accounts, base_port, hosts, published_base_port } => {
+            let containers = (!hosts.is_empty()).then(|| cluster::ContainerHosts {
+                hosts,
+                published_base_port: published_base_port.unwrap_or(base_port),
+            });
+            let layout = cluster::cluster_init_with(nodes, &dir, accounts, base_port, containers.as_ref())?;
             println!("Wrote a {nodes}-node cluster to {}", layout.dir.display());
             println!("Cluster id: {}", layout.cluster_id);
             println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
@@ -505,6 +539,18 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Resu
                 "Admin key: {} (signs cluster add/remove and scans)",
                 layout.dir.join(cluster::ADMIN_KEY_FILE).display()
             );
+            if let Some(p) = &layout.published {
+                println!(
+                    "For containers: mount {} at {} (read-only) and a volume at {} in each; this host reaches \
+                     them at {} ({}; tally --cluster-dir {} dials these)",
+                    layout.dir.display(),
+                    cluster::CONTAINER_CONFIG_DIR,
+                    cluster::CONTAINER_DATA_DIR,
+                    p.dial_addrs().join(","),
+                    layout.dir.join(cluster::CLIENT_FILE).display(),
+                    layout.dir.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         ClusterCmd::Add { node_id, client: client_addr, peer, files_only } => {
@@ -675,6 +721,67 @@ mod tests {
         assert!(Cli::try_parse_from(["tally", "chaos", "--nodes", "3", "--seed", "1"]).is_ok());
         assert!(Cli::try_parse_from(["tally", "transfer", "--to", "ab", "--amount", "5"]).is_ok());
         assert!(Cli::try_parse_from(["tally", "up", "--no-wait"]).is_ok());
+    }
+
+    #[test]
+    fn init_with_hosts_parses_and_a_hosts_cluster_dir_dials_the_published_ports() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("c");
+        let d = dir.to_str().expect("utf8");
+        let cli = Cli::try_parse_from([
+            "tally",
+            "cluster",
+            "init",
+            "--nodes",
+            "3",
+            "--dir",
+            d,
+            "--hosts",
+            "tally-1,tally-2,tally-3",
+            "--published-base-port",
+            "27000",
+        ])
+        .expect("parse");
+        match &cli.command {
+            Cmd::Cluster { command: ClusterCmd::Init { hosts, published_base_port, .. } } => {
+                assert_eq!(hosts, &["tally-1", "tally-2", "tally-3"]);
+                assert_eq!(*published_base_port, Some(27000));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(run(cli).expect("init"), ExitCode::SUCCESS);
+        // --published-base-port means nothing without --hosts.
+        assert!(Cli::try_parse_from([
+            "tally",
+            "cluster",
+            "init",
+            "--nodes",
+            "3",
+            "--dir",
+            d,
+            "--published-base-port",
+            "1"
+        ])
+        .is_err());
+
+        let cli = Cli::try_parse_from(["tally", "--cluster-dir", d, "status"]).expect("parse");
+        let t = Target::resolve(&cli).expect("resolve");
+        assert_eq!(t.addrs, vec!["127.0.0.1:27001", "127.0.0.1:27002", "127.0.0.1:27003"]);
+        assert!(matches!(t.dial, tally_net::Dial::Tls { .. }));
+        let o = t.options();
+        assert_eq!(o.dial_addr("tally-3:7003"), "127.0.0.1:27003");
+        assert_eq!(o.addr_map.len(), 3);
+        // --addr still wins over the file.
+        let cli = Cli::try_parse_from(["tally", "--cluster-dir", d, "--addr", "127.0.0.1:9", "status"]).expect("parse");
+        assert_eq!(Target::resolve(&cli).expect("resolve").addrs, vec!["127.0.0.1:9"]);
+
+        // Without --hosts: the nodes' own addresses, no map.
+        let plain = tmp.path().join("p");
+        cluster_init(2, &plain, 1, 9100).expect("init");
+        let cli = Cli::try_parse_from(["tally", "--cluster-dir", plain.to_str().expect("utf8"), "status"]).expect("p");
+        let t = Target::resolve(&cli).expect("resolve");
+        assert_eq!(t.addrs, vec!["127.0.0.1:9101", "127.0.0.1:9102"]);
+        assert!(t.addr_map.is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::keyfile::public_of;
 use crossbeam::channel::{self, Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,6 +46,18 @@ pub struct ClientOptions {
     pub heartbeat_timeout: Duration,
     /// TLS against the cluster CA, or plaintext (loopback quick start / explicit opt-in).
     pub dial: tally_net::Dial,
+    /// Client addresses as the cluster advertises them (members in `Status`, leader hints) →
+    /// where this client dials them. A cluster in containers advertises `tally-1:7001`; the
+    /// host reaches that node at its published port, `127.0.0.1:7001` (`client.toml` of
+    /// `tally cluster init --hosts`). Addresses not in the map are dialled as they are.
+    pub addr_map: Arc<BTreeMap<String, String>>,
+}
+
+impl ClientOptions {
+    /// Where to dial the node the cluster advertises at `addr`.
+    pub fn dial_addr(&self, addr: &str) -> String {
+        self.addr_map.get(addr).cloned().unwrap_or_else(|| addr.to_string())
+    }
 }
 
 impl Default for ClientOptions {
@@ -56,6 +68,7 @@ impl Default for ClientOptions {
             heartbeat: None,
             heartbeat_timeout: Duration::from_millis(CONNECT_TIMEOUT_MS),
             dial: tally_net::Dial::Plain,
+            addr_map: Arc::default(),
         }
     }
 }
@@ -566,12 +579,18 @@ impl Inner {
         self.apply_status(&addr, info);
     }
 
-    fn apply_status(&self, addr: &str, info: StatusInfo) {
+    fn apply_status(&self, addr: &str, mut info: StatusInfo) {
+        // Everything below dials what it keeps: keep the addresses this client reaches.
+        info.leader_addr = info.leader_addr.map(|l| self.opts.dial_addr(&l));
         let mut v = self.view.lock();
         v.cluster_id.get_or_insert(info.cluster_id);
         v.operator_key = Some(info.operator_key);
-        let mut members: Vec<(u64, String)> =
-            info.members.iter().filter(|m| m.is_voter).map(|m| (m.node_id, m.client_addr.clone())).collect();
+        let mut members: Vec<(u64, String)> = info
+            .members
+            .iter()
+            .filter(|m| m.is_voter)
+            .map(|m| (m.node_id, self.opts.dial_addr(&m.client_addr)))
+            .collect();
         if members.is_empty() {
             members.push((info.node_id, addr.to_string()));
         }
@@ -706,6 +725,8 @@ impl Inner {
 
     /// Moves to the node a NotLeader reply points at, if it answers.
     fn follow_hint(&self, from: &Arc<Connection>, hint: Option<&str>) {
+        let hint = hint.map(|h| self.opts.dial_addr(h));
+        let hint = hint.as_deref();
         let Some(hint) = hint.filter(|h| *h != from.addr()) else {
             // No leader known there (an isolated or electing node): try another member rather
             // than retrying a node that may never learn of the leader.
@@ -940,6 +961,7 @@ mod failover_tests {
             heartbeat: heartbeat.then_some(Duration::from_millis(200)),
             heartbeat_timeout: Duration::from_millis(500),
             dial: tally_net::Dial::Plain,
+            addr_map: Arc::default(),
         }
     }
 
@@ -1036,6 +1058,38 @@ mod failover_tests {
         a.state.swallow.store(false, Ordering::Release);
         *b.state.not_leader_hint.lock() = Some(a.addr.clone());
         let c = client.set(DocKey::from_random([4; 16]), "{}").expect("followed the hint");
+        assert!(a.state.seen.lock().contains(&c.request_id));
+        assert_eq!(client.report().addr, a.addr);
+    }
+
+    #[test]
+    fn advertised_addresses_are_dialled_through_the_addr_map() {
+        let a = FakeNode::start(1);
+        let b = FakeNode::start(2);
+        // The nodes advertise addresses this client cannot dial (as nodes in containers do:
+        // `tally-1:7001`); the map says where they are published.
+        let (adv_a, adv_b) = (dead_member(1), dead_member(2));
+        for n in [&a, &b] {
+            *n.state.members.lock() = vec![adv_a.clone(), adv_b.clone()];
+            *n.state.leader.lock() = (Some(1), Some(adv_a.client_addr.clone()));
+        }
+        let mut o = opts(false);
+        o.addr_map = Arc::new(BTreeMap::from([
+            (adv_a.client_addr.clone(), a.addr.clone()),
+            (adv_b.client_addr.clone(), b.addr.clone()),
+        ]));
+        assert_eq!(o.dial_addr(&adv_b.client_addr), b.addr);
+        assert_eq!(o.dial_addr("elsewhere:1"), "elsewhere:1");
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), o).expect("connect");
+        // a hangs: the client finds b only through the map (b is no seed).
+        a.state.swallow.store(true, Ordering::Release);
+        let c = client.set(DocKey::from_random([7; 16]), "{}").expect("moved to b through the map");
+        assert_eq!(*b.state.seen.lock(), vec![c.request_id]);
+        assert_eq!(client.report().addr, b.addr);
+        // b points at the leader by its advertised address: followed through the map.
+        a.state.swallow.store(false, Ordering::Release);
+        *b.state.not_leader_hint.lock() = Some(adv_a.client_addr.clone());
+        let c = client.set(DocKey::from_random([8; 16]), "{}").expect("followed the mapped hint");
         assert!(a.state.seen.lock().contains(&c.request_id));
         assert_eq!(client.report().addr, a.addr);
     }

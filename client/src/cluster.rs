@@ -15,6 +15,13 @@
 //! ```
 //! `tally --cluster-dir DIR` (or `TALLY_CLUSTER_DIR`) takes the addresses, the CA and the admin
 //! key from here.
+//!
+//! With `--hosts tally-1,tally-2,tally-3` ([`ContainerHosts`]) the directory is for containers
+//! instead (`deploy/compose.yaml` mounts it read-only at `/config`): each node listens on
+//! `0.0.0.0` (client P+i, peer P+100+i, metrics P+200+i), names its peers `tally-<i>:PORT`, keeps
+//! its data in `/data` (its own volume) and reads its files from `/config/...`; certificates also
+//! name the host. `DIR/client.toml` tells a client outside the containers where the client ports
+//! are published (`127.0.0.1:Q+i`) and which advertised address each of them stands for.
 
 use crate::error::ClientError;
 use crate::keyfile::{generate_key, public_of, save_key, write_private_file};
@@ -49,6 +56,8 @@ pub struct ClusterLayout {
     pub account_keys: Vec<PathBuf>,
     pub operator_pub_path: PathBuf,
     pub genesis_path: PathBuf,
+    /// `--hosts` layouts: where a client outside the containers dials each node (`client.toml`).
+    pub published: Option<PublishedAddrs>,
 }
 
 impl ClusterLayout {
@@ -74,6 +83,111 @@ impl ClusterLayout {
     pub fn client_addrs(&self) -> Vec<String> {
         self.configs.iter().map(|c| c.listen.clone()).collect()
     }
+
+    /// Where a client on this machine dials: the published addresses of a `--hosts` layout,
+    /// else the nodes' own client addresses.
+    pub fn dial_addrs(&self) -> Vec<String> {
+        match &self.published {
+            Some(p) => p.dial_addrs(),
+            None => self.client_addrs(),
+        }
+    }
+
+    /// Advertised → dialled client addresses (empty unless `--hosts`), for
+    /// [`crate::ClientOptions::addr_map`].
+    pub fn addr_map(&self) -> std::collections::BTreeMap<String, String> {
+        self.published.as_ref().map(PublishedAddrs::addr_map).unwrap_or_default()
+    }
+}
+
+/// `cluster init --hosts`: a cluster whose nodes run in containers named `hosts[i]` on one
+/// private network, with their client ports published on this machine's loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerHosts {
+    /// One host name per node, node 1 first: peers name each other `HOST:PORT`.
+    pub hosts: Vec<String>,
+    /// Node i's client port is published on `127.0.0.1:published_base_port+i` (`client.toml`).
+    pub published_base_port: u16,
+}
+
+/// Where the configuration directory is mounted in each container.
+pub const CONTAINER_CONFIG_DIR: &str = "/config";
+/// Each container's own data volume.
+pub const CONTAINER_DATA_DIR: &str = "/data";
+/// Written by `cluster init --hosts`: how a client outside the containers reaches the nodes.
+pub const CLIENT_FILE: &str = "client.toml";
+
+/// One node as seen from outside its container.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedNode {
+    pub node_id: u64,
+    /// The client address the cluster advertises for it (status, leader hints): `tally-1:7001`.
+    pub advertised: String,
+    /// Where this machine reaches it: `127.0.0.1:7001`.
+    pub dial: String,
+}
+
+/// `client.toml`: the published address of every node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedAddrs {
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<PublishedNode>,
+}
+
+impl PublishedAddrs {
+    /// The dial addresses, node-id order.
+    pub fn dial_addrs(&self) -> Vec<String> {
+        let mut n = self.nodes.clone();
+        n.sort_by_key(|p| p.node_id);
+        n.into_iter().map(|p| p.dial).collect()
+    }
+
+    /// Advertised → dialled.
+    pub fn addr_map(&self) -> std::collections::BTreeMap<String, String> {
+        self.nodes.iter().map(|p| (p.advertised.clone(), p.dial.clone())).collect()
+    }
+
+    /// Reads `DIR/client.toml`; `None` when the directory has none (not a `--hosts` layout).
+    ///
+    /// # Errors
+    /// An unreadable or malformed file.
+    pub fn load(dir: &Path) -> Result<Option<PublishedAddrs>, ClientError> {
+        let path = dir.join(CLIENT_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                toml::from_str(&text).map(Some).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClientError::file(&path, e)),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ClientError> {
+        let path = dir.join(CLIENT_FILE);
+        let body = toml::to_string_pretty(self).map_err(|e| ClientError::Invalid(format!("client.toml: {e}")))?;
+        let text = format!(
+            "# Written by `tally cluster init --hosts`: where a client outside the containers reaches each\n\
+             # node (`dial`, the published port) and the address the cluster advertises for it. Edit `dial`\n\
+             # if you publish the client ports elsewhere.\n{body}"
+        );
+        std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))
+    }
+}
+
+/// A host name usable in `HOST:PORT` and a certificate: letters, digits, `-` and `.`.
+fn check_host(h: &str) -> Result<(), ClientError> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && !h.starts_with(['-', '.'])
+        && !h.ends_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ClientError::Invalid(format!("--hosts: {h:?} is not a host name (letters, digits, '-' and '.')")))
+    }
 }
 
 /// The cluster CA's certificate in a cluster directory.
@@ -84,9 +198,21 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// Issues node `cfg.node_id`'s certificate into `dir` and points `cfg` at it.
-fn with_node_cert(dir: &Path, mut cfg: NodeConfig, ca_key: &str) -> Result<NodeConfig, ClientError> {
+fn with_node_cert(dir: &Path, cfg: NodeConfig, ca_key: &str) -> Result<NodeConfig, ClientError> {
     let hosts = [tally_net::tls::host_of(&cfg.listen), tally_net::tls::host_of(&cfg.peer_listen)];
-    let cert = tally_net::tls::issue_node_cert(ca_key, cfg.node_id, &hosts)
+    with_node_cert_as(dir, dir, &hosts, cfg, ca_key)
+}
+
+/// As [`with_node_cert`], naming `hosts` in the certificate and pointing `cfg` at the files as
+/// the node sees `dir`: at `mount` (`/config` in a container).
+fn with_node_cert_as(
+    dir: &Path,
+    mount: &Path,
+    hosts: &[String],
+    mut cfg: NodeConfig,
+    ca_key: &str,
+) -> Result<NodeConfig, ClientError> {
+    let cert = tally_net::tls::issue_node_cert(ca_key, cfg.node_id, hosts)
         .map_err(|e| ClientError::Invalid(format!("node {} certificate: {e}", cfg.node_id)))?;
     let (cert_path, key_path) =
         (dir.join(format!("node-{}.pem", cfg.node_id)), dir.join(format!("node-{}.key", cfg.node_id)));
@@ -95,9 +221,10 @@ fn with_node_cert(dir: &Path, mut cfg: NodeConfig, ca_key: &str) -> Result<NodeC
         std::fs::remove_file(&key_path).map_err(|e| ClientError::file(&key_path, e))?;
     }
     write_private_file(&key_path, cert.key.as_bytes())?;
-    cfg.tls_ca_file = Some(dir.join(CA_FILE).to_string_lossy().into_owned());
-    cfg.tls_cert_file = Some(cert_path.to_string_lossy().into_owned());
-    cfg.tls_key_file = Some(key_path.to_string_lossy().into_owned());
+    let seen = |name: String| mount.join(name).to_string_lossy().into_owned();
+    cfg.tls_ca_file = Some(seen(CA_FILE.to_string()));
+    cfg.tls_cert_file = Some(seen(format!("node-{}.pem", cfg.node_id)));
+    cfg.tls_key_file = Some(seen(format!("node-{}.key", cfg.node_id)));
     Ok(cfg)
 }
 
@@ -146,6 +273,41 @@ pub fn add_node_files(
 /// [`ClientError::Invalid`] for bad counts, ports out of range, or a directory that already holds
 /// a cluster (overwriting operator keys would orphan the old one); [`ClientError::File`] on I/O.
 pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -> Result<ClusterLayout, ClientError> {
+    cluster_init_with(nodes, dir, accounts, base_port, None)
+}
+
+/// As [`cluster_init`]; with `containers`, a directory for nodes in containers (see the module
+/// documentation and `docs/deploy.md`).
+///
+/// # Errors
+/// As [`cluster_init`], and host names that are not names or do not match `nodes`.
+pub fn cluster_init_with(
+    nodes: usize,
+    dir: &Path,
+    accounts: usize,
+    base_port: u16,
+    containers: Option<&ContainerHosts>,
+) -> Result<ClusterLayout, ClientError> {
+    if let Some(c) = containers {
+        if c.hosts.len() != nodes {
+            return Err(ClientError::Invalid(format!(
+                "--hosts names {} hosts for --nodes {nodes}: give one host name per node",
+                c.hosts.len()
+            )));
+        }
+        for (i, h) in c.hosts.iter().enumerate() {
+            check_host(h)?;
+            if c.hosts[..i].contains(h) {
+                return Err(ClientError::Invalid(format!("--hosts names {h} twice")));
+            }
+        }
+        if c.published_base_port as usize + nodes > u16::MAX as usize {
+            return Err(ClientError::Invalid(format!(
+                "--published-base-port {} leaves no room for {nodes} nodes",
+                c.published_base_port
+            )));
+        }
+    }
     if nodes == 0 || nodes > NODES_MAX {
         return Err(ClientError::Invalid(format!("--nodes must be between 1 and {NODES_MAX}, not {nodes}")));
     }
@@ -207,24 +369,44 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
     let admin_pub_path = dir.join("admin.pub");
     std::fs::write(&admin_pub_path, format!("{admin_public}\n")).map_err(|e| ClientError::file(&admin_pub_path, e))?;
 
-    let port = |offset: usize, i: usize| format!("127.0.0.1:{}", base_port as usize + offset + i);
-    let peers: Vec<PeerConfig> =
-        (1..=nodes).map(|i| PeerConfig { node_id: i as u64, client: port(0, i), peer: port(100, i) }).collect();
+    let port_of = |offset: usize, i: usize| base_port as usize + offset + i;
+    let port = |offset: usize, i: usize| format!("127.0.0.1:{}", port_of(offset, i));
+    // Where node i is found by its peers, and where it listens.
+    let advertised = |offset: usize, i: usize| match containers {
+        None => port(offset, i),
+        Some(c) => format!("{}:{}", c.hosts[i - 1], port_of(offset, i)),
+    };
+    let listen = |offset: usize, i: usize| match containers {
+        None => port(offset, i),
+        Some(_) => format!("0.0.0.0:{}", port_of(offset, i)),
+    };
+    // The directory as the nodes see it.
+    let mount = match containers {
+        None => dir.clone(),
+        Some(_) => PathBuf::from(CONTAINER_CONFIG_DIR),
+    };
+    let peers: Vec<PeerConfig> = (1..=nodes)
+        .map(|i| PeerConfig { node_id: i as u64, client: advertised(0, i), peer: advertised(100, i) })
+        .collect();
     let mut configs = Vec::with_capacity(nodes);
     let mut config_paths = Vec::with_capacity(nodes);
     for i in 1..=nodes {
+        let data_dir = match containers {
+            None => path_str(&dir.join(format!("node-{i}"))),
+            Some(_) => CONTAINER_DATA_DIR.to_string(),
+        };
         let cfg = NodeConfig {
             node_id: i as u64,
             cluster_id: cluster_id.clone(),
-            data_dir: path_str(&dir.join(format!("node-{i}"))),
-            listen: port(0, i),
-            peer_listen: port(100, i),
-            operator_key_file: path_str(&operator_key_path),
-            genesis_file: path_str(&genesis_path),
+            data_dir,
+            listen: listen(0, i),
+            peer_listen: listen(100, i),
+            operator_key_file: path_str(&mount.join("operator.key")),
+            genesis_file: path_str(&mount.join("genesis.json")),
             peers: peers.clone(),
             batch_interval_ms: config::default_batch_interval_ms(),
             batch_requests_max: config::default_batch_requests_max(),
-            metrics_listen: Some(port(200, i)),
+            metrics_listen: Some(listen(200, i)),
             tick_ms: config::default_tick_ms(),
             election_ticks: config::default_election_ticks(),
             heartbeat_ticks: config::default_heartbeat_ticks(),
@@ -238,12 +420,27 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
             insecure_plaintext: false,
             admin_keys: vec![admin_public.clone()],
         };
-        let cfg = with_node_cert(&dir, cfg, &ca.key)?;
+        let cfg = match containers {
+            None => with_node_cert(&dir, cfg, &ca.key)?,
+            Some(c) => with_node_cert_as(&dir, &mount, &[c.hosts[i - 1].clone()], cfg, &ca.key)?,
+        };
         let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
         let path = dir.join(format!("node-{i}.toml"));
         std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;
         configs.push(cfg);
         config_paths.push(path);
+    }
+    let published = containers.map(|c| PublishedAddrs {
+        nodes: (1..=nodes)
+            .map(|i| PublishedNode {
+                node_id: i as u64,
+                advertised: advertised(0, i),
+                dial: format!("127.0.0.1:{}", c.published_base_port as usize + i),
+            })
+            .collect(),
+    });
+    if let Some(p) = &published {
+        p.save(&dir)?;
     }
     Ok(ClusterLayout {
         dir,
@@ -254,6 +451,7 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
         account_keys,
         operator_pub_path,
         genesis_path,
+        published,
     })
 }
 
@@ -299,6 +497,98 @@ mod tests {
         }
         // A second init into the same directory is refused.
         assert!(cluster_init(3, &dir, 4, 7000).is_err());
+    }
+
+    fn containers(hosts: &[&str], published_base_port: u16) -> ContainerHosts {
+        ContainerHosts { hosts: hosts.iter().map(|h| h.to_string()).collect(), published_base_port }
+    }
+
+    #[test]
+    fn hosts_layout_names_peers_by_host_and_uses_container_paths() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("c");
+        let c = containers(&["tally-1", "tally-2", "tally-3"], 27000);
+        let layout = cluster_init_with(3, &dir, 2, 7000, Some(&c)).expect("init");
+        for i in 1..=3u64 {
+            let path = dir.join(format!("node-{i}.toml"));
+            let cfg: NodeConfig = toml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("parse");
+            assert_eq!(cfg, layout.configs[i as usize - 1]);
+            assert_eq!(cfg.listen, format!("0.0.0.0:{}", 7000 + i));
+            assert_eq!(cfg.peer_listen, format!("0.0.0.0:{}", 7100 + i));
+            assert_eq!(cfg.metrics_listen, Some(format!("0.0.0.0:{}", 7200 + i)));
+            assert_eq!(cfg.data_dir, "/data");
+            assert_eq!(cfg.operator_key_file, "/config/operator.key");
+            assert_eq!(cfg.genesis_file, "/config/genesis.json");
+            assert_eq!(cfg.tls_ca_file.as_deref(), Some("/config/ca.pem"));
+            assert_eq!(cfg.tls_cert_file, Some(format!("/config/node-{i}.pem")));
+            assert_eq!(cfg.tls_key_file, Some(format!("/config/node-{i}.key")));
+            let peers: Vec<(u64, &str, &str)> =
+                cfg.peers.iter().map(|p| (p.node_id, p.client.as_str(), p.peer.as_str())).collect();
+            assert_eq!(
+                peers,
+                vec![
+                    (1, "tally-1:7001", "tally-1:7101"),
+                    (2, "tally-2:7002", "tally-2:7102"),
+                    (3, "tally-3:7003", "tally-3:7103")
+                ]
+            );
+            // The files the config names are in the directory compose mounts at /config.
+            for f in [&cfg.operator_key_file, &cfg.genesis_file, cfg.tls_cert_file.as_ref().expect("cert")] {
+                assert!(dir.join(f.trim_start_matches("/config/")).is_file(), "{f} missing");
+            }
+        }
+        // client.toml: published loopback ports, and which advertised address each stands for.
+        let published = PublishedAddrs::load(&dir).expect("load").expect("client.toml");
+        assert_eq!(Some(&published), layout.published.as_ref());
+        assert_eq!(published.dial_addrs(), vec!["127.0.0.1:27001", "127.0.0.1:27002", "127.0.0.1:27003"]);
+        assert_eq!(layout.dial_addrs(), published.dial_addrs());
+        assert_eq!(layout.addr_map().get("tally-2:7002").map(String::as_str), Some("127.0.0.1:27002"));
+        assert_eq!(layout.addr_map().len(), 3);
+    }
+
+    #[test]
+    fn hosts_layout_certificates_name_the_node_the_cluster_and_the_host() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let c = containers(&["a.example", "b", "c"], 7000);
+        cluster_init_with(3, tmp.path(), 1, 7000, Some(&c)).expect("init");
+        let pem = std::fs::read(tmp.path().join("node-2.pem")).expect("cert");
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
+        let parsed = rustls::server::ParsedCertificate::try_from(&der).expect("parse");
+        let names = |n: &str| {
+            let name = rustls_pki_types::ServerName::try_from(n.to_string()).expect("name");
+            rustls::client::verify_server_name(&parsed, &name).is_ok()
+        };
+        assert!(names("node-2.tally") && names("cluster.tally") && names("b"));
+        assert!(!names("node-1.tally") && !names("a.example") && !names("0.0.0.0"));
+    }
+
+    #[test]
+    fn without_hosts_there_is_no_client_file_and_dial_addrs_are_the_listen_addresses() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = cluster_init(3, tmp.path(), 1, 7000).expect("init");
+        assert!(layout.published.is_none());
+        assert!(!tmp.path().join(CLIENT_FILE).exists());
+        assert_eq!(PublishedAddrs::load(tmp.path()).expect("load"), None);
+        assert_eq!(layout.dial_addrs(), layout.client_addrs());
+        assert!(layout.addr_map().is_empty());
+        assert_eq!(layout.configs[0].tls_ca_file, Some(layout.dir.join(CA_FILE).to_string_lossy().into_owned()));
+    }
+
+    #[test]
+    fn bad_hosts_are_refused() {
+        for (hosts, n) in [
+            (&["a", "b"][..], 3),
+            (&["a", "b", "a"][..], 3),
+            (&["a", "b c", "d"][..], 3),
+            (&["a", "", "d"][..], 3),
+            (&["a:1", "b", "d"][..], 3),
+        ] {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let r = cluster_init_with(n, tmp.path(), 1, 7000, Some(&containers(hosts, 7000)));
+            assert!(r.is_err(), "{hosts:?} accepted");
+            assert!(!tmp.path().join("genesis.json").exists(), "{hosts:?}: files written before refusing");
+        }
     }
 
     #[test]
