@@ -3,7 +3,7 @@
 
 use crate::bench::{self, BenchConfig, Mix};
 use crate::client::{check_json, split_addrs, Client, ClientOptions, Committed};
-use crate::cluster::{self, cluster_init};
+use crate::cluster;
 use crate::error::ClientError;
 use crate::keyfile::{self, generate_key, load_key, load_or_create, public_of};
 use crate::receipt_file::{
@@ -645,6 +645,7 @@ fn bench_cmd(t: &Target, key_path: Option<&Path>, a: BenchArgs) -> Result<ExitCo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::cluster_init;
     use clap::CommandFactory;
 
     #[test]
