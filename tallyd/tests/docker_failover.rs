@@ -7,7 +7,8 @@
 //! disconnect`), keeps writing, reconnects it, and then checks that every acknowledged write is
 //! in the batch it was acknowledged at on every replica, that sampled receipts are served
 //! identically by every replica, and the invariants of the chaos checker (chain, signatures,
-//! exactly once, money).
+//! exactly once, money). Then `compose down` (volumes kept) and `up` again: the same checks
+//! hold over the restarted containers, which take writes again.
 //!
 //! Skipped (passes, saying so) when the Docker engine does not answer `docker info` or neither
 //! `docker compose` nor `docker-compose` exists. `TALLY_DOCKER_TEST=require` makes that a
@@ -403,6 +404,25 @@ fn docker_compose_cluster_fails_over_heals_a_partition_and_loses_nothing() {
     assert!(started.elapsed() < RUN_BOUND, "the run took {:?}", started.elapsed());
     check_every_replica(&addrs, &acked);
     assert_invariants(&addrs, &layout, &acked);
+
+    // 4. `down` (volumes kept), `up` again: the volumes hold everything, every replica serves
+    // the old receipts, and the cluster takes writes again.
+    run_.must(run_.compose(&["down", "-t", "20"]), Duration::from_secs(120));
+    assert!(addrs.iter().all(|a| status_of(a).is_none()), "a replica still answers after `down`");
+    run_.must(run_.compose(&["up", "-d"]), Duration::from_secs(120));
+    assert!(
+        wait_until(Duration::from_secs(60).min(left()), || addrs
+            .iter()
+            .all(|a| status_of(a).is_some_and(|s| s.leader_id.is_some()))),
+        "the cluster did not come back after down/up"
+    );
+    let opts = ClientOptions { addr_map: Arc::new(layout.addr_map()), ..short_opts() };
+    let writer = Writer::start_with(&addrs, account_key(&layout, 0), 32, 1, opts);
+    assert!(wait_until(Duration::from_secs(20).min(left()), || writer.acked_len() > 0), "no write after down/up");
+    acked.extend(writer.finish());
+    check_every_replica(&addrs, &acked);
+    assert_invariants(&addrs, &layout, &acked);
+    eprintln!("down and up again: every replica serves all {} acknowledged requests", acked.len());
     eprintln!(
         "docker test: {} acknowledged, failover {} ms, static build {:.1} s, run {:.1} s, total {:.1} s",
         acked.len(),
