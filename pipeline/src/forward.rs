@@ -76,9 +76,7 @@ impl Forwarder {
                 return Ok(l.clone());
             }
         }
-        let sock: std::net::SocketAddr =
-            addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        let tcp = TcpStream::connect_timeout(&sock, Duration::from_secs(2))?;
+        let tcp = connect(addr)?;
         tcp.set_nodelay(true)?;
         let stream = self.dial.open(tcp, std::time::Instant::now() + Duration::from_secs(2))?;
         let reader = stream.clone();
@@ -97,6 +95,25 @@ impl Forwarder {
         Ok(link)
     }
 
+    /// Drops the link unless it goes to `leader` (the current leader's client address; `None`
+    /// while none is known; this node's own when it leads), answering every frame still waiting
+    /// on it with a retryable error: the clients resend the same bytes, so exactly-once holds.
+    /// A leader that vanished without closing its connections (a host or container gone: no
+    /// RST) answers nothing, and without this the frames relayed to it waited out their clients'
+    /// timeouts. Called by the sequencer every pass (≤ 100 ms).
+    pub fn retain_leader(&self, leader: Option<&str>) {
+        let old = {
+            let mut slot = self.link.lock();
+            match slot.as_ref() {
+                Some(l) if Some(l.addr.as_str()) != leader => slot.take(),
+                _ => None,
+            }
+        };
+        if let Some(l) = old {
+            fail_all(&l);
+        }
+    }
+
     fn drop_link(&self, link: &Arc<Link>) {
         fail_all(link);
         let mut slot = self.link.lock();
@@ -104,6 +121,20 @@ impl Forwarder {
             *slot = None;
         }
     }
+}
+
+/// Connects to the leader's client address: an IP literal or a host name (`tally-1:7001` in
+/// containers), every address it resolves to in turn.
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} resolves to no address"));
+    for sock in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&sock, Duration::from_secs(2)) {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 fn read_replies(link: &Arc<Link>, stream: Stream) {
@@ -132,4 +163,46 @@ fn refuse(out: &Sender<Envelope<ServerMessage>>, id: u64, message: &str) {
 
 fn refuse_code(out: &Sender<Envelope<ServerMessage>>, id: u64, code: ErrorCode, message: &str) {
     let _ = out.try_send(Envelope { id, msg: ServerMessage::Error(WireError::new(code, message)) });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in Docker: the leader's address is `tally-1:7001` there, and parsing it as a socket
+    /// address refused every forwarded frame.
+    #[test]
+    fn the_leader_is_dialled_by_host_name() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert!(connect(&format!("localhost:{port}")).is_ok());
+        assert!(connect(&format!("127.0.0.1:{port}")).is_ok());
+        let f = Forwarder::new(Dial::Plain);
+        let link = f.link_to(&format!("localhost:{port}")).expect("link by host name");
+        assert_eq!(link.addr, format!("localhost:{port}"));
+    }
+
+    /// Found in Docker: a leader killed with its container closes nothing; frames relayed to it
+    /// waited for their clients' timeouts after this node had become leader itself.
+    #[test]
+    fn a_leader_change_answers_the_frames_waiting_on_the_old_link() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let f = Forwarder::new(Dial::Plain);
+        let (tx, rx) = crossbeam::channel::unbounded();
+        // The "leader" accepts and never answers.
+        f.forward(&addr, 7, Relayed::Receipt { id: tally_codec::RequestId([1; 32]) }, &tx);
+        let _silent = l.accept().expect("accept");
+        // Still the leader: the link stays and the frame waits.
+        f.retain_leader(Some(&addr));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "answered while the leader is unchanged");
+        assert!(f.link.lock().is_some());
+        // Another leader (or this node, or none known): the frame is answered, retryable.
+        f.retain_leader(Some("10.0.0.9:7001"));
+        let env = rx.recv_timeout(Duration::from_secs(1)).expect("answered when the leader changed");
+        assert_eq!(env.id, 7);
+        assert!(matches!(env.msg, ServerMessage::Error(ref e) if e.code == ErrorCode::Retry), "{:?}", env.msg);
+        assert!(f.link.lock().is_none());
+        f.retain_leader(None); // nothing left: a no-op
+    }
 }

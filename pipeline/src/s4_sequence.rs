@@ -50,6 +50,8 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
     let mut carry: Vec<Submission> = Vec::new();
     while !shared.is_stopping() {
         mode = update_mode(&shared, &mut view, mode);
+        // Frames relayed to a replica that no longer leads are answered (retryable) now.
+        shared.forwarder.retain_leader(shared.leader_addr().as_deref());
         // Wait for the first submission of the next batch.
         let first = if carry.is_empty() {
             match shared.seq_rx.recv_timeout(Duration::from_millis(20)) {
