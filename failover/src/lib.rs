@@ -35,6 +35,7 @@ pub mod handshake;
 pub mod node;
 mod raft_log_bridge;
 pub mod snapshot;
+pub mod snapshot_stream;
 pub mod solo;
 pub mod storage;
 pub mod transport;

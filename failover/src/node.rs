@@ -36,13 +36,13 @@ use raft::eraftpb::{
     Message, MessageType, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_codec::limits::{FRAME_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 use tally_core::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use tally_core::replica::term_start;
 use tally_store::wal::Wal;
@@ -66,6 +66,11 @@ const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
 pub const PROPOSAL_BYTES_MAX: usize = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES;
 /// How long a membership change may take before the call gives up.
 pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
+/// How long a learner may make no progress (no match advance, no snapshot on its way) before
+/// `cluster add` gives up on it.
+pub const CATCH_UP_STALL_MS: u64 = 60_000;
+/// How long `cluster add` waits for a learner to catch up at most.
+pub const CATCH_UP_TIMEOUT_MS: u64 = 30 * 60_000;
 /// How long a snapshot install waits for the applier to drain the committed channel.
 const SNAPSHOT_DRAIN_WAIT_MS: u64 = 10_000;
 
@@ -158,6 +163,8 @@ struct Shared {
     members: BTreeMap<u64, MemberAddr>,
     lease_until_ms: Option<u64>,
     stopped: Option<String>,
+    /// Peers the leader is sending a snapshot to now.
+    snapshotting: BTreeSet<u64>,
 }
 
 type SharedEnv = Arc<Mutex<Box<dyn Env>>>;
@@ -312,6 +319,37 @@ impl RaftReplicator {
         }
     }
 
+    /// Waits for `id` to match `target`, for as long as it makes progress: its match index
+    /// moves or a snapshot is on its way to it (a large state takes minutes to export, stream
+    /// and install). Gives up after [`CATCH_UP_STALL_MS`] without progress.
+    fn wait_catch_up(&self, id: u64, target: u64) -> Result<(), String> {
+        let started = self.now_ms();
+        let mut last = (0, started);
+        loop {
+            let now = self.now_ms();
+            {
+                let s = self.shared.lock();
+                let matched = s.matched.get(&id).copied().unwrap_or(0);
+                if matched >= target {
+                    return Ok(());
+                }
+                if let Some(r) = &s.stopped {
+                    return Err(format!("replicator stopped: {r}"));
+                }
+                if !s.role.is_leader {
+                    return Err("no longer the leader".into());
+                }
+                if matched > last.0 || s.snapshotting.contains(&id) {
+                    last = (matched, now);
+                }
+            }
+            if now - last.1 > CATCH_UP_STALL_MS || now - started > CATCH_UP_TIMEOUT_MS {
+                return Err(format!("timed out waiting for the learner to catch up (matched {} of {target})", last.0));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn require_leader(&self) -> Result<(), String> {
         let role = self.role();
         if !role.is_leader {
@@ -443,7 +481,7 @@ impl Replicator for RaftReplicator {
             self.wait_for("the learner to join", |s| s.conf.learners.contains(&id))?;
         }
         let target = self.role().commit_index;
-        if let Err(e) = self.wait_for("the learner to catch up", |s| s.matched.get(&id).is_some_and(|m| *m >= target)) {
+        if let Err(e) = self.wait_catch_up(id, target) {
             // A failed add leaves no learner behind.
             if !was_learner {
                 let cc = conf_change(vec![single(id, ConfChangeType::RemoveNode)], ConfChangeTransition::Auto);
@@ -665,7 +703,7 @@ impl Node {
             }
             MessageType::MsgSnapshot => {
                 let snap = m.get_snapshot();
-                let env: SnapshotEnvelope = tally_codec::decode(&snap.data, tally_codec::limits::ENTRY_BYTES_MAX)
+                let env: SnapshotEnvelope = tally_codec::decode(&snap.data, SNAPSHOT_BYTES_MAX)
                     .map_err(|e| format!("snapshot does not decode: {e}"))?;
                 for member in &env.members {
                     if member.node_id == 0 {
@@ -729,15 +767,20 @@ impl Node {
         for m in msgs {
             let (to, snap) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
             let sent = self.transport.send(m);
-            if snap {
-                let status = if sent { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
-                self.snapshot_reports.push((to, status));
+            // A snapshot the transport took is reported by it once streamed (see
+            // `take_snapshot_reports`); one it refused failed now.
+            if snap && !sent {
+                self.snapshot_reports.push((to, SnapshotStatus::Failure));
             }
         }
     }
 
     /// Handles one Ready following raft-rs's rules (see the module docs).
     fn on_ready(&mut self) -> Result<(), String> {
+        for (to, delivered) in self.transport.take_snapshot_reports() {
+            let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+            self.raw.report_snapshot(to, status);
+        }
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -777,8 +820,8 @@ impl Node {
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
         let meta = snap.get_metadata();
-        let env: SnapshotEnvelope =
-            tally_codec::decode(&snap.data, FRAME_BYTES_MAX).map_err(|e| format!("snapshot does not decode: {e}"))?;
+        let env: SnapshotEnvelope = tally_codec::decode(&snap.data, SNAPSHOT_BYTES_MAX)
+            .map_err(|e| format!("snapshot does not decode: {e}"))?;
         // Everything committed before the snapshot goes out first; the sink orders the install
         // after those entries.
         self.deliver(true)?;
@@ -915,9 +958,13 @@ impl Node {
         let raft = &self.raw.raft;
         let conf = self.raw.store().conf_state();
         let mut matched = BTreeMap::new();
+        let mut snapshotting = BTreeSet::new();
         if is_leader {
             for (id, pr) in raft.prs().iter() {
                 matched.insert(*id, pr.matched);
+                if pr.state == raft::ProgressState::Snapshot {
+                    snapshotting.insert(*id);
+                }
             }
         }
         matched.insert(self.id, raft.raft_log.persisted);
@@ -944,6 +991,7 @@ impl Node {
         s.persisted = raft.raft_log.persisted;
         s.members = members;
         s.lease_until_ms = lease_until_ms;
+        s.snapshotting = snapshotting;
     }
 }
 
@@ -1032,7 +1080,7 @@ mod tests {
     /// A state machine that accepts batches starting with 0xBA only.
     struct Judge;
     impl crate::snapshot::SnapshotSource for Judge {
-        fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
+        fn snapshot(&self, _at_least: u64) -> Result<Arc<crate::snapshot::ExportedState>, String> {
             Err("none".into())
         }
     }
