@@ -218,7 +218,8 @@ impl RaftReplicator {
     ) -> Result<Self, FailoverError> {
         let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
         let hello = Hello::new(&cfg.cluster_id, cfg.node_id, cfg.config_fingerprint);
-        let transport = TcpTransport::start(listener, hello, cfg.peer_security.clone(), net_tx)?;
+        let source: Arc<dyn crate::snapshot::SnapshotSource> = snapshots.clone();
+        let transport = TcpTransport::start(listener, hello, cfg.peer_security.clone(), net_tx)?.with_snapshots(source);
         Self::start_with(cfg, Box::new(wal), applied_index, env, committed_tx, snapshots, Box::new(transport), net_rx)
     }
 

@@ -42,8 +42,32 @@ pub struct StreamId {
 impl StreamId {
     /// The stream of `data`, the snapshot at (`index`, `term`).
     pub fn of(index: u64, term: u64, data: &[u8]) -> Self {
-        StreamId { index, term, total: data.len() as u64, digest: *blake3::hash(data).as_bytes() }
+        Self::of_parts(index, term, &[data])
     }
+
+    /// The stream of the concatenation of `parts`.
+    pub fn of_parts(index: u64, term: u64, parts: &[&[u8]]) -> Self {
+        let mut h = blake3::Hasher::new();
+        for p in parts {
+            h.update(p);
+        }
+        let total = parts.iter().map(|p| p.len() as u64).sum();
+        StreamId { index, term, total, digest: *h.finalize().as_bytes() }
+    }
+}
+
+/// Bytes `start..end` of the concatenation of `parts`, as borrowed pieces.
+pub fn range_of<'a>(parts: &[&'a [u8]], start: u64, end: u64) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut base = 0u64;
+    for p in parts {
+        let (lo, hi) = (base, base + p.len() as u64);
+        if hi > start && lo < end {
+            out.push(&p[(start.max(lo) - lo) as usize..(end.min(hi) - lo) as usize]);
+        }
+        base = hi;
+    }
+    out
 }
 
 /// What the receiving side already holds, sent to a peer that dials it.
@@ -72,10 +96,18 @@ pub struct ChunkHeader {
 
 /// Encodes a chunk frame body: kind, header, bytes.
 pub fn chunk_frame(stream: &StreamId, offset: u64, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 96 + bytes.len());
+    chunk_frame_of(stream, offset, &[bytes])
+}
+
+/// [`chunk_frame`] of bytes given in pieces.
+pub fn chunk_frame_of(stream: &StreamId, offset: u64, pieces: &[&[u8]]) -> Vec<u8> {
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(1 + 96 + len);
     out.push(KIND_CHUNK);
     out.extend_from_slice(&tally_codec::encode(&ChunkHeader { stream: *stream, offset }));
-    out.extend_from_slice(bytes);
+    for p in pieces {
+        out.extend_from_slice(p);
+    }
     out
 }
 
@@ -194,6 +226,16 @@ mod tests {
 
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn pieces_are_cut_like_the_whole() {
+        let (a, b) = (data(10), data(25));
+        let whole: Vec<u8> = [a.clone(), b.clone()].concat();
+        assert_eq!(StreamId::of_parts(1, 1, &[&a, &b]), StreamId::of(1, 1, &whole));
+        for (lo, hi) in [(0, 35), (3, 9), (8, 12), (10, 10), (10, 35), (30, 35)] {
+            assert_eq!(range_of(&[&a, &b], lo, hi).concat(), whole[lo as usize..hi as usize], "{lo}..{hi}");
+        }
     }
 
     #[test]

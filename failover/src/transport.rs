@@ -24,6 +24,7 @@
 
 use crate::frame::{read_frame, write_frame};
 use crate::handshake::{handshake, HandshakeError, Hello};
+use crate::snapshot::{SnapshotEnvelope, SnapshotSource};
 use crate::snapshot_stream::{self, Assemblies, Resume, StreamId, KIND_CHUNK, KIND_END, KIND_MESSAGE};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
@@ -37,7 +38,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
-use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_codec::limits::{FRAME_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 use tally_net::{Admission, AdmissionLimits, Stream};
 
 /// Messages queued per peer before new ones are dropped.
@@ -125,6 +126,8 @@ pub struct TcpTransport {
     listener: Option<JoinHandle<()>>,
     inbound: InboundConns,
     reports: Reports,
+    /// Where a leader's snapshot state is held while it streams.
+    snapshots: Option<Arc<dyn SnapshotSource>>,
 }
 
 impl TcpTransport {
@@ -153,7 +156,15 @@ impl TcpTransport {
             listener: Some(thread),
             inbound,
             reports: Reports::default(),
+            snapshots: None,
         })
+    }
+
+    /// Streams the state of snapshots from `source` (links started after this call).
+    #[must_use]
+    pub fn with_snapshots(mut self, source: Arc<dyn SnapshotSource>) -> Self {
+        self.snapshots = Some(source);
+        self
     }
 }
 
@@ -184,10 +195,10 @@ impl Transport for TcpTransport {
             }
             let (tx, rx) = bounded(OUTBOUND_MESSAGES_MAX);
             let (peer, a, local, stop) = (*id, addr.clone(), self.local.clone(), self.stop.clone());
-            let (sec, reports) = (self.security.clone(), self.reports.clone());
+            let (sec, reports, snapshots) = (self.security.clone(), self.reports.clone(), self.snapshots.clone());
             match std::thread::Builder::new()
                 .name(format!("peer-out-{}-{}", self.local.node_id, id))
-                .spawn(move || Outbound { peer, addr: a, local, security: sec, rx, stop, reports }.run())
+                .spawn(move || Outbound { snapshots, peer, addr: a, local, security: sec, rx, stop, reports }.run())
             {
                 Ok(thread) => {
                     self.links.insert(*id, OutLink { addr: addr.clone(), tx, thread });
@@ -319,6 +330,7 @@ fn is_snapshot(m: &Message) -> bool {
 
 /// One outbound link: a connection it dials (again after a failure) and writes on.
 struct Outbound {
+    snapshots: Option<Arc<dyn SnapshotSource>>,
     peer: u64,
     addr: String,
     local: Hello,
@@ -380,8 +392,8 @@ impl Outbound {
             let Some((w, resume)) = conn.as_mut() else { continue };
             let r = if is_snapshot(&first) {
                 let r = self.stream_snapshot(w, resume, first, &mut deferred);
-                self.report(r.is_ok());
-                r
+                self.report(r.as_ref().is_ok_and(|delivered| *delivered));
+                r.map(|_| ())
             } else {
                 self.write_queued(w, first, &mut deferred)
             };
@@ -413,16 +425,39 @@ impl Outbound {
 
     /// Streams a snapshot in chunks from where the peer's resume point allows, with other
     /// queued messages written between chunks, then the message itself without its data.
+    /// `Ok(false)` when its state is no longer held (nothing was sent).
     fn stream_snapshot(
         &self,
         w: &mut Conn,
         resume: &mut Resume,
         mut msg: Message,
         deferred: &mut VecDeque<Message>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<bool> {
         let data = std::mem::take(&mut msg.mut_snapshot().data);
         let meta = msg.get_snapshot().get_metadata();
-        let stream = StreamId::of(meta.index, meta.term, &data);
+        // A leader's snapshot carries the members only (see `WalStorage::snapshot`); the state
+        // is the export held by the source, streamed from where it lies, never copied whole.
+        let held = self
+            .snapshots
+            .as_ref()
+            .and_then(|s| s.snapshot(meta.index).ok())
+            .filter(|e| (e.index, e.term) == (meta.index, meta.term));
+        let envelope = tally_codec::decode::<SnapshotEnvelope>(&data, SNAPSHOT_BYTES_MAX).ok();
+        let (head, state): (Vec<u8>, &[u8]) = match (&envelope, &held) {
+            (Some(env), Some(exported)) if env.state.is_empty() => {
+                let mut head = SnapshotEnvelope::encode_parts(&env.members, &[]);
+                head.truncate(head.len() - 4);
+                head.extend_from_slice(&(exported.state.len() as u32).to_le_bytes());
+                (head, &exported.state)
+            }
+            (Some(env), None) if env.state.is_empty() => {
+                tracing::warn!(peer = self.peer, index = meta.index, "snapshot state no longer held; Raft will retry");
+                return Ok(false);
+            }
+            _ => (data.into(), &[]),
+        };
+        let parts: [&[u8]; 2] = [&head, state];
+        let stream = StreamId::of_parts(meta.index, meta.term, &parts);
         let from = resume.offset_for(&stream);
         let started = Instant::now();
         tracing::info!(
@@ -436,7 +471,8 @@ impl Outbound {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(std::io::Error::other("transport stopping"));
             }
-            write_frame(w, &snapshot_stream::chunk_frame(&stream, offset, &data[offset as usize..end as usize]))?;
+            let pieces = snapshot_stream::range_of(&parts, offset, end);
+            write_frame(w, &snapshot_stream::chunk_frame_of(&stream, offset, &pieces))?;
             // Heartbeats and appends to this peer do not wait for the whole snapshot.
             while let Ok(m) = self.rx.try_recv() {
                 if is_snapshot(&m) {
@@ -462,7 +498,7 @@ impl Outbound {
             ms = started.elapsed().as_millis() as u64,
             "snapshot streamed"
         );
-        Ok(())
+        Ok(true)
     }
 }
 
