@@ -521,14 +521,15 @@ fn status_at(addr: &str, dial: &tally_net::Dial) -> Option<tally_codec::wire::St
 
 fn status(addrs: &Target, key_path: Option<&Path>, out: Output) -> Result<ExitCode, ClientError> {
     let client = connect(addrs, read_key(key_path)?)?;
+    // The leader's view (match indexes are only known there); the first answer's when the
+    // leader can't be reached from here.
+    let first = client.status()?;
+    let view = match (&first.leader_addr, first.leader_id) {
+        (Some(a), Some(l)) if l != first.node_id => status_at(a, &addrs.dial).unwrap_or_else(|| first.clone()),
+        _ => first.clone(),
+    };
     if out == Output::Json {
-        // The leader's view (match indexes are only known there), with every member probed
-        // from here for reachability.
-        let first = client.status()?;
-        let view = match (&first.leader_addr, first.leader_id) {
-            (Some(a), Some(l)) if l != first.node_id => status_at(a, &addrs.dial).unwrap_or_else(|| first.clone()),
-            _ => first.clone(),
-        };
+        // Every member probed from here for reachability.
         let reachable: Vec<bool> = std::thread::scope(|sc| {
             let probes: Vec<_> = view
                 .members
@@ -543,7 +544,7 @@ fn status(addrs: &Target, key_path: Option<&Path>, out: Output) -> Result<ExitCo
         output::print(&output::status(&view, first.node_id, &reachable));
         return Ok(ExitCode::SUCCESS);
     }
-    for line in repl::status_lines(&client)? {
+    for line in repl::status_info_lines(&view) {
         println!("{line}");
     }
     client.probe_members();

@@ -41,7 +41,9 @@ fn outcome_fields(outcome: &Outcome, into: &mut serde_json::Map<String, Value>) 
         Outcome::DocUpdated { revision } => ("updated", json!({ "revision": revision })),
         Outcome::DocDeleted => ("deleted", json!({})),
         Outcome::Transferred { sender_balance } => ("transferred", json!({ "sender_balance": sender_balance })),
-        Outcome::Rejected(code) => ("rejected", json!({ "error_code": format!("{code:?}"), "error": code.to_string() })),
+        Outcome::Rejected(code) => {
+            ("rejected", json!({ "error_code": format!("{code:?}"), "error": code.to_string() }))
+        }
     };
     into.insert("outcome".into(), Value::String(name.into()));
     if let Value::Object(m) = extra {

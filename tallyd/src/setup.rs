@@ -39,7 +39,10 @@ fn parse_config(text: &str) -> Result<NodeConfig, String> {
                 message.push_str(" (the keys are listed in docs/configuration.md)");
             }
         }
-        let line = inner.span().filter(|_| !message.starts_with("missing field")).map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let line = inner
+            .span()
+            .filter(|_| !message.starts_with("missing field"))
+            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
         let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
         // The path is "." at the top level (a missing or unknown key, a syntax error).
         if key == "." || key.is_empty() {
@@ -61,7 +64,8 @@ pub fn check_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
     if cfg.node_id == 0 {
         return Err(at("node_id", "0 is reserved; node ids start at 1".into()));
     }
-    let mut files = vec![("operator_key_file", cfg.operator_key_file.as_str()), ("genesis_file", cfg.genesis_file.as_str())];
+    let mut files =
+        vec![("operator_key_file", cfg.operator_key_file.as_str()), ("genesis_file", cfg.genesis_file.as_str())];
     for (key, value) in
         [("tls_ca_file", &cfg.tls_ca_file), ("tls_cert_file", &cfg.tls_cert_file), ("tls_key_file", &cfg.tls_key_file)]
     {
@@ -73,7 +77,8 @@ pub fn check_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
         std::fs::read(file).map_err(|e| at(key, format!("cannot read {file}: {e}")))?;
     }
     let data_dir = Path::new(&cfg.data_dir);
-    std::fs::create_dir_all(data_dir).map_err(|e| at("data_dir", format!("cannot create {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| at("data_dir", format!("cannot create {}: {e}", data_dir.display())))?;
     let cluster_id =
         ClusterId::from_hex(&cfg.cluster_id).map_err(|e| at("cluster_id", format!("{:?}: {e}", cfg.cluster_id)))?;
     let genesis = read_genesis(Path::new(&cfg.genesis_file)).map_err(|e| at("genesis_file", e))?;

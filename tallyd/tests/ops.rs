@@ -292,8 +292,7 @@ fn unit_path() -> PathBuf {
 
 /// `[section]` → key → values (a key may repeat).
 fn parse_unit(text: &str) -> std::collections::HashMap<String, std::collections::HashMap<String, Vec<String>>> {
-    let mut out: std::collections::HashMap<String, std::collections::HashMap<String, Vec<String>>> =
-        Default::default();
+    let mut out: std::collections::HashMap<String, std::collections::HashMap<String, Vec<String>>> = Default::default();
     let mut section = String::new();
     for raw in text.lines() {
         let line = raw.trim();
@@ -354,5 +353,10 @@ fn the_systemd_unit_is_hardened_and_runs_tallyd_with_a_config() {
     let copy = dir.path().join("tallyd.service");
     std::fs::write(&copy, text.replace("/usr/local/bin/tallyd", &tallyd_bin().display().to_string())).expect("copy");
     let o = Command::new("systemd-analyze").arg("verify").arg(&copy).output().expect("systemd-analyze verify");
-    assert!(o.status.success() && stderr(&o).trim().is_empty(), "systemd-analyze verify:\n{}{}", stdout(&o), stderr(&o));
+    assert!(
+        o.status.success() && stderr(&o).trim().is_empty(),
+        "systemd-analyze verify:\n{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
 }
