@@ -360,3 +360,106 @@ fn the_systemd_unit_is_hardened_and_runs_tallyd_with_a_config() {
         stderr(&o)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A replica of another cluster.
+
+/// Waits until `d`'s log contains every one of `parts` (15 s).
+fn wait_log(d: &Daemon, parts: &[&str]) {
+    let ok = wait_until(Duration::from_secs(15), || {
+        let t = d.log_text();
+        t.lines().any(|l| parts.iter().all(|p| l.contains(p)))
+    });
+    assert!(ok, "{} never logged a line with {parts:?}:\n{}", d.log.display(), d.log_text());
+}
+
+/// Node 3 started with a config that is not this cluster's: another cluster id and genesis
+/// (same CA), other Raft timings, then another cluster's files altogether (another CA). Each
+/// time it never joins, and the logs on both sides say why.
+#[test]
+fn a_replica_with_another_clusters_config_refuses_to_join() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let d = &layout.dir;
+    let mut nodes: Vec<Daemon> = (0..2)
+        .map(|i| {
+            Daemon::spawn(&layout.config_paths[i], &layout.configs[i].listen, &d.join(format!("node-{}.log", i + 1)))
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_ready(Duration::from_secs(30));
+    }
+    // A write, so that a joined node 3 would hold a batch.
+    let addrs12: Vec<String> = layout.client_addrs()[..2].to_vec();
+    let c = tally_client::Client::connect(
+        &addrs12,
+        account_key(&layout, 0),
+        opts_for(&addrs12, tally_client::ClientOptions::default()),
+    )
+    .expect("connect");
+    c.transfer(fresh_key(), 1).expect("a write commits on nodes 1 and 2");
+    drop(c);
+    let good3 = std::fs::read_to_string(&layout.config_paths[2]).expect("node-3.toml");
+    let addr3 = layout.configs[2].listen.clone();
+    let leader_sees_3_behind = |nodes: &[Daemon]| {
+        let (_, s) = wait_leader(nodes, Duration::from_secs(10));
+        let m = s.members.iter().find(|m| m.node_id == 3).expect("node 3 is a member");
+        m.matched_index == 0
+    };
+    let not_joined =
+        |n3: &Daemon| status_of(&n3.addr).is_some_and(|s| s.leader_id.is_none() && s.committed_height == 0);
+
+    // 1. Another cluster id and genesis, same CA.
+    let other = "cd".repeat(16);
+    let mut genesis: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&layout.genesis_path).expect("genesis")).expect("json");
+    genesis["cluster_id"] = serde_json::Value::String(other.clone());
+    let g2 = d.join("genesis-other.json");
+    std::fs::write(&g2, genesis.to_string()).expect("write genesis");
+    let text = with_line(&good3, "cluster_id", &format!("cluster_id = {other:?}"));
+    let text = with_line(&text, "genesis_file", &format!("genesis_file = {:?}", g2.display().to_string()));
+    let p = variant(&layout, "node-3-other-cluster", &text);
+    let n3 = Daemon::spawn(&p, &addr3, &d.join("node-3-a.log"));
+    let mismatch = format!("cluster id \"{other}\" does not match this cluster \"{}\"", layout.cluster_id);
+    let theirs = format!("cluster id \"{}\" does not match this cluster \"{other}\"", layout.cluster_id);
+    wait_log(&n3, &["peer link refused", &theirs]);
+    assert!(
+        wait_until(Duration::from_secs(15), || nodes.iter().any(|n| n.log_text().contains(&mismatch))),
+        "nodes 1 and 2 never said why they refuse node 3"
+    );
+    assert!(not_joined(&n3), "node 3 joined another cluster: {:?}", status_of(&n3.addr));
+    assert!(leader_sees_3_behind(&nodes), "the leader replicated to a foreign node 3");
+    drop(n3);
+
+    // 2. Other Raft timings (the configuration fingerprint).
+    let p = variant(&layout, "node-3-other-timing", &with_line(&good3, "tick_ms", "tick_ms = 60"));
+    let n3 = Daemon::spawn(&p, &addr3, &d.join("node-3-b.log"));
+    wait_log(&n3, &["peer link refused", "configuration fingerprint", "does not match"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || nodes
+            .iter()
+            .any(|n| n.log_text().lines().any(|l| l.contains("refused peer connection") && l.contains("fingerprint")))),
+        "nodes 1 and 2 never said why they refuse node 3"
+    );
+    assert!(not_joined(&n3));
+    drop(n3);
+
+    // 3. Another cluster's node 3 on this node 3's ports: its certificates are of another CA.
+    let other_dir = tempfile::tempdir().expect("tmp");
+    let base: u16 = addr3.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port") - 3;
+    let other_layout = tally_client::cluster::cluster_init(3, other_dir.path(), 1, base).expect("other cluster");
+    register_dial(&addr3, other_layout.dial().expect("CA"));
+    let n3 = Daemon::spawn(&other_layout.config_paths[2], &addr3, &d.join("node-3-c.log"));
+    wait_log(&n3, &["peer link refused", "TLS with node", "is it node"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || nodes
+            .iter()
+            .any(|n| n.log_text().contains("peer TLS handshake failed (no certificate of this cluster?)"))),
+        "nodes 1 and 2 never said why they refuse node 3"
+    );
+    assert!(not_joined(&n3));
+    assert!(leader_sees_3_behind(&nodes));
+    drop(n3);
+    for n in &mut nodes {
+        assert!(n.exited().is_none(), "a replica died on a foreign peer:\n{}", n.log_text());
+    }
+}
