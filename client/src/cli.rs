@@ -253,6 +253,23 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             | Cmd::Completions { .. }
             | Cmd::Cluster { command: ClusterCmd::Init { .. } }
     );
+    if cli.output == Output::Json {
+        let text_only = match &cli.command {
+            Cmd::Keygen { .. } => Some("keygen"),
+            Cmd::Verify { .. } => Some("verify"),
+            Cmd::Repl => Some("repl"),
+            Cmd::Bench(_) => Some("bench (its --json FILE writes the summary)"),
+            Cmd::Up { .. } => Some("up"),
+            Cmd::Sim { .. } => Some("sim"),
+            Cmd::Chaos { .. } => Some("chaos"),
+            Cmd::Completions { .. } => Some("completions"),
+            _ => None,
+        };
+        if let Some(name) = text_only {
+            // Refused rather than ignored: a script asking for JSON must not get text.
+            return Err(ClientError::Invalid(format!("-o json is not available for tally {name} (see docs/cli.md)")));
+        }
+    }
     let addrs = if offline { Target::offline() } else { Target::resolve(&cli)? };
     let key_path = cli.key.as_deref();
     let out = cli.output;
@@ -820,6 +837,19 @@ mod tests {
         assert!(Cli::try_parse_from(["tally", "chaos", "--nodes", "3", "--seed", "1"]).is_ok());
         assert!(Cli::try_parse_from(["tally", "transfer", "--to", "ab", "--amount", "5"]).is_ok());
         assert!(Cli::try_parse_from(["tally", "up", "--no-wait"]).is_ok());
+        let cli = Cli::try_parse_from(["tally", "status", "-o", "json"]).expect("-o after the command");
+        assert_eq!(cli.output, Output::Json);
+        let cli = Cli::try_parse_from(["tally", "--output", "json", "cluster", "remove", "3"]).expect("--output");
+        assert_eq!(cli.output, Output::Json);
+        assert_eq!(Cli::try_parse_from(["tally", "status"]).expect("default").output, Output::Text);
+        assert!(Cli::try_parse_from(["tally", "-o", "yaml", "status"]).is_err());
+    }
+
+    #[test]
+    fn json_output_is_refused_where_a_command_has_none() {
+        let cli = Cli::try_parse_from(["tally", "-o", "json", "keygen", "--out", "/nonexistent/k"]).expect("parse");
+        let e = run(cli).expect_err("keygen has no JSON output");
+        assert!(e.to_string().contains("-o json is not available for tally keygen"), "{e}");
     }
 
     #[test]
