@@ -414,4 +414,39 @@ fn runbook_add_replace_remove_backup_restore() {
         members(s).iter().filter(|m| m.2 && m.1 != "learner").count() == 3
     });
     transfer("1");
+
+    // Move the operator key file (same key, new place, 0600), one replica at a time.
+    let old_key = d.join("operator.key");
+    let keys = d.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    let new_key = keys.join("operator.key");
+    let st = Command::new("install").args(["-m", "0600"]).arg(&old_key).arg(&new_key).status().expect("install");
+    assert!(st.success());
+    for (i, n) in nodes.iter().enumerate() {
+        daemons[i].terminate();
+        let config = PathBuf::from(n["config_file"].as_str().expect("config"));
+        let text = std::fs::read_to_string(&config).expect("config");
+        let old_line = format!("operator_key_file = {:?}", old_key.display().to_string());
+        assert!(text.contains(&old_line), "{text}");
+        let text = text.replace(&old_line, &format!("operator_key_file = {:?}", new_key.display().to_string()));
+        std::fs::write(&config, text).expect("write config");
+        daemons[i] = start(&d, n);
+        daemons[i].wait_ready(Duration::from_secs(30));
+        let id = n["node_id"].as_u64().expect("id");
+        wait_status(&d, "the restarted replica caught up", |s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["node_id"] == id && m["lag"] == 0 && m["reachable"] == true))
+        });
+    }
+    std::fs::remove_file(&old_key).expect("remove the old key file");
+    let out = d.join("after-move.json");
+    let t = json_ok(
+        &d,
+        &["--key", k0s, "transfer", "--to", &to, "--amount", "1", "--receipt", out.to_str().expect("utf8")],
+    );
+    assert_eq!(t["outcome"], "transferred");
+    let v =
+        run(&["verify", out.to_str().expect("utf8"), "--operator-key", d.join("operator.pub").to_str().expect("utf8")]);
+    assert!(v.status.success(), "receipts still verify against the same operator key: {}", text(&v));
 }
