@@ -42,7 +42,7 @@ fn parse_config(text: &str) -> Result<NodeConfig, String> {
         let line = inner
             .span()
             .filter(|_| !message.starts_with("missing field"))
-            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            .map(|s| text.get(..s.start).unwrap_or(text).matches('\n').count() + 1);
         let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
         // The path is "." at the top level (a missing or unknown key, a syntax error).
         if key == "." || key.is_empty() {
@@ -441,4 +441,19 @@ fn restart_in_place() -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable to restart: {e}"))?;
     let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
     Err(format!("restart in place failed: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_config;
+
+    #[test]
+    fn config_errors_name_the_key_and_line_even_in_non_ascii_input() {
+        let e = parse_config("# données\nnode_id = \"ünïcode\"\n").expect_err("a string node_id");
+        assert!(e.starts_with("key `node_id`: invalid type: string \"ünïcode\""), "{e}");
+        assert!(e.ends_with("(line 2)"), "{e}");
+        let e = parse_config("node_id = 1\n\u{feff}é = [\n").expect_err("garbage");
+        assert!(e.contains("(line 2)"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
 }
