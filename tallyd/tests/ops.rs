@@ -463,3 +463,35 @@ fn a_replica_with_another_clusters_config_refuses_to_join() {
         assert!(n.exited().is_none(), "a replica died on a foreign peer:\n{}", n.log_text());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The references stay complete.
+
+#[test]
+fn every_config_key_and_every_command_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/configuration.md")).expect("configuration.md");
+    // Every key `cluster init` writes (it writes all of them, defaults included).
+    let (_dir, layout) = init_cluster(1, 1);
+    let cfg: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&layout.config_paths[0]).expect("config")).expect("toml");
+    assert!(cfg.len() >= 24, "{cfg:?}");
+    for key in cfg.keys() {
+        assert!(doc.contains(&format!("| `{key}` |")), "docs/configuration.md has no row for `{key}`");
+    }
+    let cli = std::fs::read_to_string(root.join("docs/cli.md")).expect("cli.md");
+    let help = Command::new(tally_bin()).arg("--help").output().expect("tally --help");
+    let help = stdout(&help);
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 15, "{commands:?}");
+    for c in commands {
+        assert!(cli.contains(&format!("| `{c}")), "docs/cli.md has no row for `tally {c}`");
+    }
+}
