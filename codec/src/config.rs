@@ -80,6 +80,21 @@ pub struct NodeConfig {
     /// else can; with none listed, nobody can.
     #[serde(default)]
     pub admin_keys: Vec<String>,
+    /// How `tallyd` writes its log on stderr: `text` (human-readable lines) or `json` (one JSON
+    /// object per line, for log shippers). `tallyd --log-format` overrides it.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// The format of `tallyd`'s log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields.
+    Json,
 }
 
 pub fn default_batch_bytes_max() -> usize {

@@ -31,11 +31,17 @@ impl Daemon {
 
     /// As [`Daemon::spawn`], with extra environment variables (failpoints).
     pub fn spawn_env(config: &Path, addr: &str, log: &Path, env: &[(&str, &Path)]) -> Daemon {
+        Daemon::spawn_with(config, addr, log, env, &[])
+    }
+
+    /// As [`Daemon::spawn`], with extra environment variables and command-line arguments.
+    pub fn spawn_with(config: &Path, addr: &str, log: &Path, env: &[(&str, &Path)], args: &[&str]) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--config")
             .arg(config)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file))
             .spawn()
