@@ -237,6 +237,7 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
             tls_key_file: None,
             insecure_plaintext: false,
             admin_keys: vec![admin_public.clone()],
+            ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
         };
         let cfg = with_node_cert(&dir, cfg, &ca.key)?;
         let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
