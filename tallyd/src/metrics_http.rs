@@ -103,13 +103,27 @@ const GAUGE_IDLE: Duration = Duration::from_secs(15);
 /// # Errors
 /// When a recorder is already installed or a bucket list is empty.
 pub fn install() -> Result<PrometheusHandle, String> {
-    let mut b = PrometheusBuilder::new()
-.idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE));
+    let mut b = PrometheusBuilder::new().idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE));
     for (name, values) in buckets() {
         b = b.set_buckets_for_metric(Matcher::Full(name.to_string()), &values).map_err(|e| e.to_string())?;
     }
     let handle = b.install_recorder().map_err(|e| format!("metrics recorder: {e}"))?;
     describe();
+    // Counters exist from the start (at 0), so `rate()` and `increase()` see their first event.
+    for name in [
+        "tally_leader_changes_total",
+        "tally_snapshot_installs_total",
+        "tally_committed_batches_total",
+        "tally_committed_requests_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for kind in ["pre_vote", "vote"] {
+        metrics::counter!("tally_elections_total", "kind" => kind).increment(0);
+    }
+    for result in ["sent", "failed"] {
+        metrics::counter!("tally_snapshot_sends_total", "result" => result).increment(0);
+    }
     Ok(handle)
 }
 
@@ -200,12 +214,23 @@ pub fn serve(addr: &str, handle: PrometheusHandle, health: Arc<Health>) -> Resul
                 if r.read_line(&mut line).is_err() {
                     continue;
                 }
+                // Read the headers too (bounded): closing a socket with unread bytes resets it,
+                // and the client may lose the answer.
+                let mut header = String::new();
+                for _ in 0..100 {
+                    header.clear();
+                    match r.read_line(&mut header) {
+                        Ok(n) if n > 2 && header.len() < 8192 => {}
+                        _ => break,
+                    }
+                }
                 let (status, body) = respond(&line, &handle, &health);
                 let _ = write!(
                     stream,
                     "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
+                let _ = stream.shutdown(std::net::Shutdown::Write);
             }
         })
         .map_err(|e| e.to_string())?;
@@ -268,7 +293,11 @@ mod tests {
             assert!(seen.insert(*name), "{name} listed twice");
             assert!(name.starts_with("tally_") && !help.is_empty(), "{name}");
             assert!(!name.ends_with("_ms"), "{name}: durations are in seconds");
-            assert_eq!(*kind == Kind::Counter, name.ends_with("_total"), "{name}: counters, and only they, end in _total");
+            assert_eq!(
+                *kind == Kind::Counter,
+                name.ends_with("_total"),
+                "{name}: counters, and only they, end in _total"
+            );
             assert!(doc.contains(&format!("`{name}`")), "docs/metrics.md does not describe {name}");
         }
         for (name, _) in buckets() {
