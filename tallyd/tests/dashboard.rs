@@ -11,7 +11,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -179,17 +178,6 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// `(status, body)` of an HTTP/1.0 GET (no chunked answers), or `None`.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
-}
-
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
@@ -303,12 +291,12 @@ fn draw(path: &Path, _start: f64, kill_s: f64, throughput: &Series, leaders: &Se
     let (top, bottom) = root.split_vertically(350);
     let x_max = throughput.iter().chain(leaders).flat_map(|(_, p)| p.iter().map(|(x, _)| *x)).fold(1.0, f64::max);
     let colors = [BLUE, RED, GREEN, MAGENTA];
-    for (area, title, data, y_max) in [
+    for (area, title, data, y_max_fixed) in [
         (&top, "Committed requests/s (max over replicas)", throughput, None),
-        (&bottom, "Leader id as each replica sees it (0 = none)", leaders, Some(4.0)),
+        (&bottom, "Leader id as each replica sees it (0 = none; lines nudged apart)", leaders, Some(4.0)),
     ] {
-        let y_max =
-            y_max.unwrap_or_else(|| data.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).fold(1.0, f64::max) * 1.1);
+        let y_max = y_max_fixed
+            .unwrap_or_else(|| data.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).fold(1.0, f64::max) * 1.1);
         let mut b = ChartBuilder::on(area);
         b.margin(15);
         if text {
@@ -325,9 +313,24 @@ fn draw(path: &Path, _start: f64, kill_s: f64, throughput: &Series, leaders: &Se
         chart
             .draw_series(LineSeries::new(vec![(kill_s, 0.0), (kill_s, y_max)], BLACK.stroke_width(1)))
             .expect("kill line");
+        let stepped = y_max_fixed.is_some();
         for (i, (label, points)) in data.iter().enumerate() {
             let color = colors[i % colors.len()];
-            let drawn = chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2))).expect("series");
+            // Leader ids are levels: drawn as steps, each replica nudged so equal lines stay visible.
+            let points: Vec<(f64, f64)> = if stepped {
+                let nudge = (i as f64 - 1.0) * 0.05;
+                let mut out: Vec<(f64, f64)> = Vec::new();
+                for (x, y) in points {
+                    if let Some(&(_, prev)) = out.last() {
+                        out.push((*x, prev));
+                    }
+                    out.push((*x, y + nudge));
+                }
+                out
+            } else {
+                points.clone()
+            };
+            let drawn = chart.draw_series(LineSeries::new(points, color.stroke_width(2))).expect("series");
             if text {
                 drawn.label(label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }

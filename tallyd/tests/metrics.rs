@@ -5,21 +5,9 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// `(status code, body)` of `GET path` on `addr`, or `None` when nothing answers.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
 
 /// Runs `promtool check metrics` on `exposition`: `Ok` when it exits 0, else its complaints.
 fn promtool_check(exposition: &str) -> Result<(), String> {
@@ -42,11 +30,6 @@ fn promtool_check(exposition: &str) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ))
     }
-}
-
-/// The value of the unlabelled series `name` in an exposition.
-fn value(exposition: &str, name: &str) -> Option<f64> {
-    exposition.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn metrics_addrs(layout: &tally_client::cluster::ClusterLayout) -> Vec<String> {
@@ -113,11 +96,11 @@ fn live_metrics_pass_promtool_and_answer_the_operator_questions() {
             assert!(body.contains(name), "node {} /metrics lacks {name}:\n{body}", i + 1);
         }
         assert!(!body.contains("_ms"), "a metric still in milliseconds:\n{body}");
-        assert!(value(&body, "tally_log_bytes").is_some_and(|b| b > 0.0), "log size:\n{body}");
-        let leader_id = value(&body, "tally_leader_id").expect("leader id");
+        assert!(metric_value(&body, "tally_log_bytes").is_some_and(|b| b > 0.0), "log size:\n{body}");
+        let leader_id = metric_value(&body, "tally_leader_id").expect("leader id");
         assert_eq!(leader_id as usize, leader + 1, "node {} names the leader", i + 1);
         if i == leader {
-            assert_eq!(value(&body, "tally_is_leader"), Some(1.0));
+            assert_eq!(metric_value(&body, "tally_is_leader"), Some(1.0));
             for peer in (1..=3).filter(|p| *p != leader + 1) {
                 let series = format!("tally_follower_lag_entries{{peer=\"{peer}\"}}");
                 assert!(body.contains(&series), "leader lacks {series}:\n{body}");
@@ -134,9 +117,9 @@ fn live_metrics_pass_promtool_and_answer_the_operator_questions() {
             ] {
                 assert!(body.contains(name), "leader /metrics lacks {name}:\n{body}");
             }
-            assert!(value(&body, "tally_lease_remaining_seconds").is_some_and(|s| s > 0.0), "lease:\n{body}");
+            assert!(metric_value(&body, "tally_lease_remaining_seconds").is_some_and(|s| s > 0.0), "lease:\n{body}");
         } else {
-            assert_eq!(value(&body, "tally_is_leader"), Some(0.0));
+            assert_eq!(metric_value(&body, "tally_is_leader"), Some(0.0));
             assert!(!body.contains("tally_follower_lag_entries"), "a follower exports follower lag:\n{body}");
         }
     }
