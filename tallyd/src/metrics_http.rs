@@ -305,6 +305,36 @@ mod tests {
         }
     }
 
+    /// Every metric the code records is in the catalogue (so it has `# HELP` and a doc line).
+    #[test]
+    fn every_recorded_metric_is_catalogued() {
+        fn scan(dir: &std::path::Path, found: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).expect("source dir").flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    scan(&path, found);
+                } else if path.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&path).expect("source");
+                    for macro_call in ["counter!(\"", "gauge!(\"", "histogram!(\""] {
+                        for part in text.split(macro_call).skip(1) {
+                            let name: String = part.chars().take_while(|c| *c != '"').collect();
+                            found.push(name);
+                        }
+                    }
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut found = Vec::new();
+        for krate in ["tallyd", "pipeline", "failover", "store", "net", "core"] {
+            scan(&root.join(krate).join("src"), &mut found);
+        }
+        assert!(found.len() > 20, "only {} metric calls found", found.len());
+        for name in found {
+            assert!(CATALOGUE.iter().any(|(n, _, _)| *n == name), "{name} is recorded but not in CATALOGUE");
+        }
+    }
+
     #[test]
     fn health_paths_answer_and_unknown_paths_do_not() {
         let recorder = PrometheusBuilder::new().build_recorder();
