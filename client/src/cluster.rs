@@ -238,6 +238,7 @@ pub fn cluster_init(nodes: usize, dir: &Path, accounts: usize, base_port: u16) -
             insecure_plaintext: false,
             admin_keys: vec![admin_public.clone()],
             log_format: config::LogFormat::default(),
+            ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
         };
         let cfg = with_node_cert(&dir, cfg, &ca.key)?;
         let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;

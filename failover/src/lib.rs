@@ -124,6 +124,11 @@ pub trait Replicator: Send + Sync {
     fn stopped(&self) -> Option<String> {
         None
     }
+    /// The leader's commit index as far as this replica knows (its own commit index when it
+    /// leads or runs alone). Readiness compares the applied index with it.
+    fn leader_commit_index(&self) -> u64 {
+        self.role().commit_index
+    }
     /// Tells the log the state machine is durable up to `index` (store fsynced), so entries up to
     /// there may be compacted.
     fn compact_hint(&self, index: u64);

@@ -162,6 +162,8 @@ struct Shared {
     persisted: u64,
     members: BTreeMap<u64, MemberAddr>,
     lease_until_ms: Option<u64>,
+    /// The leader's commit index as this replica last heard it (its own when it leads).
+    leader_commit: u64,
     stopped: Option<String>,
     /// Peers the leader is sending a snapshot to now.
     snapshotting: BTreeSet<u64>,
@@ -454,6 +456,11 @@ impl Replicator for RaftReplicator {
         self.stopped_reason()
     }
 
+    fn leader_commit_index(&self) -> u64 {
+        let s = self.shared.lock();
+        s.leader_commit.max(s.role.commit_index)
+    }
+
     fn compact_hint(&self, index: u64) {
         let _ = self.cmd_tx.try_send(Cmd::Compact(index));
     }
@@ -539,6 +546,16 @@ struct Node {
     log_retain_entries: u64,
     compact_wanted: u64,
     snapshot_reports: Vec<(u64, SnapshotStatus)>,
+    /// The highest commit index a leader's append carried (appends carry the leader's own
+    /// commit index; heartbeats only what the follower matched).
+    leader_commit_seen: u64,
+    /// What the metrics last saw: role, (term, leader), term, and the tick they were exported.
+    seen_state: StateRole,
+    seen_leader: (u64, u64),
+    seen_term: u64,
+    metrics_tick: u64,
+    /// When this replica last became leader (for the quorum-ack age before the first ack).
+    leader_since_ms: u64,
     /// Set by [`RaftReplicator::stop`]; blocking waits give up when it is set.
     stop: Arc<AtomicBool>,
 }
@@ -609,6 +626,12 @@ impl Node {
             log_retain_entries: cfg.log_retain_entries,
             compact_wanted: 0,
             snapshot_reports: Vec::new(),
+            leader_commit_seen: 0,
+            seen_state: StateRole::Follower,
+            seen_leader: (0, raft::INVALID_ID),
+            seen_term: 0,
+            metrics_tick: u64::MAX,
+            leader_since_ms: now,
             stop,
         };
         if deliver_bootstrap {
@@ -666,6 +689,10 @@ impl Node {
                 return;
             }
             self.publish();
+            if self.metrics_tick != self.ticks {
+                self.metrics_tick = self.ticks;
+                self.export_metrics();
+            }
         }
         self.publish();
         self.transport.stop();
@@ -682,6 +709,9 @@ impl Node {
             return;
         }
         self.lease.observe(&m, &self.raw.raft);
+        if t == MessageType::MsgAppend && m.term >= self.raw.raft.term {
+            self.leader_commit_seen = self.leader_commit_seen.max(m.commit);
+        }
         if let Err(why) = self.check_payload(&m) {
             // Defence in depth behind mutual TLS: a peer that sends what can never be applied
             // is ignored, and nothing of it reaches the log.
@@ -690,6 +720,57 @@ impl Node {
         }
         if let Err(e) = self.raw.step(m) {
             tracing::debug!(node = self.id, error = %e, "raft message not stepped");
+        }
+        self.count_transitions();
+    }
+
+    /// Counts campaigns and leader changes (checked after every step and tick: cheap compares).
+    fn count_transitions(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != self.seen_state {
+            if raft.state == StateRole::PreCandidate {
+                metrics::counter!("tally_elections_total", "kind" => "pre_vote").increment(1);
+            }
+            self.seen_state = raft.state;
+        }
+        // A vote campaign bumps the term and votes for itself, even when it wins at once.
+        if raft.term > self.seen_term {
+            if raft.vote == self.id && (raft.state == StateRole::Candidate || raft.state == StateRole::Leader) {
+                metrics::counter!("tally_elections_total", "kind" => "vote").increment(1);
+            }
+            self.seen_term = raft.term;
+        }
+        if raft.leader_id != raft::INVALID_ID && (raft.term, raft.leader_id) != self.seen_leader {
+            if self.seen_leader.1 != raft::INVALID_ID {
+                metrics::counter!("tally_leader_changes_total").increment(1);
+            }
+            self.seen_leader = (raft.term, raft.leader_id);
+        }
+    }
+
+    /// Once per tick: what the Raft thread alone knows (replication progress, the lease).
+    fn export_metrics(&mut self) {
+        let now = self.now_ms();
+        let raft = &self.raw.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        let lease_until = self.shared.lock().lease_until_ms;
+        let lease_left_ms = lease_until.map_or(0, |u| u.saturating_sub(now));
+        metrics::gauge!("tally_lease_remaining_seconds").set(lease_left_ms as f64 / 1e3);
+        if !is_leader {
+            return;
+        }
+        // Leader-only series: they stop being updated when leadership goes, and the exporter
+        // drops gauges idle for a few seconds, so a deposed leader's view disappears.
+        let conf = self.raw.store().conf_state();
+        let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
+        let acked = self.lease.quorum_ack_ms(&sets, self.id, now).unwrap_or(self.leader_since_ms);
+        metrics::gauge!("tally_quorum_ack_age_seconds").set(now.saturating_sub(acked) as f64 / 1e3);
+        let committed = raft.raft_log.committed;
+        for (id, pr) in raft.prs().iter() {
+            if *id != self.id {
+                metrics::gauge!("tally_follower_lag_entries", "peer" => id.to_string())
+                    .set(committed.saturating_sub(pr.matched) as f64);
+            }
         }
     }
 
@@ -757,6 +838,7 @@ impl Node {
         }
         self.raw.tick();
         self.ticks += 1;
+        self.count_transitions();
         if self.raw.raft.state == StateRole::Leader && self.ticks - self.last_probe_tick >= self.heartbeat_ticks {
             self.last_probe_tick = self.ticks;
             let term = self.raw.raft.term;
@@ -771,6 +853,7 @@ impl Node {
             // A snapshot the transport took is reported by it once streamed (see
             // `take_snapshot_reports`); one it refused failed now.
             if snap && !sent {
+                metrics::counter!("tally_snapshot_sends_total", "result" => "failed").increment(1);
                 self.snapshot_reports.push((to, SnapshotStatus::Failure));
             }
         }
@@ -779,6 +862,8 @@ impl Node {
     /// Handles one Ready following raft-rs's rules (see the module docs).
     fn on_ready(&mut self) -> Result<(), String> {
         for (to, delivered) in self.transport.take_snapshot_reports() {
+            let result = if delivered { "sent" } else { "failed" };
+            metrics::counter!("tally_snapshot_sends_total", "result" => result).increment(1);
             let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
             self.raw.report_snapshot(to, status);
         }
@@ -844,6 +929,7 @@ impl Node {
             .mut_store()
             .apply_snapshot(meta, &env.members)
             .map_err(|e| format!("snapshot marker at {}: {e}", meta.index))?;
+        metrics::counter!("tally_snapshot_installs_total").increment(1);
         self.update_transport_peers();
         Ok(())
     }
@@ -954,6 +1040,7 @@ impl Node {
             self.leader_term = raft.term;
             self.lease.reset(raft.term);
             self.term_start_index = term_start(&self.raw);
+            self.leader_since_ms = now;
             tracing::info!(node = self.id, term = raft.term, start = self.term_start_index, "became leader");
         }
         let raft = &self.raw.raft;
@@ -985,7 +1072,9 @@ impl Node {
             commit_index: raft.raft_log.committed,
         };
         let members = self.raw.store().members().clone();
+        let leader_commit = if is_leader { raft.raft_log.committed } else { self.leader_commit_seen };
         let mut s = self.shared.lock();
+        s.leader_commit = leader_commit;
         s.role = role;
         s.conf = conf;
         s.matched = matched;

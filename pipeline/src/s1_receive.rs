@@ -414,7 +414,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
             },
         },
         ClientMessage::Audit | ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => {
-            metrics::counter!("tally_refused_total", "stage" => "admin").increment(1);
+            crate::measure::refused("admin", ErrorCode::NotAuthorized, 1);
             ServerMessage::Error(WireError::new(
                 ErrorCode::NotAuthorized,
                 "not authorized: cluster operations and scans must be signed by an admin key (tally --cluster-dir DIR, or --admin-key FILE)",
@@ -440,7 +440,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
 /// An admin command: authorised against the configured admin keys, then carried out.
 fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
     if let Err(refusal) = cmd.authorize(&shared.opts.cluster_id, &shared.opts.admin_keys, wall_ms()) {
-        metrics::counter!("tally_refused_total", "stage" => "admin").increment(1);
+        crate::measure::refused("admin", ErrorCode::NotAuthorized, 1);
         tracing::warn!(signer = %cmd.command.signer, %refusal, "admin command refused");
         return ServerMessage::Error(WireError::new(ErrorCode::NotAuthorized, refusal.to_string()));
     }
@@ -497,25 +497,32 @@ fn submit(
     let started = std::time::Instant::now();
     let now_ms = wall_ms();
     let results = crate::s2_validate::validate_all_with(requests, &shared.opts.cluster_id, now_ms, &shared.keys);
-    metrics::histogram!("tally_stage2_validate_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    crate::measure::stage_time("validate", started);
     let leading = shared.replicator().role().is_leader;
     let mut subs = Vec::with_capacity(n);
+    let mut invalid = crate::measure::Refusals::new("validate");
+    let mut not_leader = 0;
     for (slot, r) in results.into_iter().enumerate() {
         let waiter = Waiter { frame: frame.clone(), slot };
         match r {
             Err(code) => {
-                metrics::counter!("tally_refused_total", "stage" => "validate").increment(1);
+                invalid.add(code);
                 waiter.refuse(code);
             }
-            Ok(_) if !leading => waiter.refuse_not_leader(shared),
+            Ok(_) if !leading => {
+                not_leader += 1;
+                waiter.refuse_not_leader(shared);
+            }
             Ok(req) => subs.push(Submission { req, waiter }),
         }
     }
+    crate::measure::refused("receive", ErrorCode::NotLeader, not_leader);
     if subs.is_empty() {
         return;
     }
     if let Err(e) = shared.seq_tx.try_send(subs) {
         let (TrySendError::Full(subs) | TrySendError::Disconnected(subs)) = e;
+        crate::measure::refused("receive", ErrorCode::Overloaded, subs.len() as u64);
         for s in subs {
             s.waiter.refuse(ErrorCode::Overloaded);
         }

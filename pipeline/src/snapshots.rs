@@ -88,7 +88,7 @@ impl SnapshotSink for PipelineSnapshots {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        crate::s5_propose::fail_all_pending(&shared, tally_codec::ErrorCode::Retry);
+        crate::s5_propose::fail_all_pending(&shared, "apply", tally_codec::ErrorCode::Retry);
         *shared.head_reset.lock() = Some(ChainHead {
             height: snap.applied.height,
             hash: snap.applied.header_hash,

@@ -454,7 +454,10 @@ impl Wal {
             self.dir_dirty = false;
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let r = self.sync_inner();
+        // Once per batch (the Raft thread syncs each ready's entries), never per request.
+        metrics::histogram!("tally_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
         self.poison_on_err(r)
     }
 

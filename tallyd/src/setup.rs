@@ -171,6 +171,7 @@ pub fn single_replica_config(
         insecure_plaintext: true,
         admin_keys: Vec::new(),
         log_format: tally_codec::config::LogFormat::default(),
+        ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
     })
 }
 
@@ -293,12 +294,15 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     let wal = Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
         .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
 
-    if let Some(addr) = &cfg.metrics_listen {
-        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .map_err(|e| format!("metrics recorder: {e}"))?;
-        crate::metrics_http::serve(addr, handle)?;
-    }
+    let health = Arc::new(crate::metrics_http::Health::default());
+    let metrics_handle = match &cfg.metrics_listen {
+        Some(addr) => {
+            let handle = crate::metrics_http::install()?;
+            crate::metrics_http::serve(addr, handle.clone(), health.clone())?;
+            Some(handle)
+        }
+        None => None,
+    };
 
     let tls = tls_files(&cfg)?;
     let (client_tls, relay_dial, peer_security) = match &tls {
@@ -364,6 +368,22 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             }
         }),
     )?;
+    {
+        let shared = node.shared.clone();
+        let max_lag = cfg.ready_max_lag_batches;
+        health.set_ready_check(Box::new(move || {
+            let r = shared.replicator();
+            let stopped = r.stopped().or_else(|| shared.poisoned());
+            let leader_commit = r.leader_commit_index().max(shared.committed().index);
+            crate::metrics_http::readiness(
+                r.role().leader_id,
+                stopped.as_deref(),
+                shared.applied_index(),
+                leader_commit,
+                max_lag,
+            )
+        }));
+    }
     tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");
     if cfg.log_format == tally_codec::config::LogFormat::Text {
         // The JSON log holds the line above; stderr then carries nothing but JSON objects.
@@ -389,16 +409,32 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         if ticks % 10 != 1 {
             continue;
         }
+        if ticks % 50 == 1 {
+            // Off the hot path: a directory walk every 5 s, and the exporter's upkeep (it drains
+            // histogram samples even when nobody scrapes).
+            metrics::gauge!("tally_log_bytes").set(crate::metrics_http::dir_bytes(&data_dir.join("log")) as f64);
+            for part in ["state", "segments"] {
+                metrics::gauge!("tally_store_bytes", "part" => part)
+                    .set(crate::metrics_http::dir_bytes(&data_dir.join(part)) as f64);
+            }
+            if let Some(h) = &metrics_handle {
+                h.run_upkeep();
+            }
+        }
         let role = node.shared.replicator().role();
         metrics::gauge!("tally_term").set(role.term as f64);
+        metrics::gauge!("tally_leader_id").set(role.leader_id.unwrap_or(0) as f64);
         metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("tally_commit_index").set(role.commit_index as f64);
+        metrics::gauge!("tally_applied_height").set(node.shared.applied_height() as f64);
         metrics::gauge!("tally_log_stopped").set(if node.shared.replicator().stopped().is_some() { 1.0 } else { 0.0 });
         let (handshaking, clients, replicas) = node.shared.admission.counts();
         metrics::gauge!("tally_connections", "pool" => "handshake").set(handshaking as f64);
         metrics::gauge!("tally_connections", "pool" => "client").set(clients as f64);
         metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
-        metrics::gauge!("tally_commit_lag")
-            .set(node.shared.committed().index.saturating_sub(node.shared.applied_index()) as f64);
+        let leader_commit = node.shared.replicator().leader_commit_index().max(node.shared.committed().index);
+        metrics::gauge!("tally_apply_lag_entries")
+            .set(leader_commit.saturating_sub(node.shared.applied_index()) as f64);
         let failure = node.shared.replicator().stopped().or_else(|| node.shared.poisoned());
         if let Some(why) = failure {
             if !reported_failure {
