@@ -17,6 +17,7 @@ use tally_core::sequence::{
 };
 use tally_core::state::View;
 use tally_failover::env::Env;
+use tally_failover::ProposeError;
 
 /// Leadership as the sequencer last saw it.
 enum Mode {
@@ -99,6 +100,14 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
                 metrics::histogram!("tally_batch_interval_seconds").record((now - prev).as_secs_f64());
             }
             if let Err(e) = s5_propose::propose(&shared, *term, batch) {
+                // Still the leader of this term, with earlier batches of the term proposed and
+                // maybe not yet applied: sequencing again from the applied head would give a
+                // new batch a height one of them holds, and once both committed every replica
+                // would stop at that height for good. This replica ends instead (the panic hook
+                // aborts it) and another takes over from the log as it is.
+                if matches!(e, ProposeError::Busy | ProposeError::TooLarge { .. }) {
+                    panic!("proposal refused in term {term} while leading ({e}); ending the replica");
+                }
                 tracing::warn!(error = %e, term, "proposal refused; leaving the leader role");
                 s5_propose::fail_all_pending(&shared, "propose", s5_propose::refusal_code(&e));
                 view.reset();

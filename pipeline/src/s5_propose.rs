@@ -25,7 +25,11 @@ pub fn propose(shared: &Shared, term: u64, batch: PendingBatch) -> Result<(), Pr
     let height = batch.entry.header.height;
     shared.pending.lock().insert(batch);
     let started = std::time::Instant::now();
-    let result = shared.replicator().propose(term, data);
+    let result = if crate::failpoint::claim("refuse-proposal") {
+        Err(ProposeError::Busy)
+    } else {
+        shared.replicator().propose(term, data)
+    };
     crate::measure::stage_time("propose", started);
     if result.is_ok() && crate::failpoint::enabled("ack-before-commit") {
         ack_before_commit(shared, height);
