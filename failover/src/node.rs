@@ -27,7 +27,7 @@ use crate::handshake::Hello;
 use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
 use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::transport::{TcpTransport, Transport};
-use crate::{Committed, EntryKind, Member, ProposeError, Replicator, Role};
+use crate::{Committed, EntryKind, Member, MembershipError, ProposeError, Replicator, Role};
 use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
@@ -148,7 +148,7 @@ impl RaftConfig {
 
 enum Cmd {
     Propose { term: u64, data: Vec<u8> },
-    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), String>> },
+    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), MembershipError>> },
     Compact(u64),
 }
 
@@ -294,16 +294,14 @@ impl RaftReplicator {
     }
 
     /// Proposes a conf change and returns once the raft thread took it (not committed).
-    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), String> {
+    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), MembershipError> {
         let (reply, rx) = bounded(1);
-        self.cmd_tx
-            .try_send(Cmd::ConfChange { cc, context, reply })
-            .map_err(|_| "replicator busy or stopped".to_string())?;
-        rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)).map_err(|_| "replicator stopped".to_string())?
+        self.cmd_tx.try_send(Cmd::ConfChange { cc, context, reply }).map_err(|_| MembershipError::Busy)?;
+        rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)).map_err(|_| MembershipError::Busy)?
     }
 
     /// Polls the published state until `done` holds, for at most [`MEMBERSHIP_TIMEOUT_MS`].
-    fn wait_for(&self, what: &str, done: impl Fn(&Shared) -> bool) -> Result<(), String> {
+    fn wait_for(&self, what: &str, done: impl Fn(&Shared) -> bool) -> Result<(), MembershipError> {
         let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
         loop {
             {
@@ -312,11 +310,11 @@ impl RaftReplicator {
                     return Ok(());
                 }
                 if let Some(r) = &s.stopped {
-                    return Err(format!("replicator stopped: {r}"));
+                    return Err(MembershipError::Stopped(r.clone()));
                 }
             }
             if self.now_ms() > deadline {
-                return Err(format!("timed out waiting for {what}"));
+                return Err(MembershipError::Timeout(what.to_string()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -325,7 +323,7 @@ impl RaftReplicator {
     /// Waits for `id` to match `target`, for as long as it makes progress: its match index
     /// moves or a snapshot is on its way to it (a large state takes minutes to export, stream
     /// and install). Gives up after [`CATCH_UP_STALL_MS`] without progress.
-    fn wait_catch_up(&self, id: u64, target: u64) -> Result<(), String> {
+    fn wait_catch_up(&self, id: u64, target: u64) -> Result<(), MembershipError> {
         let started = self.now_ms();
         let mut last = (0, started);
         loop {
@@ -337,26 +335,26 @@ impl RaftReplicator {
                     return Ok(());
                 }
                 if let Some(r) = &s.stopped {
-                    return Err(format!("replicator stopped: {r}"));
+                    return Err(MembershipError::Stopped(r.clone()));
                 }
                 if !s.role.is_leader {
-                    return Err("no longer the leader".into());
+                    return Err(MembershipError::NotLeader);
                 }
                 if matched > last.0 || s.snapshotting.contains(&id) {
                     last = (matched, now);
                 }
             }
             if now - last.1 > CATCH_UP_STALL_MS || now - started > CATCH_UP_TIMEOUT_MS {
-                return Err(format!("timed out waiting for the learner to catch up (matched {} of {target})", last.0));
+                let what = format!("the learner to catch up (matched {} of {target})", last.0);
+                return Err(MembershipError::Timeout(what));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    fn require_leader(&self) -> Result<(), String> {
-        let role = self.role();
-        if !role.is_leader {
-            return Err(format!("not the leader ({role})"));
+    fn require_leader(&self) -> Result<(), MembershipError> {
+        if !self.role().is_leader {
+            return Err(MembershipError::NotLeader);
         }
         Ok(())
     }
@@ -467,19 +465,19 @@ impl Replicator for RaftReplicator {
 
     /// Adds `member` as a learner, waits until it caught up with the commit index, then promotes
     /// it through a joint configuration (left automatically).
-    fn add_member(&self, member: Member) -> Result<(), String> {
+    fn add_member(&self, member: Member) -> Result<(), MembershipError> {
         self.require_leader()?;
         let id = member.node_id;
         if id == 0 {
-            return Err("node id 0 is reserved".into());
+            return Err(MembershipError::ReservedId);
         }
         if conf_ids(&self.shared.lock().conf).contains(&id) && self.shared.lock().conf.voters.contains(&id) {
-            return Err(format!("node {id} is already a voter"));
+            return Err(MembershipError::AlreadyVoter(id));
         }
         // Before anything is proposed: the node must answer at that address as node `id` of this
         // cluster (its certificate, cluster id and configuration), or nothing is added.
         crate::transport::probe(&member.peer_addr, &self.hello, &self.peer_security, id)
-            .map_err(|e| format!("node {id} is not reachable as a replica of this cluster: {e}"))?;
+            .map_err(|reason| MembershipError::Unreachable { node: id, reason })?;
         let addr = MemberAddr { node_id: id, client_addr: member.client_addr, peer_addr: member.peer_addr };
         let context = tally_codec::encode(&addr);
         let was_learner = self.shared.lock().conf.learners.contains(&id);
@@ -497,7 +495,7 @@ impl Replicator for RaftReplicator {
                     let _ = self.wait_for("the learner's removal", |s| !conf_ids(&s.conf).contains(&id));
                 }
             }
-            return Err(format!("{e}; node {id} was not added"));
+            return Err(MembershipError::NotAdded { node: id, cause: Box::new(e) });
         }
         self.require_leader()?;
         let cc = conf_change(vec![single(id, ConfChangeType::AddNode)], ConfChangeTransition::Implicit);
@@ -506,10 +504,10 @@ impl Replicator for RaftReplicator {
     }
 
     /// Removes `node_id` through a joint configuration (left automatically).
-    fn remove_member(&self, node_id: u64) -> Result<(), String> {
+    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         self.require_leader()?;
         if !conf_ids(&self.shared.lock().conf).contains(&node_id) {
-            return Err(format!("node {node_id} is not a member"));
+            return Err(MembershipError::NotMember(node_id));
         }
         let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
         self.propose_conf_change(cc, Vec::new())?;
@@ -812,9 +810,9 @@ impl Node {
             }
             Cmd::ConfChange { cc, context, reply } => {
                 let r = if leading {
-                    self.raw.propose_conf_change(context, cc).map_err(|e| format!("conf change refused: {e}"))
+                    self.raw.propose_conf_change(context, cc).map_err(|e| MembershipError::Refused(e.to_string()))
                 } else {
-                    Err("not the leader".into())
+                    Err(MembershipError::NotLeader)
                 };
                 let _ = reply.try_send(r);
             }

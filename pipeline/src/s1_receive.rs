@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tally_codec::admin::{AdminOp, SignedAdmin};
 use tally_codec::wire::{self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, WireError};
 use tally_codec::{encode, limits, ErrorCode};
+use tally_failover::MembershipError;
 use tally_net::Stream;
 
 /// Replies queued for one connection's writer, at most.
@@ -468,15 +469,15 @@ fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
 
 /// A refused membership change on a replica that is not (or no longer) the leader is retryable
 /// at the leader; anything else names the failure.
-fn membership_reply(shared: &Shared, result: Result<(), String>) -> ServerMessage {
+fn membership_reply(shared: &Shared, result: Result<(), MembershipError>) -> ServerMessage {
     match result {
         Ok(()) => ServerMessage::Done,
-        Err(e) if !shared.replicator().role().is_leader => {
+        Err(e) if e == MembershipError::NotLeader || !shared.replicator().role().is_leader => {
             let mut err = WireError::new(ErrorCode::NotLeader, format!("membership changes go to the leader: {e}"));
             err.leader_hint = shared.leader_addr();
             ServerMessage::Error(err)
         }
-        Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
+        Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e.to_string())),
     }
 }
 
