@@ -354,8 +354,14 @@ fn a_replica_added_to_a_cluster_with_large_state_catches_up_without_an_election(
         nodes[3].log_text()
     );
     let caught_up = t.elapsed();
-    let s4 = status_of(&cfg.listen).expect("node 4 status");
-    assert_eq!(voters(&s4), [1, 2, 3, 4], "node 4 is a voter");
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            seen = status_of(&cfg.listen).map(|s| voters(&s)).unwrap_or_default();
+            seen == [1, 2, 3, 4]
+        }),
+        "node 4 never saw itself a voter: {seen:?}"
+    );
     let terms: Vec<u64> = all.iter().filter_map(|a| status_of(a)).map(|s| s.term).collect();
     if terms.iter().any(|t| *t != term_before) {
         dump_logs(&nodes);
