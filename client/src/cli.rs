@@ -6,6 +6,7 @@ use crate::client::{check_json, split_addrs, Client, ClientOptions, Committed};
 use crate::cluster;
 use crate::error::ClientError;
 use crate::keyfile::{self, generate_key, load_key, load_or_create, public_of};
+use crate::output::{self, Output};
 use crate::receipt_file::{
     parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file_for, ReceiptFile,
 };
@@ -40,6 +41,9 @@ pub struct Cli {
     /// Talk plaintext to a non-loopback address (anyone on the path can read and change it).
     #[arg(long, global = true)]
     pub insecure_plaintext: bool,
+    /// Output format: text, or json (one JSON document on stdout; fields in docs/cli.md).
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -139,12 +143,36 @@ pub enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Print a shell completion script: `tally completions bash > /etc/bash_completion.d/tally`.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
     /// The chaos monkey over real tallyd processes (runs `tally-chaos`, built with `cargo build
     /// -p tally-chaos`): `tally chaos --nodes 3 --duration 60 --seed 7`.
     Chaos {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Shells `tally completions` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Writes the completion script of `tally` for `shell` to `out`.
+pub fn completions(shell: CompletionShell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut Cli::command(), "tally", out);
 }
 
 /// `tally cluster ...`.
@@ -232,10 +260,29 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             | Cmd::Up { .. }
             | Cmd::Chaos { .. }
             | Cmd::Sim { .. }
+            | Cmd::Completions { .. }
             | Cmd::Cluster { command: ClusterCmd::Init { .. } }
     );
+    if cli.output == Output::Json {
+        let text_only = match &cli.command {
+            Cmd::Keygen { .. } => Some("keygen"),
+            Cmd::Verify { .. } => Some("verify"),
+            Cmd::Repl => Some("repl"),
+            Cmd::Bench(_) => Some("bench (its --json FILE writes the summary)"),
+            Cmd::Up { .. } => Some("up"),
+            Cmd::Sim { .. } => Some("sim"),
+            Cmd::Chaos { .. } => Some("chaos"),
+            Cmd::Completions { .. } => Some("completions"),
+            _ => None,
+        };
+        if let Some(name) = text_only {
+            // Refused rather than ignored: a script asking for JSON must not get text.
+            return Err(ClientError::Invalid(format!("-o json is not available for tally {name} (see docs/cli.md)")));
+        }
+    }
     let addrs = if offline { Target::offline() } else { Target::resolve(&cli)? };
     let key_path = cli.key.as_deref();
+    let out = cli.output;
     match cli.command {
         Cmd::Keygen { out } => {
             let key = keyfile::keygen(&out)?;
@@ -248,24 +295,29 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             check_json(&json)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
             let req = client.sign(Operation::Set { key: doc, value: json.into_bytes() })?;
-            write(&client, req, receipt.as_deref())
+            write(&client, req, receipt.as_deref(), out)
         }
         Cmd::Delete { doc, receipt } => {
             let doc = DocKey::parse(&doc)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
             let req = client.sign(Operation::Delete { key: doc })?;
-            write(&client, req, receipt.as_deref())
+            write(&client, req, receipt.as_deref(), out)
         }
         Cmd::Transfer { to, amount, receipt } => {
             let to = parse_pubkey(&to)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
             let req = client.sign(Operation::Transfer { to, amount })?;
-            write(&client, req, receipt.as_deref())
+            write(&client, req, receipt.as_deref(), out)
         }
         Cmd::Get { doc, stale } => {
             let doc = DocKey::parse(&doc)?;
             let client = connect(&addrs, read_key(key_path)?)?;
-            match client.get(doc, stale)? {
+            let view = client.get(doc, stale)?;
+            if out == Output::Json {
+                output::print(&output::get(&doc.to_string(), view.as_ref()));
+                return Ok(if view.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            match view {
                 Some(d) => {
                     println!("{}", String::from_utf8_lossy(&d.value));
                     Ok(ExitCode::SUCCESS)
@@ -285,11 +337,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 }
             };
             let client = connect(&addrs, key)?;
-            println!("{}", client.balance(who, stale)?.unwrap_or(0));
+            let balance = client.balance(who, stale)?.unwrap_or(0);
+            match out {
+                Output::Json => output::print(&output::balance(&who, balance)),
+                Output::Text => println!("{balance}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status => status(&addrs, key_path),
-        Cmd::Receipt { request_id, out } => receipt(&addrs, key_path, &request_id, out.as_deref()),
+        Cmd::Status => status(&addrs, key_path, out),
+        Cmd::Receipt { request_id, out: file } => receipt(&addrs, key_path, &request_id, file.as_deref(), out),
         Cmd::Verify { receipt_file, operator_key, cluster_id } => {
             let operator = parse_operator_key(&operator_key)?;
             let cluster_id = cluster_id.as_deref().map(parse_cluster_id).transpose()?;
@@ -300,7 +356,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Cluster { command } => cluster_cmd(&addrs, key_path, command),
+        Cmd::Cluster { command } => cluster_cmd(&addrs, key_path, command, out),
         Cmd::Repl => {
             let opts = ClientOptions { heartbeat: Some(Duration::from_secs(1)), ..addrs.options() };
             let client = Client::connect(&addrs.addrs, load_or_create(key_path)?, opts)?;
@@ -314,6 +370,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         }
         Cmd::Sim { args } => run_sibling("tally-sim", &args),
         Cmd::Chaos { args } => run_sibling("tally-chaos", &args),
+        Cmd::Completions { shell } => {
+            completions(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -445,34 +505,93 @@ fn parse_pubkey(s: &str) -> Result<PublicKey, ClientError> {
     PublicKey::from_hex(s).map_err(|_| ClientError::Invalid(format!("'{s}' is not a public key (64 hex digits)")))
 }
 
-fn save_if_asked(client: &Client, path: Option<&Path>, c: &Committed) -> Result<(), ClientError> {
+fn save_if_asked(client: &Client, path: Option<&Path>, c: &Committed, out: Output) -> Result<(), ClientError> {
     if let Some(p) = path {
         save_receipt(p, &c.receipt, client.operator_key())?;
-        println!("Receipt saved to {}", p.display());
+        if out == Output::Text {
+            println!("Receipt saved to {}", p.display());
+        }
     }
     Ok(())
 }
 
 /// Submits one write; prints its id and outcome, saves the receipt (even of a rejection).
-fn write(client: &Client, req: tally_codec::SignedRequest, receipt: Option<&Path>) -> Result<ExitCode, ClientError> {
-    println!("Request id: {}", req.id());
+fn write(
+    client: &Client,
+    req: tally_codec::SignedRequest,
+    receipt: Option<&Path>,
+    out: Output,
+) -> Result<ExitCode, ClientError> {
+    if out == Output::Text {
+        println!("Request id: {}", req.id());
+    }
     match client.submit_one(req) {
         Ok(c) => {
-            println!("{}", repl::outcome_line(&c.receipt.outcome, c.durable_replicas));
-            save_if_asked(client, receipt, &c)?;
+            match out {
+                Output::Text => {
+                    println!("{}", repl::outcome_line(&c.receipt.outcome, c.durable_replicas));
+                    save_if_asked(client, receipt, &c, out)?;
+                }
+                Output::Json => {
+                    save_if_asked(client, receipt, &c, out)?;
+                    output::print(&output::write(&c, receipt));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ClientError::Rejected { code, committed }) => {
-            save_if_asked(client, receipt, &committed)?;
+            save_if_asked(client, receipt, &committed, out)?;
+            if out == Output::Json {
+                // Executed and refused: the outcome is the document; the error goes to stderr.
+                output::print(&output::write(&committed, receipt));
+                eprintln!("Error: {code}");
+                return Ok(ExitCode::FAILURE);
+            }
             Err(ClientError::Rejected { code, committed })
         }
         Err(e) => Err(e),
     }
 }
 
-fn status(addrs: &Target, key_path: Option<&Path>) -> Result<ExitCode, ClientError> {
+/// How long `status` waits for each member's answer.
+const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// One Status round trip on a fresh connection.
+fn status_at(addr: &str, dial: &tally_net::Dial) -> Option<tally_codec::wire::StatusInfo> {
+    use tally_codec::wire::{ClientMessage, ServerMessage};
+    let conn = crate::connection::Connection::connect_with(addr, dial, STATUS_PROBE_TIMEOUT).ok()?;
+    match conn.call_timeout(ClientMessage::Status, STATUS_PROBE_TIMEOUT).ok()? {
+        ServerMessage::Status(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn status(addrs: &Target, key_path: Option<&Path>, out: Output) -> Result<ExitCode, ClientError> {
     let client = connect(addrs, read_key(key_path)?)?;
-    for line in repl::status_lines(&client)? {
+    // The leader's view (match indexes are only known there); the first answer's when the
+    // leader can't be reached from here.
+    let first = client.status()?;
+    let view = match (&first.leader_addr, first.leader_id) {
+        (Some(a), Some(l)) if l != first.node_id => status_at(a, &addrs.dial).unwrap_or_else(|| first.clone()),
+        _ => first.clone(),
+    };
+    if out == Output::Json {
+        // Every member probed from here for reachability.
+        let reachable: Vec<bool> = std::thread::scope(|sc| {
+            let probes: Vec<_> = view
+                .members
+                .iter()
+                .map(|m| {
+                    let dial = &addrs.dial;
+                    sc.spawn(move || status_at(&m.client_addr, dial).is_some_and(|s| s.node_id == m.node_id))
+                })
+                .collect();
+            probes.into_iter().map(|h| h.join().unwrap_or(false)).collect()
+        });
+        output::print(&output::status(&view, first.node_id, &reachable));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for line in repl::status_info_lines(&view) {
         println!("{line}");
     }
     client.probe_members();
@@ -484,14 +603,29 @@ fn status(addrs: &Target, key_path: Option<&Path>) -> Result<ExitCode, ClientErr
     Ok(ExitCode::SUCCESS)
 }
 
-fn receipt(addrs: &Target, key_path: Option<&Path>, id: &str, out: Option<&Path>) -> Result<ExitCode, ClientError> {
+fn receipt(
+    addrs: &Target,
+    key_path: Option<&Path>,
+    id: &str,
+    file: Option<&Path>,
+    out: Output,
+) -> Result<ExitCode, ClientError> {
     let id = RequestId::from_hex(id)
         .map_err(|_| ClientError::Invalid(format!("'{id}' is not a request id (64 hex digits)")))?;
     let client = connect(addrs, read_key(key_path)?)?;
     let r = client.receipt(id)?.ok_or_else(|| {
         ClientError::Invalid(format!("no receipt for request {id} (unknown, or expired and forgotten)"))
     })?;
-    match out {
+    if out == Output::Json {
+        if let Some(path) = file {
+            save_receipt(path, &r, client.operator_key())?;
+        }
+        let body = serde_json::to_value(ReceiptFile::new(&r, client.operator_key()))
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        output::print(&output::receipt(&id, &r, &body, file));
+        return Ok(ExitCode::SUCCESS);
+    }
+    match file {
         Some(path) => {
             save_receipt(path, &r, client.operator_key())?;
             println!(
@@ -509,7 +643,7 @@ fn receipt(addrs: &Target, key_path: Option<&Path>, id: &str, out: Option<&Path>
     Ok(ExitCode::SUCCESS)
 }
 
-fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Result<ExitCode, ClientError> {
+fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd, out: Output) -> Result<ExitCode, ClientError> {
     match cmd {
         ClusterCmd::Init { nodes, dir, accounts, base_port, hosts, published_base_port } => {
             let containers = (!hosts.is_empty()).then(|| cluster::ContainerHosts {
@@ -517,6 +651,10 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Resu
                 published_base_port: published_base_port.unwrap_or(base_port),
             });
             let layout = cluster::cluster_init_with(nodes, &dir, accounts, base_port, containers.as_ref())?;
+            if out == Output::Json {
+                output::print(&output::cluster_init(&layout));
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("Wrote a {nodes}-node cluster to {}", layout.dir.display());
             println!("Cluster id: {}", layout.cluster_id);
             println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
@@ -554,33 +692,57 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd) -> Resu
             Ok(ExitCode::SUCCESS)
         }
         ClusterCmd::Add { node_id, client: client_addr, peer, files_only } => {
+            let text = out == Output::Text;
+            let mut config_file = None;
+            let mut config_written = false;
             if let Some(dir) = &addrs.cluster_dir {
                 let config = dir.join(format!("node-{node_id}.toml"));
                 if config.exists() {
-                    println!("Using {}", config.display());
+                    if text {
+                        println!("Using {}", config.display());
+                    }
+                    config_file = Some(config);
                 } else {
                     let (path, _) = cluster::add_node_files(dir, node_id, &client_addr, &peer)?;
-                    println!(
-                        "Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}",
-                        path.display(),
-                        path.display()
-                    );
+                    if text {
+                        println!(
+                            "Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}",
+                            path.display(),
+                            path.display()
+                        );
+                    }
+                    config_file = Some(path);
+                    config_written = true;
                 }
             }
-            if files_only {
-                return Ok(ExitCode::SUCCESS);
+            if !files_only {
+                let admin = addrs.admin()?;
+                let client = connect(addrs, read_key(key_path)?)?;
+                client.cluster_add(&admin, node_id, &client_addr, &peer)?;
+                if text {
+                    println!("Node {node_id} added (client {client_addr}, peer {peer})");
+                }
             }
-            let admin = addrs.admin()?;
-            let client = connect(addrs, read_key(key_path)?)?;
-            client.cluster_add(&admin, node_id, &client_addr, &peer)?;
-            println!("Node {node_id} added (client {client_addr}, peer {peer})");
+            if !text {
+                output::print(&serde_json::json!({
+                    "node_id": node_id,
+                    "client_addr": client_addr,
+                    "peer_addr": peer,
+                    "config_file": config_file.map(|p| p.display().to_string()),
+                    "config_written": config_written,
+                    "added": !files_only,
+                }));
+            }
             Ok(ExitCode::SUCCESS)
         }
         ClusterCmd::Remove { node_id } => {
             let admin = addrs.admin()?;
             let client = connect(addrs, read_key(key_path)?)?;
             client.cluster_remove(&admin, node_id)?;
-            println!("Node {node_id} removed");
+            match out {
+                Output::Text => println!("Node {node_id} removed"),
+                Output::Json => output::print(&serde_json::json!({ "node_id": node_id, "removed": true })),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -722,6 +884,19 @@ mod tests {
         assert!(Cli::try_parse_from(["tally", "chaos", "--nodes", "3", "--seed", "1"]).is_ok());
         assert!(Cli::try_parse_from(["tally", "transfer", "--to", "ab", "--amount", "5"]).is_ok());
         assert!(Cli::try_parse_from(["tally", "up", "--no-wait"]).is_ok());
+        let cli = Cli::try_parse_from(["tally", "status", "-o", "json"]).expect("-o after the command");
+        assert_eq!(cli.output, Output::Json);
+        let cli = Cli::try_parse_from(["tally", "--output", "json", "cluster", "remove", "3"]).expect("--output");
+        assert_eq!(cli.output, Output::Json);
+        assert_eq!(Cli::try_parse_from(["tally", "status"]).expect("default").output, Output::Text);
+        assert!(Cli::try_parse_from(["tally", "-o", "yaml", "status"]).is_err());
+    }
+
+    #[test]
+    fn json_output_is_refused_where_a_command_has_none() {
+        let cli = Cli::try_parse_from(["tally", "-o", "json", "keygen", "--out", "/nonexistent/k"]).expect("parse");
+        let e = run(cli).expect_err("keygen has no JSON output");
+        assert!(e.to_string().contains("-o json is not available for tally keygen"), "{e}");
     }
 
     #[test]

@@ -417,7 +417,14 @@ impl Client {
     ) -> Result<(), ClientError> {
         let op =
             AdminOp::ClusterAdd { node_id, client_addr: client_addr.to_string(), peer_addr: peer_addr.to_string() };
-        self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, op)?))
+        // The leader answers once the new replica caught up, which takes as long as its state
+        // takes to stream and install: one call waits for it rather than timing out and retrying.
+        let msg = ClientMessage::Admin(self.sign_admin(admin, op)?);
+        let wait = self.inner.opts.retry_total.max(CLUSTER_ADD_WAIT);
+        match self.inner.request_with(Instant::now() + wait, wait, "write", &msg)? {
+            ServerMessage::Done => Ok(()),
+            other => Err(self.inner.unexpected("Done", &other)),
+        }
     }
 
     /// Removes a replica at runtime.
@@ -445,6 +452,9 @@ impl Client {
         }
     }
 }
+
+/// How long `cluster add` waits for the leader's answer (the new replica catching up).
+pub const CLUSTER_ADD_WAIT: Duration = Duration::from_secs(30 * 60);
 
 /// Signs an admin command for `cluster_id`, valid for a minute.
 pub fn sign_admin(admin: &SigningKey, cluster_id: ClusterId, op: AdminOp) -> SignedAdmin {
@@ -754,6 +764,17 @@ impl Inner {
         what: &'static str,
         msg: &ClientMessage,
     ) -> Result<ServerMessage, ClientError> {
+        self.request_with(deadline, self.opts.call_timeout, what, msg)
+    }
+
+    /// [`Inner::request`], each call waiting up to `call_timeout` for its answer.
+    fn request_with(
+        &self,
+        deadline: Instant,
+        call_timeout: Duration,
+        what: &'static str,
+        msg: &ClientMessage,
+    ) -> Result<ServerMessage, ClientError> {
         let mut backoff = Duration::from_millis(50);
         let mut last = String::from("no node answered");
         loop {
@@ -775,7 +796,7 @@ impl Inner {
                     }
                 },
             };
-            let timeout = self.opts.call_timeout.min(remaining).max(Duration::from_millis(100));
+            let timeout = call_timeout.min(remaining).max(Duration::from_millis(100));
             match conn.call_timeout(msg.clone(), timeout) {
                 Ok(ServerMessage::Error(e)) if e.code.is_retryable() => {
                     last = e.message.clone();

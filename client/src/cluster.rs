@@ -419,6 +419,8 @@ pub fn cluster_init_with(
             tls_key_file: None,
             insecure_plaintext: false,
             admin_keys: vec![admin_public.clone()],
+            log_format: config::LogFormat::default(),
+            ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
         };
         let cfg = match containers {
             None => with_node_cert(&dir, cfg, &ca.key)?,

@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod connection;
 pub mod error;
 pub mod keyfile;
+pub mod output;
 pub mod receipt_file;
 pub mod repl;
 pub mod up;

@@ -28,10 +28,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    let json = cli.output == tally_client::output::Output::Json;
     match tally_client::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {e}");
+            if json {
+                // `-o json`: stdout still carries one document, the error object.
+                tally_client::output::print(&tally_client::output::error(&e));
+            }
             ExitCode::FAILURE
         }
     }

@@ -169,7 +169,11 @@ pub fn outcome_line(outcome: &Outcome, durable_replicas: u8) -> String {
 
 /// Status as a few readable lines (shared with `tally status`).
 pub fn status_lines(client: &Client) -> Result<Vec<String>, ClientError> {
-    let s = client.status()?;
+    Ok(status_info_lines(&client.status()?))
+}
+
+/// The lines of one node's Status (match indexes are meaningful in the leader's).
+pub fn status_info_lines(s: &tally_codec::wire::StatusInfo) -> Vec<String> {
     let mut out = Vec::new();
     let leader = match (s.leader_id, &s.leader_addr) {
         (Some(id), Some(a)) => format!("node {id} at {a}"),
@@ -206,7 +210,7 @@ pub fn status_lines(client: &Client) -> Result<Vec<String>, ClientError> {
     for w in &s.warnings {
         out.push(format!("WARNING: {w}"));
     }
-    Ok(out)
+    out
 }
 
 /// Runs one command; returns false when the session should end.

@@ -80,6 +80,30 @@ pub struct NodeConfig {
     /// else can; with none listed, nobody can.
     #[serde(default)]
     pub admin_keys: Vec<String>,
+    /// `GET /health/ready` on the metrics port answers 200 only while this replica knows a
+    /// leader and its applied index is at most this many log entries (batches) behind the
+    /// leader's commit index as this replica last heard it.
+    #[serde(default = "default_ready_max_lag_batches")]
+    pub ready_max_lag_batches: u64,
+    /// How `tallyd` writes its log on stderr: `text` (human-readable lines) or `json` (one JSON
+    /// object per line, for log shippers). `tallyd --log-format` overrides it.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// The format of `tallyd`'s log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields.
+    Json,
+}
+
+pub fn default_ready_max_lag_batches() -> u64 {
+    10
 }
 
 pub fn default_batch_bytes_max() -> usize {

@@ -85,6 +85,36 @@ impl ErrorCode {
         )
     }
 
+    /// The variant's name (a metric label: `tally_refused_total{reason="InsufficientFunds"}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "Malformed",
+            ErrorCode::BadSignature => "BadSignature",
+            ErrorCode::WeakKey => "WeakKey",
+            ErrorCode::Expired => "Expired",
+            ErrorCode::ExpiryTooFar => "ExpiryTooFar",
+            ErrorCode::NotUuid4 => "NotUuid4",
+            ErrorCode::InvalidJson => "InvalidJson",
+            ErrorCode::ValueTooLarge => "ValueTooLarge",
+            ErrorCode::InsufficientFunds => "InsufficientFunds",
+            ErrorCode::ZeroAmount => "ZeroAmount",
+            ErrorCode::TransferToSelf => "TransferToSelf",
+            ErrorCode::NotOwner => "NotOwner",
+            ErrorCode::NotFound => "NotFound",
+            ErrorCode::WrongCluster => "WrongCluster",
+            ErrorCode::NotLeader => "NotLeader",
+            ErrorCode::Overloaded => "Overloaded",
+            ErrorCode::Retry => "Retry",
+            ErrorCode::TooManyRequests => "TooManyRequests",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::NotAuthorized => "NotAuthorized",
+            ErrorCode::StorageFull => "StorageFull",
+            ErrorCode::ProposalTooLarge => "ProposalTooLarge",
+            ErrorCode::Timeout => "Timeout",
+            ErrorCode::LogFailed => "LogFailed",
+        }
+    }
+
     /// The message a user sees.
     pub fn message(self) -> &'static str {
         match self {

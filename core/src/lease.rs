@@ -79,6 +79,11 @@ impl LeaseTracker {
     pub fn lease_until_ms(&self, voter_sets: &[&[u64]], self_id: u64, now_ms: u64, lease_ms: u64) -> Option<u64> {
         quorum_ack_ms(voter_sets, self_id, now_ms, &self.acked_sent_ms).map(|t| t + lease_ms)
     }
+
+    /// The latest send time a quorum acknowledged in this term (see [`quorum_ack_ms`]).
+    pub fn quorum_ack_ms(&self, voter_sets: &[&[u64]], self_id: u64, now_ms: u64) -> Option<u64> {
+        quorum_ack_ms(voter_sets, self_id, now_ms, &self.acked_sent_ms)
+    }
 }
 
 impl LeaseTracker {
@@ -160,6 +165,7 @@ mod tests {
         t.on_ack(2, 7, 400); // a reordered older ack does not move the lease back
         t.on_ack(3, 6, 900); // a stale term's ack is ignored
         assert_eq!(t.lease_until_ms(&[&[1, 2, 3]], 1, 1000, 325), Some(825));
+        assert_eq!(t.quorum_ack_ms(&[&[1, 2, 3]], 1, 1000), Some(500));
         t.reset(8);
         assert_eq!(t.lease_until_ms(&[&[1, 2, 3]], 1, 1000, 325), None);
     }

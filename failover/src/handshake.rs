@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 /// First bytes of every hello: "tally raft".
 pub const PEER_MAGIC: [u8; 4] = *b"TLYR";
 /// Bumped on any change to the peer protocol.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// Bound on a handshake frame.
 pub const HANDSHAKE_BYTES_MAX: usize = 4096;
 /// Bound on the cluster id's length.

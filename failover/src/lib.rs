@@ -35,6 +35,7 @@ pub mod handshake;
 pub mod node;
 mod raft_log_bridge;
 pub mod snapshot;
+pub mod snapshot_stream;
 pub mod solo;
 pub mod storage;
 pub mod transport;
@@ -102,6 +103,34 @@ pub enum ProposeError {
     TooLarge { bytes: usize, max: usize },
 }
 
+/// Why a membership change did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    #[error("membership changes need a Raft cluster")]
+    Unsupported,
+    #[error("not the leader")]
+    NotLeader,
+    #[error("node id 0 is reserved")]
+    ReservedId,
+    #[error("node {0} is already a voter")]
+    AlreadyVoter(u64),
+    #[error("node {0} is not a member")]
+    NotMember(u64),
+    #[error("node {node} is not reachable as a replica of this cluster: {reason}")]
+    Unreachable { node: u64, reason: String },
+    #[error("the raft thread is busy or stopped")]
+    Busy,
+    #[error("conf change refused: {0}")]
+    Refused(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("replicator stopped: {0}")]
+    Stopped(String),
+    /// A learner was proposed but never caught up; it was removed again.
+    #[error("{cause}; node {node} was not added")]
+    NotAdded { node: u64, cause: Box<MembershipError> },
+}
+
 /// The replicated log as the pipeline sees it.
 pub trait Replicator: Send + Sync {
     /// Appends `data` (an encoded batch) to the log if this replica leads in `term`. The entry
@@ -123,6 +152,11 @@ pub trait Replicator: Send + Sync {
     fn stopped(&self) -> Option<String> {
         None
     }
+    /// The leader's commit index as far as this replica knows (its own commit index when it
+    /// leads or runs alone). Readiness compares the applied index with it.
+    fn leader_commit_index(&self) -> u64 {
+        self.role().commit_index
+    }
     /// Tells the log the state machine is durable up to `index` (store fsynced), so entries up to
     /// there may be compacted.
     fn compact_hint(&self, index: u64);
@@ -130,17 +164,17 @@ pub trait Replicator: Send + Sync {
     ///
     /// # Errors
     /// When not leader or the change fails.
-    fn add_member(&self, member: Member) -> Result<(), String> {
+    fn add_member(&self, member: Member) -> Result<(), MembershipError> {
         let _ = member;
-        Err("membership changes need a Raft cluster".into())
+        Err(MembershipError::Unsupported)
     }
     /// Removes a voter. Returns once the change is committed.
     ///
     /// # Errors
     /// When not leader or the change fails.
-    fn remove_member(&self, node_id: u64) -> Result<(), String> {
+    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         let _ = node_id;
-        Err("membership changes need a Raft cluster".into())
+        Err(MembershipError::Unsupported)
     }
 }
 

@@ -27,7 +27,7 @@ use crate::handshake::Hello;
 use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
 use crate::storage::{conf_ids, LogStore, MemberAddr, WalStorage, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
 use crate::transport::{TcpTransport, Transport};
-use crate::{Committed, EntryKind, Member, ProposeError, Replicator, Role};
+use crate::{Committed, EntryKind, Member, MembershipError, ProposeError, Replicator, Role};
 use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
@@ -36,13 +36,13 @@ use raft::eraftpb::{
     Message, MessageType, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_codec::limits::{FRAME_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 use tally_core::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use tally_core::replica::term_start;
 use tally_store::wal::Wal;
@@ -66,6 +66,11 @@ const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
 pub const PROPOSAL_BYTES_MAX: usize = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES;
 /// How long a membership change may take before the call gives up.
 pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
+/// How long a learner may make no progress (no match advance, no snapshot on its way) before
+/// `cluster add` gives up on it.
+pub const CATCH_UP_STALL_MS: u64 = 60_000;
+/// How long `cluster add` waits for a learner to catch up at most.
+pub const CATCH_UP_TIMEOUT_MS: u64 = 30 * 60_000;
 /// How long a snapshot install waits for the applier to drain the committed channel.
 const SNAPSHOT_DRAIN_WAIT_MS: u64 = 10_000;
 
@@ -143,7 +148,7 @@ impl RaftConfig {
 
 enum Cmd {
     Propose { term: u64, data: Vec<u8> },
-    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), String>> },
+    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), MembershipError>> },
     Compact(u64),
 }
 
@@ -157,7 +162,11 @@ struct Shared {
     persisted: u64,
     members: BTreeMap<u64, MemberAddr>,
     lease_until_ms: Option<u64>,
+    /// The leader's commit index as this replica last heard it (its own when it leads).
+    leader_commit: u64,
     stopped: Option<String>,
+    /// Peers the leader is sending a snapshot to now.
+    snapshotting: BTreeSet<u64>,
 }
 
 type SharedEnv = Arc<Mutex<Box<dyn Env>>>;
@@ -211,7 +220,8 @@ impl RaftReplicator {
     ) -> Result<Self, FailoverError> {
         let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
         let hello = Hello::new(&cfg.cluster_id, cfg.node_id, cfg.config_fingerprint);
-        let transport = TcpTransport::start(listener, hello, cfg.peer_security.clone(), net_tx)?;
+        let source: Arc<dyn crate::snapshot::SnapshotSource> = snapshots.clone();
+        let transport = TcpTransport::start(listener, hello, cfg.peer_security.clone(), net_tx)?.with_snapshots(source);
         Self::start_with(cfg, Box::new(wal), applied_index, env, committed_tx, snapshots, Box::new(transport), net_rx)
     }
 
@@ -284,16 +294,14 @@ impl RaftReplicator {
     }
 
     /// Proposes a conf change and returns once the raft thread took it (not committed).
-    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), String> {
+    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), MembershipError> {
         let (reply, rx) = bounded(1);
-        self.cmd_tx
-            .try_send(Cmd::ConfChange { cc, context, reply })
-            .map_err(|_| "replicator busy or stopped".to_string())?;
-        rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)).map_err(|_| "replicator stopped".to_string())?
+        self.cmd_tx.try_send(Cmd::ConfChange { cc, context, reply }).map_err(|_| MembershipError::Busy)?;
+        rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)).map_err(|_| MembershipError::Busy)?
     }
 
     /// Polls the published state until `done` holds, for at most [`MEMBERSHIP_TIMEOUT_MS`].
-    fn wait_for(&self, what: &str, done: impl Fn(&Shared) -> bool) -> Result<(), String> {
+    fn wait_for(&self, what: &str, done: impl Fn(&Shared) -> bool) -> Result<(), MembershipError> {
         let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
         loop {
             {
@@ -302,20 +310,51 @@ impl RaftReplicator {
                     return Ok(());
                 }
                 if let Some(r) = &s.stopped {
-                    return Err(format!("replicator stopped: {r}"));
+                    return Err(MembershipError::Stopped(r.clone()));
                 }
             }
             if self.now_ms() > deadline {
-                return Err(format!("timed out waiting for {what}"));
+                return Err(MembershipError::Timeout(what.to_string()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    fn require_leader(&self) -> Result<(), String> {
-        let role = self.role();
-        if !role.is_leader {
-            return Err(format!("not the leader ({role})"));
+    /// Waits for `id` to match `target`, for as long as it makes progress: its match index
+    /// moves or a snapshot is on its way to it (a large state takes minutes to export, stream
+    /// and install). Gives up after [`CATCH_UP_STALL_MS`] without progress.
+    fn wait_catch_up(&self, id: u64, target: u64) -> Result<(), MembershipError> {
+        let started = self.now_ms();
+        let mut last = (0, started);
+        loop {
+            let now = self.now_ms();
+            {
+                let s = self.shared.lock();
+                let matched = s.matched.get(&id).copied().unwrap_or(0);
+                if matched >= target {
+                    return Ok(());
+                }
+                if let Some(r) = &s.stopped {
+                    return Err(MembershipError::Stopped(r.clone()));
+                }
+                if !s.role.is_leader {
+                    return Err(MembershipError::NotLeader);
+                }
+                if matched > last.0 || s.snapshotting.contains(&id) {
+                    last = (matched, now);
+                }
+            }
+            if now - last.1 > CATCH_UP_STALL_MS || now - started > CATCH_UP_TIMEOUT_MS {
+                let what = format!("the learner to catch up (matched {} of {target})", last.0);
+                return Err(MembershipError::Timeout(what));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), MembershipError> {
+        if !self.role().is_leader {
+            return Err(MembershipError::NotLeader);
         }
         Ok(())
     }
@@ -415,25 +454,30 @@ impl Replicator for RaftReplicator {
         self.stopped_reason()
     }
 
+    fn leader_commit_index(&self) -> u64 {
+        let s = self.shared.lock();
+        s.leader_commit.max(s.role.commit_index)
+    }
+
     fn compact_hint(&self, index: u64) {
         let _ = self.cmd_tx.try_send(Cmd::Compact(index));
     }
 
     /// Adds `member` as a learner, waits until it caught up with the commit index, then promotes
     /// it through a joint configuration (left automatically).
-    fn add_member(&self, member: Member) -> Result<(), String> {
+    fn add_member(&self, member: Member) -> Result<(), MembershipError> {
         self.require_leader()?;
         let id = member.node_id;
         if id == 0 {
-            return Err("node id 0 is reserved".into());
+            return Err(MembershipError::ReservedId);
         }
         if conf_ids(&self.shared.lock().conf).contains(&id) && self.shared.lock().conf.voters.contains(&id) {
-            return Err(format!("node {id} is already a voter"));
+            return Err(MembershipError::AlreadyVoter(id));
         }
         // Before anything is proposed: the node must answer at that address as node `id` of this
         // cluster (its certificate, cluster id and configuration), or nothing is added.
         crate::transport::probe(&member.peer_addr, &self.hello, &self.peer_security, id)
-            .map_err(|e| format!("node {id} is not reachable as a replica of this cluster: {e}"))?;
+            .map_err(|reason| MembershipError::Unreachable { node: id, reason })?;
         let addr = MemberAddr { node_id: id, client_addr: member.client_addr, peer_addr: member.peer_addr };
         let context = tally_codec::encode(&addr);
         let was_learner = self.shared.lock().conf.learners.contains(&id);
@@ -443,7 +487,7 @@ impl Replicator for RaftReplicator {
             self.wait_for("the learner to join", |s| s.conf.learners.contains(&id))?;
         }
         let target = self.role().commit_index;
-        if let Err(e) = self.wait_for("the learner to catch up", |s| s.matched.get(&id).is_some_and(|m| *m >= target)) {
+        if let Err(e) = self.wait_catch_up(id, target) {
             // A failed add leaves no learner behind.
             if !was_learner {
                 let cc = conf_change(vec![single(id, ConfChangeType::RemoveNode)], ConfChangeTransition::Auto);
@@ -451,7 +495,7 @@ impl Replicator for RaftReplicator {
                     let _ = self.wait_for("the learner's removal", |s| !conf_ids(&s.conf).contains(&id));
                 }
             }
-            return Err(format!("{e}; node {id} was not added"));
+            return Err(MembershipError::NotAdded { node: id, cause: Box::new(e) });
         }
         self.require_leader()?;
         let cc = conf_change(vec![single(id, ConfChangeType::AddNode)], ConfChangeTransition::Implicit);
@@ -460,10 +504,10 @@ impl Replicator for RaftReplicator {
     }
 
     /// Removes `node_id` through a joint configuration (left automatically).
-    fn remove_member(&self, node_id: u64) -> Result<(), String> {
+    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         self.require_leader()?;
         if !conf_ids(&self.shared.lock().conf).contains(&node_id) {
-            return Err(format!("node {node_id} is not a member"));
+            return Err(MembershipError::NotMember(node_id));
         }
         let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
         self.propose_conf_change(cc, Vec::new())?;
@@ -500,6 +544,16 @@ struct Node {
     log_retain_entries: u64,
     compact_wanted: u64,
     snapshot_reports: Vec<(u64, SnapshotStatus)>,
+    /// The highest commit index a leader's append carried (appends carry the leader's own
+    /// commit index; heartbeats only what the follower matched).
+    leader_commit_seen: u64,
+    /// What the metrics last saw: role, (term, leader), term, and the tick they were exported.
+    seen_state: StateRole,
+    seen_leader: (u64, u64),
+    seen_term: u64,
+    metrics_tick: u64,
+    /// When this replica last became leader (for the quorum-ack age before the first ack).
+    leader_since_ms: u64,
     /// Set by [`RaftReplicator::stop`]; blocking waits give up when it is set.
     stop: Arc<AtomicBool>,
 }
@@ -570,6 +624,12 @@ impl Node {
             log_retain_entries: cfg.log_retain_entries,
             compact_wanted: 0,
             snapshot_reports: Vec::new(),
+            leader_commit_seen: 0,
+            seen_state: StateRole::Follower,
+            seen_leader: (0, raft::INVALID_ID),
+            seen_term: 0,
+            metrics_tick: u64::MAX,
+            leader_since_ms: now,
             stop,
         };
         if deliver_bootstrap {
@@ -627,6 +687,10 @@ impl Node {
                 return;
             }
             self.publish();
+            if self.metrics_tick != self.ticks {
+                self.metrics_tick = self.ticks;
+                self.export_metrics();
+            }
         }
         self.publish();
         self.transport.stop();
@@ -643,6 +707,9 @@ impl Node {
             return;
         }
         self.lease.observe(&m, &self.raw.raft);
+        if t == MessageType::MsgAppend && m.term >= self.raw.raft.term {
+            self.leader_commit_seen = self.leader_commit_seen.max(m.commit);
+        }
         if let Err(why) = self.check_payload(&m) {
             // Defence in depth behind mutual TLS: a peer that sends what can never be applied
             // is ignored, and nothing of it reaches the log.
@@ -651,6 +718,57 @@ impl Node {
         }
         if let Err(e) = self.raw.step(m) {
             tracing::debug!(node = self.id, error = %e, "raft message not stepped");
+        }
+        self.count_transitions();
+    }
+
+    /// Counts campaigns and leader changes (checked after every step and tick: cheap compares).
+    fn count_transitions(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != self.seen_state {
+            if raft.state == StateRole::PreCandidate {
+                metrics::counter!("tally_elections_total", "kind" => "pre_vote").increment(1);
+            }
+            self.seen_state = raft.state;
+        }
+        // A vote campaign bumps the term and votes for itself, even when it wins at once.
+        if raft.term > self.seen_term {
+            if raft.vote == self.id && (raft.state == StateRole::Candidate || raft.state == StateRole::Leader) {
+                metrics::counter!("tally_elections_total", "kind" => "vote").increment(1);
+            }
+            self.seen_term = raft.term;
+        }
+        if raft.leader_id != raft::INVALID_ID && (raft.term, raft.leader_id) != self.seen_leader {
+            if self.seen_leader.1 != raft::INVALID_ID {
+                metrics::counter!("tally_leader_changes_total").increment(1);
+            }
+            self.seen_leader = (raft.term, raft.leader_id);
+        }
+    }
+
+    /// Once per tick: what the Raft thread alone knows (replication progress, the lease).
+    fn export_metrics(&mut self) {
+        let now = self.now_ms();
+        let raft = &self.raw.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        let lease_until = self.shared.lock().lease_until_ms;
+        let lease_left_ms = lease_until.map_or(0, |u| u.saturating_sub(now));
+        metrics::gauge!("tally_lease_remaining_seconds").set(lease_left_ms as f64 / 1e3);
+        if !is_leader {
+            return;
+        }
+        // Leader-only series: they stop being updated when leadership goes, and the exporter
+        // drops gauges idle for a few seconds, so a deposed leader's view disappears.
+        let conf = self.raw.store().conf_state();
+        let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
+        let acked = self.lease.quorum_ack_ms(&sets, self.id, now).unwrap_or(self.leader_since_ms);
+        metrics::gauge!("tally_quorum_ack_age_seconds").set(now.saturating_sub(acked) as f64 / 1e3);
+        let committed = raft.raft_log.committed;
+        for (id, pr) in raft.prs().iter() {
+            if *id != self.id {
+                metrics::gauge!("tally_follower_lag_entries", "peer" => id.to_string())
+                    .set(committed.saturating_sub(pr.matched) as f64);
+            }
         }
     }
 
@@ -665,7 +783,7 @@ impl Node {
             }
             MessageType::MsgSnapshot => {
                 let snap = m.get_snapshot();
-                let env: SnapshotEnvelope = tally_codec::decode(&snap.data, tally_codec::limits::ENTRY_BYTES_MAX)
+                let env: SnapshotEnvelope = tally_codec::decode(&snap.data, SNAPSHOT_BYTES_MAX)
                     .map_err(|e| format!("snapshot does not decode: {e}"))?;
                 for member in &env.members {
                     if member.node_id == 0 {
@@ -692,9 +810,9 @@ impl Node {
             }
             Cmd::ConfChange { cc, context, reply } => {
                 let r = if leading {
-                    self.raw.propose_conf_change(context, cc).map_err(|e| format!("conf change refused: {e}"))
+                    self.raw.propose_conf_change(context, cc).map_err(|e| MembershipError::Refused(e.to_string()))
                 } else {
-                    Err("not the leader".into())
+                    Err(MembershipError::NotLeader)
                 };
                 let _ = reply.try_send(r);
             }
@@ -718,6 +836,7 @@ impl Node {
         }
         self.raw.tick();
         self.ticks += 1;
+        self.count_transitions();
         if self.raw.raft.state == StateRole::Leader && self.ticks - self.last_probe_tick >= self.heartbeat_ticks {
             self.last_probe_tick = self.ticks;
             let term = self.raw.raft.term;
@@ -729,15 +848,23 @@ impl Node {
         for m in msgs {
             let (to, snap) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
             let sent = self.transport.send(m);
-            if snap {
-                let status = if sent { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
-                self.snapshot_reports.push((to, status));
+            // A snapshot the transport took is reported by it once streamed (see
+            // `take_snapshot_reports`); one it refused failed now.
+            if snap && !sent {
+                metrics::counter!("tally_snapshot_sends_total", "result" => "failed").increment(1);
+                self.snapshot_reports.push((to, SnapshotStatus::Failure));
             }
         }
     }
 
     /// Handles one Ready following raft-rs's rules (see the module docs).
     fn on_ready(&mut self) -> Result<(), String> {
+        for (to, delivered) in self.transport.take_snapshot_reports() {
+            let result = if delivered { "sent" } else { "failed" };
+            metrics::counter!("tally_snapshot_sends_total", "result" => result).increment(1);
+            let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+            self.raw.report_snapshot(to, status);
+        }
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -777,8 +904,8 @@ impl Node {
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
         let meta = snap.get_metadata();
-        let env: SnapshotEnvelope =
-            tally_codec::decode(&snap.data, FRAME_BYTES_MAX).map_err(|e| format!("snapshot does not decode: {e}"))?;
+        let env: SnapshotEnvelope = tally_codec::decode(&snap.data, SNAPSHOT_BYTES_MAX)
+            .map_err(|e| format!("snapshot does not decode: {e}"))?;
         // Everything committed before the snapshot goes out first; the sink orders the install
         // after those entries.
         self.deliver(true)?;
@@ -800,6 +927,7 @@ impl Node {
             .mut_store()
             .apply_snapshot(meta, &env.members)
             .map_err(|e| format!("snapshot marker at {}: {e}", meta.index))?;
+        metrics::counter!("tally_snapshot_installs_total").increment(1);
         self.update_transport_peers();
         Ok(())
     }
@@ -910,14 +1038,19 @@ impl Node {
             self.leader_term = raft.term;
             self.lease.reset(raft.term);
             self.term_start_index = term_start(&self.raw);
+            self.leader_since_ms = now;
             tracing::info!(node = self.id, term = raft.term, start = self.term_start_index, "became leader");
         }
         let raft = &self.raw.raft;
         let conf = self.raw.store().conf_state();
         let mut matched = BTreeMap::new();
+        let mut snapshotting = BTreeSet::new();
         if is_leader {
             for (id, pr) in raft.prs().iter() {
                 matched.insert(*id, pr.matched);
+                if pr.state == raft::ProgressState::Snapshot {
+                    snapshotting.insert(*id);
+                }
             }
         }
         matched.insert(self.id, raft.raft_log.persisted);
@@ -937,13 +1070,16 @@ impl Node {
             commit_index: raft.raft_log.committed,
         };
         let members = self.raw.store().members().clone();
+        let leader_commit = if is_leader { raft.raft_log.committed } else { self.leader_commit_seen };
         let mut s = self.shared.lock();
+        s.leader_commit = leader_commit;
         s.role = role;
         s.conf = conf;
         s.matched = matched;
         s.persisted = raft.raft_log.persisted;
         s.members = members;
         s.lease_until_ms = lease_until_ms;
+        s.snapshotting = snapshotting;
     }
 }
 
@@ -1032,7 +1168,7 @@ mod tests {
     /// A state machine that accepts batches starting with 0xBA only.
     struct Judge;
     impl crate::snapshot::SnapshotSource for Judge {
-        fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
+        fn snapshot(&self, _at_least: u64) -> Result<Arc<crate::snapshot::ExportedState>, String> {
             Err("none".into())
         }
     }

@@ -424,14 +424,16 @@ impl Storage for WalStorage {
     /// unavailable: raft-rs treats every other storage error here as fatal, and it retries.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let unavailable = Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable));
-        let (index, term, data) = match self.snapshots.snapshot() {
+        // The follower continues from the log right after the snapshot: no older one will do.
+        let at_least = request_index.max(self.log.first_index().saturating_sub(1));
+        let exported = match self.snapshots.snapshot(at_least) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(to, error = %e, "state snapshot unavailable");
+                tracing::debug!(to, error = %e, "state snapshot unavailable");
                 return unavailable;
             }
         };
-        // The follower continues from the log right after the snapshot, so it must still be held.
+        let (index, term) = (exported.index, exported.term);
         if index < request_index || index == 0 || index + 1 < self.log.first_index() || index > self.log.last_index() {
             tracing::warn!(
                 to,
@@ -450,9 +452,12 @@ impl Storage for WalStorage {
             tracing::warn!(to, index, "no conf state recorded at the snapshot index");
             return unavailable;
         };
-        let envelope = SnapshotEnvelope { members: self.members.values().cloned().collect(), state: data };
+        // The members only: the transport streams the state from the source's export, so the
+        // raft thread never copies a state that may be gigabytes (it held the leader long enough
+        // for an election).
+        let members: Vec<MemberAddr> = self.members.values().cloned().collect();
         let mut snap = Snapshot::default();
-        snap.data = tally_codec::encode(&envelope).into();
+        snap.data = SnapshotEnvelope::encode_parts(&members, &[]).into();
         let meta = snap.mut_metadata();
         meta.index = index;
         meta.term = term;
@@ -579,8 +584,8 @@ mod tests {
 
     struct FixedSnapshot(u64, u64);
     impl SnapshotSource for FixedSnapshot {
-        fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
-            Ok((self.0, self.1, b"state".to_vec()))
+        fn snapshot(&self, _at_least: u64) -> Result<Arc<crate::snapshot::ExportedState>, String> {
+            Ok(Arc::new(crate::snapshot::ExportedState { index: self.0, term: self.1, state: b"state".to_vec() }))
         }
     }
     impl SnapshotSink for FixedSnapshot {
@@ -598,7 +603,7 @@ mod tests {
         assert_eq!((snap.get_metadata().index, snap.get_metadata().term), (3, 1));
         assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
         let env: SnapshotEnvelope = tally_codec::decode(&snap.data, 1 << 20).expect("envelope");
-        assert_eq!(env.state, b"state");
+        assert!(env.state.is_empty(), "the state is streamed by the transport, not carried by Raft");
         // A snapshot ahead of what the source can give is refused as "later".
         assert_eq!(s.snapshot(4, 2), Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable)));
 

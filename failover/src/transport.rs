@@ -7,10 +7,13 @@
 //!  raft thread ◀──────────────── inbox (bounded; full: drop) ◀── decode, check from/to
 //! ```
 //!
-//! Each direction of a link is its own connection: a replica writes only on connections it
-//! dialled and reads only on ones it accepted. Frames are `u32-le len ‖ protobuf(Message)`,
-//! bounded by [`FRAME_BYTES_MAX`]. Bytes that do not decode close the connection; nothing a
-//! peer sends can panic this side.
+//! Each direction of a link is its own connection: a replica writes Raft traffic only on
+//! connections it dialled and reads it only on ones it accepted (the one exception: right after
+//! the handshake the listener writes one [`Resume`] frame, see [`crate::snapshot_stream`]).
+//! Frames are `u32-le len ‖ kind ‖ body`, bounded by [`FRAME_BYTES_MAX`]: kind 0 is
+//! `protobuf(Message)`; a snapshot goes as chunk frames (kind 1) and an end frame (kind 2), so
+//! its size is bounded by [`tally_codec::limits::SNAPSHOT_BYTES_MAX`], not by the frame limit.
+//! Bytes that do not decode close the connection; nothing a peer sends can panic this side.
 //!
 //! **Authentication.** With [`PeerSecurity::Tls`] (what `cluster init` configures) every link is
 //! mutual TLS with certificates of the cluster CA: the dialler checks that the listener is
@@ -21,11 +24,13 @@
 
 use crate::frame::{read_frame, write_frame};
 use crate::handshake::{handshake, HandshakeError, Hello};
-use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crate::snapshot::{SnapshotEnvelope, SnapshotSource};
+use crate::snapshot_stream::{self, Assemblies, Resume, StreamId, KIND_CHUNK, KIND_END, KIND_MESSAGE};
+use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
-use raft::eraftpb::Message;
-use std::collections::{BTreeMap, HashMap};
+use raft::eraftpb::{Message, MessageType};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +38,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
-use tally_codec::limits::FRAME_BYTES_MAX;
+use tally_codec::limits::{FRAME_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 use tally_net::{Admission, AdmissionLimits, Stream};
 
 /// Messages queued per peer before new ones are dropped.
@@ -61,7 +66,16 @@ pub trait Transport: Send {
     fn set_peers(&mut self, peers: &BTreeMap<u64, String>);
     /// Closes every link and joins the threads.
     fn stop(&mut self);
+    /// Snapshots whose sending ended since the last call: `(peer, delivered)`. A transport that
+    /// streams a snapshot reports it when the last byte is written (or the link broke), not when
+    /// it was queued, so Raft does not probe the follower while the snapshot is still on its way.
+    fn take_snapshot_reports(&mut self) -> Vec<(u64, bool)> {
+        Vec::new()
+    }
 }
+
+/// Snapshot outcomes the link threads report to the raft thread.
+type Reports = Arc<Mutex<Vec<(u64, bool)>>>;
 
 /// How peer links are protected.
 #[derive(Clone)]
@@ -111,6 +125,9 @@ pub struct TcpTransport {
     links: HashMap<u64, OutLink>,
     listener: Option<JoinHandle<()>>,
     inbound: InboundConns,
+    reports: Reports,
+    /// Where a leader's snapshot state is held while it streams.
+    snapshots: Option<Arc<dyn SnapshotSource>>,
 }
 
 impl TcpTransport {
@@ -131,7 +148,23 @@ impl TcpTransport {
         let thread = std::thread::Builder::new()
             .name(format!("peer-listen-{}", local.node_id))
             .spawn(move || run_listener(listener, l_local, l_sec, inbox, l_stop, l_inbound))?;
-        Ok(TcpTransport { local, security, stop, links: HashMap::new(), listener: Some(thread), inbound })
+        Ok(TcpTransport {
+            local,
+            security,
+            stop,
+            links: HashMap::new(),
+            listener: Some(thread),
+            inbound,
+            reports: Reports::default(),
+            snapshots: None,
+        })
+    }
+
+    /// Streams the state of snapshots from `source` (links started after this call).
+    #[must_use]
+    pub fn with_snapshots(mut self, source: Arc<dyn SnapshotSource>) -> Self {
+        self.snapshots = Some(source);
+        self
     }
 }
 
@@ -162,10 +195,10 @@ impl Transport for TcpTransport {
             }
             let (tx, rx) = bounded(OUTBOUND_MESSAGES_MAX);
             let (peer, a, local, stop) = (*id, addr.clone(), self.local.clone(), self.stop.clone());
-            let sec = self.security.clone();
+            let (sec, reports, snapshots) = (self.security.clone(), self.reports.clone(), self.snapshots.clone());
             match std::thread::Builder::new()
                 .name(format!("peer-out-{}-{}", self.local.node_id, id))
-                .spawn(move || run_outbound(peer, a, local, sec, rx, stop))
+                .spawn(move || Outbound { snapshots, peer, addr: a, local, security: sec, rx, stop, reports }.run())
             {
                 Ok(thread) => {
                     self.links.insert(*id, OutLink { addr: addr.clone(), tx, thread });
@@ -192,6 +225,10 @@ impl Transport for TcpTransport {
             }
         }
     }
+
+    fn take_snapshot_reports(&mut self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut *self.reports.lock())
+    }
 }
 
 impl Drop for TcpTransport {
@@ -217,7 +254,7 @@ enum LinkError {
     Refused(String),
 }
 
-fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Result<Stream, LinkError> {
+fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Result<(Stream, Resume), LinkError> {
     let down = |e: String| LinkError::Down(e);
     let sock: SocketAddr = addr
         .to_socket_addrs()
@@ -246,11 +283,21 @@ fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Res
         }
         Err(e) => return Err(down(format!("handshake with {addr}: {e}"))),
     }
+    // The listener says which snapshot of ours it holds part of.
+    let resume = read_frame(&mut stream, RESUME_BYTES_MAX)
+        .map_err(|e| down(format!("resume point from {addr}: {e}")))
+        .and_then(|b| {
+            tally_codec::decode::<Resume>(&b, RESUME_BYTES_MAX)
+                .map_err(|e| down(format!("resume point from {addr}: {e}")))
+        })?;
     let tcp = stream.tcp();
     tcp.set_read_timeout(None).map_err(|e| down(e.to_string()))?;
     tcp.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS))).map_err(|e| down(e.to_string()))?;
-    Ok(stream)
+    Ok((stream, resume))
 }
+
+/// Bound on the resume frame.
+const RESUME_BYTES_MAX: usize = 256;
 
 /// Checks that `addr` answers as node `node_id` of this cluster (TLS identity, cluster id,
 /// configuration), without sending any Raft message.
@@ -259,7 +306,7 @@ fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Res
 /// Why the node can't be reached or was refused.
 pub fn probe(addr: &str, local: &Hello, security: &PeerSecurity, node_id: u64) -> Result<(), String> {
     match connect(addr, local, security, node_id) {
-        Ok(s) => {
+        Ok((s, _)) => {
             s.shutdown();
             Ok(())
         }
@@ -268,7 +315,8 @@ pub fn probe(addr: &str, local: &Hello, security: &PeerSecurity, node_id: u64) -
 }
 
 fn write_message<W: Write>(w: &mut W, msg: &Message) -> std::io::Result<()> {
-    let bytes = msg.write_to_bytes().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut bytes = vec![KIND_MESSAGE];
+    msg.write_to_vec(&mut bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     if bytes.len() > FRAME_BYTES_MAX {
         tracing::warn!(to = msg.to, bytes = bytes.len(), "raft message over the frame limit; dropped");
         return Ok(());
@@ -276,68 +324,181 @@ fn write_message<W: Write>(w: &mut W, msg: &Message) -> std::io::Result<()> {
     write_frame(w, &bytes)
 }
 
-fn run_outbound(
+fn is_snapshot(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgSnapshot
+}
+
+/// One outbound link: a connection it dials (again after a failure) and writes on.
+struct Outbound {
+    snapshots: Option<Arc<dyn SnapshotSource>>,
     peer: u64,
     addr: String,
     local: Hello,
     security: PeerSecurity,
     rx: Receiver<Message>,
     stop: Arc<AtomicBool>,
-) {
-    let mut conn: Option<BufWriter<Stream>> = None;
-    let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-    let mut last_error: Option<String> = None;
-    while !stop.load(Ordering::Relaxed) {
-        let first = match rx.recv_timeout(Duration::from_millis(POLL_MS)) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        if conn.is_none() {
-            match connect(&addr, &local, &security, peer) {
-                Ok(s) => {
-                    tracing::info!(peer, %addr, "peer link up");
-                    conn = Some(BufWriter::new(s));
-                    backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-                    last_error = None;
-                }
-                Err(e) => {
-                    let (refused, text) = match e {
-                        LinkError::Refused(t) => (true, t),
-                        LinkError::Down(t) => (false, t),
-                    };
-                    // Logged once per distinct reason, not on every retry.
-                    if last_error.as_deref() != Some(text.as_str()) {
-                        if refused {
-                            tracing::error!(peer, %addr, reason = %text, "peer link refused");
-                        } else {
-                            tracing::warn!(peer, %addr, reason = %text, "peer link down");
-                        }
-                        last_error = Some(text);
+    reports: Reports,
+}
+
+type Conn = BufWriter<Stream>;
+
+impl Outbound {
+    fn run(self) {
+        let mut conn: Option<(Conn, Resume)> = None;
+        let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+        let mut last_error: Option<String> = None;
+        // Snapshots that arrived while another was streaming.
+        let mut deferred: VecDeque<Message> = VecDeque::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let first = match deferred.pop_front() {
+                Some(m) => m,
+                None => match self.rx.recv_timeout(Duration::from_millis(POLL_MS)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            if conn.is_none() {
+                match connect(&self.addr, &self.local, &self.security, self.peer) {
+                    Ok((s, resume)) => {
+                        tracing::info!(peer = self.peer, addr = %self.addr, "peer link up");
+                        conn = Some((BufWriter::new(s), resume));
+                        backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+                        last_error = None;
                     }
-                    sleep_unless_stopped(backoff_ms, &stop);
-                    backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
-                    continue;
+                    Err(e) => {
+                        if is_snapshot(&first) {
+                            self.report(false);
+                        }
+                        let (refused, text) = match e {
+                            LinkError::Refused(t) => (true, t),
+                            LinkError::Down(t) => (false, t),
+                        };
+                        // Logged once per distinct reason, not on every retry.
+                        if last_error.as_deref() != Some(text.as_str()) {
+                            if refused {
+                                tracing::error!(peer = self.peer, addr = %self.addr, reason = %text, "peer link refused");
+                            } else {
+                                tracing::warn!(peer = self.peer, addr = %self.addr, reason = %text, "peer link down");
+                            }
+                            last_error = Some(text);
+                        }
+                        sleep_unless_stopped(backoff_ms, &self.stop);
+                        backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+                        continue;
+                    }
+                }
+            }
+            let Some((w, resume)) = conn.as_mut() else { continue };
+            let r = if is_snapshot(&first) {
+                let r = self.stream_snapshot(w, resume, first, &mut deferred);
+                self.report(r.as_ref().is_ok_and(|delivered| *delivered));
+                r.map(|_| ())
+            } else {
+                self.write_queued(w, first, &mut deferred)
+            };
+            if let Err(e) = r {
+                tracing::warn!(peer = self.peer, addr = %self.addr, error = %e, "peer link write failed; reconnecting");
+                if let Some((w, _)) = conn.take() {
+                    w.get_ref().shutdown();
                 }
             }
         }
-        let Some(w) = conn.as_mut() else { continue };
-        let mut r = write_message(w, &first);
+    }
+
+    fn report(&self, delivered: bool) {
+        self.reports.lock().push((self.peer, delivered));
+    }
+
+    /// Writes `first` and what else is queued (snapshots are set aside), then flushes.
+    fn write_queued(&self, w: &mut Conn, first: Message, deferred: &mut VecDeque<Message>) -> std::io::Result<()> {
+        write_message(w, &first)?;
         for _ in 0..WRITE_BATCH_MAX {
-            if r.is_err() {
-                break;
-            }
-            match rx.try_recv() {
-                Ok(m) => r = write_message(w, &m),
+            match self.rx.try_recv() {
+                Ok(m) if is_snapshot(&m) => deferred.push_back(m),
+                Ok(m) => write_message(w, &m)?,
                 Err(_) => break,
             }
         }
-        if let Err(e) = r.and_then(|()| w.flush()) {
-            tracing::warn!(peer, %addr, error = %e, "peer link write failed; reconnecting");
-            if let Some(w) = conn.take() {
-                w.get_ref().shutdown();
+        w.flush()
+    }
+
+    /// Streams a snapshot in chunks from where the peer's resume point allows, with other
+    /// queued messages written between chunks, then the message itself without its data.
+    /// `Ok(false)` when its state is no longer held (nothing was sent).
+    fn stream_snapshot(
+        &self,
+        w: &mut Conn,
+        resume: &mut Resume,
+        mut msg: Message,
+        deferred: &mut VecDeque<Message>,
+    ) -> std::io::Result<bool> {
+        let data = std::mem::take(&mut msg.mut_snapshot().data);
+        let meta = msg.get_snapshot().get_metadata();
+        // A leader's snapshot carries the members only (see `WalStorage::snapshot`); the state
+        // is the export held by the source, streamed from where it lies, never copied whole.
+        let held = self
+            .snapshots
+            .as_ref()
+            .and_then(|s| s.snapshot(meta.index).ok())
+            .filter(|e| (e.index, e.term) == (meta.index, meta.term));
+        let envelope = tally_codec::decode::<SnapshotEnvelope>(&data, SNAPSHOT_BYTES_MAX).ok();
+        let (head, state): (Vec<u8>, &[u8]) = match (&envelope, &held) {
+            (Some(env), Some(exported)) if env.state.is_empty() => {
+                let mut head = SnapshotEnvelope::encode_parts(&env.members, &[]);
+                head.truncate(head.len() - 4);
+                head.extend_from_slice(&(exported.state.len() as u32).to_le_bytes());
+                (head, &exported.state)
             }
+            (Some(env), None) if env.state.is_empty() => {
+                tracing::warn!(peer = self.peer, index = meta.index, "snapshot state no longer held; Raft will retry");
+                return Ok(false);
+            }
+            _ => (data.into(), &[]),
+        };
+        let parts: [&[u8]; 2] = [&head, state];
+        let stream = StreamId::of_parts(meta.index, meta.term, &parts);
+        let from = resume.offset_for(&stream);
+        let started = Instant::now();
+        tracing::info!(
+            peer = self.peer,
+            index = stream.index,
+            bytes = stream.total,
+            resume_at = from,
+            "streaming snapshot"
+        );
+        for (offset, end) in snapshot_stream::chunks(stream.total, from) {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("transport stopping"));
+            }
+            let pieces = snapshot_stream::range_of(&parts, offset, end);
+            write_frame(w, &snapshot_stream::chunk_frame_of(&stream, offset, &pieces))?;
+            // Heartbeats and appends to this peer do not wait for the whole snapshot.
+            while let Ok(m) = self.rx.try_recv() {
+                if is_snapshot(&m) {
+                    deferred.push_back(m);
+                } else {
+                    write_message(w, &m)?;
+                }
+            }
+            w.flush()?;
+            // If the link breaks now, a reconnection learns the real point from the peer.
+            *resume = Resume { stream: Some(stream), offset: end };
         }
+        let mut end = vec![KIND_END];
+        end.extend_from_slice(&stream.digest);
+        msg.write_to_vec(&mut end).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        write_frame(w, &end)?;
+        w.flush()?;
+        *resume = Resume::default();
+        tracing::info!(
+            peer = self.peer,
+            index = stream.index,
+            bytes = stream.total - from,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot streamed"
+        );
+        Ok(true)
     }
 }
 
@@ -351,6 +512,7 @@ fn run_listener(
 ) {
     let admission =
         Admission::new(AdmissionLimits { nodes_max: INBOUND_CONNECTIONS_MAX, ..AdmissionLimits::PEER_PORT });
+    let assemblies = Assemblies::default();
     let next_id = AtomicU64::new(0);
     while !stop.load(Ordering::Relaxed) {
         let (stream, from) = match listener.accept() {
@@ -370,12 +532,13 @@ fn run_listener(
         let Ok(clone) = stream.try_clone() else { continue };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let (l, ib, cs, sec) = (local.clone(), inbox.clone(), conns.clone(), security.clone());
+        let asm = assemblies.clone();
         // Register before the thread can deregister itself.
         let mut guard = conns.lock();
         guard.insert(id, (clone, None));
         match std::thread::Builder::new()
             .name(format!("peer-in-{}-{id}", local.node_id))
-            .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot))
+            .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot, asm))
         {
             Ok(t) => {
                 if let Some(e) = guard.get_mut(&id) {
@@ -400,9 +563,13 @@ fn run_inbound(
     conns: InboundConns,
     id: u64,
     slot: tally_net::Admitted,
+    assemblies: Assemblies,
 ) {
-    if let Some((stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
-        read_messages(&stream, peer_id, from, &local, &inbox);
+    if let Some((mut stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
+        let resume = tally_codec::encode(&assemblies.resume_for(peer_id));
+        if write_frame(&mut stream, &resume).and_then(|()| stream.flush()).is_ok() {
+            read_messages(&stream, peer_id, from, &local, &inbox, &assemblies);
+        }
         stream.shutdown();
     }
     drop(slot);
@@ -464,7 +631,14 @@ fn authenticate(
     Some((stream, peer.node_id))
 }
 
-fn read_messages(s: &Stream, peer_id: u64, from: SocketAddr, local: &Hello, inbox: &Sender<Message>) {
+fn read_messages(
+    s: &Stream,
+    peer_id: u64,
+    from: SocketAddr,
+    local: &Hello,
+    inbox: &Sender<Message>,
+    assemblies: &Assemblies,
+) {
     let mut r = std::io::BufReader::new(s.clone());
     loop {
         let bytes = match read_frame(&mut r, FRAME_BYTES_MAX) {
@@ -475,10 +649,31 @@ fn read_messages(s: &Stream, peer_id: u64, from: SocketAddr, local: &Hello, inbo
                 return;
             }
         };
-        let msg = match Message::parse_from_bytes(&bytes) {
+        let decoded = match bytes.split_first() {
+            Some((&KIND_MESSAGE, body)) => Message::parse_from_bytes(body).map_err(|e| e.to_string()),
+            Some((&KIND_CHUNK, body)) => match assemblies.chunk(peer_id, body) {
+                Ok(()) => continue,
+                Err(e) => Err(e.to_string()),
+            },
+            Some((&KIND_END, body)) if body.len() >= 32 => {
+                let (digest, body) = body.split_at(32);
+                let digest: [u8; 32] = digest.try_into().unwrap_or([0; 32]);
+                Message::parse_from_bytes(body).map_err(|e| e.to_string()).and_then(|mut m| {
+                    let (stream, data) = assemblies.end(peer_id, &digest).map_err(|e| e.to_string())?;
+                    let meta = m.get_snapshot().get_metadata();
+                    if !is_snapshot(&m) || (meta.index, meta.term) != (stream.index, stream.term) {
+                        return Err("snapshot end does not match its stream".to_string());
+                    }
+                    m.mut_snapshot().data = data.into();
+                    Ok(m)
+                })
+            }
+            _ => Err("unknown frame kind".to_string()),
+        };
+        let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(%from, node = peer_id, error = %e, "undecodable raft message; closing");
+                tracing::warn!(%from, node = peer_id, error = %e, "undecodable peer frame; closing");
                 return;
             }
         };
@@ -486,9 +681,14 @@ fn read_messages(s: &Stream, peer_id: u64, from: SocketAddr, local: &Hello, inbo
             tracing::warn!(%from, node = peer_id, msg_from = msg.from, msg_to = msg.to, "misaddressed raft message; closing");
             return;
         }
-        match inbox.try_send(msg) {
-            Ok(()) | Err(TrySendError::Full(_)) => {}
-            Err(TrySendError::Disconnected(_)) => return,
+        let delivered = if is_snapshot(&msg) {
+            // Seconds of streaming are not dropped for a momentarily full inbox.
+            inbox.send_timeout(msg, Duration::from_secs(5)).map_err(|e| matches!(e, SendTimeoutError::Disconnected(_)))
+        } else {
+            inbox.try_send(msg).map_err(|e| matches!(e, TrySendError::Disconnected(_)))
+        };
+        if delivered == Err(true) {
+            return;
         }
     }
 }
@@ -614,12 +814,110 @@ mod tests {
         b.stop();
     }
 
+    fn snapshot_msg(from: u64, to: u64, index: u64, data: Vec<u8>) -> Message {
+        let mut m = msg(from, to, 3);
+        m.set_msg_type(MessageType::MsgSnapshot);
+        let snap = m.mut_snapshot();
+        snap.mut_metadata().index = index;
+        snap.mut_metadata().term = 3;
+        snap.data = data.into();
+        m
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    /// Issue 10: a snapshot over the frame limit was dropped by the link, and Raft retried it
+    /// forever. It now streams in chunks, heartbeats queued behind it are not held back until
+    /// it ends, and the sender reports it delivered.
+    #[test]
+    fn a_snapshot_larger_than_a_frame_streams_in_chunks() {
+        let (mut a, a_addr, _a_rx) = start(1, "c");
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        a.set_peers(&[(2, b_addr)].into_iter().collect());
+        b.set_peers(&[(1, a_addr)].into_iter().collect());
+        let data = pattern(FRAME_BYTES_MAX * 2 + 12_345, 7);
+        assert!(a.send(snapshot_msg(1, 2, 40, data.clone())));
+        for term in 10..20 {
+            assert!(a.send(msg(1, 2, term)));
+        }
+        let mut heartbeats_before_snapshot = 0;
+        let got = loop {
+            let m = b_rx.recv_timeout(Duration::from_secs(60)).expect("b got the snapshot");
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                break m;
+            }
+            heartbeats_before_snapshot += 1;
+        };
+        assert_eq!(got.get_snapshot().get_metadata().index, 40);
+        assert!(got.get_snapshot().data == data, "the data arrives whole and unaltered");
+        assert!(heartbeats_before_snapshot > 0, "messages queued behind the snapshot went out between its chunks");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let reports = a.take_snapshot_reports();
+            if !reports.is_empty() {
+                assert_eq!(reports, vec![(2, true)]);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the snapshot was reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        a.stop();
+        b.stop();
+    }
+
+    /// Issue 10: a stream cut halfway resumes; the receiver tells the next connection from the
+    /// same peer how much it holds, and the rest completes the snapshot.
+    #[test]
+    fn a_cut_snapshot_stream_resumes_where_it_stopped() {
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        let data = pattern(5 * tally_codec::limits::SNAPSHOT_CHUNK_BYTES + 99, 3);
+        let stream = StreamId::of(40, 3, &data);
+        let half = 2 * tally_codec::limits::SNAPSHOT_CHUNK_BYTES as u64;
+        let dial = || {
+            let mut s = TcpStream::connect(&b_addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            handshake(&mut s, &Hello::new("c", 1, [1; 32]), Some(2)).expect("handshake");
+            let r = read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
+            (s, tally_codec::decode::<Resume>(&r, RESUME_BYTES_MAX).expect("decode"))
+        };
+        let (mut s, resume) = dial();
+        assert_eq!(resume.offset_for(&stream), 0);
+        for (o, e) in snapshot_stream::chunks(stream.total, 0).take_while(|(o, _)| *o < half) {
+            write_frame(&mut s, &snapshot_stream::chunk_frame(&stream, o, &data[o as usize..e as usize])).expect("w");
+        }
+        s.flush().expect("flush");
+        drop(s); // the link breaks
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut s, resume) = loop {
+            let (s, r) = dial();
+            if r.offset_for(&stream) == half || Instant::now() > deadline {
+                break (s, r);
+            }
+        };
+        assert_eq!(resume.offset_for(&stream), half, "the receiver kept what it had");
+        for (o, e) in snapshot_stream::chunks(stream.total, resume.offset_for(&stream)) {
+            write_frame(&mut s, &snapshot_stream::chunk_frame(&stream, o, &data[o as usize..e as usize])).expect("w");
+        }
+        let mut end = vec![KIND_END];
+        end.extend_from_slice(&stream.digest);
+        snapshot_msg(1, 2, 40, Vec::new()).write_to_vec(&mut end).expect("encode");
+        write_frame(&mut s, &end).expect("end");
+        s.flush().expect("flush");
+        let got = b_rx.recv_timeout(Duration::from_secs(10)).expect("b got the snapshot");
+        assert!(got.get_snapshot().data == data);
+        b.stop();
+    }
+
     #[test]
     fn garbage_closes_the_connection_without_panic() {
         let (mut b, b_addr, b_rx) = start(2, "c");
         let mut s = TcpStream::connect(&b_addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         handshake(&mut s, &Hello::new("c", 1, [1; 32]), Some(2)).expect("handshake");
+        let resume = read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
+        assert_eq!(tally_codec::decode::<Resume>(&resume, RESUME_BYTES_MAX).expect("decode"), Resume::default());
         write_frame(&mut s, &[0xff; 64]).expect("write");
         // Also a frame over the bound: the reader closes before allocating it.
         let _ = s.write_all(&u32::MAX.to_le_bytes());

@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_failover::env::SystemEnv;
+use tally_failover::snapshot::ExportedState;
 use tally_failover::{
     Committed, EntryKind, Member, ProposeError, RaftConfig, RaftReplicator, Replicator, SnapshotSink, SnapshotSource,
 };
@@ -30,9 +31,13 @@ struct App {
 struct AppHandle(Arc<Mutex<App>>);
 
 impl SnapshotSource for AppHandle {
-    fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
+    fn snapshot(&self, _at_least: u64) -> Result<Arc<ExportedState>, String> {
         let a = self.0.lock();
-        Ok((a.applied_index, a.applied_term, tally_codec::encode(&a.batches)))
+        Ok(Arc::new(ExportedState {
+            index: a.applied_index,
+            term: a.applied_term,
+            state: tally_codec::encode(&a.batches),
+        }))
     }
 }
 

@@ -22,6 +22,21 @@ pub fn hit(name: &str) {
 #[cfg(not(debug_assertions))]
 pub fn hit(_name: &str) {}
 
+/// True once, for the first thread of any replica that reaches it after a test armed failpoint
+/// `name` (the file is claimed); for faults that are not panics (debug builds only).
+#[cfg(debug_assertions)]
+pub fn claim(name: &str) -> bool {
+    let Some(dir) = std::env::var_os("TALLY_FAILPOINT_DIR").map(std::path::PathBuf::from) else { return false };
+    let claimed = dir.join(format!("{name}.fired-{}", std::process::id()));
+    std::fs::rename(dir.join(name), claimed).is_ok()
+}
+
+/// Release builds: no failpoints.
+#[cfg(not(debug_assertions))]
+pub fn claim(_name: &str) -> bool {
+    false
+}
+
 /// Whether a test armed the behavioural failpoint `name` (a planted bug that stays on while its
 /// file exists; debug builds only). The file is looked up once per process.
 #[cfg(debug_assertions)]

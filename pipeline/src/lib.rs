@@ -11,6 +11,7 @@
 
 pub mod failpoint;
 pub mod forward;
+pub mod measure;
 pub mod node;
 pub mod s1_receive;
 pub mod s2_validate;

@@ -337,7 +337,7 @@ impl Node {
             let s = shared.clone();
             move || crate::s7_apply::run(s, store_rx)
         })?;
-        let snapshots = Arc::new(crate::snapshots::PipelineSnapshots { shared: Arc::downgrade(&shared) });
+        let snapshots = Arc::new(crate::snapshots::PipelineSnapshots::new(Arc::downgrade(&shared)));
         let replicator = make_replicator(committed_tx, applied.index, snapshots)?;
         if shared.replicator.set(replicator).is_err() {
             return Err("replicator set twice".into());

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tally_codec::admin::{AdminOp, SignedAdmin};
 use tally_codec::wire::{self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, WireError};
 use tally_codec::{encode, limits, ErrorCode};
+use tally_failover::MembershipError;
 use tally_net::Stream;
 
 /// Replies queued for one connection's writer, at most.
@@ -414,7 +415,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
             },
         },
         ClientMessage::Audit | ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } => {
-            metrics::counter!("tally_refused_total", "stage" => "admin").increment(1);
+            crate::measure::refused("admin", ErrorCode::NotAuthorized, 1);
             ServerMessage::Error(WireError::new(
                 ErrorCode::NotAuthorized,
                 "not authorized: cluster operations and scans must be signed by an admin key (tally --cluster-dir DIR, or --admin-key FILE)",
@@ -440,7 +441,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
 /// An admin command: authorised against the configured admin keys, then carried out.
 fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
     if let Err(refusal) = cmd.authorize(&shared.opts.cluster_id, &shared.opts.admin_keys, wall_ms()) {
-        metrics::counter!("tally_refused_total", "stage" => "admin").increment(1);
+        crate::measure::refused("admin", ErrorCode::NotAuthorized, 1);
         tracing::warn!(signer = %cmd.command.signer, %refusal, "admin command refused");
         return ServerMessage::Error(WireError::new(ErrorCode::NotAuthorized, refusal.to_string()));
     }
@@ -468,15 +469,15 @@ fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
 
 /// A refused membership change on a replica that is not (or no longer) the leader is retryable
 /// at the leader; anything else names the failure.
-fn membership_reply(shared: &Shared, result: Result<(), String>) -> ServerMessage {
+fn membership_reply(shared: &Shared, result: Result<(), MembershipError>) -> ServerMessage {
     match result {
         Ok(()) => ServerMessage::Done,
-        Err(e) if !shared.replicator().role().is_leader => {
+        Err(e) if e == MembershipError::NotLeader || !shared.replicator().role().is_leader => {
             let mut err = WireError::new(ErrorCode::NotLeader, format!("membership changes go to the leader: {e}"));
             err.leader_hint = shared.leader_addr();
             ServerMessage::Error(err)
         }
-        Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
+        Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e.to_string())),
     }
 }
 
@@ -497,25 +498,32 @@ fn submit(
     let started = std::time::Instant::now();
     let now_ms = wall_ms();
     let results = crate::s2_validate::validate_all_with(requests, &shared.opts.cluster_id, now_ms, &shared.keys);
-    metrics::histogram!("tally_stage2_validate_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    crate::measure::stage_time("validate", started);
     let leading = shared.replicator().role().is_leader;
     let mut subs = Vec::with_capacity(n);
+    let mut invalid = crate::measure::Refusals::new("validate");
+    let mut not_leader = 0;
     for (slot, r) in results.into_iter().enumerate() {
         let waiter = Waiter { frame: frame.clone(), slot };
         match r {
             Err(code) => {
-                metrics::counter!("tally_refused_total", "stage" => "validate").increment(1);
+                invalid.add(code);
                 waiter.refuse(code);
             }
-            Ok(_) if !leading => waiter.refuse_not_leader(shared),
+            Ok(_) if !leading => {
+                not_leader += 1;
+                waiter.refuse_not_leader(shared);
+            }
             Ok(req) => subs.push(Submission { req, waiter }),
         }
     }
+    crate::measure::refused("receive", ErrorCode::NotLeader, not_leader);
     if subs.is_empty() {
         return;
     }
     if let Err(e) = shared.seq_tx.try_send(subs) {
         let (TrySendError::Full(subs) | TrySendError::Disconnected(subs)) = e;
+        crate::measure::refused("receive", ErrorCode::Overloaded, subs.len() as u64);
         for s in subs {
             s.waiter.refuse(ErrorCode::Overloaded);
         }

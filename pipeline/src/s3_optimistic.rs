@@ -42,7 +42,7 @@ pub fn filter(shared: &Shared, view: &mut View, subs: Vec<Submission>) -> Vec<Su
         let r = &sub.req.request.request;
         if let Operation::Transfer { amount, .. } = r.op {
             if view.balance(&empty, &r.signer) < amount {
-                metrics::counter!("tally_refused_total", "stage" => "optimistic").increment(1);
+                crate::measure::refused("optimistic", ErrorCode::InsufficientFunds, 1);
                 sub.waiter.refuse(ErrorCode::InsufficientFunds);
                 continue;
             }

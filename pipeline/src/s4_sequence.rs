@@ -17,6 +17,7 @@ use tally_core::sequence::{
 };
 use tally_core::state::View;
 use tally_failover::env::Env;
+use tally_failover::ProposeError;
 
 /// Leadership as the sequencer last saw it.
 enum Mode {
@@ -36,7 +37,7 @@ fn split_by_bytes(subs: Vec<Submission>, bytes_max: usize) -> (Vec<Submission>, 
         bytes_max,
         |s| &s.req.request,
         |s| {
-            metrics::counter!("tally_refused_total", "stage" => "sequence").increment(1);
+            crate::measure::refused("sequence", ErrorCode::ProposalTooLarge, 1);
             s.waiter.refuse(ErrorCode::ProposalTooLarge);
         },
     )
@@ -48,6 +49,8 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
     let interval = Duration::from_millis(shared.opts.batch_interval_ms);
     // Requests that did not fit the previous batch's byte bound open the next one.
     let mut carry: Vec<Submission> = Vec::new();
+    // When the previous batch of this term was built (for the interval between batches).
+    let mut last_batch: Option<Instant> = None;
     while !shared.is_stopping() {
         mode = update_mode(&shared, &mut view, mode);
         // Frames relayed to a replica that no longer leads are answered (retryable) now.
@@ -63,6 +66,7 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
             std::mem::take(&mut carry)
         };
         let Mode::Leading { term, tip } = &mut mode else {
+            crate::measure::refused("sequence", ErrorCode::NotLeader, first.len() as u64);
             for sub in first {
                 sub.waiter.refuse_not_leader(&shared);
             }
@@ -91,13 +95,26 @@ pub fn run(shared: Arc<Shared>, env: Box<dyn Env>) {
         view.on_applied(shared.applied_height());
         let started = Instant::now();
         let batch = build_batch(&shared, &mut view, *term, tip, subs, env.wall_ms());
-        metrics::histogram!("tally_stage4_sequence_ms").record(started.elapsed().as_secs_f64() * 1e3);
+        crate::measure::stage_time("sequence", started);
         if let Some(batch) = batch {
+            let now = Instant::now();
+            if let Some(prev) = last_batch.replace(now) {
+                metrics::histogram!("tally_batch_interval_seconds").record((now - prev).as_secs_f64());
+            }
             if let Err(e) = s5_propose::propose(&shared, *term, batch) {
+                // Still the leader of this term, with earlier batches of the term proposed and
+                // maybe not yet applied: sequencing again from the applied head would give a
+                // new batch a height one of them holds, and once both committed every replica
+                // would stop at that height for good. This replica ends instead (the panic hook
+                // aborts it) and another takes over from the log as it is.
+                if matches!(e, ProposeError::Busy | ProposeError::TooLarge { .. }) {
+                    panic!("proposal refused in term {term} while leading ({e}); ending the replica");
+                }
                 tracing::warn!(error = %e, term, "proposal refused; leaving the leader role");
-                s5_propose::fail_all_pending(&shared, s5_propose::refusal_code(&e));
+                s5_propose::fail_all_pending(&shared, "propose", s5_propose::refusal_code(&e));
                 view.reset();
                 mode = Mode::Following;
+                last_batch = None;
             }
         }
     }
@@ -111,13 +128,13 @@ fn update_mode(shared: &Shared, view: &mut View, mode: Mode) -> Mode {
         Mode::Leading { term, tip } if role.is_leader && role.term == term => Mode::Leading { term, tip },
         Mode::Leading { term, .. } => {
             tracing::info!(old_term = term, new_term = role.term, "lost leadership; discarding uncommitted batches");
-            s5_propose::fail_all_pending(shared, ErrorCode::Retry);
+            s5_propose::fail_all_pending(shared, "sequence", ErrorCode::Retry);
             view.reset();
             Mode::Following
         }
         Mode::Following if role.is_leader && shared.applied_index() >= role.term_start_index => {
             // Everything committed before this term is applied: the store is the chain head.
-            s5_propose::fail_all_pending(shared, ErrorCode::Retry);
+            s5_propose::fail_all_pending(shared, "sequence", ErrorCode::Retry);
             view.reset();
             let a = shared.store.lock().applied();
             let time_ms = shared.store_time_ms();
@@ -148,12 +165,23 @@ fn build_batch(
     subs: Vec<Submission>,
     wall_ms: u64,
 ) -> Option<PendingBatch> {
-    let subs =
-        drop_expired(subs, batch_time(wall_ms, tip), |s| &s.req.request, |s| s.waiter.refuse(ErrorCode::Expired));
+    let mut refusals = crate::measure::Refusals::new("sequence");
+    let subs = drop_expired(
+        subs,
+        batch_time(wall_ms, tip),
+        |s| &s.req.request,
+        |s| {
+            refusals.add(ErrorCode::Expired);
+            s.waiter.refuse(ErrorCode::Expired);
+        },
+    );
     let subs = crate::s3_optimistic::filter(shared, view, subs);
     let ctx = BatchContext { cluster_id: shared.opts.cluster_id, tables: &shared.tables, term, wall_ms };
     let subs = subs.into_iter().map(|s| (s.req, s.waiter)).collect();
-    let batch = execute_batch(&ctx, view, tip, subs, |w, code| w.refuse(code))?;
+    let batch = execute_batch(&ctx, view, tip, subs, |w, code| {
+        refusals.add(code);
+        w.refuse(code);
+    })?;
     metrics::histogram!("tally_batch_requests").record(batch.entry.requests.len() as f64);
     Some(batch)
 }

@@ -21,17 +21,22 @@ pub type Pending = tally_core::pending::Pending<Waiter>;
 /// waiters have then been answered with a retryable error.
 pub fn propose(shared: &Shared, term: u64, batch: PendingBatch) -> Result<(), ProposeError> {
     let data = encode(&batch.entry);
+    metrics::histogram!("tally_batch_bytes").record(data.len() as f64);
     let height = batch.entry.header.height;
     shared.pending.lock().insert(batch);
     let started = std::time::Instant::now();
-    let result = shared.replicator().propose(term, data);
-    metrics::histogram!("tally_stage5_propose_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    let result = if crate::failpoint::claim("refuse-proposal") {
+        Err(ProposeError::Busy)
+    } else {
+        shared.replicator().propose(term, data)
+    };
+    crate::measure::stage_time("propose", started);
     if result.is_ok() && crate::failpoint::enabled("ack-before-commit") {
         ack_before_commit(shared, height);
     }
     if let Err(e) = &result {
         if let Some(b) = shared.pending.lock().take(height) {
-            fail_batch(shared, b, refusal_code(e));
+            fail_batch(shared, b, "propose", refusal_code(e));
         }
         tracing::debug!(error = %e, height, "proposal refused");
     }
@@ -72,14 +77,16 @@ pub fn is_disk_full(why: &str) -> bool {
 }
 
 /// Answers every waiter of every pending batch with `code`.
-pub fn fail_all_pending(shared: &Shared, code: ErrorCode) {
+/// Answers every waiter of every pending batch with `code` (counted as refused in `stage`).
+pub fn fail_all_pending(shared: &Shared, stage: &'static str, code: ErrorCode) {
     let drained = shared.pending.lock().drain();
     for b in drained {
-        fail_batch(shared, b, code);
+        fail_batch(shared, b, stage, code);
     }
 }
 
-pub fn fail_batch(shared: &Shared, b: PendingBatch, code: ErrorCode) {
+pub fn fail_batch(shared: &Shared, b: PendingBatch, stage: &'static str, code: ErrorCode) {
+    crate::measure::refused(stage, code, b.waiters.iter().map(|w| w.len() as u64).sum());
     for waiters in b.waiters {
         for w in waiters {
             if code == ErrorCode::NotLeader {

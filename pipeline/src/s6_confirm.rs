@@ -93,11 +93,13 @@ fn confirm_batch(shared: &Shared, head: &mut ChainHead, c: Committed) -> ToStore
         Ok(None) => {}
         Err(lost) => {
             for b in lost {
-                fail_batch(shared, b, ErrorCode::Retry);
+                fail_batch(shared, b, "confirm", ErrorCode::Retry);
             }
         }
     }
-    metrics::histogram!("tally_stage6_confirm_ms").record(started.elapsed().as_secs_f64() * 1e3);
+    crate::measure::stage_time("confirm", started);
+    metrics::counter!("tally_committed_batches_total").increment(1);
+    metrics::counter!("tally_committed_requests_total").increment(entry.requests.len() as u64);
     ToStore::Batch { index: c.index, term: c.term, entry: Box::new(entry), signature }
 }
 

@@ -38,8 +38,7 @@ pub fn run(shared: Arc<Shared>, rx: crossbeam::channel::Receiver<ToStore>) {
             shared.after_install(applied);
         }
         shared.set_applied(applied);
-        metrics::histogram!("tally_store_apply_ms").record(started.elapsed().as_secs_f64() * 1e3);
-        metrics::gauge!("tally_applied_height").set(applied.height as f64);
+        crate::measure::stage_time("apply", started);
         // The store is made durable now and then so the log can be compacted behind it (the
         // replicator keeps `log_retain_entries` more for lagging followers).
         if last_sync.elapsed() >= Duration::from_millis(shared.opts.store_sync_interval_ms) {
@@ -128,6 +127,7 @@ pub fn answer_with_stored_receipt(shared: &Shared, id: RequestId, height: u64, w
     let shared = shared.self_arc();
     rayon::spawn(move || {
         if !shared.wait_applied_height(height, Duration::from_secs(5)) {
+            crate::measure::refused("apply", ErrorCode::Retry, 1);
             waiter.refuse(ErrorCode::Retry);
             return;
         }
@@ -136,7 +136,10 @@ pub fn answer_with_stored_receipt(shared: &Shared, id: RequestId, height: u64, w
                 let durable = crate::s6_confirm::committed_durable(&shared, shared.applied_index());
                 waiter.fill(SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable });
             }
-            None => waiter.refuse(ErrorCode::Internal),
+            None => {
+                crate::measure::refused("apply", ErrorCode::Internal, 1);
+                waiter.refuse(ErrorCode::Internal);
+            }
         }
     });
 }

@@ -4,33 +4,52 @@
 use crate::node::Shared;
 use crate::s6_confirm::{ChainHead, ToStore};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
+use tally_codec::limits::SNAPSHOT_BYTES_MAX;
 use tally_core::confirm::check_batch_entry;
-use tally_failover::snapshot::{SnapshotSink, SnapshotSource};
+use tally_failover::snapshot::{BackgroundExports, ExportedState, SnapshotSink, SnapshotSource};
 use tally_store::state::StateSnapshot;
 
 /// How long an install waits for the pipeline to drain and apply.
 pub const INSTALL_WAIT: Duration = Duration::from_secs(60);
 
+/// How long an unused export is kept for the next follower that needs one.
+pub const EXPORT_KEEP: Duration = Duration::from_secs(60);
+
 pub struct PipelineSnapshots {
     pub shared: Weak<Shared>,
+    exports: BackgroundExports,
+}
+
+impl PipelineSnapshots {
+    pub fn new(shared: Weak<Shared>) -> Self {
+        let source = shared.clone();
+        PipelineSnapshots { shared, exports: BackgroundExports::new(EXPORT_KEEP, move || export(&source)) }
+    }
+}
+
+/// Exports the store (on the export thread; the store lock is held while it is read, the
+/// encoding is done after).
+fn export(shared: &Weak<Shared>) -> Result<ExportedState, String> {
+    let shared = shared.upgrade().ok_or("node stopped")?;
+    let (snap, term) = {
+        let store = shared.store.lock();
+        let snap = store.export_snapshot().map_err(|e| format!("snapshot export: {e}"))?;
+        (snap, shared.applied_term.load(Ordering::Acquire))
+    };
+    let state = tally_codec::encode(&snap);
+    if state.len() > SNAPSHOT_BYTES_MAX {
+        return Err(format!("the state ({} bytes) is over the snapshot limit of {SNAPSHOT_BYTES_MAX}", state.len()));
+    }
+    tracing::info!(index = snap.applied.index, height = snap.applied.height, bytes = state.len(), "state exported");
+    Ok(ExportedState { index: snap.applied.index, term, state })
 }
 
 impl SnapshotSource for PipelineSnapshots {
-    fn snapshot(&self) -> Result<(u64, u64, Vec<u8>), String> {
-        let shared = self.shared.upgrade().ok_or("node stopped")?;
-        let store = shared.store.lock();
-        let snap = store.export_snapshot().map_err(|e| format!("snapshot export: {e}"))?;
-        let term = shared.applied_term.load(Ordering::Acquire);
-        let bytes = tally_codec::encode(&snap);
-        tracing::info!(
-            index = snap.applied.index,
-            height = snap.applied.height,
-            bytes = bytes.len(),
-            "state snapshot exported"
-        );
-        Ok((snap.applied.index, term, bytes))
+    fn snapshot(&self, at_least: u64) -> Result<Arc<ExportedState>, String> {
+        self.exports.get(at_least)
     }
 }
 
@@ -42,7 +61,7 @@ impl SnapshotSink for PipelineSnapshots {
 
     fn check_snapshot(&self, state: &[u8]) -> Result<(), String> {
         let shared = self.shared.upgrade().ok_or("node stopped")?;
-        let snap: StateSnapshot = tally_codec::decode(state, tally_codec::limits::ENTRY_BYTES_MAX)
+        let snap: StateSnapshot = tally_codec::decode(state, SNAPSHOT_BYTES_MAX)
             .map_err(|e| format!("snapshot state does not decode: {e}"))?;
         if snap.applied.index == 0 {
             return Err("snapshot at index 0".into());
@@ -69,7 +88,7 @@ impl SnapshotSink for PipelineSnapshots {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        crate::s5_propose::fail_all_pending(&shared, tally_codec::ErrorCode::Retry);
+        crate::s5_propose::fail_all_pending(&shared, "apply", tally_codec::ErrorCode::Retry);
         *shared.head_reset.lock() = Some(ChainHead {
             height: snap.applied.height,
             hash: snap.applied.header_hash,

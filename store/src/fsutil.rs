@@ -1,27 +1,27 @@
 //! Small durable-file helpers shared by the log and the segment files.
 
+use crate::disk::Disk;
 use crate::StoreError;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 
 /// fsyncs a directory so that creations, renames and deletions in it survive a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+pub(crate) fn sync_dir(disk: &dyn Disk, dir: &Path) -> Result<(), StoreError> {
+    disk.sync_dir(dir).map_err(|e| StoreError::io(dir, e))
 }
 
 /// fdatasyncs the given files, then the directory if entries were created or removed in it.
 /// Shared by the log and the segment files, whose "dirty" bookkeeping is the same.
 pub(crate) fn sync_files<'a>(
-    files: impl Iterator<Item = (&'a File, &'a Path)>,
+    disk: &dyn Disk,
+    files: impl Iterator<Item = &'a Path>,
     dir: &Path,
     dir_dirty: &mut bool,
 ) -> Result<(), StoreError> {
-    for (file, path) in files {
-        file.sync_data().map_err(|e| StoreError::io(path, e))?;
+    for path in files {
+        disk.sync(path).map_err(|e| StoreError::io(path, e))?;
     }
     if *dir_dirty {
-        sync_dir(dir)?;
+        sync_dir(disk, dir)?;
         *dir_dirty = false;
     }
     Ok(())
@@ -29,29 +29,24 @@ pub(crate) fn sync_files<'a>(
 
 /// Writes `crc32(payload) ‖ payload` to `path` atomically and durably: tmp file, fsync, rename,
 /// fsync of the directory. A reader sees the old or the new contents, never a mix.
-pub(crate) fn write_atomic(dir: &Path, name: &str, payload: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_atomic(disk: &dyn Disk, dir: &Path, name: &str, payload: &[u8]) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let mut bytes = Vec::with_capacity(4 + payload.len());
     bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     bytes.extend_from_slice(payload);
-    let mut f =
-        OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-    f.write_all(&bytes).map_err(|e| StoreError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, &dst).map_err(|e| StoreError::io(&dst, e))?;
-    sync_dir(dir)
+    let io = |e| StoreError::io(&tmp, e);
+    disk.create_truncate(&tmp).map_err(io)?;
+    disk.write_all_at(&tmp, &bytes, 0).map_err(io)?;
+    disk.sync(&tmp).map_err(io)?;
+    disk.rename(&tmp, &dst).map_err(|e| StoreError::io(&dst, e))?;
+    sync_dir(disk, dir)
 }
 
 /// Reads a file written by [`write_atomic`]; `None` when it does not exist.
-pub(crate) fn read_atomic(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+pub(crate) fn read_atomic(disk: &dyn Disk, dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
     let path = dir.join(name);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StoreError::io(&path, e)),
-    };
+    let Some(bytes) = disk.read(&path).map_err(|e| StoreError::io(&path, e))? else { return Ok(None) };
     if bytes.len() < 4 {
         return Err(StoreError::Corrupt { file: path, offset: 0, reason: "file shorter than its checksum".into() });
     }

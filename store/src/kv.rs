@@ -243,7 +243,7 @@ impl Kv for LevelKv {
                 Err(e) => return Err(StoreError::io(&path, e)),
             }
         }
-        sync_dir(&self.dir)
+        sync_dir(&crate::disk::OsDisk::default(), &self.dir)
     }
 }
 

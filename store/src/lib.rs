@@ -25,8 +25,10 @@
 //! assert_sync::<tally_store::LevelKv>(); // not Sync: reads need `&mut DB` through a RefCell
 //! ```
 
+pub mod disk;
 pub mod error;
 pub mod kv;
+pub mod record;
 pub mod segments;
 pub mod state;
 pub mod wal;

@@ -3,20 +3,22 @@
 //!
 //! ```text
 //!   dir/0000000001.seg   record* ; record = u32 len ‖ u32 crc32(data) ‖ data   (LE)
+//!                        (the log's record format, crate::record, with no prefix)
 //!   SegmentRef { segment, offset (of the record), len (of data) }  → stored in LevelDB
 //! ```
 //!
 //! `unsafe` is allowed only in this module, for `memmap2::Mmap::map`.
 #![allow(unsafe_code)]
 
+use crate::disk::{Disk, OsDisk};
 use crate::fsutil::sync_files;
+use crate::record::{self, Poison};
 use crate::StoreError;
 use borsh::{BorshDeserialize, BorshSerialize};
 use memmap2::Mmap;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tally_codec::limits::ENTRY_BYTES_MAX;
@@ -41,7 +43,6 @@ const SUFFIX: &str = ".seg";
 #[derive(Debug)]
 struct SegFile {
     path: PathBuf,
-    file: File,
     len: u64,
 }
 
@@ -55,7 +56,9 @@ pub struct Segments {
     maps: Mutex<HashMap<u32, Arc<Mmap>>>,
     dirty: BTreeSet<u32>,
     dir_dirty: bool,
-    poisoned: bool,
+    poison: Poison,
+    /// Writes and fsyncs; reads go through memory maps of the same files.
+    disk: OsDisk,
 }
 
 impl Segments {
@@ -73,9 +76,8 @@ impl Segments {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(SUFFIX).and_then(|s| s.parse::<u32>().ok()) else { continue };
             let path = entry.path();
-            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| StoreError::io(&path, e))?;
-            let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
-            files.insert(id, SegFile { path, file, len });
+            let len = entry.metadata().map_err(|e| StoreError::io(&path, e))?.len();
+            files.insert(id, SegFile { path, len });
         }
         Ok(Segments {
             dir: dir.to_path_buf(),
@@ -84,7 +86,8 @@ impl Segments {
             maps: Mutex::new(HashMap::new()),
             dirty: BTreeSet::new(),
             dir_dirty: false,
-            poisoned: false,
+            poison: Poison::default(),
+            disk: OsDisk::default(),
         })
     }
 
@@ -94,9 +97,7 @@ impl Segments {
     /// [`StoreError::TooLarge`] over `ENTRY_BYTES_MAX`, [`StoreError::Poisoned`], I/O errors
     /// (which poison the segments).
     pub fn append(&mut self, bytes: &[u8]) -> Result<SegmentRef, StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
-        }
+        self.poison.check()?;
         if bytes.len() > ENTRY_BYTES_MAX {
             return Err(StoreError::TooLarge {
                 what: "segment value",
@@ -106,22 +107,17 @@ impl Segments {
         }
         let len = u32::try_from(bytes.len()).expect("ENTRY_BYTES_MAX fits in u32");
         let r = self.append_inner(bytes, len);
-        if r.is_err() {
-            self.poisoned = true;
-        }
-        r
+        self.poison.on_err("segment files", r)
     }
 
     fn append_inner(&mut self, bytes: &[u8], len: u32) -> Result<SegmentRef, StoreError> {
-        let record_bytes = HEADER_BYTES + u64::from(len);
+        let record_bytes = record::size(0, bytes.len());
         let id = self.active_with_room(record_bytes)?;
         let seg = self.files.get_mut(&id).expect("active segment exists");
         let mut buf = Vec::with_capacity(record_bytes as usize);
-        buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
-        buf.extend_from_slice(bytes);
+        record::encode(&[], bytes, &mut buf);
         let offset = seg.len;
-        seg.file.write_all_at(&buf, offset).map_err(|e| StoreError::io(&seg.path, e))?;
+        self.disk.write_all_at(&seg.path, &buf, offset).map_err(|e| StoreError::io(&seg.path, e))?;
         seg.len += record_bytes;
         self.dirty.insert(id);
         Ok(SegmentRef { segment: id, offset, len })
@@ -135,13 +131,8 @@ impl Segments {
         }
         let id = self.files.keys().next_back().map_or(1, |id| id + 1);
         let path = self.dir.join(format!("{id:010}{SUFFIX}"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
-        self.files.insert(id, SegFile { path, file, len: 0 });
+        self.disk.create_new(&path).map_err(|e| StoreError::io(&path, e))?;
+        self.files.insert(id, SegFile { path, len: 0 });
         self.dir_dirty = true;
         Ok(id)
     }
@@ -164,16 +155,12 @@ impl Segments {
         }
         let map = self.map_covering(r.segment, seg, end)?;
         let start = usize::try_from(r.offset).map_err(|_| corrupt("offset does not fit in memory".into()))?;
-        let header = &map[start..start + HEADER_BYTES as usize];
-        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let end = usize::try_from(end).map_err(|_| corrupt("offset does not fit in memory".into()))?;
+        let len = u32::from_le_bytes(map[start..start + 4].try_into().expect("4 bytes"));
         if len != r.len {
             return Err(corrupt(format!("record holds {len} bytes, reference says {}", r.len)));
         }
-        let data = &map[start + HEADER_BYTES as usize..start + HEADER_BYTES as usize + len as usize];
-        if crc32fast::hash(data) != crc {
-            return Err(corrupt("checksum mismatch".into()));
-        }
+        let data = record::check_mapped(&map[start..end], 0).map_err(corrupt)?;
         Ok(data.to_vec())
     }
 
@@ -189,7 +176,8 @@ impl Segments {
         // that were written, and only appends past the mapped length, so mapped bytes never
         // change under a reader. The data directory belongs to one replica process (the state
         // LevelDB's LOCK is held alongside), so no other process modifies the files either.
-        let map = unsafe { Mmap::map(&seg.file) }.map_err(|e| StoreError::io(&seg.path, e))?;
+        let file = File::open(&seg.path).map_err(|e| StoreError::io(&seg.path, e))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(&seg.path, e))?;
         if (map.len() as u64) < end {
             // Only possible if something outside this process shortened the file.
             return Err(StoreError::Corrupt {
@@ -209,22 +197,16 @@ impl Segments {
     /// # Errors
     /// [`StoreError::Poisoned`]; an fsync error poisons the segments.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
-        }
+        self.poison.check()?;
         let r = self.sync_inner();
-        if r.is_err() {
-            self.poisoned = true;
-        }
-        r
+        self.poison.on_err("segment files", r)
     }
 
     fn sync_inner(&mut self) -> Result<(), StoreError> {
         let dirty = std::mem::take(&mut self.dirty);
         let files = &self.files;
-        let segs =
-            dirty.iter().map(|id| files.get(id).expect("dirty segments are held")).map(|s| (&s.file, s.path.as_path()));
-        sync_files(segs, &self.dir, &mut self.dir_dirty)
+        let segs = dirty.iter().map(|id| files.get(id).expect("dirty segments are held").path.as_path());
+        sync_files(&self.disk, segs, &self.dir, &mut self.dir_dirty)
     }
 
     /// Number of segment files, for tests and metrics.

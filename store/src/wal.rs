@@ -12,14 +12,19 @@
 //! Segments are named by a sequence number; the indices they hold come from their records. A
 //! torn or corrupt record at the tail of the last segment (a crash mid-append) is cut off on
 //! open; damage anywhere else is reported, never skipped.
+//!
+//! The record format and the poisoning rule are those of the segment files
+//! ([`crate::record`]); the files are reached through a [`Disk`], the operating system's in
+//! production and a [`crate::disk::MemDisk`] that loses what was not fsynced in tests.
 
+use crate::disk::{Disk, OsDisk};
 use crate::fsutil::{read_atomic, sync_dir, sync_files, write_atomic};
+use crate::record::{self, Poison};
 use crate::StoreError;
 use borsh::{BorshDeserialize, BorshSerialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tally_codec::limits::ENTRY_BYTES_MAX;
 
 /// One Raft log entry as the log stores it; `data` is opaque here.
@@ -59,8 +64,8 @@ pub struct HardStateRecord {
     pub commit: u64,
 }
 
-/// Bytes of the fixed record header: len, crc, index, term.
-const HEADER_BYTES: u64 = 24;
+/// Bytes of a log record's prefix: index, term.
+const PREFIX_BYTES: usize = 16;
 const SNAPSHOT_FILE: &str = "snapshot";
 const HARD_STATE_FILE: &str = "hardstate";
 const META_PREFIX: &str = "meta.";
@@ -72,7 +77,6 @@ pub const META_BLOB_BYTES_MAX: usize = 1024 * 1024;
 #[derive(Debug)]
 struct Segment {
     path: PathBuf,
-    file: File,
     len: u64,
     /// Indices of the records in this file (compacted ones included); `None` when empty.
     first: Option<u64>,
@@ -91,6 +95,7 @@ struct Loc {
 /// The durable log. See the module docs for the layout.
 #[derive(Debug)]
 pub struct Wal {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     opts: WalOptions,
     /// By sequence number; the greatest is the active segment.
@@ -105,36 +110,26 @@ pub struct Wal {
     dirty: BTreeSet<u64>,
     /// A segment was created since the last sync.
     dir_dirty: bool,
-    poisoned: bool,
+    poison: Poison,
 }
 
-fn record_crc(index: u64, term: u64, data: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&index.to_le_bytes());
-    h.update(&term.to_le_bytes());
-    h.update(data);
-    h.finalize()
+fn prefix(index: u64, term: u64) -> [u8; PREFIX_BYTES] {
+    let mut p = [0u8; PREFIX_BYTES];
+    p[..8].copy_from_slice(&index.to_le_bytes());
+    p[8..].copy_from_slice(&term.to_le_bytes());
+    p
 }
 
 fn encode_record(e: &LogEntry, out: &mut Vec<u8>) {
-    let len = u32::try_from(e.data.len()).expect("entry size was checked against ENTRY_BYTES_MAX");
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&record_crc(e.index, e.term, &e.data).to_le_bytes());
-    out.extend_from_slice(&e.index.to_le_bytes());
-    out.extend_from_slice(&e.term.to_le_bytes());
-    out.extend_from_slice(&e.data);
+    record::encode(&prefix(e.index, e.term), &e.data, out);
 }
 
 fn record_bytes(e: &LogEntry) -> u64 {
-    HEADER_BYTES + e.data.len() as u64
+    record::size(PREFIX_BYTES, e.data.len())
 }
 
 fn segment_name(seq: u64) -> String {
     format!("{seq:020}{SEGMENT_SUFFIX}")
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b.try_into().expect("slice of 4 bytes"))
 }
 
 fn le_u64(b: &[u8]) -> u64 {
@@ -150,43 +145,30 @@ struct Parsed {
 }
 
 /// Reads the record at `offset`; `Err(reason)` when it is truncated or fails its checksum.
-fn parse_record(file: &File, file_len: u64, offset: u64) -> Result<Result<Parsed, String>, std::io::Error> {
-    if file_len.saturating_sub(offset) < HEADER_BYTES {
-        return Ok(Err("truncated record header".into()));
-    }
-    let mut header = [0u8; HEADER_BYTES as usize];
-    file.read_exact_at(&mut header, offset)?;
-    let len = le_u32(&header[0..4]);
-    if len as usize > ENTRY_BYTES_MAX {
-        return Ok(Err(format!("record length {len} over the limit of {ENTRY_BYTES_MAX}")));
-    }
-    let next = offset + HEADER_BYTES + u64::from(len);
-    if next > file_len {
-        return Ok(Err(format!("record of {len} bytes runs past the end of the file")));
-    }
-    let mut data = vec![0u8; len as usize];
-    file.read_exact_at(&mut data, offset + HEADER_BYTES)?;
-    let index = le_u64(&header[8..16]);
-    let term = le_u64(&header[16..24]);
-    if le_u32(&header[4..8]) != record_crc(index, term, &data) {
-        return Ok(Err("checksum mismatch".into()));
-    }
-    Ok(Ok(Parsed { index, term, data, next }))
+fn parse_record(disk: &dyn Disk, path: &Path, file_len: u64, offset: u64) -> std::io::Result<Result<Parsed, String>> {
+    let read_at = |buf: &mut [u8], at: u64| disk.read_exact_at(path, buf, at);
+    Ok(record::parse(read_at, file_len, offset, PREFIX_BYTES)?.map(|p| Parsed {
+        index: le_u64(&p.prefix[..8]),
+        term: le_u64(&p.prefix[8..]),
+        data: p.data,
+        next: p.next,
+    }))
 }
 
 /// Whether a valid record follows the damaged one at `offset` (using its declared length): then
 /// the damage is in the middle of the log, not a torn tail, and must not be cut off silently.
-fn valid_record_follows(file: &File, file_len: u64, offset: u64) -> Result<bool, std::io::Error> {
-    if file_len.saturating_sub(offset) < HEADER_BYTES {
+fn valid_record_follows(disk: &dyn Disk, path: &Path, file_len: u64, offset: u64) -> std::io::Result<bool> {
+    let head = record::size(PREFIX_BYTES, 0);
+    if file_len.saturating_sub(offset) < head {
         return Ok(false);
     }
     let mut len = [0u8; 4];
-    file.read_exact_at(&mut len, offset)?;
-    let next = offset + HEADER_BYTES + u64::from(le_u32(&len));
+    disk.read_exact_at(path, &mut len, offset)?;
+    let next = offset + head + u64::from(u32::from_le_bytes(len));
     if next >= file_len {
         return Ok(false);
     }
-    Ok(parse_record(file, file_len, next)?.is_ok())
+    Ok(parse_record(disk, path, file_len, next)?.is_ok())
 }
 
 impl Wal {
@@ -197,9 +179,18 @@ impl Wal {
     /// [`StoreError::Corrupt`] naming file and offset for damage outside the last segment's tail
     /// or a gap in the indices; [`StoreError::Io`] for I/O failures.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<Wal, StoreError> {
+        Wal::open_on(OsDisk::new(), dir, opts)
+    }
+
+    /// [`Wal::open`] on any disk.
+    ///
+    /// # Errors
+    /// As [`Wal::open`].
+    pub fn open_on(disk: Arc<dyn Disk>, dir: &Path, opts: WalOptions) -> Result<Wal, StoreError> {
         assert!(opts.segment_bytes_max > 0, "segment_bytes_max must be positive");
-        fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        disk.create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let mut wal = Wal {
+            disk,
             dir: dir.to_path_buf(),
             opts,
             segments: BTreeMap::new(),
@@ -210,23 +201,23 @@ impl Wal {
             meta: BTreeMap::new(),
             dirty: BTreeSet::new(),
             dir_dirty: false,
-            poisoned: false,
+            poison: Poison::default(),
         };
-        if let Some(bytes) = read_atomic(dir, SNAPSHOT_FILE)? {
+        let disk = wal.disk.clone();
+        if let Some(bytes) = read_atomic(disk.as_ref(), dir, SNAPSHOT_FILE)? {
             wal.snapshot = tally_codec::decode(&bytes, 16).map_err(|e| StoreError::decode("snapshot marker", e))?;
         }
-        if let Some(bytes) = read_atomic(dir, HARD_STATE_FILE)? {
+        if let Some(bytes) = read_atomic(disk.as_ref(), dir, HARD_STATE_FILE)? {
             wal.hard_state = tally_codec::decode(&bytes, 24).map_err(|e| StoreError::decode("hard state", e))?;
         }
         let mut seqs = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
-            let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in disk.list(dir).map_err(|e| StoreError::io(dir, e))? {
+            let path = dir.join(&name);
             if name.ends_with(".tmp") {
                 // A crash between write and rename of an atomic file: the old file is intact.
-                fs::remove_file(entry.path()).map_err(|e| StoreError::io(entry.path(), e))?;
+                disk.remove(&path).map_err(|e| StoreError::io(&path, e))?;
             } else if let Some(meta_name) = name.strip_prefix(META_PREFIX) {
-                if let Some(bytes) = read_atomic(dir, &name)? {
+                if let Some(bytes) = read_atomic(disk.as_ref(), dir, &name)? {
                     wal.meta.insert(meta_name.to_string(), bytes);
                 }
             } else if let Some(seq) = name.strip_suffix(SEGMENT_SUFFIX).and_then(|s| s.parse::<u64>().ok()) {
@@ -248,21 +239,21 @@ impl Wal {
     fn recover_segment(&mut self, seq: u64, is_last: bool) -> Result<(), StoreError> {
         let path = self.dir.join(segment_name(seq));
         let io = |e| StoreError::io(&path, e);
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
-        let mut seg = Segment { path: path.clone(), file, len: 0, first: None, last: None };
+        let disk = self.disk.clone();
+        let file_len = disk.len(&path).map_err(io)?;
+        let mut seg = Segment { path: path.clone(), len: 0, first: None, last: None };
         let mut offset = 0;
         while offset < file_len {
-            let parsed = match parse_record(&seg.file, file_len, offset).map_err(io)? {
+            let parsed = match parse_record(disk.as_ref(), &path, file_len, offset).map_err(io)? {
                 Ok(p) => p,
                 Err(reason) => {
-                    if !is_last || valid_record_follows(&seg.file, file_len, offset).map_err(io)? {
+                    if !is_last || valid_record_follows(disk.as_ref(), &path, file_len, offset).map_err(io)? {
                         return Err(StoreError::Corrupt { file: path, offset, reason });
                     }
                     tracing::warn!(file = %path.display(), offset, %reason, dropped_bytes = file_len - offset,
                         "cutting a torn record off the tail of the log");
-                    seg.file.set_len(offset).map_err(io)?;
-                    seg.file.sync_all().map_err(io)?;
+                    disk.set_len(&path, offset).map_err(io)?;
+                    disk.sync(&path).map_err(io)?;
                     break;
                 }
             };
@@ -306,29 +297,21 @@ impl Wal {
         for seq in &doomed {
             let seg = self.segments.remove(seq).expect("seq was just listed");
             self.dirty.remove(seq);
-            fs::remove_file(&seg.path).map_err(|e| StoreError::io(&seg.path, e))?;
+            self.disk.remove(&seg.path).map_err(|e| StoreError::io(&seg.path, e))?;
         }
         if !doomed.is_empty() {
-            sync_dir(&self.dir)?;
+            sync_dir(self.disk.as_ref(), &self.dir)?;
         }
         Ok(())
     }
 
     fn check_poisoned(&self) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Poisoned);
-        }
-        Ok(())
+        self.poison.check()
     }
 
-    /// Marks the log poisoned when `r` failed: the disk state is unknown after a failed write or
-    /// fsync (fsyncgate), so guessing is worse than stopping.
+    /// Marks the log poisoned when `r` failed (see [`Poison`]).
     fn poison_on_err<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        if r.is_err() {
-            tracing::error!("write-ahead log poisoned after a failed write or fsync");
-            self.poisoned = true;
-        }
-        r
+        self.poison.on_err("write-ahead log", r)
     }
 
     fn check_invariants(&self) {
@@ -404,7 +387,7 @@ impl Wal {
                 seg.last = Some(e.index);
                 i += 1;
             }
-            seg.file.write_all_at(&buf, start).map_err(|e| StoreError::io(&seg.path, e))?;
+            self.disk.write_all_at(&seg.path, &buf, start).map_err(|e| StoreError::io(&seg.path, e))?;
             seg.len = start + buf.len() as u64;
             self.dirty.insert(seq);
             self.locs.extend(locs);
@@ -421,15 +404,10 @@ impl Wal {
         }
         let seq = self.next_seq;
         let path = self.dir.join(segment_name(seq));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
+        self.disk.create_new(&path).map_err(|e| StoreError::io(&path, e))?;
         self.next_seq += 1;
         self.dir_dirty = true;
-        self.segments.insert(seq, Segment { path, file, len: 0, first: None, last: None });
+        self.segments.insert(seq, Segment { path, len: 0, first: None, last: None });
         Ok(seq)
     }
 
@@ -443,15 +421,15 @@ impl Wal {
         for seq in &later {
             let seg = self.segments.remove(seq).expect("seq was just listed");
             self.dirty.remove(seq);
-            fs::remove_file(&seg.path).map_err(|e| StoreError::io(&seg.path, e))?;
+            self.disk.remove(&seg.path).map_err(|e| StoreError::io(&seg.path, e))?;
         }
         if !later.is_empty() {
             // Make the deletions durable now: stale later segments reappearing after a crash
             // would leave a gap in the indices.
-            sync_dir(&self.dir)?;
+            sync_dir(self.disk.as_ref(), &self.dir)?;
         }
         let seg = self.segments.get_mut(&loc.seq).expect("index points at a held segment");
-        seg.file.set_len(loc.offset).map_err(|e| StoreError::io(&seg.path, e))?;
+        self.disk.set_len(&seg.path, loc.offset).map_err(|e| StoreError::io(&seg.path, e))?;
         seg.len = loc.offset;
         if seg.first.is_some_and(|f| f < index) {
             seg.last = Some(index - 1);
@@ -476,18 +454,18 @@ impl Wal {
             self.dir_dirty = false;
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let r = self.sync_inner();
+        // Once per batch (the Raft thread syncs each ready's entries), never per request.
+        metrics::histogram!("tally_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
         self.poison_on_err(r)
     }
 
     fn sync_inner(&mut self) -> Result<(), StoreError> {
         let dirty = std::mem::take(&mut self.dirty);
         let segments = &self.segments;
-        let segs = dirty
-            .iter()
-            .map(|seq| segments.get(seq).expect("dirty segments are held"))
-            .map(|s| (&s.file, s.path.as_path()));
-        sync_files(segs, &self.dir, &mut self.dir_dirty)
+        let segs = dirty.iter().map(|seq| segments.get(seq).expect("dirty segments are held").path.as_path());
+        sync_files(self.disk.as_ref(), segs, &self.dir, &mut self.dir_dirty)
     }
 
     /// The first index held (or that will be held): one past the snapshot marker.
@@ -549,7 +527,8 @@ impl Wal {
     fn read_entry(&self, index: u64, loc: Loc) -> Result<LogEntry, StoreError> {
         let seg = self.segments.get(&loc.seq).expect("index points at a held segment");
         let corrupt = |reason: String| StoreError::Corrupt { file: seg.path.clone(), offset: loc.offset, reason };
-        let p = match parse_record(&seg.file, seg.len, loc.offset).map_err(|e| StoreError::io(&seg.path, e))? {
+        let parsed = parse_record(self.disk.as_ref(), &seg.path, seg.len, loc.offset);
+        let p = match parsed.map_err(|e| StoreError::io(&seg.path, e))? {
             Ok(p) => p,
             Err(reason) => return Err(corrupt(reason)),
         };
@@ -581,7 +560,7 @@ impl Wal {
             self.poison_on_err(r)?;
             self.sync()?;
         }
-        let r = write_atomic(&self.dir, SNAPSHOT_FILE, &tally_codec::encode(&(index, term)));
+        let r = write_atomic(self.disk.as_ref(), &self.dir, SNAPSHOT_FILE, &tally_codec::encode(&(index, term)));
         self.poison_on_err(r)?;
         let dropped = (index.min(self.last_index()) - self.snapshot.0) as usize;
         self.locs.drain(..dropped);
@@ -609,7 +588,7 @@ impl Wal {
     /// [`StoreError::Poisoned`]; I/O errors (which poison the log).
     pub fn set_hard_state(&mut self, hs: HardStateRecord) -> Result<(), StoreError> {
         self.check_poisoned()?;
-        let r = write_atomic(&self.dir, HARD_STATE_FILE, &tally_codec::encode(&hs));
+        let r = write_atomic(self.disk.as_ref(), &self.dir, HARD_STATE_FILE, &tally_codec::encode(&hs));
         self.poison_on_err(r)?;
         self.hard_state = hs;
         Ok(())
@@ -641,7 +620,7 @@ impl Wal {
                 max: META_BLOB_BYTES_MAX as u64,
             });
         }
-        let r = write_atomic(&self.dir, &format!("{META_PREFIX}{name}"), bytes);
+        let r = write_atomic(self.disk.as_ref(), &self.dir, &format!("{META_PREFIX}{name}"), bytes);
         self.poison_on_err(r)?;
         self.meta.insert(name.to_string(), bytes.to_vec());
         Ok(())
@@ -655,13 +634,17 @@ impl Wal {
     /// Test hook: behave as if an fsync had failed.
     #[cfg(test)]
     fn poison_for_test(&mut self) {
-        self.poisoned = true;
+        self.poison.set_for_test();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, OpenOptions};
+
+    /// Bytes before a log record's data: len, crc, index, term.
+    const HEADER_BYTES: u64 = 24;
     use proptest::prelude::*;
 
     fn entry(index: u64, term: u64) -> LogEntry {
@@ -876,6 +859,54 @@ mod tests {
         assert_eq!(wal.last_index(), 5, "entries after a conflicting snapshot point are dropped");
         drop(wal);
         assert_eq!(Wal::open(dir.path(), small()).expect("reopen").last_index(), 5);
+    }
+
+    /// The log on a disk that loses what was not fsynced (issue 7): after a crash, reopening
+    /// finds every synced entry, then whichever unsynced records survived whole (a torn record
+    /// is cut off), never anything else; the hard state is there; a failed fsync or a full disk
+    /// poisons the log.
+    #[test]
+    fn a_crash_loses_exactly_what_was_not_fsynced() {
+        use crate::disk::MemDisk;
+        let dir = Path::new("/wal");
+        for torn in [0, 5, 24, 30, 1000, usize::MAX] {
+            let disk = MemDisk::new();
+            let mut wal = Wal::open_on(Arc::new(disk.clone()), dir, small()).expect("open");
+            wal.append(&entries(1, 40, 1)).expect("append");
+            wal.sync().expect("sync");
+            wal.set_hard_state(HardStateRecord { term: 1, vote: 2, commit: 30 }).expect("hard state");
+            wal.append(&entries(40, 60, 1)).expect("append, not synced");
+            drop(wal);
+            disk.crash(torn);
+            let wal = Wal::open_on(Arc::new(disk.clone()), dir, small()).expect("reopen after crash");
+            let last = wal.last_index();
+            assert!((39..60).contains(&last), "torn {torn}: last index {last}");
+            assert_eq!(wal.entries(1, last + 1, None).expect("read"), entries(1, last + 1, 1));
+            if torn == 0 {
+                assert_eq!(last, 39, "nothing unsynced survives a clean cut");
+            }
+            assert_eq!(wal.hard_state(), HardStateRecord { term: 1, vote: 2, commit: 30 });
+        }
+        // A failed fsync: the log is poisoned, and what it had not synced is not on disk.
+        let disk = MemDisk::new();
+        let mut wal = Wal::open_on(Arc::new(disk.clone()), dir, small()).expect("open");
+        wal.append(&entries(1, 10, 1)).expect("append");
+        wal.sync().expect("sync");
+        wal.append(&entries(10, 12, 1)).expect("append");
+        disk.fail_next_sync();
+        assert!(wal.sync().is_err());
+        assert!(matches!(wal.append(&entries(12, 13, 1)), Err(StoreError::Poisoned)));
+        assert!(matches!(wal.entries(1, 2, None), Err(StoreError::Poisoned)));
+        drop(wal);
+        disk.crash(0);
+        assert_eq!(Wal::open_on(Arc::new(disk), dir, small()).expect("reopen").last_index(), 9);
+        // A full disk: the append fails with the cause and poisons the log.
+        let disk = MemDisk::new();
+        let mut wal = Wal::open_on(Arc::new(disk.clone()), dir, small()).expect("open");
+        disk.set_full(true);
+        let err = wal.append(&entries(1, 2, 1)).expect_err("full");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert!(matches!(wal.sync(), Err(StoreError::Poisoned)));
     }
 
     #[test]

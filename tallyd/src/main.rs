@@ -3,6 +3,7 @@
 //! ```text
 //! tallyd --data-dir DIR --listen HOST:PORT   # a cluster of one; creates key + genesis on first start
 //! tallyd --config FILE                       # settings from a node TOML (see `tally cluster init`)
+//! tallyd --config FILE --log-format json      # one JSON object per log line (or `log_format` in FILE)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,7 @@ mod setup;
 
 use clap::Parser;
 use std::path::PathBuf;
+use tally_codec::config::LogFormat;
 
 #[derive(Parser, Debug)]
 #[command(name = "tallyd", version, about = "tally operator server: one replica")]
@@ -37,15 +39,34 @@ struct Args {
     /// Batch interval in ms (single-replica mode).
     #[arg(long, default_value_t = tally_codec::config::default_batch_interval_ms())]
     batch_interval_ms: u64,
+    /// Log format on stderr: text, or json (one object per line); overrides `log_format` of
+    /// the config file.
+    #[arg(long, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("'{s}' is not a log format: text or json")),
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        // Colour only on a terminal: logs redirected to a file stay plain text.
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        // One object per line; the message and the event's fields at the top level, next to
+        // `timestamp`, `level` and `target`. Never ANSI.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_ansi(false).init(),
+    }
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: logs redirected to a file stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     // A broken invariant in any thread ends the replica, so that a backup takes over: a panic
     // that only ended its own thread would leave a leader heartbeating with a dead stage.
     let default_hook = std::panic::take_hook();
@@ -56,7 +77,7 @@ fn main() {
     }));
     let args = Args::parse();
     let cfg = match (&args.config, &args.data_dir, &args.listen) {
-        (Some(path), _, _) => setup::load_config(path),
+        (Some(path), _, _) => setup::load_config(path).and_then(|c| setup::check_config(&c, path).map(|()| c)),
         (None, Some(dir), Some(listen)) => setup::single_replica_config(
             dir,
             listen,
@@ -76,13 +97,15 @@ fn main() {
         }
         Ok(c)
     });
-    let cfg = match cfg {
+    let mut cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
             eprintln!("Error: {e}");
             std::process::exit(2);
         }
     };
+    cfg.log_format = args.log_format.unwrap_or(cfg.log_format);
+    init_logging(cfg.log_format);
     match setup::run(cfg) {
         Ok(()) => {}
         Err(e) => {

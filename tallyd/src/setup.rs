@@ -19,10 +19,90 @@ use tally_store::wal::{Wal, WalOptions};
 /// Reads a node TOML.
 ///
 /// # Errors
-/// Names the file and what is wrong with it.
+/// One line naming the file, the key (`tick_ms`, `peers[0].node_id`) and the line where
+/// possible, and what is wrong.
 pub fn load_config(path: &Path) -> Result<NodeConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config {} is invalid: {e}", path.display()))
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    parse_config(&text).map_err(|e| format!("config {}: {e}", path.display()))
+}
+
+/// Parses a node TOML; the error names the key and the line.
+fn parse_config(text: &str) -> Result<NodeConfig, String> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let mut message = inner.message().trim().replace('\n', " ");
+        // "unknown field `x`, expected one of `node_id`, ... (every key)": the key is enough.
+        if message.starts_with("unknown field") {
+            if let Some(cut) = message.find(", expected") {
+                message.truncate(cut);
+                message.push_str(" (the keys are listed in docs/configuration.md)");
+            }
+        }
+        let line = inner
+            .span()
+            .filter(|_| !message.starts_with("missing field"))
+            .map(|s| text.get(..s.start).unwrap_or(text).matches('\n').count() + 1);
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        // The path is "." at the top level (a missing or unknown key, a syntax error).
+        if key == "." || key.is_empty() {
+            format!("{message}{at}")
+        } else {
+            format!("key `{key}`: {message}{at}")
+        }
+    })
+}
+
+/// Checks what a configuration points to before anything starts: every file it names can be
+/// read, the data directory can be created, the cluster id, genesis and operator key agree, and
+/// the TLS and admin settings are well-formed.
+///
+/// # Errors
+/// One line naming the config file, the key and the path or value, and the cause.
+pub fn check_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
+    let at = |key: &str, what: String| format!("config {}: key `{key}`: {what}", path.display());
+    if cfg.node_id == 0 {
+        return Err(at("node_id", "0 is reserved; node ids start at 1".into()));
+    }
+    let mut files =
+        vec![("operator_key_file", cfg.operator_key_file.as_str()), ("genesis_file", cfg.genesis_file.as_str())];
+    for (key, value) in
+        [("tls_ca_file", &cfg.tls_ca_file), ("tls_cert_file", &cfg.tls_cert_file), ("tls_key_file", &cfg.tls_key_file)]
+    {
+        if let Some(v) = value {
+            files.push((key, v.as_str()));
+        }
+    }
+    for (key, file) in files {
+        std::fs::read(file).map_err(|e| at(key, format!("cannot read {file}: {e}")))?;
+    }
+    let data_dir = Path::new(&cfg.data_dir);
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| at("data_dir", format!("cannot create {}: {e}", data_dir.display())))?;
+    let cluster_id =
+        ClusterId::from_hex(&cfg.cluster_id).map_err(|e| at("cluster_id", format!("{:?}: {e}", cfg.cluster_id)))?;
+    let genesis = read_genesis(Path::new(&cfg.genesis_file)).map_err(|e| at("genesis_file", e))?;
+    let genesis_cluster = genesis.cluster().map_err(|e| at("genesis_file", format!("{}: {e}", cfg.genesis_file)))?;
+    if genesis_cluster != cluster_id {
+        return Err(at(
+            "cluster_id",
+            format!("{cluster_id} but genesis_file {} is for cluster {genesis_cluster}", cfg.genesis_file),
+        ));
+    }
+    let operator = read_operator_key(Path::new(&cfg.operator_key_file)).map_err(|e| at("operator_key_file", e))?;
+    let operator_pub = PublicKey(operator.verifying_key().to_bytes());
+    if genesis.operator().map_err(|e| at("genesis_file", e.to_string()))? != operator_pub {
+        return Err(at(
+            "operator_key_file",
+            format!(
+                "{} holds operator key {operator_pub}, but genesis_file {} names {}",
+                cfg.operator_key_file, cfg.genesis_file, genesis.operator_key
+            ),
+        ));
+    }
+    tls_files(cfg).map_err(|e| format!("config {}: {e}", path.display()))?;
+    admin_keys(cfg).map_err(|e| at("admin_keys", e))?;
+    Ok(())
 }
 
 /// The configuration of a single-replica cluster kept in `dir`. On first start it creates the
@@ -90,6 +170,8 @@ pub fn single_replica_config(
         // when the listener is bound, and said in the log).
         insecure_plaintext: true,
         admin_keys: Vec::new(),
+        log_format: tally_codec::config::LogFormat::default(),
+        ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
     })
 }
 
@@ -116,7 +198,7 @@ pub fn tls_files(cfg: &NodeConfig) -> Result<Option<tally_net::TlsFiles>, String
 fn admin_keys(cfg: &NodeConfig) -> Result<Vec<PublicKey>, String> {
     cfg.admin_keys
         .iter()
-        .map(|k| PublicKey::from_hex(k.trim()).map_err(|e| format!("admin_keys entry {k:?}: {e}")))
+        .map(|k| PublicKey::from_hex(k.trim()).map_err(|e| format!("entry {k:?} is not a public key: {e}")))
         .collect()
 }
 
@@ -212,12 +294,15 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     let wal = Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
         .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
 
-    if let Some(addr) = &cfg.metrics_listen {
-        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .map_err(|e| format!("metrics recorder: {e}"))?;
-        crate::metrics_http::serve(addr, handle)?;
-    }
+    let health = Arc::new(crate::metrics_http::Health::default());
+    let metrics_handle = match &cfg.metrics_listen {
+        Some(addr) => {
+            let handle = crate::metrics_http::install()?;
+            crate::metrics_http::serve(addr, handle.clone(), health.clone())?;
+            Some(handle)
+        }
+        None => None,
+    };
 
     let tls = tls_files(&cfg)?;
     let (client_tls, relay_dial, peer_security) = match &tls {
@@ -250,7 +335,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         batch_bytes_max: cfg.batch_bytes_max,
         client_tls,
         relay_dial,
-        admin_keys: admin_keys(&cfg)?,
+        admin_keys: admin_keys(&cfg).map_err(|e| format!("admin_keys: {e}"))?,
     };
     let node_id = cfg.node_id;
     let client_addr = cfg.listen.clone();
@@ -283,8 +368,27 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             }
         }),
     )?;
+    {
+        let shared = node.shared.clone();
+        let max_lag = cfg.ready_max_lag_batches;
+        health.set_ready_check(Box::new(move || {
+            let r = shared.replicator();
+            let stopped = r.stopped().or_else(|| shared.poisoned());
+            let leader_commit = r.leader_commit_index().max(shared.committed().index);
+            crate::metrics_http::readiness(
+                r.role().leader_id,
+                stopped.as_deref(),
+                shared.applied_index(),
+                leader_commit,
+                max_lag,
+            )
+        }));
+    }
     tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");
-    eprintln!("tallyd node {} listening on {} (operator key {})", cfg.node_id, node.local_addr, operator_pub);
+    if cfg.log_format == tally_codec::config::LogFormat::Text {
+        // The JSON log holds the line above; stderr then carries nothing but JSON objects.
+        eprintln!("tallyd node {} listening on {} (operator key {})", cfg.node_id, node.local_addr, operator_pub);
+    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -305,16 +409,32 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         if ticks % 10 != 1 {
             continue;
         }
+        if ticks % 50 == 1 {
+            // Off the hot path: a directory walk every 5 s, and the exporter's upkeep (it drains
+            // histogram samples even when nobody scrapes).
+            metrics::gauge!("tally_log_bytes").set(crate::metrics_http::dir_bytes(&data_dir.join("log")) as f64);
+            for part in ["state", "segments"] {
+                metrics::gauge!("tally_store_bytes", "part" => part)
+                    .set(crate::metrics_http::dir_bytes(&data_dir.join(part)) as f64);
+            }
+            if let Some(h) = &metrics_handle {
+                h.run_upkeep();
+            }
+        }
         let role = node.shared.replicator().role();
         metrics::gauge!("tally_term").set(role.term as f64);
+        metrics::gauge!("tally_leader_id").set(role.leader_id.unwrap_or(0) as f64);
         metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
+        metrics::gauge!("tally_commit_index").set(role.commit_index as f64);
+        metrics::gauge!("tally_applied_height").set(node.shared.applied_height() as f64);
         metrics::gauge!("tally_log_stopped").set(if node.shared.replicator().stopped().is_some() { 1.0 } else { 0.0 });
         let (handshaking, clients, replicas) = node.shared.admission.counts();
         metrics::gauge!("tally_connections", "pool" => "handshake").set(handshaking as f64);
         metrics::gauge!("tally_connections", "pool" => "client").set(clients as f64);
         metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
-        metrics::gauge!("tally_commit_lag")
-            .set(node.shared.committed().index.saturating_sub(node.shared.applied_index()) as f64);
+        let leader_commit = node.shared.replicator().leader_commit_index().max(node.shared.committed().index);
+        metrics::gauge!("tally_apply_lag_entries")
+            .set(leader_commit.saturating_sub(node.shared.applied_index()) as f64);
         let failure = node.shared.replicator().stopped().or_else(|| node.shared.poisoned());
         if let Some(why) = failure {
             if !reported_failure {
@@ -357,4 +477,19 @@ fn restart_in_place() -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable to restart: {e}"))?;
     let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
     Err(format!("restart in place failed: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_config;
+
+    #[test]
+    fn config_errors_name_the_key_and_line_even_in_non_ascii_input() {
+        let e = parse_config("# données\nnode_id = \"ünïcode\"\n").expect_err("a string node_id");
+        assert!(e.starts_with("key `node_id`: invalid type: string \"ünïcode\""), "{e}");
+        assert!(e.ends_with("(line 2)"), "{e}");
+        let e = parse_config("node_id = 1\n\u{feff}é = [\n").expect_err("garbage");
+        assert!(e.contains("(line 2)"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
 }

@@ -144,7 +144,9 @@ fn new_user_flow_through_the_cli() {
     // Prometheus metrics on the port cluster init assigned.
     let metrics_addr = cfg.metrics_listen.clone().expect("cluster init sets a metrics address");
     let body = http_get(&metrics_addr, "/metrics");
-    for name in ["tally_term", "tally_is_leader", "tally_batch_requests", "tally_stage2_validate_ms"] {
+    for name in
+        ["tally_term", "tally_is_leader", "tally_batch_requests", "tally_stage_seconds_bucket{stage=\"validate\""]
+    {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
 

@@ -252,3 +252,135 @@ fn removing_the_leader_keeps_the_cluster_going() {
     let acked = writer.finish();
     assert_invariants(&rest, &layout, &acked);
 }
+
+/// Issue 10: after a 12 s bench, `cluster add` made the leader export a 125 MB snapshot on its
+/// Raft thread, which the peer link then dropped as over its 16 MiB frame limit; every retry
+/// exported again, the term went from 2 to 31 in 35 s and the add failed. Now the export runs
+/// off the Raft thread, the snapshot streams in chunks, and the add waits for as long as the
+/// learner makes progress.
+///
+/// Here a cluster holding `TALLY_ADD_STATE_MB` (40 by default; 1024 for the soak figure, with
+/// `--release`) of documents, more than two frames, gets a fourth replica under a write load:
+/// the add succeeds, the new replica installs a snapshot and catches up, nobody holds an
+/// election, and every acknowledged write is on every replica.
+#[test]
+fn a_replica_added_to_a_cluster_with_large_state_catches_up_without_an_election() {
+    const DOC_BYTES: usize = 60_000;
+    const DOCS_PER_FRAME: usize = 100;
+    let state_mb: usize = std::env::var("TALLY_ADD_STATE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+    let started = Instant::now();
+    let (_dir, mut layout) = init_cluster(3, 2);
+    for (cfg, path) in layout.configs.iter_mut().zip(&layout.config_paths) {
+        // The log is compacted soon after the fill, so the new replica needs a snapshot.
+        cfg.store_sync_interval_ms = 1_000;
+        cfg.log_retain_entries = 20;
+        write_config(path, cfg);
+    }
+    let mut nodes = start_all(&layout);
+    let addrs = layout.client_addrs();
+    wait_leader(&nodes, Duration::from_secs(10));
+
+    // Fill: documents of 60 KB, in frames of 100.
+    let filler = tally_client::Client::connect(
+        &addrs,
+        account_key(&layout, 1),
+        opts_for(
+            &addrs,
+            tally_client::ClientOptions {
+                call_timeout: Duration::from_secs(60),
+                retry_total: Duration::from_secs(120),
+                ..tally_client::ClientOptions::default()
+            },
+        ),
+    )
+    .expect("connect");
+    let docs = state_mb * 1024 * 1024 / DOC_BYTES;
+    let fill_started = Instant::now();
+    let mut seed = 1u64;
+    for first in (0..docs).step_by(DOCS_PER_FRAME) {
+        let reqs: Vec<_> = (first..docs.min(first + DOCS_PER_FRAME))
+            .map(|i| {
+                let mut key = [0u8; 16];
+                key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                // Incompressible-ish text, so the state is really this big on the wire.
+                let body: String = (0..DOC_BYTES - 2)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        (b'a' + (seed >> 59) as u8) as char
+                    })
+                    .collect();
+                let op = tally_codec::Operation::Set {
+                    key: tally_codec::DocKey::from_random(key),
+                    value: format!("\"{body}\"").into_bytes(),
+                };
+                filler.sign(op).expect("sign")
+            })
+            .collect();
+        let replies = filler.submit(reqs).expect("fill frame");
+        assert!(
+            replies.iter().all(|r| matches!(r, tally_codec::wire::SubmitReply::Committed { .. })),
+            "a document was refused: {:?}",
+            replies.iter().find(|r| !matches!(r, tally_codec::wire::SubmitReply::Committed { .. }))
+        );
+    }
+    eprintln!("filled {docs} documents ({state_mb} MB) in {:?}", fill_started.elapsed());
+
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 8, 1);
+    // Past a store sync, which lets the leader compact its log.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let term_before = leader_status(&addrs).expect("a leader").term;
+
+    let (path4, cfg) = node4(&layout);
+    nodes.push(Daemon::spawn(&path4, &cfg.listen, &layout.dir.join("node-4.log")));
+    assert!(
+        wait_until(Duration::from_secs(10), || status_of(&cfg.listen).is_some()),
+        "node 4 does not answer:\n{}",
+        nodes[3].log_text()
+    );
+    let t = Instant::now();
+    let admin = admin_client(&layout, &addrs);
+    let admin_key = layout.admin_key().expect("admin key");
+    admin.cluster_add(&admin_key, 4, &cfg.listen, &cfg.peer_listen).unwrap_or_else(|e| {
+        dump_logs(&nodes);
+        panic!("cluster add 4: {e}")
+    });
+    let added = t.elapsed();
+    let mut all = addrs.clone();
+    all.push(cfg.listen.clone());
+    let target = leader_status(&all).expect("a leader").committed_height;
+    assert!(
+        wait_until(Duration::from_secs(60), || status_of(&cfg.listen).is_some_and(|s| s.applied_height >= target)),
+        "node 4 did not reach height {target}:\n{}",
+        nodes[3].log_text()
+    );
+    let caught_up = t.elapsed();
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            seen = status_of(&cfg.listen).map(|s| voters(&s)).unwrap_or_default();
+            seen == [1, 2, 3, 4]
+        }),
+        "node 4 never saw itself a voter: {seen:?}"
+    );
+    let terms: Vec<u64> = all.iter().filter_map(|a| status_of(a)).map(|s| s.term).collect();
+    if terms.iter().any(|t| *t != term_before) {
+        dump_logs(&nodes);
+    }
+    assert!(
+        terms.iter().all(|t| *t == term_before),
+        "an election happened while the replica was added: terms {terms:?}, was {term_before}"
+    );
+    assert!(nodes[3].log_text().contains("installing snapshot"), "node 4 caught up by a snapshot");
+    let streamed = nodes.iter().take(3).any(|n| n.log_text().contains("snapshot streamed"));
+    assert!(streamed, "the leader streamed the snapshot in chunks");
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 16), "writes go on with 4 voters");
+    let acked = writer.finish();
+    assert_invariants(&all, &layout, &acked);
+    eprintln!(
+        "state {state_mb} MB: cluster add answered after {added:?}, node 4 caught up after {caught_up:?}; \
+         term stayed {term_before}; {} writes acknowledged meanwhile; took {:?}",
+        acked.len(),
+        started.elapsed()
+    );
+}

@@ -97,6 +97,19 @@ fn follower_catches_up_by_snapshot_after_compaction() {
         !skipped
     );
 
+    // The metrics count it: an install on the follower, a snapshot sent by a leader.
+    let scrape = |i: usize| {
+        let addr = layout.configs[i].metrics_listen.clone().expect("metrics address");
+        http_get(&addr, "/metrics").expect("metrics answer").1
+    };
+    let installs = metric_value(&scrape(fi), "tally_snapshot_installs_total");
+    assert!(installs.is_some_and(|n| n >= 1.0), "tally_snapshot_installs_total on the follower: {installs:?}");
+    let sent: f64 = (0..3)
+        .filter(|i| *i != fi)
+        .filter_map(|i| metric_value(&scrape(i), "tally_snapshot_sends_total{result=\"sent\"}"))
+        .sum();
+    assert!(sent >= 1.0, "no leader counted a snapshot sent");
+
     assert_invariants(&addrs, &layout, &acked);
     eprintln!("{} acknowledged; took {:?}", acked.len(), started.elapsed());
 }

@@ -10,6 +10,22 @@ use std::time::Duration;
 
 #[test]
 fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
+    fault_ends_the_leader("sequencer", "failpoint sequencer fired");
+}
+
+/// A proposal the log refuses while this replica still leads the term (its queue is full):
+/// before, the sequencer took up the chain again from the applied head, so a new batch could
+/// take a height an earlier, not yet applied batch of the term held, and every replica would
+/// stop at that height once both committed. Now the leader ends and a backup continues from the
+/// log as it is.
+#[test]
+fn a_refused_proposal_ends_the_leader_instead_of_reusing_a_height() {
+    fault_ends_the_leader("refuse-proposal", "proposal refused in term");
+}
+
+/// Arms `failpoint` under a write load; the leader must abort with `expect_log` in its log, a
+/// backup must take over, and every acknowledged write must be on the survivors.
+fn fault_ends_the_leader(failpoint: &str, expect_log: &str) {
     let (dir, layout) = init_cluster(3, 1);
     let failpoints = dir.path().join("failpoints");
     std::fs::create_dir_all(&failpoints).expect("mkdir");
@@ -31,7 +47,7 @@ fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
     let writer = Writer::start(&addrs, account_key(&layout, 0), 8, 1);
     assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 16), "no commits before the fault");
     // Arm the failpoint: the leader's sequencer panics at its next batch.
-    std::fs::write(failpoints.join("sequencer"), b"").expect("arm");
+    std::fs::write(failpoints.join(failpoint), b"").expect("arm");
     let mut status = None;
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -43,7 +59,7 @@ fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
     let status = status.expect("exited");
     assert_eq!(status.signal(), Some(libc::SIGABRT), "the replica aborted: {status:?}");
     let log = nodes[li].log_text();
-    assert!(log.contains("failpoint sequencer fired"), "the panic is in the log");
+    assert!(log.contains(expect_log), "the panic is in the log:\n{log}");
     assert!(!log.contains('\x1b'), "a log written to a file has no ANSI colour codes");
     let rest: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != li).map(|(_, d)| d).collect();
     let (_, after) = wait_leader(&rest, Duration::from_secs(10));

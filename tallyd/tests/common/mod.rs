@@ -31,11 +31,17 @@ impl Daemon {
 
     /// As [`Daemon::spawn`], with extra environment variables (failpoints).
     pub fn spawn_env(config: &Path, addr: &str, log: &Path, env: &[(&str, &Path)]) -> Daemon {
+        Daemon::spawn_with(config, addr, log, env, &[])
+    }
+
+    /// As [`Daemon::spawn`], with extra environment variables and command-line arguments.
+    pub fn spawn_with(config: &Path, addr: &str, log: &Path, env: &[(&str, &Path)], args: &[&str]) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
         let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--config")
             .arg(config)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file))
             .spawn()
@@ -484,4 +490,23 @@ impl Drop for Prober {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
     }
+}
+
+/// `(status, body)` of an HTTP/1.0 `GET path` on `addr` (no chunked answers), or `None` when
+/// nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
+}
+
+/// The value of one series in a Prometheus exposition, named as it is printed:
+/// `tally_term` or `tally_refused_total{stage="validate",reason="Expired"}`.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
