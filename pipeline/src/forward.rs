@@ -70,12 +70,15 @@ impl Forwarder {
     }
 
     fn link_to(&self, addr: &str) -> std::io::Result<Arc<Link>> {
-        let mut slot = self.link.lock();
-        if let Some(l) = slot.as_ref() {
+        if let Some(l) = self.link.lock().as_ref() {
             if l.addr == addr && !l.dead.load(Ordering::Acquire) {
                 return Ok(l.clone());
             }
         }
+        // Dialled without holding the slot: a vanished leader's address can take seconds to
+        // fail (no RST, a name that no longer resolves), and the sequencer looks at the slot on
+        // every pass (`retain_leader`); holding it here stalled a new leader's first batch by
+        // the connect timeout (found in Docker).
         let tcp = connect(addr)?;
         tcp.set_nodelay(true)?;
         let stream = self.dial.open(tcp, std::time::Instant::now() + Duration::from_secs(2))?;
@@ -89,6 +92,14 @@ impl Forwarder {
         });
         let l = link.clone();
         std::thread::Builder::new().name("forward".into()).spawn(move || read_replies(&l, reader))?;
+        let mut slot = self.link.lock();
+        if let Some(l) = slot.as_ref() {
+            if l.addr == addr && !l.dead.load(Ordering::Acquire) {
+                // Another connection thread dialled the same leader meanwhile: use its link.
+                link.writer.lock().get_ref().shutdown();
+                return Ok(l.clone());
+            }
+        }
         if let Some(old) = slot.replace(link.clone()) {
             fail_all(&old);
         }
@@ -103,7 +114,8 @@ impl Forwarder {
     /// timeouts. Called by the sequencer every pass (≤ 100 ms).
     pub fn retain_leader(&self, leader: Option<&str>) {
         let old = {
-            let mut slot = self.link.lock();
+            // Never waits: the sequencer calls this every pass, and tries again on the next.
+            let Some(mut slot) = self.link.try_lock() else { return };
             match slot.as_ref() {
                 Some(l) if Some(l.addr.as_str()) != leader => slot.take(),
                 _ => None,
@@ -180,6 +192,39 @@ mod tests {
         let f = Forwarder::new(Dial::Plain);
         let link = f.link_to(&format!("localhost:{port}")).expect("link by host name");
         assert_eq!(link.addr, format!("localhost:{port}"));
+    }
+
+    /// Found in Docker: while a connection thread dialled a vanished leader (seconds until the
+    /// connect timed out), the new leader's sequencer waited on the forwarder to check its link,
+    /// and its first batch came 2-5 s after the election. The dial no longer holds the link, and
+    /// the check never waits. A listener whose accept queue is full makes the dial hang here.
+    #[test]
+    fn checking_the_link_never_waits_for_a_dial() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let mut held = Vec::new();
+        for _ in 0..2000 {
+            match TcpStream::connect_timeout(&l.local_addr().expect("addr"), Duration::from_millis(50)) {
+                Ok(s) => held.push(s),
+                Err(_) => break, // the queue is full: the next dial hangs
+            }
+        }
+        let f = std::sync::Arc::new(Forwarder::new(Dial::Plain));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f2, d2, a2) = (f.clone(), done.clone(), addr.clone());
+        let dialer = std::thread::spawn(move || {
+            let (tx, _rx) = crossbeam::channel::unbounded();
+            f2.forward(&a2, 1, Relayed::Receipt { id: tally_codec::RequestId([1; 32]) }, &tx);
+            d2.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!done.load(Ordering::SeqCst), "precondition: the dial hangs (accept queue full)");
+        f.retain_leader(Some("10.0.0.9:7001"));
+        // The dial lasts its 2 s connect timeout; returning long before it ends is the point.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!done.load(Ordering::SeqCst), "retain_leader waited for the dial to end");
+        dialer.join().expect("dialer");
+        drop(held);
     }
 
     /// Found in Docker: a leader killed with its container closes nothing; frames relayed to it
