@@ -251,9 +251,16 @@ pub fn add_node_files(
         .map_err(|e| ClientError::Invalid(format!("{} is not a node config: {e}", template.display())))?;
     let ca_key_path = dir.join(CA_KEY_FILE);
     let ca_key = std::fs::read_to_string(&ca_key_path).map_err(|e| ClientError::file(&ca_key_path, e))?;
-    if !cfg.peers.iter().any(|p| p.node_id == node_id) {
-        cfg.peers.push(PeerConfig { node_id, client: client.to_string(), peer: peer.to_string() });
+    // Every replica this directory knows of, not only the members at creation: a node added
+    // later (or re-added after a disk replacement) must know where each member is, or it can
+    // never answer a leader that joined after the cluster was created.
+    for (id, other) in node_configs(dir)? {
+        let known = cfg.peers.iter().any(|p| p.node_id == id);
+        if !known && id != node_id {
+            cfg.peers.push(PeerConfig { node_id: id, client: other.listen, peer: other.peer_listen });
+        }
     }
+    cfg.peers.sort_by_key(|p| p.node_id);
     cfg.node_id = node_id;
     cfg.listen = client.to_string();
     cfg.peer_listen = peer.to_string();
@@ -265,6 +272,24 @@ pub fn add_node_files(
     let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
     std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;
     Ok((path, cfg))
+}
+
+/// The `node-<id>.toml` files in `dir`, by id.
+fn node_configs(dir: &Path) -> Result<Vec<(u64, NodeConfig)>, ClientError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| ClientError::file(dir, e))? {
+        let path = entry.map_err(|e| ClientError::file(dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let Some(id) = name.strip_prefix("node-").and_then(|n| n.strip_suffix(".toml")).and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ClientError::file(&path, e))?;
+        let cfg: NodeConfig = toml::from_str(&text)
+            .map_err(|e| ClientError::Invalid(format!("{} is not a node config: {e}", path.display())))?;
+        out.push((id, cfg));
+    }
+    Ok(out)
 }
 
 /// Writes a fresh cluster's configuration into `dir` (created if missing).
@@ -461,6 +486,21 @@ pub fn cluster_init_with(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Found in the runbook test: a node re-added after a disk replacement from a config that
+    /// named only the members at creation could never answer a leader added later.
+    #[test]
+    fn added_nodes_know_every_replica_of_the_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("c");
+        cluster_init(3, &dir, 1, 7000).expect("init");
+        add_node_files(&dir, 4, "127.0.0.1:7004", "127.0.0.1:7104").expect("node 4");
+        std::fs::rename(dir.join("node-3.toml"), dir.join("node-3.toml.old")).expect("mv");
+        let (_, cfg) = add_node_files(&dir, 3, "127.0.0.1:7003", "127.0.0.1:7103").expect("node 3 again");
+        let peers: Vec<(u64, &str)> = cfg.peers.iter().map(|p| (p.node_id, p.peer.as_str())).collect();
+        assert_eq!(peers, [(1, "127.0.0.1:7101"), (2, "127.0.0.1:7102"), (4, "127.0.0.1:7104")]);
+        assert!(add_node_files(&dir, 4, "127.0.0.1:7004", "127.0.0.1:7104").is_err(), "node 4 exists");
+    }
 
     #[test]
     fn init_writes_parseable_configs_with_the_port_formula() {

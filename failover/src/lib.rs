@@ -114,8 +114,6 @@ pub enum MembershipError {
     ReservedId,
     #[error("node {0} is already a voter")]
     AlreadyVoter(u64),
-    #[error("node {0} is not a member")]
-    NotMember(u64),
     #[error("node {node} is not reachable as a replica of this cluster: {reason}")]
     Unreachable { node: u64, reason: String },
     #[error("the raft thread is busy or stopped")]

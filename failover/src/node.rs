@@ -507,7 +507,9 @@ impl Replicator for RaftReplicator {
     fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         self.require_leader()?;
         if !conf_ids(&self.shared.lock().conf).contains(&node_id) {
-            return Err(MembershipError::NotMember(node_id));
+            // Already gone: a retried remove (its first attempt's answer lost) succeeds.
+            tracing::info!(node = node_id, "cluster remove of a node that is not a member: nothing to do");
+            return Ok(());
         }
         let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
         self.propose_conf_change(cc, Vec::new())?;
