@@ -30,7 +30,7 @@ use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, 
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{Message, MessageType};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -347,10 +347,10 @@ impl Outbound {
         let mut conn: Option<(Conn, Resume)> = None;
         let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
         let mut last_error: Option<String> = None;
-        // Snapshots that arrived while another was streaming.
-        let mut deferred: VecDeque<Message> = VecDeque::new();
+        // A snapshot that arrived while another was streaming (only the newest is kept).
+        let mut deferred: Option<Message> = None;
         while !self.stop.load(Ordering::Relaxed) {
-            let first = match deferred.pop_front() {
+            let first = match deferred.take() {
                 Some(m) => m,
                 None => match self.rx.recv_timeout(Duration::from_millis(POLL_MS)) {
                     Ok(m) => m,
@@ -411,11 +411,19 @@ impl Outbound {
     }
 
     /// Writes `first` and what else is queued (snapshots are set aside), then flushes.
-    fn write_queued(&self, w: &mut Conn, first: Message, deferred: &mut VecDeque<Message>) -> std::io::Result<()> {
+    /// Sets a snapshot aside until the current write is done; one set aside earlier is
+    /// superseded (reported undelivered, so Raft sends again if it still needs one).
+    fn defer(&self, deferred: &mut Option<Message>, m: Message) {
+        if deferred.replace(m).is_some() {
+            self.report(false);
+        }
+    }
+
+    fn write_queued(&self, w: &mut Conn, first: Message, deferred: &mut Option<Message>) -> std::io::Result<()> {
         write_message(w, &first)?;
         for _ in 0..WRITE_BATCH_MAX {
             match self.rx.try_recv() {
-                Ok(m) if is_snapshot(&m) => deferred.push_back(m),
+                Ok(m) if is_snapshot(&m) => self.defer(deferred, m),
                 Ok(m) => write_message(w, &m)?,
                 Err(_) => break,
             }
@@ -431,7 +439,7 @@ impl Outbound {
         w: &mut Conn,
         resume: &mut Resume,
         mut msg: Message,
-        deferred: &mut VecDeque<Message>,
+        deferred: &mut Option<Message>,
     ) -> std::io::Result<bool> {
         let data = std::mem::take(&mut msg.mut_snapshot().data);
         let meta = msg.get_snapshot().get_metadata();
@@ -476,7 +484,7 @@ impl Outbound {
             // Heartbeats and appends to this peer do not wait for the whole snapshot.
             while let Ok(m) = self.rx.try_recv() {
                 if is_snapshot(&m) {
-                    deferred.push_back(m);
+                    self.defer(deferred, m);
                 } else {
                     write_message(w, &m)?;
                 }
@@ -907,6 +915,35 @@ mod tests {
         s.flush().expect("flush");
         let got = b_rx.recv_timeout(Duration::from_secs(10)).expect("b got the snapshot");
         assert!(got.get_snapshot().data == data);
+        b.stop();
+    }
+
+    /// Snapshots queued behind a streaming one are not held without bound: only the newest
+    /// waits, and a superseded one is reported undelivered.
+    #[test]
+    fn only_the_newest_snapshot_waits_behind_a_stream() {
+        let (mut a, a_addr, _a_rx) = start(1, "c");
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        a.set_peers(&[(2, b_addr)].into_iter().collect());
+        b.set_peers(&[(1, a_addr)].into_iter().collect());
+        assert!(a.send(snapshot_msg(1, 2, 40, pattern(FRAME_BYTES_MAX * 2, 1))));
+        assert!(a.send(snapshot_msg(1, 2, 41, pattern(10, 2))));
+        assert!(a.send(snapshot_msg(1, 2, 42, pattern(10, 3))));
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = b_rx.recv_timeout(Duration::from_secs(60)).expect("b got a snapshot");
+            got.push(m.get_snapshot().get_metadata().index);
+        }
+        assert_eq!(got, [40, 42], "41 was superseded by 42");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut reports = Vec::new();
+        while reports.len() < 3 && Instant::now() < deadline {
+            reports.extend(a.take_snapshot_reports());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        reports.sort_unstable();
+        assert_eq!(reports, [(2, false), (2, true), (2, true)]);
+        a.stop();
         b.stop();
     }
 
