@@ -471,8 +471,17 @@ impl Replicator for RaftReplicator {
         if id == 0 {
             return Err(MembershipError::ReservedId);
         }
-        if conf_ids(&self.shared.lock().conf).contains(&id) && self.shared.lock().conf.voters.contains(&id) {
-            return Err(MembershipError::AlreadyVoter(id));
+        {
+            let s = self.shared.lock();
+            if s.conf.voters.contains(&id) {
+                // The same add again (a retry whose first answer was lost) succeeds; a voter
+                // under other addresses is an error.
+                let same = s
+                    .members
+                    .get(&id)
+                    .is_some_and(|m| m.client_addr == member.client_addr && m.peer_addr == member.peer_addr);
+                return if same { Ok(()) } else { Err(MembershipError::AlreadyVoter(id)) };
+            }
         }
         // Before anything is proposed: the node must answer at that address as node `id` of this
         // cluster (its certificate, cluster id and configuration), or nothing is added.

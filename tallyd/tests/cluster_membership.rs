@@ -191,6 +191,11 @@ fn add_a_fourth_node_then_remove_node_1() {
     let s4 = status_of(&cfg.listen).expect("node 4 status");
     assert_eq!(voters(&s4), [1, 2, 3, 4], "node 4 knows itself a voter");
     assert_eq!(s4.replicas_configured, 4, "status counts the voters now, not those at creation");
+    // A retried add (its first answer lost) succeeds; the same id at other addresses does not.
+    let admin = admin_client(&layout, &all);
+    admin.cluster_add(&admin_key, 4, &cfg.listen, &cfg.peer_listen).expect("the same add again");
+    let e = admin.cluster_add(&admin_key, 4, "127.0.0.1:1", "127.0.0.1:2").expect_err("other addresses");
+    assert!(e.to_string().contains("already a voter"), "{e}");
     let n = writer.acked_len();
     if !wait_until(Duration::from_secs(5), || writer.acked_len() > n) {
         dump_logs(&nodes);
