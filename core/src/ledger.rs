@@ -32,6 +32,14 @@ pub enum LedgerError {
     Snapshot(String),
 }
 
+/// A state exported for a snapshot: where it stands in the log, and its bytes.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub index: u64,
+    pub term: u64,
+    pub data: Vec<u8>,
+}
+
 /// Committed state, applied in log order.
 pub trait Ledger {
     fn head(&self) -> LedgerHead;
@@ -67,13 +75,24 @@ pub trait Ledger {
     fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError>;
     /// The configuration as of the applied index; `None` while the initial one holds.
     fn conf_state(&self) -> Option<Vec<u8>>;
-    /// The whole state, to send to a replica that fell behind the log.
-    fn export(&self) -> Vec<u8>;
-    /// Replaces the state with an exported one.
+    /// The whole state, to send to a replica that fell behind the log: a state at log index
+    /// `at_least` or later, as `(index, term, bytes)`. `None` while it is not ready yet (a shell
+    /// may export a large state off the replica's thread); raft-rs asks again.
+    fn export(&self, at_least: u64) -> Option<Exported>;
+    /// Whether `data` is a snapshot this ledger could install (judged before raft-rs sees it).
+    ///
+    /// # Errors
+    /// Why it could not be installed.
+    fn check_snapshot(&self, data: &[u8]) -> Result<(), LedgerError> {
+        let _ = data;
+        Ok(())
+    }
+    /// Replaces the state with an exported one, the state after log entry `index` of `term`,
+    /// in configuration `conf_state` (protobuf `ConfState`), durably before returning.
     ///
     /// # Errors
     /// Bytes that are not a snapshot; nothing is changed then.
-    fn install(&mut self, data: &[u8]) -> Result<(), LedgerError>;
+    fn install(&mut self, index: u64, term: u64, conf_state: Vec<u8>, data: &[u8]) -> Result<(), LedgerError>;
 }
 
 /// A ledger in memory: the store's key/value pairs, and every batch with its signature.
@@ -226,10 +245,11 @@ impl Ledger for MemLedger {
     fn conf_state(&self) -> Option<Vec<u8>> {
         self.conf_state.clone()
     }
-    fn export(&self) -> Vec<u8> {
-        encode(self)
+    fn export(&self, _at_least: u64) -> Option<Exported> {
+        Some(Exported { index: self.head.index, term: self.head.term, data: encode(self) })
     }
-    fn install(&mut self, data: &[u8]) -> Result<(), LedgerError> {
+    fn install(&mut self, _index: u64, _term: u64, _conf: Vec<u8>, data: &[u8]) -> Result<(), LedgerError> {
+        // The exported ledger carries its own head and configuration.
         let mut l: MemLedger =
             decode(data, usize::MAX).map_err(|e| LedgerError::Snapshot(format!("does not decode: {e}")))?;
         l.index_ids();

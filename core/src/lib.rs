@@ -26,8 +26,8 @@ pub mod replica;
 pub mod sequence;
 pub mod state;
 
-pub use ledger::{Ledger, LedgerHead, MemLedger};
-pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, VoterChange};
+pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
+pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, VoterChange};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
 #[derive(Debug, Clone)]

@@ -68,6 +68,10 @@ pub struct ReplicaConfig {
     /// A bug planted on purpose, for the simulator to prove it can catch it. `Plant::None` in
     /// production.
     pub plant: Plant,
+    /// Whether the shell reports each snapshot once it has been streamed
+    /// ([`Event::SnapshotReport`]). Otherwise a snapshot handed to the shell counts as sent at
+    /// once (the simulator's network delivers a message whole or not at all).
+    pub snapshot_reports_by_shell: bool,
 }
 
 /// What happens to a replica.
@@ -89,6 +93,13 @@ pub enum Event {
     /// Adds or removes one voter (through joint consensus, left automatically); leader only.
     /// Ignored while another change is in flight (raft-rs).
     ChangeVoters(VoterChange),
+    /// Proposes any configuration change, with `context` (opaque to the core, e.g. the new
+    /// member's addresses) carried to every replica in [`Effect::Reconfigured`]. Answered with
+    /// [`Effect::ConfChangeProposed`] carrying `ticket`.
+    ConfChange { ticket: u64, cc: ConfChangeV2, context: Vec<u8> },
+    /// The shell streamed (or failed to stream) the snapshot for follower `to` (only with
+    /// [`ReplicaConfig::snapshot_reports_by_shell`]).
+    SnapshotReport { to: u64, delivered: bool },
 }
 
 /// One membership change.
@@ -129,10 +140,53 @@ pub enum Effect {
         header: tally_codec::BatchHeader,
         signature: Signature,
     },
-    /// A configuration change was applied: these are the voters now.
+    /// A configuration change was applied at log `index`: the configuration now, and the
+    /// context it was proposed with.
     Reconfigured {
-        voters: Vec<u64>,
+        index: u64,
+        conf_state: ConfState,
+        context: Vec<u8>,
     },
+    /// The leader proposed a batch (for the shell's metrics).
+    Proposed {
+        height: u64,
+        requests: usize,
+        bytes: usize,
+    },
+    /// The answer to [`Event::ConfChange`]: whether raft-rs took the proposal (not whether it
+    /// committed).
+    ConfChangeProposed {
+        ticket: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// What a shell publishes about its replica (role, progress, configuration), read after each
+/// event.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub is_leader: bool,
+    pub term: u64,
+    pub leader_id: Option<u64>,
+    pub commit_index: u64,
+    pub applied: LedgerHead,
+    /// The last index handed to the shell to persist (durable once its `Persist` ran).
+    pub last_index: u64,
+    pub conf_state: ConfState,
+    /// `(node, matched)`: the leader knows everyone's, a follower only its own.
+    pub matched: Vec<(u64, u64)>,
+    /// Followers a snapshot is on its way to (leader only).
+    pub snapshotting: Vec<u64>,
+    /// When the leader's lease ends (monotonic ms), if it holds one.
+    pub lease_until_ms: Option<u64>,
+    /// Whether the sequencer takes requests now.
+    pub sequencing: bool,
+    /// Why the replica stopped, if it did.
+    pub poisoned: Option<String>,
+    /// The first log index held in memory.
+    pub first_index: u64,
+    /// When a quorum of voters last acknowledged this leader (monotonic ms; leader only).
+    pub quorum_ack_ms: Option<u64>,
 }
 
 /// The log a restarting replica finds on its disk, in the order it was written.
@@ -183,6 +237,8 @@ pub struct Replica<L: Ledger> {
     poisoned: Option<String>,
     /// Followers a snapshot was handed to the shell for, since the last report to raft-rs.
     snapshots_sent: Vec<u64>,
+    /// A test hook: the next batch proposal is refused as if raft-rs had dropped it.
+    refuse_next_proposal: bool,
     out: Vec<Effect>,
 }
 
@@ -327,6 +383,7 @@ impl<L: Ledger> Replica<L> {
             last_probe_tick: 0,
             poisoned: None,
             snapshots_sent: Vec::new(),
+            refuse_next_proposal: false,
             out: Vec::new(),
             cfg,
         })
@@ -386,6 +443,51 @@ impl<L: Ledger> Replica<L> {
     pub fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()
     }
+    /// A test hook: the next batch proposal is refused as if raft-rs had dropped it (the
+    /// replica must then end; see `maybe_close_batch`).
+    pub fn refuse_next_proposal(&mut self) {
+        self.refuse_next_proposal = true;
+    }
+
+    /// Role, progress and configuration, for the shell to publish.
+    pub fn status(&self) -> Status {
+        let raft = &self.raw.raft;
+        let is_leader = self.is_leader();
+        let mut matched: Vec<(u64, u64)> = if is_leader {
+            raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
+        } else {
+            vec![(self.cfg.node_id, raft.raft_log.last_index())]
+        };
+        matched.sort_unstable();
+        let snapshotting = if is_leader {
+            raft.prs().iter().filter(|(_, p)| p.state == raft::ProgressState::Snapshot).map(|(id, _)| *id).collect()
+        } else {
+            Vec::new()
+        };
+        Status {
+            is_leader,
+            term: raft.term,
+            leader_id: self.leader_id(),
+            commit_index: raft.raft_log.committed,
+            applied: self.ledger.head(),
+            last_index: raft.raft_log.last_index(),
+            conf_state: raft.prs().conf().to_conf_state(),
+            matched,
+            snapshotting,
+            lease_until_ms: if self.poisoned.is_none() { self.lease_until_ms() } else { None },
+            sequencing: matches!(self.seq.mode, Mode::Leading { .. }),
+            poisoned: self.poisoned.clone(),
+            first_index: raft.raft_log.first_index(),
+            quorum_ack_ms: if is_leader {
+                let conf = raft.prs().conf().to_conf_state();
+                let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
+                self.lease.quorum_ack_ms(&sets, self.cfg.node_id, self.now_ms)
+            } else {
+                None
+            },
+        }
+    }
+
     /// The time of the next tick the replica wants.
     pub fn next_tick_ms(&self) -> u64 {
         self.next_tick_ms
@@ -422,6 +524,18 @@ impl<L: Ledger> Replica<L> {
                 return std::mem::take(&mut self.out);
             }
             Event::ChangeVoters(change) => self.on_change_voters(change),
+            Event::ConfChange { ticket, cc, context } => {
+                let result = if self.raw.raft.state == StateRole::Leader {
+                    self.raw.propose_conf_change(context, cc).map_err(|e| e.to_string())
+                } else {
+                    Err("not the leader".to_string())
+                };
+                self.out.push(Effect::ConfChangeProposed { ticket, result });
+            }
+            Event::SnapshotReport { to, delivered } => {
+                let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+                self.raw.report_snapshot(to, status);
+            }
         }
         self.drive();
         self.update_mode();
@@ -435,14 +549,17 @@ impl<L: Ledger> Replica<L> {
     /// index (the shell's disk keeps them until the ledger is durable past them).
     fn maintain_log(&mut self) {
         let head = self.ledger.head();
-        if self.raw.store().snapshot_wanted() > 0 && head.index > 0 {
-            let mut snap = Snapshot::default();
-            snap.data = self.ledger.export().into();
-            let meta = snap.mut_metadata();
-            meta.index = head.index;
-            meta.term = head.term;
-            meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
-            self.raw.store().prepare_snapshot(snap);
+        let wanted = self.raw.store().snapshot_wanted();
+        if wanted > 0 && head.index > 0 {
+            if let Some(exported) = self.ledger.export(wanted) {
+                let mut snap = Snapshot::default();
+                snap.data = exported.data.into();
+                let meta = snap.mut_metadata();
+                meta.index = exported.index;
+                meta.term = exported.term;
+                meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+                self.raw.store().prepare_snapshot(snap);
+            }
         }
         let first = self.raw.raft.raft_log.first_index();
         let target = head.index.min(self.raw.raft.raft_log.applied).saturating_sub(self.cfg.log_retain_entries);
@@ -569,8 +686,10 @@ impl<L: Ledger> Replica<L> {
                 }
             }
         }
-        if t == MessageType::MsgSnapshot && m.get_snapshot().data.is_empty() {
-            return; // a snapshot without state: nothing to install
+        if t == MessageType::MsgSnapshot
+            && (m.get_snapshot().data.is_empty() || self.ledger.check_snapshot(&m.get_snapshot().data).is_err())
+        {
+            return; // a snapshot without state, or with a state this ledger refuses
         }
         let _ = self.raw.step(m);
     }
@@ -627,7 +746,9 @@ impl<L: Ledger> Replica<L> {
             // and sends another if this one was lost. Without the report it waits for this one
             // forever (found by the simulator, seed 206408: a lost snapshot stalled the cluster).
             for to in std::mem::take(&mut self.snapshots_sent) {
-                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+                if !self.cfg.snapshot_reports_by_shell {
+                    self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+                }
             }
         }
     }
@@ -642,8 +763,9 @@ impl<L: Ledger> Replica<L> {
     }
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), InstallError> {
-        self.ledger.install(&snap.data)?;
         let meta = snap.get_metadata();
+        let conf = meta.get_conf_state().write_to_bytes().expect("a conf state encodes");
+        self.ledger.install(meta.index, meta.term, conf, &snap.data)?;
         self.raw.mut_store().mem.wl().apply_snapshot(snap.clone())?;
         let h = self.ledger.head();
         assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
@@ -675,13 +797,13 @@ impl<L: Ledger> Replica<L> {
                     let cc = raft::eraftpb::ConfChange::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
                     let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
-                    self.on_conf_applied(e.index, e.term, cs)
+                    self.on_conf_applied(e.index, e.term, cs, e.context.to_vec())
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
                     let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
-                    self.on_conf_applied(e.index, e.term, cs)
+                    self.on_conf_applied(e.index, e.term, cs, e.context.to_vec())
                 }
             };
             if let Err(err) = r {
@@ -690,10 +812,16 @@ impl<L: Ledger> Replica<L> {
         }
     }
 
-    fn on_conf_applied(&mut self, index: u64, term: u64, cs: ConfState) -> Result<(), crate::ledger::LedgerError> {
+    fn on_conf_applied(
+        &mut self,
+        index: u64,
+        term: u64,
+        cs: ConfState,
+        context: Vec<u8>,
+    ) -> Result<(), crate::ledger::LedgerError> {
         self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
         step_down_if_removed(&mut self.raw);
-        self.out.push(Effect::Reconfigured { voters: cs.voters.clone() });
+        self.out.push(Effect::Reconfigured { index, conf_state: cs.clone(), context });
         let bytes = cs.write_to_bytes().expect("a conf state encodes");
         self.ledger.apply_conf(index, term, bytes)
     }
@@ -867,15 +995,22 @@ impl<L: Ledger> Replica<L> {
         }
         let Some(mut batch) = batch else { return };
         let data = encode(&batch.entry);
-        if let Err(e) = self.raw.propose(Vec::new(), data) {
-            let _ = e;
-            self.fail_batch(batch, ErrorCode::Retry);
-            self.fail_all(ErrorCode::Retry);
-            self.seq.view.reset();
-            self.seq.mode = Mode::Following;
-            return;
+        let proposed =
+            Effect::Proposed { height: batch.entry.header.height, requests: batch.ids.len(), bytes: data.len() };
+        let refused = if std::mem::take(&mut self.refuse_next_proposal) {
+            Err(raft::Error::ProposalDropped)
+        } else {
+            self.raw.propose(Vec::new(), data)
+        };
+        if let Err(e) = refused {
+            // A leader's proposal is refused only by a bug (tally never transfers leadership
+            // and sets no uncommitted-size limit). The batches in flight hold the next heights:
+            // building on the applied head again would reuse a height, so the replica ends and
+            // a backup takes over.
+            panic!("a batch proposal refused in term {term} while leading: {e}");
         }
         self.seq.mode = Mode::Leading { term, tip };
+        self.out.push(proposed);
         match self.cfg.plant {
             Plant::AckBeforeCommit => {
                 let signature = batch.entry.header.sign(&self.operator_key);

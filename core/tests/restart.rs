@@ -22,6 +22,7 @@ fn cfg() -> ReplicaConfig {
         operator_key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
         election_seed: 1,
         plant: Plant::None,
+        snapshot_reports_by_shell: false,
     }
 }
 

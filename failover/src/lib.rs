@@ -33,7 +33,7 @@ pub mod frame;
 pub mod handshake;
 
 pub mod node;
-mod raft_log_bridge;
+pub mod raft_log_bridge;
 pub mod snapshot;
 pub mod snapshot_stream;
 pub mod solo;

@@ -1096,10 +1096,23 @@ impl Node {
 
 /// Whether `e` could be applied when it commits: a batch the state machine accepts, an empty
 /// no-op, or a well-formed configuration change.
-fn check_entry(sm: &dyn StateSnapshots, e: &Entry) -> Result<(), String> {
+/// Whether an entry from a peer can ever be applied: a batch `check_batch` accepts, a no-op, or
+/// a conf change naming real nodes with a well-formed address.
+///
+/// # Errors
+/// Why not.
+pub fn check_entry(sm: &dyn StateSnapshots, e: &Entry) -> Result<(), String> {
+    check_entry_with(e, &|data| sm.check_entry(data))
+}
+
+/// As [`check_entry`], with the batch check given as a function.
+///
+/// # Errors
+/// Why not.
+pub fn check_entry_with(e: &Entry, check_batch: &dyn Fn(&[u8]) -> Result<(), String>) -> Result<(), String> {
     match e.get_entry_type() {
         EntryType::EntryNormal if e.data.is_empty() => Ok(()),
-        EntryType::EntryNormal => sm.check_entry(&e.data),
+        EntryType::EntryNormal => check_batch(&e.data),
         EntryType::EntryConfChange => {
             let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
             check_conf_context(cc.node_id, &e.context)

@@ -98,6 +98,8 @@ fn state_snapshot(rng: &mut Rng) -> StateSnapshot {
             height: rng.interesting_u64(),
             header_hash: Digest(rng.bytes()),
             state_digest: Digest(rng.bytes()),
+            term: rng.interesting_u64(),
+            time_ms: rng.interesting_u64(),
         },
         pairs,
         bodies,

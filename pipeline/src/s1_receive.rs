@@ -422,8 +422,8 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
             ))
         }
         ClientMessage::Admin(cmd) => admin(shared, &cmd),
-        ClientMessage::Batch { height } => ServerMessage::Batch(crate::s7_apply::batch_info(shared, height)),
-        ClientMessage::Receipt { id: rid } => match crate::s7_apply::stored_receipt(shared, &rid) {
+        ClientMessage::Batch { height } => ServerMessage::Batch(crate::queries::batch_info(shared, height)),
+        ClientMessage::Receipt { id: rid } => match crate::queries::stored_receipt(shared, &rid) {
             Some(r) => ServerMessage::Receipt(Some(r)),
             // A replica that installed a snapshot lacks older receipts: ask the leader, once.
             None => match shared.leader_addr().filter(|l| hop == Hop::Direct && *l != shared.opts.listen) {
@@ -459,7 +459,7 @@ fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
         }
         AdminOp::ClusterRemove { node_id } => membership_reply(shared, shared.replicator().remove_member(*node_id)),
         AdminOp::AuditPage { table, after, limit } => {
-            match crate::s7_apply::audit_page(shared, *table, after.as_deref(), *limit) {
+            match crate::queries::audit_page(shared, *table, after.as_deref(), *limit) {
                 Ok(p) => ServerMessage::AuditPage(p),
                 Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
             }
@@ -560,7 +560,7 @@ pub fn status(shared: &Shared) -> StatusInfo {
     let committed = shared.committed();
     let mut warnings = Vec::new();
     if let Some(why) = r.stopped() {
-        let what = if crate::s5_propose::is_disk_full(&why) { "StorageFull" } else { "LogFailed" };
+        let what = if crate::queries::is_disk_full(&why) { "StorageFull" } else { "LogFailed" };
         warnings.push(format!(
             "{what}: this replica's log stopped ({why}); it stepped down and serves no writes until it is restarted"
         ));

@@ -327,6 +327,7 @@ impl Sim {
             operator_key: operator.clone(),
             election_seed: 0,
             plant: cfg.plant,
+            snapshot_reports_by_shell: false,
         };
         let nodes = (0..n)
             .map(|_| Node {
@@ -648,8 +649,8 @@ impl Sim {
                     let d = self.net_delay();
                     self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(result) });
                 }
-                Effect::Reconfigured { ref voters } if trace() => {
-                    eprintln!("{:>6} node {} applied voters {voters:?}", self.now, i + 1);
+                Effect::Reconfigured { ref conf_state, .. } if trace() => {
+                    eprintln!("{:>6} node {} applied voters {:?}", self.now, i + 1, conf_state.voters);
                     if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
                         self.stats.reconfigurations += 1;
                     }
@@ -670,6 +671,8 @@ impl Sim {
                     self.stats.max_height = self.stats.max_height.max(header.height);
                     self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
                 }
+                // The simulator changes voters with `Event::ChangeVoters`, which has no answer.
+                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } => {}
             }
         }
     }

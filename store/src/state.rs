@@ -26,6 +26,7 @@ const META_SCHEMA: &str = "schema";
 const META_APPLIED: &str = "applied";
 const META_GENESIS: &str = "genesis";
 const META_INSTALLING: &str = "installing";
+const META_CONF: &str = "conf";
 
 /// Batch bodies inlined in a state snapshot (the most recent ones).
 pub const SNAPSHOT_BODIES_MAX: u64 = 64;
@@ -52,11 +53,16 @@ pub struct Applied {
     pub header_hash: Digest,
     /// That batch's state digest (zeros before the first).
     pub state_digest: Digest,
+    /// Raft term of the entry at `index` (0 when unknown: a store written before terms were
+    /// recorded, or fresh).
+    pub term: u64,
+    /// Header time of the last batch (0 before the first).
+    pub time_ms: u64,
 }
 
 impl Default for Applied {
     fn default() -> Self {
-        Applied { index: 0, height: 0, header_hash: Digest::ZERO, state_digest: Digest::ZERO }
+        Applied { index: 0, height: 0, header_hash: Digest::ZERO, state_digest: Digest::ZERO, term: 0, time_ms: 0 }
     }
 }
 
@@ -238,8 +244,15 @@ impl<K: Kv> Store<K> {
         let body_ref = self.segments.append(&body)?;
         self.segments.sync()?;
 
-        let applied =
-            Applied { index, height: header.height, header_hash: header.hash(), state_digest: header.state_digest };
+        // A batch is proposed in the term it was built in, so its entry's term is the header's.
+        let applied = Applied {
+            index,
+            height: header.height,
+            header_hash: header.hash(),
+            state_digest: header.state_digest,
+            term: header.term,
+            time_ms: header.time_ms,
+        };
         let record = BatchRecord { header: header.clone(), signature: *signature, body_ref: encode(&body_ref) };
         let mut ops = Vec::with_capacity(entry.write_set.ops.len() + entry.requests.len() + 2);
         ops.extend(entry.write_set.ops.iter().cloned());
@@ -266,11 +279,47 @@ impl<K: Kv> Store<K> {
     /// # Panics
     /// If `index` does not advance.
     pub fn apply_noop(&mut self, index: u64) -> Result<(), StoreError> {
+        self.apply_noop_at(index, self.applied.term)
+    }
+
+    /// As [`Self::apply_noop`], recording the entry's Raft term.
+    ///
+    /// # Errors
+    /// Backend errors.
+    ///
+    /// # Panics
+    /// If `index` does not advance.
+    pub fn apply_noop_at(&mut self, index: u64, term: u64) -> Result<(), StoreError> {
         assert!(index > self.applied.index, "log index {index} does not advance past {}", self.applied.index);
-        let applied = Applied { index, ..self.applied };
+        let applied = Applied { index, term, ..self.applied };
         self.kv.write(&[self.applied_op(&applied)])?;
         self.applied = applied;
         Ok(())
+    }
+
+    /// A configuration change at `index`: the applied marker and the configuration (opaque
+    /// bytes, raft-rs's `ConfState`) in one atomic write.
+    ///
+    /// # Errors
+    /// Backend errors.
+    ///
+    /// # Panics
+    /// If `index` does not advance.
+    pub fn apply_conf(&mut self, index: u64, term: u64, conf: &[u8]) -> Result<(), StoreError> {
+        assert!(index > self.applied.index, "log index {index} does not advance past {}", self.applied.index);
+        let applied = Applied { index, term, ..self.applied };
+        let conf_op = WriteOp { key: self.tables.meta(META_CONF).into_bytes(), value: Some(conf.to_vec()) };
+        self.kv.write(&[conf_op, self.applied_op(&applied)])?;
+        self.applied = applied;
+        Ok(())
+    }
+
+    /// The configuration as of the applied index (`None` while the initial one holds).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn conf(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv.get(self.tables.meta(META_CONF).as_bytes())
     }
 
     fn applied_op(&self, applied: &Applied) -> WriteOp {
@@ -427,6 +476,15 @@ impl<K: Kv> Store<K> {
     /// # Errors
     /// Backend errors; [`StoreError::InvalidArgument`] for a snapshot behind this store.
     pub fn install_snapshot(&mut self, snap: &StateSnapshot) -> Result<(), StoreError> {
+        self.install_snapshot_with_conf(snap, None)
+    }
+
+    /// As [`Self::install_snapshot`], also recording the configuration as of the snapshot
+    /// (the same atomic write as the applied marker).
+    ///
+    /// # Errors
+    /// As [`Self::install_snapshot`].
+    pub fn install_snapshot_with_conf(&mut self, snap: &StateSnapshot, conf: Option<&[u8]>) -> Result<(), StoreError> {
         fn hex_prefix(k: &[u8]) -> String {
             k.iter().take(8).map(|b| format!("{b:02x}")).collect()
         }
@@ -480,11 +538,15 @@ impl<K: Kv> Store<K> {
             self.kv.write(&ops)?;
         }
         self.segments.sync()?;
-        self.kv.write(&[
+        let mut ops = vec![
             self.applied_op(&snap.applied),
             WriteOp { key: self.tables.meta(META_GENESIS).into_bytes(), value: Some(vec![1]) },
             WriteOp { key: installing, value: None },
-        ])?;
+        ];
+        if let Some(conf) = conf {
+            ops.push(WriteOp { key: self.tables.meta(META_CONF).into_bytes(), value: Some(conf.to_vec()) });
+        }
+        self.kv.write(&ops)?;
         self.kv.sync_all()?;
         self.applied = snap.applied;
         self.initialized = true;

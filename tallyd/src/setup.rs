@@ -8,8 +8,8 @@ use tally_codec::config::NodeConfig;
 use tally_codec::genesis::Genesis;
 use tally_codec::{ClusterId, PublicKey};
 use tally_failover::env::SystemEnv;
-use tally_failover::node::{RaftConfig, RaftReplicator};
-use tally_failover::solo::SoloReplicator;
+use tally_failover::node::RaftConfig;
+use tally_failover::storage::MemberAddr;
 use tally_failover::transport::PeerSecurity;
 use tally_failover::Member;
 use tally_pipeline::{Node, NodeOptions};
@@ -337,37 +337,64 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         relay_dial,
         admin_keys: admin_keys(&cfg).map_err(|e| format!("admin_keys: {e}"))?,
     };
-    let node_id = cfg.node_id;
-    let client_addr = cfg.listen.clone();
     let genesis_text = std::fs::read(&cfg.genesis_file).map_err(|e| format!("cannot read genesis: {e}"))?;
     let raft_cfg = raft_config(&cfg, &genesis_text, peer_security);
-    // A cluster of one (no peers, or only this node) runs on the local log; anything else,
-    // including a node joining a cluster it is not yet a member of, runs Raft.
+    // A cluster of one (no peers, or only this node) opens no peer port; anything else,
+    // including a node joining a cluster it is not yet a member of, replicates.
     let solo = cfg.peers.iter().all(|p| p.node_id == cfg.node_id);
-    let multi = !solo;
-    let node = Node::start(
-        opts,
-        store,
-        Box::new(SystemEnv::new(None)),
-        Box::new(move |committed_tx, applied_index, snapshots| {
-            if multi {
-                let r = RaftReplicator::start(
-                    raft_cfg,
-                    wal,
-                    applied_index,
-                    Box::new(SystemEnv::new(None)),
-                    committed_tx,
-                    snapshots,
-                )
-                .map_err(|e| format!("replication: {e}"))?;
-                Ok(Arc::new(r) as Arc<dyn tally_failover::Replicator>)
+    let peers = if solo {
+        None
+    } else {
+        let listener = std::net::TcpListener::bind(&raft_cfg.peer_listen)
+            .map_err(|e| format!("replication: cannot listen on {}: {e}", raft_cfg.peer_listen))?;
+        Some(tally_pipeline::shell::PeerPort {
+            listener,
+            hello: tally_failover::handshake::Hello::new(
+                &raft_cfg.cluster_id,
+                raft_cfg.node_id,
+                raft_cfg.config_fingerprint,
+            ),
+            security: raft_cfg.peer_security.clone(),
+        })
+    };
+    let is_initial_voter = solo || raft_cfg.peers.iter().any(|m| m.node_id == cfg.node_id);
+    let mut known_members: Vec<MemberAddr> = raft_cfg
+        .peers
+        .iter()
+        .map(|m| MemberAddr { node_id: m.node_id, client_addr: m.client_addr.clone(), peer_addr: m.peer_addr.clone() })
+        .collect();
+    if solo && known_members.is_empty() {
+        known_members.push(MemberAddr {
+            node_id: cfg.node_id,
+            client_addr: cfg.listen.clone(),
+            peer_addr: String::new(),
+        });
+    }
+    let shell = tally_pipeline::shell::ShellConfig {
+        node_id: cfg.node_id,
+        initial_voters: if is_initial_voter {
+            if solo {
+                vec![cfg.node_id]
             } else {
-                let r = SoloReplicator::start(node_id, client_addr, wal, applied_index, committed_tx)
-                    .map_err(|e| e.to_string())?;
-                Ok(Arc::new(r) as Arc<dyn tally_failover::Replicator>)
+                raft_cfg.peers.iter().map(|m| m.node_id).collect()
             }
-        }),
-    )?;
+        } else {
+            Vec::new()
+        },
+        known_members,
+        tick_ms: cfg.tick_ms,
+        election_ticks: cfg.election_ticks,
+        heartbeat_ticks: cfg.heartbeat_ticks,
+        log_retain_entries: cfg.log_retain_entries,
+        store_sync_interval_ms: cfg.store_sync_interval_ms,
+        peers,
+        plant: if tally_pipeline::failpoint::enabled("ack-before-commit") {
+            tally_core::Plant::AckBeforeCommit
+        } else {
+            tally_core::Plant::None
+        },
+    };
+    let node = Node::start(opts, store, shell, wal, Box::new(SystemEnv::new(None)))?;
     {
         let shared = node.shared.clone();
         let max_lag = cfg.ready_max_lag_batches;
@@ -442,7 +469,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
                 tracing::error!(reason = %why, "this replica stopped writing; it serves status and stale reads only");
                 reported_failure = true;
             }
-            if !tally_pipeline::s5_propose::is_disk_full(&why) {
+            if !tally_pipeline::queries::is_disk_full(&why) {
                 // Not a full disk (an I/O error, a broken store): end the replica; a supervisor
                 // restarts it and a backup leads meanwhile.
                 return Err(format!("replica stopped: {why}"));

@@ -85,7 +85,7 @@ fn live_metrics_pass_promtool_and_answer_the_operator_questions() {
             "tally_log_bytes ",
             "tally_store_bytes{part=\"state\"}",
             "tally_wal_fsync_seconds_bucket",
-            "tally_stage_seconds_bucket{stage=\"confirm\"",
+            "tally_stage_seconds_bucket{stage=\"persist\"",
             "tally_stage_seconds_bucket{stage=\"apply\"",
             "tally_committed_requests_total ",
             "tally_connections{pool=\"client\"}",
@@ -112,7 +112,7 @@ fn live_metrics_pass_promtool_and_answer_the_operator_questions() {
                 "tally_batch_interval_seconds_bucket",
                 "tally_stage_seconds_bucket{stage=\"validate\"",
                 "tally_stage_seconds_bucket{stage=\"sequence\"",
-                "tally_stage_seconds_bucket{stage=\"propose\"",
+                "tally_stage_seconds_bucket{stage=\"raft\"",
                 "tally_refused_total{stage=\"optimistic\",reason=\"InsufficientFunds\"}",
             ] {
                 assert!(body.contains(name), "leader /metrics lacks {name}:\n{body}");

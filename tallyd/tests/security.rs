@@ -281,7 +281,11 @@ fn a_full_disk_is_reported_and_the_leader_steps_down() {
         "the full leader did not step down"
     );
     let n = writer.acked_len();
-    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 16), "no commits after the step-down");
+    let committed = wait_until(Duration::from_secs(10), || writer.acked_len() > n + 16);
+    if !committed {
+        dump_logs(&nodes);
+    }
+    assert!(committed, "no commits after the step-down");
     // The full replica is still up, says why it stopped, and leads nothing.
     let s = status_of(&addrs[li])
         .unwrap_or_else(|| panic!("the full replica does not answer status:\n{}", nodes[li].log_text()));

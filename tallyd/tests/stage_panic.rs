@@ -20,7 +20,7 @@ fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
 /// log as it is.
 #[test]
 fn a_refused_proposal_ends_the_leader_instead_of_reusing_a_height() {
-    fault_ends_the_leader("refuse-proposal", "proposal refused in term");
+    fault_ends_the_leader("refuse-proposal", "batch proposal refused in term");
 }
 
 /// Arms `failpoint` under a write load; the leader must abort with `expect_log` in its log, a

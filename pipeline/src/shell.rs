@@ -1,0 +1,893 @@
+//! The production shell around the replica core: one thread runs [`tally_core::Replica`] and
+//! executes its effects on the real network, log, store and clock.
+//!
+//! ```text
+//!  s1/s2 (connection threads) ── Vec<Submission> ─┐
+//!  peers ── TcpTransport ── raft messages ────────┤
+//!  admin (cluster add/remove) ── conf changes ────┤
+//!  clock (Env) ── ticks ──────────────────────────┤
+//!                                                 ▼
+//!                         replica thread: Replica::handle(event) → effects, in order:
+//!                           Send       → TcpTransport (snapshots streamed in chunks)
+//!                           Persist    → WAL append, fsync, hard state (a failure poisons)
+//!                           Reply      → the client's frame
+//!                           Signed     → metrics
+//!                           Reconfigured → member addresses (durable), transport peers
+//!                         then publishes status (role, lease, progress) for the API
+//!  every store_sync_interval_ms: fsync the store, then drop the log below what it holds
+//! ```
+//!
+//! The core decides everything (stages 3–7, Raft, leases, membership, snapshots); this file
+//! only moves bytes and keeps time. The simulator (`sim/`) drives the same core with an
+//! in-memory network, disk and clock.
+
+use crate::ledger::{Members, StoreLedger};
+use crate::node::{Shared, Submission, Waiter};
+use crossbeam::channel::{bounded, Receiver, Sender};
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message};
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_codec::wire::SubmitReply;
+use tally_codec::ErrorCode;
+use tally_core::{Effect, Event, Persist, Plant, Replica, ReplicaConfig, RestoredLog, Status};
+use tally_failover::env::Env;
+use tally_failover::handshake::Hello;
+use tally_failover::node::{
+    check_entry_with, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
+};
+use tally_failover::snapshot::NoSnapshots;
+use tally_failover::storage::{conf_ids, MemberAddr, WalStorage};
+use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
+use tally_failover::{Member, MembershipError, ProposeError, Replicator, Role};
+use tally_store::wal::Wal;
+
+/// Admin commands waiting for the replica thread.
+const ADMIN_QUEUED_MAX: usize = 16;
+/// Inputs handled between two status publications.
+const INPUTS_PER_PASS_MAX: usize = 256;
+/// How often the replica thread wakes without input, so an open batch closes on time.
+const IDLE_WAKE_MS: u64 = 5;
+
+/// What the replica thread needs besides the pipeline's shared state.
+pub struct ShellConfig {
+    pub node_id: u64,
+    /// The initial voters of a new cluster (this node among them), or empty for a node that
+    /// waits to be added.
+    pub initial_voters: Vec<u64>,
+    /// Addresses known from the configuration file (the log's record wins).
+    pub known_members: Vec<MemberAddr>,
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub log_retain_entries: u64,
+    pub store_sync_interval_ms: u64,
+    /// The peer port and how links are protected; `None` for a cluster of one without one.
+    pub peers: Option<PeerPort>,
+    /// A bug planted on purpose (tests of the chaos monkey only; `Plant::None` otherwise).
+    pub plant: Plant,
+}
+
+/// The replication port.
+pub struct PeerPort {
+    pub listener: TcpListener,
+    pub hello: Hello,
+    pub security: PeerSecurity,
+}
+
+enum Admin {
+    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), String>> },
+}
+
+/// What the replica thread publishes after every pass.
+#[derive(Default)]
+struct Published {
+    status: Status,
+    members: BTreeMap<u64, MemberAddr>,
+    /// The highest commit index a leader's append carried.
+    leader_commit_seen: u64,
+    stopped: Option<String>,
+}
+
+/// The handle the connection threads and `tallyd` use: role, lease, members, membership.
+pub struct CoreReplicator {
+    node_id: u64,
+    published: Arc<Mutex<Published>>,
+    env: Arc<Mutex<Box<dyn Env>>>,
+    admin_tx: Sender<Admin>,
+    stop: Arc<AtomicBool>,
+    probe: Option<(Hello, PeerSecurity)>,
+    admin_lock: Mutex<()>,
+}
+
+/// Starts the replica thread on `shared`'s store and submission queue.
+///
+/// # Errors
+/// A log the core refuses, or a thread or port that cannot start.
+pub fn start(
+    shared: &Arc<Shared>,
+    cfg: ShellConfig,
+    wal: Wal,
+    env: Box<dyn Env>,
+) -> Result<Arc<CoreReplicator>, String> {
+    let members: Members = Arc::default();
+    let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members, Arc::new(NoSnapshots))
+        .map_err(|e| format!("log: {e}"))?;
+    *members.lock() = log.members().clone();
+    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone());
+    // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
+    // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
+    if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
+        let cs = ConfState::from((cfg.initial_voters.clone(), vec![]));
+        let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
+        tally_core::Ledger::apply_conf(&mut ledger, 1, 1, bytes).map_err(|e| format!("bootstrap: {e}"))?;
+        shared.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
+    }
+    // The log must continue from the durable state: a fresh log (or one whose entries the
+    // state already holds) starts with a marker at the state's applied entry.
+    let head = tally_core::Ledger::head(&ledger);
+    if head.index > 0 && log.log().last_index() < head.index {
+        let mut meta = raft::eraftpb::SnapshotMetadata::default();
+        meta.index = head.index;
+        meta.term = head.term.max(1);
+        if let Some(bytes) = tally_core::Ledger::conf_state(&ledger) {
+            meta.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|e| format!("stored configuration: {e}"))?);
+        }
+        log.apply_snapshot(&meta, &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
+    }
+    let restored = restore(&log)?;
+    let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
+    let (transport, probe): (Box<dyn Transport>, _) = match cfg.peers {
+        Some(p) => {
+            let t = TcpTransport::start(p.listener, p.hello.clone(), p.security.clone(), net_tx)
+                .map_err(|e| format!("peer port: {e}"))?
+                .with_snapshots(ledger.snapshot_source());
+            (Box::new(t), Some((p.hello, p.security)))
+        }
+        None => (Box::new(NoPeers), None),
+    };
+    let mut env = env;
+    let now_ms = env.monotonic_ms();
+    let wall_ms = env.wall_ms();
+    let election_seed = env.next_u64();
+    let replica_cfg = ReplicaConfig {
+        node_id: cfg.node_id,
+        voters: Vec::new(),
+        cluster_id: shared.opts.cluster_id,
+        tick_ms: cfg.tick_ms,
+        election_ticks: cfg.election_ticks,
+        heartbeat_ticks: cfg.heartbeat_ticks,
+        batch_interval_ms: shared.opts.batch_interval_ms,
+        batch_requests_max: shared.opts.batch_requests_max,
+        batch_bytes_max: shared.opts.batch_bytes_max,
+        log_retain_entries: cfg.log_retain_entries,
+        operator_key: shared.opts.operator_key.clone(),
+        election_seed,
+        plant: cfg.plant,
+        snapshot_reports_by_shell: true,
+    };
+    let logger = tally_failover::raft_log_bridge::logger(cfg.node_id);
+    let replica =
+        Replica::start(replica_cfg, ledger, restored, now_ms, wall_ms, &logger).map_err(|e| format!("replica: {e}"))?;
+    tracing::info!(
+        node = cfg.node_id,
+        applied = replica.applied().index,
+        voters = ?replica.voters(),
+        "replica core started"
+    );
+    let env = Arc::new(Mutex::new(env));
+    let published = Arc::new(Mutex::new(Published::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (admin_tx, admin_rx) = bounded(ADMIN_QUEUED_MAX);
+    let mut thread = ReplicaThread {
+        id: cfg.node_id,
+        replica,
+        log,
+        transport,
+        shared: shared.clone(),
+        env: env.clone(),
+        published: published.clone(),
+        members,
+        waiters: HashMap::new(),
+        next_tag: 0,
+        admin_replies: HashMap::new(),
+        store_sync_interval_ms: cfg.store_sync_interval_ms.max(1),
+        last_store_sync_ms: now_ms,
+        leader_commit_seen: 0,
+        metrics: MetricsSeen::default(),
+        stopped: None,
+        last_batch_at: None,
+    };
+    thread.update_transport_peers();
+    thread.publish();
+    let (seq_rx, stop2) = (shared.seq_rx.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name(format!("replica-{}", cfg.node_id))
+        .spawn(move || {
+            // A panic here (a broken invariant) ends the process: a replica must never keep
+            // heartbeating while its core is dead (DESIGN §8).
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                thread.run(&seq_rx, &net_rx, &admin_rx, &stop2)
+            }));
+            if r.is_err() {
+                tracing::error!("the replica thread panicked; aborting so a backup takes over");
+                std::process::abort();
+            }
+        })
+        .map_err(|e| format!("cannot start the replica thread: {e}"))?;
+    Ok(Arc::new(CoreReplicator {
+        node_id: cfg.node_id,
+        published,
+        env,
+        admin_tx,
+        stop,
+        probe,
+        admin_lock: Mutex::new(()),
+    }))
+}
+
+fn ledger_is_fresh(l: &StoreLedger) -> bool {
+    tally_core::Ledger::head(l).index == 0
+}
+
+/// What the log on disk holds, for the core to restart from.
+fn restore(log: &WalStorage) -> Result<RestoredLog, String> {
+    let wal = log.log();
+    let (first, last) = (wal.first_index(), wal.last_index());
+    let mut entries = Vec::new();
+    if last >= first {
+        for le in wal.entries(first, last + 1, None).map_err(|e| format!("log read: {e}"))? {
+            entries.push(tally_failover::storage::decode_entry(&le).map_err(|e| format!("log entry: {e}"))?);
+        }
+    }
+    let rec = wal.hard_state();
+    let mut hs = raft::eraftpb::HardState::default();
+    hs.term = rec.term.max(1);
+    hs.vote = rec.vote;
+    hs.commit = rec.commit;
+    Ok(RestoredLog { records: vec![Persist { snapshot: None, entries, hard_state: Some(hs), sync: true }] })
+}
+
+/// A cluster of one: nobody to send to.
+struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&mut self, _msg: Message) -> bool {
+        false
+    }
+    fn set_peers(&mut self, _peers: &BTreeMap<u64, String>) {}
+    fn stop(&mut self) {}
+}
+
+#[derive(Default)]
+struct MetricsSeen {
+    is_leader: bool,
+    term: u64,
+    leader: (u64, u64),
+}
+
+/// Where an answer goes.
+enum Pending {
+    Submit(Waiter),
+}
+
+struct ReplicaThread {
+    id: u64,
+    replica: Replica<StoreLedger>,
+    log: WalStorage,
+    transport: Box<dyn Transport>,
+    shared: Arc<Shared>,
+    env: Arc<Mutex<Box<dyn Env>>>,
+    published: Arc<Mutex<Published>>,
+    members: Members,
+    waiters: HashMap<u64, Pending>,
+    next_tag: u64,
+    admin_replies: HashMap<u64, Sender<Result<(), String>>>,
+    store_sync_interval_ms: u64,
+    last_store_sync_ms: u64,
+    leader_commit_seen: u64,
+    metrics: MetricsSeen,
+    stopped: Option<String>,
+    last_batch_at: Option<Instant>,
+}
+
+impl ReplicaThread {
+    fn run(
+        &mut self,
+        seq_rx: &Receiver<Vec<Submission>>,
+        net_rx: &Receiver<Message>,
+        admin_rx: &Receiver<Admin>,
+        stop: &AtomicBool,
+    ) {
+        while !stop.load(Ordering::Relaxed) {
+            let wait = Duration::from_millis(IDLE_WAKE_MS);
+            crossbeam::channel::select! {
+                recv(net_rx) -> m => if let Ok(m) = m { self.on_peer(m) },
+                recv(seq_rx) -> s => if let Ok(s) = s { self.on_submissions(s) },
+                recv(admin_rx) -> a => if let Ok(a) = a { self.on_admin(a) },
+                default(wait) => {},
+            }
+            for _ in 0..INPUTS_PER_PASS_MAX {
+                let mut idle = true;
+                if let Ok(m) = net_rx.try_recv() {
+                    self.on_peer(m);
+                    idle = false;
+                }
+                if let Ok(s) = seq_rx.try_recv() {
+                    self.on_submissions(s);
+                    idle = false;
+                }
+                if idle {
+                    break;
+                }
+            }
+            self.tick();
+            for (to, delivered) in self.transport.take_snapshot_reports() {
+                let result = if delivered { "sent" } else { "failed" };
+                metrics::counter!("tally_snapshot_sends_total", "result" => result).increment(1);
+                self.handle(Event::SnapshotReport { to, delivered });
+            }
+            self.maybe_sync_store();
+            self.publish();
+        }
+        self.transport.stop();
+    }
+
+    fn now(&self) -> (u64, u64) {
+        let env = self.env.lock();
+        (env.monotonic_ms(), env.wall_ms())
+    }
+
+    fn tick(&mut self) {
+        let (now_ms, wall_ms) = self.now();
+        self.handle(Event::Tick { now_ms, wall_ms });
+    }
+
+    fn on_peer(&mut self, m: Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend {
+            let cluster = self.shared.opts.cluster_id;
+            let check = |data: &[u8]| tally_core::confirm::check_batch_entry(data, &cluster).map_err(|e| e.to_string());
+            for e in m.get_entries() {
+                if let Err(why) = check_entry_with(e, &check) {
+                    // Defence in depth behind mutual TLS: a peer that sends what can never be
+                    // applied is ignored, and nothing of it reaches the log.
+                    tracing::error!(node = self.id, from = m.from, index = e.index, %why, "raft message refused before persisting");
+                    return;
+                }
+            }
+            if m.term >= self.replica.term() {
+                self.leader_commit_seen = self.leader_commit_seen.max(m.commit);
+            }
+        }
+        self.handle(Event::Peer(m));
+    }
+
+    fn on_submissions(&mut self, subs: Vec<Submission>) {
+        crate::failpoint::hit("sequencer");
+        if crate::failpoint::claim("refuse-proposal") {
+            self.replica.refuse_next_proposal();
+        }
+        for s in subs {
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            self.waiters.insert(tag, Pending::Submit(s.waiter));
+            self.handle(Event::Submit { client: tag, req: s.req });
+        }
+    }
+
+    fn on_admin(&mut self, a: Admin) {
+        match a {
+            Admin::ConfChange { cc, context, reply } => {
+                let ticket = self.next_tag;
+                self.next_tag += 1;
+                self.admin_replies.insert(ticket, reply);
+                self.handle(Event::ConfChange { ticket, cc, context });
+            }
+        }
+    }
+
+    /// One event through the core, then its effects in order.
+    fn handle(&mut self, event: Event) {
+        if self.stopped.is_some() {
+            // The log failed: the core is poisoned and answers clients itself; peers hear
+            // nothing more from this replica.
+            if matches!(event, Event::Peer(_) | Event::Tick { .. } | Event::SnapshotReport { .. }) {
+                return;
+            }
+        }
+        let started = Instant::now();
+        let effects = self.replica.handle(event);
+        // The core keeps no clock: its pass is timed here and named after what it did.
+        let stage = if effects.iter().any(|e| matches!(e, Effect::Signed { .. })) {
+            "apply"
+        } else if effects.iter().any(|e| matches!(e, Effect::Proposed { .. })) {
+            "sequence"
+        } else {
+            "raft"
+        };
+        crate::measure::stage_time(stage, started);
+        self.execute(effects);
+    }
+
+    fn execute(&mut self, effects: Vec<Effect>) {
+        let mut effects = effects.into_iter();
+        while let Some(e) = effects.next() {
+            match e {
+                Effect::Send(m) => self.send(m),
+                Effect::Persist(p) => {
+                    let started = Instant::now();
+                    if let Err(why) = self.persist(p) {
+                        // Nothing after a failed persist may run: the messages behind it
+                        // promise what the log does not hold.
+                        tracing::error!(node = self.id, error = %why, "log write failed; this replica stops and steps down");
+                        metrics::gauge!("tally_log_stopped").set(1.0);
+                        self.stopped = Some(why.clone());
+                        self.shared.poison(why.clone());
+                        drop(effects);
+                        let rest = self.replica.handle(Event::LogFailed(why));
+                        // The poisoned core only answers clients now.
+                        self.execute(rest);
+                        self.transport.stop();
+                        return;
+                    }
+                    metrics::histogram!("tally_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
+                    crate::measure::stage_time("persist", started);
+                }
+                Effect::Reply { client, reply } => {
+                    if let SubmitReply::Refused(e) = &reply {
+                        crate::measure::refused(refusal_stage(e.code), e.code, 1);
+                    }
+                    match self.waiters.remove(&client) {
+                        Some(Pending::Submit(w)) => w.fill(reply),
+                        None => tracing::warn!(client, "a reply for nobody"),
+                    }
+                }
+                Effect::ReadReply { .. } => {}
+                Effect::Proposed { requests, bytes, .. } => {
+                    metrics::histogram!("tally_batch_requests").record(requests as f64);
+                    metrics::histogram!("tally_batch_bytes").record(bytes as f64);
+                    let now = Instant::now();
+                    if let Some(prev) = self.last_batch_at.replace(now) {
+                        metrics::histogram!("tally_batch_interval_seconds").record((now - prev).as_secs_f64());
+                    }
+                }
+                Effect::Signed { header, .. } => {
+                    metrics::counter!("tally_committed_batches_total").increment(1);
+                    metrics::counter!("tally_committed_requests_total").increment(u64::from(header.leaf_count));
+                }
+                Effect::Reconfigured { index, conf_state, context } => self.reconfigured(index, conf_state, &context),
+                Effect::ConfChangeProposed { ticket, result } => {
+                    if let Some(reply) = self.admin_replies.remove(&ticket) {
+                        let _ = reply.try_send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, m: Message) {
+        let (to, snap) = (m.to, m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot);
+        if !self.transport.send(m) && snap {
+            metrics::counter!("tally_snapshot_sends_total", "result" => "failed").increment(1);
+            let effects = self.replica.handle(Event::SnapshotReport { to, delivered: false });
+            self.execute(effects);
+        }
+    }
+
+    fn persist(&mut self, p: Persist) -> Result<(), String> {
+        if let Some(snap) = &p.snapshot {
+            let members = self.replica.ledger().take_installed_members().unwrap_or_default();
+            self.log.apply_snapshot(snap.get_metadata(), &members).map_err(|e| format!("snapshot marker: {e}"))?;
+            *self.members.lock() = self.log.members().clone();
+            self.update_transport_peers();
+        }
+        if !p.entries.is_empty() {
+            self.log.append(&p.entries).map_err(|e| format!("log append: {e}"))?;
+            if p.sync {
+                self.log.sync().map_err(|e| format!("log fsync: {e}"))?;
+            }
+        }
+        if let Some(hs) = &p.hard_state {
+            // Term and vote must be durable before any message that depends on them. The commit
+            // index rides along but is not worth a write on its own.
+            let stored = self.log.log().hard_state();
+            if hs.term != stored.term || hs.vote != stored.vote {
+                self.log.set_hard_state(hs).map_err(|e| format!("hard state: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reconfigured(&mut self, index: u64, cs: ConfState, context: &[u8]) {
+        if !context.is_empty() {
+            match tally_codec::decode::<MemberAddr>(context, 64 * 1024) {
+                Ok(addr) => {
+                    if let Err(e) = self.log.upsert_member(addr) {
+                        self.fail_log(format!("members: {e}"));
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode"),
+            }
+        }
+        tracing::info!(node = self.id, index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "configuration changed");
+        let ids = conf_ids(&cs);
+        if let Err(e) = self.log.retain_members(&ids, self.id) {
+            self.fail_log(format!("members: {e}"));
+            return;
+        }
+        *self.members.lock() = self.log.members().clone();
+        self.update_transport_peers();
+    }
+
+    fn fail_log(&mut self, why: String) {
+        self.stopped = Some(why.clone());
+        self.shared.poison(why.clone());
+        let rest = self.replica.handle(Event::LogFailed(why));
+        self.execute(rest);
+        self.transport.stop();
+    }
+
+    fn update_transport_peers(&mut self) {
+        let peers: BTreeMap<u64, String> = self
+            .members
+            .lock()
+            .values()
+            .filter(|m| m.node_id != self.id && !m.peer_addr.is_empty())
+            .map(|m| (m.node_id, m.peer_addr.clone()))
+            .collect();
+        self.transport.set_peers(&peers);
+    }
+
+    /// Makes the store durable now and then, so the log can be dropped below what it holds.
+    fn maybe_sync_store(&mut self) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let now = self.now().0;
+        if now < self.last_store_sync_ms + self.store_sync_interval_ms {
+            return;
+        }
+        self.last_store_sync_ms = now;
+        let durable = {
+            let mut store = self.shared.store.lock();
+            let applied = store.applied().index;
+            if let Err(e) = store.sync_all() {
+                drop(store);
+                self.fail_log(format!("store sync: {e}"));
+                return;
+            }
+            applied
+        };
+        let target = durable.min(self.log.log().last_index());
+        if target >= self.log.log().first_index() {
+            if let Err(e) = self.log.compact(target) {
+                self.fail_log(format!("log compaction to {target}: {e}"));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let status = self.replica.status();
+        let a = status.applied;
+        self.shared.publish_progress(status.commit_index, a.index, a.height);
+        self.export_metrics(&status);
+        let mut p = self.published.lock();
+        p.leader_commit_seen = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
+        p.members = self.members.lock().clone();
+        p.stopped = self.stopped.clone();
+        p.status = status;
+    }
+
+    fn export_metrics(&mut self, s: &Status) {
+        if s.is_leader != self.metrics.is_leader {
+            self.metrics.is_leader = s.is_leader;
+            if s.is_leader {
+                metrics::counter!("tally_elections_total", "kind" => "vote").increment(1);
+            }
+        }
+        self.metrics.term = s.term;
+        let leader = s.leader_id.unwrap_or(0);
+        if leader != 0 && (s.term, leader) != self.metrics.leader {
+            if self.metrics.leader.1 != 0 {
+                metrics::counter!("tally_leader_changes_total").increment(1);
+            }
+            self.metrics.leader = (s.term, leader);
+        }
+        let now = self.now().0;
+        let lease_left_ms = s.lease_until_ms.map_or(0, |u| u.saturating_sub(now));
+        metrics::gauge!("tally_lease_remaining_seconds").set(lease_left_ms as f64 / 1e3);
+        if s.is_leader {
+            let acked = s.quorum_ack_ms.unwrap_or(now);
+            metrics::gauge!("tally_quorum_ack_age_seconds").set(now.saturating_sub(acked) as f64 / 1e3);
+            for (id, m) in &s.matched {
+                if *id != self.id {
+                    metrics::gauge!("tally_follower_lag_entries", "peer" => id.to_string())
+                        .set(s.commit_index.saturating_sub(*m) as f64);
+                }
+            }
+        }
+    }
+}
+
+/// The stage a core refusal comes from, for `tally_refused_total`: stage 3 refuses what the
+/// applied state cannot fund, stage 4 what expired or does not fit a batch; leadership changes
+/// refuse in stage 5 (not the leader, or a batch lost to a new leader).
+fn refusal_stage(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::InsufficientFunds => "optimistic",
+        ErrorCode::Expired | ErrorCode::ProposalTooLarge => "sequence",
+        ErrorCode::LogFailed | ErrorCode::StorageFull => "persist",
+        _ => "propose",
+    }
+}
+
+fn single(id: u64, ty: ConfChangeType) -> ConfChangeSingle {
+    let mut c = ConfChangeSingle::default();
+    c.node_id = id;
+    c.set_change_type(ty);
+    c
+}
+
+fn conf_change(changes: Vec<ConfChangeSingle>, transition: ConfChangeTransition) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_transition(transition);
+    cc.set_changes(changes.into());
+    cc
+}
+
+fn is_joint(cs: &ConfState) -> bool {
+    !cs.voters_outgoing.is_empty()
+}
+
+impl CoreReplicator {
+    fn now_ms(&self) -> u64 {
+        self.env.lock().monotonic_ms()
+    }
+
+    /// Stops the replica thread (tests; a process stops by exiting).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), MembershipError> {
+        let (reply, rx) = bounded(1);
+        self.admin_tx.try_send(Admin::ConfChange { cc, context, reply }).map_err(|_| MembershipError::Busy)?;
+        match rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) if why == "not the leader" => Err(MembershipError::NotLeader),
+            Ok(Err(why)) => Err(MembershipError::Refused(why)),
+            Err(_) => Err(MembershipError::Busy),
+        }
+    }
+
+    /// Polls the published state until `done` holds, for at most [`MEMBERSHIP_TIMEOUT_MS`].
+    fn wait_for(&self, what: &str, done: impl Fn(&Status) -> bool) -> Result<(), MembershipError> {
+        let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
+        loop {
+            {
+                let p = self.published.lock();
+                if done(&p.status) {
+                    return Ok(());
+                }
+                if let Some(r) = &p.stopped {
+                    return Err(MembershipError::Stopped(r.clone()));
+                }
+            }
+            if self.now_ms() > deadline {
+                return Err(MembershipError::Timeout(what.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for `id` to match `target` for as long as it makes progress: its match index moves
+    /// or a snapshot is on its way to it. Gives up after [`CATCH_UP_STALL_MS`] without progress.
+    fn wait_catch_up(&self, id: u64, target: u64) -> Result<(), MembershipError> {
+        let started = self.now_ms();
+        let mut last = (0, started);
+        loop {
+            let now = self.now_ms();
+            {
+                let p = self.published.lock();
+                let s = &p.status;
+                let matched = s.matched.iter().find(|(n, _)| *n == id).map_or(0, |(_, m)| *m);
+                if matched >= target {
+                    return Ok(());
+                }
+                if let Some(r) = &p.stopped {
+                    return Err(MembershipError::Stopped(r.clone()));
+                }
+                if !s.is_leader {
+                    return Err(MembershipError::NotLeader);
+                }
+                if matched > last.0 || s.snapshotting.contains(&id) {
+                    last = (matched, now);
+                }
+            }
+            if now - last.1 > CATCH_UP_STALL_MS || now - started > CATCH_UP_TIMEOUT_MS {
+                let what = format!("the learner to catch up (matched {} of {target})", last.0);
+                return Err(MembershipError::Timeout(what));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), MembershipError> {
+        if !self.role().is_leader {
+            return Err(MembershipError::NotLeader);
+        }
+        Ok(())
+    }
+}
+
+impl Replicator for CoreReplicator {
+    /// The core proposes its own batches; nothing outside it proposes.
+    fn propose(&self, _term: u64, _data: Vec<u8>) -> Result<(), ProposeError> {
+        Err(ProposeError::Stopped("batches are proposed by the replica core".into()))
+    }
+
+    fn role(&self) -> Role {
+        let p = self.published.lock();
+        let s = &p.status;
+        let stopped = p.stopped.is_some() || s.poisoned.is_some();
+        Role {
+            node_id: self.node_id,
+            term: s.term,
+            // A stopped replica knows no leader: its Raft state froze when its log failed.
+            leader_id: if stopped { None } else { s.leader_id },
+            is_leader: s.is_leader && !stopped,
+            term_start_index: 0,
+            commit_index: s.commit_index,
+        }
+    }
+
+    fn lease_valid(&self) -> bool {
+        let (ok, until) = {
+            let p = self.published.lock();
+            (p.status.is_leader && p.stopped.is_none() && p.status.sequencing, p.status.lease_until_ms)
+        };
+        ok && until.is_some_and(|u| self.now_ms() < u)
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let p = self.published.lock();
+        let conf = &p.status.conf_state;
+        conf_ids(conf)
+            .into_iter()
+            .map(|id| {
+                let addr = p.members.get(&id);
+                Member {
+                    node_id: id,
+                    client_addr: addr.map(|a| a.client_addr.clone()).unwrap_or_default(),
+                    peer_addr: addr.map(|a| a.peer_addr.clone()).unwrap_or_default(),
+                    is_voter: conf.voters.contains(&id) || conf.voters_outgoing.contains(&id),
+                    matched_index: p.status.matched.iter().find(|(n, _)| *n == id).map_or(0, |(_, m)| *m),
+                }
+            })
+            .collect()
+    }
+
+    fn durable_replicas(&self, index: u64) -> u8 {
+        let p = self.published.lock();
+        let s = &p.status;
+        let voter = |id: &u64| s.conf_state.voters.contains(id) || s.conf_state.voters_outgoing.contains(id);
+        let count = if s.is_leader {
+            s.matched.iter().filter(|(id, m)| voter(id) && *m >= index).count()
+        } else {
+            let local = usize::from(s.last_index >= index);
+            if index <= s.commit_index {
+                local.max(s.conf_state.voters.len() / 2 + 1)
+            } else {
+                local
+            }
+        };
+        u8::try_from(count).unwrap_or(u8::MAX)
+    }
+
+    fn voters(&self) -> usize {
+        self.published.lock().status.conf_state.voters.len()
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.published.lock().stopped.clone()
+    }
+
+    fn leader_commit_index(&self) -> u64 {
+        let p = self.published.lock();
+        p.leader_commit_seen.max(p.status.commit_index)
+    }
+
+    fn compact_hint(&self, _index: u64) {}
+
+    /// Adds `member` as a learner, waits until it caught up with the commit index, then promotes
+    /// it through a joint configuration (left automatically).
+    fn add_member(&self, member: Member) -> Result<(), MembershipError> {
+        let _one_at_a_time = self.admin_lock.lock();
+        self.require_leader()?;
+        let id = member.node_id;
+        if id == 0 {
+            return Err(MembershipError::ReservedId);
+        }
+        {
+            let p = self.published.lock();
+            if p.status.conf_state.voters.contains(&id) {
+                // The same add again (a retry whose first answer was lost) succeeds; a voter
+                // under other addresses is an error.
+                let same = p
+                    .members
+                    .get(&id)
+                    .is_some_and(|m| m.client_addr == member.client_addr && m.peer_addr == member.peer_addr);
+                return if same { Ok(()) } else { Err(MembershipError::AlreadyVoter(id)) };
+            }
+        }
+        // Before anything is proposed: the node must answer at that address as node `id` of this
+        // cluster (its certificate, cluster id and configuration), or nothing is added.
+        if let Some((hello, security)) = &self.probe {
+            tally_failover::transport::probe(&member.peer_addr, hello, security, id)
+                .map_err(|reason| MembershipError::Unreachable { node: id, reason })?;
+        } else {
+            return Err(MembershipError::Refused("this replica has no peer port: a cluster of one".into()));
+        }
+        let addr = MemberAddr { node_id: id, client_addr: member.client_addr, peer_addr: member.peer_addr };
+        let context = tally_codec::encode(&addr);
+        let was_learner = self.published.lock().status.conf_state.learners.contains(&id);
+        if !was_learner {
+            let cc = conf_change(vec![single(id, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
+            self.propose_conf_change(cc, context.clone())?;
+            self.wait_for("the learner to join", |s| s.conf_state.learners.contains(&id))?;
+        }
+        let target = self.role().commit_index;
+        if let Err(e) = self.wait_catch_up(id, target) {
+            // A failed add leaves no learner behind.
+            if !was_learner {
+                let cc = conf_change(vec![single(id, ConfChangeType::RemoveNode)], ConfChangeTransition::Auto);
+                if self.propose_conf_change(cc, Vec::new()).is_ok() {
+                    let _ = self.wait_for("the learner's removal", |s| !conf_ids(&s.conf_state).contains(&id));
+                }
+            }
+            return Err(MembershipError::NotAdded { node: id, cause: Box::new(e) });
+        }
+        self.require_leader()?;
+        let cc = conf_change(vec![single(id, ConfChangeType::AddNode)], ConfChangeTransition::Implicit);
+        self.propose_conf_change(cc, context)?;
+        self.wait_for("the promotion to commit", |s| s.conf_state.voters.contains(&id) && !is_joint(&s.conf_state))
+    }
+
+    /// Removes `node_id` through a joint configuration (left automatically).
+    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
+        let _one_at_a_time = self.admin_lock.lock();
+        self.require_leader()?;
+        if !conf_ids(&self.published.lock().status.conf_state).contains(&node_id) {
+            // Already gone: a retried remove (its first attempt's answer lost) succeeds.
+            tracing::info!(node = node_id, "cluster remove of a node that is not a member: nothing to do");
+            return Ok(());
+        }
+        let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
+        self.propose_conf_change(cc, Vec::new())?;
+        self.wait_for("the removal to commit", |s| {
+            !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
+        })
+    }
+}
+
+impl Drop for CoreReplicator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Answers every request still waiting when the replica thread ends (never in normal
+/// operation: the thread runs for the life of the process).
+impl Drop for ReplicaThread {
+    fn drop(&mut self) {
+        for (_, w) in self.waiters.drain() {
+            let Pending::Submit(w) = w;
+            w.refuse(ErrorCode::Retry);
+        }
+    }
+}
