@@ -31,7 +31,7 @@ use crate::{Plant, Validated};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
-use raft::{RawNode, StateRole, Storage};
+use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tally_codec::wire::{SubmitReply, WireError};
@@ -303,6 +303,20 @@ impl<L: Ledger> Replica<L> {
             meta.set_conf_state(storage.initial_state()?.conf_state);
             storage.wl().apply_snapshot(snap).map_err(|e| StartError::Log(format!("ledger marker: {e}")))?;
         }
+        // The surviving log as written, below the applied index too (see below).
+        let mut written: Vec<Entry> = Vec::new();
+        for p in &log.records {
+            if p.snapshot.is_some() {
+                written.clear();
+            }
+            if let Some(first) = p.entries.first() {
+                written.retain(|e| e.index < first.index);
+                if written.last().is_some_and(|e| e.index + 1 != first.index) {
+                    written.clear();
+                }
+                written.extend(p.entries.iter().cloned());
+            }
+        }
         let mut hs = HardState::default();
         for p in log.records {
             let covered = storage.first_index()? - 1;
@@ -330,6 +344,32 @@ impl<L: Ledger> Replica<L> {
             }
         }
         hs.commit = hs.commit.max(applied.index).min(storage.last_index()?);
+        // Entries the ledger already applied stay in the log when the disk still holds them and
+        // they end exactly at the applied entry: a follower that lags a little behind a
+        // restarted leader then catches up from the log, not from a snapshot.
+        let applied_tail: Vec<Entry> = written.into_iter().filter(|e| e.index <= applied.index).collect();
+        let storage = match applied_tail.last() {
+            Some(last) if applied_tail.len() > 1 && last.index == applied.index && last.term == applied.term => {
+                let conf = storage.initial_state()?.conf_state;
+                let last = storage.last_index()?;
+                let above = if last > applied.index {
+                    storage.entries(applied.index + 1, last + 1, None, GetEntriesContext::empty(false))?
+                } else {
+                    Vec::new()
+                };
+                let longer = MemStorage::new_with_conf_state(conf.clone());
+                let mut snap = Snapshot::default();
+                let meta = snap.mut_metadata();
+                meta.index = applied_tail[0].index;
+                meta.term = applied_tail[0].term;
+                meta.set_conf_state(conf);
+                longer.wl().apply_snapshot(snap).map_err(|e| StartError::Log(format!("log marker: {e}")))?;
+                longer.wl().append(&applied_tail[1..]).map_err(|e| StartError::Log(format!("entries: {e}")))?;
+                longer.wl().append(&above).map_err(|e| StartError::Log(format!("entries: {e}")))?;
+                longer
+            }
+            _ => storage,
+        };
         storage.wl().set_hardstate(hs);
         let storage = CoreLog::new(storage);
         let applied = ledger.head().index;

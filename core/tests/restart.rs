@@ -102,3 +102,18 @@ fn the_voters_come_from_the_durable_ledger() {
     let r = start(ledger_at(4, 1), vec![noops(1, 4, 1)]).expect("starts");
     assert_eq!(r.voters(), vec![1, 2, 3], "initial configuration");
 }
+
+/// Entries the ledger already applied stay in the in-memory log when the disk still holds them,
+/// so a follower a little behind a restarted leader is served from the log, not a snapshot
+/// (the chaos monkey found followers needlessly resynced by snapshot after a leader restart).
+/// Entries that do not end exactly at the applied entry (another term) are not trusted.
+#[test]
+fn the_surviving_log_below_the_applied_index_is_kept() {
+    let r = start(ledger_at(8, 1), vec![noops(1, 10, 1)]).expect("starts");
+    assert_eq!(r.status().first_index, 2, "the log from entry 2 on (entry 1 is the marker)");
+    assert_eq!(r.applied().index, 8);
+    let r = start(ledger_at(8, 2), vec![noops(1, 10, 1)]).expect("starts");
+    assert_eq!(r.status().first_index, 9, "entries of another term than the ledger's: only after the ledger");
+    let r = start(ledger_at(8, 1), vec![noops(4, 10, 1)]).expect("starts");
+    assert_eq!(r.status().first_index, 5, "from the oldest entry the disk holds");
+}

@@ -1,29 +1,24 @@
-//! Replication and failover: the seam between the pipeline and the replicated log.
+//! Replication and failover around the replica core: the durable Raft log on the WAL, the
+//! peer transport, snapshots streamed in chunks, and the handle the client port reads.
 //!
 //! ```text
-//!  pipeline (leader)            failover                          every replica
-//!  ─────────────────            ────────                          ─────────────
-//!  stage 4 ──propose(entry)──▶ Replicator ──▶ log (fsync) ──▶ Committed{index,term,data}
-//!        ◀──role()/lease────                 peers (raft)        └─▶ pipeline applier
+//!  tally_core::Replica ◀── shell (pipeline/src/shell.rs) ──▶ storage (WalStorage on the Wal)
+//!                                  │                        ──▶ transport (TLS peer links)
+//!                                  └── Replicator (role, lease, members) ◀── client port
 //! ```
 //!
-//! The pipeline never talks to raft-rs directly. It proposes encoded batches, reads the role
-//! (term, leader, lease), and consumes committed entries, in order, from a channel. A
-//! single-replica cluster and a Raft cluster implement the same trait. Time and randomness come
-//! from an [`env::Env`], so a seeded simulation can drive failover exactly.
+//! The consensus decisions live in `tally_core` (raft-rs's `RawNode` over an in-memory log);
+//! this crate holds what touches the outside world. Time and randomness come from an
+//! [`env::Env`].
 //!
-//! Modules, in the order a message travels:
-//! - [`solo`]: the one-replica log (no Raft).
-//! - [`node`]: [`RaftReplicator`], the raft-rs loop (ready handling, ticks, membership).
-//! - [`storage`]: raft-rs `Storage` on the Wal ([`LogStore`]); conf state and members in meta
-//!   blobs. A new cluster's log starts with a snapshot marker at (1, 1) holding the initial
-//!   voters, so a node added later always starts from a snapshot.
-//! - [`snapshot`]: [`SnapshotSource`] / [`SnapshotSink`], state transfer with the pipeline.
-//! - the leader lease lives in `tally_core::lease` (acks matched to send times).
+//! Modules:
+//! - [`config`]: peer settings all replicas share, and the checks applied to what peers send.
+//! - [`storage`]: the durable log on the Wal ([`LogStore`]); conf state and members in meta
+//!   blobs. A new cluster's log starts with a marker at (1, 1) holding the initial voters, so a
+//!   node added later always starts from a snapshot.
+//! - [`snapshot`], [`snapshot_stream`]: exports off the replica thread, streamed in chunks.
 //! - [`transport`], [`handshake`], [`frame`]: TCP peer links behind the [`Transport`] trait.
-//!
-//! The Raft log's entry encoding (see [`storage`]) differs from [`solo`]'s raw entries: a data
-//! directory cannot switch between the two.
+//! - the leader lease lives in `tally_core::lease` (acks matched to send times).
 #![forbid(unsafe_code)]
 // raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
 #![allow(clippy::field_reassign_with_default)]
@@ -32,38 +27,19 @@ pub mod env;
 pub mod frame;
 pub mod handshake;
 
-pub mod node;
+pub mod config;
 pub mod raft_log_bridge;
 pub mod snapshot;
 pub mod snapshot_stream;
-pub mod solo;
 pub mod storage;
 pub mod transport;
 
-pub use node::{FailoverError, RaftConfig, RaftReplicator};
+pub use config::RaftConfig;
 pub use snapshot::{NoSnapshots, SnapshotSink, SnapshotSource, StateSnapshots};
 pub use storage::{LogStore, MemberAddr};
 pub use transport::{TcpTransport, Transport};
 
 use std::fmt;
-
-/// What a committed log entry carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EntryKind {
-    /// An encoded `BatchEntry`.
-    Batch,
-    /// A Raft no-op (new leader) or membership change: advances the applied index only.
-    Noop,
-}
-
-/// One committed entry, delivered to the applier in log order, exactly once per process run.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    pub index: u64,
-    pub term: u64,
-    pub kind: EntryKind,
-    pub data: Vec<u8>,
-}
 
 /// A replica of the cluster as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,20 +63,6 @@ pub struct Role {
     /// only once everything before it is applied.
     pub term_start_index: u64,
     pub commit_index: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProposeError {
-    #[error("not the leader (leader: {leader:?})")]
-    NotLeader { leader: Option<u64> },
-    #[error("proposal queue full")]
-    Busy,
-    #[error("replication stopped: {0}")]
-    Stopped(String),
-    /// The entry would not fit one peer frame.
-    #[error("entry of {bytes} bytes is over the limit of {max}")]
-    TooLarge { bytes: usize, max: usize },
 }
 
 /// Why a membership change did not happen.
@@ -129,14 +91,9 @@ pub enum MembershipError {
     NotAdded { node: u64, cause: Box<MembershipError> },
 }
 
-/// The replicated log as the pipeline sees it.
+/// The replica as the client port sees it: who leads, the lease, the members, membership
+/// changes. The replica thread publishes what these read.
 pub trait Replicator: Send + Sync {
-    /// Appends `data` (an encoded batch) to the log if this replica leads in `term`. The entry
-    /// comes back through the committed channel once a majority holds it durably, or never.
-    ///
-    /// # Errors
-    /// [`ProposeError::NotLeader`] when this replica is not the leader of `term`.
-    fn propose(&self, term: u64, data: Vec<u8>) -> Result<(), ProposeError>;
     fn role(&self) -> Role;
     /// Whether the leader's lease covers now: a linearizable read may be served locally.
     fn lease_valid(&self) -> bool;
@@ -155,9 +112,6 @@ pub trait Replicator: Send + Sync {
     fn leader_commit_index(&self) -> u64 {
         self.role().commit_index
     }
-    /// Tells the log the state machine is durable up to `index` (store fsynced), so entries up to
-    /// there may be compacted.
-    fn compact_hint(&self, index: u64);
     /// Adds a voter (joint consensus). Returns once the change is committed.
     ///
     /// # Errors

@@ -9,6 +9,8 @@
 //! Open the files in that order to follow a request; the core's stages are in `core/src`.
 //! [`node::Node`] wires them together.
 #![forbid(unsafe_code)]
+// raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
 
 pub mod failpoint;
 pub mod forward;

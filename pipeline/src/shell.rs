@@ -35,15 +35,15 @@ use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
 use tally_codec::ErrorCode;
 use tally_core::{Effect, Event, Persist, Plant, Replica, ReplicaConfig, RestoredLog, Status};
+use tally_failover::config::{
+    check_entry, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
+};
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
-use tally_failover::node::{
-    check_entry_with, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
-};
 use tally_failover::snapshot::NoSnapshots;
 use tally_failover::storage::{conf_ids, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
-use tally_failover::{Member, MembershipError, ProposeError, Replicator, Role};
+use tally_failover::{Member, MembershipError, Replicator, Role};
 use tally_store::wal::Wal;
 
 /// Admin commands waiting for the replica thread.
@@ -197,6 +197,7 @@ pub fn start(
         admin_replies: HashMap::new(),
         store_sync_interval_ms: cfg.store_sync_interval_ms.max(1),
         last_store_sync_ms: now_ms,
+        log_retain_entries: cfg.log_retain_entries,
         leader_commit_seen: 0,
         metrics: MetricsSeen::default(),
         stopped: None,
@@ -289,6 +290,7 @@ struct ReplicaThread {
     admin_replies: HashMap<u64, Sender<Result<(), String>>>,
     store_sync_interval_ms: u64,
     last_store_sync_ms: u64,
+    log_retain_entries: u64,
     leader_commit_seen: u64,
     metrics: MetricsSeen,
     stopped: Option<String>,
@@ -352,7 +354,7 @@ impl ReplicaThread {
             let cluster = self.shared.opts.cluster_id;
             let check = |data: &[u8]| tally_core::confirm::check_batch_entry(data, &cluster).map_err(|e| e.to_string());
             for e in m.get_entries() {
-                if let Err(why) = check_entry_with(e, &check) {
+                if let Err(why) = check_entry(e, &check) {
                     // Defence in depth behind mutual TLS: a peer that sends what can never be
                     // applied is ignored, and nothing of it reaches the log.
                     tracing::error!(node = self.id, from = m.from, index = e.index, %why, "raft message refused before persisting");
@@ -411,6 +413,18 @@ impl ReplicaThread {
         };
         crate::measure::stage_time(stage, started);
         self.execute(effects);
+        if self.stopped.is_none() {
+            if let Some(why) = self.replica.poisoned() {
+                // The core stopped itself (a store write failed while applying): the replica
+                // goes silent and says why; a full disk waits for space (see tallyd).
+                let why = why.to_string();
+                tracing::error!(node = self.id, error = %why, "the replica core stopped; stepping down");
+                metrics::gauge!("tally_log_stopped").set(1.0);
+                self.stopped = Some(why.clone());
+                self.shared.poison(why);
+                self.transport.stop();
+            }
+        }
     }
 
     fn execute(&mut self, effects: Vec<Effect>) {
@@ -563,7 +577,9 @@ impl ReplicaThread {
             }
             applied
         };
-        let target = durable.min(self.log.log().last_index());
+        // Entries a lagging follower may still need stay on disk too, so a restarted leader can
+        // serve them from its log (the core keeps what the disk holds up to its applied entry).
+        let target = durable.min(self.log.log().last_index()).saturating_sub(self.log_retain_entries);
         if target >= self.log.log().first_index() {
             if let Err(e) = self.log.compact(target) {
                 self.fail_log(format!("log compaction to {target}: {e}"));
@@ -726,11 +742,6 @@ impl CoreReplicator {
 }
 
 impl Replicator for CoreReplicator {
-    /// The core proposes its own batches; nothing outside it proposes.
-    fn propose(&self, _term: u64, _data: Vec<u8>) -> Result<(), ProposeError> {
-        Err(ProposeError::Stopped("batches are proposed by the replica core".into()))
-    }
-
     fn role(&self) -> Role {
         let p = self.published.lock();
         let s = &p.status;
@@ -801,8 +812,6 @@ impl Replicator for CoreReplicator {
         let p = self.published.lock();
         p.leader_commit_seen.max(p.status.commit_index)
     }
-
-    fn compact_hint(&self, _index: u64) {}
 
     /// Adds `member` as a learner, waits until it caught up with the commit index, then promotes
     /// it through a joint configuration (left automatically).

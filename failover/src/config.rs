@@ -1,0 +1,191 @@
+//! Peer configuration shared by every replica, and the checks a replica applies to what its
+//! peers send before anything of it reaches the log.
+
+use crate::storage::MemberAddr;
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
+use tally_codec::limits::FRAME_BYTES_MAX;
+
+/// Invalid peer configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid raft configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Raft messages received and not yet stepped; more are dropped (Raft retransmits).
+pub const INBOX_MESSAGES_MAX: usize = 4096;
+/// Room left in a peer frame for the message around an entry.
+const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
+/// A proposal's data may not exceed this (it must fit one peer frame).
+pub const PROPOSAL_BYTES_MAX: usize = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES;
+/// How long a membership change may take before the call gives up.
+pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
+/// How long a learner may make no progress (no match advance, no snapshot on its way) before
+/// `cluster add` gives up on it.
+pub const CATCH_UP_STALL_MS: u64 = 60_000;
+/// How long `cluster add` waits for a learner to catch up at most.
+pub const CATCH_UP_TIMEOUT_MS: u64 = 30 * 60_000;
+
+/// What a Raft replica needs to know. Times are in ticks of `tick_ms`; see `NodeConfig`.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: u64,
+    /// The initial voters, this node included, with their addresses. A node not listed here
+    /// starts empty and waits to be added by the leader (`cluster add`); it then needs at least
+    /// the current members' addresses here to reach them.
+    pub peers: Vec<crate::Member>,
+    /// Replication address to listen on (HOST:PORT).
+    pub peer_listen: String,
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub cluster_id: String,
+    /// Digest of the settings all replicas must share; a peer with another one is refused.
+    /// [`RaftConfig::timing_fingerprint`] covers the Raft timing; the server may mix in more
+    /// (e.g. the genesis hash).
+    pub config_fingerprint: [u8; 32],
+    /// Entries kept below a compaction hint, so a briefly lagging follower catches up from the
+    /// log rather than a snapshot.
+    pub log_retain_entries: u64,
+    /// Mutual TLS between replicas, or an explicit opt-out.
+    pub peer_security: crate::transport::PeerSecurity,
+}
+
+impl RaftConfig {
+    /// A fingerprint of the Raft timing and protocol version.
+    pub fn timing_fingerprint(tick_ms: u64, election_ticks: usize, heartbeat_ticks: usize) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"tally-raft-config-v1");
+        h.update(&crate::handshake::PEER_PROTOCOL_VERSION.to_le_bytes());
+        h.update(&tick_ms.to_le_bytes());
+        h.update(&(election_ticks as u64).to_le_bytes());
+        h.update(&(heartbeat_ticks as u64).to_le_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    /// # Errors
+    /// Node id 0, a zero tick, election ticks not above heartbeat ticks, duplicate peers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: &str| Err(ConfigError(s.to_string()));
+        if self.node_id == 0 {
+            return bad("node_id must not be 0");
+        }
+        if self.tick_ms == 0 {
+            return bad("tick_ms must be positive");
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return bad("need 0 < heartbeat_ticks < election_ticks");
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|m| m.node_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.peers.len() || ids.contains(&0) {
+            return bad("peer node ids must be unique and non-zero");
+        }
+        Ok(())
+    }
+}
+
+/// Whether an entry from a peer can ever be applied: a batch `check_batch` accepts, a no-op, or
+/// a conf change naming real nodes with a well-formed address. Judged before the entry is
+/// persisted, so a forged append never wedges the replica when it commits.
+///
+/// # Errors
+/// Why not.
+pub fn check_entry(e: &Entry, check_batch: &dyn Fn(&[u8]) -> Result<(), String>) -> Result<(), String> {
+    match e.get_entry_type() {
+        EntryType::EntryNormal if e.data.is_empty() => Ok(()),
+        EntryType::EntryNormal => check_batch(&e.data),
+        EntryType::EntryConfChange => {
+            let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
+            check_conf_context(cc.node_id, &e.context)
+        }
+        EntryType::EntryConfChangeV2 => {
+            let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
+            if cc.get_changes().iter().any(|c| c.node_id == 0) {
+                return Err("conf change names node 0".into());
+            }
+            match cc.get_changes().first() {
+                Some(c) if cc.get_changes().len() == 1 => check_conf_context(c.node_id, &e.context),
+                _ if e.context.is_empty() => Ok(()),
+                _ => Err("a conf change with an address must change one node".into()),
+            }
+        }
+    }
+}
+
+fn check_conf_context(node_id: u64, context: &[u8]) -> Result<(), String> {
+    if node_id == 0 {
+        return Err("conf change names node 0".into());
+    }
+    if context.is_empty() {
+        return Ok(());
+    }
+    let addr: MemberAddr =
+        tally_codec::decode(context, 64 * 1024).map_err(|e| format!("conf change address does not decode: {e}"))?;
+    if addr.node_id != node_id {
+        return Err(format!("conf change for node {node_id} carries node {}'s address", addr.node_id));
+    }
+    Ok(())
+}
+
+/// Makes the stored commit index cover what the state store already applied, and returns the
+/// applied index raft starts from, and whether the bootstrap entry (index 1, a no-op that exists
+/// only as the log's initial snapshot marker) must be delivered first.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType};
+
+    /// A state machine that accepts batches starting with 0xBA only.
+    fn judge(data: &[u8]) -> Result<(), String> {
+        if data.first() == Some(&0xBA) {
+            Ok(())
+        } else {
+            Err("not a batch".into())
+        }
+    }
+
+    fn single(id: u64, ty: ConfChangeType) -> ConfChangeSingle {
+        let mut c = ConfChangeSingle::default();
+        c.node_id = id;
+        c.set_change_type(ty);
+        c
+    }
+
+    fn conf_change(changes: Vec<ConfChangeSingle>, transition: ConfChangeTransition) -> ConfChangeV2 {
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(transition);
+        cc.set_changes(changes.into());
+        cc
+    }
+
+    fn entry(ty: EntryType, data: Vec<u8>, context: Vec<u8>) -> Entry {
+        let mut e = Entry::default();
+        e.set_entry_type(ty);
+        e.data = data.into();
+        e.context = context.into();
+        e
+    }
+
+    /// Issue 6, attack 2: what a forged append could carry is judged before it is persisted.
+    #[test]
+    fn entries_that_could_never_apply_are_refused() {
+        assert!(check_entry(&entry(EntryType::EntryNormal, vec![], vec![]), &judge).is_ok(), "no-op");
+        assert!(check_entry(&entry(EntryType::EntryNormal, vec![0xBA, 1], vec![]), &judge).is_ok());
+        assert!(check_entry(&entry(EntryType::EntryNormal, vec![0xAB; 64], vec![]), &judge).is_err());
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, vec![0xFF; 9], vec![]), &judge).is_err());
+        let add = conf_change(vec![single(4, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
+        let bytes = add.write_to_bytes().expect("encode");
+        let addr =
+            |id| tally_codec::encode(&MemberAddr { node_id: id, client_addr: "a:1".into(), peer_addr: "a:2".into() });
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, bytes.clone(), addr(4)), &judge).is_ok());
+        assert!(
+            check_entry(&entry(EntryType::EntryConfChangeV2, bytes.clone(), addr(5)), &judge).is_err(),
+            "an address for another node"
+        );
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, bytes, vec![1, 2, 3]), &judge).is_err());
+        let zero = conf_change(vec![single(0, ConfChangeType::AddNode)], ConfChangeTransition::Auto);
+        let zero = zero.write_to_bytes().expect("encode");
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, zero, vec![]), &judge).is_err(), "node 0");
+    }
+}
