@@ -59,6 +59,9 @@ pub struct ReplicaConfig {
     /// Entries kept in memory behind the applied index for followers that lag; one further
     /// behind gets a snapshot.
     pub log_retain_entries: u64,
+    /// At most this many bytes of entry data are kept behind the applied index (the log lives
+    /// in memory: 2,000 full batches would be gigabytes).
+    pub log_retain_bytes: u64,
     /// The operator key that signs committed headers (deterministic ed25519: every replica
     /// signs the same bytes the same way).
     pub operator_key: ed25519_dalek::SigningKey,
@@ -237,6 +240,9 @@ pub struct Replica<L: Ledger> {
     poisoned: Option<String>,
     /// Followers a snapshot was handed to the shell for, since the last report to raft-rs.
     snapshots_sent: Vec<u64>,
+    /// Data bytes of each entry in the in-memory log, and their sum (for `log_retain_bytes`).
+    entry_bytes: std::collections::BTreeMap<u64, u64>,
+    entry_bytes_total: u64,
     /// A test hook: the next batch proposal is refused as if raft-rs had dropped it.
     refuse_next_proposal: bool,
     out: Vec<Effect>,
@@ -386,6 +392,14 @@ impl<L: Ledger> Replica<L> {
             ..Default::default()
         };
         raft_cfg.validate()?;
+        let mut entry_bytes = std::collections::BTreeMap::new();
+        let (first, last) = (storage.first_index()?, storage.last_index()?);
+        if last >= first {
+            for e in storage.entries(first, last + 1, None, GetEntriesContext::empty(false))? {
+                entry_bytes.insert(e.index, entry_size(&e));
+            }
+        }
+        let entry_bytes_total = entry_bytes.values().sum();
         let raw = RawNode::new(&raft_cfg, storage, logger)?;
         let head = ledger.head();
         // Ids are forgotten by the chain's clock (header time, which never goes back), never by
@@ -423,6 +437,8 @@ impl<L: Ledger> Replica<L> {
             last_probe_tick: 0,
             poisoned: None,
             snapshots_sent: Vec::new(),
+            entry_bytes,
+            entry_bytes_total,
             refuse_next_proposal: false,
             out: Vec::new(),
             cfg,
@@ -602,9 +618,40 @@ impl<L: Ledger> Replica<L> {
             }
         }
         let first = self.raw.raft.raft_log.first_index();
-        let target = head.index.min(self.raw.raft.raft_log.applied).saturating_sub(self.cfg.log_retain_entries);
-        if target > first + self.cfg.log_retain_entries / 4 {
-            self.raw.mut_store().mem.wl().compact(target).expect("compaction behind the applied index");
+        let limit = head.index.min(self.raw.raft.raft_log.applied);
+        // The first entry to keep.
+        let mut keep_from = limit.saturating_sub(self.cfg.log_retain_entries);
+        let mut due = keep_from > first + self.cfg.log_retain_entries / 4;
+        if self.entry_bytes_total > self.cfg.log_retain_bytes {
+            // Over the byte bound: drop the oldest entries until under it, never past applied.
+            let mut total = self.entry_bytes_total;
+            for (i, b) in &self.entry_bytes {
+                if total <= self.cfg.log_retain_bytes || *i >= limit {
+                    break;
+                }
+                total -= b;
+                keep_from = keep_from.max(i + 1);
+            }
+            due |= keep_from > first;
+        }
+        if due && keep_from > first {
+            self.raw.mut_store().mem.wl().compact(keep_from).expect("compaction behind the applied index");
+            let kept = self.entry_bytes.split_off(&keep_from);
+            let dropped = std::mem::replace(&mut self.entry_bytes, kept);
+            self.entry_bytes_total -= dropped.values().sum::<u64>();
+        }
+    }
+
+    /// Records the sizes of entries appended to the in-memory log (a conflicting suffix is
+    /// replaced).
+    fn note_appended(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else { return };
+        let replaced = self.entry_bytes.split_off(&first.index);
+        self.entry_bytes_total -= replaced.values().sum::<u64>();
+        for e in entries {
+            let b = entry_size(e);
+            self.entry_bytes.insert(e.index, b);
+            self.entry_bytes_total += b;
         }
     }
 
@@ -763,6 +810,7 @@ impl<L: Ledger> Replica<L> {
             }
             if !rd.entries().is_empty() {
                 self.raw.mut_store().mem.wl().append(rd.entries()).expect("entries follow the in-memory log");
+                self.note_appended(rd.entries());
                 persist.entries = rd.entries().to_vec();
             }
             if let Some(hs) = rd.hs() {
@@ -807,6 +855,8 @@ impl<L: Ledger> Replica<L> {
         let conf = meta.get_conf_state().write_to_bytes().expect("a conf state encodes");
         self.ledger.install(meta.index, meta.term, conf, &snap.data)?;
         self.raw.mut_store().mem.wl().apply_snapshot(snap.clone())?;
+        self.entry_bytes.clear();
+        self.entry_bytes_total = 0;
         let h = self.ledger.head();
         assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
         self.head = ChainHead { height: h.height, hash: h.header_hash, state_digest: h.state_digest };
@@ -1125,6 +1175,10 @@ pub fn step_down_if_removed<S: Storage>(raw: &mut RawNode<S>) {
         let term = raft.term;
         raft.become_follower(term, raft::INVALID_ID);
     }
+}
+
+fn entry_size(e: &Entry) -> u64 {
+    (e.data.len() + e.context.len()) as u64
 }
 
 /// Index of the leader's first entry of its current term (its no-op).

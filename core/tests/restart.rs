@@ -19,6 +19,7 @@ fn cfg() -> ReplicaConfig {
         batch_requests_max: 100,
         batch_bytes_max: 1 << 20,
         log_retain_entries: 16,
+        log_retain_bytes: 64 << 20,
         operator_key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
         election_seed: 1,
         plant: Plant::None,
@@ -116,4 +117,25 @@ fn the_surviving_log_below_the_applied_index_is_kept() {
     assert_eq!(r.status().first_index, 9, "entries of another term than the ledger's: only after the ledger");
     let r = start(ledger_at(8, 1), vec![noops(4, 10, 1)]).expect("starts");
     assert_eq!(r.status().first_index, 5, "from the oldest entry the disk holds");
+}
+
+/// The in-memory log is bounded in bytes as well as entries: full batches are megabytes each, so
+/// 2,000 retained entries would be gigabytes. The oldest entries behind the applied index go
+/// first; a follower that needs them gets a snapshot.
+#[test]
+fn the_log_kept_in_memory_is_bounded_in_bytes() {
+    let mut records = noops(1, 10, 1);
+    for e in &mut records.entries {
+        e.data = vec![7u8; 300].into();
+    }
+    let mut c = cfg();
+    c.log_retain_bytes = 1_000;
+    c.log_retain_entries = 1_000;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut r =
+        Replica::start(c, ledger_at(10, 1), RestoredLog { records: vec![records] }, 0, 1_700_000_000_000, &logger)
+            .expect("starts");
+    assert_eq!(r.status().first_index, 2, "everything the disk held, before any event");
+    r.handle(tally_core::Event::Tick { now_ms: 1, wall_ms: 1_700_000_000_001 });
+    assert_eq!(r.status().first_index, 8, "three entries of 300 bytes fit 1,000 bytes");
 }

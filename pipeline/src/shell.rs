@@ -52,6 +52,9 @@ const ADMIN_QUEUED_MAX: usize = 16;
 const INPUTS_PER_PASS_MAX: usize = 256;
 /// How often the replica thread wakes without input, so an open batch closes on time.
 const IDLE_WAKE_MS: u64 = 5;
+/// Entry bytes the core keeps in memory behind the applied index for lagging followers (about
+/// 200 full batches); a follower further behind gets a snapshot. The WAL keeps more on disk.
+pub const LOG_RETAIN_BYTES: u64 = 256 << 20;
 
 /// What the replica thread needs besides the pipeline's shared state.
 pub struct ShellConfig {
@@ -165,6 +168,7 @@ pub fn start(
         batch_requests_max: shared.opts.batch_requests_max,
         batch_bytes_max: shared.opts.batch_bytes_max,
         log_retain_entries: cfg.log_retain_entries,
+        log_retain_bytes: LOG_RETAIN_BYTES,
         operator_key: shared.opts.operator_key.clone(),
         election_seed,
         plant: cfg.plant,
@@ -412,19 +416,27 @@ impl ReplicaThread {
             "raft"
         };
         crate::measure::stage_time(stage, started);
-        self.execute(effects);
         if self.stopped.is_none() {
             if let Some(why) = self.replica.poisoned() {
-                // The core stopped itself (a store write failed while applying): the replica
-                // goes silent and says why; a full disk waits for space (see tallyd).
+                // The core stopped itself (a store write failed while applying). Said before
+                // any effect runs: a client answered by this pass must not then read this
+                // replica's store, which lacks what it was told is committed.
                 let why = why.to_string();
                 tracing::error!(node = self.id, error = %why, "the replica core stopped; stepping down");
-                metrics::gauge!("tally_log_stopped").set(1.0);
-                self.stopped = Some(why.clone());
-                self.shared.poison(why);
-                self.transport.stop();
+                self.mark_stopped(why);
             }
         }
+        self.execute(effects);
+    }
+
+    /// This replica stops: the client port sees it at once (no leader, no lease, no reads);
+    /// peers hear nothing more; tallyd waits for disk space or exits.
+    fn mark_stopped(&mut self, why: String) {
+        metrics::gauge!("tally_log_stopped").set(1.0);
+        self.stopped = Some(why.clone());
+        self.published.lock().stopped = Some(why.clone());
+        self.shared.poison(why);
+        self.transport.stop();
     }
 
     fn execute(&mut self, effects: Vec<Effect>) {
@@ -438,14 +450,11 @@ impl ReplicaThread {
                         // Nothing after a failed persist may run: the messages behind it
                         // promise what the log does not hold.
                         tracing::error!(node = self.id, error = %why, "log write failed; this replica stops and steps down");
-                        metrics::gauge!("tally_log_stopped").set(1.0);
-                        self.stopped = Some(why.clone());
-                        self.shared.poison(why.clone());
+                        self.mark_stopped(why.clone());
                         drop(effects);
                         let rest = self.replica.handle(Event::LogFailed(why));
                         // The poisoned core only answers clients now.
                         self.execute(rest);
-                        self.transport.stop();
                         return;
                     }
                     metrics::histogram!("tally_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
@@ -539,11 +548,9 @@ impl ReplicaThread {
     }
 
     fn fail_log(&mut self, why: String) {
-        self.stopped = Some(why.clone());
-        self.shared.poison(why.clone());
+        self.mark_stopped(why.clone());
         let rest = self.replica.handle(Event::LogFailed(why));
         self.execute(rest);
-        self.transport.stop();
     }
 
     fn update_transport_peers(&mut self) {

@@ -324,6 +324,7 @@ impl Sim {
             batch_requests_max: 256,
             batch_bytes_max: 64 * 1024,
             log_retain_entries: 48,
+            log_retain_bytes: 64 << 20,
             operator_key: operator.clone(),
             election_seed: 0,
             plant: cfg.plant,
