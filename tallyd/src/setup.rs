@@ -286,13 +286,17 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     }
     let data_dir = PathBuf::from(&cfg.data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-    let mut store = Store::open(&data_dir).map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))?;
+    let mut store = wait_for_space(&data_dir, || {
+        Store::open(&data_dir).map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))
+    })?;
     if !store.is_initialized() {
         store.init_genesis(&genesis.balances().map_err(|e| e.to_string())?).map_err(|e| format!("genesis: {e}"))?;
         store.sync_all().map_err(|e| format!("genesis sync: {e}"))?;
     }
-    let wal = Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
-        .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
+    let wal = wait_for_space(&data_dir, || {
+        Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
+            .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))
+    })?;
 
     let health = Arc::new(crate::metrics_http::Health::default());
     let metrics_handle = match &cfg.metrics_listen {
@@ -478,6 +482,26 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
                 tracing::warn!("disk space is back: restarting this replica in place to recover from its log");
                 return restart_in_place();
             }
+        }
+    }
+}
+
+/// Runs `open` until it succeeds or fails for another reason than a full disk: a replica
+/// restarted on a full disk waits for space (saying why) instead of exiting.
+fn wait_for_space<T>(dir: &Path, mut open: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let mut said = false;
+    loop {
+        match open() {
+            Err(e) if tally_pipeline::queries::is_disk_full(&e) => {
+                if !said {
+                    tracing::error!(error = %e, "StorageFull: the disk is full; waiting for space before starting");
+                    said = true;
+                }
+                while !space_is_back(dir) {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            r => return r,
         }
     }
 }

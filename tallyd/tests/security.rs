@@ -255,7 +255,7 @@ fn a_full_disk_is_reported_and_the_leader_steps_down() {
             }
         }
     }
-    let nodes = start_all(&layout);
+    let mut nodes = start_all(&layout);
     let _unmount = Unmount(mounts.clone());
     let addrs = layout.client_addrs();
     let (li, before) = wait_leader(&nodes, Duration::from_secs(10));
@@ -308,5 +308,26 @@ fn a_full_disk_is_reported_and_the_leader_steps_down() {
     assert_eq!(nodes[li].pid(), pid, "recovered without a restart by hand");
     let acked = writer.finish();
     assert_invariants(&addrs, &layout, &acked);
+
+    // Killed while its disk is full and started again: it waits for space instead of exiting
+    // (the chaos monkey found a replica that never came back after such a restart).
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    nodes[li].kill9();
+    let log = layout_dir.join(format!("node-{}-refull.log", li + 1));
+    let mut again = Daemon::spawn(&layout.config_paths[li], &addrs[li], &log);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(again.exited().is_none(), "a replica started on a full disk exited:\n{}", again.log_text());
+    assert!(again.log_text().contains("waiting for space"), "it says why it waits:\n{}", again.log_text());
+    let _ = std::fs::remove_file(&filler);
+    assert!(
+        wait_until(Duration::from_secs(30), || status_of(&addrs[li]).is_some_and(|s| s.applied_height >= top())),
+        "the replica did not start once space was back:\n{}",
+        again.log_text()
+    );
+    drop(again);
     drop(nodes);
 }
