@@ -35,7 +35,7 @@ pub mod storage;
 pub mod transport;
 
 pub use config::RaftConfig;
-pub use snapshot::{NoSnapshots, SnapshotSink, SnapshotSource, StateSnapshots};
+pub use snapshot::SnapshotSource;
 pub use storage::{LogStore, MemberAddr};
 pub use transport::{TcpTransport, Transport};
 

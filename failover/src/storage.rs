@@ -1,24 +1,22 @@
-//! Raft's view of the durable log: [`WalStorage`] implements [`raft::Storage`] on a
-//! [`LogStore`] (production: [`tally_store::Wal`]), and persists what raft-rs leaves to the
-//! application: the conf state (with the index it took effect at) and the members' addresses.
+//! The durable Raft log: [`WalStorage`] writes what the replica core asks to persist
+//! (entries, hard state, snapshot markers) to a [`LogStore`] (production: [`tally_store::Wal`]),
+//! reads it back at start, and keeps what raft-rs leaves to the application: the conf state
+//! (with the index it took effect at) and the members' addresses.
 //!
 //! ```text
-//!  raft-rs ──Storage (reads)──▶ WalStorage ──▶ LogStore (Wal: entries, marker, hard state)
-//!  ready loop ──append/sync/set_hard_state/set_conf/apply_snapshot──▶      └─ meta blobs:
-//!                                                         raft-conf (history), raft-members
+//!  replica thread ──append/sync/set_hard_state/apply_snapshot/compact──▶ WalStorage ──▶ LogStore
+//!                                                                             └─ meta blobs:
+//!                                                             raft-conf (history), raft-members
 //! ```
 //!
 //! Log entry data on disk: `[]` is an empty normal entry (a leader's no-op); `0x00 ‖ data` is a
 //! normal entry; `0x01 ‖ protobuf(Entry)` is anything else (conf changes, entries with context).
 
-use crate::snapshot::{SnapshotEnvelope, StateSnapshots};
 use borsh::{BorshDeserialize, BorshSerialize};
 use protobuf::Message as PbMessage;
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
-use raft::storage::{GetEntriesContext, RaftState, Storage};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, SnapshotMetadata};
 use raft::{Error as RaftError, StorageError};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use tally_store::wal::{HardStateRecord, LogEntry, Wal};
 use tally_store::StoreError;
 
@@ -177,7 +175,6 @@ pub struct WalStorage {
     /// Newest last; never empty once initialised.
     conf_history: Vec<(u64, ConfState)>,
     members: BTreeMap<u64, MemberAddr>,
-    snapshots: Arc<dyn StateSnapshots>,
 }
 
 impl WalStorage {
@@ -187,12 +184,7 @@ impl WalStorage {
     ///
     /// # Errors
     /// When a meta blob does not decode or cannot be written.
-    pub fn open(
-        log: Box<dyn LogStore>,
-        bootstrap: Option<ConfState>,
-        known: &[MemberAddr],
-        snapshots: Arc<dyn StateSnapshots>,
-    ) -> Result<Self, RaftError> {
+    pub fn open(log: Box<dyn LogStore>, bootstrap: Option<ConfState>, known: &[MemberAddr]) -> Result<Self, RaftError> {
         let mut conf_history = Vec::new();
         if let Some(bytes) = log.meta_blob(CONF_BLOB) {
             let h: ConfHistory = tally_codec::decode(&bytes, META_DECODE_BYTES_MAX)
@@ -214,7 +206,7 @@ impl WalStorage {
             }
         }
         let fresh = conf_history.is_empty() && log.last_index() == 0;
-        let mut s = WalStorage { log, conf_history, members, snapshots };
+        let mut s = WalStorage { log, conf_history, members };
         if fresh {
             if let Some(cs) = bootstrap {
                 // The initial configuration is a snapshot at (1, 1), as if entry 1 had been
@@ -374,102 +366,14 @@ impl WalStorage {
         if index < self.log.first_index() {
             return Ok(());
         }
-        let term = self.term(index)?;
+        let term = self.log.term(index).map_err(store_err)?.ok_or(RaftError::Store(StorageError::Unavailable))?;
         self.log.compact_to(index, term).map_err(store_err)
-    }
-}
-
-impl Storage for WalStorage {
-    fn initial_state(&self) -> raft::Result<RaftState> {
-        let rec = self.log.hard_state();
-        let mut hs = HardState::default();
-        hs.term = rec.term;
-        hs.vote = rec.vote;
-        hs.commit = rec.commit;
-        Ok(RaftState::new(hs, self.conf_state()))
-    }
-
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        let records = self.log.entries(low, high, max_size.into()).map_err(store_err)?;
-        let mut out = Vec::with_capacity(records.len());
-        for r in &records {
-            out.push(decode_entry(r)?);
-        }
-        Ok(out)
-    }
-
-    fn term(&self, idx: u64) -> raft::Result<u64> {
-        match self.log.term(idx).map_err(store_err)? {
-            Some(t) => Ok(t),
-            None if idx < self.log.snapshot_marker().0 => Err(RaftError::Store(StorageError::Compacted)),
-            None => Err(RaftError::Store(StorageError::Unavailable)),
-        }
-    }
-
-    fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.log.first_index())
-    }
-
-    fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.log.last_index())
-    }
-
-    /// Builds a snapshot from the state machine. Any failure is reported as temporarily
-    /// unavailable: raft-rs treats every other storage error here as fatal, and it retries.
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let unavailable = Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable));
-        // The follower continues from the log right after the snapshot: no older one will do.
-        let at_least = request_index.max(self.log.first_index().saturating_sub(1));
-        let exported = match self.snapshots.snapshot(at_least) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(to, error = %e, "state snapshot unavailable");
-                return unavailable;
-            }
-        };
-        let (index, term) = (exported.index, exported.term);
-        if index < request_index || index == 0 || index + 1 < self.log.first_index() || index > self.log.last_index() {
-            tracing::warn!(
-                to,
-                index,
-                request_index,
-                first = self.log.first_index(),
-                "state snapshot does not fit the log"
-            );
-            return unavailable;
-        }
-        if self.log.term(index).ok().flatten().is_some_and(|t| t != term) {
-            tracing::error!(to, index, term, "state snapshot term disagrees with the log");
-            return unavailable;
-        }
-        let Some(cs) = self.conf_at(index) else {
-            tracing::warn!(to, index, "no conf state recorded at the snapshot index");
-            return unavailable;
-        };
-        // The members only: the transport streams the state from the source's export, so the
-        // raft thread never copies a state that may be gigabytes (it held the leader long enough
-        // for an election).
-        let members: Vec<MemberAddr> = self.members.values().cloned().collect();
-        let mut snap = Snapshot::default();
-        snap.data = SnapshotEnvelope::encode_parts(&members, &[]).into();
-        let meta = snap.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(cs);
-        Ok(snap)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{NoSnapshots, SnapshotSink, SnapshotSource};
     use tally_store::wal::WalOptions;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
@@ -486,13 +390,18 @@ mod tests {
         cs
     }
 
-    fn open(dir: &std::path::Path, snaps: Arc<dyn StateSnapshots>) -> WalStorage {
+    fn open(dir: &std::path::Path) -> WalStorage {
         let wal = Wal::open(dir, WalOptions::default()).expect("wal");
-        WalStorage::open(Box::new(wal), Some(voters(&[1, 2, 3])), &[], snaps).expect("storage")
+        WalStorage::open(Box::new(wal), Some(voters(&[1, 2, 3])), &[]).expect("storage")
     }
 
-    fn ctx() -> GetEntriesContext {
-        GetEntriesContext::empty(false)
+    fn read_all(s: &WalStorage) -> Vec<Entry> {
+        let log = s.log();
+        if log.last_index() < log.first_index() {
+            return Vec::new();
+        }
+        let records = log.entries(log.first_index(), log.last_index() + 1, None).expect("entries");
+        records.iter().map(|r| decode_entry(r).expect("decodes")).collect()
     }
 
     #[test]
@@ -509,59 +418,43 @@ mod tests {
         assert!(decode_entry(&bad).is_err());
     }
 
+    /// What the replica thread writes is what a restart reads back: entries (a conflicting
+    /// append truncates the suffix), compaction keeping the marker's term.
     #[test]
-    fn raft_storage_contract() {
+    fn appends_truncations_and_compaction_read_back() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut s = open(dir.path(), Arc::new(NoSnapshots));
-        let st = s.initial_state().expect("state");
-        assert!(st.initialized());
-        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
-        assert_eq!((st.hard_state.term, st.hard_state.commit), (1, 1), "bootstrap marker at (1, 1)");
-        assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (2, 1));
-        assert_eq!(s.term(1).expect("marker term"), 1);
-        assert_eq!(s.term(0), Err(RaftError::Store(StorageError::Compacted)));
-        assert_eq!(s.term(2), Err(RaftError::Store(StorageError::Unavailable)));
-        assert_eq!(s.entries(1, 2, None, ctx()), Err(RaftError::Store(StorageError::Compacted)));
-
+        let mut s = open(dir.path());
+        assert_eq!(s.log().snapshot_marker(), (BOOTSTRAP_INDEX, BOOTSTRAP_TERM), "bootstrap marker at (1, 1)");
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
         let ents: Vec<Entry> = (2..=6).map(|i| entry(i, 1 + i / 4, format!("e{i}").as_bytes())).collect();
         s.append(&ents).expect("append");
         s.sync().expect("sync");
-        assert_eq!(s.entries(3, 6, None, ctx()).expect("entries"), ents[1..4].to_vec());
-        // max_size still returns at least one entry.
-        assert_eq!(s.entries(3, 6, Some(0), ctx()).expect("entries").len(), 1);
-        assert_eq!(s.term(5).expect("term"), 2);
-
-        // A conflicting append truncates the suffix.
+        assert_eq!(read_all(&s), ents);
         s.append(&[entry(5, 3, b"x")]).expect("append");
-        assert_eq!(s.last_index().expect("l"), 5);
-        assert_eq!(s.term(5).expect("term"), 3);
-
+        assert_eq!(s.log().last_index(), 5, "a conflicting append truncates the suffix");
+        assert_eq!(s.log().term(5).expect("term"), Some(3));
         s.compact(4).expect("compact");
-        assert_eq!(s.first_index().expect("f"), 5);
-        assert_eq!(s.term(4).expect("term at marker"), 2, "the marker's term is retained");
-        assert_eq!(s.term(3), Err(RaftError::Store(StorageError::Compacted)));
-        assert_eq!(s.entries(3, 5, None, ctx()), Err(RaftError::Store(StorageError::Compacted)));
-        assert_eq!(s.entries(5, 6, None, ctx()).expect("entries").len(), 1);
-
-        // No snapshot source: temporarily unavailable, which raft-rs retries (anything else is fatal).
-        assert_eq!(s.snapshot(0, 2), Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable)));
+        assert_eq!(s.log().first_index(), 5);
+        assert_eq!(s.log().snapshot_marker(), (4, 2), "the marker keeps the compacted entry's term");
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(read_all(&s), vec![entry(5, 3, b"x")], "what survives a reopen");
     }
 
     #[test]
     fn a_joining_node_starts_empty() {
         let dir = tempfile::tempdir().expect("dir");
         let wal = Wal::open(dir.path(), WalOptions::default()).expect("wal");
-        let s = WalStorage::open(Box::new(wal), None, &[], Arc::new(NoSnapshots)).expect("storage");
-        let st = s.initial_state().expect("state");
-        assert!(!st.initialized(), "no configuration until the leader's snapshot");
-        assert_eq!((s.first_index().expect("f"), s.last_index().expect("l")), (1, 0));
+        let s = WalStorage::open(Box::new(wal), None, &[]).expect("storage");
+        assert!(s.conf_state().voters.is_empty(), "no configuration until the leader's snapshot");
+        assert_eq!((s.log().first_index(), s.log().last_index()), (1, 0));
     }
 
     #[test]
     fn hard_state_conf_and_members_survive_reopen() {
         let dir = tempfile::tempdir().expect("dir");
         {
-            let mut s = open(dir.path(), Arc::new(NoSnapshots));
+            let mut s = open(dir.path());
             s.append(&[entry(2, 1, b""), entry(3, 1, b"a")]).expect("append");
             s.sync().expect("sync");
             let mut hs = HardState::default();
@@ -572,54 +465,34 @@ mod tests {
             s.set_conf_state(3, voters(&[1, 2, 3, 4])).expect("conf");
             s.upsert_member(MemberAddr { node_id: 4, client_addr: "c4".into(), peer_addr: "p4".into() }).expect("m");
         }
-        let s = open(dir.path(), Arc::new(NoSnapshots));
-        let st = s.initial_state().expect("state");
-        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (1, 2, 3));
-        assert_eq!(st.conf_state.voters, vec![1, 2, 3, 4], "the stored conf state wins over bootstrap");
+        let s = open(dir.path());
+        let hs = s.log().hard_state();
+        assert_eq!((hs.term, hs.vote, hs.commit), (1, 2, 3));
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3, 4], "the stored conf state wins over bootstrap");
         assert_eq!(s.conf_index(), 3);
         assert_eq!(s.conf_at(2).expect("old conf").voters, vec![1, 2, 3]);
         assert!(s.conf_at(0).is_none());
         assert_eq!(s.members()[&4].peer_addr, "p4");
     }
 
-    struct FixedSnapshot(u64, u64);
-    impl SnapshotSource for FixedSnapshot {
-        fn snapshot(&self, _at_least: u64) -> Result<Arc<crate::snapshot::ExportedState>, String> {
-            Ok(Arc::new(crate::snapshot::ExportedState { index: self.0, term: self.1, state: b"state".to_vec() }))
-        }
-    }
-    impl SnapshotSink for FixedSnapshot {
-        fn install(&self, _: u64, _: u64, _: &[u8]) -> Result<(), String> {
-            Ok(())
-        }
-    }
-
+    /// Installing a snapshot on a follower: the log is replaced by the marker, the conf state and
+    /// the members come from the snapshot.
     #[test]
-    fn snapshot_carries_state_conf_and_members_and_installs() {
+    fn a_snapshot_replaces_the_log_with_its_marker() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut s = open(dir.path(), Arc::new(FixedSnapshot(3, 1)));
-        s.append(&(2..=4).map(|i| entry(i, 1, b"d")).collect::<Vec<_>>()).expect("append");
-        let snap = s.snapshot(0, 2).expect("snapshot");
-        assert_eq!((snap.get_metadata().index, snap.get_metadata().term), (3, 1));
-        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
-        let env: SnapshotEnvelope = tally_codec::decode(&snap.data, 1 << 20).expect("envelope");
-        assert!(env.state.is_empty(), "the state is streamed by the transport, not carried by Raft");
-        // A snapshot ahead of what the source can give is refused as "later".
-        assert_eq!(s.snapshot(4, 2), Err(RaftError::Store(StorageError::SnapshotTemporarilyUnavailable)));
-
-        // Installing on a follower: the log is replaced by the marker.
-        let dir2 = tempfile::tempdir().expect("dir");
-        let mut f = open(dir2.path(), Arc::new(NoSnapshots));
+        let mut f = open(dir.path());
         f.append(&[entry(2, 1, b"d"), entry(3, 1, b"stale")]).expect("append");
-        let mut meta = snap.get_metadata().clone();
+        let mut meta = SnapshotMetadata::default();
         meta.index = 10;
         meta.term = 4;
+        meta.set_conf_state(voters(&[1, 2, 9]));
         let m = MemberAddr { node_id: 9, client_addr: "c".into(), peer_addr: "p".into() };
         f.apply_snapshot(&meta, &[m]).expect("install");
-        assert_eq!((f.first_index().expect("f"), f.last_index().expect("l")), (11, 10));
-        assert_eq!(f.term(10).expect("marker term"), 4);
-        assert_eq!(f.initial_state().expect("st").hard_state.commit, 10);
+        assert_eq!((f.log().first_index(), f.log().last_index()), (11, 10));
+        assert_eq!(f.log().snapshot_marker(), (10, 4));
+        assert_eq!(f.log().hard_state().commit, 10);
         assert_eq!(f.conf_index(), 10);
+        assert_eq!(f.conf_state().voters, vec![1, 2, 9]);
         assert!(f.members().contains_key(&9));
     }
 }

@@ -40,7 +40,6 @@ use tally_failover::config::{
 };
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
-use tally_failover::snapshot::NoSnapshots;
 use tally_failover::storage::{conf_ids, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
 use tally_failover::{Member, MembershipError, Replicator, Role};
@@ -118,8 +117,7 @@ pub fn start(
     env: Box<dyn Env>,
 ) -> Result<Arc<CoreReplicator>, String> {
     let members: Members = Arc::default();
-    let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members, Arc::new(NoSnapshots))
-        .map_err(|e| format!("log: {e}"))?;
+    let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members).map_err(|e| format!("log: {e}"))?;
     *members.lock() = log.members().clone();
     let mut ledger = StoreLedger::new(shared.store.clone(), members.clone());
     // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
