@@ -150,6 +150,12 @@ pub enum Effect {
         conf_state: ConfState,
         context: Vec<u8>,
     },
+    /// A peer's message was refused before it reached the log: it carried an entry this replica
+    /// could never apply (for the shell to log).
+    PeerRefused {
+        from: u64,
+        why: String,
+    },
     /// The leader proposed a batch (for the shell's metrics).
     Proposed {
         height: u64,
@@ -549,6 +555,16 @@ impl<L: Ledger> Replica<L> {
         self.next_tick_ms
     }
 
+    /// When the replica next wants time to pass: its next tick, or the close of the open batch.
+    pub fn next_wake_ms(&self) -> u64 {
+        match self.seq.opened_ms {
+            Some(opened) if matches!(self.seq.mode, Mode::Leading { .. }) => {
+                self.next_tick_ms.min(opened + self.cfg.batch_interval_ms)
+            }
+            _ => self.next_tick_ms,
+        }
+    }
+
     /// Handles one event and returns the effects, in the order the shell must execute them.
     pub fn handle(&mut self, event: Event) -> Vec<Effect> {
         if let Some(why) = &self.poisoned {
@@ -766,9 +782,10 @@ impl<L: Ledger> Replica<L> {
         self.lease.observe(&m, &self.raw.raft);
         if t == MessageType::MsgAppend {
             for e in m.get_entries() {
-                if let Err(_why) = self.check_entry(e) {
+                if let Err(why) = self.check_entry(e) {
                     // Defence in depth behind mutual TLS: nothing that can never be applied
                     // reaches the log.
+                    self.out.push(Effect::PeerRefused { from: m.from, why: format!("entry {}: {why}", e.index) });
                     return;
                 }
             }

@@ -85,6 +85,25 @@ impl RaftConfig {
     }
 }
 
+/// A change of one node's role.
+pub fn single(id: u64, ty: raft::eraftpb::ConfChangeType) -> raft::eraftpb::ConfChangeSingle {
+    let mut c = raft::eraftpb::ConfChangeSingle::default();
+    c.node_id = id;
+    c.set_change_type(ty);
+    c
+}
+
+/// A configuration change made of `changes`.
+pub fn conf_change(
+    changes: Vec<raft::eraftpb::ConfChangeSingle>,
+    transition: raft::eraftpb::ConfChangeTransition,
+) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_transition(transition);
+    cc.set_changes(changes.into());
+    cc
+}
+
 /// Whether an entry from a peer can ever be applied: a batch `check_batch` accepts, a no-op, or
 /// a conf change naming real nodes with a well-formed address. Judged before the entry is
 /// persisted, so a forged append never wedges the replica when it commits.
@@ -134,7 +153,7 @@ fn check_conf_context(node_id: u64, context: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType};
+    use raft::eraftpb::{ConfChangeTransition, ConfChangeType};
 
     /// A state machine that accepts batches starting with 0xBA only.
     fn judge(data: &[u8]) -> Result<(), String> {
@@ -143,20 +162,6 @@ mod tests {
         } else {
             Err("not a batch".into())
         }
-    }
-
-    fn single(id: u64, ty: ConfChangeType) -> ConfChangeSingle {
-        let mut c = ConfChangeSingle::default();
-        c.node_id = id;
-        c.set_change_type(ty);
-        c
-    }
-
-    fn conf_change(changes: Vec<ConfChangeSingle>, transition: ConfChangeTransition) -> ConfChangeV2 {
-        let mut cc = ConfChangeV2::default();
-        cc.set_transition(transition);
-        cc.set_changes(changes.into());
-        cc
     }
 
     fn entry(ty: EntryType, data: Vec<u8>, context: Vec<u8>) -> Entry {

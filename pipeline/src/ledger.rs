@@ -1,16 +1,28 @@
 //! The core's [`Ledger`] on the production store: LevelDB and the segment files
 //! ([`tally_store::state::Store`]), shared with the connection threads that read it.
 //!
+//! Writes are behind: the replica thread applies a committed batch to an in-memory overlay
+//! (its write set, its request ids, the batch itself) and queues the store write for the
+//! store thread, which writes LevelDB and fsyncs the segment file off the replica thread.
+//! Reads look in the overlay first. The store's own applied index (what the store thread
+//! wrote) is what the client port's read barrier waits for and what the log is compacted
+//! behind; the log is the source of truth for anything newer, so a crash loses nothing.
+//! A failed store write is reported by the next apply, and the core stops.
+//!
 //! Snapshots: a large state is exported on its own thread ([`BackgroundExports`]), never on the
 //! replica's. Until it is ready, [`Ledger::export`] says "not yet" and raft-rs asks again. The
 //! data handed to raft-rs is a [`SnapshotEnvelope`] with the members' addresses and an empty
 //! state: the peer transport streams the held export in its place, in chunks, so the state is
 //! never copied on the replica thread. The follower's transport reassembles the whole envelope.
 
+use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::limits::SNAPSHOT_BYTES_MAX;
+use tally_codec::merkle::Tree;
 use tally_codec::{BatchEntry, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature};
 use tally_core::ledger::{Exported, LedgerError};
 use tally_core::{Ledger, LedgerHead};
@@ -25,13 +37,54 @@ pub const EXPORT_KEEP: Duration = Duration::from_secs(60);
 /// carry them) and the API (status, leader address).
 pub type Members = Arc<Mutex<std::collections::BTreeMap<u64, MemberAddr>>>;
 
+/// Store writes queued for the store thread, at most (about 2 s of batches at full load); a
+/// full queue makes the replica thread wait, which slows commits rather than memory growing.
+pub const STORE_QUEUED_MAX: usize = 32;
+
+/// A write for the store thread.
+enum StoreOp {
+    Batch { index: u64, entry: Arc<BatchEntry>, signature: Signature },
+    Noop { index: u64, term: u64 },
+    Conf { index: u64, term: u64, conf: Vec<u8> },
+}
+
+/// What the store thread reports back.
+#[derive(Default)]
+struct Flushed {
+    /// The last log index the store holds, and its batch height.
+    index: AtomicU64,
+    height: AtomicU64,
+    /// Why a store write failed, if one did (the store thread stops then).
+    failed: Mutex<Option<String>>,
+}
+
+/// Writes of one applied entry not yet in the store.
+struct Unflushed {
+    index: u64,
+    keys: Vec<Vec<u8>>,
+    height: Option<u64>,
+    ids: Vec<RequestId>,
+}
+
 /// The production ledger.
 pub struct StoreLedger {
     store: Arc<Mutex<Store>>,
+    tables: tally_codec::Tables,
     exports: Arc<BackgroundExports>,
     members: Members,
     /// The members an installed snapshot carried, for the shell to persist with its marker.
     installed_members: Mutex<Option<Vec<MemberAddr>>>,
+    /// Where the applied state stands (ahead of the store by what is queued).
+    head: LedgerHead,
+    conf: Option<Vec<u8>>,
+    /// Key → (value, log index that wrote it) for writes not yet in the store.
+    overlay: HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>,
+    /// Batches not yet in the store, by height, and where their requests are.
+    batches: HashMap<u64, (Arc<BatchEntry>, Signature)>,
+    ids: HashMap<RequestId, RequestLocation>,
+    unflushed: VecDeque<Unflushed>,
+    tx: Sender<StoreOp>,
+    flushed: Arc<Flushed>,
 }
 
 fn store_failed(what: &str, e: impl std::fmt::Display) -> ! {
@@ -41,10 +94,114 @@ fn store_failed(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 impl StoreLedger {
-    pub fn new(store: Arc<Mutex<Store>>, members: Members) -> Self {
+    /// A ledger on `store`, with its store thread. `on_flushed(index, height)` is called by the
+    /// store thread after each write (the client port's read barrier waits on it).
+    ///
+    /// # Errors
+    /// When the store thread cannot start or the stored configuration cannot be read.
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        members: Members,
+        on_flushed: impl Fn(u64, u64) + Send + 'static,
+    ) -> Result<Self, String> {
         let source = store.clone();
         let exports = Arc::new(BackgroundExports::new(EXPORT_KEEP, move || export(&source)));
-        StoreLedger { store, exports, members, installed_members: Mutex::new(None) }
+        let (head, conf, tables) = {
+            let s = store.lock();
+            let a = s.applied();
+            let head = LedgerHead {
+                index: a.index,
+                term: a.term,
+                height: a.height,
+                header_hash: a.header_hash,
+                state_digest: a.state_digest,
+                time_ms: a.time_ms,
+            };
+            (head, s.conf().map_err(|e| format!("stored configuration: {e}"))?, *s.tables())
+        };
+        let flushed = Arc::new(Flushed {
+            index: AtomicU64::new(head.index),
+            height: AtomicU64::new(head.height),
+            failed: Mutex::new(None),
+        });
+        let (tx, rx) = bounded(STORE_QUEUED_MAX);
+        let (s2, f2) = (store.clone(), flushed.clone());
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || store_thread(&s2, &rx, &f2, &on_flushed))
+            .map_err(|e| format!("cannot start the store thread: {e}"))?;
+        Ok(StoreLedger {
+            store,
+            tables,
+            exports,
+            members,
+            installed_members: Mutex::new(None),
+            head,
+            conf,
+            overlay: HashMap::new(),
+            batches: HashMap::new(),
+            ids: HashMap::new(),
+            unflushed: VecDeque::new(),
+            tx,
+            flushed,
+        })
+    }
+
+    /// Queues a store write, after reporting an earlier failure (the core then stops).
+    fn queue(&mut self, op: StoreOp, written: Unflushed) -> Result<(), LedgerError> {
+        if let Some(why) = self.flushed.failed.lock().clone() {
+            return Err(LedgerError::Write(why));
+        }
+        self.tx.send(op).map_err(|_| LedgerError::Write("the store thread stopped".into()))?;
+        self.unflushed.push_back(written);
+        self.forget_flushed();
+        Ok(())
+    }
+
+    /// Drops from the overlay what the store now holds.
+    fn forget_flushed(&mut self) {
+        let flushed = self.flushed.index.load(Ordering::Acquire);
+        while self.unflushed.front().is_some_and(|u| u.index <= flushed) {
+            let u = self.unflushed.pop_front().expect("front exists");
+            for k in u.keys {
+                if self.overlay.get(&k).is_some_and(|(_, i)| *i == u.index) {
+                    self.overlay.remove(&k);
+                }
+            }
+            if let Some(h) = u.height {
+                self.batches.remove(&h);
+            }
+            for id in u.ids {
+                if self.ids.get(&id).and_then(|l| u.height.map(|h| l.height == h)).unwrap_or(false) {
+                    self.ids.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The log index and batch height the store holds (behind [`Ledger::head`] by what is
+    /// queued).
+    pub fn flushed(&self) -> (u64, u64) {
+        (self.flushed.index.load(Ordering::Acquire), self.flushed.height.load(Ordering::Acquire))
+    }
+
+    /// Waits until the store holds everything applied (before a snapshot install, or a sync).
+    ///
+    /// # Errors
+    /// A store write that failed.
+    pub fn drain(&mut self) -> Result<(), LedgerError> {
+        while self.flushed.index.load(Ordering::Acquire) < self.head.index {
+            if let Some(why) = self.flushed.failed.lock().clone() {
+                return Err(LedgerError::Write(why));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.forget_flushed();
+        Ok(())
+    }
+
+    fn overlay_get(&self, key: &[u8]) -> Option<Option<&Vec<u8>>> {
+        self.overlay.get(key).map(|(v, _)| v.as_ref())
     }
 
     /// What the peer transport streams in place of a snapshot's empty state.
@@ -63,6 +220,30 @@ struct Source(Arc<BackgroundExports>);
 impl SnapshotSource for Source {
     fn snapshot(&self, at_least: u64) -> Result<Arc<ExportedState>, String> {
         self.0.get(at_least)
+    }
+}
+
+/// Writes what the replica thread applied, in order; stops at the first failure.
+fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed, on_flushed: &dyn Fn(u64, u64)) {
+    for op in rx {
+        let started = std::time::Instant::now();
+        let mut s = store.lock();
+        let (index, r) = match op {
+            StoreOp::Batch { index, entry, signature } => (index, s.apply_batch(index, &entry, &signature)),
+            StoreOp::Noop { index, term } => (index, s.apply_noop_at(index, term)),
+            StoreOp::Conf { index, term, conf } => (index, s.apply_conf(index, term, &conf)),
+        };
+        let height = s.applied().height;
+        drop(s);
+        if let Err(e) = r {
+            tracing::error!(index, error = %e, "store write failed; the replica stops");
+            *flushed.failed.lock() = Some(format!("ledger write failed: {e}"));
+            return;
+        }
+        crate::measure::stage_time("store", started);
+        flushed.height.store(height, Ordering::Release);
+        flushed.index.store(index, Ordering::Release);
+        on_flushed(index, height);
     }
 }
 
@@ -91,40 +272,58 @@ fn decode_envelope(data: &[u8]) -> Result<(SnapshotEnvelope, StateSnapshot), Led
 
 impl Ledger for StoreLedger {
     fn head(&self) -> LedgerHead {
-        let a = self.store.lock().applied();
-        LedgerHead {
-            index: a.index,
-            term: a.term,
-            height: a.height,
-            header_hash: a.header_hash,
-            state_digest: a.state_digest,
-            time_ms: a.time_ms,
-        }
+        self.head
     }
     fn balance(&self, account: &PublicKey) -> Option<u64> {
-        self.store.lock().balance(account).unwrap_or_else(|e| store_failed("read", e))
+        match self.overlay_get(self.tables.account(account).as_bytes()) {
+            Some(v) => v.map(|v| tally_codec::decode(v, 8).expect("balances are borsh u64")),
+            None => self.store.lock().balance(account).unwrap_or_else(|e| store_failed("read", e)),
+        }
     }
     fn doc_meta(&self, key: &DocKey) -> Option<DocMeta> {
-        self.store.lock().doc_meta(key).unwrap_or_else(|e| store_failed("read", e))
+        match self.overlay_get(self.tables.doc(key).as_bytes()) {
+            Some(v) => v.map(|v| tally_codec::decode(v, 1024).expect("document metadata decodes")),
+            None => self.store.lock().doc_meta(key).unwrap_or_else(|e| store_failed("read", e)),
+        }
     }
     fn doc(&self, key: &DocKey) -> Option<(DocMeta, Vec<u8>)> {
-        self.store.lock().doc(key).unwrap_or_else(|e| store_failed("read", e))
+        let meta = self.doc_meta(key)?;
+        let body_key = self.tables.doc_body(&meta.body).to_bytes();
+        let body = match self.overlay_get(&body_key) {
+            Some(v) => v.cloned(),
+            None => self.store.lock().get_raw(&body_key).unwrap_or_else(|e| store_failed("read", e)),
+        };
+        Some((meta, body.unwrap_or_default()))
     }
     fn receipt(&self, id: &RequestId) -> Option<Receipt> {
-        self.store.lock().receipt(id).unwrap_or_else(|e| store_failed("read", e))
+        let Some(loc) = self.ids.get(id) else {
+            return self.store.lock().receipt(id).unwrap_or_else(|e| store_failed("read", e));
+        };
+        let (entry, signature) = self.batches.get(&loc.height)?;
+        let leaf = loc.leaf_index as usize;
+        Some(Receipt {
+            request: entry.requests.get(leaf)?.clone(),
+            outcome: entry.outcomes.get(leaf)?.clone(),
+            leaf_index: loc.leaf_index,
+            proof: Tree::from_leaves(&entry.leaves()).proof(leaf),
+            header: entry.header.clone(),
+            signature: *signature,
+        })
     }
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
         let store = self.store.lock();
         let prefix = store.tables().requests.0;
         let pairs = store.kv_scan(&prefix).unwrap_or_else(|e| store_failed("scan", e));
-        pairs
+        let mut ids: Vec<(RequestId, RequestLocation)> = pairs
             .into_iter()
             .filter_map(|(k, v)| {
                 let id = RequestId(<[u8; 32]>::try_from(k.get(4..)?).ok()?);
                 let loc = tally_codec::decode::<RequestLocation>(&v, 64).ok()?;
                 (loc.expires_at_ms >= now_ms).then_some((id, loc))
             })
-            .collect()
+            .collect();
+        ids.extend(self.ids.iter().filter(|(_, l)| l.expires_at_ms >= now_ms).map(|(id, l)| (*id, *l)));
+        ids
     }
     fn apply_batch(
         &mut self,
@@ -133,17 +332,57 @@ impl Ledger for StoreLedger {
         entry: &BatchEntry,
         signature: &Signature,
     ) -> Result<(), LedgerError> {
-        assert_eq!(entry.header.term, term, "a batch commits in the term it was built in");
-        self.store.lock().apply_batch(index, entry, signature).map_err(|e| LedgerError::Write(e.to_string()))
+        let h = &entry.header;
+        assert_eq!(h.term, term, "a batch commits in the term it was built in");
+        assert!(index > self.head.index, "log entries apply in order");
+        assert_eq!(h.height, self.head.height + 1, "chain broken: batch height does not follow");
+        assert_eq!(h.prev_hash, self.head.header_hash, "chain broken: prev_hash is not the last header's hash");
+        let mut keys = Vec::with_capacity(entry.write_set.ops.len());
+        for op in &entry.write_set.ops {
+            self.overlay.insert(op.key.clone(), (op.value.clone(), index));
+            keys.push(op.key.clone());
+        }
+        let mut ids = Vec::with_capacity(entry.requests.len());
+        for (leaf, r) in entry.requests.iter().enumerate() {
+            let id = r.id();
+            let loc = RequestLocation {
+                height: h.height,
+                leaf_index: u32::try_from(leaf).expect("leaf_count is a u32"),
+                expires_at_ms: r.request.expires_at_ms,
+            };
+            self.ids.insert(id, loc);
+            ids.push(id);
+        }
+        let entry = Arc::new(entry.clone());
+        self.batches.insert(h.height, (entry.clone(), *signature));
+        self.head = LedgerHead {
+            index,
+            term,
+            height: h.height,
+            header_hash: h.hash(),
+            state_digest: h.state_digest,
+            time_ms: h.time_ms,
+        };
+        let written = Unflushed { index, keys, height: Some(h.height), ids };
+        self.queue(StoreOp::Batch { index, entry, signature: *signature }, written)
     }
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError> {
-        self.store.lock().apply_noop_at(index, term).map_err(|e| LedgerError::Write(e.to_string()))
+        assert!(index > self.head.index, "log entries apply in order");
+        self.head.index = index;
+        self.head.term = term;
+        let written = Unflushed { index, keys: Vec::new(), height: None, ids: Vec::new() };
+        self.queue(StoreOp::Noop { index, term }, written)
     }
     fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError> {
-        self.store.lock().apply_conf(index, term, &conf_state).map_err(|e| LedgerError::Write(e.to_string()))
+        assert!(index > self.head.index, "log entries apply in order");
+        self.head.index = index;
+        self.head.term = term;
+        self.conf = Some(conf_state.clone());
+        let written = Unflushed { index, keys: Vec::new(), height: None, ids: Vec::new() };
+        self.queue(StoreOp::Conf { index, term, conf: conf_state }, written)
     }
     fn conf_state(&self) -> Option<Vec<u8>> {
-        self.store.lock().conf().unwrap_or_else(|e| store_failed("read", e))
+        self.conf.clone()
     }
     fn export(&self, at_least: u64) -> Option<Exported> {
         match self.exports.get(at_least) {
@@ -182,10 +421,28 @@ impl Ledger for StoreLedger {
         }
         snap.applied.term = term;
         tracing::info!(index, height = snap.applied.height, bytes = data.len(), "installing snapshot");
+        // Everything applied before goes to the store first; the install replaces it.
+        self.drain()?;
         self.store
             .lock()
             .install_snapshot_with_conf(&snap, Some(&conf_state))
             .map_err(|e| LedgerError::Snapshot(e.to_string()))?;
+        let a = snap.applied;
+        self.head = LedgerHead {
+            index: a.index,
+            term: a.term,
+            height: a.height,
+            header_hash: a.header_hash,
+            state_digest: a.state_digest,
+            time_ms: a.time_ms,
+        };
+        self.conf = Some(conf_state);
+        self.overlay.clear();
+        self.batches.clear();
+        self.ids.clear();
+        self.unflushed.clear();
+        self.flushed.height.store(a.height, Ordering::Release);
+        self.flushed.index.store(a.index, Ordering::Release);
         metrics::counter!("tally_snapshot_installs_total").increment(1);
         *self.installed_members.lock() = Some(env.members);
         Ok(())

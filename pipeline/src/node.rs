@@ -163,20 +163,26 @@ impl Shared {
         self.progress.lock().poisoned = Some(why);
         self.progress_cv.notify_all();
     }
-    /// The replica thread's progress after each pass: commit index, applied index and height.
-    pub fn publish_progress(&self, commit_index: u64, applied_index: u64, applied_height: u64) {
+    /// The commit index the replica thread knows (published before it answers anyone).
+    pub fn publish_commit(&self, commit_index: u64) {
         let mut p = self.progress.lock();
-        let moved = applied_index != p.applied.index;
-        p.applied = Applied { index: applied_index, height: applied_height };
-        let committed = commit_index.max(applied_index);
-        if committed >= p.committed.index {
-            // The committed height is known once applied; until then it is the applied one.
-            p.committed = Applied { index: committed, height: applied_height.max(p.committed.height) };
+        if commit_index > p.committed.index {
+            p.committed.index = commit_index;
         }
+    }
+    /// What the store holds (the store thread, after each write): reads wait for it.
+    pub fn publish_applied(&self, index: u64, height: u64) {
+        let mut p = self.progress.lock();
+        if index <= p.applied.index && height <= p.applied.height {
+            return;
+        }
+        p.applied = Applied { index: index.max(p.applied.index), height: height.max(p.applied.height) };
+        if p.committed.index < p.applied.index {
+            p.committed.index = p.applied.index;
+        }
+        p.committed.height = p.committed.height.max(p.applied.height);
         drop(p);
-        if moved {
-            self.progress_cv.notify_all();
-        }
+        self.progress_cv.notify_all();
     }
     /// Waits until the store has applied log index `index`.
     pub fn wait_applied_index(&self, index: u64, timeout: Duration) -> bool {

@@ -26,7 +26,7 @@ use crate::node::{Shared, Submission, Waiter};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message};
+use raft::eraftpb::{ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message};
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +36,7 @@ use tally_codec::wire::SubmitReply;
 use tally_codec::ErrorCode;
 use tally_core::{Effect, Event, Persist, Plant, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{
-    check_entry, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
+    check_entry, conf_change, single, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
 };
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
@@ -49,8 +49,8 @@ use tally_store::wal::Wal;
 const ADMIN_QUEUED_MAX: usize = 16;
 /// Inputs handled between two status publications.
 const INPUTS_PER_PASS_MAX: usize = 256;
-/// How often the replica thread wakes without input, so an open batch closes on time.
-const IDLE_WAKE_MS: u64 = 5;
+/// The longest the replica thread sleeps without input.
+const IDLE_WAKE_MS: u64 = 10;
 /// Entry bytes the core keeps in memory behind the applied index for lagging followers (about
 /// 200 full batches); a follower further behind gets a snapshot. The WAL keeps more on disk.
 pub const LOG_RETAIN_BYTES: u64 = 256 << 20;
@@ -119,13 +119,22 @@ pub fn start(
     let members: Members = Arc::default();
     let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members).map_err(|e| format!("log: {e}"))?;
     *members.lock() = log.members().clone();
-    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone());
+    let on_flushed = {
+        let shared = Arc::downgrade(shared);
+        move |index, height| {
+            if let Some(s) = shared.upgrade() {
+                s.publish_applied(index, height);
+            }
+        }
+    };
+    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?;
     // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
     // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
     if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
         let cs = ConfState::from((cfg.initial_voters.clone(), vec![]));
         let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
         tally_core::Ledger::apply_conf(&mut ledger, 1, 1, bytes).map_err(|e| format!("bootstrap: {e}"))?;
+        ledger.drain().map_err(|e| format!("bootstrap: {e}"))?;
         shared.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
     }
     // The log must continue from the durable state: a fresh log (or one whose entries the
@@ -308,7 +317,10 @@ impl ReplicaThread {
         stop: &AtomicBool,
     ) {
         while !stop.load(Ordering::Relaxed) {
-            let wait = Duration::from_millis(IDLE_WAKE_MS);
+            // Asleep until an input arrives or the core wants time to pass (a tick, a batch to
+            // close), and never longer than IDLE_WAKE_MS.
+            let now = self.now().0;
+            let wait = Duration::from_millis(self.replica.next_wake_ms().saturating_sub(now).min(IDLE_WAKE_MS));
             crossbeam::channel::select! {
                 recv(net_rx) -> m => if let Ok(m) = m { self.on_peer(m) },
                 recv(seq_rx) -> s => if let Ok(s) = s { self.on_submissions(s) },
@@ -353,10 +365,10 @@ impl ReplicaThread {
 
     fn on_peer(&mut self, m: Message) {
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend {
-            let cluster = self.shared.opts.cluster_id;
-            let check = |data: &[u8]| tally_core::confirm::check_batch_entry(data, &cluster).map_err(|e| e.to_string());
+            // Batches are judged by the core (decoded once); conf changes' addresses here.
+            let batches_checked_by_core = |_: &[u8]| Ok(());
             for e in m.get_entries() {
-                if let Err(why) = check_entry(e, &check) {
+                if let Err(why) = check_entry(e, &batches_checked_by_core) {
                     // Defence in depth behind mutual TLS: a peer that sends what can never be
                     // applied is ignored, and nothing of it reaches the log.
                     tracing::error!(node = self.id, from = m.from, index = e.index, %why, "raft message refused before persisting");
@@ -405,6 +417,9 @@ impl ReplicaThread {
         }
         let started = Instant::now();
         let effects = self.replica.handle(event);
+        // The commit point is published before any answer of this pass leaves: a client that
+        // reads right after its write waits for the store to hold it (the read barrier).
+        self.shared.publish_commit(self.replica.commit_index());
         // The core keeps no clock: its pass is timed here and named after what it did.
         let stage = if effects.iter().any(|e| matches!(e, Effect::Signed { .. })) {
             "apply"
@@ -468,6 +483,9 @@ impl ReplicaThread {
                     }
                 }
                 Effect::ReadReply { .. } => {}
+                Effect::PeerRefused { from, why } => {
+                    tracing::error!(node = self.id, from, %why, "raft message refused before persisting");
+                }
                 Effect::Proposed { requests, bytes, .. } => {
                     metrics::histogram!("tally_batch_requests").record(requests as f64);
                     metrics::histogram!("tally_batch_bytes").record(bytes as f64);
@@ -594,8 +612,9 @@ impl ReplicaThread {
 
     fn publish(&mut self) {
         let status = self.replica.status();
-        let a = status.applied;
-        self.shared.publish_progress(status.commit_index, a.index, a.height);
+        self.shared.publish_commit(status.commit_index);
+        let (index, height) = self.replica.ledger().flushed();
+        self.shared.publish_applied(index, height);
         self.export_metrics(&status);
         let mut p = self.published.lock();
         p.leader_commit_seen = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
@@ -645,20 +664,6 @@ fn refusal_stage(code: ErrorCode) -> &'static str {
         ErrorCode::LogFailed | ErrorCode::StorageFull => "persist",
         _ => "propose",
     }
-}
-
-fn single(id: u64, ty: ConfChangeType) -> ConfChangeSingle {
-    let mut c = ConfChangeSingle::default();
-    c.node_id = id;
-    c.set_change_type(ty);
-    c
-}
-
-fn conf_change(changes: Vec<ConfChangeSingle>, transition: ConfChangeTransition) -> ConfChangeV2 {
-    let mut cc = ConfChangeV2::default();
-    cc.set_transition(transition);
-    cc.set_changes(changes.into());
-    cc
 }
 
 fn is_joint(cs: &ConfState) -> bool {

@@ -673,7 +673,7 @@ impl Sim {
                     self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
                 }
                 // The simulator changes voters with `Event::ChangeVoters`, which has no answer.
-                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } => {}
+                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } | Effect::PeerRefused { .. } => {}
             }
         }
     }
