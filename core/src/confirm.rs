@@ -69,3 +69,59 @@ pub fn confirm(head: &mut ChainHead, entry: &BatchEntry, cluster_id: &ClusterId,
     *head = ChainHead { height: h.height, hash, state_digest: h.state_digest };
     hash
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_batch_entry;
+    use tally_codec::merkle::{leaf_hash, Tree};
+    use tally_codec::{
+        encode, BatchEntry, BatchHeader, ClusterId, Digest, Operation, Outcome, PublicKey, Request, WriteSet,
+    };
+
+    fn entry(cluster: ClusterId) -> BatchEntry {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let req = Request {
+            cluster_id: cluster,
+            signer: PublicKey(key.verifying_key().to_bytes()),
+            nonce: 1,
+            expires_at_ms: 10,
+            op: Operation::Transfer { to: PublicKey([9; 32]), amount: 1 },
+        }
+        .sign(&key);
+        let outcome = Outcome::Transferred { sender_balance: 5 };
+        let root = Tree::from_leaves(&[leaf_hash(&req.id(), &outcome)]).root();
+        let write_set = WriteSet { ops: Vec::new() };
+        let header = BatchHeader {
+            cluster_id: cluster,
+            height: 1,
+            prev_hash: Digest([0; 32]),
+            merkle_root: root,
+            leaf_count: 1,
+            write_set_digest: write_set.digest(),
+            state_digest: Digest([0; 32]),
+            term: 1,
+            time_ms: 1,
+        };
+        BatchEntry { header, requests: vec![req], outcomes: vec![outcome], write_set }
+    }
+
+    /// Issue 6, attack 2: a forged append's junk never reaches the log; only a consistent batch of
+    /// this cluster is accepted.
+    #[test]
+    fn only_a_consistent_batch_of_this_cluster_passes() {
+        let ours = ClusterId([7; 16]);
+        assert_eq!(check_batch_entry(&encode(&entry(ours)), &ours), Ok(()));
+        assert!(check_batch_entry(&[0xAB; 64], &ours).is_err_and(|e| e.to_string().contains("not a batch entry")));
+        assert!(check_batch_entry(&encode(&entry(ClusterId([8; 16]))), &ours)
+            .is_err_and(|e| e.to_string().contains("cluster")));
+        let mut bad_root = entry(ours);
+        bad_root.header.merkle_root = Digest([1; 32]);
+        assert!(check_batch_entry(&encode(&bad_root), &ours).is_err_and(|e| e.to_string().contains("inconsistent")));
+        let mut bad_count = entry(ours);
+        bad_count.header.leaf_count = 2;
+        assert!(check_batch_entry(&encode(&bad_count), &ours).is_err());
+        let mut trailing = encode(&entry(ours));
+        trailing.push(0);
+        assert!(check_batch_entry(&trailing, &ours).is_err(), "trailing bytes are refused");
+    }
+}

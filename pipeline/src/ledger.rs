@@ -448,3 +448,62 @@ impl Ledger for StoreLedger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_codec::{BatchHeader, ClusterId, Digest, WriteOp, WriteSet};
+
+    fn entry(height: u64, prev_hash: Digest, ops: Vec<WriteOp>) -> BatchEntry {
+        let write_set = WriteSet { ops };
+        let header = BatchHeader {
+            cluster_id: ClusterId([3; 16]),
+            height,
+            prev_hash,
+            merkle_root: Tree::from_leaves(&[]).root(),
+            leaf_count: 0,
+            write_set_digest: write_set.digest(),
+            state_digest: Digest([height as u8; 32]),
+            term: 1,
+            time_ms: 1_000 * height,
+        };
+        BatchEntry { header, requests: Vec::new(), outcomes: Vec::new(), write_set }
+    }
+
+    /// Reads see an applied batch before the store thread wrote it (the overlay), and the store
+    /// holds it once drained; what the store holds is what `flushed` says.
+    #[test]
+    fn applied_writes_are_read_before_the_store_has_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let tables = *store.lock().tables();
+        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        let alice = PublicKey([7; 32]);
+        let op = WriteOp { key: tables.account(&alice).into_bytes(), value: Some(tally_codec::encode(&5u64)) };
+        let e = entry(1, Digest::ZERO, vec![op]);
+        let signature = Signature([0; 64]);
+        {
+            // The store thread cannot write while this lock is held.
+            let held = store.lock();
+            ledger.apply_batch(2, 1, &e, &signature).expect("applied");
+            assert_eq!(ledger.balance(&alice), Some(5), "read from the overlay");
+            assert_eq!(ledger.head().height, 1);
+            assert_eq!(ledger.flushed(), (0, 0), "the store has nothing yet");
+            assert_eq!(held.balance(&alice).expect("read"), None);
+        }
+        ledger.drain().expect("drained");
+        assert_eq!(ledger.flushed(), (2, 1));
+        assert_eq!(store.lock().balance(&alice).expect("read"), Some(5), "the store thread wrote it");
+        // A later batch deletes it: the overlay answers "absent", not the store's old value.
+        let del = WriteOp { key: tables.account(&alice).into_bytes(), value: None };
+        let e2 = entry(2, e.header.hash(), vec![del]);
+        {
+            let _held = store.lock();
+            ledger.apply_batch(3, 1, &e2, &signature).expect("applied");
+            assert_eq!(ledger.balance(&alice), None, "a deletion in the overlay hides the stored value");
+        }
+        ledger.drain().expect("drained");
+        assert_eq!(store.lock().balance(&alice).expect("read"), None);
+        assert!(ledger.overlay.is_empty(), "the overlay forgets what the store holds");
+    }
+}

@@ -321,9 +321,13 @@ impl ReplicaThread {
             // close), and never longer than IDLE_WAKE_MS.
             let now = self.now().0;
             let wait = Duration::from_millis(self.replica.next_wake_ms().saturating_sub(now).min(IDLE_WAKE_MS));
+            // Submissions wait in their bounded channel (the client port answers `Overloaded`
+            // when it is full) while the core already holds enough for the batches it may build.
+            let never = crossbeam::channel::never();
+            let submissions = if self.core_queue_full() { &never } else { seq_rx };
             crossbeam::channel::select! {
                 recv(net_rx) -> m => if let Ok(m) = m { self.on_peer(m) },
-                recv(seq_rx) -> s => if let Ok(s) = s { self.on_submissions(s) },
+                recv(submissions) -> s => if let Ok(s) = s { self.on_submissions(s) },
                 recv(admin_rx) -> a => if let Ok(a) = a { self.on_admin(a) },
                 default(wait) => {},
             }
@@ -333,9 +337,11 @@ impl ReplicaThread {
                     self.on_peer(m);
                     idle = false;
                 }
-                if let Ok(s) = seq_rx.try_recv() {
-                    self.on_submissions(s);
-                    idle = false;
+                if !self.core_queue_full() {
+                    if let Ok(s) = seq_rx.try_recv() {
+                        self.on_submissions(s);
+                        idle = false;
+                    }
                 }
                 if idle {
                     break;
@@ -351,6 +357,11 @@ impl ReplicaThread {
             self.publish();
         }
         self.transport.stop();
+    }
+
+    /// Whether the core holds as many requests as two full batches, waiting for one to close.
+    fn core_queue_full(&self) -> bool {
+        self.replica.sequencer_state().1 >= 2 * self.shared.opts.batch_requests_max
     }
 
     fn now(&self) -> (u64, u64) {
@@ -456,9 +467,12 @@ impl ReplicaThread {
         let mut effects = effects.into_iter();
         while let Some(e) = effects.next() {
             match e {
+                // A replica that stopped (a failed member write) sends nothing more.
+                Effect::Send(_) | Effect::Persist(_) if self.stopped.is_some() => {}
                 Effect::Send(m) => self.send(m),
                 Effect::Persist(p) => {
                     let started = Instant::now();
+                    let wrote = !p.entries.is_empty() || p.snapshot.is_some();
                     if let Err(why) = self.persist(p) {
                         // Nothing after a failed persist may run: the messages behind it
                         // promise what the log does not hold.
@@ -470,8 +484,10 @@ impl ReplicaThread {
                         self.execute(rest);
                         return;
                     }
-                    metrics::histogram!("tally_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
-                    crate::measure::stage_time("persist", started);
+                    if wrote {
+                        metrics::histogram!("tally_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
+                        crate::measure::stage_time("persist", started);
+                    }
                 }
                 Effect::Reply { client, reply } => {
                     if let SubmitReply::Refused(e) = &reply {
@@ -616,11 +632,15 @@ impl ReplicaThread {
         let (index, height) = self.replica.ledger().flushed();
         self.shared.publish_applied(index, height);
         self.export_metrics(&status);
-        let mut p = self.published.lock();
-        p.leader_commit_seen = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
-        p.members = self.members.lock().clone();
-        p.stopped = self.stopped.clone();
-        p.status = status;
+        {
+            let mut p = self.published.lock();
+            p.leader_commit_seen = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
+            p.members = self.members.lock().clone();
+            p.stopped = self.stopped.clone();
+            p.status = status;
+        }
+        // Frames relayed to a replica that no longer leads are answered (retryable) now.
+        self.shared.forwarder.retain_leader(self.shared.leader_addr().as_deref());
     }
 
     fn export_metrics(&mut self, s: &Status) {

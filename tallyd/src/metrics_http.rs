@@ -63,7 +63,7 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     (
         "tally_stage_seconds",
         Kind::Histogram,
-        "Time spent in one pipeline stage: validate (per frame), sequence, propose, confirm, apply (per batch).",
+        "Time spent in one stage: validate (per frame); sequence, apply, raft (per pass of the replica core, named by what it did); persist (log write and fsync); store (one store write).",
     ),
     ("tally_refused_total", Kind::Counter, "Requests refused, by stage and reason (the wire error code)."),
     ("tally_verify_batch_fallbacks_total", Kind::Counter, "Frames whose ed25519 batch verification failed and were checked one by one."),

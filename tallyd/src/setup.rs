@@ -100,6 +100,16 @@ pub fn check_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
             ),
         ));
     }
+    let entry_max = tally_failover::config::PROPOSAL_BYTES_MAX;
+    if cfg.batch_bytes_max == 0 || cfg.batch_bytes_max > entry_max {
+        return Err(at(
+            "batch_bytes_max",
+            format!(
+                "{} must be between 1 and {entry_max} (a batch entry must fit one peer frame)",
+                cfg.batch_bytes_max
+            ),
+        ));
+    }
     tls_files(cfg).map_err(|e| format!("config {}: {e}", path.display()))?;
     admin_keys(cfg).map_err(|e| at("admin_keys", e))?;
     Ok(())
