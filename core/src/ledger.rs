@@ -106,6 +106,19 @@ pub struct MemLedger {
     ids: HashMap<RequestId, RequestLocation>,
 }
 
+/// The receipt of the request at `loc` in committed batch `entry`, signed with `signature`.
+pub fn receipt_in(entry: &BatchEntry, signature: &Signature, loc: &RequestLocation) -> Option<Receipt> {
+    let leaf = loc.leaf_index as usize;
+    Some(Receipt {
+        request: entry.requests.get(leaf)?.clone(),
+        outcome: entry.outcomes.get(leaf)?.clone(),
+        leaf_index: loc.leaf_index,
+        proof: Tree::from_leaves(&entry.leaves()).proof(leaf),
+        header: entry.header.clone(),
+        signature: *signature,
+    })
+}
+
 /// The store's table ids (derived by hashing; computed once).
 fn tables() -> &'static Tables {
     static TABLES: std::sync::LazyLock<Tables> = std::sync::LazyLock::new(Tables::v1);
@@ -186,15 +199,7 @@ impl Ledger for MemLedger {
     fn receipt(&self, id: &RequestId) -> Option<Receipt> {
         let loc = self.ids.get(id)?;
         let (entry, signature) = self.batches.get(usize::try_from(loc.height).ok()?.checked_sub(1)?)?;
-        let leaf = loc.leaf_index as usize;
-        Some(Receipt {
-            request: entry.requests.get(leaf)?.clone(),
-            outcome: entry.outcomes.get(leaf)?.clone(),
-            leaf_index: loc.leaf_index,
-            proof: Tree::from_leaves(&entry.leaves()).proof(leaf),
-            header: entry.header.clone(),
-            signature: *signature,
-        })
+        receipt_in(entry, signature, loc)
     }
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
         self.ids.iter().filter(|(_, l)| l.expires_at_ms >= now_ms).map(|(id, l)| (*id, *l)).collect()

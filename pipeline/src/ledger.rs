@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::limits::SNAPSHOT_BYTES_MAX;
-use tally_codec::merkle::Tree;
 use tally_codec::{BatchEntry, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature};
 use tally_core::ledger::{Exported, LedgerError};
 use tally_core::{Ledger, LedgerHead};
@@ -108,16 +107,7 @@ impl StoreLedger {
         let exports = Arc::new(BackgroundExports::new(EXPORT_KEEP, move || export(&source)));
         let (head, conf, tables) = {
             let s = store.lock();
-            let a = s.applied();
-            let head = LedgerHead {
-                index: a.index,
-                term: a.term,
-                height: a.height,
-                header_hash: a.header_hash,
-                state_digest: a.state_digest,
-                time_ms: a.time_ms,
-            };
-            (head, s.conf().map_err(|e| format!("stored configuration: {e}"))?, *s.tables())
+            (head_of(&s.applied()), s.conf().map_err(|e| format!("stored configuration: {e}"))?, *s.tables())
         };
         let flushed = Arc::new(Flushed {
             index: AtomicU64::new(head.index),
@@ -259,6 +249,18 @@ fn export(store: &Mutex<Store>) -> Result<ExportedState, String> {
     Ok(ExportedState { index: snap.applied.index, term: snap.applied.term, state })
 }
 
+/// The core's view of where the store stands.
+fn head_of(a: &tally_store::state::Applied) -> LedgerHead {
+    LedgerHead {
+        index: a.index,
+        term: a.term,
+        height: a.height,
+        header_hash: a.header_hash,
+        state_digest: a.state_digest,
+        time_ms: a.time_ms,
+    }
+}
+
 fn decode_envelope(data: &[u8]) -> Result<(SnapshotEnvelope, StateSnapshot), LedgerError> {
     let env: SnapshotEnvelope = tally_codec::decode(data, SNAPSHOT_BYTES_MAX)
         .map_err(|e| LedgerError::Snapshot(format!("snapshot does not decode: {e}")))?;
@@ -300,15 +302,7 @@ impl Ledger for StoreLedger {
             return self.store.lock().receipt(id).unwrap_or_else(|e| store_failed("read", e));
         };
         let (entry, signature) = self.batches.get(&loc.height)?;
-        let leaf = loc.leaf_index as usize;
-        Some(Receipt {
-            request: entry.requests.get(leaf)?.clone(),
-            outcome: entry.outcomes.get(leaf)?.clone(),
-            leaf_index: loc.leaf_index,
-            proof: Tree::from_leaves(&entry.leaves()).proof(leaf),
-            header: entry.header.clone(),
-            signature: *signature,
-        })
+        tally_core::ledger::receipt_in(entry, signature, loc)
     }
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
         let store = self.store.lock();
@@ -428,14 +422,7 @@ impl Ledger for StoreLedger {
             .install_snapshot_with_conf(&snap, Some(&conf_state))
             .map_err(|e| LedgerError::Snapshot(e.to_string()))?;
         let a = snap.applied;
-        self.head = LedgerHead {
-            index: a.index,
-            term: a.term,
-            height: a.height,
-            header_hash: a.header_hash,
-            state_digest: a.state_digest,
-            time_ms: a.time_ms,
-        };
+        self.head = head_of(&a);
         self.conf = Some(conf_state);
         self.overlay.clear();
         self.batches.clear();
@@ -452,6 +439,7 @@ impl Ledger for StoreLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_codec::merkle::Tree;
     use tally_codec::{BatchHeader, ClusterId, Digest, WriteOp, WriteSet};
 
     fn entry(height: u64, prev_hash: Digest, ops: Vec<WriteOp>) -> BatchEntry {
