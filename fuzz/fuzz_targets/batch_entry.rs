@@ -1,7 +1,9 @@
 //! The Raft entry payload: what a follower decodes from every committed normal entry
-//! (pipeline `s6_confirm`: `decode::<BatchEntry>(data, ENTRY_BYTES_MAX)`, then `check()` when it
-//! did not build the batch itself). The same bytes are also parsed as the conf-change payloads a
-//! replica decodes from `EntryConfChange` / `EntryConfChangeV2` entries (failover `node.rs`),
+//! (the core's confirm step, `core/src/replica.rs` `confirm_batch`: `decode::<BatchEntry>(data,
+//! ENTRY_BYTES_MAX)`, after `check_batch_entry` judged it on arrival). The same bytes are also
+//! parsed as the conf-change payloads a replica decodes from `EntryConfChange` /
+//! `EntryConfChangeV2` entries (`core/src/replica.rs` `apply_committed`, `failover/src/config.rs`
+//! `check_entry`),
 //! and as the conf-change context (`MemberAddr`).
 //!
 //! Properties: no panic (decode and `check()` return errors); a decoded value re-encodes to its

@@ -60,8 +60,8 @@ fn log_round_trip(e: &Entry) {
     assert_eq!((back.index, back.term), (e.index, e.term));
 }
 
-/// What the replica decodes once the entry commits (failover `node.rs` `on_committed`, pipeline
-/// `s6_confirm`).
+/// What the replica decodes once the entry commits (`core/src/replica.rs` `apply_committed` and
+/// `confirm_batch`).
 fn payload(e: &Entry) {
     match e.get_entry_type() {
         EntryType::EntryNormal if e.data.is_empty() => {}

@@ -1,7 +1,7 @@
 //! Snapshot data as a follower decodes it on install: the Raft snapshot's data is a
-//! `SnapshotEnvelope` (failover `node.rs` `install_snapshot`, bound `FRAME_BYTES_MAX`) whose
-//! `state` is the pipeline's `StateSnapshot` (pipeline `snapshots.rs`, no bound but the
-//! envelope's), whose batch-table values are `BatchRecord`s (store `install_snapshot`).
+//! `SnapshotEnvelope` (`pipeline/src/ledger.rs` `check_snapshot` and `install`) whose `state` is
+//! the store's `StateSnapshot` (bound `SNAPSHOT_BYTES_MAX`), whose batch-table values are
+//! `BatchRecord`s (store `install_snapshot`).
 //!
 //! The input is decoded both as an envelope (then its state) and directly as a `StateSnapshot`,
 //! so the inner layer is reached without the fuzzer building the outer one first.
