@@ -196,6 +196,10 @@ pub struct Status {
     pub first_index: u64,
     /// When a quorum of voters last acknowledged this leader (monotonic ms; leader only).
     pub quorum_ack_ms: Option<u64>,
+    /// Pre-vote campaigns this replica started, and vote campaigns (new terms it asked votes
+    /// for), since it started.
+    pub pre_vote_campaigns: u64,
+    pub vote_campaigns: u64,
 }
 
 /// The log a restarting replica finds on its disk, in the order it was written.
@@ -251,6 +255,11 @@ pub struct Replica<L: Ledger> {
     entry_bytes_total: u64,
     /// A test hook: the next batch proposal is refused as if raft-rs had dropped it.
     refuse_next_proposal: bool,
+    /// Campaigns counted (see [`Status`]), and the role and term they were judged from.
+    pre_vote_campaigns: u64,
+    vote_campaigns: u64,
+    seen_role: StateRole,
+    seen_term: u64,
     out: Vec<Effect>,
 }
 
@@ -446,6 +455,10 @@ impl<L: Ledger> Replica<L> {
             entry_bytes,
             entry_bytes_total,
             refuse_next_proposal: false,
+            pre_vote_campaigns: 0,
+            vote_campaigns: 0,
+            seen_role: StateRole::Follower,
+            seen_term: 0,
             out: Vec::new(),
             cfg,
         })
@@ -540,6 +553,8 @@ impl<L: Ledger> Replica<L> {
             sequencing: matches!(self.seq.mode, Mode::Leading { .. }),
             poisoned: self.poisoned.clone(),
             first_index: raft.raft_log.first_index(),
+            pre_vote_campaigns: self.pre_vote_campaigns,
+            vote_campaigns: self.vote_campaigns,
             quorum_ack_ms: if is_leader {
                 let conf = raft.prs().conf().to_conf_state();
                 let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
@@ -701,6 +716,13 @@ impl<L: Ledger> Replica<L> {
             self.raw.raft.set_randomized_election_timeout(t as usize);
         }
         self.raw.tick();
+        // A pre-candidate whose election timed out campaigns again in the same role.
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::PreCandidate && raft.election_elapsed == 0 {
+            self.pre_vote_campaigns += 1;
+            self.seen_role = StateRole::PreCandidate;
+        }
+        self.count_campaigns();
         self.ticks += 1;
         if self.raw.raft.state == StateRole::Leader
             && self.ticks - self.last_probe_tick >= self.cfg.heartbeat_ticks as u64
@@ -796,6 +818,25 @@ impl<L: Ledger> Replica<L> {
             return; // a snapshot without state, or with a state this ledger refuses
         }
         let _ = self.raw.step(m);
+        self.count_campaigns();
+    }
+
+    /// Counts the campaigns this replica starts (checked after every tick and step).
+    fn count_campaigns(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != self.seen_role {
+            if raft.state == StateRole::PreCandidate {
+                self.pre_vote_campaigns += 1;
+            }
+            self.seen_role = raft.state;
+        }
+        if raft.term > self.seen_term {
+            // A vote campaign bumps the term and votes for itself, even when it wins at once.
+            if raft.vote == self.cfg.node_id && matches!(raft.state, StateRole::Candidate | StateRole::Leader) {
+                self.vote_campaigns += 1;
+            }
+            self.seen_term = raft.term;
+        }
     }
 
     fn check_entry(&self, e: &Entry) -> Result<(), crate::confirm::EntryError> {

@@ -139,3 +139,29 @@ fn the_log_kept_in_memory_is_bounded_in_bytes() {
     r.handle(tally_core::Event::Tick { now_ms: 1, wall_ms: 1_700_000_000_001 });
     assert_eq!(r.status().first_index, 8, "three entries of 300 bytes fit 1,000 bytes");
 }
+
+/// Campaigns are counted for the shell's `tally_elections_total`: a replica whose peers never
+/// answer keeps starting pre-vote campaigns and never a vote campaign; a replica alone wins its
+/// first vote campaign at once.
+#[test]
+fn campaigns_are_counted_by_kind() {
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut r =
+        Replica::start(cfg(), ledger_at(1, 1), RestoredLog::default(), 0, 1_700_000_000_000, &logger).expect("starts");
+    for t in 1..=60 {
+        r.handle(tally_core::Event::Tick { now_ms: t * 50, wall_ms: 1_700_000_000_000 + t * 50 });
+    }
+    let s = r.status();
+    assert!(s.pre_vote_campaigns >= 2, "pre-vote campaigns: {}", s.pre_vote_campaigns);
+    assert_eq!(s.vote_campaigns, 0, "no pre-vote majority, so no new term");
+    let mut alone = cfg();
+    alone.voters = vec![1];
+    let mut r =
+        Replica::start(alone, ledger_at(1, 1), RestoredLog::default(), 0, 1_700_000_000_000, &logger).expect("starts");
+    for t in 1..=60 {
+        r.handle(tally_core::Event::Tick { now_ms: t * 50, wall_ms: 1_700_000_000_000 + t * 50 });
+    }
+    let s = r.status();
+    assert!(s.is_leader);
+    assert_eq!(s.vote_campaigns, 1);
+}

@@ -277,8 +277,8 @@ impl Transport for NoPeers {
 
 #[derive(Default)]
 struct MetricsSeen {
-    is_leader: bool,
-    term: u64,
+    pre_vote_campaigns: u64,
+    vote_campaigns: u64,
     leader: (u64, u64),
 }
 
@@ -644,13 +644,16 @@ impl ReplicaThread {
     }
 
     fn export_metrics(&mut self, s: &Status) {
-        if s.is_leader != self.metrics.is_leader {
-            self.metrics.is_leader = s.is_leader;
-            if s.is_leader {
-                metrics::counter!("tally_elections_total", "kind" => "vote").increment(1);
-            }
+        let pre = s.pre_vote_campaigns - self.metrics.pre_vote_campaigns;
+        let vote = s.vote_campaigns - self.metrics.vote_campaigns;
+        if pre > 0 {
+            metrics::counter!("tally_elections_total", "kind" => "pre_vote").increment(pre);
         }
-        self.metrics.term = s.term;
+        if vote > 0 {
+            metrics::counter!("tally_elections_total", "kind" => "vote").increment(vote);
+        }
+        self.metrics.pre_vote_campaigns = s.pre_vote_campaigns;
+        self.metrics.vote_campaigns = s.vote_campaigns;
         let leader = s.leader_id.unwrap_or(0);
         if leader != 0 && (s.term, leader) != self.metrics.leader {
             if self.metrics.leader.1 != 0 {
