@@ -169,6 +169,11 @@ impl StoreLedger {
         }
     }
 
+    /// Why a store write failed, if one did (the store thread has stopped then).
+    pub fn failed(&self) -> Option<String> {
+        self.flushed.failed.lock().clone()
+    }
+
     /// The log index and batch height the store holds (behind [`Ledger::head`] by what is
     /// queued).
     pub fn flushed(&self) -> (u64, u64) {

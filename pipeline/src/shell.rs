@@ -627,6 +627,14 @@ impl ReplicaThread {
     }
 
     fn publish(&mut self) {
+        if self.stopped.is_none() {
+            if let Some(why) = self.replica.ledger().failed() {
+                // The store thread stopped on a failed write: stop now, not at the next apply
+                // (an idle replica would otherwise keep leading with a store that no longer moves).
+                tracing::error!(node = self.id, error = %why, "the store stopped; stepping down");
+                self.fail_log(why);
+            }
+        }
         let status = self.replica.status();
         self.shared.publish_commit(status.commit_index);
         let (index, height) = self.replica.ledger().flushed();
