@@ -121,6 +121,18 @@ pub struct BatchEntry {
 }
 
 impl BatchEntry {
+    /// Each request's id and where it lies in this batch, in leaf order.
+    pub fn locations(&self) -> impl Iterator<Item = (crate::RequestId, RequestLocation)> + '_ {
+        self.requests.iter().enumerate().map(|(leaf, r)| {
+            let loc = RequestLocation {
+                height: self.header.height,
+                leaf_index: u32::try_from(leaf).expect("leaf_count is a u32"),
+                expires_at_ms: r.request.expires_at_ms,
+            };
+            (r.id(), loc)
+        })
+    }
+
     pub fn leaves(&self) -> Vec<[u8; 32]> {
         self.requests.iter().zip(&self.outcomes).map(|(r, o)| leaf_hash(&r.id(), o)).collect()
     }

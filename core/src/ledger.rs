@@ -167,14 +167,7 @@ impl MemLedger {
     fn index_ids(&mut self) {
         self.ids.clear();
         for (entry, _) in &self.batches {
-            for (leaf, r) in entry.requests.iter().enumerate() {
-                let loc = RequestLocation {
-                    height: entry.header.height,
-                    leaf_index: leaf as u32,
-                    expires_at_ms: r.request.expires_at_ms,
-                };
-                self.ids.insert(r.id(), loc);
-            }
+            self.ids.extend(entry.locations());
         }
     }
 }
@@ -220,11 +213,7 @@ impl Ledger for MemLedger {
                 None => self.kv.remove(&op.key),
             };
         }
-        for (leaf, r) in entry.requests.iter().enumerate() {
-            let loc =
-                RequestLocation { height: h.height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
-            self.ids.insert(r.id(), loc);
-        }
+        self.ids.extend(entry.locations());
         self.batches.push((entry.clone(), *signature));
         self.head = LedgerHead {
             index,

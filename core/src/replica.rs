@@ -36,8 +36,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{
-    decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, RequestLocation,
-    Signature, Tables,
+    decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, Signature, Tables,
 };
 
 /// Who is waiting for an answer: opaque to the core (a connection slot, a simulated client).
@@ -991,9 +990,8 @@ impl<L: Ledger> Replica<L> {
         let built_here = self.seq.pending.batches.get(&height).map(|b| b.header_hash);
         let header_hash = confirm(&mut self.head, &entry, &self.cfg.cluster_id, built_here.is_some());
         let signature = entry.header.sign(&self.operator_key);
-        for (leaf, r) in entry.requests.iter().enumerate() {
-            let loc = RequestLocation { height, leaf_index: leaf as u32, expires_at_ms: r.request.expires_at_ms };
-            self.seq.seen.insert(r.id(), loc);
+        for (id, loc) in entry.locations() {
+            self.seq.seen.insert(id, loc);
         }
         self.seq.seen.prune(entry.header.time_ms);
         let lost = match built_here {

@@ -342,13 +342,7 @@ impl Ledger for StoreLedger {
             keys.push(op.key.clone());
         }
         let mut ids = Vec::with_capacity(entry.requests.len());
-        for (leaf, r) in entry.requests.iter().enumerate() {
-            let id = r.id();
-            let loc = RequestLocation {
-                height: h.height,
-                leaf_index: u32::try_from(leaf).expect("leaf_count is a u32"),
-                expires_at_ms: r.request.expires_at_ms,
-            };
+        for (id, loc) in entry.locations() {
             self.ids.insert(id, loc);
             ids.push(id);
         }

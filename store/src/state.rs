@@ -257,13 +257,8 @@ impl<K: Kv> Store<K> {
         let mut ops = Vec::with_capacity(entry.write_set.ops.len() + entry.requests.len() + 2);
         ops.extend(entry.write_set.ops.iter().cloned());
         ops.push(WriteOp { key: self.tables.batch(header.height).into_bytes(), value: Some(encode(&record)) });
-        for (leaf_index, request) in entry.requests.iter().enumerate() {
-            let location = RequestLocation {
-                height: header.height,
-                leaf_index: u32::try_from(leaf_index).expect("leaf_count is a u32"),
-                expires_at_ms: request.request.expires_at_ms,
-            };
-            ops.push(WriteOp { key: self.tables.request(&request.id()).into_bytes(), value: Some(encode(&location)) });
+        for (id, location) in entry.locations() {
+            ops.push(WriteOp { key: self.tables.request(&id).into_bytes(), value: Some(encode(&location)) });
         }
         ops.push(self.applied_op(&applied));
         self.kv.write(&ops)?;
