@@ -640,15 +640,21 @@ impl ReplicaThread {
         let (index, height) = self.replica.ledger().flushed();
         self.shared.publish_applied(index, height);
         self.export_metrics(&status);
+        let members = self.members.lock().clone();
+        let leader_addr = if self.stopped.is_some() {
+            None
+        } else {
+            status.leader_id.and_then(|l| members.get(&l)).map(|m| m.client_addr.clone())
+        };
         {
             let mut p = self.published.lock();
             p.leader_commit_seen = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
-            p.members = self.members.lock().clone();
+            p.members = members;
             p.stopped = self.stopped.clone();
             p.status = status;
         }
         // Frames relayed to a replica that no longer leads are answered (retryable) now.
-        self.shared.forwarder.retain_leader(self.shared.leader_addr().as_deref());
+        self.shared.forwarder.retain_leader(leader_addr.as_deref());
     }
 
     fn export_metrics(&mut self, s: &Status) {
