@@ -167,6 +167,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// The last `lines` lines of every replica's log and whether its process still runs, for an
+    /// error that has to explain itself from a CI transcript.
+    fn log_tails(&mut self, lines: usize) -> String {
+        let mut out = String::new();
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            let state = match n.child.as_mut().map(Child::try_wait) {
+                None => "not started".to_string(),
+                Some(Ok(None)) => "running".to_string(),
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(Err(e)) => format!("unknown: {e}"),
+            };
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = all[all.len().saturating_sub(lines)..].join("\n    ");
+            out.push_str(&format!("  node {} ({state}), {}:\n    {tail}\n", i + 1, n.log.display()));
+        }
+        out
+    }
+
     fn signal(&mut self, i: usize, sig: i32) {
         if let Some(c) = &self.nodes[i].child {
             // A child we started, by PID (this crate has no unsafe code for libc::kill).
@@ -350,7 +369,9 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
         access: access.clone(),
         cluster_id,
     });
-    wait_for_leader(&shared, Duration::from_secs(30)).ok_or("no leader within 30 s of starting the cluster")?;
+    if wait_for_leader(&shared, Duration::from_secs(30)).is_none() {
+        return Err(format!("no leader within 30 s of starting the cluster\n{}", cluster.log_tails(20)));
+    }
     let keys: Vec<ed25519_dalek::SigningKey> = layout
         .account_keys
         .iter()
@@ -545,12 +566,20 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
     for d in &cluster.disks {
         let _ = std::fs::remove_file(filler(d));
     }
+    // A replica the monkey did not kill must still run: a full disk, a cut link or a pause is
+    // never a reason to exit. One that exited is reported, then started again for the checks.
+    let mut exited = Vec::new();
     for i in 0..n {
         cluster.resume(i);
+        if let Some(Ok(Some(status))) = cluster.nodes[i].child.as_mut().map(Child::try_wait) {
+            exited.push(format!("replica {} exited on its own ({status})", i + 1));
+            cluster.nodes[i].child = None;
+        }
         if cluster.nodes[i].child.is_none() {
             let _ = cluster.spawn(i);
         }
     }
+    let exited_logs = if exited.is_empty() { String::new() } else { cluster.log_tails(30) };
     let height_at_heal = samples.lock().last().map_or(0, |s| s.committed_height);
     let heal_deadline = Instant::now() + Duration::from_millis(LIVENESS_BOUND_MS * 2);
     let mut first_commit_after_heal_ms = None;
@@ -572,7 +601,15 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
     let _ = sampler.join();
     let height_at_end = samples.lock().iter().map(|s| s.committed_height).max();
 
-    let replicas: Vec<ReplicaFinal> = (0..n).filter_map(|i| read_replica(&shared, i)).collect();
+    let mut replicas = Vec::new();
+    let mut unread = Vec::new();
+    for i in 0..n {
+        match read_replica(&shared, i) {
+            Ok(r) => replicas.push(r),
+            Err(e) => unread.push(format!("replica {}: {e}", i + 1)),
+        }
+    }
+    let unread_logs = if unread.is_empty() { String::new() } else { cluster.log_tails(30) };
     let history = std::mem::take(&mut *shared.history.lock());
     let headers = std::mem::take(&mut *shared.headers.lock());
     let record = RunRecord {
@@ -590,7 +627,17 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
     if record.replicas.len() < n {
         verdicts.violations.push(tally_sim::check::Violation {
             invariant: "I3",
-            what: format!("only {} of {n} replicas could be read back after healing", record.replicas.len()),
+            what: format!(
+                "only {} of {n} replicas could be read back after healing ({})\n{unread_logs}",
+                record.replicas.len(),
+                unread.join("; ")
+            ),
+        });
+    }
+    if !exited.is_empty() {
+        verdicts.violations.push(tally_sim::check::Violation {
+            invariant: "I5",
+            what: format!("{}\n{exited_logs}", exited.join("; ")),
         });
     }
     cluster.stop_all();
@@ -822,26 +869,32 @@ fn client_loop(c: usize, seed: u64, shared: &Shared, keys: &[ed25519_dalek::Sign
 }
 
 /// Every batch a replica holds, and its totals.
-fn read_replica(shared: &Shared, i: usize) -> Option<ReplicaFinal> {
-    let conn = connect(shared, i)?;
-    let status = match conn.call_timeout(ClientMessage::Status, Duration::from_secs(5)).ok()? {
-        ServerMessage::Status(s) => s,
-        _ => return None,
+/// Every batch replica `i` has applied, and its audit; or why they could not be read.
+fn read_replica(shared: &Shared, i: usize) -> Result<ReplicaFinal, String> {
+    let conn = connect(shared, i).ok_or("no connection")?;
+    let status = match conn.call_timeout(ClientMessage::Status, Duration::from_secs(5)) {
+        Ok(ServerMessage::Status(s)) => s,
+        other => return Err(format!("status: {other:?}")),
     };
     let mut batches = Vec::new();
     for height in 1..=status.applied_height {
-        match conn.call_timeout(ClientMessage::Batch { height }, Duration::from_secs(5)).ok()? {
-            ServerMessage::Batch(Some(b)) => batches.push(StoredBatch {
+        match conn.call_timeout(ClientMessage::Batch { height }, Duration::from_secs(5)) {
+            Ok(ServerMessage::Batch(Some(b))) => batches.push(StoredBatch {
                 header: b.header,
                 signature: b.signature,
                 request_ids: b.request_ids,
                 outcomes: b.outcomes,
             }),
-            _ => return None,
+            other => {
+                return Err(format!(
+                    "batch {height} of applied height {}: {other:?}",
+                    status.applied_height
+                ))
+            }
         }
     }
-    let audit = checker::audit(&shared.access, &shared.addrs[i])?;
-    Some(ReplicaFinal {
+    let audit = checker::audit(&shared.access, &shared.addrs[i]).ok_or("no audit")?;
+    Ok(ReplicaFinal {
         node_id: status.node_id,
         batches,
         applied_height: audit.applied_height,

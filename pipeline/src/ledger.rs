@@ -142,7 +142,13 @@ impl StoreLedger {
         if let Some(why) = self.flushed.failed.lock().clone() {
             return Err(LedgerError::Write(why));
         }
-        self.tx.send(op).map_err(|_| LedgerError::Write("the store thread stopped".into()))?;
+        if self.tx.send(op).is_err() {
+            // The store thread records why before it returns and drops the receiver: a send
+            // that raced with its failure reports the failure itself (a full disk must be
+            // called a full disk, or tallyd exits instead of waiting for space).
+            let why = self.failed().unwrap_or_else(|| "the store thread stopped".into());
+            return Err(LedgerError::Write(why));
+        }
         self.unflushed.push_back(written);
         self.forget_flushed();
         Ok(())
@@ -232,7 +238,7 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
         drop(s);
         if let Err(e) = r {
             tracing::error!(index, error = %e, "store write failed; the replica stops");
-            *flushed.failed.lock() = Some(format!("ledger write failed: {e}"));
+            *flushed.failed.lock() = Some(e.to_string());
             return;
         }
         crate::measure::stage_time("store", started);

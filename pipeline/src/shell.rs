@@ -632,7 +632,7 @@ impl ReplicaThread {
                 // The store thread stopped on a failed write: stop now, not at the next apply
                 // (an idle replica would otherwise keep leading with a store that no longer moves).
                 tracing::error!(node = self.id, error = %why, "the store stopped; stepping down");
-                self.fail_log(why);
+                self.fail_log(format!("ledger write failed: {why}"));
             }
         }
         let status = self.replica.status();

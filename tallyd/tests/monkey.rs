@@ -37,9 +37,9 @@ fn a_short_monkey_run_with_every_fault_kind_keeps_every_invariant() {
             let mut cfg = cfg.clone();
             cfg.faults.disk = false;
             cfg.base_port = common::free_base_port(3);
-            monkey::run(&cfg).expect("monkey run")
+            monkey::run(&cfg).unwrap_or_else(|e| panic!("monkey run: {e}"))
         }
-        other => other.expect("monkey run"),
+        other => other.unwrap_or_else(|e| panic!("monkey run: {e}")),
     };
     let text = monkey::summary(&r);
     eprintln!("{text}");
@@ -60,7 +60,7 @@ fn a_short_monkey_run_with_every_fault_kind_keeps_every_invariant() {
 #[test]
 fn the_monkey_reports_acknowledgements_sent_before_commit() {
     let (_dir, cfg) = config(3, 30, "leader,partition", Some("ack-before-commit"));
-    let r = monkey::run(&cfg).expect("monkey run");
+    let r = monkey::run(&cfg).unwrap_or_else(|e| panic!("monkey run: {e}"));
     let text = monkey::summary(&r);
     eprintln!("{text}");
     assert!(!r.ok(), "the planted bug went unnoticed:\n{text}");
