@@ -15,7 +15,7 @@ use tally_codec::{
     BatchEntry, BatchHeader, ClusterId, Digest, DocKey, DocMeta, Operation, Outcome, PublicKey, Request, RequestId,
     SignedRequest, Tables,
 };
-use tally_core::state::{execute, Backing, BatchWrites, View};
+use tally_core::state::{execute, At, Backing, BatchWrites, View};
 
 /// The cluster every fixture request names.
 pub const CLUSTER: ClusterId = ClusterId([0x7a; 16]);
@@ -81,7 +81,14 @@ pub fn execute_transfers(requests: &[SignedRequest], time_ms: u64) -> (Vec<Outco
     let mut view = View::default();
     view.prefetch(requests.iter().map(|r| (&r.request.signer, &r.request.op)), &mut FixedBacking);
     let mut cur = BatchWrites::default();
-    let outcomes = requests.iter().map(|r| execute(&mut view, &mut cur, &r.request, time_ms)).collect();
+    let outcomes = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let at = At { height: 1, time_ms, position: i as u32 };
+            execute(&mut view, &mut FixedBacking, &mut cur, &r.request, at)
+        })
+        .collect();
     (outcomes, cur)
 }
 

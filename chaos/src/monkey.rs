@@ -885,12 +885,7 @@ fn read_replica(shared: &Shared, i: usize) -> Result<ReplicaFinal, String> {
                 request_ids: b.request_ids,
                 outcomes: b.outcomes,
             }),
-            other => {
-                return Err(format!(
-                    "batch {height} of applied height {}: {other:?}",
-                    status.applied_height
-                ))
-            }
+            other => return Err(format!("batch {height} of applied height {}: {other:?}", status.applied_height)),
         }
     }
     let audit = checker::audit(&shared.access, &shared.addrs[i]).ok_or("no audit")?;

@@ -399,7 +399,7 @@ impl Client {
     pub fn receipt(&self, id: RequestId) -> Result<Option<Receipt>, ClientError> {
         let deadline = Instant::now() + self.inner.opts.retry_total;
         match self.inner.request(deadline, "read", &ClientMessage::Receipt { id })? {
-            ServerMessage::Receipt(r) => Ok(r),
+            ServerMessage::Receipt(r) => Ok(r.map(|b| *b)),
             other => Err(self.inner.unexpected("Receipt", &other)),
         }
     }

@@ -44,6 +44,27 @@ fn outcome_fields(outcome: &Outcome, into: &mut serde_json::Map<String, Value>) 
         Outcome::Rejected(code) => {
             ("rejected", json!({ "error_code": format!("{code:?}"), "error": code.to_string() }))
         }
+        Outcome::RevisionMismatch { current } => ("revision_mismatch", json!({ "current_revision": current })),
+        Outcome::LeaseGranted { lease, expires_at_ms } => {
+            ("lease_granted", json!({ "lease": lease, "expires_at_ms": expires_at_ms }))
+        }
+        Outcome::LeaseRenewed { expires_at_ms } => ("lease_renewed", json!({ "expires_at_ms": expires_at_ms })),
+        Outcome::LeaseRevoked => ("lease_revoked", json!({})),
+        Outcome::ClaimGranted { height } => ("claim_granted", json!({ "granted_height": height })),
+        Outcome::ClaimDenied { holder, height } => {
+            ("claim_denied", json!({ "holder": holder.to_string(), "granted_height": height }))
+        }
+        Outcome::TxnApplied { then, outcomes } => {
+            let each: Vec<Value> = outcomes
+                .iter()
+                .map(|o| {
+                    let mut m = serde_json::Map::new();
+                    outcome_fields(o, &mut m);
+                    Value::Object(m)
+                })
+                .collect();
+            ("txn_applied", json!({ "branch": if *then { "then" } else { "else" }, "outcomes": each }))
+        }
     };
     into.insert("outcome".into(), Value::String(name.into()));
     if let Value::Object(m) = extra {

@@ -164,6 +164,26 @@ pub fn outcome_line(outcome: &Outcome, durable_replicas: u8) -> String {
         Outcome::DocDeleted => format!("Deleted ({r})"),
         Outcome::Transferred { sender_balance } => format!("Transferred ({r}); your balance is {sender_balance}"),
         Outcome::Rejected(code) => format!("Error: {code}"),
+        Outcome::RevisionMismatch { current: 0 } => "Error: revision mismatch: the document does not exist".into(),
+        Outcome::RevisionMismatch { current } => {
+            format!("Error: revision mismatch: the document is at revision {current}")
+        }
+        Outcome::LeaseGranted { lease, expires_at_ms } => {
+            format!("Lease {lease} granted ({r}); it ends at {expires_at_ms} ms batch time unless kept alive")
+        }
+        Outcome::LeaseRenewed { expires_at_ms } => format!("Renewed ({r}) until {expires_at_ms} ms batch time"),
+        Outcome::LeaseRevoked => format!("Revoked ({r})"),
+        Outcome::ClaimGranted { height } => format!("Granted ({r}) at height {height}"),
+        Outcome::ClaimDenied { holder, height } => format!("Denied: held by {holder} since height {height}"),
+        Outcome::TxnApplied { then, outcomes } => {
+            let each: Vec<String> = outcomes.iter().map(|o| outcome_line(o, durable_replicas)).collect();
+            let branch = if *then { "then" } else { "else" };
+            if each.is_empty() {
+                format!("Transaction: {branch} ran, nothing to do ({r})")
+            } else {
+                format!("Transaction: {branch} ran ({r}): {}", each.join("; "))
+            }
+        }
     }
 }
 

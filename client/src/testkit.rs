@@ -145,6 +145,8 @@ fn execute(state: &FakeState, req: SignedRequest) -> SubmitReply {
             None => Outcome::Rejected(ErrorCode::NotFound),
         },
         Operation::Transfer { .. } => Outcome::Rejected(ErrorCode::InsufficientFunds),
+        // The fake node serves the client's failover tests; coordination runs on real replicas.
+        _ => Outcome::Rejected(ErrorCode::Internal),
     };
     SubmitReply::Committed { receipt: Box::new(receipt(state, req, outcome)), durable_replicas: 3 }
 }

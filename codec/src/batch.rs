@@ -29,11 +29,40 @@ pub enum Outcome {
     /// Executed but refused (e.g. funds spent by an earlier request in the same batch). The id is
     /// consumed: a retry returns this receipt.
     Rejected(ErrorCode),
+    /// A compare-and-set refused: the document's revision is `current` (0: it does not exist).
+    RevisionMismatch {
+        current: u64,
+    },
+    /// Lease `lease` lives until `expires_at_ms` in batch time unless kept alive.
+    LeaseGranted {
+        lease: u64,
+        expires_at_ms: u64,
+    },
+    LeaseRenewed {
+        expires_at_ms: u64,
+    },
+    LeaseRevoked,
+    /// The claim is the signer's, recorded at batch `height`.
+    ClaimGranted {
+        height: u64,
+    },
+    /// `holder` claimed it first, at batch `height`.
+    ClaimDenied {
+        holder: PublicKey,
+        height: u64,
+    },
+    /// Every comparison held (`then` ran) or one did not (`otherwise` ran); one outcome per
+    /// operation of the branch that ran. A branch with a refused operation writes nothing and
+    /// is reported as `Rejected` / `RevisionMismatch` / `ClaimDenied` of that operation instead.
+    TxnApplied {
+        then: bool,
+        outcomes: Vec<Outcome>,
+    },
 }
 
 impl Outcome {
     pub fn is_success(&self) -> bool {
-        !matches!(self, Outcome::Rejected(_))
+        !matches!(self, Outcome::Rejected(_) | Outcome::RevisionMismatch { .. } | Outcome::ClaimDenied { .. })
     }
 }
 
@@ -177,6 +206,37 @@ pub struct DocMeta {
     pub owner: PublicKey,
     pub revision: u64,
     pub body: Digest,
+    /// The lease the document was last written under: it is deleted when that lease ends.
+    pub lease: Option<u64>,
+}
+
+/// Stored per lease id.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct LeaseMeta {
+    pub owner: PublicKey,
+    pub ttl_ms: u64,
+    /// Batch time at which it ends unless kept alive first.
+    pub expires_at_ms: u64,
+    /// What goes when it ends (at most `limits::LEASE_ATTACHED_MAX`).
+    pub attached: Vec<Attached>,
+}
+
+/// Something that goes with a lease.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum Attached {
+    /// The document, if it still has this revision (a later write without the lease detaches it).
+    Doc { key: crate::DocKey, revision: u64 },
+    /// The claim, if it is still held under this lease.
+    Claim { domain: String, slot: u64 },
+}
+
+/// Stored per claimed `(domain, slot)`.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct ClaimMeta {
+    pub holder: PublicKey,
+    pub height: u64,
+    /// The lease it was claimed under: the claim ends with it.
+    pub lease: Option<u64>,
 }
 
 /// Stored per request id: where its receipt can be rebuilt from.

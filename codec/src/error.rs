@@ -70,6 +70,18 @@ pub enum ErrorCode {
     Timeout = 22,
     /// This replica's log failed (fsync error); it stepped down and serves no writes.
     LogFailed = 23,
+    /// The lease does not exist or has ended.
+    LeaseNotFound = 24,
+    /// The lease is another key's.
+    NotLeaseHolder = 25,
+    /// A lease TTL outside the allowed range.
+    TtlOutOfRange = 26,
+    /// A claim domain that is empty, too long or not `[A-Za-z0-9._:/-]`.
+    BadClaimDomain = 27,
+    /// A transaction that nests another or is over its item bound.
+    BadTxn = 28,
+    /// The lease has as many attachments as it may hold.
+    LeaseFull = 29,
 }
 
 impl ErrorCode {
@@ -112,6 +124,12 @@ impl ErrorCode {
             ErrorCode::ProposalTooLarge => "ProposalTooLarge",
             ErrorCode::Timeout => "Timeout",
             ErrorCode::LogFailed => "LogFailed",
+            ErrorCode::LeaseNotFound => "LeaseNotFound",
+            ErrorCode::NotLeaseHolder => "NotLeaseHolder",
+            ErrorCode::TtlOutOfRange => "TtlOutOfRange",
+            ErrorCode::BadClaimDomain => "BadClaimDomain",
+            ErrorCode::BadTxn => "BadTxn",
+            ErrorCode::LeaseFull => "LeaseFull",
         }
     }
 
@@ -142,6 +160,14 @@ impl ErrorCode {
             ErrorCode::ProposalTooLarge => "request is larger than a whole batch may be",
             ErrorCode::Timeout => "timed out",
             ErrorCode::LogFailed => "the replica's log failed; it stepped down, retry at the new leader",
+            ErrorCode::LeaseNotFound => "lease not found: it never existed, was revoked or has expired",
+            ErrorCode::NotLeaseHolder => "the lease is held by another key",
+            ErrorCode::TtlOutOfRange => "lease TTL out of range (500 ms to 24 h)",
+            ErrorCode::BadClaimDomain => "claim domain must be 1 to 64 characters of A-Z a-z 0-9 . _ : / -",
+            ErrorCode::BadTxn => {
+                "transaction refused: at most 32 comparisons and 32 operations per branch, none a transaction"
+            }
+            ErrorCode::LeaseFull => "the lease already has 1024 documents and claims attached",
         }
     }
 }

@@ -37,26 +37,35 @@ pub struct Tables {
     pub requests: TableId,
     /// intent: name → store metadata (applied index, schema).
     pub meta: TableId,
+    /// intent: lease id (big-endian) → [`crate::LeaseMeta`].
+    pub leases: TableId,
+    /// intent: domain length ‖ domain ‖ slot (big-endian) → [`crate::ClaimMeta`].
+    pub claims: TableId,
 }
 
-/// Bump when any table's value layout changes.
+/// Bump when any table's value layout changes (or a table's own version, as for `docs`).
 pub const SCHEMA_VERSION: u32 = 1;
+/// The documents table's version: 2 since `DocMeta` records its lease.
+pub const DOCS_VERSION: u32 = 2;
 
 impl Tables {
     pub fn v1() -> Self {
         Tables {
-            docs: TableId::derive("docs", SCHEMA_VERSION),
+            // v2: `DocMeta` gained the lease a document was written under.
+            docs: TableId::derive("docs", DOCS_VERSION),
             doc_bodies: TableId::derive("doc_bodies", SCHEMA_VERSION),
             accounts: TableId::derive("accounts", SCHEMA_VERSION),
             batches: TableId::derive("batches", SCHEMA_VERSION),
             requests: TableId::derive("requests", SCHEMA_VERSION),
             meta: TableId::derive("meta", SCHEMA_VERSION),
+            leases: TableId::derive("leases", SCHEMA_VERSION),
+            claims: TableId::derive("claims", SCHEMA_VERSION),
         }
     }
 
     /// A fingerprint of every table id, stored in the meta table and checked on open.
     pub fn fingerprint(&self) -> Vec<u8> {
-        [self.docs, self.doc_bodies, self.accounts, self.batches, self.requests, self.meta]
+        [self.docs, self.doc_bodies, self.accounts, self.batches, self.requests, self.meta, self.leases, self.claims]
             .iter()
             .flat_map(|t| t.0)
             .collect()
@@ -79,6 +88,22 @@ impl Tables {
     }
     pub fn meta(&self, name: &str) -> IntentKey {
         IntentKey::new(self.meta, name.as_bytes())
+    }
+    pub fn lease(&self, id: u64) -> IntentKey {
+        IntentKey::new(self.leases, &id.to_be_bytes())
+    }
+    /// The lease id of a key of the lease table.
+    pub fn lease_id_of(&self, key: &[u8]) -> Option<u64> {
+        let natural = key.strip_prefix(&self.leases.0)?;
+        Some(u64::from_be_bytes(natural.try_into().ok()?))
+    }
+    /// Length-prefixed, so no domain's keys are a prefix of another's.
+    pub fn claim(&self, domain: &str, slot: u64) -> IntentKey {
+        let mut natural = Vec::with_capacity(1 + domain.len() + 8);
+        natural.push(u8::try_from(domain.len()).expect("claim domains are at most 64 bytes"));
+        natural.extend_from_slice(domain.as_bytes());
+        natural.extend_from_slice(&slot.to_be_bytes());
+        IntentKey::new(self.claims, &natural)
     }
 }
 
@@ -128,7 +153,7 @@ mod tests {
         let mut ids: Vec<&[u8]> = fp.chunks(4).collect();
         ids.sort();
         ids.dedup();
-        assert_eq!(ids.len(), 6, "table ids collide");
+        assert_eq!(ids.len(), 8, "table ids collide");
         assert_ne!(TableId::derive("docs", 1), TableId::derive("docs", 2));
     }
 

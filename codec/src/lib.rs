@@ -28,11 +28,12 @@ pub mod types;
 pub mod wire;
 
 pub use batch::{
-    BatchBody, BatchEntry, BatchHeader, BatchRecord, DocMeta, Outcome, Receipt, RequestLocation, WriteOp, WriteSet,
+    Attached, BatchBody, BatchEntry, BatchHeader, BatchRecord, ClaimMeta, DocMeta, LeaseMeta, Outcome, Receipt,
+    RequestLocation, WriteOp, WriteSet,
 };
 pub use error::{CodecError, ErrorCode};
 pub use keys::{ContentKey, IntentKey, TableId, Tables};
-pub use request::{Operation, Request, SignedRequest};
+pub use request::{Compare, Operation, Request, SignedRequest, Txn};
 pub use types::{ClusterId, Digest, DocKey, PublicKey, RequestId, Signature};
 
 use borsh::{BorshDeserialize, BorshSerialize};

@@ -6,8 +6,18 @@ pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const VALUE_BYTES_MAX: usize = 64 * 1024;
 /// Most independently signed requests in one client frame (TigerBeetle's 8,189).
 pub const FRAME_REQUESTS_MAX: usize = 8189;
-/// Largest encoded signed request: a maximal document plus fixed fields.
-pub const REQUEST_BYTES_MAX: usize = VALUE_BYTES_MAX + 256;
+/// Largest encoded signed request: a maximal document plus fixed fields, or a transaction whose
+/// values together fit the same bound (plus its comparisons).
+pub const REQUEST_BYTES_MAX: usize = VALUE_BYTES_MAX + 4096;
+/// Most comparisons, and most operations per branch, in one transaction.
+pub const TXN_ITEMS_MAX: usize = 32;
+/// Shortest and longest lease TTL: longer than a few batch intervals, at most a day.
+pub const LEASE_TTL_MIN_MS: u64 = 500;
+pub const LEASE_TTL_MAX_MS: u64 = 24 * 3600 * 1000;
+/// Longest claim domain name (bytes of `[A-Za-z0-9._:/-]`).
+pub const CLAIM_DOMAIN_BYTES_MAX: usize = 64;
+/// Most documents and claims attached to one lease.
+pub const LEASE_ATTACHED_MAX: usize = 1024;
 /// Largest Raft entry / log record (one batch).
 pub const ENTRY_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Longest Merkle proof we accept (2^64 leaves is far beyond any batch).

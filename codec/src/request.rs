@@ -15,6 +15,44 @@ pub enum Operation {
     Delete { key: DocKey },
     /// Move `amount` from the signer's account to `to`.
     Transfer { to: PublicKey, amount: u64 },
+    /// `Set` with conditions (DESIGN §13): `if_revision` is the revision the document must have
+    /// (0: it must not exist, a create-only write), `lease` a live lease of the signer's that the
+    /// document goes with when it ends.
+    SetIf { key: DocKey, value: Vec<u8>, if_revision: Option<u64>, lease: Option<u64> },
+    /// `Delete` if the document has revision `if_revision`.
+    DeleteIf { key: DocKey, if_revision: Option<u64> },
+    /// A lease that ends `ttl_ms` after the batch that grants it, unless kept alive.
+    LeaseGrant { ttl_ms: u64 },
+    /// Restarts a live lease's TTL from this batch's time.
+    LeaseKeepAlive { lease: u64 },
+    /// Ends a lease now; what is attached to it goes in the same batch.
+    LeaseRevoke { lease: u64 },
+    /// The first claim of `(domain, slot)` is granted and recorded (forever, or until `lease`
+    /// ends); every later claim is denied with the holder.
+    Claim { domain: String, slot: u64, lease: Option<u64> },
+    /// Comparisons, then `then` if all hold or `otherwise` if one does not: all or nothing.
+    Txn(Txn),
+}
+
+/// An atomic transaction (etcd's `txn`). Its operations are any but `Txn`.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub then: Vec<Operation>,
+    pub otherwise: Vec<Operation>,
+}
+
+/// One comparison of a transaction, on the state before it.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum Compare {
+    /// The document's revision is `revision` (0: it does not exist).
+    Revision { key: DocKey, revision: u64 },
+    /// The document exists.
+    Exists { key: DocKey },
+    /// The account holds at least `amount`.
+    BalanceAtLeast { account: PublicKey, amount: u64 },
+    /// The lease is alive.
+    LeaseAlive { lease: u64 },
 }
 
 /// Everything a signature covers.

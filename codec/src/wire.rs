@@ -132,7 +132,8 @@ pub enum ServerMessage {
     Doc(Option<DocView>),
     Balance(Option<u64>),
     Status(StatusInfo),
-    Receipt(Option<Receipt>),
+    /// Boxed: a receipt is the largest reply by far.
+    Receipt(Option<Box<Receipt>>),
     Batch(Option<BatchInfo>),
     Audit(AuditInfo),
     Done,

@@ -104,7 +104,7 @@ fn server_envelope(rng: &mut Rng) -> Envelope<ServerMessage> {
             warnings: (0..rng.below(3)).map(|_| rng.text()).collect(),
             time_ms: rng.interesting_u64(),
         }),
-        4 => ServerMessage::Receipt(rng.chance(2).then(|| receipt(rng))),
+        4 => ServerMessage::Receipt(rng.chance(2).then(|| Box::new(receipt(rng)))),
         5 => ServerMessage::Done,
         _ => ServerMessage::Error(wire_error(rng)),
     };

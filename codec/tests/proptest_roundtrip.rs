@@ -258,7 +258,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         .prop_map(ServerMessage::Doc),
         prop::option::of(any::<u64>()).prop_map(ServerMessage::Balance),
         status_info().prop_map(ServerMessage::Status),
-        prop::option::of(receipt()).prop_map(ServerMessage::Receipt),
+        prop::option::of(receipt().prop_map(Box::new)).prop_map(ServerMessage::Receipt),
         prop::option::of(
             (batch_header(), signature(), any::<bool>(), vec(bytes_n::<32>(), 0..4), vec(outcome(), 0..4)).prop_map(
                 |(header, signature, body_available, ids, outcomes)| BatchInfo {

@@ -8,8 +8,8 @@ use borsh::{BorshDeserialize, BorshSerialize};
 use std::collections::{BTreeMap, HashMap};
 use tally_codec::merkle::Tree;
 use tally_codec::{
-    decode, encode, BatchEntry, Digest, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature,
-    Tables,
+    decode, encode, limits, BatchEntry, ClaimMeta, Digest, DocKey, DocMeta, LeaseMeta, PublicKey, Receipt, RequestId,
+    RequestLocation, Signature, TableId, Tables,
 };
 
 /// Where the applied state stands: the last applied log entry and batch.
@@ -47,6 +47,30 @@ pub trait Ledger {
     fn doc_meta(&self, key: &DocKey) -> Option<DocMeta>;
     /// A document and its body.
     fn doc(&self, key: &DocKey) -> Option<(DocMeta, Vec<u8>)>;
+    /// The value of a state key (a lease, a claim).
+    fn get_raw(&self, key: &[u8]) -> Option<Vec<u8>>;
+    /// Every key and value of one table, in key order.
+    fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)>;
+    /// A lease that has not been deleted (it may be past its expiry: the next batch ends it).
+    fn lease(&self, id: u64) -> Option<LeaseMeta> {
+        let v = self.get_raw(tables().lease(id).as_bytes())?;
+        Some(decode(&v, limits::REQUEST_BYTES_MAX * 2).expect("lease metadata decodes"))
+    }
+    /// Every lease, by id.
+    fn leases(&self) -> Vec<(u64, LeaseMeta)> {
+        self.scan(&tables().leases)
+            .into_iter()
+            .map(|(k, v)| {
+                let id = tables().lease_id_of(&k).expect("a key of the lease table");
+                (id, decode(&v, limits::REQUEST_BYTES_MAX * 2).expect("lease metadata decodes"))
+            })
+            .collect()
+    }
+    /// Who holds `(domain, slot)`, if anyone.
+    fn claim(&self, domain: &str, slot: u64) -> Option<ClaimMeta> {
+        let v = self.get_raw(tables().claim(domain, slot).as_bytes())?;
+        Some(decode(&v, 1024).expect("claim metadata decodes"))
+    }
     /// The receipt of an executed request, rebuilt from the stored batch.
     fn receipt(&self, id: &RequestId) -> Option<Receipt>;
     /// Executed ids whose expiry is not before `now_ms` (exactly-once after a restart).
@@ -120,7 +144,7 @@ pub fn receipt_in(entry: &BatchEntry, signature: &Signature, loc: &RequestLocati
 }
 
 /// The store's table ids (derived by hashing; computed once).
-fn tables() -> &'static Tables {
+pub fn tables() -> &'static Tables {
     static TABLES: std::sync::LazyLock<Tables> = std::sync::LazyLock::new(Tables::v1);
     &TABLES
 }
@@ -188,6 +212,16 @@ impl Ledger for MemLedger {
         let meta = self.doc_meta(key)?;
         let body = self.kv.get(&tables().doc_body(&meta.body).to_bytes()).cloned().unwrap_or_default();
         Some((meta, body))
+    }
+    fn get_raw(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.kv.get(key).cloned()
+    }
+    fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.kv
+            .range(table.0.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(&table.0))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
     fn receipt(&self, id: &RequestId) -> Option<Receipt> {
         let loc = self.ids.get(id)?;

@@ -272,6 +272,12 @@ impl<L: Ledger> Backing for LedgerBacking<'_, L> {
     fn doc_meta(&mut self, key: &DocKey) -> Option<DocMeta> {
         self.0.doc_meta(key)
     }
+    fn lease(&mut self, id: u64) -> Option<tally_codec::LeaseMeta> {
+        self.0.lease(id)
+    }
+    fn claim(&mut self, domain: &str, slot: u64) -> Option<tally_codec::ClaimMeta> {
+        self.0.claim(domain, slot)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1090,6 +1096,7 @@ impl<L: Ledger> Replica<L> {
                     self.fail_batch(b, ErrorCode::Retry);
                 }
                 self.seq.view.reset();
+                self.seq.view.load_leases(self.ledger.leases());
                 let a = self.ledger.head();
                 self.seq.mode = Mode::Leading {
                     term,
@@ -1112,9 +1119,15 @@ impl<L: Ledger> Replica<L> {
     /// Stages 3 to 5 for the next batch, when its interval has passed or it is full.
     fn maybe_close_batch(&mut self) {
         let Mode::Leading { term, mut tip } = self.seq.mode else { return };
-        let Some(opened) = self.seq.opened_ms else { return };
-        let due =
-            self.now_ms >= opened + self.cfg.batch_interval_ms || self.seq.queue.len() >= self.cfg.batch_requests_max;
+        // A lease that is due ends in a batch of its own when no request opens one.
+        let lease_due = self.seq.view.next_lease_due().is_some_and(|at| at <= batch_time(self.wall_ms, &tip));
+        let due = match self.seq.opened_ms {
+            Some(opened) => {
+                self.now_ms >= opened + self.cfg.batch_interval_ms
+                    || self.seq.queue.len() >= self.cfg.batch_requests_max
+            }
+            None => lease_due,
+        };
         if !due || self.seq.pending.len() >= BATCHES_IN_FLIGHT_MAX {
             return;
         }
@@ -1135,7 +1148,10 @@ impl<L: Ledger> Replica<L> {
         let subs = self.optimistic(subs);
         let ctx = BatchContext { cluster_id: self.cfg.cluster_id, tables: &self.tables, term, wall_ms: self.wall_ms };
         let mut refused = Vec::new();
-        let batch = execute_batch(&ctx, &mut self.seq.view, &mut tip, subs, |c, code| refused.push((c, code)));
+        let batch =
+            execute_batch(&ctx, &mut self.seq.view, &mut LedgerBacking(&self.ledger), &mut tip, subs, |c, code| {
+                refused.push((c, code))
+            });
         for (c, code) in refused {
             self.refuse(c, code);
         }

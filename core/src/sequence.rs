@@ -7,7 +7,7 @@
 //! a transfer), one leaf hash; per batch: one Merkle tree and one write-set digest.
 
 use crate::pending::PendingBatch;
-use crate::state::{execute, BatchWrites, View};
+use crate::state::{At, Backing, BatchWrites, Exec, View};
 use crate::Validated;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,21 +30,21 @@ pub struct Tip {
 /// Bytes a request adds to a batch entry, at most: the request itself, its copy in the write
 /// set (a document body), and room for its outcome and write-set key.
 pub fn entry_bytes_estimate(req: &SignedRequest) -> usize {
-    let value = match &req.request.op {
-        Operation::Set { value, .. } => value.len(),
-        _ => 0,
+    let (op, copied) = match &req.request.op {
+        Operation::Set { value, .. } => (16 + 4 + value.len(), value.len()),
+        Operation::Delete { .. } => (16, 0),
+        Operation::Transfer { .. } => (40, 0),
+        // Rarer operations: measured. A transaction's values may be copied into the write set.
+        Operation::Txn(_) => {
+            let n = tally_codec::encode(&req.request.op).len();
+            (n, n)
+        }
+        op @ Operation::SetIf { value, .. } => (tally_codec::encode(op).len(), value.len()),
+        op => (tally_codec::encode(op).len(), 0),
     };
-    borsh_len(req) + value + 192
-}
-
-fn borsh_len(req: &SignedRequest) -> usize {
-    // signer, signature, cluster, nonce, expiry, op tag: fixed; the value dominates.
-    let op = match &req.request.op {
-        Operation::Set { value, .. } => 16 + 4 + value.len(),
-        Operation::Delete { .. } => 16,
-        Operation::Transfer { .. } => 40,
-    };
-    16 + 32 + 8 + 8 + 1 + op + 64
+    // signer, signature, cluster, nonce, expiry, op tag: fixed; the value dominates. Then its
+    // copy in the write set, and room for its outcome and write-set key.
+    16 + 32 + 8 + 8 + 1 + op + 64 + copied + 192
 }
 
 /// Keeps what fits in one batch of `bytes_max` (estimated); the rest waits for the next batch,
@@ -111,10 +111,12 @@ pub struct BatchContext<'a> {
 /// Executes `subs` (already through stage 3) on `view` and builds the batch chained to `tip`,
 /// which then moves to the new head. A duplicate inside the batch waits on the first copy's leaf;
 /// a request expired by the batch clock is handed to `refuse` without executing, so an id
-/// forgotten after its expiry can never be executed twice. Returns `None` when nothing is left.
+/// forgotten after its expiry can never be executed twice. Leases due by the batch time end
+/// first. Returns `None` when nothing is left to execute and no lease ended.
 pub fn execute_batch<W>(
     ctx: &BatchContext<'_>,
     view: &mut View,
+    backing: &mut dyn Backing,
     tip: &mut Tip,
     subs: Vec<(Validated, W)>,
     mut refuse: impl FnMut(W, ErrorCode),
@@ -122,6 +124,9 @@ pub fn execute_batch<W>(
     let mut in_batch: HashMap<RequestId, usize> = HashMap::new();
     let time_ms = batch_time(ctx.wall_ms, tip);
     let mut cur = BatchWrites::default();
+    let height = tip.height + 1;
+    let mut exec = Exec { view, backing, at: At { height, time_ms, position: 0 } };
+    exec.end_due_leases(&mut cur);
     let mut requests = Vec::with_capacity(subs.len());
     let mut outcomes = Vec::with_capacity(subs.len());
     let mut ids = Vec::with_capacity(subs.len());
@@ -135,14 +140,17 @@ pub fn execute_batch<W>(
             refuse(waiter, ErrorCode::Expired);
             continue;
         }
-        let outcome = execute(view, &mut cur, &req.request.request, time_ms);
+        exec.at.position = u32::try_from(requests.len()).expect("a batch holds fewer than 2^32 requests");
+        let outcome = exec.execute(&mut cur, &req.request.request);
         in_batch.insert(req.id, requests.len());
         ids.push(req.id);
         requests.push(req.request);
         outcomes.push(outcome);
         waiters.push(vec![waiter]);
     }
-    if requests.is_empty() {
+    let view = exec.view;
+    if requests.is_empty() && cur.is_empty() {
+        // Nothing to execute and no lease ended: no batch.
         return None;
     }
     let leaves: Vec<[u8; 32]> = ids.iter().zip(&outcomes).map(|(id, o)| leaf_hash(id, o)).collect();
@@ -151,7 +159,7 @@ pub fn execute_batch<W>(
     let write_set_digest = write_set.digest();
     let header = BatchHeader {
         cluster_id: ctx.cluster_id,
-        height: tip.height + 1,
+        height,
         prev_hash: tip.hash,
         merkle_root: tree.root(),
         leaf_count: u32::try_from(requests.len()).expect("batch_requests_max fits in u32"),

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::limits::SNAPSHOT_BYTES_MAX;
-use tally_codec::{BatchEntry, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature};
+use tally_codec::{BatchEntry, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature, TableId};
 use tally_core::ledger::{Exported, LedgerError};
 use tally_core::{Ledger, LedgerHead};
 use tally_failover::snapshot::{BackgroundExports, ExportedState, SnapshotEnvelope, SnapshotSource};
@@ -298,6 +298,23 @@ impl Ledger for StoreLedger {
             Some(v) => v.map(|v| tally_codec::decode(v, 1024).expect("document metadata decodes")),
             None => self.store.lock().doc_meta(key).unwrap_or_else(|e| store_failed("read", e)),
         }
+    }
+    fn get_raw(&self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.overlay_get(key) {
+            Some(v) => v.cloned(),
+            None => self.store.lock().get_raw(key).unwrap_or_else(|e| store_failed("read", e)),
+        }
+    }
+    fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut pairs: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            self.store.lock().kv_scan(&table.0).unwrap_or_else(|e| store_failed("read", e)).into_iter().collect();
+        for (k, (v, _)) in self.overlay.iter().filter(|(k, _)| k.starts_with(&table.0)) {
+            match v {
+                Some(v) => pairs.insert(k.clone(), v.clone()),
+                None => pairs.remove(k),
+            };
+        }
+        pairs.into_iter().collect()
     }
     fn doc(&self, key: &DocKey) -> Option<(DocMeta, Vec<u8>)> {
         let meta = self.doc_meta(key)?;

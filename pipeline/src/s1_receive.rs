@@ -424,7 +424,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
         ClientMessage::Admin(cmd) => admin(shared, &cmd),
         ClientMessage::Batch { height } => ServerMessage::Batch(crate::queries::batch_info(shared, height)),
         ClientMessage::Receipt { id: rid } => match crate::queries::stored_receipt(shared, &rid) {
-            Some(r) => ServerMessage::Receipt(Some(r)),
+            Some(r) => ServerMessage::Receipt(Some(Box::new(r))),
             // A replica that installed a snapshot lacks older receipts: ask the leader, once.
             None => match shared.leader_addr().filter(|l| hop == Hop::Direct && *l != shared.opts.listen) {
                 Some(leader) if !shared.replicator().role().is_leader => {

@@ -6,7 +6,7 @@
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use rayon::prelude::*;
-use tally_codec::{limits, ClusterId, ErrorCode, Operation, SignedRequest};
+use tally_codec::{limits, ClusterId, Compare, ErrorCode, Operation, PublicKey, SignedRequest};
 
 /// Requests may not expire later than this after the node's clock: the executed-id set holds
 /// ids until expiry, so this bounds its memory (≈ window × throughput × ~100 B: 2 min at 25k/s
@@ -61,6 +61,80 @@ impl KeyCache {
     }
 }
 
+/// The stateless checks of one operation (and of a transaction's operations, `in_txn`).
+fn check_op(op: &Operation, signer: &PublicKey, keys: &KeyCache, in_txn: bool) -> Result<(), ErrorCode> {
+    match op {
+        Operation::Set { key, value } | Operation::SetIf { key, value, .. } => {
+            if !key.is_uuid4() {
+                return Err(ErrorCode::NotUuid4);
+            }
+            if value.len() > limits::VALUE_BYTES_MAX {
+                return Err(ErrorCode::ValueTooLarge);
+            }
+            if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() {
+                return Err(ErrorCode::InvalidJson);
+            }
+        }
+        Operation::Delete { key } | Operation::DeleteIf { key, .. } => {
+            if !key.is_uuid4() {
+                return Err(ErrorCode::NotUuid4);
+            }
+        }
+        Operation::Transfer { to, amount } => {
+            if *amount == 0 {
+                return Err(ErrorCode::ZeroAmount);
+            }
+            if to == signer {
+                return Err(ErrorCode::TransferToSelf);
+            }
+            // Money sent to a key nobody can sign for is burned: refuse it.
+            keys.key(&to.0, ErrorCode::Malformed)?;
+        }
+        Operation::LeaseGrant { ttl_ms } => {
+            if in_txn {
+                // Its id is the request's position in the batch: one per request.
+                return Err(ErrorCode::BadTxn);
+            }
+            if !(limits::LEASE_TTL_MIN_MS..=limits::LEASE_TTL_MAX_MS).contains(ttl_ms) {
+                return Err(ErrorCode::TtlOutOfRange);
+            }
+        }
+        Operation::LeaseKeepAlive { .. } | Operation::LeaseRevoke { .. } => {}
+        Operation::Claim { domain, .. } => {
+            if !claim_domain_ok(domain) {
+                return Err(ErrorCode::BadClaimDomain);
+            }
+        }
+        Operation::Txn(t) => {
+            if in_txn
+                || t.compares.len() > limits::TXN_ITEMS_MAX
+                || t.then.len() > limits::TXN_ITEMS_MAX
+                || t.otherwise.len() > limits::TXN_ITEMS_MAX
+            {
+                return Err(ErrorCode::BadTxn);
+            }
+            for c in &t.compares {
+                if let Compare::Revision { key, .. } | Compare::Exists { key } = c {
+                    if !key.is_uuid4() {
+                        return Err(ErrorCode::NotUuid4);
+                    }
+                }
+            }
+            for op in t.then.iter().chain(&t.otherwise) {
+                check_op(op, signer, keys, true)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 1 to 64 bytes of `[A-Za-z0-9._:/-]`.
+pub fn claim_domain_ok(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= limits::CLAIM_DOMAIN_BYTES_MAX
+        && domain.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b))
+}
+
 fn invalid_or_weak(r: Result<VerifyingKey, ErrorCode>, invalid: ErrorCode) -> ErrorCode {
     match r {
         Err(ErrorCode::WeakKey) => ErrorCode::WeakKey,
@@ -89,34 +163,7 @@ pub fn check_fields_with(
     if r.expires_at_ms > now_ms.saturating_add(EXPIRY_WINDOW_MAX_MS) {
         return Err(ErrorCode::ExpiryTooFar);
     }
-    match &r.op {
-        Operation::Set { key, value } => {
-            if !key.is_uuid4() {
-                return Err(ErrorCode::NotUuid4);
-            }
-            if value.len() > limits::VALUE_BYTES_MAX {
-                return Err(ErrorCode::ValueTooLarge);
-            }
-            if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() {
-                return Err(ErrorCode::InvalidJson);
-            }
-        }
-        Operation::Delete { key } => {
-            if !key.is_uuid4() {
-                return Err(ErrorCode::NotUuid4);
-            }
-        }
-        Operation::Transfer { to, amount } => {
-            if *amount == 0 {
-                return Err(ErrorCode::ZeroAmount);
-            }
-            if *to == r.signer {
-                return Err(ErrorCode::TransferToSelf);
-            }
-            // Money sent to a key nobody can sign for is burned: refuse it.
-            keys.key(&to.0, ErrorCode::Malformed)?;
-        }
-    }
+    check_op(&r.op, &r.signer, keys, false)?;
     keys.key(&r.signer.0, ErrorCode::BadSignature)
 }
 

@@ -990,6 +990,7 @@ mod tests {
             Operation::Transfer { to, amount } => {
                 OpKind::Transfer { id, from: r.request.signer, to: *to, amount: *amount }
             }
+            op => panic!("the fixture builds no {op:?}"),
         }
     }
 

@@ -636,7 +636,7 @@ mod tests {
         let t = *store.tables();
         store.init_genesis(&[(pk(&alice), 100), (pk(&bob), 50)]).expect("genesis");
         let digest = tally_codec::hash_with_domain(b"test/doc", BODY);
-        let meta = DocMeta { owner: pk(&alice), revision: 1, body: digest };
+        let meta = DocMeta { owner: pk(&alice), revision: 1, body: digest, lease: None };
         let r1 = vec![
             request(&alice, 1, Operation::Transfer { to: pk(&bob), amount: 30 }),
             request(&alice, 2, Operation::Set { key: doc_key(), value: BODY.to_vec() }),

@@ -86,7 +86,7 @@ fn follower_catches_up_by_snapshot_after_compaction() {
         acked.values().find(|r| r.header.height > f_height && r.header.height < probe).expect("a skipped receipt");
     match conn.call(tally_codec::wire::ClientMessage::Receipt { id: old.request_id() }) {
         Ok(tally_codec::wire::ServerMessage::Receipt(Some(r))) => {
-            assert_eq!(&r, old, "the relayed receipt is the original")
+            assert_eq!(&*r, old, "the relayed receipt is the original")
         }
         other => panic!("the follower could not serve a receipt from before its snapshot: {other:?}"),
     }
