@@ -12,6 +12,7 @@ use crate::receipt_file::{
 };
 use crate::repl;
 use crate::up::{self, UpOptions};
+
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,12 @@ pub enum Cmd {
         /// Save the receipt to FILE.
         #[arg(long)]
         receipt: Option<PathBuf>,
+        /// Attach the document to this lease (yours): it is deleted when the lease ends.
+        #[arg(long, value_name = "ID")]
+        lease: Option<u64>,
+        /// Only if the document has this revision; 0: only if it does not exist.
+        #[arg(long, value_name = "R")]
+        if_revision: Option<u64>,
     },
     /// Read a document.
     Get {
@@ -77,6 +84,33 @@ pub enum Cmd {
     Delete {
         #[arg(value_name = "UUID4")]
         doc: String,
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+        /// Only if the document has this revision.
+        #[arg(long, value_name = "R")]
+        if_revision: Option<u64>,
+    },
+    /// Leases: a TTL in batch time; documents and claims may be attached (DESIGN §13).
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCmd,
+    },
+    /// Claim a slot of a domain: granted to the first claimant only, forever (or until --lease
+    /// ends). Exit 0 only if granted.
+    Claim {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        slot: u64,
+        #[arg(long, value_name = "ID")]
+        lease: Option<u64>,
+        #[arg(long)]
+        receipt: Option<PathBuf>,
+    },
+    /// An atomic transaction from a JSON file: compares, then, else (format in docs/coordination.md).
+    Txn {
+        #[arg(long)]
+        file: PathBuf,
         #[arg(long)]
         receipt: Option<PathBuf>,
     },
@@ -154,6 +188,24 @@ pub enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// `tally lease ...`.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCmd {
+    /// Grant a lease; prints its id.
+    Grant {
+        #[arg(long)]
+        ttl_ms: u64,
+    },
+    /// Renew once, or with --every-ms keep renewing until Ctrl-C (or until the lease is gone).
+    Keepalive {
+        id: u64,
+        #[arg(long)]
+        every_ms: Option<u64>,
+    },
+    /// End a lease now, with what is attached to it.
+    Revoke { id: u64 },
 }
 
 /// Shells `tally completions` writes scripts for.
@@ -290,18 +342,57 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             println!("Public key: {}", public_of(&key));
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Set { doc, json, receipt } => {
+        Cmd::Set { doc, json, receipt, lease, if_revision } => {
             let doc = DocKey::parse(&doc)?;
             check_json(&json)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
-            let req = client.sign(Operation::Set { key: doc, value: json.into_bytes() })?;
-            write(&client, req, receipt.as_deref(), out)
+            let op = if lease.is_some() || if_revision.is_some() {
+                Operation::SetIf { key: doc, value: json.into_bytes(), if_revision, lease }
+            } else {
+                Operation::Set { key: doc, value: json.into_bytes() }
+            };
+            write(&client, client.sign(op)?, receipt.as_deref(), out)
         }
-        Cmd::Delete { doc, receipt } => {
+        Cmd::Delete { doc, receipt, if_revision } => {
             let doc = DocKey::parse(&doc)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
-            let req = client.sign(Operation::Delete { key: doc })?;
+            let op = match if_revision {
+                Some(r) => Operation::DeleteIf { key: doc, if_revision: Some(r) },
+                None => Operation::Delete { key: doc },
+            };
+            write(&client, client.sign(op)?, receipt.as_deref(), out)
+        }
+        Cmd::Lease { command } => {
+            let client = connect(&addrs, load_or_create(key_path)?)?;
+            match command {
+                LeaseCmd::Grant { ttl_ms } => write(&client, client.sign(Operation::LeaseGrant { ttl_ms })?, None, out),
+                LeaseCmd::Revoke { id } => {
+                    write(&client, client.sign(Operation::LeaseRevoke { lease: id })?, None, out)
+                }
+                LeaseCmd::Keepalive { id, every_ms: None } => {
+                    write(&client, client.sign(Operation::LeaseKeepAlive { lease: id })?, None, out)
+                }
+                LeaseCmd::Keepalive { id, every_ms: Some(every) } => loop {
+                    let code = write(&client, client.sign(Operation::LeaseKeepAlive { lease: id })?, None, out)?;
+                    if code != ExitCode::SUCCESS {
+                        return Ok(code);
+                    }
+                    std::thread::sleep(Duration::from_millis(every.max(1)));
+                },
+            }
+        }
+        Cmd::Claim { domain, slot, lease, receipt } => {
+            let client = connect(&addrs, load_or_create(key_path)?)?;
+            let req = client.sign(Operation::Claim { domain, slot, lease })?;
             write(&client, req, receipt.as_deref(), out)
+        }
+        Cmd::Txn { file, receipt } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| ClientError::File { path: file.display().to_string(), source: e })?;
+            let txn =
+                crate::txn_file::parse(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", file.display())))?;
+            let client = connect(&addrs, load_or_create(key_path)?)?;
+            write(&client, client.sign(Operation::Txn(txn))?, receipt.as_deref(), out)
         }
         Cmd::Transfer { to, amount, receipt } => {
             let to = parse_pubkey(&to)?;
@@ -537,7 +628,8 @@ fn write(
                     output::print(&output::write(&c, receipt));
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            // A compare-and-set that did not match and a denied claim are committed refusals.
+            Ok(if c.receipt.outcome.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Err(ClientError::Rejected { code, committed }) => {
             save_if_asked(client, receipt, &committed, out)?;

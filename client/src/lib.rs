@@ -17,11 +17,13 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod connection;
+pub mod coord;
 pub mod error;
 pub mod keyfile;
 pub mod output;
 pub mod receipt_file;
 pub mod repl;
+pub mod txn_file;
 pub mod up;
 
 #[cfg(test)]
@@ -30,6 +32,7 @@ mod testkit;
 pub use client::{Client, ClientEvent, ClientOptions, Committed, ConnectionReport};
 pub use cluster::{cluster_init, ClusterLayout};
 pub use connection::{Connection, PendingReply};
+pub use coord::{ClaimResult, Lease, LeaseKeeper};
 pub use error::ClientError;
 pub use keyfile::{default_key_path, keygen, load_key, load_or_create};
 pub use receipt_file::{

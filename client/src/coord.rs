@@ -1,0 +1,194 @@
+//! Coordination primitives from the client's side (DESIGN §13): leases, compare-and-set,
+//! claims and transactions, each a signed request with a receipt, and a [`LeaseKeeper`] that
+//! renews a lease by itself and says until when its holder may still act.
+//!
+//! ```text
+//!  grant ──▶ LeaseGranted{id, expires_at}      keeper thread: every ttl/3 ──▶ LeaseKeepAlive
+//!                 │                                   │ renewed: valid_until = sent + ttl − drift
+//!                 └─ holder acts only while now < valid_until (never on the server's clock)
+//! ```
+
+use crate::client::{Client, Committed};
+use crate::error::ClientError;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_codec::{DocKey, Operation, Outcome, PublicKey, Txn};
+
+/// What a claim got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// The slot is the signer's, recorded at `height`.
+    Granted { height: u64 },
+    /// `holder` claimed it first, at `height`.
+    Denied { holder: PublicKey, height: u64 },
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: u64,
+    pub ttl_ms: u64,
+    /// In batch time (the header clock), as the receipt says.
+    pub expires_at_ms: u64,
+}
+
+impl Client {
+    /// Grants a lease of `ttl_ms`.
+    ///
+    /// # Errors
+    /// As [`Client::submit_one`]; `TtlOutOfRange` for a TTL outside 500 ms to 24 h.
+    pub fn lease_grant(&self, ttl_ms: u64) -> Result<(Lease, Committed), ClientError> {
+        let c = self.submit_one(self.sign(Operation::LeaseGrant { ttl_ms })?)?;
+        match c.receipt.outcome {
+            Outcome::LeaseGranted { lease, expires_at_ms } => Ok((Lease { id: lease, ttl_ms, expires_at_ms }, c)),
+            ref o => Err(unexpected(o)),
+        }
+    }
+
+    /// Restarts the lease's TTL; returns its new expiry in batch time.
+    ///
+    /// # Errors
+    /// `LeaseNotFound` once it has ended, `NotLeaseHolder` for another key's lease.
+    pub fn lease_keepalive(&self, lease: u64) -> Result<(u64, Committed), ClientError> {
+        let c = self.submit_one(self.sign(Operation::LeaseKeepAlive { lease })?)?;
+        match c.receipt.outcome {
+            Outcome::LeaseRenewed { expires_at_ms } => Ok((expires_at_ms, c)),
+            ref o => Err(unexpected(o)),
+        }
+    }
+
+    /// Ends the lease now, with what is attached to it.
+    ///
+    /// # Errors
+    /// As [`Client::lease_keepalive`].
+    pub fn lease_revoke(&self, lease: u64) -> Result<Committed, ClientError> {
+        self.submit_one(self.sign(Operation::LeaseRevoke { lease })?)
+    }
+
+    /// Sets a document if it has revision `if_revision` (0: only if it does not exist), under
+    /// `lease` if given. A mismatch is `Ok` with [`Outcome::RevisionMismatch`] in the receipt.
+    ///
+    /// # Errors
+    /// As [`Client::submit_one`].
+    pub fn set_if(
+        &self,
+        key: DocKey,
+        json: &str,
+        if_revision: Option<u64>,
+        lease: Option<u64>,
+    ) -> Result<Committed, ClientError> {
+        crate::client::check_json(json)?;
+        self.submit_one(self.sign(Operation::SetIf { key, value: json.as_bytes().to_vec(), if_revision, lease })?)
+    }
+
+    /// Claims `(domain, slot)`: granted to the first claimant only.
+    ///
+    /// # Errors
+    /// As [`Client::submit_one`]; `BadClaimDomain`, `LeaseNotFound`.
+    pub fn claim(&self, domain: &str, slot: u64, lease: Option<u64>) -> Result<(ClaimResult, Committed), ClientError> {
+        let c = self.submit_one(self.sign(Operation::Claim { domain: domain.to_string(), slot, lease })?)?;
+        match c.receipt.outcome {
+            Outcome::ClaimGranted { height } => Ok((ClaimResult::Granted { height }, c)),
+            Outcome::ClaimDenied { holder, height } => Ok((ClaimResult::Denied { holder, height }, c)),
+            ref o => Err(unexpected(o)),
+        }
+    }
+
+    /// Runs a transaction; the receipt's [`Outcome::TxnApplied`] says which branch ran.
+    ///
+    /// # Errors
+    /// As [`Client::submit_one`].
+    pub fn txn(&self, txn: Txn) -> Result<Committed, ClientError> {
+        self.submit_one(self.sign(Operation::Txn(txn))?)
+    }
+}
+
+fn unexpected(o: &Outcome) -> ClientError {
+    ClientError::Invalid(format!("unexpected outcome {o:?}"))
+}
+
+/// Keeps a lease alive from a thread of its own: renews every `ttl / 3`, and tells the holder
+/// until when it may act: the local time a renewal was *sent*, plus the TTL, minus `drift`
+/// (the bound on how far this clock and the leader's may disagree). The server's expiry runs
+/// from the batch time, which is never before the send, so the local bound is the earlier one.
+pub struct LeaseKeeper {
+    lease: Lease,
+    valid_until: Arc<Mutex<Instant>>,
+    lost: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    /// Grants a lease and starts renewing it.
+    ///
+    /// # Errors
+    /// The grant's.
+    pub fn grant(client: Arc<Client>, ttl_ms: u64, drift: Duration) -> Result<LeaseKeeper, ClientError> {
+        let sent = Instant::now();
+        let (lease, _) = client.lease_grant(ttl_ms)?;
+        let ttl = Duration::from_millis(ttl_ms);
+        let valid_until = Arc::new(Mutex::new(sent + ttl.saturating_sub(drift)));
+        let lost = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (valid_until, lost, stop) = (valid_until.clone(), lost.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let period = ttl / 3;
+                let mut next = sent + period;
+                while !stop.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep((next - now).min(Duration::from_millis(50)));
+                        continue;
+                    }
+                    let sent = Instant::now();
+                    match client.lease_keepalive(lease.id) {
+                        Ok(_) => {
+                            *valid_until.lock() = sent + ttl.saturating_sub(drift);
+                            next = sent + period;
+                        }
+                        Err(ClientError::Rejected { code, .. }) => {
+                            // Ended (expired or revoked): nothing more to renew.
+                            *lost.lock() = Some(code.to_string());
+                            return;
+                        }
+                        // Unavailable for now: try again soon; validity runs out by itself.
+                        Err(_) => next = Instant::now() + Duration::from_millis(100),
+                    }
+                }
+            })
+        };
+        Ok(LeaseKeeper { lease, valid_until, lost, stop, thread: Some(thread) })
+    }
+
+    pub fn lease(&self) -> Lease {
+        self.lease
+    }
+
+    /// Until when the holder may still act on this lease.
+    pub fn valid_until(&self) -> Instant {
+        *self.valid_until.lock()
+    }
+
+    /// Whether the holder may act now.
+    pub fn is_valid(&self) -> bool {
+        self.lost.lock().is_none() && Instant::now() < self.valid_until()
+    }
+
+    /// Why renewal stopped, once the lease is known to have ended.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().clone()
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
