@@ -107,6 +107,27 @@ pub enum Cmd {
         #[arg(long)]
         receipt: Option<PathBuf>,
     },
+    /// Follow committed changes, one line per change in commit order, until Ctrl-C (or --count).
+    /// Exactly one of UUID4, --all, --domain, --leases.
+    Watch {
+        #[arg(value_name = "UUID4")]
+        doc: Option<String>,
+        /// Every document.
+        #[arg(long)]
+        all: bool,
+        /// The claims of one domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Leases granted, renewed and ended.
+        #[arg(long)]
+        leases: bool,
+        /// From this batch height (default: the next batch).
+        #[arg(long)]
+        from_height: Option<u64>,
+        /// Stop after this many changes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// An atomic transaction from a JSON file: compares, then, else (format in docs/coordination.md).
     Txn {
         #[arg(long)]
@@ -385,6 +406,32 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             let client = connect(&addrs, load_or_create(key_path)?)?;
             let req = client.sign(Operation::Claim { domain, slot, lease })?;
             write(&client, req, receipt.as_deref(), out)
+        }
+        Cmd::Watch { doc, all, domain, leases, from_height, count } => {
+            use tally_codec::wire::WatchFilter;
+            let filter = match (doc, all, domain, leases) {
+                (Some(d), false, None, false) => WatchFilter::Doc(DocKey::parse(&d)?),
+                (None, true, None, false) => WatchFilter::AllDocs,
+                (None, false, Some(d), false) => WatchFilter::Domain(d),
+                (None, false, None, true) => WatchFilter::Leases,
+                _ => {
+                    return Err(ClientError::Invalid(
+                        "watch: give exactly one of UUID4, --all, --domain NAME, --leases".into(),
+                    ))
+                }
+            };
+            let client = connect(&addrs, read_key(key_path)?)?;
+            for (seen, event) in (1u64..).zip(client.watch(filter, from_height)?) {
+                let event = event?;
+                match out {
+                    Output::Json => println!("{}", output::watch_event(&event)),
+                    Output::Text => println!("{}", repl::watch_line(&event)),
+                }
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Txn { file, receipt } => {
             let text = std::fs::read_to_string(&file)

@@ -392,6 +392,12 @@ impl Client {
         }
     }
 
+    /// A read any replica may answer, with the client's failover.
+    pub(crate) fn read(&self, msg: &ClientMessage) -> Result<ServerMessage, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        self.inner.request(deadline, "read", msg)
+    }
+
     /// Fetches the receipt of an executed request from any replica.
     ///
     /// # Errors

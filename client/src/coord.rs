@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tally_codec::wire::{ClientMessage, ServerMessage, WatchEvent, WatchFilter, WatchPage};
 use tally_codec::{DocKey, Operation, Outcome, PublicKey, Txn};
 
 /// What a claim got.
@@ -102,6 +103,72 @@ impl Client {
     /// As [`Client::submit_one`].
     pub fn txn(&self, txn: Txn) -> Result<Committed, ClientError> {
         self.submit_one(self.sign(Operation::Txn(txn))?)
+    }
+}
+
+impl Client {
+    /// One page of committed changes from `from_height` (any replica answers; the client fails
+    /// over like a read).
+    ///
+    /// # Errors
+    /// `Compacted` (from a replica that installed a snapshot) naming the oldest height it has;
+    /// [`ClientError::Unavailable`].
+    pub fn watch_page(&self, filter: &WatchFilter, from_height: u64) -> Result<WatchPage, ClientError> {
+        let msg = ClientMessage::Watch { filter: filter.clone(), from_height, max_batches: 256, wait_ms: 500 };
+        match self.read(&msg)? {
+            ServerMessage::Watched(p) => Ok(p),
+            other => Err(ClientError::Invalid(format!("expected a watch page, got {other:?}"))),
+        }
+    }
+
+    /// The committed changes `filter` selects from `from_height` on (`None`: from the next
+    /// batch), in commit order with no gaps, resuming on another replica after a failover.
+    ///
+    /// # Errors
+    /// The status call that finds the next height.
+    pub fn watch(&self, filter: WatchFilter, from_height: Option<u64>) -> Result<Watcher<'_>, ClientError> {
+        let next = match from_height {
+            Some(h) => h.max(1),
+            None => self.status()?.committed_height + 1,
+        };
+        Ok(Watcher { client: self, filter, next, buffered: std::collections::VecDeque::new() })
+    }
+}
+
+/// An endless iterator over watch events (see [`Client::watch`]). It pulls pages, so a slow
+/// reader never makes a replica buffer anything: it only falls behind, and resumes from its
+/// height.
+pub struct Watcher<'a> {
+    client: &'a Client,
+    filter: WatchFilter,
+    next: u64,
+    buffered: std::collections::VecDeque<WatchEvent>,
+}
+
+impl Watcher<'_> {
+    /// The first batch height not yet delivered (where a new watch would resume).
+    pub fn next_height(&self) -> u64 {
+        self.buffered.front().map_or(self.next, |e| e.height)
+    }
+}
+
+impl Iterator for Watcher<'_> {
+    type Item = Result<WatchEvent, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.buffered.pop_front() {
+                return Some(Ok(e));
+            }
+            match self.client.watch_page(&self.filter, self.next) {
+                Ok(page) => {
+                    debug_assert!(page.next_height >= self.next, "a watch page never goes back");
+                    self.next = page.next_height.max(self.next);
+                    self.buffered.extend(page.events);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 }
 

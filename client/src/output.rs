@@ -95,6 +95,34 @@ pub fn get(doc: &str, view: Option<&DocView>) -> Value {
     }
 }
 
+/// `watch -o json`: one compact JSON object per change, one per line.
+pub fn watch_event(e: &tally_codec::wire::WatchEvent) -> Value {
+    use tally_codec::wire::Change;
+    let change = match &e.change {
+        Change::DocSet { key, owner, revision, lease, value } => {
+            let value: Value = serde_json::from_slice(value)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into_owned()));
+            json!({ "change": "doc_set", "doc": key.to_string(), "owner": owner.to_string(), "revision": revision, "lease": lease, "value": value })
+        }
+        Change::DocDeleted { key } => json!({ "change": "doc_deleted", "doc": key.to_string() }),
+        Change::ClaimGranted { domain, slot, holder, lease } => {
+            json!({ "change": "claim_granted", "domain": domain, "slot": slot, "holder": holder.to_string(), "lease": lease })
+        }
+        Change::ClaimReleased { domain, slot } => json!({ "change": "claim_released", "domain": domain, "slot": slot }),
+        Change::LeaseSet { lease, owner, expires_at_ms } => {
+            json!({ "change": "lease_set", "lease": lease, "owner": owner.to_string(), "expires_at_ms": expires_at_ms })
+        }
+        Change::LeaseEnded { lease } => json!({ "change": "lease_ended", "lease": lease }),
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("height".into(), json!(e.height));
+    m.insert("time_ms".into(), json!(e.time_ms));
+    if let Value::Object(c) = change {
+        m.extend(c);
+    }
+    Value::Object(m)
+}
+
 /// `balance`.
 pub fn balance(account: &PublicKey, balance: u64) -> Value {
     json!({ "account": account.to_string(), "balance": balance })

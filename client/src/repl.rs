@@ -187,6 +187,26 @@ pub fn outcome_line(outcome: &Outcome, durable_replicas: u8) -> String {
     }
 }
 
+/// One line of `tally watch`.
+pub fn watch_line(e: &tally_codec::wire::WatchEvent) -> String {
+    use tally_codec::wire::Change;
+    let what = match &e.change {
+        Change::DocSet { key, owner, revision, lease, value } => {
+            let lease = lease.map(|l| format!(" lease {l}")).unwrap_or_default();
+            format!("set {key} revision {revision} by {owner}{lease}: {}", String::from_utf8_lossy(value))
+        }
+        Change::DocDeleted { key } => format!("deleted {key}"),
+        Change::ClaimGranted { domain, slot, holder, lease } => {
+            let lease = lease.map(|l| format!(" under lease {l}")).unwrap_or_default();
+            format!("claim {domain}/{slot} granted to {holder}{lease}")
+        }
+        Change::ClaimReleased { domain, slot } => format!("claim {domain}/{slot} released"),
+        Change::LeaseSet { lease, owner, expires_at_ms } => format!("lease {lease} of {owner} until {expires_at_ms}"),
+        Change::LeaseEnded { lease } => format!("lease {lease} ended"),
+    };
+    format!("height {} time {}: {what}", e.height, e.time_ms)
+}
+
 /// Status as a few readable lines (shared with `tally status`).
 pub fn status_lines(client: &Client) -> Result<Vec<String>, ClientError> {
     Ok(status_info_lines(&client.status()?))

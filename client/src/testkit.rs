@@ -197,7 +197,7 @@ fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
                 ServerMessage::Done
             }
             ClientMessage::Batch { .. } => ServerMessage::Batch(None),
-            ClientMessage::Audit | ClientMessage::Forwarded(_) => {
+            ClientMessage::Audit | ClientMessage::Forwarded(_) | ClientMessage::Watch { .. } => {
                 ServerMessage::Error(WireError::new(ErrorCode::Malformed, "the fake node does not serve this"))
             }
         };

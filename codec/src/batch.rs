@@ -189,6 +189,8 @@ impl BatchEntry {
 pub struct BatchBody {
     pub requests: Vec<SignedRequest>,
     pub outcomes: Vec<Outcome>,
+    /// What the batch changed (watches read it back; `batches` table v2).
+    pub write_set: WriteSet,
 }
 
 /// Stored per height: the header, its signature and where the body lives.

@@ -82,6 +82,8 @@ pub enum ErrorCode {
     BadTxn = 28,
     /// The lease has as many attachments as it may hold.
     LeaseFull = 29,
+    /// The history asked for is no longer on this replica (it installed a snapshot).
+    Compacted = 30,
 }
 
 impl ErrorCode {
@@ -130,6 +132,7 @@ impl ErrorCode {
             ErrorCode::BadClaimDomain => "BadClaimDomain",
             ErrorCode::BadTxn => "BadTxn",
             ErrorCode::LeaseFull => "LeaseFull",
+            ErrorCode::Compacted => "Compacted",
         }
     }
 
@@ -168,6 +171,7 @@ impl ErrorCode {
                 "transaction refused: at most 32 comparisons and 32 operations per branch, none a transaction"
             }
             ErrorCode::LeaseFull => "the lease already has 1024 documents and claims attached",
+            ErrorCode::Compacted => "that history is compacted on this replica",
         }
     }
 }

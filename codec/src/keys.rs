@@ -47,6 +47,8 @@ pub struct Tables {
 pub const SCHEMA_VERSION: u32 = 1;
 /// The documents table's version: 2 since `DocMeta` records its lease.
 pub const DOCS_VERSION: u32 = 2;
+/// The batches table's version: 2 since a batch body holds its write set.
+pub const BATCHES_VERSION: u32 = 2;
 
 impl Tables {
     pub fn v1() -> Self {
@@ -55,7 +57,8 @@ impl Tables {
             docs: TableId::derive("docs", DOCS_VERSION),
             doc_bodies: TableId::derive("doc_bodies", SCHEMA_VERSION),
             accounts: TableId::derive("accounts", SCHEMA_VERSION),
-            batches: TableId::derive("batches", SCHEMA_VERSION),
+            // v2: a batch's body holds its write set.
+            batches: TableId::derive("batches", BATCHES_VERSION),
             requests: TableId::derive("requests", SCHEMA_VERSION),
             meta: TableId::derive("meta", SCHEMA_VERSION),
             leases: TableId::derive("leases", SCHEMA_VERSION),
@@ -96,6 +99,21 @@ impl Tables {
     pub fn lease_id_of(&self, key: &[u8]) -> Option<u64> {
         let natural = key.strip_prefix(&self.leases.0)?;
         Some(u64::from_be_bytes(natural.try_into().ok()?))
+    }
+    /// The `(domain, slot)` of a key of the claims table.
+    pub fn claim_of(&self, key: &[u8]) -> Option<(String, u64)> {
+        let natural = key.strip_prefix(&self.claims.0)?;
+        let (&len, rest) = natural.split_first()?;
+        let len = usize::from(len);
+        if rest.len() != len + 8 {
+            return None;
+        }
+        let domain = String::from_utf8(rest[..len].to_vec()).ok()?;
+        Some((domain, u64::from_be_bytes(rest[len..].try_into().ok()?)))
+    }
+    /// The document key of a key of the documents table.
+    pub fn doc_of(&self, key: &[u8]) -> Option<crate::DocKey> {
+        Some(crate::DocKey(key.strip_prefix(&self.docs.0)?.try_into().ok()?))
     }
     /// Length-prefixed, so no domain's keys are a prefix of another's.
     pub fn claim(&self, domain: &str, slot: u64) -> IntentKey {

@@ -57,6 +57,78 @@ pub enum ClientMessage {
     /// and `Audit` above are kept for the wire format's sake and always refused
     /// (`NotAuthorized`).
     Admin(crate::admin::SignedAdmin),
+    /// The committed changes `filter` selects, from batch `from_height` on, in commit order: at
+    /// most `max_batches` batches (and about 4 MiB). When the replica has nothing at
+    /// `from_height` yet it waits up to `wait_ms` (at most 500) before answering an empty page.
+    /// Any replica answers from what its store holds.
+    Watch {
+        filter: WatchFilter,
+        from_height: u64,
+        max_batches: u32,
+        wait_ms: u32,
+    },
+}
+
+/// What a watch follows.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum WatchFilter {
+    Doc(DocKey),
+    AllDocs,
+    /// The claims of one domain.
+    Domain(String),
+    Leases,
+}
+
+/// One committed change.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum Change {
+    DocSet {
+        key: DocKey,
+        owner: PublicKey,
+        revision: u64,
+        lease: Option<u64>,
+        value: Vec<u8>,
+    },
+    DocDeleted {
+        key: DocKey,
+    },
+    ClaimGranted {
+        domain: String,
+        slot: u64,
+        holder: PublicKey,
+        lease: Option<u64>,
+    },
+    /// The claim's lease ended.
+    ClaimReleased {
+        domain: String,
+        slot: u64,
+    },
+    /// Granted or renewed.
+    LeaseSet {
+        lease: u64,
+        owner: PublicKey,
+        expires_at_ms: u64,
+    },
+    /// Revoked or expired.
+    LeaseEnded {
+        lease: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct WatchEvent {
+    pub height: u64,
+    /// The batch's header time.
+    pub time_ms: u64,
+    pub change: Change,
+}
+
+/// A page of a watch: the events of batches `from_height .. next_height`, in order.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct WatchPage {
+    pub events: Vec<WatchEvent>,
+    /// Where the next page starts (the first batch this page did not cover).
+    pub next_height: u64,
 }
 
 /// What a follower may relay: the leader-only messages. Not a [`ClientMessage`], so a relayed
@@ -139,6 +211,7 @@ pub enum ServerMessage {
     Done,
     Error(WireError),
     AuditPage(AuditPageInfo),
+    Watched(WatchPage),
 }
 
 /// One page of an admin scan: totals over the keys it covered, and where the next page starts.

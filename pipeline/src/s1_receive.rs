@@ -423,6 +423,12 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
         }
         ClientMessage::Admin(cmd) => admin(shared, &cmd),
         ClientMessage::Batch { height } => ServerMessage::Batch(crate::queries::batch_info(shared, height)),
+        ClientMessage::Watch { filter, from_height, max_batches, wait_ms } => {
+            match crate::queries::watch(shared, &filter, from_height, max_batches, wait_ms) {
+                Ok(page) => ServerMessage::Watched(page),
+                Err(e) => ServerMessage::Error(e),
+            }
+        }
         ClientMessage::Receipt { id: rid } => match crate::queries::stored_receipt(shared, &rid) {
             Some(r) => ServerMessage::Receipt(Some(Box::new(r))),
             // A replica that installed a snapshot lacks older receipts: ask the leader, once.

@@ -237,10 +237,11 @@ impl<K: Kv> Store<K> {
         let meta_table = self.tables.meta.0;
         assert!(!entry.write_set.ops.iter().any(|op| op.key.starts_with(&meta_table)), "write set touches store meta");
 
-        // Same bytes as `encode(&BatchBody { requests, outcomes })`, without cloning the requests.
+        // Same bytes as `encode(&BatchBody { requests, outcomes, write_set })`, without cloning.
         let mut body = Vec::new();
         borsh::to_writer(&mut body, &entry.requests).expect("borsh into a Vec cannot fail");
         borsh::to_writer(&mut body, &entry.outcomes).expect("borsh into a Vec cannot fail");
+        borsh::to_writer(&mut body, &entry.write_set).expect("borsh into a Vec cannot fail");
         let body_ref = self.segments.append(&body)?;
         self.segments.sync()?;
 

@@ -90,6 +90,33 @@ fn follower_catches_up_by_snapshot_after_compaction() {
         }
         other => panic!("the follower could not serve a receipt from before its snapshot: {other:?}"),
     }
+    // A watch from a height the snapshot skipped is refused, naming the oldest height it has;
+    // from that height on it is served.
+    let watch = |from: u64| {
+        conn.call(tally_codec::wire::ClientMessage::Watch {
+            filter: tally_codec::wire::WatchFilter::AllDocs,
+            from_height: from,
+            max_batches: 4,
+            wait_ms: 0,
+        })
+    };
+    let oldest = match watch(probe) {
+        Ok(tally_codec::wire::ServerMessage::Error(e)) if e.code == tally_codec::ErrorCode::Compacted => {
+            let oldest: u64 = e
+                .message
+                .split_whitespace()
+                .nth(4)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("the error names the oldest height: {}", e.message));
+            assert!(oldest > probe, "{}", e.message);
+            oldest
+        }
+        other => panic!("a watch from skipped height {probe}: {other:?}"),
+    };
+    match watch(oldest) {
+        Ok(tally_codec::wire::ServerMessage::Watched(p)) => assert!(p.next_height > oldest, "{p:?}"),
+        other => panic!("a watch from the oldest height {oldest}: {other:?}"),
+    }
     let installed = nodes[fi].log_text().contains("installing snapshot");
     assert!(
         skipped && installed,

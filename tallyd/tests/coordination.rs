@@ -133,6 +133,75 @@ fn leases_compare_and_set_claims_and_transactions_from_the_cli() {
     assert!(tally(d, 0, &["get", DOC2]).status.success(), "a document written without the lease stays");
 }
 
+/// A watcher sees every committed change of what it follows, in commit order with no gap, and
+/// resumes from its height on another replica after the one it read from is killed.
+#[test]
+fn a_watch_follows_commits_in_order_and_resumes_after_a_kill() {
+    let (_dir, layout) = init_cluster(3, 2);
+    let mut nodes = start_all(&layout);
+    let writer = client(&layout, 0);
+    let keys: Vec<tally_codec::DocKey> = (0..4u8)
+        .map(|i| tally_codec::DocKey::parse(&format!("0d5d3807-5fbf-4228-a657-5a091c4e49{i:02x}")).expect("uuid"))
+        .collect();
+    let first = writer.status().expect("status").committed_height + 1;
+    for (n, k) in keys.iter().enumerate() {
+        writer.set(*k, &format!(r#"{{"n":{n}}}"#)).expect("set");
+    }
+    writer.delete(keys[0]).expect("delete");
+    // A watcher on one follower only, from before the writes.
+    let (l, _) = wait_leader(&nodes, Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    let dial_addr = vec![layout.client_addrs()[f].clone(), layout.client_addrs()[(f + 1) % 3].clone()];
+    let reader = tally_client::Client::connect(
+        &dial_addr,
+        account_key(&layout, 1),
+        opts_for(&dial_addr, tally_client::ClientOptions::default()),
+    )
+    .expect("connect");
+    let mut w = reader.watch(tally_codec::wire::WatchFilter::AllDocs, Some(first)).expect("watch");
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(w.next().expect("endless").expect("event"));
+    }
+    let kinds: Vec<String> = got
+        .iter()
+        .map(|e| match &e.change {
+            tally_codec::wire::Change::DocSet { key, revision, value, .. } => {
+                format!("set {} r{revision} {}", key, String::from_utf8_lossy(value))
+            }
+            tally_codec::wire::Change::DocDeleted { key } => format!("del {key}"),
+            c => format!("{c:?}"),
+        })
+        .collect();
+    let want: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, k)| format!(r#"set {k} r1 {{"n":{n}}}"#))
+        .chain([format!("del {}", keys[0])])
+        .collect();
+    assert_eq!(kinds, want, "every change, in commit order");
+    assert!(got.windows(2).all(|p| p[0].height <= p[1].height), "heights never go back");
+    // Kill the replica the watcher reads from; it resumes on another, from its height, and
+    // sees the next change and nothing twice.
+    nodes[f].kill9();
+    writer.set(keys[1], r#"{"n":"after"}"#).expect("set after the kill");
+    let e = w.next().expect("endless").expect("event after the kill");
+    match &e.change {
+        tally_codec::wire::Change::DocSet { key, revision, .. } => assert_eq!((*key, *revision), (keys[1], 2)),
+        c => panic!("expected the write after the kill, got {c:?}"),
+    }
+    // The CLI: the same history from the same height, as lines.
+    let out = Command::new(tally_bin())
+        .arg("--cluster-dir")
+        .arg(&layout.dir)
+        .args(["watch", "--all", "--from-height", &first.to_string(), "--count", "6"])
+        .output()
+        .expect("tally watch");
+    let lines = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>();
+    assert!(out.status.success() && lines.len() == 6, "{}", text(&out));
+    assert!(lines[4].contains(&format!("deleted {}", keys[0])) && lines[5].contains("revision 2"), "{lines:?}");
+}
+
 fn public_of(key_file: &Path) -> String {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(key_file).expect("key")).expect("json");
     v["public"].as_str().expect("public").to_string()
