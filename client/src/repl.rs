@@ -6,7 +6,7 @@
 use crate::client::{check_json, Client, ClientEvent};
 use crate::error::ClientError;
 use std::io::{BufRead, IsTerminal, Write};
-use tally_codec::{DocKey, ErrorCode, Outcome, PublicKey};
+use tally_codec::{DocKey, ErrorCode, Operation, Outcome, PublicKey};
 
 /// One parsed REPL line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub enum ReplCommand {
     },
     /// `None` is the session's own account.
     Balance(Option<PublicKey>),
+    /// A coordination request (`SET`/`DELETE` with options, `LEASE`, `CLAIM`).
+    Op(Operation),
     Status,
     Help,
     Quit,
@@ -42,6 +44,14 @@ Commands (case-insensitive):
   DELETE <uuid4>             delete a document you own
   TRANSFER <pubkey> <amount> move money from your account
   BALANCE [pubkey]           show a balance (yours by default)
+  SET <uuid4> [--if-revision R] [--lease ID] <json>
+                             compare-and-set (R = 0: only if absent); attach to a lease
+  DELETE <uuid4> --if-revision R
+                             delete only at revision R
+  LEASE GRANT <ttl_ms> | LEASE KEEPALIVE <id> | LEASE REVOKE <id>
+                             leases with a TTL in batch time
+  CLAIM <domain> <slot> [lease]
+                             the first claim of a slot is granted, later ones denied
   STATUS                     show the cluster's members, leader and term
   HELP                       this text
   QUIT                       leave";
@@ -71,6 +81,22 @@ fn parse_key(word: &str, usage: &str) -> Result<DocKey, String> {
     DocKey::parse(word).map_err(|e| e.to_string())
 }
 
+/// `--if-revision R` and `--lease ID` in any order before the rest of the line.
+fn set_options<'a>(mut rest: &'a str, usage: &str) -> Result<(Option<u64>, Option<u64>, &'a str), String> {
+    let (mut if_revision, mut lease) = (None, None);
+    loop {
+        let (word, after) = split_word(rest);
+        let slot = match word {
+            "--if-revision" => &mut if_revision,
+            "--lease" => &mut lease,
+            _ => return Ok((if_revision, lease, rest)),
+        };
+        let (n, after) = split_word(after);
+        *slot = Some(n.parse::<u64>().map_err(|_| format!("{word} needs a number; usage: {usage}"))?);
+        rest = after;
+    }
+}
+
 fn no_more(rest: &str, usage: &str) -> Result<(), String> {
     if rest.is_empty() {
         Ok(())
@@ -96,15 +122,49 @@ pub fn parse_line(line: &str) -> Result<ReplCommand, String> {
     let (cmd, rest) = split_word(line);
     match cmd.to_ascii_uppercase().as_str() {
         "SET" => {
-            const USAGE: &str = "SET <uuid4> <json>";
+            const USAGE: &str = "SET <uuid4> [--if-revision R] [--lease ID] <json>";
             let (key, value) = split_word(rest);
             let key = parse_key(key, USAGE)?;
+            let (if_revision, lease, value) = set_options(value, USAGE)?;
             let json = strip_single_quotes(value);
             if json.is_empty() {
                 return Err(format!("usage: {USAGE}"));
             }
             check_json(json).map_err(|e| e.to_string())?;
-            Ok(ReplCommand::Set { key, json: json.to_string() })
+            if if_revision.is_none() && lease.is_none() {
+                return Ok(ReplCommand::Set { key, json: json.to_string() });
+            }
+            Ok(ReplCommand::Op(Operation::SetIf { key, value: json.as_bytes().to_vec(), if_revision, lease }))
+        }
+        "LEASE" => {
+            const USAGE: &str = "LEASE GRANT <ttl_ms> | LEASE KEEPALIVE <id> | LEASE REVOKE <id>";
+            let (verb, rest) = split_word(rest);
+            let (n, more) = split_word(rest);
+            no_more(more, USAGE)?;
+            let n = n.parse::<u64>().map_err(|_| format!("usage: {USAGE}"))?;
+            match verb.to_ascii_uppercase().as_str() {
+                "GRANT" => Ok(ReplCommand::Op(Operation::LeaseGrant { ttl_ms: n })),
+                "KEEPALIVE" => Ok(ReplCommand::Op(Operation::LeaseKeepAlive { lease: n })),
+                "REVOKE" => Ok(ReplCommand::Op(Operation::LeaseRevoke { lease: n })),
+                _ => Err(format!("usage: {USAGE}")),
+            }
+        }
+        "CLAIM" => {
+            const USAGE: &str = "CLAIM <domain> <slot> [lease]";
+            let (domain, rest) = split_word(rest);
+            let (slot, rest) = split_word(rest);
+            let (lease, more) = split_word(rest);
+            no_more(more, USAGE)?;
+            if domain.is_empty() {
+                return Err(format!("usage: {USAGE}"));
+            }
+            let slot = slot.parse::<u64>().map_err(|_| format!("usage: {USAGE}"))?;
+            let lease = if lease.is_empty() {
+                None
+            } else {
+                Some(lease.parse::<u64>().map_err(|_| format!("'{lease}' is not a lease id; usage: {USAGE}"))?)
+            };
+            Ok(ReplCommand::Op(Operation::Claim { domain: domain.to_string(), slot, lease }))
         }
         "GET" => {
             let (key, more) = split_word(rest);
@@ -113,10 +173,18 @@ pub fn parse_line(line: &str) -> Result<ReplCommand, String> {
             Ok(ReplCommand::Get { key })
         }
         "DELETE" | "DEL" => {
+            const USAGE: &str = "DELETE <uuid4> [--if-revision R]";
             let (key, more) = split_word(rest);
-            let key = parse_key(key, "DELETE <uuid4>")?;
-            no_more(more, "DELETE <uuid4>")?;
-            Ok(ReplCommand::Delete { key })
+            let key = parse_key(key, USAGE)?;
+            let (if_revision, lease, more) = set_options(more, USAGE)?;
+            no_more(more, USAGE)?;
+            if lease.is_some() {
+                return Err(format!("usage: {USAGE}"));
+            }
+            match if_revision {
+                None => Ok(ReplCommand::Delete { key }),
+                Some(r) => Ok(ReplCommand::Op(Operation::DeleteIf { key, if_revision: Some(r) })),
+            }
         }
         "TRANSFER" => {
             const USAGE: &str = "TRANSFER <pubkey> <amount>";
@@ -287,6 +355,10 @@ pub fn execute(client: &Client, cmd: ReplCommand, out: &mut dyn Write) -> std::i
                 Err(e) => format!("Error: {e}"),
             }
         }
+        ReplCommand::Op(op) => match client.sign(op).and_then(|r| client.submit_one(r)) {
+            Ok(c) => outcome_line(&c.receipt.outcome, c.durable_replicas),
+            Err(e) => format!("Error: {e}"),
+        },
         ReplCommand::Status => match status_lines(client) {
             Ok(lines) => lines.join("\n"),
             Err(e) => format!("Error: {e}"),
@@ -432,9 +504,36 @@ mod tests {
         for word in ["GET", "get", "Get", "gEt"] {
             assert_eq!(parse_line(&format!("{word} {UUID}")), Ok(ReplCommand::Get { key }));
         }
-        assert_eq!(parse_line("delete ".to_string().as_str()).map(|_| ()), Err("usage: DELETE <uuid4>".into()));
+        assert_eq!(
+            parse_line("delete ".to_string().as_str()).map(|_| ()),
+            Err("usage: DELETE <uuid4> [--if-revision R]".into())
+        );
         assert_eq!(parse_line(&format!("Delete {UUID}")), Ok(ReplCommand::Delete { key }));
         assert_eq!(parse_line("quit"), Ok(ReplCommand::Quit));
+        assert_eq!(
+            parse_line(&format!("set {UUID} --if-revision 0 --lease 9 '{{\"a\": 1}}'")),
+            Ok(ReplCommand::Op(Operation::SetIf {
+                key,
+                value: br#"{"a": 1}"#.to_vec(),
+                if_revision: Some(0),
+                lease: Some(9)
+            }))
+        );
+        assert_eq!(
+            parse_line(&format!("DELETE {UUID} --if-revision 3")),
+            Ok(ReplCommand::Op(Operation::DeleteIf { key, if_revision: Some(3) }))
+        );
+        assert_eq!(parse_line("lease grant 5000"), Ok(ReplCommand::Op(Operation::LeaseGrant { ttl_ms: 5000 })));
+        assert_eq!(parse_line("LEASE keepalive 7"), Ok(ReplCommand::Op(Operation::LeaseKeepAlive { lease: 7 })));
+        assert_eq!(parse_line("lease revoke 7"), Ok(ReplCommand::Op(Operation::LeaseRevoke { lease: 7 })));
+        assert_eq!(
+            parse_line("claim slots 42 7"),
+            Ok(ReplCommand::Op(Operation::Claim { domain: "slots".into(), slot: 42, lease: Some(7) }))
+        );
+        assert!(parse_line("claim slots x").expect_err("slot").contains("usage: CLAIM"));
+        assert!(parse_line(&format!("set {UUID} --if-revision x {{}}"))
+            .expect_err("number")
+            .contains("--if-revision needs a number"));
         assert_eq!(parse_line("Status"), Ok(ReplCommand::Status));
         assert_eq!(parse_line("balance"), Ok(ReplCommand::Balance(None)));
         assert_eq!(parse_line("help"), Ok(ReplCommand::Help));

@@ -94,6 +94,28 @@ fn leases_compare_and_set_claims_and_transactions_from_the_cli() {
         .output()
         .expect("verify");
     assert!(o.status.success(), "the claim's receipt verifies offline: {}", text(&o));
+    // The REPL's verbs, from stdin.
+    let mut repl = Command::new(tally_bin())
+        .arg("--cluster-dir")
+        .arg(d)
+        .arg("--key")
+        .arg(d.join("accounts/1.key"))
+        .arg("repl")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("repl");
+    {
+        use std::io::Write;
+        let mut stdin = repl.stdin.take().expect("stdin");
+        writeln!(stdin, "CLAIM slots 43\nCLAIM slots 42\nLEASE GRANT 100\nLEASE GRANT 5000").expect("write");
+    }
+    let session = repl.wait_with_output().expect("repl output");
+    let session = String::from_utf8_lossy(&session.stdout);
+    assert!(session.contains("Granted ("), "{session}");
+    assert!(session.contains(&format!("Denied: held by {holder} since height")), "{session}");
+    assert!(session.contains("Error: lease TTL out of range"), "{session}");
+    assert!(session.contains("Lease ") && session.contains(" granted ("), "{session}");
     let o = tally(d, 0, &["claim", "--domain", "", "--slot", "1"]);
     assert!(!o.status.success() && text(&o).contains("claim domain"), "{}", text(&o));
     let o = tally(d, 0, &["lease", "grant", "--ttl-ms", "10"]);
