@@ -16,7 +16,7 @@
 use crate::history::{History, Op, OpKind, OpResult, ReplicaFinal, RunRecord, StoredBatch};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tally_codec::merkle::{leaf_hash, verify_proof, Tree};
-use tally_codec::{BatchHeader, Digest, DocKey, ErrorCode, Outcome, RequestId, Signature};
+use tally_codec::{BatchHeader, Digest, DocKey, ErrorCode, Outcome, PublicKey, RequestId, Signature};
 
 /// The per-key step budget [`check_all`] gives [`check_linearizable`].
 pub const LINEARIZABILITY_BUDGET_STEPS: u64 = 1_000_000;
@@ -74,7 +74,108 @@ pub fn check_all(run: &RunRecord, liveness_bound_ms: u64) -> Verdicts {
     verdicts.keys_checked = keys;
     verdicts.linearizability_gave_up = gave_up;
     verdicts.violations.extend(check_i5(run, liveness_bound_ms));
+    verdicts.violations.extend(check_i6(run));
     verdicts
+}
+
+/// I6, coordination: in the committed history (every batch, in height order), a claimed slot
+/// is granted once and every denial names that grant; a create-only document is created once; a
+/// lease is renewed only before its expiry in batch time and refused as unknown only after it
+/// (no lease ends early, across failovers and clock faults).
+pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
+    use std::collections::BTreeMap;
+    use tally_codec::Operation;
+    let ops: HashMap<RequestId, (&PublicKey, &Operation)> = run
+        .history
+        .ops
+        .iter()
+        .filter_map(|o| match &o.kind {
+            OpKind::Coord { id, signer, op } => Some((*id, (signer, op))),
+            _ => None,
+        })
+        .collect();
+    // Every committed batch once, by height (replicas agree by I2/I3; a replica that installed
+    // a snapshot lacks the early ones).
+    let mut batches: BTreeMap<u64, &crate::history::StoredBatch> = BTreeMap::new();
+    for r in &run.replicas {
+        for b in &r.batches {
+            batches.entry(b.header.height).or_insert(b);
+        }
+    }
+    if batches.first_key_value().is_none_or(|(h, _)| *h != 1) {
+        return Vec::new();
+    }
+    let mut out = Capped::new("I6", "coordination");
+    let mut claims: HashMap<(String, u64), (PublicKey, u64)> = HashMap::new();
+    let mut created: HashMap<tally_codec::DocKey, u64> = HashMap::new();
+    let mut leases: HashMap<u64, u64> = HashMap::new();
+    for (height, b) in &batches {
+        let t = b.header.time_ms;
+        for (id, outcome) in b.request_ids.iter().zip(&b.outcomes) {
+            let Some(&(signer, op)) = ops.get(id) else { continue };
+            match (op, outcome) {
+                (Operation::Claim { domain, slot, .. }, Outcome::ClaimGranted { height: h }) => {
+                    if let Some((holder, at)) = claims.get(&(domain.clone(), *slot)) {
+                        out.push(format!(
+                            "claim {domain}/{slot} granted again at height {height}, held by {holder} since {at}"
+                        ));
+                    }
+                    if h != height {
+                        out.push(format!("claim {domain}/{slot} granted at height {height} says {h}"));
+                    }
+                    claims.insert((domain.clone(), *slot), (*signer, *height));
+                }
+                (Operation::Claim { domain, slot, .. }, Outcome::ClaimDenied { holder, height: h }) => {
+                    if claims.get(&(domain.clone(), *slot)) != Some(&(*holder, *h)) {
+                        out.push(format!(
+                            "claim {domain}/{slot} denied at height {height} naming {holder} at {h}, but the grant is {:?}",
+                            claims.get(&(domain.clone(), *slot))
+                        ));
+                    }
+                }
+                (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::DocCreated { .. }) => {
+                    if let Some(at) = created.insert(*key, *height) {
+                        out.push(format!("create-only {key} created at height {at} and again at {height}"));
+                    }
+                }
+                (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::RevisionMismatch { current }) => {
+                    if *current == 0 || !created.contains_key(key) {
+                        out.push(format!(
+                            "create-only {key} refused at height {height} (revision {current}) before any create"
+                        ));
+                    }
+                }
+                (Operation::LeaseGrant { ttl_ms }, Outcome::LeaseGranted { lease, expires_at_ms }) => {
+                    if *expires_at_ms != t + ttl_ms {
+                        out.push(format!(
+                            "lease {lease} granted at batch time {t} with TTL {ttl_ms} expires at {expires_at_ms}"
+                        ));
+                    }
+                    leases.insert(*lease, *expires_at_ms);
+                }
+                (Operation::LeaseKeepAlive { lease }, Outcome::LeaseRenewed { expires_at_ms }) => {
+                    match leases.get(lease) {
+                        Some(e) if *e > t => {}
+                        e => out.push(format!(
+                            "lease {lease} renewed at height {height}, batch time {t}, after its expiry {e:?}"
+                        )),
+                    }
+                    leases.insert(*lease, *expires_at_ms);
+                }
+                (Operation::LeaseKeepAlive { lease }, Outcome::Rejected(ErrorCode::LeaseNotFound)) => {
+                    if let Some(e) = leases.get(lease).filter(|e| **e > t) {
+                        out.push(format!(
+                            "lease {lease} ended early: unknown at height {height}, batch time {t}, before its expiry {e}"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut v = Vec::new();
+    out.finish(&mut v);
+    v
 }
 
 /// Collects violations of one kind, listing the first [`LISTED_PER_KIND`] and counting the rest.
@@ -572,9 +673,9 @@ impl KeyHistory {
         let known = |complete: Option<u64>| complete.unwrap_or(u64::MAX);
         let (required, complete, action) = match (&op.kind, &op.result) {
             // Refused: it did not happen. Unanswered reads constrain nothing.
-            (_, OpResult::Refused(_)) | (OpKind::Transfer { .. }, _) | (OpKind::Get { .. }, OpResult::Unknown) => {
-                return
-            }
+            (_, OpResult::Refused(_))
+            | (OpKind::Transfer { .. } | OpKind::Coord { .. }, _)
+            | (OpKind::Get { .. }, OpResult::Unknown) => return,
             (OpKind::Get { .. }, OpResult::Read(seen)) => {
                 let state = seen.as_ref().map(|d| Doc { revision: d.revision, body: self.intern(&d.body) });
                 (true, known(op.complete_ms), Action::Read(state))
@@ -1089,6 +1190,80 @@ mod tests {
                 b.signature = b.header.sign(&operator_key());
             }
         }
+    }
+
+    /// I6 over a committed history of coordination requests: a clean one passes; a slot granted
+    /// twice, a create-only document created twice, a lease renewed after its expiry and one
+    /// refused as unknown before it are each reported.
+    #[test]
+    fn coordination_outcomes_are_checked_by_i6() {
+        let claim = request(1, Operation::Claim { domain: "d".into(), slot: 1, lease: None });
+        let claim_again = request(2, Operation::Claim { domain: "d".into(), slot: 1, lease: None });
+        let cas =
+            |n| request(n, Operation::SetIf { key: doc(1), value: b"{}".to_vec(), if_revision: Some(0), lease: None });
+        let grant = request(5, Operation::LeaseGrant { ttl_ms: 1_000 });
+        let keep = |n| request(n, Operation::LeaseKeepAlive { lease: 7 });
+        let me = public(&alice());
+        let run = |second: Vec<(SignedRequest, Outcome)>| {
+            let (b1, _) = batch(
+                1,
+                Digest::ZERO,
+                &[
+                    (claim.clone(), Outcome::ClaimGranted { height: 1 }),
+                    (cas(3), Outcome::DocCreated { revision: 1 }),
+                    (grant.clone(), Outcome::LeaseGranted { lease: 7, expires_at_ms: 1_100 }),
+                ],
+            );
+            let (b2, _) = batch(2, b1.header.hash(), &second);
+            let all: Vec<&SignedRequest> =
+                [&claim, &claim_again, &grant].into_iter().chain(second.iter().map(|(r, _)| r)).collect();
+            let mut ops: Vec<Op> = all
+                .iter()
+                .map(|r| Op {
+                    client: 0,
+                    invoke_ms: 0,
+                    complete_ms: None,
+                    kind: OpKind::Coord { id: r.id(), signer: me, op: r.request.op.clone() },
+                    result: OpResult::Unknown,
+                })
+                .collect();
+            ops.push(Op {
+                client: 0,
+                invoke_ms: 0,
+                complete_ms: None,
+                kind: OpKind::Coord { id: cas(3).id(), signer: me, op: cas(3).request.op.clone() },
+                result: OpResult::Unknown,
+            });
+            let mut r = fixture();
+            r.history = History { ops };
+            r.replicas = vec![ReplicaFinal {
+                node_id: 1,
+                batches: vec![b1, b2],
+                applied_height: 2,
+                state_digest: Digest([2; 32]),
+                balances: Vec::new(),
+            }];
+            check_i6(&r)
+        };
+        // Batch 1 is at time 100, batch 2 at 200: the lease (expiry 1,100) is alive in batch 2.
+        let clean = run(vec![
+            (claim_again.clone(), Outcome::ClaimDenied { holder: me, height: 1 }),
+            (cas(4), Outcome::RevisionMismatch { current: 1 }),
+            (keep(6), Outcome::LeaseRenewed { expires_at_ms: 1_200 }),
+        ]);
+        assert_eq!(clean, vec![], "a clean history");
+        let bad = run(vec![
+            (claim_again.clone(), Outcome::ClaimGranted { height: 2 }),
+            (cas(4), Outcome::DocCreated { revision: 1 }),
+            (keep(6), Outcome::Rejected(ErrorCode::LeaseNotFound)),
+        ]);
+        let text = format!("{bad:?}");
+        assert!(text.contains("granted again"), "{text}");
+        assert!(text.contains("created at height 1 and again at 2"), "{text}");
+        assert!(
+            text.contains("lease 7 ended early: unknown at height 2, batch time 200, before its expiry 1100"),
+            "{text}"
+        );
     }
 
     #[test]

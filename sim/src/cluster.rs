@@ -238,6 +238,10 @@ pub struct Sim {
     accounts: Vec<PublicKey>,
     doc_owner: PublicKey,
     hot_keys: Vec<DocKey>,
+    /// Create-only documents (never deleted): I6 checks each is created once.
+    cas_keys: Vec<DocKey>,
+    /// Leases granted to the document owner, as receipts told the clients (for keepalives).
+    leases: Vec<u64>,
     history: History,
     headers: Vec<SeenHeader>,
     acked_bytes: Vec<(Vec<u8>, Box<Receipt>)>,
@@ -312,6 +316,7 @@ impl Sim {
         let accounts: Vec<PublicKey> = (0..6).map(|i| PublicKey(derived_key(seed, "account", i))).collect();
         let doc_owner = PublicKey(derived_key(seed, "doc-owner", 0));
         let hot_keys: Vec<DocKey> = (0..3).map(|i| doc_key(seed, i)).collect();
+        let cas_keys: Vec<DocKey> = (3..7).map(|i| doc_key(seed, i)).collect();
         let genesis: Vec<(PublicKey, u64)> = accounts.iter().map(|a| (*a, GENESIS_BALANCE)).collect();
         let replica_cfg = ReplicaConfig {
             node_id: 0,
@@ -381,6 +386,8 @@ impl Sim {
             accounts,
             doc_owner,
             hot_keys,
+            cas_keys,
+            leases: Vec::new(),
             history: History::default(),
             headers: Vec::new(),
             acked_bytes: Vec::new(),
@@ -797,6 +804,25 @@ impl Sim {
         self.start_op(c);
     }
 
+    /// A claim of a few contended slots, a create-only set raced by every account, a lease
+    /// grant or a keepalive of a lease granted earlier (DESIGN §13; checked by I6).
+    fn coordination_op(&mut self, c: usize, nonce: u64) -> (PublicKey, Operation) {
+        let account = *self.accounts.choose(&mut self.rng).expect("accounts");
+        match self.rng.gen_range(0..4) {
+            0 => (account, Operation::Claim { domain: "sim".into(), slot: self.rng.gen_range(0..16), lease: None }),
+            1 => {
+                let key = *self.cas_keys.choose(&mut self.rng).expect("cas keys");
+                let value = format!("{{\"c\":{c},\"n\":{nonce}}}").into_bytes();
+                (account, Operation::SetIf { key, value, if_revision: Some(0), lease: None })
+            }
+            2 if !self.leases.is_empty() => {
+                let lease = *self.leases.choose(&mut self.rng).expect("leases");
+                (self.doc_owner, Operation::LeaseKeepAlive { lease })
+            }
+            _ => (self.doc_owner, Operation::LeaseGrant { ttl_ms: self.rng.gen_range(500..3_000) }),
+        }
+    }
+
     fn sign(&self, signer: PublicKey, nonce: u64, op: Operation, expires_at_ms: u64) -> SignedRequest {
         let request = Request { cluster_id: self.cluster_id, signer, nonce, expires_at_ms, op };
         let signature = fake_sign(&signer, &request.signing_bytes());
@@ -832,6 +858,11 @@ impl Sim {
                     9..=11 => {
                         let req = self.sign(self.doc_owner, nonce, Operation::Delete { key }, expires);
                         (OpKind::Delete { id: req.id(), key }, Frame::Submit(req.encode()))
+                    }
+                    12..=14 => {
+                        let (signer, op) = self.coordination_op(c, nonce);
+                        let req = self.sign(signer, nonce, op.clone(), expires);
+                        (OpKind::Coord { id: req.id(), signer, op }, Frame::Submit(req.encode()))
                     }
                     _ => (OpKind::Get { key }, Frame::Get(key)),
                 }
@@ -916,6 +947,12 @@ impl Sim {
                         signature: receipt.signature,
                         source: format!("receipt to client {c}"),
                     });
+                    if let tally_codec::Outcome::LeaseGranted { lease, .. } = receipt.outcome {
+                        if self.leases.len() >= 16 {
+                            self.leases.remove(0);
+                        }
+                        self.leases.push(lease);
+                    }
                     self.acked_bytes.push((b, receipt.clone()));
                     self.finish_op(c, Some(OpResult::Committed(receipt)));
                 }

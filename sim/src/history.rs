@@ -26,19 +26,29 @@ pub enum OpKind {
     Get {
         key: DocKey,
     },
+    /// A coordination request (claim, create-only set, lease), checked by I6 against the
+    /// committed outcomes.
+    Coord {
+        id: RequestId,
+        signer: PublicKey,
+        op: tally_codec::Operation,
+    },
 }
 
 impl OpKind {
     pub fn id(&self) -> Option<RequestId> {
         match self {
-            OpKind::Transfer { id, .. } | OpKind::Set { id, .. } | OpKind::Delete { id, .. } => Some(*id),
+            OpKind::Transfer { id, .. }
+            | OpKind::Set { id, .. }
+            | OpKind::Delete { id, .. }
+            | OpKind::Coord { id, .. } => Some(*id),
             OpKind::Get { .. } => None,
         }
     }
     pub fn doc_key(&self) -> Option<DocKey> {
         match self {
             OpKind::Set { key, .. } | OpKind::Delete { key, .. } | OpKind::Get { key } => Some(*key),
-            OpKind::Transfer { .. } => None,
+            OpKind::Transfer { .. } | OpKind::Coord { .. } => None,
         }
     }
 }
