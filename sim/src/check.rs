@@ -125,25 +125,25 @@ pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
                     }
                     claims.insert((domain.clone(), *slot), (*signer, *height));
                 }
-                (Operation::Claim { domain, slot, .. }, Outcome::ClaimDenied { holder, height: h }) => {
-                    if claims.get(&(domain.clone(), *slot)) != Some(&(*holder, *h)) {
-                        out.push(format!(
-                            "claim {domain}/{slot} denied at height {height} naming {holder} at {h}, but the grant is {:?}",
-                            claims.get(&(domain.clone(), *slot))
-                        ));
-                    }
+                (Operation::Claim { domain, slot, .. }, Outcome::ClaimDenied { holder, height: h })
+                    if claims.get(&(domain.clone(), *slot)) != Some(&(*holder, *h)) =>
+                {
+                    out.push(format!(
+                        "claim {domain}/{slot} denied at height {height} naming {holder} at {h}, but the grant is {:?}",
+                        claims.get(&(domain.clone(), *slot))
+                    ));
                 }
                 (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::DocCreated { .. }) => {
                     if let Some(at) = created.insert(*key, *height) {
                         out.push(format!("create-only {key} created at height {at} and again at {height}"));
                     }
                 }
-                (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::RevisionMismatch { current }) => {
-                    if *current == 0 || !created.contains_key(key) {
-                        out.push(format!(
-                            "create-only {key} refused at height {height} (revision {current}) before any create"
-                        ));
-                    }
+                (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::RevisionMismatch { current })
+                    if *current == 0 || !created.contains_key(key) =>
+                {
+                    out.push(format!(
+                        "create-only {key} refused at height {height} (revision {current}) before any create"
+                    ));
                 }
                 (Operation::LeaseGrant { ttl_ms }, Outcome::LeaseGranted { lease, expires_at_ms }) => {
                     if *expires_at_ms != t + ttl_ms {
