@@ -46,6 +46,10 @@ pub enum Mix {
     Doc,
     /// Half and half.
     Mixed,
+    /// Claims of fresh slots (each one granted: DESIGN §13).
+    Claim,
+    /// Keepalives of one lease per signing account (granted before the clock starts).
+    Keepalive,
 }
 
 /// Everything a run needs; built by the CLI.
@@ -342,7 +346,11 @@ fn mixed(i: u64, seed: u64) -> u64 {
 }
 
 /// Signs every request of the run, before the clock starts; frames grouped per client.
-pub fn presign(cfg: &BenchConfig, cluster_id: ClusterId) -> Result<Vec<Vec<Vec<SignedRequest>>>, ClientError> {
+pub fn presign(
+    cfg: &BenchConfig,
+    cluster_id: ClusterId,
+    leases: &[u64],
+) -> Result<Vec<Vec<Vec<SignedRequest>>>, ClientError> {
     let total = (cfg.rate_max.saturating_mul(cfg.duration.as_secs().max(1))).clamp(1, PRESIGNED_MAX);
     let per_client = total.div_ceil(cfg.clients as u64).div_ceil(cfg.batch as u64) * cfg.batch as u64;
     let total = per_client * cfg.clients as u64;
@@ -364,16 +372,19 @@ pub fn presign(cfg: &BenchConfig, cluster_id: ClusterId) -> Result<Vec<Vec<Vec<S
             let out: Vec<SignedRequest> = range
                 .map(|i| {
                     let r = mixed(i, seed);
-                    let signer = &signers[(i % signers.len() as u64) as usize];
-                    let doc = match cfg.mix {
-                        Mix::Transfer => false,
-                        Mix::Doc => true,
-                        Mix::Mixed => r & 1 == 1,
-                    };
-                    let op = if doc {
-                        doc_op(r, i)
-                    } else {
-                        Operation::Transfer { to: recipients[(r >> 8) as usize % recipients.len()], amount: 1 }
+                    let s = (i % signers.len() as u64) as usize;
+                    let signer = &signers[s];
+                    let transfer =
+                        || Operation::Transfer { to: recipients[(r >> 8) as usize % recipients.len()], amount: 1 };
+                    let op = match cfg.mix {
+                        Mix::Transfer => transfer(),
+                        Mix::Doc => doc_op(r, i),
+                        Mix::Mixed if r & 1 == 1 => doc_op(r, i),
+                        Mix::Mixed => transfer(),
+                        Mix::Claim => {
+                            Operation::Claim { domain: "bench".into(), slot: seed.wrapping_add(i), lease: None }
+                        }
+                        Mix::Keepalive => Operation::LeaseKeepAlive { lease: leases[s % leases.len().max(1)] },
                     };
                     Request { cluster_id, signer: public_of(signer), nonce: seed.wrapping_add(i), expires_at_ms, op }
                         .sign(signer)
@@ -538,8 +549,27 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
             return Err(ClientError::Protocol { addr: cfg.addr.clone(), detail: format!("bad Status reply {other:?}") })
         }
     };
+    // Keepalives need a lease per signer, granted now (an hour: longer than any run).
+    let mut leases = Vec::new();
+    if cfg.mix == Mix::Keepalive {
+        let signers: Vec<&SigningKey> =
+            if cfg.accounts.is_empty() { vec![&cfg.doc_key] } else { cfg.accounts.iter().collect() };
+        for key in signers {
+            let req = crate::client::sign_request(key, cluster_id, Operation::LeaseGrant { ttl_ms: 3_600_000 });
+            match conn.call(ClientMessage::Submit(vec![req]))? {
+                ServerMessage::Submitted(mut r) => match r.pop() {
+                    Some(tally_codec::wire::SubmitReply::Committed { receipt, .. }) => match receipt.outcome {
+                        Outcome::LeaseGranted { lease, .. } => leases.push(lease),
+                        o => return Err(ClientError::Invalid(format!("lease grant for the keepalive mix: {o:?}"))),
+                    },
+                    other => return Err(ClientError::Invalid(format!("lease grant for the keepalive mix: {other:?}"))),
+                },
+                other => return Err(ClientError::Invalid(format!("lease grant for the keepalive mix: {other:?}"))),
+            }
+        }
+    }
     drop(conn);
-    let frames = presign(cfg, cluster_id)?;
+    let frames = presign(cfg, cluster_id, &leases)?;
     let presigned: u64 = frames.iter().flatten().map(|f| f.len() as u64).sum();
     if cfg.progress {
         eprintln!("pre-signed {presigned} requests; running {} s with {} clients", cfg.duration.as_secs(), cfg.clients);
@@ -672,7 +702,7 @@ mod tests {
     #[test]
     fn presign_makes_whole_frames_of_valid_distinct_requests() {
         let c = cfg();
-        let frames = presign(&c, ClusterId([7; 16])).expect("presign");
+        let frames = presign(&c, ClusterId([7; 16]), &[]).expect("presign");
         assert_eq!(frames.len(), 2);
         let all: Vec<&SignedRequest> = frames.iter().flatten().flatten().collect();
         assert_eq!(all.len(), 60);

@@ -50,6 +50,9 @@ pub struct Verdicts {
     pub keys_checked: u64,
     /// Keys whose search exceeded the budget: no verdict for them.
     pub linearizability_gave_up: u64,
+    /// Committed coordination outcomes (claims, create-only sets, lease grants and renewals,
+    /// refusals of ended leases) checked by I6.
+    pub coordination_checked: u64,
 }
 
 impl Verdicts {
@@ -74,7 +77,9 @@ pub fn check_all(run: &RunRecord, liveness_bound_ms: u64) -> Verdicts {
     verdicts.keys_checked = keys;
     verdicts.linearizability_gave_up = gave_up;
     verdicts.violations.extend(check_i5(run, liveness_bound_ms));
-    verdicts.violations.extend(check_i6(run));
+    let (i6, coordination) = check_i6_counted(run);
+    verdicts.violations.extend(i6);
+    verdicts.coordination_checked = coordination;
     verdicts
 }
 
@@ -83,6 +88,11 @@ pub fn check_all(run: &RunRecord, liveness_bound_ms: u64) -> Verdicts {
 /// lease is renewed only before its expiry in batch time and refused as unknown only after it
 /// (no lease ends early, across failovers and clock faults).
 pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
+    check_i6_counted(run).0
+}
+
+/// [`check_i6`], and how many committed coordination outcomes it checked.
+pub fn check_i6_counted(run: &RunRecord) -> (Vec<Violation>, u64) {
     use std::collections::BTreeMap;
     use tally_codec::Operation;
     let ops: HashMap<RequestId, (&PublicKey, &Operation)> = run
@@ -103,8 +113,9 @@ pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
         }
     }
     if batches.first_key_value().is_none_or(|(h, _)| *h != 1) {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
+    let mut checked = 0u64;
     let mut out = Capped::new("I6", "coordination");
     let mut claims: HashMap<(String, u64), (PublicKey, u64)> = HashMap::new();
     let mut created: HashMap<tally_codec::DocKey, u64> = HashMap::new();
@@ -113,6 +124,7 @@ pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
         let t = b.header.time_ms;
         for (id, outcome) in b.request_ids.iter().zip(&b.outcomes) {
             let Some(&(signer, op)) = ops.get(id) else { continue };
+            checked += 1;
             match (op, outcome) {
                 (Operation::Claim { domain, slot, .. }, Outcome::ClaimGranted { height: h }) => {
                     if let Some((holder, at)) = claims.get(&(domain.clone(), *slot)) {
@@ -175,7 +187,7 @@ pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
     }
     let mut v = Vec::new();
     out.finish(&mut v);
-    v
+    (v, checked)
 }
 
 /// Collects violations of one kind, listing the first [`LISTED_PER_KIND`] and counting the rest.

@@ -22,6 +22,7 @@ pub struct SeedResult {
     pub acked_checked: u64,
     pub keys_checked: u64,
     pub linearizability_gave_up: u64,
+    pub coordination_checked: u64,
     /// A digest of the whole history and final state (hex): equal for equal seeds.
     pub digest: String,
     pub wall_ms: u64,
@@ -54,6 +55,7 @@ pub fn run_seed(cfg: SimConfig) -> SeedResult {
                 acked_checked: 0,
                 keys_checked: 0,
                 linearizability_gave_up: 0,
+                coordination_checked: 0,
                 digest: String::new(),
                 wall_ms,
             }
@@ -71,6 +73,7 @@ pub fn run_seed(cfg: SimConfig) -> SeedResult {
                 acked_checked: verdicts.acked_checked,
                 keys_checked: verdicts.keys_checked,
                 linearizability_gave_up: verdicts.linearizability_gave_up,
+                coordination_checked: verdicts.coordination_checked,
                 digest: out.digest.iter().map(|b| format!("{b:02x}")).collect(),
                 wall_ms,
             }

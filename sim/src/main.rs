@@ -69,6 +69,7 @@ struct Summary {
     bad_inputs: u64,
     keys_checked: u64,
     linearizability_gave_up: u64,
+    coordination_checked: u64,
     five_node_runs: u64,
     results: Vec<SeedResult>,
 }
@@ -163,6 +164,7 @@ fn main() -> ExitCode {
         bad_inputs: results.iter().map(|r| r.stats.bad_inputs).sum(),
         keys_checked: results.iter().map(|r| r.keys_checked).sum(),
         linearizability_gave_up: results.iter().map(|r| r.linearizability_gave_up).sum(),
+        coordination_checked: results.iter().map(|r| r.coordination_checked).sum(),
         five_node_runs: results.iter().filter(|r| r.stats.nodes == 5).count() as u64,
         results,
     };
@@ -195,6 +197,7 @@ fn print_summary(s: &Summary) {
         "  {} failovers, {} membership changes, {} client ops, {} acknowledged and checked, {} bad inputs, {} document keys checked ({} gave up)",
         s.failovers, s.reconfigurations, s.ops, s.acked_checked, s.bad_inputs, s.keys_checked, s.linearizability_gave_up
     );
+    println!("  {} committed coordination outcomes checked (claims, create-only sets, leases)", s.coordination_checked);
     let faults: Vec<String> = s.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  faults: {}", faults.join(", "));
     if s.seeds == 1 {

@@ -29,6 +29,7 @@ fn a_few_hundred_seeds_keep_every_invariant() {
     let mut failovers = 0;
     let mut five = 0;
     let mut reconfigurations = 0;
+    let mut coordination = 0;
     for seed in 1_000..1_000 + n {
         let r = run_seed(SimConfig::new(seed));
         assert!(r.ok(), "seed {seed} broke an invariant: {:#?}\nreplay: tally sim --seed {seed}", r.violations);
@@ -36,7 +37,9 @@ fn a_few_hundred_seeds_keep_every_invariant() {
         failovers += r.stats.failovers;
         five += u64::from(r.stats.nodes == 5);
         reconfigurations += r.stats.reconfigurations;
+        coordination += r.coordination_checked;
     }
+    assert!(coordination > n * 10, "claims, create-only sets and leases were checked by I6: {coordination}");
     assert!(reconfigurations > n / 2, "voters were removed and added back: {reconfigurations}");
     assert!(faults > n * 10, "faults were injected: {faults}");
     assert!(failovers > n, "leaders changed: {failovers}");
