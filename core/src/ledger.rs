@@ -49,6 +49,10 @@ pub trait Ledger {
     fn doc(&self, key: &DocKey) -> Option<(DocMeta, Vec<u8>)>;
     /// The value of a state key (a lease, a claim).
     fn get_raw(&self, key: &[u8]) -> Option<Vec<u8>>;
+    /// The values of many keys at once (one store access for a whole batch's claims).
+    fn get_raw_many(&self, keys: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+        keys.iter().map(|k| self.get_raw(k)).collect()
+    }
     /// Every key and value of one table, in key order.
     fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)>;
     /// A lease that has not been deleted (it may be past its expiry: the next batch ends it).
@@ -64,6 +68,14 @@ pub trait Ledger {
                 let id = tables().lease_id_of(&k).expect("a key of the lease table");
                 (id, decode(&v, limits::REQUEST_BYTES_MAX * 2).expect("lease metadata decodes"))
             })
+            .collect()
+    }
+    /// Who holds each of `claims`, if anyone (one store access).
+    fn claims(&self, claims: &[(String, u64)]) -> Vec<Option<ClaimMeta>> {
+        let keys: Vec<Vec<u8>> = claims.iter().map(|(d, s)| tables().claim(d, *s).into_bytes()).collect();
+        self.get_raw_many(&keys)
+            .into_iter()
+            .map(|v| v.map(|v| decode(&v, 1024).expect("claim metadata decodes")))
             .collect()
     }
     /// Who holds `(domain, slot)`, if anyone.

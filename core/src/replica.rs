@@ -278,6 +278,9 @@ impl<L: Ledger> Backing for LedgerBacking<'_, L> {
     fn claim(&mut self, domain: &str, slot: u64) -> Option<tally_codec::ClaimMeta> {
         self.0.claim(domain, slot)
     }
+    fn claims(&mut self, keys: &[(String, u64)]) -> Vec<Option<tally_codec::ClaimMeta>> {
+        self.0.claims(keys)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

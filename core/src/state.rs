@@ -125,6 +125,10 @@ pub trait Backing {
         let _ = (domain, slot);
         None
     }
+    /// Many claims at once (prefetch: one store access per batch).
+    fn claims(&mut self, keys: &[ClaimKey]) -> Vec<Option<ClaimMeta>> {
+        keys.iter().map(|(d, s)| self.claim(d, *s)).collect()
+    }
 }
 
 /// The sequencer's view: latest state, including batches not yet committed.
@@ -229,12 +233,29 @@ impl View {
         ops: impl Iterator<Item = (&'a PublicKey, &'a Operation)>,
         backing: &mut dyn Backing,
     ) {
+        let mut claims = Vec::new();
         for (signer, op) in ops {
-            self.prefetch_op(signer, op, backing);
+            self.prefetch_op(signer, op, backing, &mut claims);
+        }
+        // Claims are fresh keys (a miss each): read them together.
+        claims.sort_unstable();
+        claims.dedup();
+        claims.retain(|k| !self.claims.contains(k) && !self.layers.iter().any(|(_, w)| w.claims.contains_key(k)));
+        if !claims.is_empty() {
+            let found = backing.claims(&claims);
+            for (k, v) in claims.into_iter().zip(found) {
+                self.claims.insert(k, v);
+            }
         }
     }
 
-    fn prefetch_op(&mut self, signer: &PublicKey, op: &Operation, backing: &mut dyn Backing) {
+    fn prefetch_op(
+        &mut self,
+        signer: &PublicKey,
+        op: &Operation,
+        backing: &mut dyn Backing,
+        claims: &mut Vec<ClaimKey>,
+    ) {
         match op {
             Operation::Transfer { to, .. } => {
                 self.committed_balance(signer, backing);
@@ -248,13 +269,11 @@ impl View {
             }
             Operation::Txn(t) => {
                 for op in t.then.iter().chain(&t.otherwise) {
-                    self.prefetch_op(signer, op, backing);
+                    self.prefetch_op(signer, op, backing, claims);
                 }
             }
-            Operation::LeaseGrant { .. }
-            | Operation::LeaseKeepAlive { .. }
-            | Operation::LeaseRevoke { .. }
-            | Operation::Claim { .. } => {}
+            Operation::Claim { domain, slot, .. } => claims.push((domain.clone(), *slot)),
+            Operation::LeaseGrant { .. } | Operation::LeaseKeepAlive { .. } | Operation::LeaseRevoke { .. } => {}
         }
     }
 

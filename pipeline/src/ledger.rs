@@ -305,6 +305,20 @@ impl Ledger for StoreLedger {
             None => self.store.lock().get_raw(key).unwrap_or_else(|e| store_failed("read", e)),
         }
     }
+    fn get_raw_many(&self, keys: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+        let mut out: Vec<Option<Option<Vec<u8>>>> =
+            keys.iter().map(|k| self.overlay_get(k).map(|v| v.cloned())).collect();
+        if out.iter().any(Option::is_none) {
+            // One lock for every miss: the store thread may hold it through a segment fsync.
+            let store = self.store.lock();
+            for (slot, k) in out.iter_mut().zip(keys) {
+                if slot.is_none() {
+                    *slot = Some(store.get_raw(k).unwrap_or_else(|e| store_failed("read", e)));
+                }
+            }
+        }
+        out.into_iter().map(Option::flatten).collect()
+    }
     fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut pairs: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
             self.store.lock().kv_scan(&table.0).unwrap_or_else(|e| store_failed("read", e)).into_iter().collect();
