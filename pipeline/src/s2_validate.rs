@@ -281,6 +281,39 @@ fn small_order_encodings() -> &'static [[u8; 32]; 8] {
 mod tests {
     use super::*;
     use curve25519_dalek::edwards::CompressedEdwardsY;
+    use tally_codec::{DocKey, Txn};
+
+    /// Coordination requests are checked before they reach the sequencer: claim domains, lease
+    /// TTLs, and transactions (bounded, not nested, no lease grant, every operation checked).
+    #[test]
+    fn coordination_fields_are_checked_statelessly() {
+        let keys = KeyCache::new(16);
+        let me = PublicKey(ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key().to_bytes());
+        let check = |op: Operation| check_op(&op, &me, &keys, false);
+        let claim = |d: &str| Operation::Claim { domain: d.into(), slot: 1, lease: None };
+        assert_eq!(check(claim("validator-1.slots:a/b")), Ok(()));
+        assert_eq!(check(claim("")), Err(ErrorCode::BadClaimDomain));
+        assert_eq!(check(claim(&"x".repeat(65))), Err(ErrorCode::BadClaimDomain));
+        assert_eq!(check(claim(&"x".repeat(64))), Ok(()));
+        assert_eq!(check(claim("white space")), Err(ErrorCode::BadClaimDomain));
+        assert_eq!(check(claim("é")), Err(ErrorCode::BadClaimDomain));
+        let grant = |ttl_ms| Operation::LeaseGrant { ttl_ms };
+        assert_eq!(check(grant(limits::LEASE_TTL_MIN_MS - 1)), Err(ErrorCode::TtlOutOfRange));
+        assert_eq!(check(grant(limits::LEASE_TTL_MAX_MS + 1)), Err(ErrorCode::TtlOutOfRange));
+        assert_eq!(check(grant(limits::LEASE_TTL_MAX_MS)), Ok(()));
+        let txn = |then: Vec<Operation>| Operation::Txn(Txn { compares: vec![], then, otherwise: vec![] });
+        assert_eq!(check(txn(vec![grant(1_000)])), Err(ErrorCode::BadTxn));
+        assert_eq!(check(txn(vec![txn(vec![])])), Err(ErrorCode::BadTxn));
+        assert_eq!(check(txn(vec![claim(""); 1])), Err(ErrorCode::BadClaimDomain), "each operation is checked");
+        assert_eq!(check(txn(vec![claim("d"); limits::TXN_ITEMS_MAX + 1])), Err(ErrorCode::BadTxn));
+        let bad_json = Operation::SetIf {
+            key: DocKey::parse("0d5d3807-5fbf-4228-a657-5a091c4e497f").expect("uuid"),
+            value: b"{".to_vec(),
+            if_revision: Some(0),
+            lease: None,
+        };
+        assert_eq!(check(txn(vec![bad_json])), Err(ErrorCode::InvalidJson));
+    }
 
     /// The byte-level check agrees with decompress/compress/is_small_order on every R that
     /// decompresses, including the edge encodings.
