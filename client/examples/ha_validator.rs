@@ -31,38 +31,39 @@ struct Args {
     command: Command,
 }
 
+/// The cluster and the slot clock every instance and the checker share.
+#[derive(clap::Args)]
+struct Slots {
+    #[arg(long)]
+    cluster_dir: PathBuf,
+    #[arg(long, default_value = "validator")]
+    domain: String,
+    #[arg(long, default_value_t = 500)]
+    slot_ms: u64,
+    /// Slot 0 starts here (unix ms); every instance must use the same value.
+    #[arg(long, default_value_t = 0)]
+    genesis_ms: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Play one validator instance until killed (or for --slots slots).
     Run {
-        #[arg(long)]
-        cluster_dir: PathBuf,
+        #[command(flatten)]
+        slots_of: Slots,
         #[arg(long)]
         key: PathBuf,
         #[arg(long)]
         log: PathBuf,
-        #[arg(long, default_value = "validator")]
-        domain: String,
-        #[arg(long, default_value_t = 500)]
-        slot_ms: u64,
-        /// Slot 0 starts here (unix ms); every instance must use the same value.
-        #[arg(long, default_value_t = 0)]
-        genesis_ms: u64,
         #[arg(long)]
         slots: Option<u64>,
     },
     /// Check the logs against the claim history.
     Check {
-        #[arg(long)]
-        cluster_dir: PathBuf,
+        #[command(flatten)]
+        slots_of: Slots,
         #[arg(long, num_args = 1..)]
         logs: Vec<PathBuf>,
-        #[arg(long, default_value = "validator")]
-        domain: String,
-        #[arg(long, default_value_t = 500)]
-        slot_ms: u64,
-        #[arg(long, default_value_t = 0)]
-        genesis_ms: u64,
         /// When instances or replicas were killed (unix ms, comma-separated).
         #[arg(long, value_delimiter = ',')]
         kills_ms: Vec<u64>,
@@ -198,12 +199,20 @@ fn check(
 fn main() -> ExitCode {
     let args = Args::parse();
     let r = match args.command {
-        Command::Run { cluster_dir, key, log, domain, slot_ms, genesis_ms, slots } => {
-            run(&cluster_dir, &key, &log, &domain, slot_ms.max(1), genesis_ms, slots).map(|()| true)
+        Command::Run { slots_of: c, key, log, slots } => {
+            run(&c.cluster_dir, &key, &log, &c.domain, c.slot_ms.max(1), c.genesis_ms, slots).map(|()| true)
         }
-        Command::Check { cluster_dir, logs, domain, slot_ms, genesis_ms, kills_ms, margin_ms, from_slot, to_slot } => {
-            check(&cluster_dir, &logs, &domain, slot_ms.max(1), genesis_ms, &kills_ms, margin_ms, from_slot, to_slot)
-        }
+        Command::Check { slots_of: c, logs, kills_ms, margin_ms, from_slot, to_slot } => check(
+            &c.cluster_dir,
+            &logs,
+            &c.domain,
+            c.slot_ms.max(1),
+            c.genesis_ms,
+            &kills_ms,
+            margin_ms,
+            from_slot,
+            to_slot,
+        ),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

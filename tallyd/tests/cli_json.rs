@@ -10,21 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn tally_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
-    p
-}
-
 fn run(args: &[&str]) -> Output {
-    Command::new(tally_bin())
-        .args(args)
-        .env_remove("TALLY_ADDR")
-        .env_remove("TALLY_KEY")
-        .env_remove("TALLY_CA")
-        .env_remove("TALLY_CLUSTER_DIR")
-        .output()
-        .expect("run tally")
+    tally_command().args(args).output().expect("run tally")
 }
 
 fn text(o: &Output) -> String {

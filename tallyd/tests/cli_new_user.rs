@@ -6,14 +6,8 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-fn tally_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
-    p
-}
 
 fn tally(args: &[&str]) -> Output {
     tally_with_ca(args, None)

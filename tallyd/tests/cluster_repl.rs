@@ -6,19 +6,12 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 /// `tally` sits next to `tallyd` in the target directory once `cargo build --workspace` ran (the
 /// README's test command does that first). A missing binary fails the test rather than skipping.
-fn tally_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
-    p
-}
-
 /// The `tally repl` child: its stdin, its stdout lines on a channel, killed by PID on drop.
 struct Repl {
     child: Child,

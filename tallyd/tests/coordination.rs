@@ -7,34 +7,17 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tally_client::{ClaimResult, LeaseKeeper};
 use tally_codec::Outcome;
 
-fn tally_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
-    p
-}
-
 /// `tally --cluster-dir DIR --key accounts/<account>.key ARGS`.
 fn tally(dir: &Path, account: usize, args: &[&str]) -> Output {
     let key = dir.join(format!("accounts/{account}.key"));
-    Command::new(tally_bin())
-        .arg("--cluster-dir")
-        .arg(dir)
-        .arg("--key")
-        .arg(&key)
-        .args(args)
-        .env_remove("TALLY_ADDR")
-        .env_remove("TALLY_KEY")
-        .env_remove("TALLY_CA")
-        .env_remove("TALLY_CLUSTER_DIR")
-        .output()
-        .expect("run tally")
+    tally_command().arg("--cluster-dir").arg(dir).arg("--key").arg(&key).args(args).output().expect("run tally")
 }
 
 fn text(o: &Output) -> String {

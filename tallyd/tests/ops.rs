@@ -13,12 +13,6 @@ fn tallyd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tallyd"))
 }
 
-fn tally_bin() -> PathBuf {
-    let p = tallyd_bin().with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
-    p
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -129,6 +129,22 @@ impl Drop for Daemon {
 }
 
 /// A base port P such that P+1..=P+n, P+101.., P+201.. are all free right now.
+/// The `tally` binary next to `tallyd` (`cargo build --workspace` puts it there).
+pub fn tally_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    p
+}
+
+/// `tally` with none of the caller's `TALLY_*` settings.
+pub fn tally_command() -> Command {
+    let mut c = Command::new(tally_bin());
+    for var in ["TALLY_ADDR", "TALLY_KEY", "TALLY_CA", "TALLY_CLUSTER_DIR"] {
+        c.env_remove(var);
+    }
+    c
+}
+
 pub fn free_base_port(n: usize) -> u16 {
     // Tests of one binary run in parallel threads of one process: mix in a per-process counter
     // and the wall clock so they never draw the same range.
