@@ -68,14 +68,52 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Retry,
         TooManyRequests,
         Internal,
+        LeaseNotFound,
+        NotLeaseHolder,
+        TtlOutOfRange,
+        BadClaimDomain,
+        BadTxn,
+        LeaseFull,
+        Compacted,
     ])
 }
 
-fn operation() -> impl Strategy<Value = Operation> {
+fn simple_operation() -> impl Strategy<Value = Operation> {
     prop_oneof![
         (doc_key(), vec(any::<u8>(), 0..200)).prop_map(|(key, value)| Operation::Set { key, value }),
         doc_key().prop_map(|key| Operation::Delete { key }),
         (public_key(), any::<u64>()).prop_map(|(to, amount)| Operation::Transfer { to, amount }),
+        (doc_key(), vec(any::<u8>(), 0..64), prop::option::of(any::<u64>()), prop::option::of(any::<u64>()))
+            .prop_map(|(key, value, if_revision, lease)| Operation::SetIf { key, value, if_revision, lease }),
+        (doc_key(), prop::option::of(any::<u64>()))
+            .prop_map(|(key, if_revision)| Operation::DeleteIf { key, if_revision }),
+        any::<u64>().prop_map(|ttl_ms| Operation::LeaseGrant { ttl_ms }),
+        any::<u64>().prop_map(|lease| Operation::LeaseKeepAlive { lease }),
+        any::<u64>().prop_map(|lease| Operation::LeaseRevoke { lease }),
+        (text(), any::<u64>(), prop::option::of(any::<u64>())).prop_map(|(domain, slot, lease)| Operation::Claim {
+            domain,
+            slot,
+            lease
+        }),
+    ]
+}
+
+fn compare() -> impl Strategy<Value = tally_codec::Compare> {
+    use tally_codec::Compare;
+    prop_oneof![
+        (doc_key(), any::<u64>()).prop_map(|(key, revision)| Compare::Revision { key, revision }),
+        doc_key().prop_map(|key| Compare::Exists { key }),
+        (public_key(), any::<u64>()).prop_map(|(account, amount)| Compare::BalanceAtLeast { account, amount }),
+        any::<u64>().prop_map(|lease| Compare::LeaseAlive { lease }),
+    ]
+}
+
+fn operation() -> impl Strategy<Value = Operation> {
+    prop_oneof![
+        4 => simple_operation(),
+        1 => (vec(compare(), 0..3), vec(simple_operation(), 0..3), vec(simple_operation(), 0..3)).prop_map(
+            |(compares, then, otherwise)| Operation::Txn(tally_codec::Txn { compares, then, otherwise })
+        ),
     ]
 }
 
@@ -95,6 +133,14 @@ fn outcome() -> impl Strategy<Value = Outcome> {
         Just(Outcome::DocDeleted),
         any::<u64>().prop_map(|sender_balance| Outcome::Transferred { sender_balance }),
         error_code().prop_map(Outcome::Rejected),
+        any::<u64>().prop_map(|current| Outcome::RevisionMismatch { current }),
+        (any::<u64>(), any::<u64>()).prop_map(|(lease, expires_at_ms)| Outcome::LeaseGranted { lease, expires_at_ms }),
+        any::<u64>().prop_map(|expires_at_ms| Outcome::LeaseRenewed { expires_at_ms }),
+        Just(Outcome::LeaseRevoked),
+        any::<u64>().prop_map(|height| Outcome::ClaimGranted { height }),
+        (public_key(), any::<u64>()).prop_map(|(holder, height)| Outcome::ClaimDenied { holder, height }),
+        (any::<bool>(), vec(any::<u64>().prop_map(|revision| Outcome::DocCreated { revision }), 0..3))
+            .prop_map(|(then, outcomes)| Outcome::TxnApplied { then, outcomes }),
     ]
 }
 
@@ -176,7 +222,47 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         any::<u64>().prop_map(|node_id| ClientMessage::ClusterRemove { node_id }),
         any::<u64>().prop_map(|height| ClientMessage::Batch { height }),
         Just(ClientMessage::Audit),
+        (watch_filter(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+            |(filter, from_height, max_batches, wait_ms)| ClientMessage::Watch {
+                filter,
+                from_height,
+                max_batches,
+                wait_ms
+            }
+        ),
     ]
+}
+
+fn watch_filter() -> impl Strategy<Value = tally_codec::wire::WatchFilter> {
+    use tally_codec::wire::WatchFilter;
+    prop_oneof![
+        doc_key().prop_map(WatchFilter::Doc),
+        Just(WatchFilter::AllDocs),
+        text().prop_map(WatchFilter::Domain),
+        Just(WatchFilter::Leases),
+    ]
+}
+
+fn watch_page() -> impl Strategy<Value = tally_codec::wire::WatchPage> {
+    use tally_codec::wire::{Change, WatchEvent, WatchPage};
+    let change = prop_oneof![
+        (doc_key(), public_key(), any::<u64>(), prop::option::of(any::<u64>()), vec(any::<u8>(), 0..32))
+            .prop_map(|(key, owner, revision, lease, value)| Change::DocSet { key, owner, revision, lease, value }),
+        doc_key().prop_map(|key| Change::DocDeleted { key }),
+        (text(), any::<u64>(), public_key(), prop::option::of(any::<u64>()))
+            .prop_map(|(domain, slot, holder, lease)| Change::ClaimGranted { domain, slot, holder, lease }),
+        (text(), any::<u64>()).prop_map(|(domain, slot)| Change::ClaimReleased { domain, slot }),
+        (any::<u64>(), public_key(), any::<u64>()).prop_map(|(lease, owner, expires_at_ms)| Change::LeaseSet {
+            lease,
+            owner,
+            expires_at_ms
+        }),
+        any::<u64>().prop_map(|lease| Change::LeaseEnded { lease }),
+    ];
+    (vec((any::<u64>(), any::<u64>(), change), 0..4), any::<u64>()).prop_map(|(events, next_height)| WatchPage {
+        events: events.into_iter().map(|(height, time_ms, change)| WatchEvent { height, time_ms, change }).collect(),
+        next_height,
+    })
 }
 
 /// Everything a client sends, plus one hop of forwarding (what a follower relays).
@@ -282,6 +368,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         ),
         Just(ServerMessage::Done),
         wire_error().prop_map(ServerMessage::Error),
+        watch_page().prop_map(ServerMessage::Watched),
     ]
 }
 
