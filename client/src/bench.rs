@@ -65,6 +65,10 @@ pub struct BenchConfig {
     pub inflight: usize,
     /// Pre-sign at most this many requests per second of duration.
     pub rate_max: u64,
+    /// Open loop: offer this many requests per second in all (frames sent on a fixed schedule,
+    /// latency measured from each frame's scheduled time, so queueing is not hidden). `None`:
+    /// closed loop, `inflight` frames outstanding per client.
+    pub rate: Option<u64>,
     /// Signers of transfers (funded); documents are signed by these too, or by `doc_key`.
     pub accounts: Vec<SigningKey>,
     pub doc_key: SigningKey,
@@ -105,6 +109,52 @@ pub struct BenchSummary {
     pub mix: Mix,
     pub presigned: u64,
     pub series: Vec<SeriesPoint>,
+    /// Open loop: the offered rate (requests/s); `None` for a closed-loop run.
+    #[serde(default)]
+    pub offered_rate_per_s: Option<u64>,
+    /// The machine the load generator ran on.
+    #[serde(default)]
+    pub machine: Machine,
+    /// CPU time this load generator used during the run (user + system, all threads), and per
+    /// committed request: the share of the machine the measurement itself took.
+    #[serde(default)]
+    pub loadgen_cpu_s: f64,
+    #[serde(default)]
+    pub loadgen_cpu_us_per_request: f64,
+}
+
+/// Where a benchmark ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+}
+
+impl Machine {
+    pub fn this() -> Machine {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Machine { cores: std::thread::available_parallelism().map_or(0, std::num::NonZero::get), cpu_model }
+    }
+}
+
+/// CPU seconds (user + system) this process has used: `/proc/self/stat` fields 14 and 15, in
+/// Linux's fixed 100 Hz user ticks.
+pub fn process_cpu_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis are plain.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // After ")": field 3 is index 0, so utime (14) is index 11 and stime (15) index 12.
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// Per-second bucket.
@@ -201,6 +251,10 @@ pub fn summarize(rec: &Recorder, elapsed: Duration, cfg: &BenchConfig, presigned
         inflight: cfg.inflight,
         mix: cfg.mix,
         presigned,
+        offered_rate_per_s: cfg.rate,
+        machine: Machine::this(),
+        loadgen_cpu_s: 0.0,
+        loadgen_cpu_us_per_request: 0.0,
         series: rec
             .seconds
             .iter()
@@ -444,6 +498,7 @@ fn client_loop(
     dial: &tally_net::Dial,
     frames: Vec<Vec<SignedRequest>>,
     inflight_max: usize,
+    interval: Option<Duration>,
     start: Instant,
     end: Instant,
     live: &Live,
@@ -451,16 +506,30 @@ fn client_loop(
     let mut rec = Recorder::default();
     let mut frames = frames.into_iter();
     let mut conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
-    let mut inflight: VecDeque<(Instant, crate::connection::PendingReply, u64)> = VecDeque::new();
+    // (latency origin, actual send time, reply, requests): in an open loop the origin is the
+    // frame's scheduled time, so a late send counts its wait (no coordinated omission).
+    let mut inflight: VecDeque<(Instant, Instant, crate::connection::PendingReply, u64)> = VecDeque::new();
     let timeout = Duration::from_millis(CALL_TIMEOUT_MS);
+    let mut next_due = start;
     loop {
         while inflight.len() < inflight_max && Instant::now() < end {
+            if interval.is_some() && Instant::now() < next_due {
+                break;
+            }
             let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) else { break };
             let Some(frame) = frames.next() else { break };
             let n = frame.len() as u64;
-            let sent_at = Instant::now();
+            let now = Instant::now();
+            let sent_at = match interval {
+                Some(iv) => {
+                    let due = next_due;
+                    next_due += iv;
+                    due
+                }
+                None => now,
+            };
             match c.send(ClientMessage::Submit(frame)) {
-                Ok(p) => inflight.push_back((sent_at, p, n)),
+                Ok(p) => inflight.push_back((sent_at, now, p, n)),
                 Err(_) => {
                     rec.record(start.elapsed().as_secs() as usize, Duration::ZERO, 0, 0, n);
                     live.errors.fetch_add(n, Ordering::Relaxed);
@@ -469,6 +538,11 @@ fn client_loop(
         }
         if inflight.is_empty() {
             let broken = conn.as_ref().is_none_or(|c| c.is_closed());
+            if !broken && interval.is_some() && Instant::now() < end && frames.len() > 0 {
+                // Open loop, nothing outstanding: wait for the next frame's time.
+                std::thread::sleep(next_due.saturating_duration_since(Instant::now()).min(end - Instant::now()));
+                continue;
+            }
             if broken && Instant::now() < end && frames.len() > 0 {
                 // Reconnect once per pass; a dead node leaves us here until the clock ends.
                 std::thread::sleep(Duration::from_millis(100));
@@ -477,23 +551,33 @@ fn client_loop(
             }
             break;
         }
+        // Wake for the next scheduled frame too (open loop), else only for replies.
+        let wait = match interval {
+            Some(_) if inflight.len() < inflight_max => {
+                next_due.saturating_duration_since(Instant::now()).min(timeout).max(Duration::from_micros(100))
+            }
+            _ => timeout,
+        };
         let picked = {
             let mut sel = Select::new();
-            for (_, p, _) in &inflight {
+            for (_, _, p, _) in &inflight {
                 sel.recv(p.receiver());
             }
-            match sel.select_timeout(timeout) {
+            match sel.select_timeout(wait) {
                 Ok(op) => {
                     let i = op.index();
-                    let r = op.recv(inflight[i].1.receiver());
+                    let r = op.recv(inflight[i].2.receiver());
                     Some((i, r))
                 }
                 Err(_) => None,
             }
         };
         let Some((i, received)) = picked else {
+            if inflight.front().is_some_and(|(_, sent, _, _)| sent.elapsed() < timeout) {
+                continue; // woke for the schedule, not a timeout
+            }
             // Nothing answered within the call timeout: count the frames as errors and move on.
-            for (_, _, n) in inflight.drain(..) {
+            for (_, _, _, n) in inflight.drain(..) {
                 rec.record(start.elapsed().as_secs() as usize, timeout, 0, 0, n);
                 live.errors.fetch_add(n, Ordering::Relaxed);
             }
@@ -502,7 +586,7 @@ fn client_loop(
             }
             continue;
         };
-        let Some((sent_at, pending, n)) = inflight.remove(i) else { continue };
+        let Some((sent_at, _, pending, n)) = inflight.remove(i) else { continue };
         let latency = sent_at.elapsed();
         let t_s = start.elapsed().as_secs() as usize;
         let (committed, rejected, errors) = match pending.finish(received) {
@@ -569,12 +653,20 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
         }
     }
     drop(conn);
-    let frames = presign(cfg, cluster_id, &leases)?;
+    // Open loop: each client sends one frame every `clients × batch / rate` seconds, and only
+    // as many requests are signed as the schedule offers.
+    let interval = cfg.rate.map(|r| Duration::from_secs_f64((cfg.clients * cfg.batch) as f64 / r.max(1) as f64));
+    let mut sized = cfg.clone();
+    if let Some(r) = cfg.rate {
+        sized.rate_max = sized.rate_max.min(r + r / 10 + cfg.batch as u64);
+    }
+    let frames = presign(&sized, cluster_id, &leases)?;
     let presigned: u64 = frames.iter().flatten().map(|f| f.len() as u64).sum();
     if cfg.progress {
         eprintln!("pre-signed {presigned} requests; running {} s with {} clients", cfg.duration.as_secs(), cfg.clients);
     }
     let live = Arc::new(Live::default());
+    let cpu_before = process_cpu_s();
     let start = Instant::now();
     let end = start + cfg.duration;
     let bar = progress_bar(cfg.progress, cfg.duration.as_secs().max(1), "running");
@@ -584,7 +676,7 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
             .map(|f| {
                 let live = live.clone();
                 let addr = cfg.addr.as_str();
-                s.spawn(move || client_loop(addr, &cfg.dial, f, cfg.inflight, start, end, &live))
+                s.spawn(move || client_loop(addr, &cfg.dial, f, cfg.inflight, interval, start, end, &live))
             })
             .collect();
         while !handles.iter().all(|h| h.is_finished()) {
@@ -606,7 +698,9 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
     for r in &recs {
         all.merge(r);
     }
-    let summary = summarize(&all, elapsed, cfg, presigned);
+    let mut summary = summarize(&all, elapsed, cfg, presigned);
+    summary.loadgen_cpu_s = process_cpu_s() - cpu_before;
+    summary.loadgen_cpu_us_per_request = summary.loadgen_cpu_s * 1e6 / summary.committed.max(1) as f64;
     if let Some(path) = &cfg.json {
         write_json(&summary, path)?;
     }
@@ -630,12 +724,29 @@ mod tests {
             batch: 10,
             inflight: 2,
             rate_max: 20,
+            rate: None,
             accounts: vec![SigningKey::from_bytes(&[4; 32])],
             doc_key: SigningKey::from_bytes(&[5; 32]),
             json: None,
             plot: None,
             progress: false,
         }
+    }
+
+    /// The JSON's machine and CPU-time fields measure something real.
+    #[test]
+    fn machine_and_cpu_time_are_measured() {
+        let m = Machine::this();
+        assert!(m.cores >= 1 && !m.cpu_model.is_empty(), "{m:?}");
+        let before = process_cpu_s();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let used = process_cpu_s() - before;
+        assert!(used >= 0.1, "300 ms of spinning used {used} s of CPU");
     }
 
     fn sample_summary() -> BenchSummary {

@@ -315,6 +315,10 @@ pub struct BenchArgs {
     /// Pre-sign at most this many requests per second of --duration.
     #[arg(long, default_value_t = 150_000)]
     pub rate_max: u64,
+    /// Open loop: offer this many requests/s in all, on a fixed schedule; latency counts from
+    /// each frame's scheduled time (default: closed loop, --inflight frames per client).
+    #[arg(long)]
+    pub rate: Option<u64>,
     /// Funded account keys (accounts/*.key from `cluster init`, or the cluster directory).
     #[arg(long)]
     pub accounts_dir: Option<PathBuf>,
@@ -925,6 +929,7 @@ fn bench_cmd(t: &Target, key_path: Option<&Path>, a: BenchArgs) -> Result<ExitCo
         batch: a.batch,
         inflight: a.inflight,
         rate_max: a.rate_max,
+        rate: a.rate,
         accounts,
         doc_key,
         json: a.json,

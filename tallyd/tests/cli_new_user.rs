@@ -174,6 +174,39 @@ fn new_user_flow_through_the_cli() {
     assert!(b["committed"].as_u64().expect("n") > 0, "the bench committed nothing: {b}");
     let png_bytes = std::fs::read(&png).expect("png");
     assert!(png_bytes.starts_with(b"\x89PNG"), "the plot is a PNG");
+    assert!(b["machine"]["cores"].as_u64().is_some_and(|c| c >= 1), "the JSON names the machine: {b}");
+    assert!(b["loadgen_cpu_s"].as_f64().is_some_and(|c| c > 0.0), "the load generator's CPU time: {b}");
+
+    // Open loop: 1,000 requests/s offered for 2 s, far below what the closed loop above did,
+    // so the committed count follows the offered rate, not the server's capacity.
+    let o = tally(&[
+        "--addr",
+        addr,
+        "bench",
+        "--duration",
+        "2",
+        "--clients",
+        "2",
+        "--batch",
+        "50",
+        "--rate",
+        "1000",
+        "--rate-max",
+        "50000",
+        "--accounts-dir",
+        ds,
+        "--json",
+        json.to_str().expect("p"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let open: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    let committed = open["committed"].as_u64().expect("n");
+    assert_eq!(open["offered_rate_per_s"], 1000, "{open}");
+    assert!((1_000..=2_400).contains(&committed), "about 2,000 committed at 1,000/s for 2 s: {open}");
+    // Spread over the run on the schedule, not sent at once (the signed requests would allow it).
+    let second = open["series"][1]["committed"].as_u64().unwrap_or(0);
+    assert!(second >= 500, "the second second committed its share ({second}): {open}");
+    assert!(b["committed"].as_u64().expect("n") > 2_400, "the closed loop did more than the open loop offered: {b}");
 }
 
 /// `tally up`: a 3-node cluster from nothing, a demo load, a verified receipt, and every child
