@@ -615,6 +615,174 @@ fn count_replies(replies: &[SubmitReply], sent: u64) -> (u64, u64, u64) {
     (committed, rejected, sent.saturating_sub(committed))
 }
 
+/// One step of a sweep: the offered rate and what the cluster did with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub offered_per_s: u64,
+    pub throughput_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_p999: f64,
+    pub errors: u64,
+    pub loadgen_cpu_us_per_request: f64,
+}
+
+/// `tally bench --sweep`: open-loop steps of rising rate until p99 passes the limit (or the
+/// cluster falls 10% behind the offered rate, or the steps run out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepSummary {
+    pub p99_limit_ms: f64,
+    /// The highest offered rate whose p99 stayed within the limit and was kept up with.
+    pub max_rate_within_limit_per_s: Option<u64>,
+    pub step_duration_s: u64,
+    pub clients: usize,
+    pub batch: usize,
+    pub mix: Mix,
+    pub machine: Machine,
+    pub points: Vec<SweepPoint>,
+}
+
+/// The sweep's knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Sweep {
+    pub start_per_s: u64,
+    pub step_per_s: u64,
+    pub steps_max: usize,
+    pub p99_limit_ms: f64,
+}
+
+/// Runs a sweep (see [`SweepSummary`]); each step is a whole open-loop run of `cfg.duration`.
+///
+/// # Errors
+/// As [`run_bench`].
+pub fn run_sweep(cfg: &BenchConfig, sweep: Sweep) -> Result<SweepSummary, ClientError> {
+    let mut points = Vec::new();
+    let mut best = None;
+    let mut rate = sweep.start_per_s.max(1);
+    for _ in 0..sweep.steps_max.max(1) {
+        let step = BenchConfig { rate: Some(rate), json: None, plot: None, ..cfg.clone() };
+        let s = run_bench(&step)?;
+        if cfg.progress {
+            eprintln!("offered {rate}/s: {:.0}/s, p99 {:.1} ms", s.throughput_per_s, s.latency_ms_p99);
+        }
+        // Kept up: it committed 90% of what the schedule offered (a count, so the first batch
+        // interval and the drain after the last send do not count against a short step).
+        let kept_up = s.committed as f64 >= 0.9 * rate as f64 * cfg.duration.as_secs_f64();
+        let within = s.latency_ms_p99 <= sweep.p99_limit_ms;
+        points.push(SweepPoint {
+            offered_per_s: rate,
+            throughput_per_s: s.throughput_per_s,
+            latency_ms_p50: s.latency_ms_p50,
+            latency_ms_p99: s.latency_ms_p99,
+            latency_ms_p999: s.latency_ms_p999,
+            errors: s.errors,
+            loadgen_cpu_us_per_request: s.loadgen_cpu_us_per_request,
+        });
+        if !(kept_up && within) {
+            break;
+        }
+        best = Some(rate);
+        rate += sweep.step_per_s.max(1);
+    }
+    let summary = SweepSummary {
+        p99_limit_ms: sweep.p99_limit_ms,
+        max_rate_within_limit_per_s: best,
+        step_duration_s: cfg.duration.as_secs(),
+        clients: cfg.clients,
+        batch: cfg.batch,
+        mix: cfg.mix,
+        machine: Machine::this(),
+        points,
+    };
+    if let Some(p) = &cfg.json {
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        std::fs::write(p, json).map_err(|e| ClientError::File { path: p.display().to_string(), source: e })?;
+    }
+    if let Some(p) = &cfg.plot {
+        write_sweep_plot(&summary, p, register_plot_font())?;
+    }
+    Ok(summary)
+}
+
+/// One line of a plot: its points, colour and legend.
+type PlotLine<'a> = (Vec<(f64, f64)>, plotters::style::RGBColor, &'a str);
+
+/// Throughput and p50/p99 against the offered rate, with the p99 limit.
+///
+/// # Errors
+/// [`ClientError::Invalid`] when the file can't be drawn.
+pub fn write_sweep_plot(s: &SweepSummary, path: &Path, with_text: bool) -> Result<(), ClientError> {
+    use plotters::prelude::*;
+    let err = |e: String| ClientError::Invalid(format!("cannot draw {}: {e}", path.display()));
+    let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let (top, bottom) = root.split_vertically(350);
+    let x_max = s.points.iter().map(|p| p.offered_per_s).max().unwrap_or(1).max(1) as f64 * 1.05;
+    let y_top = s.points.iter().map(|p| p.throughput_per_s).fold(x_max, f64::max) * 1.05;
+    let y_bottom = s.points.iter().map(|p| p.latency_ms_p99).fold(s.p99_limit_ms, f64::max) * 1.1;
+    let draw = |area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+                title: &str,
+                y_desc: &str,
+                y_max: f64,
+                lines: Vec<PlotLine<'_>>|
+     -> Result<(), ClientError> {
+        let mut builder = ChartBuilder::on(area);
+        builder.margin(15);
+        if with_text {
+            builder.caption(title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
+        }
+        let mut chart = builder.build_cartesian_2d(0f64..x_max, 0f64..y_max).map_err(|e| err(e.to_string()))?;
+        let mut mesh = chart.configure_mesh();
+        if with_text {
+            mesh.x_desc("offered requests/s").y_desc(y_desc).label_style(("sans-serif", 14));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| err(e.to_string()))?;
+        for (points, color, label) in lines {
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(|e| err(e.to_string()))?;
+            let drawn =
+                chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|e| err(e.to_string()))?;
+            if with_text {
+                drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+        }
+        if with_text {
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 14))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(e.to_string()))?;
+        }
+        Ok(())
+    };
+    let xs = |f: fn(&SweepPoint) -> f64| s.points.iter().map(|p| (p.offered_per_s as f64, f(p))).collect::<Vec<_>>();
+    draw(
+        &top,
+        &format!("throughput against offered load ({} clients, batch {}, {:?})", s.clients, s.batch, s.mix),
+        "committed/s",
+        y_top,
+        vec![(xs(|p| p.throughput_per_s), BLUE, "committed/s"), (xs(|p| p.offered_per_s as f64), BLACK, "offered/s")],
+    )?;
+    draw(
+        &bottom,
+        &format!("latency against offered load (p99 limit {} ms)", s.p99_limit_ms),
+        "ms",
+        y_bottom,
+        vec![
+            (xs(|p| p.latency_ms_p50), GREEN, "p50"),
+            (xs(|p| p.latency_ms_p99), RED, "p99"),
+            (xs(|p| p.latency_ms_p999), MAGENTA, "p999"),
+            (s.points.iter().map(|p| (p.offered_per_s as f64, s.p99_limit_ms)).collect(), BLACK, "p99 limit"),
+        ],
+    )?;
+    root.present().map_err(|e| err(e.to_string()))
+}
+
 /// Runs the whole benchmark and writes its outputs.
 ///
 /// # Errors

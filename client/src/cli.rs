@@ -319,6 +319,18 @@ pub struct BenchArgs {
     /// each frame's scheduled time (default: closed loop, --inflight frames per client).
     #[arg(long)]
     pub rate: Option<u64>,
+    /// Step the open-loop rate up from --sweep-start by --sweep-step, each step --duration long,
+    /// until p99 passes --p99-limit-ms (or the cluster falls behind); JSON and PNG of the points.
+    #[arg(long)]
+    pub sweep: bool,
+    #[arg(long, default_value_t = 10_000)]
+    pub sweep_start: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub sweep_step: u64,
+    #[arg(long, default_value_t = 12)]
+    pub sweep_steps_max: usize,
+    #[arg(long, default_value_t = 250.0)]
+    pub p99_limit_ms: f64,
     /// Funded account keys (accounts/*.key from `cluster init`, or the cluster directory).
     #[arg(long)]
     pub accounts_dir: Option<PathBuf>,
@@ -937,6 +949,26 @@ fn bench_cmd(t: &Target, key_path: Option<&Path>, a: BenchArgs) -> Result<ExitCo
         progress: std::io::stderr().is_terminal(),
         dial: t.dial.clone(),
     };
+    if a.sweep {
+        let sweep = bench::Sweep {
+            start_per_s: a.sweep_start,
+            step_per_s: a.sweep_step,
+            steps_max: a.sweep_steps_max,
+            p99_limit_ms: a.p99_limit_ms,
+        };
+        let s = bench::run_sweep(&cfg, sweep)?;
+        for p in &s.points {
+            println!(
+                "offered {:>7}/s: committed {:>9.0}/s, p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms, errors {}",
+                p.offered_per_s, p.throughput_per_s, p.latency_ms_p50, p.latency_ms_p99, p.latency_ms_p999, p.errors
+            );
+        }
+        match s.max_rate_within_limit_per_s {
+            Some(r) => println!("highest rate within p99 {} ms: {r}/s", s.p99_limit_ms),
+            None => println!("no rate stayed within p99 {} ms", s.p99_limit_ms),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let summary = bench::run_bench(&cfg)?;
     println!("{}", bench::summary_text(&summary));
     if let Some(p) = &cfg.json {

@@ -206,6 +206,45 @@ fn new_user_flow_through_the_cli() {
     // Spread over the run on the schedule, not sent at once (the signed requests would allow it).
     let second = open["series"][1]["committed"].as_u64().unwrap_or(0);
     assert!(second >= 500, "the second second committed its share ({second}): {open}");
+
+    // A sweep: open-loop steps of 500 and 1,000 requests/s under a generous limit; both points
+    // are in the JSON, in order, and the plot is drawn.
+    let sweep_png = d.join("sweep.png");
+    let o = tally(&[
+        "--addr",
+        addr,
+        "bench",
+        "--sweep",
+        "--sweep-start",
+        "500",
+        "--sweep-step",
+        "500",
+        "--sweep-steps-max",
+        "2",
+        "--p99-limit-ms",
+        "5000",
+        "--duration",
+        "1",
+        "--clients",
+        "1",
+        "--batch",
+        "50",
+        "--accounts-dir",
+        ds,
+        "--json",
+        json.to_str().expect("p"),
+        "--plot",
+        sweep_png.to_str().expect("p"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let sweep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    let offered: Vec<u64> =
+        sweep["points"].as_array().expect("points").iter().map(|p| p["offered_per_s"].as_u64().expect("n")).collect();
+    assert_eq!(offered, vec![500, 1_000], "{sweep}");
+    assert_eq!(sweep["max_rate_within_limit_per_s"], 1_000, "{sweep}");
+    assert!(sweep["points"][1]["throughput_per_s"].as_f64().is_some_and(|t| t > 600.0), "{sweep}");
+    assert!(std::fs::read(&sweep_png).expect("png").starts_with(b"\x89PNG"), "the sweep plot is a PNG");
     assert!(b["committed"].as_u64().expect("n") > 2_400, "the closed loop did more than the open loop offered: {b}");
 }
 
