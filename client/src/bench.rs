@@ -88,6 +88,8 @@ pub struct SeriesPoint {
     pub errors: u64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
+    #[serde(default)]
+    pub latency_ms_p999: f64,
 }
 
 /// The JSON summary (DESIGN §9 names the required fields).
@@ -121,6 +123,9 @@ pub struct BenchSummary {
     pub loadgen_cpu_s: f64,
     #[serde(default)]
     pub loadgen_cpu_us_per_request: f64,
+    /// Why requests were refused, rejected or unanswered, with how many.
+    #[serde(default)]
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where a benchmark ran.
@@ -173,6 +178,8 @@ pub struct Recorder {
     committed: u64,
     rejected: u64,
     errors: u64,
+    /// Why requests were refused or rejected: error code name (or "no reply") → requests.
+    reasons: std::collections::BTreeMap<String, u64>,
 }
 
 fn new_hist(sigfig: u8) -> Histogram<u64> {
@@ -181,7 +188,14 @@ fn new_hist(sigfig: u8) -> Histogram<u64> {
 
 impl Default for Recorder {
     fn default() -> Self {
-        Recorder { hist: new_hist(3), seconds: Vec::new(), committed: 0, rejected: 0, errors: 0 }
+        Recorder {
+            hist: new_hist(3),
+            seconds: Vec::new(),
+            committed: 0,
+            rejected: 0,
+            errors: 0,
+            reasons: std::collections::BTreeMap::new(),
+        }
     }
 }
 
@@ -212,6 +226,9 @@ impl Recorder {
 
     /// Adds another client's recording.
     pub fn merge(&mut self, other: &Recorder) {
+        for (k, v) in &other.reasons {
+            *self.reasons.entry(k.clone()).or_default() += v;
+        }
         self.committed += other.committed;
         self.rejected += other.rejected;
         self.errors += other.errors;
@@ -255,6 +272,7 @@ pub fn summarize(rec: &Recorder, elapsed: Duration, cfg: &BenchConfig, presigned
         machine: Machine::this(),
         loadgen_cpu_s: 0.0,
         loadgen_cpu_us_per_request: 0.0,
+        refusals: rec.reasons.clone(),
         series: rec
             .seconds
             .iter()
@@ -265,6 +283,7 @@ pub fn summarize(rec: &Recorder, elapsed: Duration, cfg: &BenchConfig, presigned
                 errors: s.errors,
                 latency_ms_p50: ms_at(&s.hist, 0.5),
                 latency_ms_p99: ms_at(&s.hist, 0.99),
+                latency_ms_p999: ms_at(&s.hist, 0.999),
             })
             .collect(),
     }
@@ -272,6 +291,18 @@ pub fn summarize(rec: &Recorder, elapsed: Duration, cfg: &BenchConfig, presigned
 
 /// The human summary printed at the end.
 pub fn summary_text(s: &BenchSummary) -> String {
+    let mut out = summary_numbers(s);
+    if s.committed == s.rejected && !s.refusals.is_empty() {
+        let (why, n) = s.refusals.iter().max_by_key(|(_, n)| **n).expect("not empty");
+        out.push_str(&format!("\nNo request succeeded: {n} were refused with {why}"));
+    } else if !s.refusals.is_empty() {
+        let list: Vec<String> = s.refusals.iter().map(|(why, n)| format!("{n} × {why}")).collect();
+        out.push_str(&format!("\nrefused: {}", list.join("; ")));
+    }
+    out
+}
+
+fn summary_numbers(s: &BenchSummary) -> String {
     format!(
         "committed {} ({} rejected), errors {}, {:.1} s\nthroughput {:.0} requests/s\nlatency ms: p50 {:.1}, p99 {:.1}, p999 {:.1}, max {:.1}",
         s.committed,
@@ -328,8 +359,23 @@ pub fn write_plot(s: &BenchSummary, path: &Path, with_text: bool) -> Result<(), 
     let n = s.series.len().max(1) as f64;
     let tput_max = s.series.iter().map(|p| p.committed).max().unwrap_or(0).max(1) as f64 * 1.1;
     let lat_max = s.series.iter().map(|p| p.latency_ms_p99).fold(0.0, f64::max).max(1.0) * 1.1;
+    let load = match s.offered_rate_per_s {
+        Some(r) => format!("open loop at {r}/s"),
+        None => format!("{} in flight per client", s.inflight),
+    };
+    let top_title = format!(
+        "committed requests/s: {:.0}/s over {:.1} s ({} clients, batch {}, {load}, {:?})",
+        s.throughput_per_s, s.duration_s, s.clients, s.batch, s.mix
+    );
+    let bottom_title = format!(
+        "latency (ms): p50 {:.1}, p99 {:.1}, p999 {:.1}, max {:.1}; {} errors",
+        s.latency_ms_p50, s.latency_ms_p99, s.latency_ms_p999, s.latency_ms_max, s.errors
+    );
+    let lat_max = s.series.iter().map(|p| p.latency_ms_p999).fold(lat_max, f64::max);
+    // Only whole seconds: the last, partial one (the drain) would look like a drop.
+    let whole = |p: &&SeriesPoint| ((p.t_s + 1) as f64) <= s.duration_s;
     let panels: [(&DrawingArea<BitMapBackend<'_>, _>, &str, &str, f64); 2] =
-        [(&top, "throughput (committed requests/s)", "requests/s", tput_max), (&bottom, "latency (ms)", "ms", lat_max)];
+        [(&top, top_title.as_str(), "requests/s", tput_max), (&bottom, bottom_title.as_str(), "ms", lat_max)];
     for (i, (area, title, y_desc, y_max)) in panels.into_iter().enumerate() {
         let mut builder = ChartBuilder::on(area);
         builder.margin(15);
@@ -345,15 +391,15 @@ pub fn write_plot(s: &BenchSummary, path: &Path, with_text: bool) -> Result<(), 
         }
         mesh.draw().map_err(|e| err(e.to_string()))?;
         let series: Vec<Vec<(f64, f64)>> = if i == 0 {
-            vec![s.series.iter().map(|p| (p.t_s as f64, p.committed as f64)).collect()]
+            vec![s.series.iter().filter(whole).map(|p| (p.t_s as f64, p.committed as f64)).collect()]
         } else {
-            vec![
-                // Seconds without commits have no latency; leave them out rather than draw zeros.
-                s.series.iter().filter(|p| p.committed > 0).map(|p| (p.t_s as f64, p.latency_ms_p50)).collect(),
-                s.series.iter().filter(|p| p.committed > 0).map(|p| (p.t_s as f64, p.latency_ms_p99)).collect(),
-            ]
+            // Seconds without commits have no latency; leave them out rather than draw zeros.
+            let lat = |f: fn(&SeriesPoint) -> f64| -> Vec<(f64, f64)> {
+                s.series.iter().filter(whole).filter(|p| p.committed > 0).map(|p| (p.t_s as f64, f(p))).collect()
+            };
+            vec![lat(|p| p.latency_ms_p50), lat(|p| p.latency_ms_p99), lat(|p| p.latency_ms_p999)]
         };
-        let styles = [(BLUE, "p50"), (RED, "p99")];
+        let styles = [(BLUE, "p50"), (RED, "p99"), (MAGENTA, "p999")];
         for (j, points) in series.into_iter().enumerate() {
             let (color, label) = styles[j];
             let drawn =
@@ -590,8 +636,15 @@ fn client_loop(
         let latency = sent_at.elapsed();
         let t_s = start.elapsed().as_secs() as usize;
         let (committed, rejected, errors) = match pending.finish(received) {
-            Ok(ServerMessage::Submitted(replies)) => count_replies(&replies, n),
-            _ => (0, 0, n),
+            Ok(ServerMessage::Submitted(replies)) => count_replies(&replies, n, &mut rec.reasons),
+            Ok(ServerMessage::Error(e)) => {
+                *rec.reasons.entry(format!("{:?}: {}", e.code, e.message)).or_default() += n;
+                (0, 0, n)
+            }
+            _ => {
+                *rec.reasons.entry("no reply (connection lost or timed out)".into()).or_default() += n;
+                (0, 0, n)
+            }
         };
         rec.record(t_s, latency, committed, rejected, errors);
         live.committed.fetch_add(committed, Ordering::Relaxed);
@@ -601,15 +654,23 @@ fn client_loop(
 }
 
 /// (committed, rejected-but-committed, errors) of one frame's replies.
-fn count_replies(replies: &[SubmitReply], sent: u64) -> (u64, u64, u64) {
+fn count_replies(
+    replies: &[SubmitReply],
+    sent: u64,
+    reasons: &mut std::collections::BTreeMap<String, u64>,
+) -> (u64, u64, u64) {
     let mut committed = 0;
     let mut rejected = 0;
     for r in replies {
-        if let SubmitReply::Committed { receipt, .. } = r {
-            committed += 1;
-            if matches!(receipt.outcome, Outcome::Rejected(_)) {
-                rejected += 1;
+        match r {
+            SubmitReply::Committed { receipt, .. } => {
+                committed += 1;
+                if let Outcome::Rejected(code) = receipt.outcome {
+                    rejected += 1;
+                    *reasons.entry(format!("{code:?} (executed, refused): {code}")).or_default() += 1;
+                }
             }
+            SubmitReply::Refused(e) => *reasons.entry(format!("{:?}: {}", e.code, e.message)).or_default() += 1,
         }
     }
     (committed, rejected, sent.saturating_sub(committed))

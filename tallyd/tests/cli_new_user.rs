@@ -207,6 +207,27 @@ fn new_user_flow_through_the_cli() {
     let second = open["series"][1]["committed"].as_u64().unwrap_or(0);
     assert!(second >= 500, "the second second committed its share ({second}): {open}");
 
+    // A run whose every request is refused says why (an unfunded key's transfers).
+    let broke = d.join("broke.key");
+    assert!(tally(&["keygen", "--out", broke.to_str().expect("p")]).status.success());
+    let o = tally(&[
+        "--addr",
+        addr,
+        "--key",
+        broke.to_str().expect("p"),
+        "bench",
+        "--duration",
+        "1",
+        "--clients",
+        "1",
+        "--batch",
+        "10",
+        "--rate-max",
+        "200",
+    ]);
+    assert!(!o.status.success(), "nothing committed is a failure: {}", text(&o));
+    assert!(text(&o).contains("No request succeeded") && text(&o).contains("InsufficientFunds"), "{}", text(&o));
+
     // A sweep: open-loop steps of 500 and 1,000 requests/s under a generous limit; both points
     // are in the JSON, in order, and the plot is drawn.
     let sweep_png = d.join("sweep.png");
