@@ -503,6 +503,9 @@ impl Exec<'_> {
                 None => Outcome::Rejected(ErrorCode::LeaseNotFound),
                 Some(l) if l.owner != *signer => Outcome::Rejected(ErrorCode::NotLeaseHolder),
                 Some(mut l) => {
+                    // Its old expiry is no longer due: a lease renewed many times keeps one
+                    // entry, so the due set stays bounded by the live leases.
+                    self.view.due.remove(&(l.expires_at_ms, *id));
                     l.expires_at_ms = self.at.time_ms + l.ttl_ms;
                     let expires_at_ms = l.expires_at_ms;
                     self.write_lease(top, *id, l);
@@ -878,6 +881,10 @@ mod tests {
         assert_eq!(s.one(1_900, keep(ALICE)), Outcome::LeaseRenewed { expires_at_ms: 2_900 });
         let (_, w) = s.run(2_500, &[]);
         assert!(w.is_empty(), "renewed: not ended at the first expiry");
+        for t in 0..1_000 {
+            s.one(2_000 + t / 10, keep(ALICE));
+        }
+        assert_eq!(s.view.due.len(), 1, "a thousand renewals of one lease leave one due entry");
         let unknown = req(ALICE, Operation::LeaseKeepAlive { lease: lease + 1 });
         assert_eq!(s.one(2_600, unknown), Outcome::Rejected(ErrorCode::LeaseNotFound));
         assert_eq!(
