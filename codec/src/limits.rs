@@ -9,6 +9,8 @@ pub const FRAME_REQUESTS_MAX: usize = 8189;
 /// Largest encoded signed request: a maximal document plus fixed fields, or a transaction whose
 /// values together fit the same bound (plus its comparisons).
 pub const REQUEST_BYTES_MAX: usize = VALUE_BYTES_MAX + 4096;
+/// Most requests one batch may hold: a lease id is `height << 20 | position in the batch`.
+pub const BATCH_REQUESTS_MAX: usize = 1 << 20;
 /// Most comparisons, and most operations per branch, in one transaction.
 pub const TXN_ITEMS_MAX: usize = 32;
 /// Shortest and longest lease TTL: longer than a few batch intervals, at most a day.

@@ -349,7 +349,7 @@ pub fn body_digest(value: &[u8]) -> Digest {
 /// The lease id granted by the request at `position` of batch `height`: unique, and the same on
 /// every replica.
 pub fn lease_id(height: u64, position: u32) -> u64 {
-    assert!(position < 1 << 20, "a batch holds fewer than 2^20 requests");
+    assert!((position as usize) < limits::BATCH_REQUESTS_MAX, "a batch holds at most BATCH_REQUESTS_MAX requests");
     (height << 20) | u64::from(position)
 }
 

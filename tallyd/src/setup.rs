@@ -110,6 +110,16 @@ pub fn check_config(cfg: &NodeConfig, path: &Path) -> Result<(), String> {
             ),
         ));
     }
+    let requests_max = tally_codec::limits::BATCH_REQUESTS_MAX;
+    if cfg.batch_requests_max == 0 || cfg.batch_requests_max > requests_max {
+        return Err(at(
+            "batch_requests_max",
+            format!(
+                "{} must be between 1 and {requests_max} (a lease id holds a request's position in its batch)",
+                cfg.batch_requests_max
+            ),
+        ));
+    }
     tls_files(cfg).map_err(|e| format!("config {}: {e}", path.display()))?;
     admin_keys(cfg).map_err(|e| at("admin_keys", e))?;
     Ok(())

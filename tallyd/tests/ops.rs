@@ -154,6 +154,11 @@ fn config_errors_name_the_file_the_key_and_the_cause() {
     let e = tallyd_fails(&p);
     assert_names(&e, &[&path(&p), "missing field `genesis_file`"]);
 
+    // A batch larger than lease ids can number.
+    let p = variant(&layout, "huge-batch", &with_line(&good, "batch_requests_max", "batch_requests_max = 2000000"));
+    let e = tallyd_fails(&p);
+    assert_names(&e, &[&path(&p), "batch_requests_max", "must be between 1 and 1048576"]);
+
     // Not TOML at all.
     let p = variant(&layout, "garbage", "node_id = 1\nthis is not toml\n");
     let e = tallyd_fails(&p);
