@@ -374,50 +374,21 @@ pub fn write_plot(s: &BenchSummary, path: &Path, with_text: bool) -> Result<(), 
     let lat_max = s.series.iter().map(|p| p.latency_ms_p999).fold(lat_max, f64::max);
     // Only whole seconds: the last, partial one (the drain) would look like a drop.
     let whole = |p: &&SeriesPoint| ((p.t_s + 1) as f64) <= s.duration_s;
-    let panels: [(&DrawingArea<BitMapBackend<'_>, _>, &str, &str, f64); 2] =
-        [(&top, top_title.as_str(), "requests/s", tput_max), (&bottom, bottom_title.as_str(), "ms", lat_max)];
-    for (i, (area, title, y_desc, y_max)) in panels.into_iter().enumerate() {
-        let mut builder = ChartBuilder::on(area);
-        builder.margin(15);
-        if with_text {
-            builder.caption(title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
-        }
-        let mut chart = builder.build_cartesian_2d(0f64..n, 0f64..y_max).map_err(|e| err(e.to_string()))?;
-        let mut mesh = chart.configure_mesh();
-        if with_text {
-            mesh.x_desc("seconds").y_desc(y_desc).label_style(("sans-serif", 14));
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw().map_err(|e| err(e.to_string()))?;
-        let series: Vec<Vec<(f64, f64)>> = if i == 0 {
-            vec![s.series.iter().filter(whole).map(|p| (p.t_s as f64, p.committed as f64)).collect()]
-        } else {
-            // Seconds without commits have no latency; leave them out rather than draw zeros.
-            let lat = |f: fn(&SeriesPoint) -> f64| -> Vec<(f64, f64)> {
-                s.series.iter().filter(whole).filter(|p| p.committed > 0).map(|p| (p.t_s as f64, f(p))).collect()
-            };
-            vec![lat(|p| p.latency_ms_p50), lat(|p| p.latency_ms_p99), lat(|p| p.latency_ms_p999)]
-        };
-        let styles = [(BLUE, "p50"), (RED, "p99"), (MAGENTA, "p999")];
-        for (j, points) in series.into_iter().enumerate() {
-            let (color, label) = styles[j];
-            let drawn =
-                chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|e| err(e.to_string()))?;
-            if with_text && i == 1 {
-                drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
-        }
-        if with_text && i == 1 {
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 14))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| err(e.to_string()))?;
-        }
-    }
+    let committed: Vec<(f64, f64)> =
+        s.series.iter().filter(whole).map(|p| (p.t_s as f64, p.committed as f64)).collect();
+    let top_axes = Axes { title: &top_title, x_desc: "seconds", y_desc: "requests/s", x_max: n, y_max: tput_max };
+    draw_panel(&top, &top_axes, vec![(committed, BLUE, "committed/s")], false, false, with_text).map_err(err)?;
+    // Seconds without commits have no latency; leave them out rather than draw zeros.
+    let lat = |f: fn(&SeriesPoint) -> f64| -> Vec<(f64, f64)> {
+        s.series.iter().filter(whole).filter(|p| p.committed > 0).map(|p| (p.t_s as f64, f(p))).collect()
+    };
+    let lines = vec![
+        (lat(|p| p.latency_ms_p50), BLUE, "p50"),
+        (lat(|p| p.latency_ms_p99), RED, "p99"),
+        (lat(|p| p.latency_ms_p999), MAGENTA, "p999"),
+    ];
+    let bottom_axes = Axes { title: &bottom_title, x_desc: "seconds", y_desc: "ms", x_max: n, y_max: lat_max };
+    draw_panel(&bottom, &bottom_axes, lines, false, true, with_text).map_err(err)?;
     root.present().map_err(|e| err(e.to_string()))
 }
 
@@ -768,6 +739,61 @@ pub fn run_sweep(cfg: &BenchConfig, sweep: Sweep) -> Result<SweepSummary, Client
 /// One line of a plot: its points, colour and legend.
 type PlotLine<'a> = (Vec<(f64, f64)>, plotters::style::RGBColor, &'a str);
 
+/// A panel's caption, axis names and ranges (from 0).
+struct Axes<'a> {
+    title: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x_max: f64,
+    y_max: f64,
+}
+
+/// One chart panel of a bench or sweep PNG: caption, axes, lines (with point markers if asked)
+/// and a legend. Without a font (`with_text` false) only the lines are drawn.
+fn draw_panel(
+    area: &plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend<'_>, plotters::coord::Shift>,
+    axes: &Axes<'_>,
+    lines: Vec<PlotLine<'_>>,
+    markers: bool,
+    legend: bool,
+    with_text: bool,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(15);
+    if with_text {
+        builder.caption(axes.title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
+    }
+    let mut chart = builder.build_cartesian_2d(0f64..axes.x_max, 0f64..axes.y_max).map_err(|x| e(&x))?;
+    let mut mesh = chart.configure_mesh();
+    if with_text {
+        mesh.x_desc(axes.x_desc).y_desc(axes.y_desc).label_style(("sans-serif", 14));
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw().map_err(|x| e(&x))?;
+    for (points, color, label) in lines {
+        if markers {
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(|x| e(&x))?;
+        }
+        let drawn = chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|x| e(&x))?;
+        if with_text && legend {
+            drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+    }
+    if with_text && legend {
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
+    Ok(())
+}
+
 /// Throughput and p50/p99 against the offered rate, with the p99 limit.
 ///
 /// # Errors
@@ -780,67 +806,22 @@ pub fn write_sweep_plot(s: &SweepSummary, path: &Path, with_text: bool) -> Resul
     let (top, bottom) = root.split_vertically(350);
     let x_max = s.points.iter().map(|p| p.offered_per_s).max().unwrap_or(1).max(1) as f64 * 1.05;
     let y_top = s.points.iter().map(|p| p.throughput_per_s).fold(x_max, f64::max) * 1.05;
-    let y_bottom = s.points.iter().map(|p| p.latency_ms_p99).fold(s.p99_limit_ms, f64::max) * 1.1;
-    let draw = |area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-                title: &str,
-                y_desc: &str,
-                y_max: f64,
-                lines: Vec<PlotLine<'_>>|
-     -> Result<(), ClientError> {
-        let mut builder = ChartBuilder::on(area);
-        builder.margin(15);
-        if with_text {
-            builder.caption(title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
-        }
-        let mut chart = builder.build_cartesian_2d(0f64..x_max, 0f64..y_max).map_err(|e| err(e.to_string()))?;
-        let mut mesh = chart.configure_mesh();
-        if with_text {
-            mesh.x_desc("offered requests/s").y_desc(y_desc).label_style(("sans-serif", 14));
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw().map_err(|e| err(e.to_string()))?;
-        for (points, color, label) in lines {
-            chart
-                .draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))
-                .map_err(|e| err(e.to_string()))?;
-            let drawn =
-                chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|e| err(e.to_string()))?;
-            if with_text {
-                drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
-        }
-        if with_text {
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 14))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| err(e.to_string()))?;
-        }
-        Ok(())
-    };
+    let y_bottom = s.points.iter().map(|p| p.latency_ms_p999).fold(s.p99_limit_ms, f64::max) * 1.1;
     let xs = |f: fn(&SweepPoint) -> f64| s.points.iter().map(|p| (p.offered_per_s as f64, f(p))).collect::<Vec<_>>();
-    draw(
-        &top,
-        &format!("throughput against offered load ({} clients, batch {}, {:?})", s.clients, s.batch, s.mix),
-        "committed/s",
-        y_top,
-        vec![(xs(|p| p.throughput_per_s), BLUE, "committed/s"), (xs(|p| p.offered_per_s as f64), BLACK, "offered/s")],
-    )?;
-    draw(
-        &bottom,
-        &format!("latency against offered load (p99 limit {} ms)", s.p99_limit_ms),
-        "ms",
-        y_bottom,
-        vec![
-            (xs(|p| p.latency_ms_p50), GREEN, "p50"),
-            (xs(|p| p.latency_ms_p99), RED, "p99"),
-            (xs(|p| p.latency_ms_p999), MAGENTA, "p999"),
-            (s.points.iter().map(|p| (p.offered_per_s as f64, s.p99_limit_ms)).collect(), BLACK, "p99 limit"),
-        ],
-    )?;
+    let top_title = format!("throughput against offered load ({} clients, batch {}, {:?})", s.clients, s.batch, s.mix);
+    let top_axes = Axes { title: &top_title, x_desc: "offered requests/s", y_desc: "committed/s", x_max, y_max: y_top };
+    let top_lines =
+        vec![(xs(|p| p.throughput_per_s), BLUE, "committed/s"), (xs(|p| p.offered_per_s as f64), BLACK, "offered/s")];
+    draw_panel(&top, &top_axes, top_lines, true, true, with_text).map_err(err)?;
+    let bottom_title = format!("latency against offered load (p99 limit {} ms)", s.p99_limit_ms);
+    let bottom_axes = Axes { title: &bottom_title, x_desc: "offered requests/s", y_desc: "ms", x_max, y_max: y_bottom };
+    let bottom_lines = vec![
+        (xs(|p| p.latency_ms_p50), GREEN, "p50"),
+        (xs(|p| p.latency_ms_p99), RED, "p99"),
+        (xs(|p| p.latency_ms_p999), MAGENTA, "p999"),
+        (s.points.iter().map(|p| (p.offered_per_s as f64, s.p99_limit_ms)).collect(), BLACK, "p99 limit"),
+    ];
+    draw_panel(&bottom, &bottom_axes, bottom_lines, true, true, with_text).map_err(err)?;
     root.present().map_err(|e| err(e.to_string()))
 }
 

@@ -24,6 +24,20 @@ pub struct LedgerHead {
     pub time_ms: u64,
 }
 
+impl LedgerHead {
+    /// The head after applying the batch with `header` at log entry `index` of `term`.
+    pub fn after_batch(index: u64, term: u64, header: &tally_codec::BatchHeader) -> LedgerHead {
+        LedgerHead {
+            index,
+            term,
+            height: header.height,
+            header_hash: header.hash(),
+            state_digest: header.state_digest,
+            time_ms: header.time_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
     #[error("ledger write failed: {0}")]
@@ -261,14 +275,7 @@ impl Ledger for MemLedger {
         }
         self.ids.extend(entry.locations());
         self.batches.push((entry.clone(), *signature));
-        self.head = LedgerHead {
-            index,
-            term,
-            height: h.height,
-            header_hash: h.hash(),
-            state_digest: h.state_digest,
-            time_ms: h.time_ms,
-        };
+        self.head = LedgerHead::after_batch(index, term, h);
         Ok(())
     }
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError> {

@@ -385,14 +385,7 @@ impl Ledger for StoreLedger {
         }
         let entry = Arc::new(entry.clone());
         self.batches.insert(h.height, (entry.clone(), *signature));
-        self.head = LedgerHead {
-            index,
-            term,
-            height: h.height,
-            header_hash: h.hash(),
-            state_digest: h.state_digest,
-            time_ms: h.time_ms,
-        };
+        self.head = LedgerHead::after_batch(index, term, h);
         let written = Unflushed { index, keys, height: Some(h.height), ids };
         self.queue(StoreOp::Batch { index, entry, signature: *signature }, written)
     }
