@@ -157,7 +157,11 @@ fn check(
     let mut granted: BTreeMap<u64, String> = BTreeMap::new();
     let filter = WatchFilter::Domain(domain.to_string());
     let mut next = 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while next <= top {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("the claim history stopped at height {next} of {top} for 60 s"));
+        }
         let page = client.watch_page(&filter, next).map_err(|e| e.to_string())?;
         for e in page.events {
             if let Change::ClaimGranted { slot, holder, .. } = e.change {

@@ -180,6 +180,9 @@ fn unexpected(o: &Outcome) -> ClientError {
 /// until when it may act: the local time a renewal was *sent*, plus the TTL, minus `drift`
 /// (the bound on how far this clock and the leader's may disagree). The server's expiry runs
 /// from the batch time, which is never before the send, so the local bound is the earlier one.
+///
+/// Dropping it stops the renewals; it waits for a renewal in flight, which the client's retry
+/// budget (`ClientOptions::retry_total`, 15 s by default) bounds.
 pub struct LeaseKeeper {
     lease: Lease,
     valid_until: Arc<Mutex<Instant>>,
