@@ -521,6 +521,10 @@ impl Exec<'_> {
                 }
             },
             Operation::Claim { domain, slot, lease } => {
+                // Stage 2 refuses these; the key's one-byte length must never see a longer one.
+                if domain.is_empty() || domain.len() > limits::CLAIM_DOMAIN_BYTES_MAX {
+                    return Outcome::Rejected(ErrorCode::BadClaimDomain);
+                }
                 let k = (domain.clone(), *slot);
                 if let Some(c) = self.claim(parents, top, &k) {
                     return Outcome::ClaimDenied { holder: c.holder, height: c.height };
@@ -830,6 +834,8 @@ mod tests {
         // In one batch, the first of two claims wins.
         let (o, _) = s.run(60, &[claim(BOB, 9), claim(ALICE, 9)]);
         assert_eq!(o, vec![Outcome::ClaimGranted { height: 6 }, Outcome::ClaimDenied { holder: BOB, height: 6 }]);
+        let long = req(BOB, Operation::Claim { domain: "d".repeat(300), slot: 1, lease: None });
+        assert_eq!(s.one(45, long), Outcome::Rejected(ErrorCode::BadClaimDomain), "refused, not a panic");
     }
 
     fn grant(s: &mut Seq, time_ms: u64, who: PublicKey, ttl_ms: u64) -> u64 {
