@@ -435,6 +435,7 @@ pub fn cluster_init_with(
             tick_ms: config::default_tick_ms(),
             election_ticks: config::default_election_ticks(),
             heartbeat_ticks: config::default_heartbeat_ticks(),
+            campaign_on_leader_down: true,
             fsync: true,
             store_sync_interval_ms: config::default_store_sync_interval_ms(),
             log_retain_entries: config::default_log_retain_entries(),

@@ -45,6 +45,13 @@ pub struct NodeConfig {
     pub election_ticks: usize,
     #[serde(default = "default_heartbeat_ticks")]
     pub heartbeat_ticks: usize,
+    /// A follower whose connection from the leader closes, and whose reconnect to the leader's
+    /// peer port is refused (no process listens there: a crash or kill -9), campaigns within a
+    /// heartbeat interval instead of waiting out the election timeout. Turn it off on networks
+    /// that forge TCP resets for a live host (a firewall rejecting with `tcp-reset`): there a
+    /// refused connection does not prove the leader is gone, and its lease reads could go stale.
+    #[serde(default = "default_true")]
+    pub campaign_on_leader_down: bool,
     /// Turning fsync off voids every durability claim; for experiments only.
     #[serde(default = "default_true")]
     pub fsync: bool,

@@ -74,6 +74,9 @@ pub struct ReplicaConfig {
     /// ([`Event::SnapshotReport`]). Otherwise a snapshot handed to the shell counts as sent at
     /// once (the simulator's network delivers a message whole or not at all).
     pub snapshot_reports_by_shell: bool,
+    /// Whether [`Event::PeerDown`] of the leader starts a campaign at once. Safe for leases only
+    /// when "down" means no process of that replica runs: the old leader serves no reads.
+    pub campaign_on_leader_down: bool,
 }
 
 /// What happens to a replica.
@@ -102,6 +105,11 @@ pub enum Event {
     /// The shell streamed (or failed to stream) the snapshot for follower `to` (only with
     /// [`ReplicaConfig::snapshot_reports_by_shell`]).
     SnapshotReport { to: u64, delivered: bool },
+    /// The shell knows peer `id` is down: its connection was closed and a new one was refused,
+    /// so no process listens on its peer port (a kill -9, not a slow scheduler or a partition).
+    /// A follower of that leader forgets it and campaigns (pre-vote) within a heartbeat interval
+    /// instead of waiting out the election timeout; see [`ReplicaConfig::campaign_on_leader_down`].
+    PeerDown(u64),
 }
 
 /// One membership change.
@@ -199,6 +207,8 @@ pub struct Status {
     /// for), since it started.
     pub pre_vote_campaigns: u64,
     pub vote_campaigns: u64,
+    /// Campaigns started because the leader was reported down ([`Event::PeerDown`]).
+    pub leader_down_campaigns: u64,
 }
 
 /// The log a restarting replica finds on its disk, in the order it was written.
@@ -259,6 +269,12 @@ pub struct Replica<L: Ledger> {
     vote_campaigns: u64,
     seen_role: StateRole,
     seen_term: u64,
+    /// When this follower campaigns because its leader is down (see [`Event::PeerDown`]).
+    campaign_at_ms: Option<u64>,
+    /// Campaigns for a dead leader stop at this time (the election timeout takes over).
+    leader_down_until_ms: u64,
+    /// Campaigns started because the leader was reported down.
+    leader_down_campaigns: u64,
     out: Vec<Effect>,
 }
 
@@ -464,6 +480,9 @@ impl<L: Ledger> Replica<L> {
             entry_bytes_total,
             refuse_next_proposal: false,
             pre_vote_campaigns: 0,
+            campaign_at_ms: None,
+            leader_down_until_ms: 0,
+            leader_down_campaigns: 0,
             vote_campaigns: 0,
             seen_role: StateRole::Follower,
             seen_term: 0,
@@ -563,6 +582,7 @@ impl<L: Ledger> Replica<L> {
             first_index: raft.raft_log.first_index(),
             pre_vote_campaigns: self.pre_vote_campaigns,
             vote_campaigns: self.vote_campaigns,
+            leader_down_campaigns: self.leader_down_campaigns,
             quorum_ack_ms: if is_leader {
                 let conf = raft.prs().conf().to_conf_state();
                 let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
@@ -586,6 +606,7 @@ impl<L: Ledger> Replica<L> {
             }
             _ => self.next_tick_ms,
         }
+        .min(self.campaign_at_ms.unwrap_or(u64::MAX))
     }
 
     /// Handles one event and returns the effects, in the order the shell must execute them.
@@ -614,6 +635,7 @@ impl<L: Ledger> Replica<L> {
                 self.on_read(client, key)
             }
             Event::Peer(m) => self.on_peer(m),
+            Event::PeerDown(id) => self.on_peer_down(id),
             Event::LogFailed(why) => {
                 self.poison(why);
                 return std::mem::take(&mut self.out);
@@ -706,9 +728,58 @@ impl<L: Ledger> Replica<L> {
         self.out.retain(|e| !matches!(e, Effect::Send(_) | Effect::Persist(_)));
     }
 
+    /// A follower whose leader is down forgets it, so that it and the other followers grant
+    /// pre-votes at once (raft-rs counts a follower that knows a leader as inside that leader's
+    /// lease), and campaigns after a random part of one heartbeat interval, so that two
+    /// followers that both saw it rarely split the vote. Until a leader is known, or one election
+    /// timeout has passed, it campaigns again every one to two heartbeat intervals: the other
+    /// follower may learn of the death a little later and ignore the first pre-vote, or both may
+    /// have campaigned at once and split the vote.
+    fn on_peer_down(&mut self, id: u64) {
+        let raft = &mut self.raw.raft;
+        if !self.cfg.campaign_on_leader_down
+            || raft.state != StateRole::Follower
+            || raft.leader_id != id
+            || id == self.cfg.node_id
+        {
+            return;
+        }
+        raft.leader_id = raft::INVALID_ID;
+        let at = self.now_ms + self.rng.next_u64() % self.heartbeat_ms();
+        self.campaign_at_ms = Some(at);
+        self.leader_down_until_ms = self.now_ms + self.cfg.tick_ms * self.cfg.election_ticks as u64;
+    }
+
+    fn heartbeat_ms(&self) -> u64 {
+        (self.cfg.tick_ms * self.cfg.heartbeat_ticks as u64).max(1)
+    }
+
+    /// Campaigns if the leader-down timer is due and no leader was heard of since.
+    fn maybe_campaign_leader_down(&mut self) {
+        let Some(at) = self.campaign_at_ms else { return };
+        let raft = &self.raw.raft;
+        // A candidate that split the vote with the other follower tries again too.
+        let waiting = matches!(raft.state, StateRole::Follower | StateRole::PreCandidate | StateRole::Candidate);
+        if !waiting || raft.leader_id != raft::INVALID_ID || self.now_ms >= self.leader_down_until_ms {
+            self.campaign_at_ms = None; // a leader (new or old) was heard of, or it is too late
+            return;
+        }
+        if self.now_ms < at {
+            return;
+        }
+        let hb = self.heartbeat_ms();
+        self.campaign_at_ms = Some(self.now_ms + hb + self.rng.next_u64() % hb);
+        if raft.promotable() && self.ticks >= self.cfg.election_ticks as u64 {
+            self.leader_down_campaigns += 1;
+            let _ = self.raw.campaign();
+            self.count_campaigns();
+        }
+    }
+
     fn on_tick(&mut self, now_ms: u64, wall_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.wall_ms = wall_ms;
+        self.maybe_campaign_leader_down();
         if self.now_ms < self.next_tick_ms {
             return;
         }

@@ -24,6 +24,7 @@ fn cfg() -> ReplicaConfig {
         election_seed: 1,
         plant: Plant::None,
         snapshot_reports_by_shell: false,
+        campaign_on_leader_down: true,
     }
 }
 

@@ -56,6 +56,11 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 3_000;
 const WRITE_TIMEOUT_MS: u64 = 5_000;
 /// How often idle threads look at the stop flag.
 const POLL_MS: u64 = 50;
+/// How a closed inbound link is checked: up to this many connects to the peer's port, this far
+/// apart (a dying process may still hold its listening socket for the first).
+const DOWN_PROBES: u32 = 3;
+const DOWN_PROBE_GAP_MS: u64 = 10;
+const DOWN_PROBE_TIMEOUT_MS: u64 = 100;
 
 /// How the raft loop reaches its peers. The simulator substitutes an in-memory network.
 pub trait Transport: Send {
@@ -116,6 +121,8 @@ struct OutLink {
 }
 
 type InboundConns = Arc<Mutex<HashMap<u64, (TcpStream, Option<JoinHandle<()>>)>>>;
+/// Each peer's address, for checking whether a peer whose link closed is down.
+type PeerAddrs = Arc<Mutex<HashMap<u64, String>>>;
 
 /// TCP implementation of [`Transport`].
 pub struct TcpTransport {
@@ -125,6 +132,7 @@ pub struct TcpTransport {
     links: HashMap<u64, OutLink>,
     listener: Option<JoinHandle<()>>,
     inbound: InboundConns,
+    addrs: PeerAddrs,
     reports: Reports,
     /// Where a leader's snapshot state is held while it streams.
     snapshots: Option<Arc<dyn SnapshotSource>>,
@@ -144,10 +152,12 @@ impl TcpTransport {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let inbound: InboundConns = Arc::new(Mutex::new(HashMap::new()));
+        let addrs: PeerAddrs = Arc::default();
         let (l_stop, l_inbound, l_local, l_sec) = (stop.clone(), inbound.clone(), local.clone(), security.clone());
+        let l_addrs = addrs.clone();
         let thread = std::thread::Builder::new()
             .name(format!("peer-listen-{}", local.node_id))
-            .spawn(move || run_listener(listener, l_local, l_sec, inbox, l_stop, l_inbound))?;
+            .spawn(move || run_listener(listener, l_local, l_sec, inbox, l_stop, l_inbound, l_addrs))?;
         Ok(TcpTransport {
             local,
             security,
@@ -155,6 +165,7 @@ impl TcpTransport {
             links: HashMap::new(),
             listener: Some(thread),
             inbound,
+            addrs,
             reports: Reports::default(),
             snapshots: None,
         })
@@ -181,6 +192,7 @@ impl Transport for TcpTransport {
     }
 
     fn set_peers(&mut self, peers: &BTreeMap<u64, String>) {
+        *self.addrs.lock() = peers.iter().map(|(id, a)| (*id, a.clone())).collect();
         let stale: Vec<u64> =
             self.links.iter().filter(|(id, l)| peers.get(id) != Some(&l.addr)).map(|(id, _)| *id).collect();
         for id in stale {
@@ -517,6 +529,7 @@ fn run_listener(
     inbox: Sender<Message>,
     stop: Arc<AtomicBool>,
     conns: InboundConns,
+    addrs: PeerAddrs,
 ) {
     let admission =
         Admission::new(AdmissionLimits { nodes_max: INBOUND_CONNECTIONS_MAX, ..AdmissionLimits::PEER_PORT });
@@ -541,12 +554,13 @@ fn run_listener(
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let (l, ib, cs, sec) = (local.clone(), inbox.clone(), conns.clone(), security.clone());
         let asm = assemblies.clone();
+        let (st, ad) = (stop.clone(), addrs.clone());
         // Register before the thread can deregister itself.
         let mut guard = conns.lock();
         guard.insert(id, (clone, None));
         match std::thread::Builder::new()
             .name(format!("peer-in-{}-{id}", local.node_id))
-            .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot, asm))
+            .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot, asm, &st, &ad))
         {
             Ok(t) => {
                 if let Some(e) = guard.get_mut(&id) {
@@ -572,16 +586,59 @@ fn run_inbound(
     id: u64,
     slot: tally_net::Admitted,
     assemblies: Assemblies,
+    stop: &AtomicBool,
+    addrs: &PeerAddrs,
 ) {
+    let mut closed_by_peer = None;
     if let Some((mut stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
         let resume = tally_codec::encode(&assemblies.resume_for(peer_id));
-        if write_frame(&mut stream, &resume).and_then(|()| stream.flush()).is_ok() {
-            read_messages(&stream, peer_id, from, &local, &inbox, &assemblies);
+        if write_frame(&mut stream, &resume).and_then(|()| stream.flush()).is_ok()
+            && read_messages(&stream, peer_id, from, &local, &inbox, &assemblies) == Closed::ByPeer
+        {
+            closed_by_peer = Some(peer_id);
         }
         stream.shutdown();
     }
     drop(slot);
     conns.lock().remove(&id);
+    let Some(peer) = closed_by_peer else { return };
+    let addr = addrs.lock().get(&peer).cloned();
+    if let Some(addr) = addr {
+        if !stop.load(Ordering::Relaxed) && peer_is_down(&addr) {
+            tracing::warn!(peer, %addr, "peer link closed and its port refuses connections: peer down");
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgUnreachable);
+            (m.from, m.to) = (peer, local.node_id);
+            let _ = inbox.try_send(m);
+        }
+    }
+}
+
+/// Whether no process listens on `addr`: a connect is refused (the kernel answers a SYN to a
+/// closed port with a reset). A live peer, a partition (no answer) or a name that does not
+/// resolve is not "down".
+pub fn peer_is_down(addr: &str) -> bool {
+    let Some(a) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else { return false };
+    for probe in 0..DOWN_PROBES {
+        if probe > 0 {
+            std::thread::sleep(Duration::from_millis(DOWN_PROBE_GAP_MS));
+        }
+        match TcpStream::connect_timeout(&a, Duration::from_millis(DOWN_PROBE_TIMEOUT_MS)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            Err(_) => return false,
+            Ok(s) => drop(s), // still listening: perhaps a process that is exiting; look again
+        }
+    }
+    false
+}
+
+/// How an inbound link ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Closed {
+    /// The peer closed or reset the connection.
+    ByPeer,
+    /// This side closed it: bad input, a stop, a full inbox that went away.
+    ByUs,
 }
 
 /// TLS (when configured), then the hello; returns the stream once the peer proved it is the node
@@ -646,15 +703,15 @@ fn read_messages(
     local: &Hello,
     inbox: &Sender<Message>,
     assemblies: &Assemblies,
-) {
+) -> Closed {
     let mut r = std::io::BufReader::new(s.clone());
     loop {
         let bytes = match read_frame(&mut r, FRAME_BYTES_MAX) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Closed::ByPeer,
             Err(e) => {
                 tracing::warn!(%from, node = peer_id, error = %e, "peer read failed; closing");
-                return;
+                return if e.kind() == std::io::ErrorKind::ConnectionReset { Closed::ByPeer } else { Closed::ByUs };
             }
         };
         let decoded = match bytes.split_first() {
@@ -682,12 +739,17 @@ fn read_messages(
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(%from, node = peer_id, error = %e, "undecodable peer frame; closing");
-                return;
+                return Closed::ByUs;
             }
         };
         if msg.from != peer_id || msg.to != local.node_id {
             tracing::warn!(%from, node = peer_id, msg_from = msg.from, msg_to = msg.to, "misaddressed raft message; closing");
-            return;
+            return Closed::ByUs;
+        }
+        if raft::raw_node::is_local_msg(msg.get_msg_type()) {
+            // Local to a replica (MsgHup, MsgUnreachable, ...): a peer never sends one.
+            tracing::warn!(%from, node = peer_id, kind = ?msg.get_msg_type(), "local-only raft message from a peer; closing");
+            return Closed::ByUs;
         }
         let delivered = if is_snapshot(&msg) {
             // Seconds of streaming are not dropped for a momentarily full inbox.
@@ -696,7 +758,7 @@ fn read_messages(
             inbox.try_send(msg).map_err(|e| matches!(e, TrySendError::Disconnected(_)))
         };
         if delivered == Err(true) {
-            return;
+            return Closed::ByUs;
         }
     }
 }
@@ -734,6 +796,41 @@ mod tests {
         assert!(b.send(msg(2, 1, 6)));
         assert_eq!(b_rx.recv_timeout(Duration::from_secs(5)).expect("b got").term, 5);
         assert_eq!(a_rx.recv_timeout(Duration::from_secs(5)).expect("a got").term, 6);
+        a.stop();
+        b.stop();
+    }
+
+    /// A peer whose process is gone (its links closed, its port refusing) is reported once as
+    /// `MsgUnreachable` from it; a peer that is only slow or still listening is not.
+    #[test]
+    fn a_peer_whose_link_closed_and_port_refuses_is_reported_down() {
+        let (mut a, a_addr, _a_rx) = start(1, "c");
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        a.set_peers(&[(2, b_addr)].into_iter().collect());
+        b.set_peers(&[(1, a_addr.clone())].into_iter().collect());
+        assert!(a.send(msg(1, 2, 5)));
+        assert_eq!(b_rx.recv_timeout(Duration::from_secs(5)).expect("b got").term, 5);
+        assert!(!peer_is_down(&a_addr), "a listens");
+        a.stop(); // its listener and links close, as a kill -9 closes them
+        let m = b_rx.recv_timeout(Duration::from_secs(5)).expect("a reported down");
+        assert_eq!((m.get_msg_type(), m.from, m.to), (MessageType::MsgUnreachable, 1, 2));
+        assert!(peer_is_down(&a_addr));
+        assert!(!peer_is_down("no-such-host.invalid:1"), "a name that does not resolve proves nothing");
+        b.stop();
+    }
+
+    /// Local-only raft messages (an election trigger, a down report) never come off the wire.
+    #[test]
+    fn a_peer_cannot_send_a_local_message() {
+        let (mut a, _a_addr, _a_rx) = start(1, "c");
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        a.set_peers(&[(2, b_addr)].into_iter().collect());
+        for t in [MessageType::MsgHup, MessageType::MsgUnreachable] {
+            let mut m = msg(1, 2, 5);
+            m.set_msg_type(t);
+            assert!(a.send(m));
+        }
+        assert!(b_rx.recv_timeout(Duration::from_millis(500)).is_err(), "nothing local got through");
         a.stop();
         b.stop();
     }

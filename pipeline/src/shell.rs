@@ -66,6 +66,8 @@ pub struct ShellConfig {
     pub tick_ms: u64,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// See `NodeConfig::campaign_on_leader_down`.
+    pub campaign_on_leader_down: bool,
     pub log_retain_entries: u64,
     pub store_sync_interval_ms: u64,
     /// The peer port and how links are protected; `None` for a cluster of one without one.
@@ -180,6 +182,7 @@ pub fn start(
         election_seed,
         plant: cfg.plant,
         snapshot_reports_by_shell: true,
+        campaign_on_leader_down: cfg.campaign_on_leader_down,
     };
     let logger = tally_failover::raft_log_bridge::logger(cfg.node_id);
     let replica =
@@ -278,6 +281,7 @@ impl Transport for NoPeers {
 #[derive(Default)]
 struct MetricsSeen {
     pre_vote_campaigns: u64,
+    leader_down_campaigns: u64,
     vote_campaigns: u64,
     leader: (u64, u64),
 }
@@ -375,6 +379,11 @@ impl ReplicaThread {
     }
 
     fn on_peer(&mut self, m: Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgUnreachable {
+            // Only the transport makes these (it refuses local message kinds from the wire).
+            self.handle(Event::PeerDown(m.from));
+            return;
+        }
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgAppend {
             // Batches are judged by the core (decoded once); conf changes' addresses here.
             let batches_checked_by_core = |_: &[u8]| Ok(());
@@ -666,6 +675,11 @@ impl ReplicaThread {
         if vote > 0 {
             metrics::counter!("tally_elections_total", "kind" => "vote").increment(vote);
         }
+        let down = s.leader_down_campaigns - self.metrics.leader_down_campaigns;
+        if down > 0 {
+            metrics::counter!("tally_elections_total", "kind" => "leader_down").increment(down);
+        }
+        self.metrics.leader_down_campaigns = s.leader_down_campaigns;
         self.metrics.pre_vote_campaigns = s.pre_vote_campaigns;
         self.metrics.vote_campaigns = s.vote_campaigns;
         let leader = s.leader_id.unwrap_or(0);

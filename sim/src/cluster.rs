@@ -114,6 +114,13 @@ enum Ev {
         node: usize,
         life: u64,
     },
+    /// Replica `to` learns that `down` is down (its link closed and a reconnect was refused),
+    /// as production's transport reports it; only while `down` is still down in `life`.
+    PeerDown {
+        down: usize,
+        to: usize,
+        life: u64,
+    },
     Peer {
         from: usize,
         to: usize,
@@ -334,6 +341,7 @@ impl Sim {
             election_seed: 0,
             plant: cfg.plant,
             snapshot_reports_by_shell: false,
+            campaign_on_leader_down: true,
         };
         let nodes = (0..n)
             .map(|_| Node {
@@ -459,6 +467,19 @@ impl Sim {
                 self.deliver(node, Event::Tick { now_ms, wall_ms });
                 self.at(TICK_EVENT_MS, Ev::Tick { node, life });
             }
+            Ev::PeerDown { down, to, life } => {
+                if self.nodes[down].life != life || self.nodes[down].replica.is_some() {
+                    return; // restarted: the reconnect would have succeeded
+                }
+                if self.nodes[to].paused.is_some() {
+                    self.nodes[to].held.push(Ev::PeerDown { down, to, life });
+                    return;
+                }
+                if self.nodes[to].replica.is_some() {
+                    *self.stats.faults.entry("peer-down-reported".into()).or_default() += 1;
+                    self.deliver(to, Event::PeerDown(down as u64 + 1));
+                }
+            }
             Ev::Peer { from, to, msg } => {
                 if self.nodes[to].paused.is_some() {
                     self.nodes[to].held.push(Ev::Peer { from, to, msg });
@@ -563,6 +584,13 @@ impl Sim {
         nd.paused = None;
         nd.held.clear();
         let loss = nd.disk.crash(&mut self.rng, tear);
+        // Peers that can reach it find its port closed (a partition hides that, as in production).
+        let life = nd.life;
+        let reach: Vec<usize> = (0..self.nodes.len()).filter(|&j| j != i && !self.blocked.contains(&(i, j))).collect();
+        for to in reach {
+            let d = self.net_delay() + self.net_delay();
+            self.at(d, Ev::PeerDown { down: i, to, life });
+        }
         if loss.torn {
             *self.stats.faults.entry("torn-write".into()).or_default() += 1;
         }
