@@ -829,7 +829,18 @@ pub fn write_sweep_plot(s: &SweepSummary, path: &Path, with_text: bool) -> Resul
 ///
 /// # Errors
 /// [`ClientError`] when the node can't be reached before the run or the outputs can't be written.
+/// The longest run whose requests, all signed before the clock starts, stay valid to its end.
+pub const DURATION_S_MAX: u64 = 90;
+
 pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
+    if cfg.duration.as_secs() > DURATION_S_MAX {
+        return Err(ClientError::Invalid(format!(
+            "--duration {} s is too long: requests are signed before the clock starts and the server accepts \
+             expiries at most 2 minutes ahead, so a run lasts at most {DURATION_S_MAX} s; for longer loads run \
+             rounds back to back (scripts/soak_full_load.sh)",
+            cfg.duration.as_secs()
+        )));
+    }
     if cfg.clients == 0 || cfg.inflight == 0 || cfg.batch == 0 || cfg.batch > limits::FRAME_REQUESTS_MAX {
         return Err(ClientError::Invalid(format!(
             "--clients and --inflight must be at least 1 and --batch between 1 and {}",
@@ -940,6 +951,18 @@ mod tests {
             json: None,
             plot: None,
             progress: false,
+        }
+    }
+
+    /// A run longer than pre-signed requests stay valid is refused before anything is signed
+    /// (a 600 s run used to sign 20 M requests that had all expired when sent).
+    #[test]
+    fn a_run_longer_than_signed_requests_live_is_refused_up_front() {
+        let mut c = cfg();
+        c.duration = Duration::from_secs(600);
+        match run_bench(&c) {
+            Err(ClientError::Invalid(why)) => assert!(why.contains("too long"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 

@@ -152,9 +152,14 @@ pub enum Cmd {
     },
     /// Members, leader, term, lag, operator key and warnings.
     Status,
-    /// Fetch the receipt of an executed request.
+    /// Fetch the receipt of an executed request. By id alone until the request's expiry
+    /// passes (a few minutes); give the batch height for any older one.
     Receipt {
         request_id: String,
+        /// The height of the batch that executed it (in its receipt, confirmation or watch
+        /// event): finds receipts of any age.
+        #[arg(long)]
+        height: Option<u64>,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -499,7 +504,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => status(&addrs, key_path, out),
-        Cmd::Receipt { request_id, out: file } => receipt(&addrs, key_path, &request_id, file.as_deref(), out),
+        Cmd::Receipt { request_id, height, out: file } => {
+            receipt(&addrs, key_path, &request_id, height, file.as_deref(), out)
+        }
         Cmd::Verify { receipt_file, operator_key, cluster_id } => {
             let operator = parse_operator_key(&operator_key)?;
             let cluster_id = cluster_id.as_deref().map(parse_cluster_id).transpose()?;
@@ -762,14 +769,22 @@ fn receipt(
     addrs: &Target,
     key_path: Option<&Path>,
     id: &str,
+    height: Option<u64>,
     file: Option<&Path>,
     out: Output,
 ) -> Result<ExitCode, ClientError> {
     let id = RequestId::from_hex(id)
         .map_err(|_| ClientError::Invalid(format!("'{id}' is not a request id (64 hex digits)")))?;
     let client = connect(addrs, read_key(key_path)?)?;
-    let r = client.receipt(id)?.ok_or_else(|| {
-        ClientError::Invalid(format!("no receipt for request {id} (unknown, or expired and forgotten)"))
+    let found = match height {
+        Some(h) => client.receipt_at(id, h)?,
+        None => client.receipt(id)?,
+    };
+    let r = found.ok_or_else(|| match height {
+        Some(h) => ClientError::Invalid(format!("no receipt for request {id} in batch {h}")),
+        None => ClientError::Invalid(format!(
+            "no receipt for request {id}: unknown, or past its expiry (give --height, the batch that executed it)"
+        )),
     })?;
     if out == Output::Json {
         if let Some(path) = file {

@@ -410,6 +410,20 @@ impl Client {
         }
     }
 
+    /// Fetches the receipt of request `id`, executed at `height`, from any replica that holds
+    /// that batch: any receipt however old ([`Client::receipt`] finds ids by themselves only
+    /// until they expire).
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`] when no node can serve the read.
+    pub fn receipt_at(&self, id: RequestId, height: u64) -> Result<Option<Receipt>, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        match self.inner.request(deadline, "read", &ClientMessage::ReceiptAt { id, height })? {
+            ServerMessage::Receipt(r) => Ok(r.map(|b| *b)),
+            other => Err(self.inner.unexpected("Receipt", &other)),
+        }
+    }
+
     /// Adds a replica at runtime (joint consensus on the server side).
     ///
     /// # Errors

@@ -192,7 +192,7 @@ fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
                 value: v.clone(),
             })),
             ClientMessage::Balance { .. } => ServerMessage::Balance(Some(5)),
-            ClientMessage::Receipt { .. } => ServerMessage::Receipt(None),
+            ClientMessage::Receipt { .. } | ClientMessage::ReceiptAt { .. } => ServerMessage::Receipt(None),
             ClientMessage::ClusterAdd { .. } | ClientMessage::ClusterRemove { .. } | ClientMessage::Admin(_) => {
                 ServerMessage::Done
             }

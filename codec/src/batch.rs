@@ -152,18 +152,31 @@ pub struct BatchEntry {
 impl BatchEntry {
     /// Each request's id and where it lies in this batch, in leaf order.
     pub fn locations(&self) -> impl Iterator<Item = (crate::RequestId, RequestLocation)> + '_ {
-        self.requests.iter().enumerate().map(|(leaf, r)| {
-            let loc = RequestLocation {
-                height: self.header.height,
-                leaf_index: u32::try_from(leaf).expect("leaf_count is a u32"),
-                expires_at_ms: r.request.expires_at_ms,
-            };
-            (r.id(), loc)
-        })
+        self.requests.iter().enumerate().map(|(leaf, r)| (r.id(), self.location(leaf)))
+    }
+
+    /// Where leaf `leaf` of this batch is.
+    pub fn location(&self, leaf: usize) -> RequestLocation {
+        RequestLocation {
+            height: self.header.height,
+            leaf_index: u32::try_from(leaf).expect("leaf_count is a u32"),
+            expires_at_ms: self.requests[leaf].request.expires_at_ms,
+        }
+    }
+
+    /// Every request's id, in leaf order: each id costs an encoding and a hash, so it is
+    /// computed once per batch and replica and handed along ([`Committed`]).
+    pub fn ids(&self) -> Vec<crate::RequestId> {
+        self.requests.iter().map(SignedRequest::id).collect()
     }
 
     pub fn leaves(&self) -> Vec<[u8; 32]> {
-        self.requests.iter().zip(&self.outcomes).map(|(r, o)| leaf_hash(&r.id(), o)).collect()
+        self.leaves_with(&self.ids())
+    }
+
+    /// The Merkle leaves, from ids already computed.
+    pub fn leaves_with(&self, ids: &[crate::RequestId]) -> Vec<[u8; 32]> {
+        ids.iter().zip(&self.outcomes).map(|(id, o)| leaf_hash(id, o)).collect()
     }
 
     /// Checks the entry against its header: leaf count, Merkle root, write-set digest.
@@ -171,10 +184,21 @@ impl BatchEntry {
     /// # Errors
     /// [`CodecError::Malformed`] naming the first mismatch.
     pub fn check(&self) -> Result<(), CodecError> {
-        if self.requests.len() != self.outcomes.len() || self.requests.len() != self.header.leaf_count as usize {
+        self.check_with(&self.ids())
+    }
+
+    /// [`BatchEntry::check`] with the ids already computed (`ids[i]` is request `i`'s).
+    ///
+    /// # Errors
+    /// [`CodecError::Malformed`] naming the first mismatch.
+    pub fn check_with(&self, ids: &[crate::RequestId]) -> Result<(), CodecError> {
+        if self.requests.len() != self.outcomes.len()
+            || self.requests.len() != self.header.leaf_count as usize
+            || ids.len() != self.requests.len()
+        {
             return Err(CodecError::Malformed("batch leaf count mismatch".into()));
         }
-        if crate::merkle::Tree::from_leaves(&self.leaves()).root() != self.header.merkle_root {
+        if crate::merkle::Tree::from_leaves(&self.leaves_with(ids)).root() != self.header.merkle_root {
             return Err(CodecError::Malformed("batch merkle root mismatch".into()));
         }
         if self.write_set.digest() != self.header.write_set_digest {
@@ -182,6 +206,53 @@ impl BatchEntry {
         }
         Ok(())
     }
+}
+
+/// A committed batch as the replica holds it after stage 6: decoded once, shared (not copied)
+/// with the store, with its request ids computed once.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub entry: std::sync::Arc<BatchEntry>,
+    /// `ids[i]` is the id of `entry.requests[i]`.
+    pub ids: std::sync::Arc<Vec<crate::RequestId>>,
+}
+
+impl Committed {
+    /// Computes the ids.
+    pub fn new(entry: BatchEntry) -> Committed {
+        let ids = entry.ids();
+        Committed { entry: std::sync::Arc::new(entry), ids: std::sync::Arc::new(ids) }
+    }
+
+    /// `(id, location)` of every request, in leaf order.
+    pub fn locations(&self) -> impl Iterator<Item = (crate::RequestId, RequestLocation)> + '_ {
+        self.ids.iter().enumerate().map(|(leaf, id)| (*id, self.entry.location(leaf)))
+    }
+}
+
+/// Stored per height (`requests` table v2): the batch's time and its requests' ids, in leaf
+/// order, each with its expiry. One write per batch instead of one per request: a request's
+/// location is its batch's height and its position here.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BatchIds {
+    pub time_ms: u64,
+    /// The latest expiry among `ids` (read alone, with `time_ms`, by [`BatchIdsHead`]).
+    pub expires_max_ms: u64,
+    pub ids: Vec<(crate::RequestId, u64)>,
+}
+
+impl BatchIds {
+    pub fn new(time_ms: u64, ids: Vec<(crate::RequestId, u64)>) -> BatchIds {
+        let expires_max_ms = ids.iter().map(|(_, e)| *e).max().unwrap_or(0);
+        BatchIds { time_ms, expires_max_ms, ids }
+    }
+}
+
+/// The leading fields of an encoded [`BatchIds`], decoded without its ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, BorshDeserialize)]
+pub struct BatchIdsHead {
+    pub time_ms: u64,
+    pub expires_max_ms: u64,
 }
 
 /// The body of a committed batch, kept so any replica can rebuild any proof later.

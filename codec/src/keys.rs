@@ -2,7 +2,7 @@
 //! what it is for. Both begin with a [`TableId`] derived from the table's name and schema version,
 //! so data written under another schema can never be misread as ours.
 
-use crate::{Digest, DocKey, PublicKey, RequestId};
+use crate::{Digest, DocKey, PublicKey};
 
 /// Four bytes of blake3("tally/table/" ‖ name ‖ "/v" ‖ version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,7 +33,7 @@ pub struct Tables {
     pub accounts: TableId,
     /// intent: height (big-endian) → [`crate::BatchRecord`].
     pub batches: TableId,
-    /// intent: request id → [`crate::RequestLocation`].
+    /// intent: height (big-endian) → [`crate::BatchIds`] (v2; v1 held one key per request).
     pub requests: TableId,
     /// intent: name → store metadata (applied index, schema).
     pub meta: TableId,
@@ -49,6 +49,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const DOCS_VERSION: u32 = 2;
 /// The batches table's version: 2 since a batch body holds its write set.
 pub const BATCHES_VERSION: u32 = 2;
+/// The requests table's version: 2 since it holds one record of ids per batch.
+pub const REQUESTS_VERSION: u32 = 2;
 
 impl Tables {
     pub fn v1() -> Self {
@@ -59,7 +61,8 @@ impl Tables {
             accounts: TableId::derive("accounts", SCHEMA_VERSION),
             // v2: a batch's body holds its write set.
             batches: TableId::derive("batches", BATCHES_VERSION),
-            requests: TableId::derive("requests", SCHEMA_VERSION),
+            // v2: one record of ids per batch height, not one key per request id.
+            requests: TableId::derive("requests", REQUESTS_VERSION),
             meta: TableId::derive("meta", SCHEMA_VERSION),
             leases: TableId::derive("leases", SCHEMA_VERSION),
             claims: TableId::derive("claims", SCHEMA_VERSION),
@@ -86,8 +89,9 @@ impl Tables {
     pub fn batch(&self, height: u64) -> IntentKey {
         IntentKey::new(self.batches, &height.to_be_bytes())
     }
-    pub fn request(&self, id: &RequestId) -> IntentKey {
-        IntentKey::new(self.requests, &id.0)
+    /// The ids of the batch at `height`.
+    pub fn batch_ids(&self, height: u64) -> IntentKey {
+        IntentKey::new(self.requests, &height.to_be_bytes())
     }
     pub fn meta(&self, name: &str) -> IntentKey {
         IntentKey::new(self.meta, name.as_bytes())

@@ -67,6 +67,13 @@ pub enum ClientMessage {
         max_batches: u32,
         wait_ms: u32,
     },
+    /// The receipt of request `id`, executed in the batch at `height`. `Receipt` finds an id by
+    /// itself only until the request's expiry passes; with its height, any receipt is found
+    /// however old (the height is in every receipt, confirmation and watch event).
+    ReceiptAt {
+        id: RequestId,
+        height: u64,
+    },
 }
 
 /// What a watch follows.
@@ -157,6 +164,10 @@ pub enum Relayed {
         id: RequestId,
     },
     Admin(crate::admin::SignedAdmin),
+    ReceiptAt {
+        id: RequestId,
+        height: u64,
+    },
 }
 
 impl Relayed {
@@ -175,6 +186,7 @@ impl Relayed {
             }
             ClientMessage::ClusterRemove { node_id } => Ok(Relayed::ClusterRemove { node_id }),
             ClientMessage::Receipt { id } => Ok(Relayed::Receipt { id }),
+            ClientMessage::ReceiptAt { id, height } => Ok(Relayed::ReceiptAt { id, height }),
             ClientMessage::Admin(a) if !matches!(a.command.op, crate::admin::AdminOp::AuditPage { .. }) => {
                 Ok(Relayed::Admin(a))
             }
@@ -192,6 +204,7 @@ impl Relayed {
             }
             Relayed::ClusterRemove { node_id } => ClientMessage::ClusterRemove { node_id },
             Relayed::Receipt { id } => ClientMessage::Receipt { id },
+            Relayed::ReceiptAt { id, height } => ClientMessage::ReceiptAt { id, height },
             Relayed::Admin(a) => ClientMessage::Admin(a),
         }
     }

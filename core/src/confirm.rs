@@ -3,7 +3,7 @@
 //! invariant: the replica stops (panics; the shell turns that into the end of the process).
 
 use tally_codec::batch::next_state_digest;
-use tally_codec::{decode, limits, BatchEntry, ClusterId, Digest};
+use tally_codec::{decode, limits, BatchEntry, ClusterId, Committed, Digest};
 
 /// The confirmed chain head, checked against every committed batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -32,6 +32,15 @@ pub enum EntryError {
 /// # Errors
 /// What is wrong with the entry.
 pub fn check_batch_entry(data: &[u8], cluster_id: &ClusterId) -> Result<(), EntryError> {
+    decode_checked(data, cluster_id).map(|_| ())
+}
+
+/// [`check_batch_entry`], keeping what it decoded and the ids it computed: the entry is not
+/// decoded and checked a second time when it commits.
+///
+/// # Errors
+/// What is wrong with the entry.
+pub fn decode_checked(data: &[u8], cluster_id: &ClusterId) -> Result<Committed, EntryError> {
     let entry: BatchEntry = decode(data, limits::ENTRY_BYTES_MAX).map_err(EntryError::NotABatch)?;
     if entry.header.cluster_id != *cluster_id {
         return Err(EntryError::OtherCluster(entry.header.cluster_id.to_hex()));
@@ -39,17 +48,28 @@ pub fn check_batch_entry(data: &[u8], cluster_id: &ClusterId) -> Result<(), Entr
     if entry.header.height == 0 {
         return Err(EntryError::HeightZero);
     }
-    entry.check().map_err(|why| EntryError::Inconsistent { height: entry.header.height, why })
+    let batch = Committed::new(entry);
+    batch
+        .entry
+        .check_with(&batch.ids)
+        .map_err(|why| EntryError::Inconsistent { height: batch.entry.header.height, why })?;
+    Ok(batch)
 }
 
-/// Checks that committed `entry` follows `head` and moves the head to it. `built_here`: the
-/// leader built this batch and still holds its tree; any other replica re-derives the Merkle root
-/// and write-set digest from the entry before trusting the header.
+/// Checks that committed `batch` follows `head` and moves the head to it. `checked`: this
+/// replica built the batch, or checked these very bytes when they were appended; otherwise the
+/// Merkle root and write-set digest are re-derived from the entry before the header is trusted.
 ///
 /// # Panics
 /// When the batch does not follow the chain, belongs to another cluster, or is inconsistent with
 /// its header: invariants I2 and I3 are broken and the replica must stop.
-pub fn confirm(head: &mut ChainHead, entry: &BatchEntry, cluster_id: &ClusterId, built_here: bool) -> Digest {
+pub fn confirm(
+    head: &mut ChainHead,
+    entry: &BatchEntry,
+    ids: &[tally_codec::RequestId],
+    cluster_id: &ClusterId,
+    checked: bool,
+) -> Digest {
     let h = &entry.header;
     assert_eq!(h.height, head.height + 1, "committed batch height {} does not follow {}", h.height, head.height);
     assert_eq!(h.prev_hash, head.hash, "committed batch {} does not chain to the previous header", h.height);
@@ -60,8 +80,8 @@ pub fn confirm(head: &mut ChainHead, entry: &BatchEntry, cluster_id: &ClusterId,
         "state digest diverged at height {}",
         h.height
     );
-    if !built_here {
-        if let Err(e) = entry.check() {
+    if !checked {
+        if let Err(e) = entry.check_with(ids) {
             panic!("committed batch {} is inconsistent with its header: {e}", h.height);
         }
     }

@@ -8,8 +8,8 @@ use borsh::{BorshDeserialize, BorshSerialize};
 use std::collections::{BTreeMap, HashMap};
 use tally_codec::merkle::Tree;
 use tally_codec::{
-    decode, encode, limits, BatchEntry, ClaimMeta, Digest, DocKey, DocMeta, LeaseMeta, PublicKey, Receipt, RequestId,
-    RequestLocation, Signature, TableId, Tables,
+    decode, encode, limits, BatchEntry, ClaimMeta, Committed, Digest, DocKey, DocMeta, LeaseMeta, PublicKey, Receipt,
+    RequestId, RequestLocation, Signature, TableId, Tables,
 };
 
 /// Where the applied state stands: the last applied log entry and batch.
@@ -99,9 +99,12 @@ pub trait Ledger {
     }
     /// The receipt of an executed request, rebuilt from the stored batch.
     fn receipt(&self, id: &RequestId) -> Option<Receipt>;
+    /// The receipt of request `id`, executed in the batch at `height` (the location the
+    /// replica remembers for a duplicate: no search by id).
+    fn receipt_at(&self, id: &RequestId, height: u64) -> Option<Receipt>;
     /// Executed ids whose expiry is not before `now_ms` (exactly-once after a restart).
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)>;
-    /// Applies committed batch `entry` at log `index`, with the operator's signature.
+    /// Applies committed batch `batch` at log `index`, with the operator's signature.
     ///
     /// # Errors
     /// A write that failed; the replica poisons itself.
@@ -109,7 +112,7 @@ pub trait Ledger {
         &mut self,
         index: u64,
         term: u64,
-        entry: &BatchEntry,
+        batch: &Committed,
         signature: &Signature,
     ) -> Result<(), LedgerError>;
     /// Applies a no-op or configuration entry: only the applied index moves.
@@ -254,6 +257,9 @@ impl Ledger for MemLedger {
         let (entry, signature) = self.batches.get(usize::try_from(loc.height).ok()?.checked_sub(1)?)?;
         receipt_in(entry, signature, loc)
     }
+    fn receipt_at(&self, id: &RequestId, height: u64) -> Option<Receipt> {
+        self.receipt(id).filter(|r| r.header.height == height)
+    }
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
         self.ids.iter().filter(|(_, l)| l.expires_at_ms >= now_ms).map(|(id, l)| (*id, *l)).collect()
     }
@@ -261,9 +267,10 @@ impl Ledger for MemLedger {
         &mut self,
         index: u64,
         term: u64,
-        entry: &BatchEntry,
+        batch: &Committed,
         signature: &Signature,
     ) -> Result<(), LedgerError> {
+        let entry = &*batch.entry;
         let h = &entry.header;
         assert_eq!(h.height, self.head.height + 1, "batches apply in height order");
         assert!(index > self.head.index, "log entries apply in order");
@@ -273,7 +280,7 @@ impl Ledger for MemLedger {
                 None => self.kv.remove(&op.key),
             };
         }
-        self.ids.extend(entry.locations());
+        self.ids.extend(batch.locations());
         self.batches.push((entry.clone(), *signature));
         self.head = LedgerHead::after_batch(index, term, h);
         Ok(())

@@ -18,7 +18,7 @@
 //! `Persist` that failed; it reports the failure with [`Event::LogFailed`], and the replica
 //! poisons itself and goes silent, so the others elect a leader.
 
-use crate::confirm::{check_batch_entry, confirm, ChainHead};
+use crate::confirm::{confirm, ChainHead};
 use crate::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use crate::ledger::{Ledger, LedgerHead};
 use crate::log::CoreLog;
@@ -34,9 +34,12 @@ use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{
-    decode, encode, limits, BatchEntry, ClusterId, DocKey, DocMeta, ErrorCode, Operation, PublicKey, Signature, Tables,
+    decode, encode, limits, BatchHeader, ClusterId, Committed, DocKey, DocMeta, ErrorCode, Operation, PublicKey,
+    Signature, Tables,
 };
 
 /// Who is waiting for an answer: opaque to the core (a connection slot, a simulated client).
@@ -269,6 +272,9 @@ pub struct Replica<L: Ledger> {
     vote_campaigns: u64,
     seen_role: StateRole,
     seen_term: u64,
+    /// Batches checked when their entries were appended, by log index: `(term, blake3 of the
+    /// entry's bytes, batch)`. Only entries above the commit index are kept.
+    appended: BTreeMap<u64, (u64, [u8; 32], Committed)>,
     /// When this follower campaigns because its leader is down (see [`Event::PeerDown`]).
     campaign_at_ms: Option<u64>,
     /// Campaigns for a dead leader stop at this time (the election timeout takes over).
@@ -481,6 +487,7 @@ impl<L: Ledger> Replica<L> {
             refuse_next_proposal: false,
             pre_vote_campaigns: 0,
             campaign_at_ms: None,
+            appended: BTreeMap::new(),
             leader_down_until_ms: 0,
             leader_down_campaigns: 0,
             vote_campaigns: 0,
@@ -882,12 +889,31 @@ impl<L: Ledger> Replica<L> {
         }
         self.lease.observe(&m, &self.raw.raft);
         if t == MessageType::MsgAppend {
+            let mut checked = Vec::new();
             for e in m.get_entries() {
-                if let Err(why) = self.check_entry(e) {
-                    // Defence in depth behind mutual TLS: nothing that can never be applied
-                    // reaches the log.
-                    self.out.push(Effect::PeerRefused { from: m.from, why: format!("entry {}: {why}", e.index) });
-                    return;
+                // Defence in depth behind mutual TLS: nothing that can never be applied reaches
+                // the log.
+                let refused = |why: &dyn std::fmt::Display| Effect::PeerRefused {
+                    from: m.from,
+                    why: format!("entry {}: {why}", e.index),
+                };
+                match e.get_entry_type() {
+                    EntryType::EntryNormal if !e.data.is_empty() => {
+                        match crate::confirm::decode_checked(&e.data, &self.cfg.cluster_id) {
+                            Ok(batch) => checked.push((e.index, e.term, *blake3::hash(&e.data).as_bytes(), batch)),
+                            Err(why) => {
+                                self.out.push(refused(&why));
+                                return;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Kept until the entry commits (or the commit passes an entry that was replaced).
+            for (index, term, digest, batch) in checked {
+                if index > self.raw.raft.raft_log.committed {
+                    self.appended.insert(index, (term, digest, batch));
                 }
             }
         }
@@ -915,14 +941,6 @@ impl<L: Ledger> Replica<L> {
                 self.vote_campaigns += 1;
             }
             self.seen_term = raft.term;
-        }
-    }
-
-    fn check_entry(&self, e: &Entry) -> Result<(), crate::confirm::EntryError> {
-        match e.get_entry_type() {
-            EntryType::EntryNormal if e.data.is_empty() => Ok(()),
-            EntryType::EntryNormal => check_batch_entry(&e.data, &self.cfg.cluster_id),
-            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Ok(()),
         }
     }
 
@@ -1062,42 +1080,74 @@ impl<L: Ledger> Replica<L> {
         u8::try_from(self.voters().len() / 2 + 1).unwrap_or(u8::MAX)
     }
 
-    /// Stages 6 and 7 for one committed batch.
+    /// Stages 6 and 7 for one committed batch. The batch is decoded and checked once per
+    /// replica: the leader uses the batch it built (same header hash, so same content), a
+    /// follower the one it checked when the entry was appended (same index, term and bytes).
     fn confirm_batch(&mut self, e: &Entry) {
-        let entry: BatchEntry =
-            decode(&e.data, limits::ENTRY_BYTES_MAX).expect("a committed entry is a batch this cluster encoded");
-        let height = entry.header.height;
+        // The header leads the entry's encoding: read alone, it says whether this is a batch
+        // built here, without decoding the requests.
+        let header = <BatchHeader as borsh::BorshDeserialize>::deserialize(&mut &e.data[..])
+            .expect("a committed entry is a batch this cluster encoded");
+        let height = header.height;
+        let header_hash = header.hash();
         let built_here = self.seq.pending.batches.get(&height).map(|b| b.header_hash);
-        let header_hash = confirm(&mut self.head, &entry, &self.cfg.cluster_id, built_here.is_some());
-        let signature = entry.header.sign(&self.operator_key);
-        for (id, loc) in entry.locations() {
-            self.seq.seen.insert(id, loc);
-        }
-        self.seq.seen.prune(entry.header.time_ms);
-        let lost = match built_here {
-            Some(h) if h == header_hash => {
-                let b = self.seq.pending.take(height).expect("pending at this height");
-                self.answer(b, &signature);
-                Vec::new()
-            }
+        let (mine, lost) = match built_here {
+            Some(h) if h == header_hash => (self.seq.pending.take(height), Vec::new()),
             // A pending batch at this height with another hash was built on a chain that lost.
-            Some(_) => self.seq.pending.drain(),
-            None => Vec::new(),
+            Some(_) => (None, self.seq.pending.drain()),
+            None => (None, Vec::new()),
         };
+        let appended = if mine.is_some() { None } else { self.take_appended(e) };
+        // Signed only once the chain checks passed (`confirm` stops the replica otherwise).
+        let signature;
+        let batch = if let Some(mut b) = mine {
+            let confirmed = confirm(&mut self.head, &b.entry, &b.ids, &self.cfg.cluster_id, true);
+            assert_eq!(confirmed, header_hash, "the batch built here is the one committed");
+            signature = header.sign(&self.operator_key);
+            for (leaf, id) in b.ids.iter().enumerate() {
+                self.seq.seen.insert(*id, b.entry.location(leaf));
+            }
+            self.answer(&mut b, &signature);
+            let PendingBatch { entry, ids, .. } = b;
+            Committed { entry: Arc::new(entry), ids: Arc::new(ids) }
+        } else {
+            let checked = appended.is_some();
+            let batch = appended.unwrap_or_else(|| {
+                Committed::new(
+                    decode(&e.data, limits::ENTRY_BYTES_MAX)
+                        .expect("a committed entry is a batch this cluster encoded"),
+                )
+            });
+            confirm(&mut self.head, &batch.entry, &batch.ids, &self.cfg.cluster_id, checked);
+            signature = header.sign(&self.operator_key);
+            for (id, loc) in batch.locations() {
+                self.seq.seen.insert(id, loc);
+            }
+            batch
+        };
+        self.seq.seen.prune(header.time_ms);
         for b in lost {
             self.fail_batch(b, ErrorCode::Retry);
         }
-        if let Err(err) = self.ledger.apply_batch(e.index, e.term, &entry, &signature) {
+        if let Err(err) = self.ledger.apply_batch(e.index, e.term, &batch, &signature) {
             self.poison(err.to_string());
             return;
         }
         self.seq.view.on_applied(height);
         if self.cfg.plant != Plant::SignBeforeCommit {
-            self.out.push(Effect::Signed { header: entry.header, signature });
+            self.out.push(Effect::Signed { header, signature });
         }
     }
 
-    fn answer(&mut self, mut b: PendingBatch<ClientTag>, signature: &Signature) {
+    /// The batch checked when entry `e` was appended, if these are the bytes that were checked
+    /// (entries an older leader sent at this index are dropped as the commit passes them).
+    fn take_appended(&mut self, e: &Entry) -> Option<Committed> {
+        let later = self.appended.split_off(&(e.index + 1));
+        let this = std::mem::replace(&mut self.appended, later).remove(&e.index)?;
+        (this.0 == e.term && this.1 == *blake3::hash(&e.data).as_bytes()).then_some(this.2)
+    }
+
+    fn answer(&mut self, b: &mut PendingBatch<ClientTag>, signature: &Signature) {
         let durable = self.majority();
         for (leaf, waiters) in std::mem::take(&mut b.waiters).into_iter().enumerate() {
             if waiters.is_empty() {
@@ -1251,14 +1301,14 @@ impl<L: Ledger> Replica<L> {
             Plant::AckBeforeCommit => {
                 let signature = batch.entry.header.sign(&self.operator_key);
                 let waiters = std::mem::replace(&mut batch.waiters, vec![Vec::new(); batch.ids.len()]);
-                let early = PendingBatch {
+                let mut early = PendingBatch {
                     entry: batch.entry.clone(),
                     header_hash: batch.header_hash,
                     tree: tally_codec::merkle::Tree::from_leaves(&batch.entry.leaves()),
                     ids: batch.ids.clone(),
                     waiters,
                 };
-                self.answer(early, &signature);
+                self.answer(&mut early, &signature);
             }
             Plant::SignBeforeCommit => {
                 let signature = batch.entry.header.sign(&self.operator_key);
@@ -1275,8 +1325,8 @@ impl<L: Ledger> Replica<L> {
         let mut out = Vec::with_capacity(subs.len());
         for (req, client) in subs {
             let Some(client) = self.seq.pending.attach(&req.id, client) else { continue };
-            if self.seq.seen.get(&req.id).is_some() {
-                match self.ledger.receipt(&req.id) {
+            if let Some((height, _)) = self.seq.seen.get(&req.id) {
+                match self.ledger.receipt_at(&req.id, height) {
                     Some(receipt) => {
                         let durable = self.majority();
                         self.reply(

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::limits::SNAPSHOT_BYTES_MAX;
-use tally_codec::{BatchEntry, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature, TableId};
+use tally_codec::{
+    BatchEntry, Committed, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature, TableId,
+};
 use tally_core::ledger::{Exported, LedgerError};
 use tally_core::{Ledger, LedgerHead};
 use tally_failover::snapshot::{BackgroundExports, ExportedState, SnapshotEnvelope, SnapshotSource};
@@ -42,7 +44,7 @@ pub const STORE_QUEUED_MAX: usize = 32;
 
 /// A write for the store thread.
 enum StoreOp {
-    Batch { index: u64, entry: Arc<BatchEntry>, signature: Signature },
+    Batch { index: u64, batch: Committed, signature: Signature },
     Noop { index: u64, term: u64 },
     Conf { index: u64, term: u64, conf: Vec<u8> },
 }
@@ -62,7 +64,7 @@ struct Unflushed {
     index: u64,
     keys: Vec<Vec<u8>>,
     height: Option<u64>,
-    ids: Vec<RequestId>,
+    ids: Arc<Vec<RequestId>>,
 }
 
 /// The production ledger.
@@ -167,7 +169,7 @@ impl StoreLedger {
             if let Some(h) = u.height {
                 self.batches.remove(&h);
             }
-            for id in u.ids {
+            for &id in u.ids.iter() {
                 if self.ids.get(&id).and_then(|l| u.height.map(|h| l.height == h)).unwrap_or(false) {
                     self.ids.remove(&id);
                 }
@@ -230,7 +232,9 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
         let started = std::time::Instant::now();
         let mut s = store.lock();
         let (index, r) = match op {
-            StoreOp::Batch { index, entry, signature } => (index, s.apply_batch(index, &entry, &signature)),
+            StoreOp::Batch { index, batch, signature } => {
+                (index, s.apply_batch_with_ids(index, &batch.entry, &batch.ids, &signature))
+            }
             StoreOp::Noop { index, term } => (index, s.apply_noop_at(index, term)),
             StoreOp::Conf { index, term, conf } => (index, s.apply_conf(index, term, &conf)),
         };
@@ -347,53 +351,47 @@ impl Ledger for StoreLedger {
         tally_core::ledger::receipt_in(entry, signature, loc)
     }
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
-        let store = self.store.lock();
-        let prefix = store.tables().requests.0;
-        let pairs = store.kv_scan(&prefix).unwrap_or_else(|e| store_failed("scan", e));
-        let mut ids: Vec<(RequestId, RequestLocation)> = pairs
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let id = RequestId(<[u8; 32]>::try_from(k.get(4..)?).ok()?);
-                let loc = tally_codec::decode::<RequestLocation>(&v, 64).ok()?;
-                (loc.expires_at_ms >= now_ms).then_some((id, loc))
-            })
-            .collect();
+        let mut ids = self.store.lock().unexpired_ids(now_ms).unwrap_or_else(|e| store_failed("read", e));
         ids.extend(self.ids.iter().filter(|(_, l)| l.expires_at_ms >= now_ms).map(|(id, l)| (*id, *l)));
         ids
+    }
+    fn receipt_at(&self, id: &RequestId, height: u64) -> Option<Receipt> {
+        if let Some((entry, signature)) = self.batches.get(&height) {
+            let leaf = self.ids.get(id).filter(|l| l.height == height)?;
+            return tally_core::ledger::receipt_in(entry, signature, leaf);
+        }
+        self.store.lock().receipt_at(id, height).unwrap_or_else(|e| store_failed("read", e))
     }
     fn apply_batch(
         &mut self,
         index: u64,
         term: u64,
-        entry: &BatchEntry,
+        batch: &Committed,
         signature: &Signature,
     ) -> Result<(), LedgerError> {
-        let h = &entry.header;
+        let h = &batch.entry.header;
         assert_eq!(h.term, term, "a batch commits in the term it was built in");
         assert!(index > self.head.index, "log entries apply in order");
         assert_eq!(h.height, self.head.height + 1, "chain broken: batch height does not follow");
         assert_eq!(h.prev_hash, self.head.header_hash, "chain broken: prev_hash is not the last header's hash");
-        let mut keys = Vec::with_capacity(entry.write_set.ops.len());
-        for op in &entry.write_set.ops {
+        let mut keys = Vec::with_capacity(batch.entry.write_set.ops.len());
+        for op in &batch.entry.write_set.ops {
             self.overlay.insert(op.key.clone(), (op.value.clone(), index));
             keys.push(op.key.clone());
         }
-        let mut ids = Vec::with_capacity(entry.requests.len());
-        for (id, loc) in entry.locations() {
+        for (id, loc) in batch.locations() {
             self.ids.insert(id, loc);
-            ids.push(id);
         }
-        let entry = Arc::new(entry.clone());
-        self.batches.insert(h.height, (entry.clone(), *signature));
+        self.batches.insert(h.height, (batch.entry.clone(), *signature));
         self.head = LedgerHead::after_batch(index, term, h);
-        let written = Unflushed { index, keys, height: Some(h.height), ids };
-        self.queue(StoreOp::Batch { index, entry, signature: *signature }, written)
+        let written = Unflushed { index, keys, height: Some(h.height), ids: batch.ids.clone() };
+        self.queue(StoreOp::Batch { index, batch: batch.clone(), signature: *signature }, written)
     }
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError> {
         assert!(index > self.head.index, "log entries apply in order");
         self.head.index = index;
         self.head.term = term;
-        let written = Unflushed { index, keys: Vec::new(), height: None, ids: Vec::new() };
+        let written = Unflushed { index, keys: Vec::new(), height: None, ids: Arc::default() };
         self.queue(StoreOp::Noop { index, term }, written)
     }
     fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError> {
@@ -401,7 +399,7 @@ impl Ledger for StoreLedger {
         self.head.index = index;
         self.head.term = term;
         self.conf = Some(conf_state.clone());
-        let written = Unflushed { index, keys: Vec::new(), height: None, ids: Vec::new() };
+        let written = Unflushed { index, keys: Vec::new(), height: None, ids: Arc::default() };
         self.queue(StoreOp::Conf { index, term, conf: conf_state }, written)
     }
     fn conf_state(&self) -> Option<Vec<u8>> {
@@ -502,7 +500,7 @@ mod tests {
         {
             // The store thread cannot write while this lock is held.
             let held = store.lock();
-            ledger.apply_batch(2, 1, &e, &signature).expect("applied");
+            ledger.apply_batch(2, 1, &tally_codec::Committed::new(e.clone()), &signature).expect("applied");
             assert_eq!(ledger.balance(&alice), Some(5), "read from the overlay");
             assert_eq!(ledger.head().height, 1);
             assert_eq!(ledger.flushed(), (0, 0), "the store has nothing yet");
@@ -516,7 +514,7 @@ mod tests {
         let e2 = entry(2, e.header.hash(), vec![del]);
         {
             let _held = store.lock();
-            ledger.apply_batch(3, 1, &e2, &signature).expect("applied");
+            ledger.apply_batch(3, 1, &tally_codec::Committed::new(e2.clone()), &signature).expect("applied");
             assert_eq!(ledger.balance(&alice), None, "a deletion in the overlay hides the stored value");
         }
         ledger.drain().expect("drained");

@@ -197,8 +197,14 @@ fn change_of(
 }
 
 /// Builds the receipt of an executed request from the stored batch and signature.
-pub fn stored_receipt(shared: &Shared, id: &RequestId) -> Option<Receipt> {
-    match shared.store.lock().receipt(id) {
+/// By id alone until the request's expiry passes; with `height`, at any age.
+pub fn stored_receipt(shared: &Shared, id: &RequestId, height: Option<u64>) -> Option<Receipt> {
+    let store = shared.store.lock();
+    let found = match height {
+        Some(h) => store.receipt_at(id, h),
+        None => store.receipt(id),
+    };
+    match found {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "reading a stored receipt failed");

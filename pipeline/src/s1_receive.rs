@@ -429,7 +429,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
                 Err(e) => ServerMessage::Error(e),
             }
         }
-        ClientMessage::Receipt { id: rid } => match crate::queries::stored_receipt(shared, &rid) {
+        ClientMessage::Receipt { id: rid } => match crate::queries::stored_receipt(shared, &rid, None) {
             Some(r) => ServerMessage::Receipt(Some(Box::new(r))),
             // A replica that installed a snapshot lacks older receipts: ask the leader, once.
             None => match shared.leader_addr().filter(|l| hop == Hop::Direct && *l != shared.opts.listen) {
@@ -440,6 +440,19 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
                 _ => ServerMessage::Receipt(None),
             },
         },
+        ClientMessage::ReceiptAt { id: rid, height } => {
+            match crate::queries::stored_receipt(shared, &rid, Some(height)) {
+                Some(r) => ServerMessage::Receipt(Some(Box::new(r))),
+                None => match shared.leader_addr().filter(|l| hop == Hop::Direct && *l != shared.opts.listen) {
+                    Some(leader) if !shared.replicator().role().is_leader => {
+                        let relayed = tally_codec::wire::Relayed::ReceiptAt { id: rid, height };
+                        shared.forwarder.forward(&leader, id, relayed, out);
+                        return;
+                    }
+                    _ => ServerMessage::Receipt(None),
+                },
+            }
+        }
     };
     let _ = out.try_send(Envelope { id, msg: reply });
 }

@@ -6,13 +6,13 @@ use crate::kv::{Kv, LevelKv, MemKv};
 use crate::segments::{SegmentRef, Segments, SEGMENT_REF_BYTES};
 use crate::StoreError;
 use borsh::{BorshDeserialize, BorshSerialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use tally_codec::limits::ENTRY_BYTES_MAX;
 use tally_codec::merkle::{leaf_hash, Tree};
 use tally_codec::{
-    decode, encode, BatchBody, BatchEntry, BatchRecord, Digest, DocKey, DocMeta, PublicKey, Receipt, RequestId,
-    RequestLocation, Signature, Tables, WriteOp,
+    decode, encode, BatchBody, BatchEntry, BatchIds, BatchIdsHead, BatchRecord, Digest, DocKey, DocMeta, PublicKey,
+    Receipt, RequestId, RequestLocation, Signature, Tables, WriteOp,
 };
 
 /// Segment files for batch bodies roll at this size.
@@ -75,7 +75,36 @@ pub struct Store<K: Kv = LevelKv> {
     tables: Tables,
     applied: Applied,
     initialized: bool,
+    /// The batches that may hold unexpired ids, oldest first: a receipt looked up by id alone
+    /// is found among them (8 bytes per id in memory; the ids themselves are on disk).
+    recent: VecDeque<RecentIds>,
 }
+
+/// The ids of one recent batch, as 8-byte prefixes in leaf order.
+#[derive(Debug)]
+struct RecentIds {
+    height: u64,
+    expires_max_ms: u64,
+    prefixes: Vec<u64>,
+}
+
+impl RecentIds {
+    fn of(height: u64, ids: &[(RequestId, u64)]) -> RecentIds {
+        RecentIds {
+            height,
+            expires_max_ms: ids.iter().map(|(_, e)| *e).max().unwrap_or(0),
+            prefixes: ids.iter().map(|(id, _)| id_prefix(id)).collect(),
+        }
+    }
+}
+
+fn id_prefix(id: &RequestId) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+/// How far before the applied batch's time a batch may still hold an unexpired id: stage 2
+/// refuses expiries more than 2 minutes ahead; the rest is room for clocks.
+const RECENT_SCAN_SLACK_MS: u64 = 5 * 60 * 1000;
 
 impl<K: Kv> std::fmt::Debug for Store<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,7 +168,39 @@ impl<K: Kv> Store<K> {
         }
         let initialized = kv.get(tables.meta(META_GENESIS).as_bytes())?.is_some();
         let segments = Segments::open(segments_dir, BODY_SEGMENT_BYTES_MAX)?;
-        Ok(Store { kv, segments, tables, applied, initialized })
+        let mut store = Store { kv, segments, tables, applied, initialized, recent: VecDeque::new() };
+        store.load_recent()?;
+        Ok(store)
+    }
+
+    /// Rebuilds the in-memory index of recent ids from the per-batch records, newest first,
+    /// back to the first batch too old to hold an unexpired id.
+    fn load_recent(&mut self) -> Result<(), StoreError> {
+        self.recent.clear();
+        let now = self.applied.time_ms;
+        let mut height = self.applied.height;
+        while height > 0 {
+            let Some(bytes) = self.kv.get(self.tables.batch_ids(height).as_bytes())? else { break };
+            let head = BatchIdsHead::deserialize(&mut &bytes[..])
+                .map_err(|e| StoreError::decode("batch ids", tally_codec::CodecError::Malformed(e.to_string())))?;
+            if head.time_ms.saturating_add(RECENT_SCAN_SLACK_MS) < now {
+                break;
+            }
+            if head.expires_max_ms >= now {
+                let rec: BatchIds = decode(&bytes, ENTRY_BYTES_MAX).map_err(|e| StoreError::decode("batch ids", e))?;
+                self.recent.push_front(RecentIds::of(height, &rec.ids));
+            }
+            height -= 1;
+        }
+        Ok(())
+    }
+
+    /// The ids record of the batch at `height`.
+    ///
+    /// # Errors
+    /// Backend and decode errors.
+    pub fn batch_ids(&self, height: u64) -> Result<Option<BatchIds>, StoreError> {
+        self.get_decoded(self.tables.batch_ids(height).as_bytes(), ENTRY_BYTES_MAX, "batch ids")
     }
 
     /// The key layout, so callers build write sets with the same table ids the store reads.
@@ -228,7 +289,25 @@ impl<K: Kv> Store<K> {
     /// If the chain is broken (height, previous hash), `index` does not advance, the entry's
     /// leaf counts disagree, or the write set touches the store's own meta table.
     pub fn apply_batch(&mut self, index: u64, entry: &BatchEntry, signature: &Signature) -> Result<(), StoreError> {
+        self.apply_batch_with_ids(index, entry, &entry.ids(), signature)
+    }
+
+    /// [`Store::apply_batch`] with the request ids already computed (`ids[i]` is request `i`'s).
+    ///
+    /// # Errors
+    /// As [`Store::apply_batch`].
+    ///
+    /// # Panics
+    /// As [`Store::apply_batch`], and when `ids` has not one id per request.
+    pub fn apply_batch_with_ids(
+        &mut self,
+        index: u64,
+        entry: &BatchEntry,
+        ids: &[tally_codec::RequestId],
+        signature: &Signature,
+    ) -> Result<(), StoreError> {
         let header = &entry.header;
+        assert_eq!(ids.len(), entry.requests.len(), "one id per request");
         assert!(index > self.applied.index, "log index {index} does not advance past {}", self.applied.index);
         assert_eq!(header.height, self.applied.height + 1, "chain broken: batch height does not follow");
         assert_eq!(header.prev_hash, self.applied.header_hash, "chain broken: prev_hash is not the last header's hash");
@@ -258,12 +337,18 @@ impl<K: Kv> Store<K> {
         let mut ops = Vec::with_capacity(entry.write_set.ops.len() + entry.requests.len() + 2);
         ops.extend(entry.write_set.ops.iter().cloned());
         ops.push(WriteOp { key: self.tables.batch(header.height).into_bytes(), value: Some(encode(&record)) });
-        for (id, location) in entry.locations() {
-            ops.push(WriteOp { key: self.tables.request(&id).into_bytes(), value: Some(encode(&location)) });
-        }
+        let batch_ids = BatchIds::new(
+            header.time_ms,
+            ids.iter().zip(&entry.requests).map(|(id, r)| (*id, r.request.expires_at_ms)).collect(),
+        );
+        ops.push(WriteOp { key: self.tables.batch_ids(header.height).into_bytes(), value: Some(encode(&batch_ids)) });
         ops.push(self.applied_op(&applied));
         self.kv.write(&ops)?;
         self.applied = applied;
+        self.recent.push_back(RecentIds::of(header.height, &batch_ids.ids));
+        while self.recent.front().is_some_and(|r| r.expires_max_ms < header.time_ms) {
+            self.recent.pop_front();
+        }
         Ok(())
     }
 
@@ -370,22 +455,77 @@ impl<K: Kv> Store<K> {
         decode(&bytes, ENTRY_BYTES_MAX).map_err(|e| StoreError::decode("batch body", e))
     }
 
-    /// Where a request's receipt can be rebuilt from; `None` for an unknown id.
+    /// Where an unexpired request's receipt can be rebuilt from; `None` for an id this store
+    /// does not hold among its recent batches (unknown, or past its expiry: see
+    /// [`Store::receipt_at`]).
     ///
     /// # Errors
     /// Backend and decode errors.
     pub fn request_location(&self, id: &RequestId) -> Result<Option<RequestLocation>, StoreError> {
-        self.get_decoded(self.tables.request(id).as_bytes(), SMALL_VALUE_BYTES_MAX, "request location")
+        let prefix = id_prefix(id);
+        for r in self.recent.iter().rev() {
+            for (leaf, _) in r.prefixes.iter().enumerate().filter(|(_, p)| **p == prefix) {
+                // 8 bytes can collide: the record on disk has the whole id.
+                let Some(rec) = self.batch_ids(r.height)? else { continue };
+                if let Some((found, expires_at_ms)) = rec.ids.get(leaf) {
+                    if found == id {
+                        let leaf_index = u32::try_from(leaf).expect("leaf counts are u32");
+                        return Ok(Some(RequestLocation {
+                            height: r.height,
+                            leaf_index,
+                            expires_at_ms: *expires_at_ms,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Executed ids whose expiry is not before `now_ms`, with their locations (exactly-once
+    /// after a restart), read from the recent batches' records.
+    ///
+    /// # Errors
+    /// Backend and decode errors.
+    pub fn unexpired_ids(&self, now_ms: u64) -> Result<Vec<(RequestId, RequestLocation)>, StoreError> {
+        let mut out = Vec::new();
+        for r in &self.recent {
+            let Some(rec) = self.batch_ids(r.height)? else { continue };
+            for (leaf, (id, expires_at_ms)) in rec.ids.iter().enumerate() {
+                if *expires_at_ms >= now_ms {
+                    let leaf_index = u32::try_from(leaf).expect("leaf counts are u32");
+                    out.push((*id, RequestLocation { height: r.height, leaf_index, expires_at_ms: *expires_at_ms }));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Rebuilds the Merkle proof from the stored body and returns a full receipt, verifiable
-    /// offline with [`Receipt::verify`]; this is how any replica serves any old receipt.
+    /// offline with [`Receipt::verify`]. Ids are found by id alone until they expire; after
+    /// that, [`Store::receipt_at`] with the height finds them.
     ///
     /// # Errors
     /// Backend, decode and segment errors; [`StoreError::Inconsistent`] when the location,
     /// the batch and its body disagree.
     pub fn receipt(&self, id: &RequestId) -> Result<Option<Receipt>, StoreError> {
         let Some(location) = self.request_location(id)? else { return Ok(None) };
+        self.receipt_in(id, &location)
+    }
+
+    /// The receipt of request `id` executed in the batch at `height`: any receipt, however old,
+    /// that this replica executed (one that installed a snapshot lacks the batches before it).
+    ///
+    /// # Errors
+    /// As [`Store::receipt`].
+    pub fn receipt_at(&self, id: &RequestId, height: u64) -> Result<Option<Receipt>, StoreError> {
+        let Some(rec) = self.batch_ids(height)? else { return Ok(None) };
+        let Some(leaf) = rec.ids.iter().position(|(found, _)| found == id) else { return Ok(None) };
+        let leaf_index = u32::try_from(leaf).expect("leaf counts are u32");
+        self.receipt_in(id, &RequestLocation { height, leaf_index, expires_at_ms: rec.ids[leaf].1 })
+    }
+
+    fn receipt_in(&self, id: &RequestId, location: &RequestLocation) -> Result<Option<Receipt>, StoreError> {
         let record = self.batch(location.height)?.ok_or_else(|| {
             StoreError::Inconsistent(format!("request {id} points at missing batch {}", location.height))
         })?;
@@ -454,10 +594,9 @@ impl<K: Kv> Store<K> {
                 continue;
             }
             if k.starts_with(&requests) {
-                let loc: RequestLocation =
-                    decode(&v, SMALL_VALUE_BYTES_MAX).map_err(|e| StoreError::decode("request location", e))?;
+                let rec: BatchIds = decode(&v, ENTRY_BYTES_MAX).map_err(|e| StoreError::decode("batch ids", e))?;
                 // Expired ids can never execute again (stage 4 refuses them), so they stay behind.
-                if loc.expires_at_ms < head_time_ms {
+                if rec.expires_max_ms < head_time_ms {
                     continue;
                 }
             }
@@ -546,7 +685,7 @@ impl<K: Kv> Store<K> {
         self.kv.sync_all()?;
         self.applied = snap.applied;
         self.initialized = true;
-        Ok(())
+        self.load_recent()
     }
 
     /// Makes segments and kv durable; call before compacting the log past `applied().index`.
@@ -843,6 +982,50 @@ mod tests {
         assert_send::<crate::Wal>();
         assert_send_sync::<Store<MemKv>>();
         assert_send_sync::<Segments>();
+    }
+
+    /// A batch costs one write for its ids, not one per request, and an id is found by itself
+    /// until a later batch's time passes its expiry, by its height at any age, also after a
+    /// reopen.
+    #[test]
+    fn ids_are_one_record_per_batch_found_by_id_until_expiry_and_by_height_always() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let ids = scenario(&mut store);
+        let t = *store.tables();
+        assert_eq!(store.kv.scan_prefix(&t.requests.0, usize::MAX).expect("scan").len(), 2, "two batches, two records");
+        // Batch 3 at a time past every expiry so far (60 s).
+        let alice = key(1);
+        let late = Request {
+            cluster_id: CLUSTER,
+            signer: pk(&alice),
+            nonce: 9,
+            expires_at_ms: 200_000,
+            op: Operation::Transfer { to: pk(&key(2)), amount: 1 },
+        }
+        .sign(&alice);
+        let mut b3 = batch(
+            &store.applied(),
+            vec![late.clone()],
+            vec![Outcome::Transferred { sender_balance: 74 }],
+            vec![balance_op(&t, &alice, 74)],
+        );
+        b3.header.time_ms = 100_000;
+        store.apply_batch(4, &b3, &b3.header.sign(&operator())).expect("apply 3");
+        for reopened in [false, true] {
+            if reopened {
+                drop(store);
+                store = Store::open(dir.path()).expect("reopen");
+            }
+            assert_eq!(store.receipt(&ids[0]).expect("read"), None, "expired: not found by id alone");
+            let old = store.receipt_at(&ids[0], 1).expect("read").expect("found by height");
+            old.verify(&pk(&operator())).expect("verifies");
+            assert_eq!(store.receipt_at(&ids[0], 2).expect("read"), None, "not in batch 2");
+            assert_eq!(store.receipt(&late.id()).expect("read").expect("unexpired").header.height, 3);
+            let live = store.unexpired_ids(100_000).expect("ids");
+            assert_eq!(live.len(), 1, "{live:?}");
+            assert_eq!(live[0].0, late.id());
+        }
     }
 
     #[test]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Full load on a local 3-replica cluster (release, TLS, fsync) for SECONDS (default 600): no
+# replica may mistake a slow scheduler for a dead leader. A bench run lasts at most 90 s (its
+# requests are signed before its clock starts), so two lanes of 60 s rounds run 30 s apart:
+# while one lane signs its next round, the other loads the cluster, and the machine stays busy.
+# Prints the leader changes and campaigns each replica counted (its /metrics), the terms before
+# and after, each replica's RSS at the end and the requests committed (RSS after N requests).
+#   scripts/soak_full_load.sh [SECONDS] [OUT]
+set -euo pipefail
+secs=${1:-600}
+out=${2:-target/soak}
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=$root/target/release
+base=${BASE_PORT:-7700}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d /tmp/tally-soak.XXXXXX)
+pids=()
+lanes=()
+cleanup() {
+  for p in "${lanes[@]:-}" "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+  pkill -9 -f "tally --cluster-dir $work" 2>/dev/null || true
+  for p in "${pids[@]:-}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+(cd "$root" && cargo build --release -q -p tallyd -p tally-client)
+"$bin/tally" cluster init --nodes 3 --dir "$work" --accounts 16 --base-port "$base" >/dev/null
+for i in 1 2 3; do
+  "$bin/tallyd" --config "$work/node-$i.toml" 2>"$work/node-$i.log" &
+  pids+=($!)
+done
+sleep 3
+metric() { # node name -> sum of the metric's samples
+  curl -s "http://127.0.0.1:$((base + 200 + $1))/metrics" | awk -v m="$2" '$1 ~ "^"m {s += $2} END {print s + 0}'
+}
+report() {
+  for i in 1 2 3; do
+    echo "$1 node $i: leader_changes=$(metric "$i" tally_leader_changes_total) campaigns=$(metric "$i" tally_elections_total) term=$(metric "$i" tally_term)"
+  done
+}
+report before | tee "$out/soak.txt"
+end=$(( $(date +%s) + secs ))
+lane() { # lane number
+  local n=0
+  while [ "$(date +%s)" -lt "$end" ]; do
+    n=$((n + 1))
+    "$bin/tally" --cluster-dir "$work" bench --duration 60 --clients 2 --inflight 2 --rate-max 40000 \
+      --accounts-dir "$work" --json "$out/lane-$1-round-$n.json" >/dev/null 2>&1 || true
+  done
+}
+rm -f "$out"/lane-*.json
+lane 1 & lanes+=($!)
+sleep 30
+lane 2 & lanes+=($!)
+wait "${lanes[@]}"
+report after | tee -a "$out/soak.txt"
+python3 - "$out" <<'PY' | tee -a "$out/soak.txt"
+import glob, json, sys
+runs = [json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + "/lane-*.json"))]
+c = sum(r["committed"] for r in runs)
+e = sum(r["errors"] for r in runs)
+p99 = max((r["latency_ms_p99"] for r in runs), default=0)
+print(f"{len(runs)} rounds: {c} requests committed, {e} errors, worst round p99 {p99:.0f} ms")
+PY
+for i in 1 2 3; do
+  awk -v n="$i" '/^VmRSS/{r=$2} /^VmHWM/{h=$2} END{printf "node %d RSS %d MiB (peak %d MiB)\n", n, r/1024, h/1024}' \
+    "/proc/${pids[$((i - 1))]}/status" | tee -a "$out/soak.txt"
+done
