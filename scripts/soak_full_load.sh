@@ -18,6 +18,8 @@ work=$(mktemp -d /tmp/tally-soak.XXXXXX)
 pids=()
 lanes=()
 cleanup() {
+  # What the replicas said about elections and links, kept for diagnosis.
+  grep -h -i -E "elect|campaign|became|leader|peer down|link" "$work"/node-*.log 2>/dev/null | tail -200 >"$out/elections.log" || true
   for p in "${lanes[@]:-}" "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
   pkill -9 -f "tally --cluster-dir $work" 2>/dev/null || true
   for p in "${pids[@]:-}"; do wait "$p" 2>/dev/null || true; done
@@ -36,7 +38,7 @@ metric() { # node name -> sum of the metric's samples
 }
 report() {
   for i in 1 2 3; do
-    echo "$1 node $i: leader_changes=$(metric "$i" tally_leader_changes_total) campaigns=$(metric "$i" tally_elections_total) term=$(metric "$i" tally_term)"
+    echo "$1 node $i: leader_changes=$(metric "$i" tally_leader_changes_total) campaigns=$(metric "$i" tally_elections_total) leader_down_campaigns=$(metric "$i" 'tally_elections_total\\{kind="leader_down"') term=$(metric "$i" tally_term)"
   done
 }
 report before | tee "$out/soak.txt"

@@ -44,9 +44,22 @@ pub const STORE_QUEUED_MAX: usize = 32;
 
 /// A write for the store thread.
 enum StoreOp {
-    Batch { index: u64, batch: Committed, signature: Signature },
-    Noop { index: u64, term: u64 },
-    Conf { index: u64, term: u64, conf: Vec<u8> },
+    Batch {
+        index: u64,
+        batch: Committed,
+        signature: Signature,
+    },
+    Noop {
+        index: u64,
+        term: u64,
+    },
+    Conf {
+        index: u64,
+        term: u64,
+        conf: Vec<u8>,
+    },
+    /// Make everything written so far durable (fsync LevelDB's files and the segments).
+    Sync,
 }
 
 /// What the store thread reports back.
@@ -57,6 +70,8 @@ struct Flushed {
     height: AtomicU64,
     /// Why a store write failed, if one did (the store thread stops then).
     failed: Mutex<Option<String>>,
+    /// The last log index made durable by a `Sync` (the log may be compacted up to it).
+    synced: AtomicU64,
 }
 
 /// Writes of one applied entry not yet in the store.
@@ -115,6 +130,8 @@ impl StoreLedger {
             index: AtomicU64::new(head.index),
             height: AtomicU64::new(head.height),
             failed: Mutex::new(None),
+            // Nothing is known durable before the first sync of this process.
+            synced: AtomicU64::new(0),
         });
         let (tx, rx) = bounded(STORE_QUEUED_MAX);
         let (s2, f2) = (store.clone(), flushed.clone());
@@ -154,6 +171,17 @@ impl StoreLedger {
         self.unflushed.push_back(written);
         self.forget_flushed();
         Ok(())
+    }
+
+    /// Asks the store thread to make what it wrote durable (behind the writes queued before).
+    /// A full queue skips this round.
+    pub fn request_sync(&self) {
+        let _ = self.tx.try_send(StoreOp::Sync);
+    }
+
+    /// The last log index the store made durable ([`StoreLedger::request_sync`]).
+    pub fn synced_index(&self) -> u64 {
+        self.flushed.synced.load(Ordering::Acquire)
     }
 
     /// Drops from the overlay what the store now holds.
@@ -231,7 +259,23 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
     for op in rx {
         let started = std::time::Instant::now();
         let mut s = store.lock();
+        if matches!(op, StoreOp::Sync) {
+            // Seconds under a heavy write load: on this thread, never on the replica thread,
+            // whose heartbeats must not wait for it.
+            let durable = s.applied().index;
+            let r = s.sync_all();
+            drop(s);
+            if let Err(e) = r {
+                tracing::error!(error = %e, "store sync failed; the replica stops");
+                *flushed.failed.lock() = Some(format!("store sync: {e}"));
+                return;
+            }
+            crate::measure::stage_time("store_sync", started);
+            flushed.synced.store(durable, Ordering::Release);
+            continue;
+        }
         let (index, r) = match op {
+            StoreOp::Sync => unreachable!("handled above"),
             StoreOp::Batch { index, batch, signature } => {
                 (index, s.apply_batch_with_ids(index, &batch.entry, &batch.ids, &signature))
             }

@@ -615,16 +615,16 @@ impl ReplicaThread {
             return;
         }
         self.last_store_sync_ms = now;
-        let durable = {
-            let mut store = self.shared.store.lock();
-            let applied = store.applied().index;
-            if let Err(e) = store.sync_all() {
-                drop(store);
-                self.fail_log(format!("store sync: {e}"));
-                return;
-            }
-            applied
-        };
+        // The store thread fsyncs (seconds under load: the replica thread must keep
+        // heartbeating); the log is compacted behind what its last sync made durable.
+        // A failed sync stops the replica here, as it did when the sync ran on this thread (a
+        // failed write stops it through the core, at its next apply).
+        if let Some(why) = self.replica.ledger().failed().filter(|w| w.starts_with("store sync:")) {
+            self.fail_log(why);
+            return;
+        }
+        self.replica.ledger().request_sync();
+        let durable = self.replica.ledger().synced_index();
         // Entries a lagging follower may still need stay on disk too, so a restarted leader can
         // serve them from its log (the core keeps what the disk holds up to its applied entry).
         let target = durable.min(self.log.log().last_index()).saturating_sub(self.log_retain_entries);

@@ -63,6 +63,11 @@ fn operator_end_to_end_on_one_replica() {
     // A receipt fetched later from the store is the same receipt.
     let stored = alice.receipt(c.request_id).expect("receipt call").expect("stored receipt");
     assert_eq!(stored, *c.receipt);
+    // With its height (how receipts past their request's expiry are found), the same receipt;
+    // at another height, none.
+    let at = alice.receipt_at(c.request_id, c.receipt.header.height).expect("receipt call");
+    assert_eq!(at.as_ref(), Some(&*c.receipt));
+    assert_eq!(alice.receipt_at(c.request_id, c.receipt.header.height + 1_000).expect("receipt call"), None);
     // A tampered receipt does not verify.
     let mut bad = stored.clone();
     bad.outcome = Outcome::Transferred { sender_balance: 5 };
