@@ -41,8 +41,8 @@ done
 endpoints=${endpoints%,}
 for _ in $(seq 1 50); do etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
 echo "etcd: etcdctl check perf --load=xl (60 s)"
-etcdctl --endpoints "$endpoints" check perf --load=xl 2>&1 | tee "$out/etcd.txt" || true
-etcd_rate=$(grep -oE 'Throughput is [0-9]+' "$out/etcd.txt" | grep -oE '[0-9]+' | head -1)
+etcdctl --endpoints "$endpoints" check perf --load=xl 2>&1 | tr '\r' '\n' | grep -vE '^ *[0-9]+ / 60' | tee "$out/etcd.txt" || true
+etcd_rate=$(grep -oE '[0-9]+ writes/s' "$out/etcd.txt" | grep -oE '^[0-9]+' | head -1 || true)
 for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
 pids=()
 echo "tally: 3 replicas"

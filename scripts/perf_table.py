@@ -48,7 +48,7 @@ for name, d in sweeps:
     print("| offered/s | committed/s | p50 | p99 | p999 |")
     print("| --- | --- | --- | --- | --- |")
     for p in d["points"]:
-        print(f"| {p['offered_rate_per_s']:,.0f} | {p['throughput_per_s']:,.0f} | {ms(p['latency_ms_p50'])} | "
+        print(f"| {p['offered_per_s']:,.0f} | {p['throughput_per_s']:,.0f} | {ms(p['latency_ms_p50'])} | "
               f"{ms(p['latency_ms_p99'])} | {ms(p['latency_ms_p999'])} |")
 for name, d in compares:
     print(f"\nSame run (`{name}`): etcd {d['etcd_puts_per_s']:,.0f} unsigned puts/s ({d['etcd_load']}); "

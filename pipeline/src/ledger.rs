@@ -565,4 +565,31 @@ mod tests {
         assert_eq!(store.lock().balance(&alice).expect("read"), None);
         assert!(ledger.overlay.is_empty(), "the overlay forgets what the store holds");
     }
+
+    /// The replica thread asks for a store sync and goes on: the fsync runs on the store thread
+    /// (while it holds the store, here while the test holds it, the request returns at once),
+    /// and the log may be compacted only up to what that sync made durable.
+    #[test]
+    fn a_sync_is_requested_without_waiting_and_reports_what_it_made_durable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        let signature = Signature([0; 64]);
+        let e = entry(1, Digest::ZERO, Vec::new());
+        ledger.apply_batch(2, 1, &tally_codec::Committed::new(e), &signature).expect("applied");
+        ledger.drain().expect("drained");
+        {
+            let _held = store.lock(); // a sync in progress holds the store this long
+            let asked = std::time::Instant::now();
+            ledger.request_sync();
+            assert!(asked.elapsed() < std::time::Duration::from_millis(100), "the request does not wait for the store");
+            assert_eq!(ledger.synced_index(), 0, "nothing is known durable before a sync ran");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ledger.synced_index() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the store thread never synced");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(ledger.synced_index(), 2, "the sync covers what was written before it was asked");
+    }
 }

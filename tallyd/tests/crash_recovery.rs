@@ -81,7 +81,10 @@ fn acknowledged_writes_survive_kill_9() {
     let acked = acked.lock().clone();
     for (id, receipt) in &acked {
         receipt.verify(&operator).expect("a receipt issued before the crash still verifies");
-        let stored = client.receipt(*id).expect("receipt call").expect("acknowledged request is present");
+        let stored = client
+            .receipt_at(*id, receipt.header.height)
+            .expect("receipt call")
+            .expect("acknowledged request is present");
         assert_eq!(&stored, receipt, "same result, same batch, same signature");
     }
     wait_caught_up(&nodes[0].addr);

@@ -240,7 +240,9 @@ fn check_every_replica(addrs: &[String], acked: &HashMap<RequestId, Receipt>) {
             }
         }
         for r in acked.values().step_by(step) {
-            match conn.call_timeout(ClientMessage::Receipt { id: r.request_id() }, Duration::from_secs(5)) {
+            // By height: a request past its expiry is not found by id alone.
+            let at = ClientMessage::ReceiptAt { id: r.request_id(), height: r.header.height };
+            match conn.call_timeout(at, Duration::from_secs(5)) {
                 Ok(ServerMessage::Receipt(Some(got))) => assert_eq!(&*got, r, "{addr}: receipt differs"),
                 other => panic!("{addr}: receipt of {}: {other:?}", r.request_id()),
             }
