@@ -13,19 +13,11 @@ set -euo pipefail
 nodes=${1:?usage: $0 NODES OUT [bench args...]}
 out=${2:?usage: $0 NODES OUT [bench args...]}
 shift 2
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$root/target/release
+. "$(dirname "$0")/lib.sh"
 base=${BASE_PORT:-7600}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+out=$(bench_out "$out")
 work=$(mktemp -d /tmp/tally-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
-  for p in "${pids[@]:-}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap kill_started EXIT
 (cd "$root" && cargo build --release -q -p tallyd -p tally-client)
 "$bin/tally" cluster init --nodes "$nodes" --dir "$work" --accounts 16 --base-port "$base" >/dev/null
 for i in $(seq 1 "$nodes"); do

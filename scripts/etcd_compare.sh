@@ -9,20 +9,13 @@ set -euo pipefail
 out=${1:-target/compare}
 shift || true
 [ $# -eq 0 ] && set -- --duration 20 --clients 4 --inflight 4
-root=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+. "$(dirname "$0")/lib.sh"
+out=$(bench_out "$out")
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server etcd-client >/dev/null
 fi
 work=$(mktemp -d /tmp/tally-etcd.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
-  for p in "${pids[@]:-}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap kill_started EXIT
 base=${ETCD_BASE_PORT:-23790}
 cluster=""
 for i in 1 2 3; do cluster+="e$i=http://127.0.0.1:$((base + 10 * i + 1)),"; done

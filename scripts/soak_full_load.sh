@@ -9,21 +9,17 @@
 set -euo pipefail
 secs=${1:-600}
 out=${2:-target/soak}
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$root/target/release
+. "$(dirname "$0")/lib.sh"
 base=${BASE_PORT:-7700}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+out=$(bench_out "$out")
 work=$(mktemp -d /tmp/tally-soak.XXXXXX)
-pids=()
 lanes=()
 cleanup() {
   # What the replicas said about elections and links, kept for diagnosis.
-  grep -h -i -E "elect|campaign|became|leader|peer down|link" "$work"/node-*.log 2>/dev/null | tail -200 >"$out/elections.log" || true
-  for p in "${lanes[@]:-}" "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+  grep -h -i -E "elect|campaign|became|leader|peer down|link|store queue" "$work"/node-*.log 2>/dev/null | tail -200 >"$out/elections.log" || true
+  for p in "${lanes[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
   pkill -9 -f "tally --cluster-dir $work" 2>/dev/null || true
-  for p in "${pids[@]:-}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  kill_started
 }
 trap cleanup EXIT
 (cd "$root" && cargo build --release -q -p tallyd -p tally-client)

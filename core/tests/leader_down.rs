@@ -3,35 +3,21 @@
 //! election timeout would take 500–1,000 ms. Three cores wired by hand, messages delivered 1 ms
 //! after they are sent.
 
+mod common;
+
 use std::collections::VecDeque;
 
 use raft::eraftpb::Message;
-use tally_codec::ClusterId;
-use tally_core::{Effect, Event, MemLedger, Plant, Replica, ReplicaConfig, RestoredLog};
+use tally_core::{Effect, Event, MemLedger, Replica, ReplicaConfig, RestoredLog};
 
 const TICK_MS: u64 = 50;
 const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 2;
 
 fn cfg(id: u64, campaign_on_leader_down: bool) -> ReplicaConfig {
-    ReplicaConfig {
-        node_id: id,
-        voters: vec![1, 2, 3],
-        cluster_id: ClusterId([5; 16]),
-        tick_ms: TICK_MS,
-        election_ticks: ELECTION_TICKS,
-        heartbeat_ticks: HEARTBEAT_TICKS,
-        batch_interval_ms: 100,
-        batch_requests_max: 100,
-        batch_bytes_max: 1 << 20,
-        log_retain_entries: 16,
-        log_retain_bytes: 64 << 20,
-        operator_key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
-        election_seed: id * 7919,
-        plant: Plant::None,
-        snapshot_reports_by_shell: false,
-        campaign_on_leader_down,
-    }
+    let mut c = common::replica_config(id, id * 7919);
+    c.campaign_on_leader_down = campaign_on_leader_down;
+    c
 }
 
 struct Net {

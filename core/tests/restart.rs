@@ -2,30 +2,14 @@
 // raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
 #![allow(clippy::field_reassign_with_default)]
 
+mod common;
+
 use raft::eraftpb::{Entry, HardState, Snapshot};
-use tally_codec::ClusterId;
 use tally_core::replica::StartError;
-use tally_core::{Ledger, MemLedger, Persist, Plant, Replica, ReplicaConfig, RestoredLog};
+use tally_core::{Ledger, MemLedger, Persist, Replica, ReplicaConfig, RestoredLog};
 
 fn cfg() -> ReplicaConfig {
-    ReplicaConfig {
-        node_id: 1,
-        voters: vec![1, 2, 3],
-        cluster_id: ClusterId([5; 16]),
-        tick_ms: 50,
-        election_ticks: 10,
-        heartbeat_ticks: 2,
-        batch_interval_ms: 100,
-        batch_requests_max: 100,
-        batch_bytes_max: 1 << 20,
-        log_retain_entries: 16,
-        log_retain_bytes: 64 << 20,
-        operator_key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
-        election_seed: 1,
-        plant: Plant::None,
-        snapshot_reports_by_shell: false,
-        campaign_on_leader_down: true,
-    }
+    common::replica_config(1, 1)
 }
 
 fn noops(from: u64, to: u64, term: u64) -> Persist {

@@ -15,7 +15,7 @@
 //! state: the peer transport streams the held export in its place, in chunks, so the state is
 //! never copied on the replica thread. The follower's transport reassembles the whole envelope.
 
-use crossbeam::channel::{bounded, Receiver, Sender};
+use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,9 +38,12 @@ pub const EXPORT_KEEP: Duration = Duration::from_secs(60);
 /// carry them) and the API (status, leader address).
 pub type Members = Arc<Mutex<std::collections::BTreeMap<u64, MemberAddr>>>;
 
-/// Store writes queued for the store thread, at most (about 2 s of batches at full load); a
-/// full queue makes the replica thread wait, which slows commits rather than memory growing.
-pub const STORE_QUEUED_MAX: usize = 32;
+/// Store writes queued for the store thread, at most: about 13 s of batches (a few hundred MB
+/// at full load, held by the overlay anyway). A full queue makes the replica thread wait, which
+/// slows commits rather than memory growing, but also stops its heartbeats: the queue must
+/// outlast a store stall (rusty-leveldb compacts inside `write`), or a slow store costs the
+/// leader its leadership. At 32 (3.2 s) a 10-minute full-load run saw a 3 s leader silence.
+pub const STORE_QUEUED_MAX: usize = 128;
 
 /// A write for the store thread.
 enum StoreOp {
@@ -161,7 +164,25 @@ impl StoreLedger {
         if let Some(why) = self.flushed.failed.lock().clone() {
             return Err(LedgerError::Write(why));
         }
-        if self.tx.send(op).is_err() {
+        let sent = match self.tx.try_send(op) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(op)) => {
+                // The replica thread waits, and sends no heartbeat meanwhile: say so.
+                let waited = std::time::Instant::now();
+                let sent = self.tx.send(op).map_err(|_| ());
+                let waited_ms = waited.elapsed().as_millis();
+                if waited_ms >= 100 {
+                    tracing::warn!(
+                        waited_ms,
+                        queued = STORE_QUEUED_MAX,
+                        "store queue full: the replica thread waited for the store"
+                    );
+                }
+                sent
+            }
+            Err(TrySendError::Disconnected(_)) => Err(()),
+        };
+        if sent.is_err() {
             // The store thread records why before it returns and drops the receiver: a send
             // that raced with its failure reports the failure itself (a full disk must be
             // called a full disk, or tallyd exits instead of waiting for space).
@@ -171,6 +192,12 @@ impl StoreLedger {
         self.unflushed.push_back(written);
         self.forget_flushed();
         Ok(())
+    }
+
+    /// Whether the store thread is half a queue behind: the shell stops taking new submissions
+    /// until it catches up.
+    pub fn store_behind(&self) -> bool {
+        self.tx.len() >= STORE_QUEUED_MAX / 2
     }
 
     /// Asks the store thread to make what it wrote durable (behind the writes queued before).
@@ -591,5 +618,28 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(ledger.synced_index(), 2, "the sync covers what was written before it was asked");
+    }
+
+    /// A store that falls half a queue behind is reported (the shell then takes no new work),
+    /// and stops being reported once it catches up.
+    #[test]
+    fn a_store_half_a_queue_behind_is_reported_until_it_catches_up() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        let signature = Signature([0; 64]);
+        let mut prev = Digest::ZERO;
+        {
+            let _held = store.lock(); // the store thread is stuck
+            for h in 1..=(STORE_QUEUED_MAX as u64 / 2 + 1) {
+                assert!(!ledger.store_behind() || h > STORE_QUEUED_MAX as u64 / 2, "behind after only {h} batches");
+                let e = entry(h, prev, Vec::new());
+                prev = e.header.hash();
+                ledger.apply_batch(h + 1, 1, &tally_codec::Committed::new(e), &signature).expect("applied");
+            }
+            assert!(ledger.store_behind(), "half a queue behind");
+        }
+        ledger.drain().expect("drained");
+        assert!(!ledger.store_behind(), "caught up");
     }
 }

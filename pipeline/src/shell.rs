@@ -363,9 +363,13 @@ impl ReplicaThread {
         self.transport.stop();
     }
 
-    /// Whether the core holds as many requests as two full batches, waiting for one to close.
+    /// Whether the core holds as many requests as two full batches, waiting for one to close,
+    /// or the store thread is half a queue behind: new work then waits in the submission
+    /// channel (clients get `Overloaded` when it is full) instead of the replica thread blocking
+    /// on a full store queue, where it would send no heartbeat.
     fn core_queue_full(&self) -> bool {
         self.replica.sequencer_state().1 >= 2 * self.shared.opts.batch_requests_max
+            || self.replica.ledger().store_behind()
     }
 
     fn now(&self) -> (u64, u64) {
