@@ -42,6 +42,10 @@ use tally_codec::{
     Signature, Tables,
 };
 
+/// Checked batches kept between append and commit, at most (a cache: an entry not kept is
+/// decoded and checked again when it commits).
+const APPENDED_MAX: usize = 1024;
+
 /// Who is waiting for an answer: opaque to the core (a connection slot, a simulated client).
 pub type ClientTag = u64;
 
@@ -910,9 +914,10 @@ impl<L: Ledger> Replica<L> {
                     _ => {}
                 }
             }
-            // Kept until the entry commits (or the commit passes an entry that was replaced).
+            // Kept until the entry commits (or the commit passes an entry that was replaced),
+            // at most APPENDED_MAX of them: past that, an entry is decoded again at commit.
             for (index, term, digest, batch) in checked {
-                if index > self.raw.raft.raft_log.committed {
+                if index > self.raw.raft.raft_log.committed && self.appended.len() < APPENDED_MAX {
                     self.appended.insert(index, (term, digest, batch));
                 }
             }
