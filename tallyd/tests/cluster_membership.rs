@@ -354,11 +354,11 @@ fn a_replica_added_to_a_cluster_with_large_state_catches_up_without_an_election(
     let mut all = addrs.clone();
     all.push(cfg.listen.clone());
     let target = leader_status(&all).expect("a leader").committed_height;
-    assert!(
-        wait_until(Duration::from_secs(60), || status_of(&cfg.listen).is_some_and(|s| s.applied_height >= target)),
-        "node 4 did not reach height {target}:\n{}",
-        nodes[3].log_text()
-    );
+    let reached = wait_until(Duration::from_secs(60), || status_of(&cfg.listen).is_some_and(|s| s.applied_height >= target));
+    if !reached {
+        dump_logs(&nodes);
+    }
+    assert!(reached, "node 4 did not reach height {target}: {:?}", status_of(&cfg.listen));
     let caught_up = t.elapsed();
     let mut seen = Vec::new();
     assert!(
