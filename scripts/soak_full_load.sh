@@ -16,7 +16,7 @@ work=$(mktemp -d /tmp/tally-soak.XXXXXX)
 lanes=()
 cleanup() {
   # What the replicas said about elections and links, kept for diagnosis.
-  grep -h -i -E "elect|campaign|became|leader|peer down|link|store queue" "$work"/node-*.log 2>/dev/null | tail -200 >"$out/elections.log" || true
+  grep -h -i -E "elect|campaign|became|leader|peer down|link|store|snapshot|exported" "$work"/node-*.log 2>/dev/null | tail -200 >"$out/elections.log" || true
   for p in "${lanes[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
   pkill -9 -f "tally --cluster-dir $work" 2>/dev/null || true
   kill_started

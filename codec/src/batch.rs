@@ -230,13 +230,14 @@ impl Committed {
     }
 }
 
-/// Stored per height (`requests` table v2): the batch's time and its requests' ids, in leaf
-/// order, each with its expiry. One write per batch instead of one per request: a request's
-/// location is its batch's height and its position here.
+/// A batch's time and its requests' ids, in leaf order, each with its expiry: what the store
+/// keeps per height (in its segment files, referenced from the `requests` table v3). One write
+/// per batch instead of one per request: a request's location is its batch's height and its
+/// position here.
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub struct BatchIds {
     pub time_ms: u64,
-    /// The latest expiry among `ids` (read alone, with `time_ms`, by [`BatchIdsHead`]).
+    /// The latest expiry among `ids` (also in the store's table record, read without the ids).
     pub expires_max_ms: u64,
     pub ids: Vec<(crate::RequestId, u64)>,
 }
@@ -246,13 +247,6 @@ impl BatchIds {
         let expires_max_ms = ids.iter().map(|(_, e)| *e).max().unwrap_or(0);
         BatchIds { time_ms, expires_max_ms, ids }
     }
-}
-
-/// The leading fields of an encoded [`BatchIds`], decoded without its ids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, BorshDeserialize)]
-pub struct BatchIdsHead {
-    pub time_ms: u64,
-    pub expires_max_ms: u64,
 }
 
 /// The body of a committed batch, kept so any replica can rebuild any proof later.

@@ -33,7 +33,8 @@ pub struct Tables {
     pub accounts: TableId,
     /// intent: height (big-endian) → [`crate::BatchRecord`].
     pub batches: TableId,
-    /// intent: height (big-endian) → [`crate::BatchIds`] (v2; v1 held one key per request).
+    /// intent: height (big-endian) → where that batch's [`crate::BatchIds`] are in the store's
+    /// segment files (v3; v2 held the ids themselves, v1 one key per request).
     pub requests: TableId,
     /// intent: name → store metadata (applied index, schema).
     pub meta: TableId,
@@ -49,8 +50,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const DOCS_VERSION: u32 = 2;
 /// The batches table's version: 2 since a batch body holds its write set.
 pub const BATCHES_VERSION: u32 = 2;
-/// The requests table's version: 2 since it holds one record of ids per batch.
-pub const REQUESTS_VERSION: u32 = 2;
+/// The requests table's version: 2 since it holds one record of ids per batch, 3 since that
+/// record points into the segment files.
+pub const REQUESTS_VERSION: u32 = 3;
 
 impl Tables {
     pub fn v1() -> Self {

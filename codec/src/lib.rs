@@ -28,7 +28,7 @@ pub mod types;
 pub mod wire;
 
 pub use batch::{
-    Attached, BatchBody, BatchEntry, BatchHeader, BatchIds, BatchIdsHead, BatchRecord, ClaimMeta, Committed, DocMeta,
+    Attached, BatchBody, BatchEntry, BatchHeader, BatchIds, BatchRecord, ClaimMeta, Committed, DocMeta,
     LeaseMeta, Outcome, Receipt, RequestLocation, WriteOp, WriteSet,
 };
 pub use error::{CodecError, ErrorCode};

@@ -45,6 +45,10 @@ pub type Members = Arc<Mutex<std::collections::BTreeMap<u64, MemberAddr>>>;
 /// leader its leadership. At 32 (3.2 s) a 10-minute full-load run saw a 3 s leader silence.
 pub const STORE_QUEUED_MAX: usize = 128;
 
+/// A wait for the store this long on the replica thread is logged (a store write this long times
+/// five too).
+pub const STORE_WAIT_WARN_MS: u64 = 100;
+
 /// A write for the store thread.
 enum StoreOp {
     Batch {
@@ -258,6 +262,19 @@ impl StoreLedger {
         Ok(())
     }
 
+    /// The store, for a read the overlay could not answer (on the replica thread). A wait of
+    /// `STORE_WAIT_WARN_MS` or more is logged: the replica sends no heartbeat meanwhile.
+    fn read_store(&self) -> parking_lot::MutexGuard<'_, Store> {
+        let started = std::time::Instant::now();
+        let guard = self.store.lock();
+        let waited = started.elapsed();
+        if waited >= Duration::from_millis(STORE_WAIT_WARN_MS) {
+            tracing::warn!(ms = waited.as_millis() as u64, "a read on the replica thread waited for the store");
+            metrics::counter!("tally_store_read_waits_total").increment(1);
+        }
+        guard
+    }
+
     fn overlay_get(&self, key: &[u8]) -> Option<Option<&Vec<u8>>> {
         self.overlay.get(key).map(|(v, _)| v.as_ref())
     }
@@ -317,6 +334,11 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
             return;
         }
         crate::measure::stage_time("store", started);
+        let took = started.elapsed();
+        if took >= Duration::from_millis(STORE_WAIT_WARN_MS * 5) {
+            // rusty-leveldb compacts inside `write`, holding the store meanwhile.
+            tracing::warn!(index, ms = took.as_millis() as u64, "a store write was slow");
+        }
         flushed.height.store(height, Ordering::Release);
         flushed.index.store(index, Ordering::Release);
         on_flushed(index, height);
@@ -365,19 +387,19 @@ impl Ledger for StoreLedger {
     fn balance(&self, account: &PublicKey) -> Option<u64> {
         match self.overlay_get(self.tables.account(account).as_bytes()) {
             Some(v) => v.map(|v| tally_codec::decode(v, 8).expect("balances are borsh u64")),
-            None => self.store.lock().balance(account).unwrap_or_else(|e| store_failed("read", e)),
+            None => self.read_store().balance(account).unwrap_or_else(|e| store_failed("read", e)),
         }
     }
     fn doc_meta(&self, key: &DocKey) -> Option<DocMeta> {
         match self.overlay_get(self.tables.doc(key).as_bytes()) {
             Some(v) => v.map(|v| tally_codec::decode(v, 1024).expect("document metadata decodes")),
-            None => self.store.lock().doc_meta(key).unwrap_or_else(|e| store_failed("read", e)),
+            None => self.read_store().doc_meta(key).unwrap_or_else(|e| store_failed("read", e)),
         }
     }
     fn get_raw(&self, key: &[u8]) -> Option<Vec<u8>> {
         match self.overlay_get(key) {
             Some(v) => v.cloned(),
-            None => self.store.lock().get_raw(key).unwrap_or_else(|e| store_failed("read", e)),
+            None => self.read_store().get_raw(key).unwrap_or_else(|e| store_failed("read", e)),
         }
     }
     fn get_raw_many(&self, keys: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
@@ -385,7 +407,7 @@ impl Ledger for StoreLedger {
             keys.iter().map(|k| self.overlay_get(k).map(|v| v.cloned())).collect();
         if out.iter().any(Option::is_none) {
             // One lock for every miss: the store thread may hold it through a segment fsync.
-            let store = self.store.lock();
+            let store = self.read_store();
             for (slot, k) in out.iter_mut().zip(keys) {
                 if slot.is_none() {
                     *slot = Some(store.get_raw(k).unwrap_or_else(|e| store_failed("read", e)));
@@ -396,7 +418,7 @@ impl Ledger for StoreLedger {
     }
     fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut pairs: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
-            self.store.lock().kv_scan(&table.0).unwrap_or_else(|e| store_failed("read", e)).into_iter().collect();
+            self.read_store().kv_scan(&table.0).unwrap_or_else(|e| store_failed("read", e)).into_iter().collect();
         for (k, (v, _)) in self.overlay.iter().filter(|(k, _)| k.starts_with(&table.0)) {
             match v {
                 Some(v) => pairs.insert(k.clone(), v.clone()),
@@ -410,19 +432,19 @@ impl Ledger for StoreLedger {
         let body_key = self.tables.doc_body(&meta.body).to_bytes();
         let body = match self.overlay_get(&body_key) {
             Some(v) => v.cloned(),
-            None => self.store.lock().get_raw(&body_key).unwrap_or_else(|e| store_failed("read", e)),
+            None => self.read_store().get_raw(&body_key).unwrap_or_else(|e| store_failed("read", e)),
         };
         Some((meta, body.unwrap_or_default()))
     }
     fn receipt(&self, id: &RequestId) -> Option<Receipt> {
         let Some(loc) = self.ids.get(id) else {
-            return self.store.lock().receipt(id).unwrap_or_else(|e| store_failed("read", e));
+            return self.read_store().receipt(id).unwrap_or_else(|e| store_failed("read", e));
         };
         let (entry, signature) = self.batches.get(&loc.height)?;
         tally_core::ledger::receipt_in(entry, signature, loc)
     }
     fn unexpired_ids(&self, now_ms: u64) -> Vec<(RequestId, RequestLocation)> {
-        let mut ids = self.store.lock().unexpired_ids(now_ms).unwrap_or_else(|e| store_failed("read", e));
+        let mut ids = self.read_store().unexpired_ids(now_ms).unwrap_or_else(|e| store_failed("read", e));
         ids.extend(self.ids.iter().filter(|(_, l)| l.expires_at_ms >= now_ms).map(|(id, l)| (*id, *l)));
         ids
     }
@@ -431,7 +453,7 @@ impl Ledger for StoreLedger {
             let leaf = self.ids.get(id).filter(|l| l.height == height)?;
             return tally_core::ledger::receipt_in(entry, signature, leaf);
         }
-        self.store.lock().receipt_at(id, height).unwrap_or_else(|e| store_failed("read", e))
+        self.read_store().receipt_at(id, height).unwrap_or_else(|e| store_failed("read", e))
     }
     fn apply_batch(
         &mut self,
