@@ -49,6 +49,64 @@ pub const STORE_QUEUED_MAX: usize = 128;
 /// five too).
 pub const STORE_WAIT_WARN_MS: u64 = 100;
 
+/// Values the store holds, kept in memory after the overlay forgets them, at most this many
+/// bytes (keys and values): the replica thread's reads of recently written keys never wait for
+/// the store thread, which holds the store through each write (and any LevelDB compaction
+/// inside it: up to seconds).
+pub const CLEAN_CACHE_BYTES: usize = 64 << 20;
+
+/// Recently written keys with the value the store now holds (`None`: deleted), evicted oldest
+/// first past a byte budget.
+struct CleanCache {
+    map: HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>,
+    /// (key, generation) in insertion order; an entry is stale when its key was inserted again.
+    order: VecDeque<(Vec<u8>, u64)>,
+    bytes: usize,
+    budget: usize,
+    generation: u64,
+}
+
+impl CleanCache {
+    fn new(budget: usize) -> Self {
+        CleanCache { map: HashMap::new(), order: VecDeque::new(), bytes: 0, budget, generation: 0 }
+    }
+
+    fn cost(key: &[u8], value: Option<&Vec<u8>>) -> usize {
+        key.len() + value.map_or(0, Vec::len) + 32
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Option<&Vec<u8>>> {
+        self.map.get(key).map(|(v, _)| v.as_ref())
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.generation += 1;
+        self.bytes += Self::cost(&key, value.as_ref());
+        if let Some((old, _)) = self.map.insert(key.clone(), (value, self.generation)) {
+            self.bytes -= Self::cost(&key, old.as_ref());
+        }
+        self.order.push_back((key, self.generation));
+        while self.bytes > self.budget {
+            let Some((k, g)) = self.order.pop_front() else { break };
+            if self.map.get(&k).is_some_and(|(_, at)| *at == g) {
+                let (v, _) = self.map.remove(&k).expect("present");
+                self.bytes -= Self::cost(&k, v.as_ref());
+            }
+        }
+        // Stale order entries are dropped when they reach the front; keep them bounded too.
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order.retain(|(k, g)| map.get(k).is_some_and(|(_, at)| at == g));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+        self.bytes = 0;
+    }
+}
+
 /// A write for the store thread.
 enum StoreOp {
     Batch {
@@ -102,6 +160,10 @@ pub struct StoreLedger {
     conf: Option<Vec<u8>>,
     /// Key → (value, log index that wrote it) for writes not yet in the store.
     overlay: HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>,
+    /// What the overlay forgot, as the store holds it (bounded).
+    clean: CleanCache,
+    /// Reads that went to the store (the caches missed).
+    store_reads: std::sync::atomic::AtomicU64,
     /// Batches not yet in the store, by height, and where their requests are.
     batches: HashMap<u64, (Arc<BatchEntry>, Signature)>,
     ids: HashMap<RequestId, RequestLocation>,
@@ -155,6 +217,8 @@ impl StoreLedger {
             head,
             conf,
             overlay: HashMap::new(),
+            clean: CleanCache::new(CLEAN_CACHE_BYTES),
+            store_reads: std::sync::atomic::AtomicU64::new(0),
             batches: HashMap::new(),
             ids: HashMap::new(),
             unflushed: VecDeque::new(),
@@ -222,7 +286,8 @@ impl StoreLedger {
             let u = self.unflushed.pop_front().expect("front exists");
             for k in u.keys {
                 if self.overlay.get(&k).is_some_and(|(_, i)| *i == u.index) {
-                    self.overlay.remove(&k);
+                    let (v, _) = self.overlay.remove(&k).expect("present");
+                    self.clean.insert(k, v);
                 }
             }
             if let Some(h) = u.height {
@@ -265,6 +330,7 @@ impl StoreLedger {
     /// The store, for a read the overlay could not answer (on the replica thread). A wait of
     /// `STORE_WAIT_WARN_MS` or more is logged: the replica sends no heartbeat meanwhile.
     fn read_store(&self) -> parking_lot::MutexGuard<'_, Store> {
+        self.store_reads.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let guard = self.store.lock();
         let waited = started.elapsed();
@@ -275,8 +341,17 @@ impl StoreLedger {
         guard
     }
 
+    /// The value of `key` if the overlay or the clean cache knows it (`Some(None)`: absent).
     fn overlay_get(&self, key: &[u8]) -> Option<Option<&Vec<u8>>> {
-        self.overlay.get(key).map(|(v, _)| v.as_ref())
+        match self.overlay.get(key) {
+            Some((v, _)) => Some(v.as_ref()),
+            None => self.clean.get(key),
+        }
+    }
+
+    /// Reads that had to go to the store so far (for tests and diagnosis).
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads.load(Ordering::Relaxed)
     }
 
     /// What the peer transport streams in place of a snapshot's empty state.
@@ -545,6 +620,7 @@ impl Ledger for StoreLedger {
         self.head = head_of(&a);
         self.conf = Some(conf_state);
         self.overlay.clear();
+        self.clean.clear();
         self.batches.clear();
         self.ids.clear();
         self.unflushed.clear();
@@ -576,6 +652,52 @@ mod tests {
             time_ms: 1_000 * height,
         };
         BatchEntry { header, requests: Vec::new(), outcomes: Vec::new(), write_set }
+    }
+
+    /// Once the store holds a batch, its keys are still read from memory (the clean cache), so a
+    /// store thread holding the store through a long write does not stall the replica thread;
+    /// past the cache's budget the oldest keys are read from the store again, with the same
+    /// values, deletions included.
+    #[test]
+    fn written_keys_are_read_from_memory_after_the_store_has_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let tables = *store.lock().tables();
+        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        let accounts: Vec<PublicKey> = (0..50u8).map(|i| PublicKey([i; 32])).collect();
+        let ops = |from: u64| -> Vec<WriteOp> {
+            accounts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| WriteOp {
+                    key: tables.account(a).into_bytes(),
+                    value: (i != 7).then(|| tally_codec::encode(&(from + i as u64))),
+                })
+                .collect()
+        };
+        let e = entry(1, Digest::ZERO, ops(100));
+        ledger.apply_batch(2, 1, &tally_codec::Committed::new(e), &Signature([0; 64])).expect("applied");
+        ledger.drain().expect("drained");
+        assert!(ledger.overlay.is_empty(), "the overlay forgot what the store holds");
+        for (i, a) in accounts.iter().enumerate() {
+            let want = (i != 7).then_some(100 + i as u64);
+            assert_eq!(ledger.balance(a), want, "account {i}");
+        }
+        assert_eq!(ledger.store_reads(), 0, "every read was answered from memory, none waited for the store");
+
+        // A budget of about ten keys: the oldest are evicted and read from the store.
+        ledger.clean = CleanCache::new(10 * CleanCache::cost(&tables.account(&accounts[0]).into_bytes(), Some(&vec![0; 8])));
+        let prev = ledger.head().header_hash;
+        let e2 = entry(2, prev, ops(200));
+        ledger.apply_batch(3, 1, &tally_codec::Committed::new(e2), &Signature([0; 64])).expect("applied");
+        ledger.drain().expect("drained");
+        assert!(ledger.clean.bytes <= ledger.clean.budget, "the cache stays within its budget");
+        for (i, a) in accounts.iter().enumerate() {
+            let want = (i != 7).then_some(200 + i as u64);
+            assert_eq!(ledger.balance(a), want, "account {i} after eviction");
+        }
+        let reads = ledger.store_reads();
+        assert!((39..50).contains(&reads), "evicted keys came from the store, the newest from memory: {reads}");
     }
 
     /// Reads see an applied batch before the store thread wrote it (the overlay), and the store
