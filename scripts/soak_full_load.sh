@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Full load on a local 3-replica cluster (release, TLS, fsync) for SECONDS (default 600): no
 # replica may mistake a slow scheduler for a dead leader. A bench run lasts at most 90 s (its
-# requests are signed before its clock starts), so two lanes of 60 s rounds run 30 s apart:
-# while one lane signs its next round, the other loads the cluster, and the machine stays busy.
+# requests are signed before its clock starts, and expire ~2 minutes after), so two lanes of
+# ROUND_S-second rounds (default 30) run half a round apart: while one lane signs its next
+# round, the other loads the cluster, and the machine stays busy. (60 s rounds left a slow
+# machine signing past the requests' expiry: most of a round expired unsent.)
 # Prints the leader changes and campaigns each replica counted (its /metrics), the terms before
 # and after, each replica's RSS at the end and the requests committed (RSS after N requests).
 #   scripts/soak_full_load.sh [SECONDS] [OUT]
 set -euo pipefail
 secs=${1:-600}
 out=${2:-target/soak}
+round_s=${ROUND_S:-30}
 . "$(dirname "$0")/lib.sh"
 base=${BASE_PORT:-7700}
 out=$(bench_out "$out")
@@ -43,13 +46,13 @@ lane() { # lane number
   local n=0
   while [ "$(date +%s)" -lt "$end" ]; do
     n=$((n + 1))
-    "$bin/tally" --cluster-dir "$work" bench --duration 60 --clients 2 --inflight 2 --rate-max 40000 \
+    "$bin/tally" --cluster-dir "$work" bench --duration "$round_s" --clients 2 --inflight 2 --rate-max 40000 \
       --accounts-dir "$work" --json "$out/lane-$1-round-$n.json" >/dev/null 2>&1 || true
   done
 }
 rm -f "$out"/lane-*.json
 lane 1 & lanes+=($!)
-sleep 30
+sleep $((round_s / 2))
 lane 2 & lanes+=($!)
 wait "${lanes[@]}"
 report after | tee -a "$out/soak.txt"
