@@ -28,8 +28,8 @@ pub mod types;
 pub mod wire;
 
 pub use batch::{
-    Attached, BatchBody, BatchEntry, BatchHeader, BatchIds, BatchRecord, ClaimMeta, Committed, DocMeta,
-    LeaseMeta, Outcome, Receipt, RequestLocation, WriteOp, WriteSet,
+    Attached, BatchBody, BatchEntry, BatchHeader, BatchIds, BatchRecord, ClaimMeta, Committed, DocMeta, LeaseMeta,
+    Outcome, Receipt, RequestLocation, WriteOp, WriteSet,
 };
 pub use error::{CodecError, ErrorCode};
 pub use keys::{ContentKey, IntentKey, TableId, Tables};

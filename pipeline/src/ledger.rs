@@ -686,7 +686,8 @@ mod tests {
         assert_eq!(ledger.store_reads(), 0, "every read was answered from memory, none waited for the store");
 
         // A budget of about ten keys: the oldest are evicted and read from the store.
-        ledger.clean = CleanCache::new(10 * CleanCache::cost(&tables.account(&accounts[0]).into_bytes(), Some(&vec![0; 8])));
+        ledger.clean =
+            CleanCache::new(10 * CleanCache::cost(&tables.account(&accounts[0]).into_bytes(), Some(&vec![0; 8])));
         let prev = ledger.head().header_hash;
         let e2 = entry(2, prev, ops(200));
         ledger.apply_batch(3, 1, &tally_codec::Committed::new(e2), &Signature([0; 64])).expect("applied");

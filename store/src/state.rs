@@ -11,8 +11,8 @@ use std::path::Path;
 use tally_codec::limits::ENTRY_BYTES_MAX;
 use tally_codec::merkle::{leaf_hash, Tree};
 use tally_codec::{
-    decode, encode, BatchBody, BatchEntry, BatchIds, BatchRecord, Digest, DocKey, DocMeta, PublicKey,
-    Receipt, RequestId, RequestLocation, Signature, Tables, WriteOp,
+    decode, encode, BatchBody, BatchEntry, BatchIds, BatchRecord, Digest, DocKey, DocMeta, PublicKey, Receipt,
+    RequestId, RequestLocation, Signature, Tables, WriteOp,
 };
 
 /// Segment files for batch bodies roll at this size.

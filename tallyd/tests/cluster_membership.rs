@@ -354,7 +354,8 @@ fn a_replica_added_to_a_cluster_with_large_state_catches_up_without_an_election(
     let mut all = addrs.clone();
     all.push(cfg.listen.clone());
     let target = leader_status(&all).expect("a leader").committed_height;
-    let reached = wait_until(Duration::from_secs(60), || status_of(&cfg.listen).is_some_and(|s| s.applied_height >= target));
+    let reached =
+        wait_until(Duration::from_secs(60), || status_of(&cfg.listen).is_some_and(|s| s.applied_height >= target));
     if !reached {
         dump_logs(&nodes);
     }
