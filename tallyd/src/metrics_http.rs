@@ -52,6 +52,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ),
     ("tally_leader_changes_total", Kind::Counter, "Times this replica saw a new leader (or the same one in a new term) take over."),
     ("tally_snapshot_installs_total", Kind::Counter, "State snapshots this replica installed from a leader."),
+    (
+        "tally_store_read_waits_total",
+        Kind::Counter,
+        "Reads on the replica thread that waited 100 ms or more for the store (held by a slow write or export).",
+    ),
     ("tally_snapshot_sends_total", Kind::Counter, "State snapshots this replica (as leader) sent to a follower, by result."),
     ("tally_log_stopped", Kind::Gauge, "1 when this replica's log failed or its disk is full and it stepped down."),
     // Batches and stages.
