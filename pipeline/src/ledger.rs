@@ -654,6 +654,13 @@ mod tests {
         BatchEntry { header, requests: Vec::new(), outcomes: Vec::new(), write_set }
     }
 
+    /// A store in `dir` and a ledger on it.
+    fn ledger_in(dir: &std::path::Path) -> (Arc<Mutex<Store>>, StoreLedger) {
+        let store = Arc::new(Mutex::new(Store::open(dir).expect("store")));
+        let ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        (store, ledger)
+    }
+
     /// Once the store holds a batch, its keys are still read from memory (the clean cache), so a
     /// store thread holding the store through a long write does not stall the replica thread;
     /// past the cache's budget the oldest keys are read from the store again, with the same
@@ -661,9 +668,8 @@ mod tests {
     #[test]
     fn written_keys_are_read_from_memory_after_the_store_has_them() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let (store, mut ledger) = ledger_in(dir.path());
         let tables = *store.lock().tables();
-        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
         let accounts: Vec<PublicKey> = (0..50u8).map(|i| PublicKey([i; 32])).collect();
         let ops = |from: u64| -> Vec<WriteOp> {
             accounts
@@ -706,9 +712,8 @@ mod tests {
     #[test]
     fn applied_writes_are_read_before_the_store_has_them() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let (store, mut ledger) = ledger_in(dir.path());
         let tables = *store.lock().tables();
-        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
         let alice = PublicKey([7; 32]);
         let op = WriteOp { key: tables.account(&alice).into_bytes(), value: Some(tally_codec::encode(&5u64)) };
         let e = entry(1, Digest::ZERO, vec![op]);
@@ -744,8 +749,7 @@ mod tests {
     #[test]
     fn a_sync_is_requested_without_waiting_and_reports_what_it_made_durable() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
-        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        let (store, mut ledger) = ledger_in(dir.path());
         let signature = Signature([0; 64]);
         let e = entry(1, Digest::ZERO, Vec::new());
         ledger.apply_batch(2, 1, &tally_codec::Committed::new(e), &signature).expect("applied");
@@ -770,8 +774,7 @@ mod tests {
     #[test]
     fn a_store_half_a_queue_behind_is_reported_until_it_catches_up() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
-        let mut ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
+        let (store, mut ledger) = ledger_in(dir.path());
         let signature = Signature([0; 64]);
         let mut prev = Digest::ZERO;
         {
