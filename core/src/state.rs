@@ -341,6 +341,46 @@ impl View {
     }
 }
 
+/// The state keys executing `op` for `signer` may read (accounts, documents, leases, claims), as
+/// the ledger stores them. The shell reads the cold ones off the replica thread before the core
+/// sees the request, so a batch never waits on the store there (where heartbeats would wait too).
+/// What a lease's end reads (its attachments) is not included: leases end rarely.
+pub fn state_keys(tables: &Tables, signer: &PublicKey, op: &Operation, out: &mut Vec<Vec<u8>>) {
+    match op {
+        Operation::Transfer { to, .. } => {
+            out.push(tables.account(signer).into_bytes());
+            out.push(tables.account(to).into_bytes());
+        }
+        Operation::Set { key, .. } | Operation::Delete { key } | Operation::DeleteIf { key, .. } => {
+            out.push(tables.doc(key).into_bytes());
+        }
+        Operation::SetIf { key, lease, .. } => {
+            out.push(tables.doc(key).into_bytes());
+            out.extend(lease.map(|id| tables.lease(id).into_bytes()));
+        }
+        Operation::LeaseGrant { .. } => {}
+        Operation::LeaseKeepAlive { lease } | Operation::LeaseRevoke { lease } => {
+            out.push(tables.lease(*lease).into_bytes());
+        }
+        Operation::Claim { domain, slot, lease } => {
+            out.push(tables.claim(domain, *slot).into_bytes());
+            out.extend(lease.map(|id| tables.lease(id).into_bytes()));
+        }
+        Operation::Txn(t) => {
+            for c in &t.compares {
+                match c {
+                    Compare::Revision { key, .. } | Compare::Exists { key } => out.push(tables.doc(key).into_bytes()),
+                    Compare::BalanceAtLeast { account, .. } => out.push(tables.account(account).into_bytes()),
+                    Compare::LeaseAlive { lease } => out.push(tables.lease(*lease).into_bytes()),
+                }
+            }
+            for op in t.then.iter().chain(&t.otherwise) {
+                state_keys(tables, signer, op, out);
+            }
+        }
+    }
+}
+
 /// Content digest of a document body (the content-addressed key's digest).
 pub fn body_digest(value: &[u8]) -> Digest {
     tally_codec::hash_with_domain(b"tally/doc-body/v1\0", value)
@@ -794,6 +834,89 @@ mod tests {
 
     fn set_if(key: DocKey, value: &str, if_revision: Option<u64>, lease: Option<u64>) -> Operation {
         Operation::SetIf { key, value: value.as_bytes().to_vec(), if_revision, lease }
+    }
+
+    /// A backing that records the store key of every read.
+    struct Recording(Mem, Vec<Vec<u8>>);
+
+    impl Backing for Recording {
+        fn balance(&mut self, account: &PublicKey) -> Option<u64> {
+            self.1.push(Tables::v1().account(account).into_bytes());
+            self.0.balance(account)
+        }
+        fn doc_meta(&mut self, key: &DocKey) -> Option<DocMeta> {
+            self.1.push(Tables::v1().doc(key).into_bytes());
+            self.0.doc_meta(key)
+        }
+        fn lease(&mut self, id: u64) -> Option<LeaseMeta> {
+            self.1.push(Tables::v1().lease(id).into_bytes());
+            self.0.lease(id)
+        }
+        fn claim(&mut self, domain: &str, slot: u64) -> Option<ClaimMeta> {
+            self.1.push(Tables::v1().claim(domain, slot).into_bytes());
+            self.0.claim(domain, slot)
+        }
+    }
+
+    /// The shell warms exactly `state_keys` off the replica thread: executing any operation on a
+    /// cold view must read nothing else.
+    #[test]
+    fn executing_an_operation_reads_only_its_state_keys() {
+        let lease =
+            |_id: u64| LeaseMeta { owner: ALICE, ttl_ms: 1_000_000, expires_at_ms: 1_000_000, attached: Vec::new() };
+        let txn = Operation::Txn(Txn {
+            compares: vec![
+                Compare::Revision { key: doc(3), revision: 0 },
+                Compare::Exists { key: doc(4) },
+                Compare::BalanceAtLeast { account: BOB, amount: 1 },
+                Compare::LeaseAlive { lease: 8 },
+            ],
+            then: vec![Operation::Transfer { to: PublicKey([5; 32]), amount: 1 }, set_if(doc(6), "x", None, Some(7))],
+            otherwise: vec![Operation::Claim { domain: "d".into(), slot: 2, lease: Some(7) }],
+        });
+        let ops = vec![
+            Operation::Transfer { to: BOB, amount: 5 },
+            Operation::Set { key: doc(1), value: b"1".to_vec() },
+            Operation::Delete { key: doc(2) },
+            Operation::DeleteIf { key: doc(2), if_revision: Some(1) },
+            set_if(doc(1), "1", Some(0), Some(7)),
+            Operation::LeaseGrant { ttl_ms: 10 },
+            Operation::LeaseKeepAlive { lease: 7 },
+            Operation::LeaseRevoke { lease: 7 },
+            Operation::Claim { domain: "d".into(), slot: 1, lease: Some(7) },
+            txn.clone(),
+            Operation::Txn(Txn {
+                compares: Vec::new(),
+                ..match txn {
+                    Operation::Txn(t) => t,
+                    _ => unreachable!(),
+                }
+            }),
+        ];
+        for op in ops {
+            let mut mem = Mem::default();
+            mem.balances.insert(ALICE, 100);
+            mem.balances.insert(BOB, 100);
+            mem.leases.insert(7, lease(7));
+            mem.leases.insert(8, lease(8));
+            mem.docs.insert(doc(2), DocMeta { owner: ALICE, revision: 1, body: Digest([0; 32]), lease: None });
+            let mut backing = Recording(mem, Vec::new());
+            let mut view = View::default();
+            let mut cur = BatchWrites::default();
+            execute(
+                &mut view,
+                &mut backing,
+                &mut cur,
+                &req(ALICE, op.clone()),
+                At { height: 1, time_ms: 1, position: 0 },
+            );
+            assert!(!backing.1.is_empty() || matches!(op, Operation::LeaseGrant { .. }), "{op:?} read nothing");
+            let mut keys = Vec::new();
+            state_keys(&Tables::v1(), &ALICE, &op, &mut keys);
+            for read in &backing.1 {
+                assert!(keys.contains(read), "{op:?} read a key state_keys does not name");
+            }
+        }
     }
 
     #[test]

@@ -55,57 +55,126 @@ pub const STORE_WAIT_WARN_MS: u64 = 100;
 /// inside it: up to seconds).
 pub const CLEAN_CACHE_BYTES: usize = 64 << 20;
 
-/// Recently written keys with the value the store now holds (`None`: deleted), evicted oldest
-/// first past a byte budget.
+/// Recently written keys with the value the store now holds (`None`: absent), evicted oldest
+/// first past a byte budget; also the values the warmer read for requests not yet executed.
 struct CleanCache {
-    map: HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>,
+    /// Key → (value, generation, the log index the value is current as of).
+    map: HashMap<Vec<u8>, (Option<Vec<u8>>, u64, u64)>,
     /// (key, generation) in insertion order; an entry is stale when its key was inserted again.
     order: VecDeque<(Vec<u8>, u64)>,
     bytes: usize,
     budget: usize,
     generation: u64,
+    /// Values the warmer read at a store index below this may be stale: a write of that index
+    /// or later was evicted (a read of its key could no longer tell), or a snapshot replaced
+    /// the state.
+    stale_below: u64,
 }
 
 impl CleanCache {
     fn new(budget: usize) -> Self {
-        CleanCache { map: HashMap::new(), order: VecDeque::new(), bytes: 0, budget, generation: 0 }
+        CleanCache { map: HashMap::new(), order: VecDeque::new(), bytes: 0, budget, generation: 0, stale_below: 0 }
     }
 
     fn cost(key: &[u8], value: Option<&Vec<u8>>) -> usize {
-        key.len() + value.map_or(0, Vec::len) + 32
+        key.len() + value.map_or(0, Vec::len) + 40
     }
 
     fn get(&self, key: &[u8]) -> Option<Option<&Vec<u8>>> {
-        self.map.get(key).map(|(v, _)| v.as_ref())
+        self.map.get(key).map(|(v, _, _)| v.as_ref())
     }
 
-    fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+    fn contains(&self, key: &[u8]) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// `key` holds `value` in the store as of log index `index`.
+    fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, index: u64) {
         self.generation += 1;
         self.bytes += Self::cost(&key, value.as_ref());
-        if let Some((old, _)) = self.map.insert(key.clone(), (value, self.generation)) {
+        if let Some((old, _, _)) = self.map.insert(key.clone(), (value, self.generation, index)) {
             self.bytes -= Self::cost(&key, old.as_ref());
         }
         self.order.push_back((key, self.generation));
         while self.bytes > self.budget {
             let Some((k, g)) = self.order.pop_front() else { break };
-            if self.map.get(&k).is_some_and(|(_, at)| *at == g) {
-                let (v, _) = self.map.remove(&k).expect("present");
+            if self.map.get(&k).is_some_and(|(_, at, _)| *at == g) {
+                let (v, _, index) = self.map.remove(&k).expect("present");
                 self.bytes -= Self::cost(&k, v.as_ref());
+                self.stale_below = self.stale_below.max(index);
             }
         }
         // Stale order entries are dropped when they reach the front; keep them bounded too.
         if self.order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.order.retain(|(k, g)| map.get(k).is_some_and(|(_, at)| at == g));
+            self.order.retain(|(k, g)| map.get(k).is_some_and(|(_, at, _)| at == g));
         }
     }
 
-    fn clear(&mut self) {
+    /// Forgets everything: a snapshot at `index` replaced the state.
+    fn clear(&mut self, index: u64) {
         self.map.clear();
         self.order.clear();
         self.bytes = 0;
+        self.stale_below = self.stale_below.max(index);
     }
 }
+
+/// How long the `slow-store-write` failpoint holds the store: past the longest election timeout
+/// (2 s by default).
+pub const SLOW_STORE_WRITE_FAILPOINT: Duration = Duration::from_secs(4);
+
+/// Keys the warmer is asked to read, for the submissions with `ticket`.
+pub struct WarmJob {
+    pub ticket: u64,
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// What the warmer read: the values of a job's keys as the store held them at log index
+/// `read_at`.
+pub struct Warmed {
+    pub ticket: u64,
+    pub read_at: u64,
+    pub values: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Starts the warmer: a thread that reads keys the caches miss, so the replica thread never
+/// waits for the store lock (the store thread holds it through each write, and rusty-leveldb
+/// compacts inside `write`: up to seconds, during which a leader must still heartbeat).
+///
+/// # Errors
+/// When the thread cannot start.
+pub fn start_warmer(store: Arc<Mutex<Store>>) -> Result<(Sender<WarmJob>, Receiver<Warmed>), String> {
+    let (job_tx, job_rx) = bounded::<WarmJob>(WARM_JOBS_MAX);
+    let (done_tx, done_rx) = bounded(WARM_JOBS_MAX);
+    std::thread::Builder::new()
+        .name("warmer".into())
+        .spawn(move || {
+            for job in job_rx {
+                let started = std::time::Instant::now();
+                let s = store.lock();
+                let read_at = s.applied().index;
+                let values = job
+                    .keys
+                    .into_iter()
+                    .map(|k| {
+                        let v = s.get_raw(&k).unwrap_or_else(|e| store_failed("read", e));
+                        (k, v)
+                    })
+                    .collect();
+                drop(s);
+                crate::measure::stage_time("warm", started);
+                if done_tx.send(Warmed { ticket: job.ticket, read_at, values }).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the warmer thread: {e}"))?;
+    Ok((job_tx, done_rx))
+}
+
+/// Warm jobs in flight at most (the replica thread holds their submissions meanwhile).
+pub const WARM_JOBS_MAX: usize = 1024;
 
 /// A write for the store thread.
 enum StoreOp {
@@ -287,7 +356,7 @@ impl StoreLedger {
             for k in u.keys {
                 if self.overlay.get(&k).is_some_and(|(_, i)| *i == u.index) {
                     let (v, _) = self.overlay.remove(&k).expect("present");
-                    self.clean.insert(k, v);
+                    self.clean.insert(k, v, u.index);
                 }
             }
             if let Some(h) = u.height {
@@ -354,6 +423,34 @@ impl StoreLedger {
         self.store_reads.load(Ordering::Relaxed)
     }
 
+    /// Of `keys`, those neither the overlay nor the clean cache answers (each once): executing a
+    /// request that reads them would go to the store.
+    pub fn cold_keys(&self, keys: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let mut cold: Vec<Vec<u8>> = keys.into_iter().filter(|k| self.overlay_get(k).is_none()).collect();
+        cold.sort_unstable();
+        cold.dedup();
+        cold
+    }
+
+    /// Takes what the warmer read at store index `read_at` into the clean cache, for the keys no
+    /// newer value is known for. Returns false, taking nothing, when the read may be stale (a
+    /// write after it was evicted from the cache, or a snapshot was installed since); the
+    /// requests then read the store themselves, which is correct, only slower.
+    pub fn warm(&mut self, read_at: u64, values: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> bool {
+        if read_at < self.clean.stale_below {
+            return false;
+        }
+        for (k, v) in values {
+            // A key in the overlay was written after the read, or is in the store unchanged
+            // since: either way the overlay is right. One in the clean cache is as the store
+            // holds it now.
+            if !self.overlay.contains_key(&k) && !self.clean.contains(&k) {
+                self.clean.insert(k, v, read_at);
+            }
+        }
+        true
+    }
+
     /// What the peer transport streams in place of a snapshot's empty state.
     pub fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
         Arc::new(Source(self.exports.clone()))
@@ -392,6 +489,10 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
             crate::measure::stage_time("store_sync", started);
             flushed.synced.store(durable, Ordering::Release);
             continue;
+        }
+        if crate::failpoint::claim("slow-store-write") {
+            // A test's stand-in for a long LevelDB compaction inside `write`, the store held.
+            std::thread::sleep(SLOW_STORE_WRITE_FAILPOINT);
         }
         let (index, r) = match op {
             StoreOp::Sync => unreachable!("handled above"),
@@ -594,7 +695,7 @@ impl Ledger for StoreLedger {
         if snap.applied.index == 0 {
             return Err(LedgerError::Snapshot("snapshot at index 0".into()));
         }
-        let meta = self.store.lock().tables().meta.0;
+        let meta = self.tables.meta.0;
         if snap.pairs.iter().any(|(k, _)| k.starts_with(&meta)) {
             return Err(LedgerError::Snapshot("snapshot carries the store's own metadata".into()));
         }
@@ -620,7 +721,7 @@ impl Ledger for StoreLedger {
         self.head = head_of(&a);
         self.conf = Some(conf_state);
         self.overlay.clear();
-        self.clean.clear();
+        self.clean.clear(index);
         self.batches.clear();
         self.ids.clear();
         self.unflushed.clear();
@@ -656,7 +757,11 @@ mod tests {
 
     /// A store in `dir` and a ledger on it.
     fn ledger_in(dir: &std::path::Path) -> (Arc<Mutex<Store>>, StoreLedger) {
-        let store = Arc::new(Mutex::new(Store::open(dir).expect("store")));
+        ledger_in_store(Arc::new(Mutex::new(Store::open(dir).expect("store"))))
+    }
+
+    /// A new ledger on `store`, caches empty.
+    fn ledger_in_store(store: Arc<Mutex<Store>>) -> (Arc<Mutex<Store>>, StoreLedger) {
         let ledger = StoreLedger::new(store.clone(), Members::default(), |_, _| {}).expect("ledger");
         (store, ledger)
     }
@@ -705,6 +810,110 @@ mod tests {
         }
         let reads = ledger.store_reads();
         assert!((39..50).contains(&reads), "evicted keys came from the store, the newest from memory: {reads}");
+    }
+
+    fn balance_op(tables: &tally_codec::Tables, who: &PublicKey, amount: u64) -> WriteOp {
+        WriteOp { key: tables.account(who).into_bytes(), value: Some(tally_codec::encode(&amount)) }
+    }
+
+    /// The warmer reads cold keys while the store is held, off the replica thread; once warmed
+    /// the replica thread's reads of them never go to the store. Keys the caches hold are not
+    /// cold; absent keys are warmed as absent.
+    #[test]
+    fn warmed_keys_are_read_from_memory_and_only_cold_keys_are_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, mut first) = ledger_in(dir.path());
+        let tables = *store.lock().tables();
+        let (alice, bob, carol) = (PublicKey([1; 32]), PublicKey([2; 32]), PublicKey([3; 32]));
+        // Alice is in the store and in no cache (as after a restart).
+        let e = entry(1, Digest::ZERO, vec![balance_op(&tables, &alice, 9)]);
+        first.apply_batch(2, 1, &tally_codec::Committed::new(e), &Signature([0; 64])).expect("applied");
+        first.drain().expect("drained");
+        drop(first);
+        let (_, mut ledger) = ledger_in_store(store.clone());
+        let key = |p: &PublicKey| tables.account(p).into_bytes();
+        let prev = ledger.head().header_hash;
+        ledger
+            .apply_batch(
+                3,
+                1,
+                &tally_codec::Committed::new(entry(2, prev, vec![balance_op(&tables, &bob, 4)])),
+                &Signature([0; 64]),
+            )
+            .expect("applied");
+        let cold = ledger.cold_keys(vec![key(&alice), key(&bob), key(&carol), key(&alice)]);
+        assert_eq!(
+            cold,
+            {
+                let mut c = vec![key(&alice), key(&carol)];
+                c.sort();
+                c
+            },
+            "bob is in the overlay"
+        );
+
+        let (jobs, warmed) = start_warmer(store.clone()).expect("warmer");
+        let held = store.lock(); // a long store write
+        jobs.send(WarmJob { ticket: 7, keys: cold }).expect("job");
+        assert!(
+            warmed.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the warmer waits for the store, not the caller"
+        );
+        drop(held);
+        let w = warmed.recv_timeout(Duration::from_secs(10)).expect("warmed");
+        assert_eq!(w.ticket, 7);
+        assert!(ledger.warm(w.read_at, w.values), "a fresh read is taken");
+        let reads = ledger.store_reads();
+        let _held = store.lock(); // held again: a read that went to the store would hang here
+        assert_eq!(ledger.balance(&alice), Some(9));
+        assert_eq!(ledger.balance(&carol), None, "warmed as absent");
+        assert_eq!(ledger.balance(&bob), Some(4));
+        assert_eq!(ledger.store_reads(), reads, "no read went to the store");
+        assert!(ledger.cold_keys(vec![key(&alice), key(&carol)]).is_empty(), "nothing is cold any more");
+    }
+
+    /// A warm read is older than what the ledger knows: the overlay's newer value wins, and a read
+    /// taken before a write the cache has since evicted is refused whole (it could bring back the
+    /// old value); the store is then read, and has the new value.
+    #[test]
+    fn a_warm_read_never_brings_back_an_older_value() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, mut ledger) = ledger_in(dir.path());
+        let tables = *store.lock().tables();
+        let key = |p: &PublicKey| tables.account(p).into_bytes();
+        let (alice, bob) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let stale = |p: &PublicKey| (key(p), Some(tally_codec::encode(&1u64)));
+        // Read at index 0 (empty store): alice and bob absent... then written at index 2.
+        let e = entry(1, Digest::ZERO, vec![balance_op(&tables, &alice, 5), balance_op(&tables, &bob, 6)]);
+        {
+            let _held = store.lock();
+            ledger.apply_batch(2, 1, &tally_codec::Committed::new(e.clone()), &Signature([0; 64])).expect("applied");
+            assert!(ledger.warm(0, vec![stale(&alice)]), "nothing was evicted: the read is taken");
+            assert_eq!(ledger.balance(&alice), Some(5), "the overlay's newer value wins over the read");
+        }
+        ledger.drain().expect("drained");
+        assert_eq!(ledger.balance(&alice), Some(5), "and the clean cache's, once the store has it");
+        // The cache forgets index 2's writes (a budget of one key): a read from before is refused.
+        ledger.clean = CleanCache::new(CleanCache::cost(&key(&alice), Some(&vec![0; 8])));
+        let prev = ledger.head().header_hash;
+        let carol = PublicKey([3; 32]);
+        ledger
+            .apply_batch(
+                3,
+                1,
+                &tally_codec::Committed::new(entry(
+                    2,
+                    prev,
+                    vec![balance_op(&tables, &alice, 7), balance_op(&tables, &carol, 8)],
+                )),
+                &Signature([0; 64]),
+            )
+            .expect("applied");
+        ledger.drain().expect("drained");
+        assert!(ledger.clean.stale_below >= 2, "the eviction is remembered");
+        assert!(!ledger.warm(1, vec![stale(&bob)]), "a read from before the evicted write is refused");
+        assert_eq!(ledger.balance(&bob), Some(6), "read from the store, not the stale read");
+        assert!(ledger.warm(3, vec![(key(&bob), Some(tally_codec::encode(&6u64)))]), "a read after it is taken");
     }
 
     /// Reads see an applied batch before the store thread wrote it (the overlay), and the store

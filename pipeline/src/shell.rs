@@ -21,13 +21,13 @@
 //! only moves bytes and keeps time. The simulator (`sim/`) drives the same core with an
 //! in-memory network, disk and clock.
 
-use crate::ledger::{Members, StoreLedger};
+use crate::ledger::{start_warmer, Members, StoreLedger, WarmJob, Warmed};
 use crate::node::{Shared, Submission, Waiter};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -197,6 +197,7 @@ pub fn start(
     let published = Arc::new(Mutex::new(Published::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let (admin_tx, admin_rx) = bounded(ADMIN_QUEUED_MAX);
+    let (warm_tx, warm_rx) = start_warmer(shared.store.clone())?;
     let mut thread = ReplicaThread {
         id: cfg.node_id,
         replica,
@@ -216,17 +217,22 @@ pub fn start(
         metrics: MetricsSeen::default(),
         stopped: None,
         last_batch_at: None,
+        warm_tx,
+        warming: VecDeque::new(),
+        warming_requests: 0,
+        next_warm_ticket: 0,
     };
     thread.update_transport_peers();
     thread.publish();
     let (seq_rx, stop2) = (shared.seq_rx.clone(), stop.clone());
+    let inputs = Inputs { net: net_rx, warmed: warm_rx };
     std::thread::Builder::new()
         .name(format!("replica-{}", cfg.node_id))
         .spawn(move || {
             // A panic here (a broken invariant) ends the process: a replica must never keep
             // heartbeating while its core is dead (DESIGN §8).
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                thread.run(&seq_rx, &net_rx, &admin_rx, &stop2)
+                thread.run(&seq_rx, &inputs, &admin_rx, &stop2)
             }));
             if r.is_err() {
                 tracing::error!("the replica thread panicked; aborting so a backup takes over");
@@ -310,13 +316,34 @@ struct ReplicaThread {
     metrics: MetricsSeen,
     stopped: Option<String>,
     last_batch_at: Option<Instant>,
+    /// Reads of keys no cache holds, done by the warmer thread (never on this one).
+    warm_tx: Sender<WarmJob>,
+    /// Submissions waiting for their keys to be warmed, in arrival order: the core gets each
+    /// group when it and every group before it is ready.
+    warming: VecDeque<Warming>,
+    /// Requests in `warming`.
+    warming_requests: usize,
+    next_warm_ticket: u64,
+}
+
+/// Submissions held until the warmer has read their cold keys.
+struct Warming {
+    ticket: u64,
+    subs: Vec<Submission>,
+    ready: bool,
+}
+
+/// What wakes the replica thread besides submissions and admin commands.
+struct Inputs {
+    net: Receiver<Message>,
+    warmed: Receiver<Warmed>,
 }
 
 impl ReplicaThread {
     fn run(
         &mut self,
         seq_rx: &Receiver<Vec<Submission>>,
-        net_rx: &Receiver<Message>,
+        inputs: &Inputs,
         admin_rx: &Receiver<Admin>,
         stop: &AtomicBool,
     ) {
@@ -330,15 +357,20 @@ impl ReplicaThread {
             let never = crossbeam::channel::never();
             let submissions = if self.core_queue_full() { &never } else { seq_rx };
             crossbeam::channel::select! {
-                recv(net_rx) -> m => if let Ok(m) = m { self.on_peer(m) },
+                recv(inputs.net) -> m => if let Ok(m) = m { self.on_peer(m) },
+                recv(inputs.warmed) -> w => if let Ok(w) = w { self.on_warmed(w) },
                 recv(submissions) -> s => if let Ok(s) = s { self.on_submissions(s) },
                 recv(admin_rx) -> a => if let Ok(a) = a { self.on_admin(a) },
                 default(wait) => {},
             }
             for _ in 0..INPUTS_PER_PASS_MAX {
                 let mut idle = true;
-                if let Ok(m) = net_rx.try_recv() {
+                if let Ok(m) = inputs.net.try_recv() {
                     self.on_peer(m);
+                    idle = false;
+                }
+                if let Ok(w) = inputs.warmed.try_recv() {
+                    self.on_warmed(w);
                     idle = false;
                 }
                 if !self.core_queue_full() {
@@ -368,7 +400,7 @@ impl ReplicaThread {
     /// channel (clients get `Overloaded` when it is full) instead of the replica thread blocking
     /// on a full store queue, where it would send no heartbeat.
     fn core_queue_full(&self) -> bool {
-        self.replica.sequencer_state().1 >= 2 * self.shared.opts.batch_requests_max
+        self.replica.sequencer_state().1 + self.warming_requests >= 2 * self.shared.opts.batch_requests_max
             || self.replica.ledger().store_behind()
     }
 
@@ -406,7 +438,58 @@ impl ReplicaThread {
         self.handle(Event::Peer(m));
     }
 
+    /// New submissions: to the core at once when a leader's caches hold every key they read
+    /// (and none wait before them), else held while the warmer reads the cold keys. A leader's
+    /// replica thread never reads the store itself for a request, so a store write that holds
+    /// the store for seconds (a LevelDB compaction) delays batches, never heartbeats.
     fn on_submissions(&mut self, subs: Vec<Submission>) {
+        let cold = if self.replica.is_leader() {
+            let mut keys = Vec::with_capacity(2 * subs.len());
+            for s in &subs {
+                let r = &s.req.request.request;
+                tally_core::state::state_keys(&self.shared.tables, &r.signer, &r.op, &mut keys);
+            }
+            self.replica.ledger().cold_keys(keys)
+        } else {
+            Vec::new()
+        };
+        if cold.is_empty() && self.warming.is_empty() {
+            self.submit(subs);
+            return;
+        }
+        let ticket = self.next_warm_ticket;
+        self.next_warm_ticket += 1;
+        // A job the warmer cannot take (its queue is full) is read by the core as before.
+        let ready = cold.is_empty() || self.warm_tx.try_send(WarmJob { ticket, keys: cold }).is_err();
+        self.warming_requests += subs.len();
+        self.warming.push_back(Warming { ticket, subs, ready });
+        self.release_warmed();
+    }
+
+    /// The warmer read a group's cold keys: into the ledger's cache, then the ready groups at the
+    /// front go to the core.
+    fn on_warmed(&mut self, w: Warmed) {
+        let keys = w.values.len() as u64;
+        if self.replica.ledger_mut().warm(w.read_at, w.values) {
+            metrics::counter!("tally_warmed_keys_total").increment(keys);
+        } else {
+            metrics::counter!("tally_warm_reads_stale_total").increment(1);
+        }
+        if let Some(g) = self.warming.iter_mut().find(|g| g.ticket == w.ticket) {
+            g.ready = true;
+        }
+        self.release_warmed();
+    }
+
+    fn release_warmed(&mut self) {
+        while self.warming.front().is_some_and(|g| g.ready) {
+            let g = self.warming.pop_front().expect("front exists");
+            self.warming_requests -= g.subs.len();
+            self.submit(g.subs);
+        }
+    }
+
+    fn submit(&mut self, subs: Vec<Submission>) {
         crate::failpoint::hit("sequencer");
         if crate::failpoint::claim("refuse-proposal") {
             self.replica.refuse_next_proposal();

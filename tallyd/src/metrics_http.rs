@@ -57,6 +57,16 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Reads on the replica thread that waited 100 ms or more for the store (held by a slow write or export).",
     ),
+    (
+        "tally_warmed_keys_total",
+        Kind::Counter,
+        "Leader only: state keys of new requests no cache held, read by the warmer thread before the core saw them.",
+    ),
+    (
+        "tally_warm_reads_stale_total",
+        Kind::Counter,
+        "Warmer reads refused as possibly stale (a newer write had left the cache); those requests read the store.",
+    ),
     ("tally_snapshot_sends_total", Kind::Counter, "State snapshots this replica (as leader) sent to a follower, by result."),
     ("tally_log_stopped", Kind::Gauge, "1 when this replica's log failed or its disk is full and it stepped down."),
     // Batches and stages.
