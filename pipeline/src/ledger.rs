@@ -58,8 +58,7 @@ pub const CLEAN_CACHE_BYTES: usize = 64 << 20;
 /// Recently written keys with the value the store now holds (`None`: absent), evicted oldest
 /// first past a byte budget; also the values the warmer read for requests not yet executed.
 struct CleanCache {
-    /// Key → (value, generation, the log index the value is current as of).
-    map: HashMap<Vec<u8>, (Option<Vec<u8>>, u64, u64)>,
+    map: HashMap<Vec<u8>, CleanEntry>,
     /// (key, generation) in insertion order; an entry is stale when its key was inserted again.
     order: VecDeque<(Vec<u8>, u64)>,
     bytes: usize,
@@ -69,6 +68,14 @@ struct CleanCache {
     /// or later was evicted (a read of its key could no longer tell), or a snapshot replaced
     /// the state.
     stale_below: u64,
+}
+
+/// A value of the clean cache.
+struct CleanEntry {
+    value: Option<Vec<u8>>,
+    generation: u64,
+    /// The log index the value is current as of.
+    index: u64,
 }
 
 impl CleanCache {
@@ -81,7 +88,7 @@ impl CleanCache {
     }
 
     fn get(&self, key: &[u8]) -> Option<Option<&Vec<u8>>> {
-        self.map.get(key).map(|(v, _, _)| v.as_ref())
+        self.map.get(key).map(|e| e.value.as_ref())
     }
 
     fn contains(&self, key: &[u8]) -> bool {
@@ -92,22 +99,23 @@ impl CleanCache {
     fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, index: u64) {
         self.generation += 1;
         self.bytes += Self::cost(&key, value.as_ref());
-        if let Some((old, _, _)) = self.map.insert(key.clone(), (value, self.generation, index)) {
-            self.bytes -= Self::cost(&key, old.as_ref());
+        let entry = CleanEntry { value, generation: self.generation, index };
+        if let Some(old) = self.map.insert(key.clone(), entry) {
+            self.bytes -= Self::cost(&key, old.value.as_ref());
         }
         self.order.push_back((key, self.generation));
         while self.bytes > self.budget {
             let Some((k, g)) = self.order.pop_front() else { break };
-            if self.map.get(&k).is_some_and(|(_, at, _)| *at == g) {
-                let (v, _, index) = self.map.remove(&k).expect("present");
-                self.bytes -= Self::cost(&k, v.as_ref());
-                self.stale_below = self.stale_below.max(index);
+            if self.map.get(&k).is_some_and(|e| e.generation == g) {
+                let e = self.map.remove(&k).expect("present");
+                self.bytes -= Self::cost(&k, e.value.as_ref());
+                self.stale_below = self.stale_below.max(e.index);
             }
         }
         // Stale order entries are dropped when they reach the front; keep them bounded too.
         if self.order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.order.retain(|(k, g)| map.get(k).is_some_and(|(_, at, _)| at == g));
+            self.order.retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
         }
     }
 
