@@ -511,6 +511,11 @@ impl<L: Ledger> Replica<L> {
     pub fn ledger_mut(&mut self) -> &mut L {
         &mut self.ledger
     }
+    /// The height of the batch that executed request `id`, if this replica remembers it: a
+    /// duplicate is answered with its receipt (read from the ledger), not executed again.
+    pub fn executed_at(&self, id: &tally_codec::RequestId) -> Option<u64> {
+        self.seq.seen.get(id).map(|(height, _)| height)
+    }
     pub fn is_leader(&self) -> bool {
         self.poisoned.is_none() && self.raw.raft.state == StateRole::Leader
     }

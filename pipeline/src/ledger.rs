@@ -132,10 +132,13 @@ impl CleanCache {
 /// (2 s by default).
 pub const SLOW_STORE_WRITE_FAILPOINT: Duration = Duration::from_secs(4);
 
-/// Keys the warmer is asked to read, for the submissions with `ticket`.
+/// Keys (and receipts of duplicates) the warmer is asked to read, for the submissions with
+/// `ticket`.
 pub struct WarmJob {
     pub ticket: u64,
     pub keys: Vec<Vec<u8>>,
+    /// (request id, height of the batch that executed it).
+    pub receipts: Vec<(RequestId, u64)>,
 }
 
 /// What the warmer read: the values of a job's keys as the store held them at log index
@@ -144,7 +147,12 @@ pub struct Warmed {
     pub ticket: u64,
     pub read_at: u64,
     pub values: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub receipts: Vec<(RequestId, u64, Option<Receipt>)>,
 }
+
+/// Receipts of duplicates the warmer read, kept at most this many (a committed batch never
+/// changes, so they never go stale; the map is emptied when full).
+pub const WARM_RECEIPTS_MAX: usize = 65_536;
 
 /// Starts the warmer: a thread that reads keys the caches miss, so the replica thread never
 /// waits for the store lock (the store thread holds it through each write, and rusty-leveldb
@@ -170,9 +178,16 @@ pub fn start_warmer(store: Arc<Mutex<Store>>) -> Result<(Sender<WarmJob>, Receiv
                         (k, v)
                     })
                     .collect();
+                let receipts = job
+                    .receipts
+                    .into_iter()
+                    .map(|(id, height)| {
+                        (id, height, s.receipt_at(&id, height).unwrap_or_else(|e| store_failed("read", e)))
+                    })
+                    .collect();
                 drop(s);
                 crate::measure::stage_time("warm", started);
-                if done_tx.send(Warmed { ticket: job.ticket, read_at, values }).is_err() {
+                if done_tx.send(Warmed { ticket: job.ticket, read_at, values, receipts }).is_err() {
                     return;
                 }
             }
@@ -239,8 +254,13 @@ pub struct StoreLedger {
     overlay: HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>,
     /// What the overlay forgot, as the store holds it (bounded).
     clean: CleanCache,
+    /// The lease table as applied (loaded once at start, kept by every apply and install): a new
+    /// leader loads it without reading the store on the replica thread.
+    leases: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
     /// Reads that went to the store (the caches missed).
     store_reads: std::sync::atomic::AtomicU64,
+    /// Receipts of duplicate requests the warmer read, by (id, height).
+    warm_receipts: HashMap<(RequestId, u64), Option<Receipt>>,
     /// Batches not yet in the store, by height, and where their requests are.
     batches: HashMap<u64, (Arc<BatchEntry>, Signature)>,
     ids: HashMap<RequestId, RequestLocation>,
@@ -268,9 +288,16 @@ impl StoreLedger {
     ) -> Result<Self, String> {
         let source = store.clone();
         let exports = Arc::new(BackgroundExports::new(EXPORT_KEEP, move || export(&source)));
-        let (head, conf, tables) = {
+        let (head, conf, tables, leases) = {
             let s = store.lock();
-            (head_of(&s.applied()), s.conf().map_err(|e| format!("stored configuration: {e}"))?, *s.tables())
+            let tables = *s.tables();
+            let leases = s.kv_scan(&tables.leases.0).map_err(|e| format!("stored leases: {e}"))?;
+            (
+                head_of(&s.applied()),
+                s.conf().map_err(|e| format!("stored configuration: {e}"))?,
+                tables,
+                leases.into_iter().collect(),
+            )
         };
         let flushed = Arc::new(Flushed {
             index: AtomicU64::new(head.index),
@@ -295,6 +322,8 @@ impl StoreLedger {
             conf,
             overlay: HashMap::new(),
             clean: CleanCache::new(CLEAN_CACHE_BYTES),
+            leases,
+            warm_receipts: HashMap::new(),
             store_reads: std::sync::atomic::AtomicU64::new(0),
             batches: HashMap::new(),
             ids: HashMap::new(),
@@ -438,6 +467,22 @@ impl StoreLedger {
         cold.sort_unstable();
         cold.dedup();
         cold
+    }
+
+    /// Whether the receipt of `id`, executed at `height`, would be read from the store (the
+    /// batch is no longer in memory and the warmer has not read it).
+    pub fn receipt_is_cold(&self, id: &RequestId, height: u64) -> bool {
+        !self.batches.contains_key(&height) && !self.warm_receipts.contains_key(&(*id, height))
+    }
+
+    /// Keeps receipts of duplicates the warmer read (a committed batch never changes).
+    pub fn warm_receipts(&mut self, receipts: Vec<(RequestId, u64, Option<Receipt>)>) {
+        if self.warm_receipts.len() + receipts.len() > WARM_RECEIPTS_MAX {
+            self.warm_receipts.clear();
+        }
+        for (id, height, r) in receipts {
+            self.warm_receipts.insert((id, height), r);
+        }
     }
 
     /// Takes what the warmer read at store index `read_at` into the clean cache, for the keys no
@@ -601,6 +646,9 @@ impl Ledger for StoreLedger {
         out.into_iter().map(Option::flatten).collect()
     }
     fn scan(&self, table: &TableId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if *table == self.tables.leases {
+            return self.leases.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
         let mut pairs: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
             self.read_store().kv_scan(&table.0).unwrap_or_else(|e| store_failed("read", e)).into_iter().collect();
         for (k, (v, _)) in self.overlay.iter().filter(|(k, _)| k.starts_with(&table.0)) {
@@ -637,6 +685,9 @@ impl Ledger for StoreLedger {
             let leaf = self.ids.get(id).filter(|l| l.height == height)?;
             return tally_core::ledger::receipt_in(entry, signature, leaf);
         }
+        if let Some(r) = self.warm_receipts.get(&(*id, height)) {
+            return r.clone();
+        }
         self.read_store().receipt_at(id, height).unwrap_or_else(|e| store_failed("read", e))
     }
     fn apply_batch(
@@ -653,6 +704,12 @@ impl Ledger for StoreLedger {
         assert_eq!(h.prev_hash, self.head.header_hash, "chain broken: prev_hash is not the last header's hash");
         let mut keys = Vec::with_capacity(batch.entry.write_set.ops.len());
         for op in &batch.entry.write_set.ops {
+            if op.key.starts_with(&self.tables.leases.0) {
+                match &op.value {
+                    Some(v) => self.leases.insert(op.key.clone(), v.clone()),
+                    None => self.leases.remove(&op.key),
+                };
+            }
             self.overlay.insert(op.key.clone(), (op.value.clone(), index));
             keys.push(op.key.clone());
         }
@@ -711,6 +768,7 @@ impl Ledger for StoreLedger {
     }
     fn install(&mut self, index: u64, term: u64, conf_state: Vec<u8>, data: &[u8]) -> Result<(), LedgerError> {
         let (env, mut snap) = decode_envelope(data)?;
+        let leases = snap.pairs.iter().filter(|(k, _)| k.starts_with(&self.tables.leases.0)).cloned().collect();
         if snap.applied.index != index {
             return Err(LedgerError::Snapshot(format!(
                 "snapshot data is at index {}, Raft says {index}",
@@ -730,6 +788,7 @@ impl Ledger for StoreLedger {
         self.conf = Some(conf_state);
         self.overlay.clear();
         self.clean.clear(index);
+        self.leases = leases;
         self.batches.clear();
         self.ids.clear();
         self.unflushed.clear();
@@ -862,7 +921,7 @@ mod tests {
 
         let (jobs, warmed) = start_warmer(store.clone()).expect("warmer");
         let held = store.lock(); // a long store write
-        jobs.send(WarmJob { ticket: 7, keys: cold }).expect("job");
+        jobs.send(WarmJob { ticket: 7, keys: cold, receipts: Vec::new() }).expect("job");
         assert!(
             warmed.recv_timeout(Duration::from_millis(200)).is_err(),
             "the warmer waits for the store, not the caller"
@@ -878,6 +937,45 @@ mod tests {
         assert_eq!(ledger.balance(&bob), Some(4));
         assert_eq!(ledger.store_reads(), reads, "no read went to the store");
         assert!(ledger.cold_keys(vec![key(&alice), key(&carol)]).is_empty(), "nothing is cold any more");
+    }
+
+    /// The receipt of a duplicate whose batch is only in the store is read by the warmer, and
+    /// then answered from memory: resubmissions after a failover do not read the store on the
+    /// replica thread.
+    #[test]
+    fn a_duplicate_s_receipt_is_warmed_and_answered_from_memory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, mut ledger) = ledger_in(dir.path());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let req = tally_codec::Request {
+            cluster_id: ClusterId([3; 16]),
+            signer: PublicKey(key.verifying_key().to_bytes()),
+            nonce: 1,
+            expires_at_ms: u64::MAX / 2,
+            op: tally_codec::Operation::Transfer { to: PublicKey([9; 32]), amount: 1 },
+        }
+        .sign(&key);
+        let id = req.id();
+        let mut e = entry(1, Digest::ZERO, Vec::new());
+        e.requests = vec![req];
+        e.outcomes = vec![tally_codec::Outcome::Transferred { sender_balance: 0 }];
+        e.header.leaf_count = 1;
+        e.header.merkle_root = Tree::from_leaves(&e.leaves()).root();
+        let committed = tally_codec::Committed::new(e);
+        ledger.apply_batch(2, 1, &committed, &Signature([5; 64])).expect("applied");
+        assert!(!ledger.receipt_is_cold(&id, 1), "in memory while the store lacks it");
+        ledger.drain().expect("drained");
+        assert!(ledger.receipt_is_cold(&id, 1), "in the store only");
+        let (jobs, warmed) = start_warmer(store.clone()).expect("warmer");
+        jobs.send(WarmJob { ticket: 1, keys: Vec::new(), receipts: vec![(id, 1)] }).expect("job");
+        let w = warmed.recv_timeout(Duration::from_secs(10)).expect("warmed");
+        ledger.warm_receipts(w.receipts);
+        assert!(!ledger.receipt_is_cold(&id, 1));
+        let reads = ledger.store_reads();
+        let receipt = ledger.receipt_at(&id, 1).expect("a receipt");
+        assert_eq!(ledger.store_reads(), reads, "answered from memory");
+        assert_eq!(receipt.request_id(), id);
+        assert_eq!(Some(receipt), store.lock().receipt_at(&id, 1).expect("read"), "the store's receipt");
     }
 
     /// A warm read is older than what the ledger knows: the overlay's newer value wins, and a read
@@ -922,6 +1020,38 @@ mod tests {
         assert!(!ledger.warm(1, vec![stale(&bob)]), "a read from before the evicted write is refused");
         assert_eq!(ledger.balance(&bob), Some(6), "read from the store, not the stale read");
         assert!(ledger.warm(3, vec![(key(&bob), Some(tally_codec::encode(&6u64)))]), "a read after it is taken");
+    }
+
+    /// A new leader loads every lease; that must not read the store on the replica thread (a
+    /// LevelDB compaction may hold it for seconds). The ledger keeps the lease table as applied,
+    /// loaded once when it opens.
+    #[test]
+    fn leases_are_listed_from_memory_as_applied_and_after_a_restart() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, mut ledger) = ledger_in(dir.path());
+        let tables = *store.lock().tables();
+        let meta = |ttl_ms| tally_codec::LeaseMeta {
+            owner: PublicKey([1; 32]),
+            ttl_ms,
+            expires_at_ms: 9,
+            attached: Vec::new(),
+        };
+        let put =
+            |id: u64, ttl| WriteOp { key: tables.lease(id).into_bytes(), value: Some(tally_codec::encode(&meta(ttl))) };
+        let e = entry(1, Digest::ZERO, vec![put(5, 50), put(6, 60)]);
+        ledger.apply_batch(2, 1, &tally_codec::Committed::new(e.clone()), &Signature([0; 64])).expect("applied");
+        let del = WriteOp { key: tables.lease(5).into_bytes(), value: None };
+        let e2 = entry(2, e.header.hash(), vec![del, put(6, 61)]);
+        ledger.apply_batch(3, 1, &tally_codec::Committed::new(e2), &Signature([0; 64])).expect("applied");
+        ledger.drain().expect("drained");
+        let reads = ledger.store_reads();
+        assert_eq!(ledger.leases(), vec![(6, meta(61))], "lease 5 ended, lease 6 renewed");
+        assert_eq!(ledger.store_reads(), reads, "listed without reading the store");
+        drop(ledger);
+        let (_, reopened) = ledger_in_store(store.clone());
+        assert_eq!(reopened.leases(), vec![(6, meta(61))], "loaded from the store when the ledger opens");
+        assert_eq!(reopened.store_reads(), 0);
+        assert_eq!(store.lock().kv_scan(&tables.leases.0).expect("scan").len(), 1, "the store agrees");
     }
 
     /// Reads see an applied batch before the store thread wrote it (the overlay), and the store

@@ -443,24 +443,32 @@ impl ReplicaThread {
     /// replica thread never reads the store itself for a request, so a store write that holds
     /// the store for seconds (a LevelDB compaction) delays batches, never heartbeats.
     fn on_submissions(&mut self, subs: Vec<Submission>) {
-        let cold = if self.replica.is_leader() {
+        let (mut cold, mut receipts) = (Vec::new(), Vec::new());
+        if self.replica.is_leader() {
             let mut keys = Vec::with_capacity(2 * subs.len());
             for s in &subs {
                 let r = &s.req.request.request;
-                tally_core::state::state_keys(&self.shared.tables, &r.signer, &r.op, &mut keys);
+                match self.replica.executed_at(&s.req.id) {
+                    // A duplicate: answered with its receipt, which may be in the store only.
+                    Some(height) => {
+                        if self.replica.ledger().receipt_is_cold(&s.req.id, height) {
+                            receipts.push((s.req.id, height));
+                        }
+                    }
+                    None => tally_core::state::state_keys(&self.shared.tables, &r.signer, &r.op, &mut keys),
+                }
             }
-            self.replica.ledger().cold_keys(keys)
-        } else {
-            Vec::new()
-        };
-        if cold.is_empty() && self.warming.is_empty() {
+            cold = self.replica.ledger().cold_keys(keys);
+        }
+        if cold.is_empty() && receipts.is_empty() && self.warming.is_empty() {
             self.submit(subs);
             return;
         }
         let ticket = self.next_warm_ticket;
         self.next_warm_ticket += 1;
         // A job the warmer cannot take (its queue is full) is read by the core as before.
-        let ready = cold.is_empty() || self.warm_tx.try_send(WarmJob { ticket, keys: cold }).is_err();
+        let ready = (cold.is_empty() && receipts.is_empty())
+            || self.warm_tx.try_send(WarmJob { ticket, keys: cold, receipts }).is_err();
         self.warming_requests += subs.len();
         self.warming.push_back(Warming { ticket, subs, ready });
         self.release_warmed();
@@ -470,6 +478,7 @@ impl ReplicaThread {
     /// front go to the core.
     fn on_warmed(&mut self, w: Warmed) {
         let keys = w.values.len() as u64;
+        self.replica.ledger_mut().warm_receipts(w.receipts);
         if self.replica.ledger_mut().warm(w.read_at, w.values) {
             metrics::counter!("tally_warmed_keys_total").increment(keys);
         } else {
