@@ -49,3 +49,31 @@ fn follower_forwards_writes_and_reads_to_the_leader() {
         other => panic!("expected NotAuthorized, got {other:?}"),
     }
 }
+
+/// `tally bench` pointed at a follower loads the leader, as the client library does: a follower
+/// would relay every frame (an extra hop and a follower's CPU), and whether the first address
+/// happened to lead would decide the figure.
+#[test]
+fn the_bench_pointed_at_a_follower_loads_the_leader() {
+    let (_dir, layout) = init_cluster(3, 2);
+    let nodes = start_all(&layout);
+    let (li, _) = wait_leader(&nodes, Duration::from_secs(10));
+    let fi = (li + 1) % 3;
+    let follower_metrics = layout.configs[fi].metrics_listen.clone().expect("cluster init sets a metrics address");
+    let forwarded = || {
+        let (_, body) = http_get(&follower_metrics, "/metrics").expect("follower metrics");
+        metric_value(&body, "tally_forwarded_frames_total").unwrap_or(0.0)
+    };
+    let before = forwarded();
+    let json = layout.dir.join("bench.json");
+    let o = tally_command()
+        .args(["--addr", &nodes[fi].addr, "--ca", layout.dir.join("ca.pem").to_str().expect("p")])
+        .args(["bench", "--duration", "2", "--clients", "2", "--batch", "64", "--rate-max", "2000"])
+        .args(["--accounts-dir", layout.dir.to_str().expect("p"), "--json", json.to_str().expect("p")])
+        .output()
+        .expect("tally bench");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    assert!(b["committed"].as_u64().expect("n") > 0, "the bench committed nothing: {b}");
+    assert_eq!(forwarded(), before, "the follower relayed none of the bench's frames");
+}
