@@ -30,19 +30,7 @@ fn fault_ends_the_leader(failpoint: &str, expect_log: &str) {
     let failpoints = dir.path().join("failpoints");
     std::fs::create_dir_all(&failpoints).expect("mkdir");
     let addrs = layout.client_addrs();
-    let mut nodes: Vec<Daemon> = (0..3)
-        .map(|i| {
-            Daemon::spawn_env(
-                &layout.config_paths[i],
-                &addrs[i],
-                &layout.dir.join(format!("node-{}.log", i + 1)),
-                &[("TALLY_FAILPOINT_DIR", &failpoints)],
-            )
-        })
-        .collect();
-    for d in &nodes {
-        d.wait_ready(Duration::from_secs(30));
-    }
+    let mut nodes = start_all_env(&layout, |_| vec![("TALLY_FAILPOINT_DIR", failpoints.clone())]);
     let (li, before) = wait_leader(&nodes, Duration::from_secs(10));
     let writer = Writer::start(&addrs, account_key(&layout, 0), 8, 1);
     assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 16), "no commits before the fault");

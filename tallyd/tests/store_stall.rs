@@ -16,20 +16,10 @@ fn a_leader_whose_store_stalls_for_twice_the_election_timeout_keeps_leading() {
     let addrs = layout.client_addrs();
     // One failpoint directory per node: the stall is planted in the leader's store only.
     let fp_dirs: Vec<std::path::PathBuf> = (0..3).map(|i| layout.dir.join(format!("failpoints-{}", i + 1))).collect();
-    let nodes: Vec<Daemon> = (0..3)
-        .map(|i| {
-            std::fs::create_dir_all(&fp_dirs[i]).expect("mkdir");
-            Daemon::spawn_env(
-                &layout.config_paths[i],
-                &addrs[i],
-                &layout.dir.join(format!("node-{}.log", i + 1)),
-                &[("TALLY_FAILPOINT_DIR", &fp_dirs[i])],
-            )
-        })
-        .collect();
-    for d in &nodes {
-        d.wait_ready(Duration::from_secs(30));
+    for d in &fp_dirs {
+        std::fs::create_dir_all(d).expect("mkdir");
     }
+    let nodes = start_all_env(&layout, |i| vec![("TALLY_FAILPOINT_DIR", fp_dirs[i].clone())]);
     let (li, before) = wait_leader(&nodes, Duration::from_secs(10));
     // Every transfer goes to a fresh account: each batch reads keys no cache holds.
     let writer = Writer::start(&addrs, account_key(&layout, 0), 8, 2);

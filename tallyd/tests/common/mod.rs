@@ -202,12 +202,21 @@ pub fn access(layout: &ClusterLayout) -> tally_chaos::checker::Access {
 
 /// Starts every node of `layout`, then waits until each knows a leader.
 pub fn start_all(layout: &ClusterLayout) -> Vec<Daemon> {
+    start_all_env(layout, |_| Vec::new())
+}
+
+/// [`start_all`], node `i` with the environment `env(i)` (a failpoint directory, say).
+pub fn start_all_env(layout: &ClusterLayout, env: impl Fn(usize) -> Vec<(&'static str, PathBuf)>) -> Vec<Daemon> {
     let nodes: Vec<Daemon> = layout
         .config_paths
         .iter()
         .zip(&layout.configs)
         .enumerate()
-        .map(|(i, (p, c))| Daemon::spawn(p, &c.listen, &layout.dir.join(format!("node-{}.log", i + 1))))
+        .map(|(i, (p, c))| {
+            let vars = env(i);
+            let vars: Vec<(&str, &Path)> = vars.iter().map(|(k, v)| (*k, v.as_path())).collect();
+            Daemon::spawn_env(p, &c.listen, &layout.dir.join(format!("node-{}.log", i + 1)), &vars)
+        })
         .collect();
     for d in &nodes {
         d.wait_ready(Duration::from_secs(30));
