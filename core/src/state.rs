@@ -892,6 +892,12 @@ mod tests {
                     _ => unreachable!(),
                 }
             }),
+            // Compares stop at the first that fails: each kind first in a transaction of its own.
+            Operation::Txn(Txn {
+                compares: vec![Compare::LeaseAlive { lease: 8 }, Compare::BalanceAtLeast { account: BOB, amount: 1 }],
+                then: Vec::new(),
+                otherwise: Vec::new(),
+            }),
         ];
         for op in ops {
             let mut mem = Mem::default();

