@@ -768,7 +768,6 @@ impl Ledger for StoreLedger {
     }
     fn install(&mut self, index: u64, term: u64, conf_state: Vec<u8>, data: &[u8]) -> Result<(), LedgerError> {
         let (env, mut snap) = decode_envelope(data)?;
-        let leases = snap.pairs.iter().filter(|(k, _)| k.starts_with(&self.tables.leases.0)).cloned().collect();
         if snap.applied.index != index {
             return Err(LedgerError::Snapshot(format!(
                 "snapshot data is at index {}, Raft says {index}",
@@ -776,6 +775,7 @@ impl Ledger for StoreLedger {
             )));
         }
         snap.applied.term = term;
+        let leases = snap.pairs.iter().filter(|(k, _)| k.starts_with(&self.tables.leases.0)).cloned().collect();
         tracing::info!(index, height = snap.applied.height, bytes = data.len(), "installing snapshot");
         // Everything applied before goes to the store first; the install replaces it.
         self.drain()?;
