@@ -43,6 +43,9 @@ use tally_net::{Admission, AdmissionLimits, Stream};
 
 /// Messages queued per peer before new ones are dropped.
 pub const OUTBOUND_MESSAGES_MAX: usize = 1024;
+/// Threads of links to removed peers kept for joining (each ends within a connect, handshake or
+/// write timeout on its own).
+const RETIRED_LINKS_MAX: usize = 64;
 /// Messages written before one flush.
 const WRITE_BATCH_MAX: usize = 256;
 /// Accepted connections held at once (authenticated replicas; handshakes have their own pool,
@@ -117,6 +120,8 @@ impl PeerSecurity {
 struct OutLink {
     addr: String,
     tx: Sender<Message>,
+    /// Set when the peer leaves the configuration: the thread drops what is queued and ends.
+    closed: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
 
@@ -130,6 +135,10 @@ pub struct TcpTransport {
     security: PeerSecurity,
     stop: Arc<AtomicBool>,
     links: HashMap<u64, OutLink>,
+    /// Threads of links to peers that left the configuration, still ending (one may sit in a
+    /// connect, a handshake or a write to a dead peer for seconds): never joined on the caller's
+    /// thread, which is the replica thread. Reaped once finished, joined at [`Transport::stop`].
+    retired: Vec<JoinHandle<()>>,
     listener: Option<JoinHandle<()>>,
     inbound: InboundConns,
     addrs: PeerAddrs,
@@ -163,6 +172,7 @@ impl TcpTransport {
             security,
             stop,
             links: HashMap::new(),
+            retired: Vec::new(),
             listener: Some(thread),
             inbound,
             addrs,
@@ -191,29 +201,43 @@ impl Transport for TcpTransport {
         }
     }
 
+    /// Never blocks: links to peers that left are told to end and left to finish on their own
+    /// threads (the replica thread calls this when a configuration change applies).
     fn set_peers(&mut self, peers: &BTreeMap<u64, String>) {
         *self.addrs.lock() = peers.iter().map(|(id, a)| (*id, a.clone())).collect();
         let stale: Vec<u64> =
             self.links.iter().filter(|(id, l)| peers.get(id) != Some(&l.addr)).map(|(id, _)| *id).collect();
         for id in stale {
             if let Some(link) = self.links.remove(&id) {
-                drop(link.tx); // the thread ends at its next poll
-                let _ = link.thread.join();
+                link.closed.store(true, Ordering::Release);
+                drop(link.tx);
+                self.retired.push(link.thread);
             }
         }
+        self.reap_retired();
         for (id, addr) in peers {
             if *id == self.local.node_id || self.links.contains_key(id) {
                 continue;
             }
             let (tx, rx) = bounded(OUTBOUND_MESSAGES_MAX);
-            let (peer, a, local, stop) = (*id, addr.clone(), self.local.clone(), self.stop.clone());
-            let (sec, reports, snapshots) = (self.security.clone(), self.reports.clone(), self.snapshots.clone());
+            let closed = Arc::new(AtomicBool::new(false));
+            let outbound = Outbound {
+                snapshots: self.snapshots.clone(),
+                peer: *id,
+                addr: addr.clone(),
+                local: self.local.clone(),
+                security: self.security.clone(),
+                rx,
+                stop: self.stop.clone(),
+                closed: closed.clone(),
+                reports: self.reports.clone(),
+            };
             match std::thread::Builder::new()
                 .name(format!("peer-out-{}-{}", self.local.node_id, id))
-                .spawn(move || Outbound { snapshots, peer, addr: a, local, security: sec, rx, stop, reports }.run())
+                .spawn(move || outbound.run())
             {
                 Ok(thread) => {
-                    self.links.insert(*id, OutLink { addr: addr.clone(), tx, thread });
+                    self.links.insert(*id, OutLink { addr: addr.clone(), tx, closed, thread });
                 }
                 Err(e) => tracing::error!(peer = id, error = %e, "cannot start peer link thread"),
             }
@@ -225,6 +249,9 @@ impl Transport for TcpTransport {
         for (_, link) in self.links.drain() {
             drop(link.tx);
             let _ = link.thread.join();
+        }
+        for thread in self.retired.drain(..) {
+            let _ = thread.join();
         }
         if let Some(t) = self.listener.take() {
             let _ = t.join();
@@ -243,15 +270,32 @@ impl Transport for TcpTransport {
     }
 }
 
+impl TcpTransport {
+    /// Joins the retired link threads that have ended (at most [`RETIRED_LINKS_MAX`] are kept;
+    /// past it the oldest is detached: it ends by itself within a connect, handshake or write
+    /// timeout).
+    fn reap_retired(&mut self) {
+        let (done, running): (Vec<_>, Vec<_>) = self.retired.drain(..).partition(JoinHandle::is_finished);
+        self.retired = running;
+        for thread in done {
+            let _ = thread.join();
+        }
+        if self.retired.len() > RETIRED_LINKS_MAX {
+            let excess = self.retired.len() - RETIRED_LINKS_MAX;
+            self.retired.drain(..excess);
+        }
+    }
+}
+
 impl Drop for TcpTransport {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-fn sleep_unless_stopped(ms: u64, stop: &AtomicBool) {
+fn sleep_unless_stopped(ms: u64, stop: &AtomicBool, closed: &AtomicBool) {
     let mut left = ms;
-    while left > 0 && !stop.load(Ordering::Relaxed) {
+    while left > 0 && !stop.load(Ordering::Relaxed) && !closed.load(Ordering::Relaxed) {
         let step = left.min(POLL_MS);
         std::thread::sleep(Duration::from_millis(step));
         left -= step;
@@ -349,6 +393,8 @@ struct Outbound {
     security: PeerSecurity,
     rx: Receiver<Message>,
     stop: Arc<AtomicBool>,
+    /// The peer left the configuration: what is queued for it is dropped.
+    closed: Arc<AtomicBool>,
     reports: Reports,
 }
 
@@ -361,7 +407,7 @@ impl Outbound {
         let mut last_error: Option<String> = None;
         // A snapshot that arrived while another was streaming (only the newest is kept).
         let mut deferred: Option<Message> = None;
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.halted() {
             let first = match deferred.take() {
                 Some(m) => m,
                 None => match self.rx.recv_timeout(Duration::from_millis(POLL_MS)) {
@@ -395,7 +441,7 @@ impl Outbound {
                             }
                             last_error = Some(text);
                         }
-                        sleep_unless_stopped(backoff_ms, &self.stop);
+                        sleep_unless_stopped(backoff_ms, &self.stop, &self.closed);
                         backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
                         continue;
                     }
@@ -416,6 +462,11 @@ impl Outbound {
                 }
             }
         }
+    }
+
+    /// The transport stops, or the peer left the configuration.
+    fn halted(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed)
     }
 
     fn report(&self, delivered: bool) {
@@ -488,8 +539,8 @@ impl Outbound {
             "streaming snapshot"
         );
         for (offset, end) in snapshot_stream::chunks(stream.total, from) {
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(std::io::Error::other("transport stopping"));
+            if self.halted() {
+                return Err(std::io::Error::other("transport stopping or peer removed"));
             }
             let pieces = snapshot_stream::range_of(&parts, offset, end);
             write_frame(w, &snapshot_stream::chunk_frame_of(&stream, offset, &pieces))?;
