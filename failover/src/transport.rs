@@ -851,6 +851,27 @@ mod tests {
         b.stop();
     }
 
+    /// Removing a dead peer returns at once, however much is queued for it: its link thread
+    /// (failing to connect, backing off) is closed, not joined on the caller's thread.
+    #[test]
+    fn removing_a_dead_peer_does_not_wait_for_its_link() {
+        let (mut a, _a_addr, _a_rx) = start(1, "c");
+        let dead = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead_addr = dead.local_addr().expect("addr").to_string();
+        drop(dead); // connects to it are refused
+        a.set_peers(&[(2, dead_addr)].into_iter().collect());
+        for term in 0..OUTBOUND_MESSAGES_MAX as u64 {
+            a.send(msg(1, 2, term));
+        }
+        std::thread::sleep(Duration::from_millis(200)); // into its first back-off
+        let t = Instant::now();
+        a.set_peers(&BTreeMap::new());
+        assert!(t.elapsed() < Duration::from_millis(500), "set_peers blocked for {:?}", t.elapsed());
+        let t = Instant::now();
+        a.stop();
+        assert!(t.elapsed() < Duration::from_secs(3), "the closed link did not end: {:?}", t.elapsed());
+    }
+
     /// A peer whose process is gone (its links closed, its port refusing) is reported once as
     /// `MsgUnreachable` from it; a peer that is only slow or still listening is not.
     #[test]
