@@ -1,0 +1,128 @@
+//! Attacks on a replica's operator surfaces: the metrics port (an endless request line, many
+//! slow connections), the log (floods of refused commands and bad frames) and admin replays.
+//! Each runs against a real `tallyd` and checks what an operator relies on: health checks keep
+//! being answered, memory and log size stay bounded, a captured command is not run twice.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// `GET path` on `addr` with a hard deadline on connect, write and read: `None` when any step
+/// takes longer than `within`.
+fn http_get_within(addr: &str, path: &str, within: Duration) -> Option<(u16, String)> {
+    let sock: std::net::SocketAddr = addr.parse().ok()?;
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&sock, within).ok()?;
+    s.set_read_timeout(Some(within)).ok()?;
+    s.set_write_timeout(Some(within)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    if started.elapsed() > within {
+        return None;
+    }
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
+}
+
+/// One connection that sends a request line without end, as fast as the server reads it.
+fn endless_line(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let Ok(mut s) = TcpStream::connect(&addr) else { return 0 };
+        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+        let chunk = vec![b'A'; 64 * 1024];
+        let mut sent = s.write(b"GET /").unwrap_or(0) as u64;
+        while !stop.load(Ordering::Acquire) {
+            match s.write(&chunk) {
+                Ok(n) => sent += n as u64,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                // Cut by the server: reconnect and start again.
+                Err(_) => match TcpStream::connect(&addr) {
+                    Ok(again) => {
+                        s = again;
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                },
+            }
+        }
+        sent
+    })
+}
+
+/// `n` connections that open a request and send one byte of a header every 300 ms, reopening
+/// whatever the server cuts.
+fn slow_clients(addr: String, n: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let open = |addr: &str| {
+            let mut s = TcpStream::connect(addr).ok()?;
+            s.write_all(b"GET /health/live HTTP/1.1\r\nX-Slow: ").ok()?;
+            Some(s)
+        };
+        let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| open(&addr)).collect();
+        while !stop.load(Ordering::Acquire) {
+            for s in &mut socks {
+                if s.as_mut().is_none_or(|c| c.write_all(b"x").is_err()) {
+                    *s = open(&addr);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
+
+/// An endless request line and 200 slow connections on the metrics port: every health check
+/// beside them is answered within a second, and the replica's memory does not grow.
+#[test]
+fn a_hostile_metrics_client_never_delays_a_health_check() {
+    let (_dir, layout) = init_cluster(1, 1);
+    let nodes = start_all(&layout);
+    let metrics = layout.configs[0].metrics_listen.clone().expect("cluster init sets metrics_listen");
+    assert_eq!(http_get_within(&metrics, "/health/live", Duration::from_secs(5)).map(|r| r.0), Some(200));
+    let rss_before = rss_bytes(nodes[0].pid());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow = slow_clients(metrics.clone(), 200, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = endless_line(metrics.clone(), stop.clone());
+    let mut answered = 0;
+    let mut rss_max = rss_before;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let t = Instant::now();
+        let r = http_get_within(&metrics, "/health/live", Duration::from_secs(1));
+        let took = t.elapsed();
+        rss_max = rss_max.max(rss_bytes(nodes[0].pid()));
+        if r.as_ref().map(|r| r.0) != Some(200) {
+            stop.store(true, Ordering::Release);
+            panic!("a health check beside the attack got {r:?} after {took:?} (RSS {rss_before} -> {rss_max})");
+        }
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Release);
+    let sent = flood.join().expect("flood thread");
+    slow.join().expect("slow clients");
+    assert!(sent > 64 * 1024 * 1024, "the endless line offered only {sent} bytes: not an attack");
+    let (code, body) = http_get_within(&metrics, "/metrics", Duration::from_secs(2)).expect("metrics after");
+    assert!(code == 200 && body.contains("tally_term"), "{code}: {body}");
+    let grown = rss_max.saturating_sub(rss_before);
+    println!("{answered} health checks answered; {sent} bytes offered; RSS {rss_before} -> max {rss_max}");
+    assert!(grown < 64 * 1024 * 1024, "RSS grew by {grown} bytes under the attack ({rss_before} -> {rss_max})");
+}
