@@ -138,6 +138,7 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
                     Ok(env) => handle(shared, env, &out_tx, peer),
                     Err(e) => {
                         metrics::counter!("tally_bad_frames_total").increment(1);
+                        tally_net::warn_limited!("bad_frame", error = %e, "a client frame did not decode");
                         let _ = out_tx.try_send(error_reply(0, ErrorCode::Malformed, format!("bad frame: {e}")));
                     }
                 }
@@ -146,6 +147,7 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
             Err(e) => {
                 // The framing is lost or the peer too slow: say why, then close this one only.
                 metrics::counter!("tally_connections_closed_total", "reason" => e.metric()).increment(1);
+                tally_net::warn_limited!("client_framing", error = %e, "a client connection was closed");
                 in_flight.fetch_add(1, Ordering::AcqRel);
                 let _ = out_tx.try_send(error_reply(0, e.code(), e.to_string()));
                 break;
@@ -461,7 +463,7 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
 fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
     if let Err(refusal) = cmd.authorize(&shared.opts.cluster_id, &shared.opts.admin_keys, wall_ms()) {
         crate::measure::refused("admin", ErrorCode::NotAuthorized, 1);
-        tracing::warn!(signer = %cmd.command.signer, %refusal, "admin command refused");
+        tally_net::warn_limited!("admin_refused", signer = %cmd.command.signer, %refusal, "admin command refused");
         return ServerMessage::Error(WireError::new(ErrorCode::NotAuthorized, refusal.to_string()));
     }
     tracing::info!(signer = %cmd.command.signer, op = ?cmd.command.op, "admin command");

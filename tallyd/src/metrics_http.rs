@@ -92,6 +92,12 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("tally_connections_closed_total", Kind::Counter, "Client connections closed by the server, by reason."),
     ("tally_bad_frames_total", Kind::Counter, "Client frames that did not decode."),
     ("tally_forwarded_frames_total", Kind::Counter, "Client frames this follower relayed to the leader."),
+    // Logging.
+    (
+        "tally_log_suppressed_total",
+        Kind::Counter,
+        "Log lines not written by the per-kind rate limit (refused commands, bad frames, failed handshakes), by kind.",
+    ),
 ];
 
 /// Histogram buckets by metric (exact names, so no two matchers overlap).

@@ -126,3 +126,118 @@ fn a_hostile_metrics_client_never_delays_a_health_check() {
     println!("{answered} health checks answered; {sent} bytes offered; RSS {rss_before} -> max {rss_max}");
     assert!(grown < 64 * 1024 * 1024, "RSS grew by {grown} bytes under the attack ({rss_before} -> {rss_max})");
 }
+
+/// Sends `n` admin commands signed by a stranger's key on `conn`, 200 in flight at a time;
+/// every one must be refused.
+fn refused_admin_flood(conn: &tally_client::Connection, cluster: tally_codec::ClusterId, n: usize) {
+    let stranger = tally_client::keyfile::generate_key();
+    let mut left = n;
+    while left > 0 {
+        let round = left.min(200);
+        left -= round;
+        let pending: Vec<_> = (0..round)
+            .map(|_| {
+                let op = tally_codec::admin::AdminOp::ClusterRemove { node_id: 3 };
+                let cmd = tally_client::client::sign_admin(&stranger, cluster, op);
+                conn.send(tally_codec::wire::ClientMessage::Admin(cmd)).expect("send admin")
+            })
+            .collect();
+        for p in pending {
+            match p.wait(Duration::from_secs(10)).expect("reply") {
+                tally_codec::wire::ServerMessage::Error(e) => {
+                    assert_eq!(e.code, tally_codec::ErrorCode::NotAuthorized, "{e:?}")
+                }
+                other => panic!("a stranger's admin command was answered {other:?}"),
+            }
+        }
+    }
+}
+
+/// Frames that do not decode, on a TLS connection of their own; the replies are drained.
+fn bad_frame_flood(addr: &str, dial: &tally_net::Dial, n: usize) {
+    let tcp = TcpStream::connect(addr).expect("connect");
+    let stream = dial.open(tcp, Instant::now() + Duration::from_secs(5)).expect("TLS");
+    let mut reader = stream.clone();
+    let drain = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut got = 0usize;
+        while got < n && matches!(tally_codec::wire::read_frame(&mut reader, &mut buf, 1 << 20), Ok(true)) {
+            got += 1;
+        }
+        got
+    });
+    let mut w = std::io::BufWriter::new(stream.clone());
+    for i in 0..n {
+        tally_codec::wire::write_frame(&mut w, &[0xff; 16]).expect("write a bad frame");
+        if i % 100 == 99 {
+            w.flush().expect("flush");
+            // The server allows 256 frames in flight per connection.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    w.flush().expect("flush");
+    assert!(drain.join().expect("drain") >= n / 2, "the bad frames were not answered");
+    stream.shutdown();
+}
+
+/// Connections to the peer port that send bytes that are no TLS handshake.
+fn peer_port_junk(addr: &str, n: usize) {
+    for _ in 0..n {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.read(&mut [0u8; 64]);
+        }
+    }
+}
+
+/// Thousands of refused admin commands, bad frames and junk on the peer port: the replica's log
+/// grows by a bounded number of lines per kind (the rest counted in
+/// `tally_log_suppressed_total`), not a line per attempt.
+#[test]
+fn an_attack_flood_writes_a_bounded_log() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let nodes = start_all(&layout);
+    let (leader, status) = wait_leader(&nodes, Duration::from_secs(20));
+    let addr = layout.client_addrs()[leader].clone();
+    let dial = layout.dial().expect("CA");
+    std::thread::sleep(Duration::from_millis(500));
+    let log_before = std::fs::metadata(&nodes[leader].log).map_or(0, |m| m.len());
+
+    let admin_threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, dial) = (addr.clone(), dial.clone());
+            std::thread::spawn(move || {
+                let conn =
+                    tally_client::Connection::connect_with(&addr, &dial, Duration::from_secs(5)).expect("connect");
+                refused_admin_flood(&conn, status.cluster_id, 2_500);
+            })
+        })
+        .collect();
+    bad_frame_flood(&addr, &dial, 5_000);
+    peer_port_junk(&layout.configs[leader].peer_listen, 300);
+    for t in admin_threads {
+        t.join().expect("admin flood");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let text = nodes[leader].log_text();
+    let grown = text.len() as u64 - log_before;
+    let attack_log = &text[log_before as usize..];
+    let refused_lines = attack_log.lines().filter(|l| l.contains("admin command refused")).count();
+    println!("the flood grew the log by {grown} bytes, {} lines", attack_log.lines().count());
+    let metrics = layout.configs[leader].metrics_listen.clone().expect("metrics address");
+    let (_, body) = http_get_within(&metrics, "/metrics", Duration::from_secs(2)).expect("metrics");
+    let junk_suppressed = metric_value(&body, "tally_log_suppressed_total{kind=\"peer_tls\"}").unwrap_or(0.0);
+    assert!(junk_suppressed >= 250.0, "junk on the peer port, suppressed lines: {junk_suppressed}\n{attack_log}");
+    let suppressed = metric_value(&body, "tally_log_suppressed_total{kind=\"admin_refused\"}").unwrap_or(0.0);
+    assert!(
+        refused_lines <= tally_net::log_limit::LINES_PER_WINDOW_MAX as usize,
+        "{refused_lines} lines for refused admin commands:\n{attack_log}"
+    );
+    assert!(suppressed >= 9_000.0, "suppressed admin lines counted: {suppressed}\n{body}");
+    // Three kinds were hit (admin_refused, bad_frame, peer_tls); one more kind's worth is room
+    // for the replica's own lines meanwhile.
+    let bound = 4 * tally_net::log_limit::KIND_BYTES_PER_MIN_MAX as u64;
+    assert!(grown < bound, "10,000 refused commands, 5,000 bad frames and 300 junk peers wrote {grown} bytes of log");
+}
