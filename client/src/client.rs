@@ -439,9 +439,10 @@ impl Client {
             AdminOp::ClusterAdd { node_id, client_addr: client_addr.to_string(), peer_addr: peer_addr.to_string() };
         // The leader answers once the new replica caught up, which takes as long as its state
         // takes to stream and install: one call waits for it rather than timing out and retrying.
-        let msg = ClientMessage::Admin(self.sign_admin(admin, op)?);
+        let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
         let wait = self.inner.opts.retry_total.max(CLUSTER_ADD_WAIT);
-        match self.inner.request_with(Instant::now() + wait, wait, "write", &msg)? {
+        let fresh = || ClientMessage::Admin(sign_admin(admin, cluster_id, op.clone()));
+        match self.inner.request_with(Instant::now() + wait, wait, "write", &fresh)? {
             ServerMessage::Done => Ok(()),
             other => Err(self.inner.unexpected("Done", &other)),
         }
@@ -452,7 +453,13 @@ impl Client {
     /// # Errors
     /// As [`Client::cluster_add`].
     pub fn cluster_remove(&self, admin: &SigningKey, node_id: u64) -> Result<(), ClientError> {
-        self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, AdminOp::ClusterRemove { node_id })?))
+        let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        let fresh = || ClientMessage::Admin(sign_admin(admin, cluster_id, AdminOp::ClusterRemove { node_id }));
+        match self.inner.request_with(deadline, self.inner.opts.call_timeout, "write", &fresh)? {
+            ServerMessage::Done => Ok(()),
+            other => Err(self.inner.unexpected("Done", &other)),
+        }
     }
 
     /// An admin command for this cluster, valid for a minute.
@@ -462,14 +469,6 @@ impl Client {
     pub fn sign_admin(&self, admin: &SigningKey, op: AdminOp) -> Result<SignedAdmin, ClientError> {
         let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
         Ok(sign_admin(admin, cluster_id, op))
-    }
-
-    fn expect_done(&self, msg: &ClientMessage) -> Result<(), ClientError> {
-        let deadline = Instant::now() + self.inner.opts.retry_total;
-        match self.inner.request(deadline, "write", msg)? {
-            ServerMessage::Done => Ok(()),
-            other => Err(self.inner.unexpected("Done", &other)),
-        }
     }
 }
 
@@ -784,16 +783,18 @@ impl Inner {
         what: &'static str,
         msg: &ClientMessage,
     ) -> Result<ServerMessage, ClientError> {
-        self.request_with(deadline, self.opts.call_timeout, what, msg)
+        self.request_with(deadline, self.opts.call_timeout, what, &|| msg.clone())
     }
 
-    /// [`Inner::request`], each call waiting up to `call_timeout` for its answer.
+    /// [`Inner::request`], each call waiting up to `call_timeout` for its answer. Each attempt
+    /// sends `msg()`: an admin command is signed afresh for every attempt, since a replica takes
+    /// a signed admin command once (a resend of the same bytes is a `Duplicate`).
     fn request_with(
         &self,
         deadline: Instant,
         call_timeout: Duration,
         what: &'static str,
-        msg: &ClientMessage,
+        msg: &dyn Fn() -> ClientMessage,
     ) -> Result<ServerMessage, ClientError> {
         let mut backoff = Duration::from_millis(50);
         let mut last = String::from("no node answered");
@@ -817,7 +818,7 @@ impl Inner {
                 },
             };
             let timeout = call_timeout.min(remaining).max(Duration::from_millis(100));
-            match conn.call_timeout(msg.clone(), timeout) {
+            match conn.call_timeout(msg(), timeout) {
                 Ok(ServerMessage::Error(e)) if e.code.is_retryable() => {
                     last = e.message.clone();
                     self.follow_hint(&conn, e.leader_hint.as_deref());

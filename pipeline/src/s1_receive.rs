@@ -466,7 +466,29 @@ fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
         tally_net::warn_limited!("admin_refused", signer = %cmd.command.signer, %refusal, "admin command refused");
         return ServerMessage::Error(WireError::new(ErrorCode::NotAuthorized, refusal.to_string()));
     }
+    let id = match shared.admin_seen.claim(cmd, wall_ms()) {
+        Ok(id) => id,
+        Err(replay) => {
+            let code = match replay {
+                crate::admin_replay::ReplayRefusal::Duplicate => ErrorCode::Duplicate,
+                crate::admin_replay::ReplayRefusal::TooMany => ErrorCode::Overloaded,
+            };
+            crate::measure::refused("admin", code, 1);
+            tally_net::warn_limited!("admin_duplicate", signer = %cmd.command.signer, %replay, "admin command refused");
+            return ServerMessage::Error(WireError::new(code, replay.to_string()));
+        }
+    };
     tracing::info!(signer = %cmd.command.signer, op = ?cmd.command.op, "admin command");
+    let reply = run_admin(shared, cmd);
+    // Refused for a reason that did nothing (not the leader, busy): the same bytes may come again.
+    if matches!(&reply, ServerMessage::Error(e) if e.code.is_retryable()) {
+        shared.admin_seen.release(cmd, &id);
+    }
+    reply
+}
+
+/// Carries out an authorised admin command taken once.
+fn run_admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
     match &cmd.command.op {
         AdminOp::ClusterAdd { node_id, client_addr, peer_addr } => {
             let m = tally_failover::Member {

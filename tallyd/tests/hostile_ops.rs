@@ -241,3 +241,52 @@ fn an_attack_flood_writes_a_bounded_log() {
     let bound = 4 * tally_net::log_limit::KIND_BYTES_PER_MIN_MAX as u64;
     assert!(grown < bound, "10,000 refused commands, 5,000 bad frames and 300 junk peers wrote {grown} bytes of log");
 }
+
+/// A captured admin command sent again within its validity: the replica that took it answers
+/// `Duplicate` (before, a `ClusterRemove` was answered `Done` twice and an `AuditPage` served
+/// twice). A fresh signature of the same operation is a new command and is taken.
+#[test]
+fn a_replayed_admin_command_is_refused_as_a_duplicate() {
+    use tally_codec::admin::{AdminOp, AuditTable};
+    use tally_codec::wire::{ClientMessage, ServerMessage};
+    let (_dir, layout) = init_cluster(3, 1);
+    let nodes = start_all(&layout);
+    let (leader, status) = wait_leader(&nodes, Duration::from_secs(20));
+    let admin = layout.admin_key().expect("admin key");
+    let dial = layout.dial().expect("CA");
+    let conn_to = |i: usize| {
+        tally_client::Connection::connect_with(&layout.client_addrs()[i], &dial, Duration::from_secs(5))
+            .expect("connect")
+    };
+    let is_duplicate =
+        |m: &ServerMessage| matches!(m, ServerMessage::Error(e) if e.code == tally_codec::ErrorCode::Duplicate);
+
+    // A membership command (a node that is not a member: the leader has nothing to do and says Done).
+    let remove = tally_client::client::sign_admin(&admin, status.cluster_id, AdminOp::ClusterRemove { node_id: 9 });
+    let leader_conn = conn_to(leader);
+    let first = leader_conn.call(ClientMessage::Admin(remove.clone())).expect("first");
+    assert_eq!(first, ServerMessage::Done);
+    let again = leader_conn.call(ClientMessage::Admin(remove.clone())).expect("replay");
+    assert!(is_duplicate(&again), "a replayed ClusterRemove was answered {again:?}");
+    // From another connection too: the memory is the replica's, not the connection's.
+    let again = conn_to(leader).call(ClientMessage::Admin(remove)).expect("replay");
+    assert!(is_duplicate(&again), "a replayed ClusterRemove was answered {again:?}");
+
+    // A scan page, on a follower.
+    let follower = (leader + 1) % 3;
+    let op = AdminOp::AuditPage { table: AuditTable::Accounts, after: None, limit: 10 };
+    let page = tally_client::client::sign_admin(&admin, status.cluster_id, op.clone());
+    let conn = conn_to(follower);
+    let first = conn.call(ClientMessage::Admin(page.clone())).expect("page");
+    assert!(matches!(first, ServerMessage::AuditPage(_)), "{first:?}");
+    let again = conn.call(ClientMessage::Admin(page)).expect("replay");
+    assert!(is_duplicate(&again), "a replayed AuditPage was answered {again:?}");
+    let fresh = tally_client::client::sign_admin(&admin, status.cluster_id, op);
+    let served = conn.call(ClientMessage::Admin(fresh)).expect("fresh page");
+    assert!(matches!(served, ServerMessage::AuditPage(_)), "a freshly signed page: {served:?}");
+
+    // The CLI signs each attempt afresh, so its own retries are never duplicates.
+    let c = client(&layout, 0);
+    c.cluster_remove(&admin, 9).expect("cluster remove of a non-member");
+    c.cluster_remove(&admin, 9).expect("the same operation, signed again");
+}
