@@ -150,6 +150,9 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
                 tally_net::warn_limited!("client_framing", error = %e, "a client connection was closed");
                 in_flight.fetch_add(1, Ordering::AcqRel);
                 let _ = out_tx.try_send(error_reply(0, e.code(), e.to_string()));
+                if let ReadError::TooLarge { len, .. } = e {
+                    drain(&mut reader, len);
+                }
                 break;
             }
         }
@@ -159,11 +162,36 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
     stream.shutdown();
 }
 
+/// After an oversized frame is refused, its body is read and dropped for at most this long,
+/// so the error frame reaches the client: closing with unread bytes resets the connection, and
+/// a reset discards what the client had not read yet.
+pub const DRAIN_MS: u64 = 5_000;
+/// ... and at most this many bytes (a length prefix may claim 4 GiB).
+pub const DRAIN_BYTES_MAX: usize = 2 * limits::FRAME_BYTES_MAX;
+
+/// Reads and drops up to `len` bytes (see [`DRAIN_MS`]).
+fn drain(r: &mut impl Read, len: usize) {
+    let deadline = Instant::now() + Duration::from_millis(DRAIN_MS);
+    let mut left = len.min(DRAIN_BYTES_MAX);
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 && Instant::now() < deadline {
+        match r.read(&mut buf[..left.min(64 * 1024)]) {
+            Ok(0) => return,
+            Ok(n) => left -= n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// Why a connection's reader gave up.
 #[derive(Debug, thiserror::Error)]
 enum ReadError {
     #[error("bad frame: {0}")]
     Framing(std::io::Error),
+    #[error("bad frame: frame of {len} bytes is over the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
     #[error("frame of {len} bytes did not arrive within {limit_ms} ms (the minimum rate is {FRAME_RATE_BYTES_PER_S_MIN} B/s)")]
     TooSlow { len: usize, limit_ms: u64 },
     #[error("connection idle for {idle_ms} ms; closed")]
@@ -173,13 +201,13 @@ enum ReadError {
 impl ReadError {
     fn code(&self) -> ErrorCode {
         match self {
-            ReadError::Framing(_) => ErrorCode::Malformed,
+            ReadError::Framing(_) | ReadError::TooLarge { .. } => ErrorCode::Malformed,
             ReadError::TooSlow { .. } | ReadError::Idle { .. } => ErrorCode::Timeout,
         }
     }
     fn metric(&self) -> &'static str {
         match self {
-            ReadError::Framing(_) => "framing",
+            ReadError::Framing(_) | ReadError::TooLarge { .. } => "framing",
             ReadError::TooSlow { .. } => "slow_frame",
             ReadError::Idle { .. } => "idle",
         }
@@ -261,14 +289,7 @@ impl PacedFrames {
                         if self.header_got == 4 {
                             self.body_len = u32::from_le_bytes(self.header) as usize;
                             if self.body_len > self.bytes_max {
-                                let e = std::io::Error::new(
-                                    std::io::ErrorKind::InvalidData,
-                                    format!(
-                                        "frame of {} bytes is over the limit of {} bytes",
-                                        self.body_len, self.bytes_max
-                                    ),
-                                );
-                                return Err(ReadError::Framing(e));
+                                return Err(ReadError::TooLarge { len: self.body_len, limit: self.bytes_max });
                             }
                             self.body.clear();
                         }
@@ -724,6 +745,6 @@ mod tests {
         let (mut s, mut c) = pair();
         let mut frames = PacedFrames::new(1024, FAST);
         c.write_all(&2048u32.to_le_bytes()).expect("write");
-        assert!(matches!(frames.next(&mut s, false), Err(ReadError::Framing(_))));
+        assert!(matches!(frames.next(&mut s, false), Err(ReadError::TooLarge { len: 2048, limit: 1024 })));
     }
 }
