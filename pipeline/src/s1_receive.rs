@@ -147,7 +147,9 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
             Err(e) => {
                 // The framing is lost or the peer too slow: say why, then close this one only.
                 metrics::counter!("tally_connections_closed_total", "reason" => e.metric()).increment(1);
-                tally_net::warn_limited!("client_framing", error = %e, "a client connection was closed");
+                if !matches!(e, ReadError::Idle { .. }) {
+                    tally_net::warn_limited!("client_framing", error = %e, "a client connection was closed");
+                }
                 in_flight.fetch_add(1, Ordering::AcqRel);
                 let _ = out_tx.try_send(error_reply(0, e.code(), e.to_string()));
                 if let ReadError::TooLarge { len, .. } = e {
