@@ -123,8 +123,10 @@ fn a_client_started_during_the_first_election_does_not_call_it_unreachable() {
     let seen: Vec<String> = events.try_iter().map(|e| e.to_string()).collect();
     println!("started while electing: {electing}; events: {seen:#?}");
     assert!(!seen.iter().any(|e| e.contains("WARNING")), "a minority warning with all three up: {seen:#?}");
+    // One move to the leader once it is known; a second only if the election outlasted
+    // LEADERLESS_HOP_MS on a loaded machine.
     let hops = seen.iter().filter(|e| e.starts_with("Reconnected")).count();
-    assert!(hops <= 1, "{hops} reconnects while the first leader was elected: {seen:#?}");
+    assert!(hops <= 2, "{hops} reconnects while the first leader was elected: {seen:#?}");
     drop(nodes);
 }
 
