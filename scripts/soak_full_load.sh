@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # Full load on a local 3-replica cluster (release, TLS, fsync) for SECONDS (default 600): no
-# replica may mistake a slow scheduler for a dead leader. A bench run lasts at most 90 s (its
-# requests are signed before its clock starts, and expire ~2 minutes after), so two lanes of
-# ROUND_S-second rounds (default 30) run half a round apart: while one lane signs its next
-# round, the other loads the cluster, and the machine stays busy. (60 s rounds left a slow
-# machine signing past the requests' expiry: most of a round expired unsent.)
+# replica may mistake a slow scheduler for a dead leader. Two lanes of ROUND_S-second bench
+# rounds (default 30) run half a round apart, so while one lane sets up its next round (status,
+# filling its signing queues) the other loads the cluster, and the machine stays busy.
 # Prints the leader changes and campaigns each replica counted (its /metrics), the terms before
 # and after, each replica's RSS at the end and the requests committed (RSS after N requests).
 #   scripts/soak_full_load.sh [SECONDS] [OUT]

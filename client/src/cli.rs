@@ -20,6 +20,24 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tally_codec::{DocKey, Operation, PublicKey, RequestId};
 
+/// The environment variables the CLI reads (each stands for the option of the same name).
+pub const ENV_VARS: [&str; 5] = ["TALLY_ADDR", "TALLY_KEY", "TALLY_CA", "TALLY_CLUSTER_DIR", "TALLY_ADMIN_KEY"];
+
+impl Cli {
+    /// Parses the command line, an empty `TALLY_*` variable counting as unset (the shell
+    /// convention: `TALLY_CLUSTER_DIR= tally status` means "no cluster directory"). clap alone
+    /// would take the empty value and refuse it.
+    pub fn parse_env_aware() -> Cli {
+        for var in ENV_VARS {
+            if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+                // Before any thread starts: nothing else reads the environment yet.
+                std::env::remove_var(var);
+            }
+        }
+        <Cli as Parser>::parse()
+    }
+}
+
 /// tally: client for the tally replicated operator server.
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about)]
@@ -865,6 +883,12 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd, out: Ou
             let text = out == Output::Text;
             let mut config_file = None;
             let mut config_written = false;
+            // The admin key and a connection first: without them nothing is written.
+            let adding = if files_only { None } else { Some((addrs.admin()?, connect(addrs, read_key(key_path)?)?)) };
+            let existed: Vec<PathBuf> = match &addrs.cluster_dir {
+                Some(dir) => cluster::node_files(dir, node_id).into_iter().filter(|f| f.exists()).collect(),
+                None => Vec::new(),
+            };
             if let Some(dir) = &addrs.cluster_dir {
                 let config = dir.join(format!("node-{node_id}.toml"));
                 if config.exists() {
@@ -885,10 +909,19 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd, out: Ou
                     config_written = true;
                 }
             }
-            if !files_only {
-                let admin = addrs.admin()?;
-                let client = connect(addrs, read_key(key_path)?)?;
-                client.cluster_add(&admin, node_id, &client_addr, &peer)?;
+            if let Some((admin, client)) = adding {
+                if let Err(e) = client.cluster_add(&admin, node_id, &client_addr, &peer) {
+                    // Refused: what this run wrote goes (a certificate signed by the CA for a
+                    // node that is not added must not lie around).
+                    if let (true, Some(dir)) = (config_written, &addrs.cluster_dir) {
+                        cluster::remove_node_files(dir, node_id, &existed)?;
+                        eprintln!(
+                            "Removed node-{node_id}.toml and node {node_id}'s certificate written by this run: the add failed \
+                             (to start the node first, write them with --files-only)"
+                        );
+                    }
+                    return Err(e);
+                }
                 if text {
                     println!("Node {node_id} added (client {client_addr}, peer {peer})");
                 }

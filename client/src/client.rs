@@ -30,6 +30,10 @@ use tally_codec::{
 pub const REQUEST_TTL_MS: u64 = 60_000;
 /// A node counts as reachable if it answered a Status this recently.
 pub const REACHABLE_WINDOW_MS: u64 = 3_000;
+/// A node that answers but knows no leader is left for another only after saying so for this
+/// long: a fresh cluster electing its first leader (about a second) is not a reason to hop, but
+/// a replica cut off from the leader is.
+pub const LEADERLESS_HOP_MS: u64 = 3_000;
 /// Bound of the event channel; events beyond it are dropped rather than growing memory.
 pub const EVENTS_MAX: usize = 64;
 
@@ -151,6 +155,8 @@ struct View {
     last_ok: HashMap<u64, Instant>,
     /// The reachable count last warned about, while below a majority.
     warned: Option<usize>,
+    /// Since when the current node has answered without knowing a leader.
+    no_leader_since: Option<Instant>,
 }
 
 struct Inner {
@@ -439,9 +445,10 @@ impl Client {
             AdminOp::ClusterAdd { node_id, client_addr: client_addr.to_string(), peer_addr: peer_addr.to_string() };
         // The leader answers once the new replica caught up, which takes as long as its state
         // takes to stream and install: one call waits for it rather than timing out and retrying.
-        let msg = ClientMessage::Admin(self.sign_admin(admin, op)?);
+        let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
         let wait = self.inner.opts.retry_total.max(CLUSTER_ADD_WAIT);
-        match self.inner.request_with(Instant::now() + wait, wait, "write", &msg)? {
+        let fresh = || ClientMessage::Admin(sign_admin(admin, cluster_id, op.clone()));
+        match self.inner.request_with(Instant::now() + wait, wait, "write", &fresh)? {
             ServerMessage::Done => Ok(()),
             other => Err(self.inner.unexpected("Done", &other)),
         }
@@ -452,7 +459,13 @@ impl Client {
     /// # Errors
     /// As [`Client::cluster_add`].
     pub fn cluster_remove(&self, admin: &SigningKey, node_id: u64) -> Result<(), ClientError> {
-        self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, AdminOp::ClusterRemove { node_id })?))
+        let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        let fresh = || ClientMessage::Admin(sign_admin(admin, cluster_id, AdminOp::ClusterRemove { node_id }));
+        match self.inner.request_with(deadline, self.inner.opts.call_timeout, "write", &fresh)? {
+            ServerMessage::Done => Ok(()),
+            other => Err(self.inner.unexpected("Done", &other)),
+        }
     }
 
     /// An admin command for this cluster, valid for a minute.
@@ -462,14 +475,6 @@ impl Client {
     pub fn sign_admin(&self, admin: &SigningKey, op: AdminOp) -> Result<SignedAdmin, ClientError> {
         let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
         Ok(sign_admin(admin, cluster_id, op))
-    }
-
-    fn expect_done(&self, msg: &ClientMessage) -> Result<(), ClientError> {
-        let deadline = Instant::now() + self.inner.opts.retry_total;
-        match self.inner.request(deadline, "write", msg)? {
-            ServerMessage::Done => Ok(()),
-            other => Err(self.inner.unexpected("Done", &other)),
-        }
     }
 }
 
@@ -606,6 +611,7 @@ impl Inner {
         if let Some(old) = old {
             old.close();
         }
+        self.view.lock().no_leader_since = None;
         self.apply_status(&addr, info);
     }
 
@@ -622,9 +628,19 @@ impl Inner {
             .map(|m| (m.node_id, self.opts.dial_addr(&m.client_addr)))
             .collect();
         if members.is_empty() {
+            // A node that does not know the configuration yet (a fresh cluster before its first
+            // leader): keep what another node said, else this node alone.
+            members = v.members.clone();
+        }
+        if members.is_empty() {
             members.push((info.node_id, addr.to_string()));
         }
         members.sort();
+        if info.leader_id.is_some() {
+            v.no_leader_since = None;
+        } else {
+            v.no_leader_since.get_or_insert_with(Instant::now);
+        }
         v.configured = (info.replicas_configured as usize).max(members.len()).max(1);
         v.members = members;
         v.last_ok.insert(info.node_id, Instant::now());
@@ -646,8 +662,14 @@ impl Inner {
     fn reachable(&self) -> (usize, usize) {
         let v = self.view.lock();
         let window = Duration::from_millis(REACHABLE_WINDOW_MS);
-        let n = v.members.iter().filter(|(id, _)| v.last_ok.get(id).is_some_and(|t| t.elapsed() < window)).count();
-        (n, v.configured.max(1))
+        let configured = v.configured.max(1);
+        let n = if v.members.len() >= configured {
+            v.members.iter().filter(|(id, _)| v.last_ok.get(id).is_some_and(|t| t.elapsed() < window)).count()
+        } else {
+            // The configuration is not known yet: every node of this cluster that answered.
+            v.last_ok.values().filter(|t| t.elapsed() < window).count().min(configured)
+        };
+        (n, configured)
     }
 
     fn report(&self) -> ConnectionReport {
@@ -720,6 +742,12 @@ impl Inner {
     /// The current connection, or a new one if `failed` is still current (or there is none).
     /// Emits `Reconnected` when it moves.
     fn switch_from(&self, failed: Option<&Arc<Connection>>) -> Result<Arc<Connection>, ClientError> {
+        self.switch(failed, true)
+    }
+
+    /// [`Inner::switch_from`]; `unreachable` is false when the node left answered (it knows no
+    /// leader), so it still counts as reachable.
+    fn switch(&self, failed: Option<&Arc<Connection>>, unreachable: bool) -> Result<Arc<Connection>, ClientError> {
         let _switching = self.switch_lock.lock();
         let current = self.conn.lock().clone();
         if let Some(c) = &current {
@@ -732,7 +760,7 @@ impl Inner {
         if let Some(c) = &current {
             c.close();
             let mut v = self.view.lock();
-            if let Some(id) = v.status.as_ref().map(|s| s.node_id) {
+            if let Some(id) = v.status.as_ref().map(|s| s.node_id).filter(|_| unreachable) {
                 v.last_ok.remove(&id);
             }
         }
@@ -758,10 +786,14 @@ impl Inner {
         let hint = hint.map(|h| self.opts.dial_addr(h));
         let hint = hint.as_deref();
         let Some(hint) = hint.filter(|h| *h != from.addr()) else {
-            // No leader known there (an isolated or electing node): try another member rather
-            // than retrying a node that may never learn of the leader.
+            // No leader known there. An electing cluster has one within about a second: stay.
+            // A node that still knows none after LEADERLESS_HOP_MS may be cut off from the
+            // leader: try another member (it answered, so it still counts as reachable).
             if hint.is_none() {
-                let _ = self.switch_from(Some(from));
+                let since = *self.view.lock().no_leader_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(LEADERLESS_HOP_MS) {
+                    let _ = self.switch(Some(from), false);
+                }
             }
             return;
         };
@@ -784,16 +816,18 @@ impl Inner {
         what: &'static str,
         msg: &ClientMessage,
     ) -> Result<ServerMessage, ClientError> {
-        self.request_with(deadline, self.opts.call_timeout, what, msg)
+        self.request_with(deadline, self.opts.call_timeout, what, &|| msg.clone())
     }
 
-    /// [`Inner::request`], each call waiting up to `call_timeout` for its answer.
+    /// [`Inner::request`], each call waiting up to `call_timeout` for its answer. Each attempt
+    /// sends `msg()`: an admin command is signed afresh for every attempt, since a replica takes
+    /// a signed admin command once (a resend of the same bytes is a `Duplicate`).
     fn request_with(
         &self,
         deadline: Instant,
         call_timeout: Duration,
         what: &'static str,
-        msg: &ClientMessage,
+        msg: &dyn Fn() -> ClientMessage,
     ) -> Result<ServerMessage, ClientError> {
         let mut backoff = Duration::from_millis(50);
         let mut last = String::from("no node answered");
@@ -817,7 +851,7 @@ impl Inner {
                 },
             };
             let timeout = call_timeout.min(remaining).max(Duration::from_millis(100));
-            match conn.call_timeout(msg.clone(), timeout) {
+            match conn.call_timeout(msg(), timeout) {
                 Ok(ServerMessage::Error(e)) if e.code.is_retryable() => {
                     last = e.message.clone();
                     self.follow_hint(&conn, e.leader_hint.as_deref());
@@ -884,16 +918,28 @@ impl Inner {
 
     /// Asks every member other than the current node for its Status, in parallel.
     fn probe_members(&self) {
-        let members = self.view.lock().members.clone();
-        let current = self.view.lock().status.as_ref().map(|s| s.node_id);
+        let (members, current, configured, cluster) = {
+            let v = self.view.lock();
+            (v.members.clone(), v.status.as_ref().map(|s| s.node_id), v.configured, v.cluster_id)
+        };
+        let mut addrs: Vec<String> =
+            members.iter().filter(|(id, _)| Some(*id) != current).map(|(_, a)| a.clone()).collect();
+        if members.len() < configured {
+            // The configuration is not known yet: the user's addresses stand for the members.
+            let current_addr = self.addr();
+            for a in self.seeds.iter().map(|a| self.opts.dial_addr(a)) {
+                if a != current_addr && !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
         let timeout = self.opts.heartbeat_timeout;
         let answered: Vec<u64> = std::thread::scope(|s| {
-            let handles: Vec<_> = members
+            let handles: Vec<_> = addrs
                 .iter()
-                .filter(|(id, _)| Some(*id) != current)
-                .map(|(_, addr)| {
+                .map(|addr| {
                     let dial = &self.opts.dial;
-                    s.spawn(move || probe(addr, dial, timeout))
+                    s.spawn(move || probe(addr, dial, timeout, cluster))
                 })
                 .collect();
             handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
@@ -939,11 +985,11 @@ impl Inner {
     }
 }
 
-/// One Status round trip on a fresh connection; the node id if it answered.
-fn probe(addr: &str, dial: &tally_net::Dial, timeout: Duration) -> Option<u64> {
+/// One Status round trip on a fresh connection; the node id if a node of `cluster` answered.
+fn probe(addr: &str, dial: &tally_net::Dial, timeout: Duration, cluster: Option<ClusterId>) -> Option<u64> {
     let conn = Connection::connect_with(addr, dial, timeout).ok()?;
     match conn.call_timeout(ClientMessage::Status, timeout).ok()? {
-        ServerMessage::Status(info) => Some(info.node_id),
+        ServerMessage::Status(info) if cluster.is_none_or(|c| c == info.cluster_id) => Some(info.node_id),
         _ => None,
     }
 }

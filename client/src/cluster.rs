@@ -274,6 +274,25 @@ pub fn add_node_files(
     Ok((path, cfg))
 }
 
+/// The files [`add_node_files`] writes for node `node_id`: its config, certificate and key.
+pub fn node_files(dir: &Path, node_id: u64) -> [PathBuf; 3] {
+    ["toml", "pem", "key"].map(|ext| dir.join(format!("node-{node_id}.{ext}")))
+}
+
+/// Removes the files of `node_files(dir, node_id)` that are not in `keep` (those that existed
+/// before this run): a refused `cluster add` leaves the directory as it found it.
+///
+/// # Errors
+/// The first file that could not be removed.
+pub fn remove_node_files(dir: &Path, node_id: u64, keep: &[PathBuf]) -> Result<(), ClientError> {
+    for f in node_files(dir, node_id) {
+        if !keep.contains(&f) && f.exists() {
+            std::fs::remove_file(&f).map_err(|e| ClientError::file(&f, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The `node-<id>.toml` files in `dir`, by id.
 fn node_configs(dir: &Path) -> Result<Vec<(u64, NodeConfig)>, ClientError> {
     let mut out = Vec::new();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tally_codec::limits;
-use tally_codec::wire::{self, ClientMessage, Envelope, ServerMessage};
+use tally_codec::wire::{self, ClientMessage, Envelope, ServerMessage, WireError};
 use tally_net::{Dial, Stream};
 
 /// How long opening a connection may take before the node counts as unreachable.
@@ -28,6 +28,8 @@ pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
 pub const CALL_TIMEOUT_MS: u64 = 10_000;
 /// A write that blocks this long means the node stopped reading.
 const WRITE_TIMEOUT_MS: u64 = 10_000;
+/// After a failed write, how long to wait for the node's closing explanation to be read.
+const CLOSE_EXPLANATION_WAIT_MS: u64 = 200;
 
 type PendingMap = Mutex<HashMap<u64, Sender<ServerMessage>>>;
 
@@ -39,6 +41,9 @@ struct Shared {
     closed: AtomicBool,
     /// Why the reader stopped, for error messages.
     close_reason: Mutex<Option<String>>,
+    /// The node's own explanation: an error frame not addressed to any request (id 0), which
+    /// a node sends just before it closes a connection it will not serve.
+    server_reason: Mutex<Option<WireError>>,
 }
 
 /// A framed connection to one node. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -97,6 +102,9 @@ impl Drop for PendingReply {
 
 impl Shared {
     fn closed_error(&self) -> ClientError {
+        if let Some(reason) = self.server_reason.lock().clone() {
+            return ClientError::ClosedBy { addr: self.addr.clone(), reason };
+        }
         match self.close_reason.lock().clone() {
             Some(reason) => ClientError::Io { addr: self.addr.clone(), source: std::io::Error::other(reason) },
             None => ClientError::Closed { addr: self.addr.clone() },
@@ -155,6 +163,7 @@ impl Connection {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
+            server_reason: Mutex::new(None),
         });
         let read_half = stream.clone();
         let writer = BufWriter::with_capacity(256 * 1024, stream.clone());
@@ -202,7 +211,15 @@ impl Connection {
         let written = wire::write_frame(&mut *w, &body).and_then(|()| w.flush());
         drop(w);
         if let Err(source) = written {
+            // The node may have said why it is closing: give its reader a moment to read that.
+            let until = std::time::Instant::now() + Duration::from_millis(CLOSE_EXPLANATION_WAIT_MS);
+            while !self.is_closed() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             self.close();
+            if self.shared.server_reason.lock().is_some() {
+                return Err(self.shared.closed_error());
+            }
             return Err(ClientError::Io { addr: self.shared.addr.clone(), source });
         }
         Ok(reply)
@@ -254,6 +271,11 @@ fn reader_loop(stream: Stream, shared: &Shared) {
             Ok(env) => env,
             Err(e) => break Some(format!("undecodable reply: {e}")),
         };
+        if let (0, ServerMessage::Error(e)) = (env.id, &env.msg) {
+            // Request ids start at 1: this is about the connection itself.
+            *shared.server_reason.lock() = Some(e.clone());
+            continue;
+        }
         let tx = shared.pending.lock().remove(&env.id);
         match tx {
             // The caller may have given up (timeout); a failed send is fine.
@@ -298,6 +320,30 @@ mod tests {
             let _ = wire::read_frame(&mut s, &mut buf, limits::FRAME_BYTES_MAX);
         });
         (addr, h)
+    }
+
+    /// A node that refuses the connection with an explanation (id 0) and closes: the waiting
+    /// caller gets that explanation, not a bare "closed".
+    #[test]
+    fn a_closing_nodes_explanation_reaches_the_caller() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let why = tally_codec::wire::WireError::new(tally_codec::ErrorCode::Malformed, "this port requires TLS");
+            let body = tally_codec::encode(&Envelope { id: 0, msg: ServerMessage::Error(why) });
+            wire::write_frame(&mut s, &body).expect("write");
+            let mut buf = Vec::new();
+            let _ = wire::read_frame(&mut s, &mut buf, limits::FRAME_BYTES_MAX);
+        });
+        let conn = Connection::connect(&addr).expect("connect");
+        let err = conn.call_timeout(ClientMessage::Status, Duration::from_secs(5)).expect_err("refused");
+        assert!(
+            matches!(&err, ClientError::ClosedBy { reason, .. } if reason.message == "this port requires TLS"),
+            "{err}"
+        );
+        assert!(err.is_transport());
+        h.join().expect("server");
     }
 
     #[test]

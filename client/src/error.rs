@@ -21,6 +21,10 @@ pub enum ClientError {
     /// The connection was closed (by the node, or because the client switched nodes).
     #[error("connection to {addr} closed")]
     Closed { addr: String },
+    /// The node closed the connection and said why in a last frame (a plaintext client on a
+    /// TLS port, an oversized frame, a full connection pool).
+    #[error("{addr} closed the connection: {reason}")]
+    ClosedBy { addr: String, reason: WireError },
     /// The node sent something that is not the expected reply.
     #[error("protocol error from {addr}: {detail}")]
     Protocol { addr: String, detail: String },
@@ -67,6 +71,7 @@ impl ClientError {
                 | ClientError::Io { .. }
                 | ClientError::Timeout { .. }
                 | ClientError::Closed { .. }
+                | ClientError::ClosedBy { .. }
                 | ClientError::Protocol { .. }
         )
     }

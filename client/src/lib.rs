@@ -4,7 +4,7 @@
 //!  tally (main.rs) ─▶ cli ─▶ Client ──failover──▶ Connection ──frames──▶ tallyd
 //!                       │        └─ heartbeat thread (Status ≈1 s, events)
 //!                       ├─▶ repl   (line parsing + session output of DESIGN §2)
-//!                       ├─▶ bench  (pre-signed load, hdrhistogram, JSON + PNG)
+//!                       ├─▶ bench  (load signed as it is sent, hdrhistogram, JSON + PNG)
 //!                       ├─▶ cluster::cluster_init, up (local cluster + demo)
 //!                       └─▶ keyfile, receipt_file (offline: keygen, verify)
 //! ```

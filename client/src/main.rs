@@ -2,7 +2,6 @@
 //! `tally_client::cli` so they can be tested.
 #![deny(unsafe_code)]
 
-use clap::Parser;
 use std::process::ExitCode;
 
 /// Rust ignores SIGPIPE, so `tally status | head` would panic on the closed pipe. Restore the
@@ -18,7 +17,7 @@ fn restore_sigpipe() {
 
 fn main() -> ExitCode {
     restore_sigpipe();
-    let cli = tally_client::cli::Cli::parse();
+    let cli = tally_client::cli::Cli::parse_env_aware();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour only on a terminal: logs redirected to a file stay plain text.

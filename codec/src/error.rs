@@ -84,6 +84,8 @@ pub enum ErrorCode {
     LeaseFull = 29,
     /// The history asked for is no longer on this replica (it installed a snapshot).
     Compacted = 30,
+    /// An admin command this replica already took (a replay within its validity).
+    Duplicate = 31,
 }
 
 impl ErrorCode {
@@ -133,6 +135,7 @@ impl ErrorCode {
             ErrorCode::BadTxn => "BadTxn",
             ErrorCode::LeaseFull => "LeaseFull",
             ErrorCode::Compacted => "Compacted",
+            ErrorCode::Duplicate => "Duplicate",
         }
     }
 
@@ -172,6 +175,7 @@ impl ErrorCode {
             }
             ErrorCode::LeaseFull => "the lease already has 1024 documents and claims attached",
             ErrorCode::Compacted => "that history is compacted on this replica",
+            ErrorCode::Duplicate => "this admin command was already taken; sign a new one",
         }
     }
 }

@@ -594,7 +594,7 @@ fn run_listener(
                 continue;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "peer accept failed");
+                tally_net::warn_limited!("peer_accept", error = %e, "peer accept failed");
                 std::thread::sleep(Duration::from_millis(POLL_MS));
                 continue;
             }
@@ -712,7 +712,7 @@ fn authenticate(
         PeerSecurity::Tls { server, .. } => match Stream::accept(s, server.clone(), deadline) {
             Ok(st) => st,
             Err(e) => {
-                tracing::warn!(%from, error = %e, "peer TLS handshake failed (no certificate of this cluster?)");
+                tally_net::warn_limited!("peer_tls", %from, error = %e, "peer TLS handshake failed (no certificate of this cluster?)");
                 return None;
             }
         },
@@ -724,20 +724,20 @@ fn authenticate(
     let peer = match handshake(&mut stream, local, None) {
         Ok(h) => h,
         Err(HandshakeError::RefusedByUs(r)) => {
-            tracing::error!(%from, reason = %r, "refused peer connection");
+            tally_net::error_limited!("peer_refused", %from, reason = %r, "refused peer connection");
             return None;
         }
         Err(e) => {
-            tracing::warn!(%from, error = %e, "peer handshake failed");
+            tally_net::warn_limited!("peer_handshake", %from, error = %e, "peer handshake failed");
             return None;
         }
     };
     if matches!(security, PeerSecurity::Tls { .. }) && !stream.peer_is_node(peer.node_id) {
-        tracing::error!(%from, claimed = peer.node_id, "refused peer: its certificate is not node {}'s", peer.node_id);
+        tally_net::error_limited!("peer_identity", %from, claimed = peer.node_id, "refused peer: its certificate is not node {}'s", peer.node_id);
         return None;
     }
     if let Err(e) = slot.establish(true) {
-        tracing::warn!(%from, node = peer.node_id, error = %e, "peer connection refused");
+        tally_net::warn_limited!("peer_admission", %from, node = peer.node_id, error = %e, "peer connection refused");
         return None;
     }
     if stream.tcp().set_read_timeout(None).is_err() {

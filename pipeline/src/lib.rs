@@ -12,6 +12,7 @@
 // raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod admin_replay;
 pub mod failpoint;
 pub mod forward;
 pub mod ledger;

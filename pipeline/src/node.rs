@@ -134,6 +134,8 @@ pub struct Shared {
     pub forwarder: crate::forward::Forwarder,
     /// Decompressed, checked public keys (stage 2).
     pub keys: crate::s2_validate::KeyCache,
+    /// Admin commands taken and not yet expired (replay protection).
+    pub admin_seen: crate::admin_replay::SeenAdmin,
     me: Weak<Shared>,
 }
 
@@ -250,6 +252,7 @@ impl Node {
             admission: tally_net::Admission::new(tally_net::AdmissionLimits::CLIENT_PORT),
             keys: crate::s2_validate::KeyCache::default(),
             forwarder: crate::forward::Forwarder::new(relay_dial),
+            admin_seen: crate::admin_replay::SeenAdmin::default(),
             me: me.clone(),
         });
         let replicator = crate::shell::start(&shared, shell, wal, env)?;

@@ -138,6 +138,7 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
                     Ok(env) => handle(shared, env, &out_tx, peer),
                     Err(e) => {
                         metrics::counter!("tally_bad_frames_total").increment(1);
+                        tally_net::warn_limited!("bad_frame", error = %e, "a client frame did not decode");
                         let _ = out_tx.try_send(error_reply(0, ErrorCode::Malformed, format!("bad frame: {e}")));
                     }
                 }
@@ -146,8 +147,14 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
             Err(e) => {
                 // The framing is lost or the peer too slow: say why, then close this one only.
                 metrics::counter!("tally_connections_closed_total", "reason" => e.metric()).increment(1);
+                if !matches!(e, ReadError::Idle { .. }) {
+                    tally_net::warn_limited!("client_framing", error = %e, "a client connection was closed");
+                }
                 in_flight.fetch_add(1, Ordering::AcqRel);
                 let _ = out_tx.try_send(error_reply(0, e.code(), e.to_string()));
+                if let ReadError::TooLarge { len, .. } = e {
+                    drain(&mut reader, len);
+                }
                 break;
             }
         }
@@ -157,11 +164,36 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
     stream.shutdown();
 }
 
+/// After an oversized frame is refused, its body is read and dropped for at most this long,
+/// so the error frame reaches the client: closing with unread bytes resets the connection, and
+/// a reset discards what the client had not read yet.
+pub const DRAIN_MS: u64 = 5_000;
+/// ... and at most this many bytes (a length prefix may claim 4 GiB).
+pub const DRAIN_BYTES_MAX: usize = 2 * limits::FRAME_BYTES_MAX;
+
+/// Reads and drops up to `len` bytes (see [`DRAIN_MS`]).
+fn drain(r: &mut impl Read, len: usize) {
+    let deadline = Instant::now() + Duration::from_millis(DRAIN_MS);
+    let mut left = len.min(DRAIN_BYTES_MAX);
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 && Instant::now() < deadline {
+        match r.read(&mut buf[..left.min(64 * 1024)]) {
+            Ok(0) => return,
+            Ok(n) => left -= n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// Why a connection's reader gave up.
 #[derive(Debug, thiserror::Error)]
 enum ReadError {
     #[error("bad frame: {0}")]
     Framing(std::io::Error),
+    #[error("bad frame: frame of {len} bytes is over the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
     #[error("frame of {len} bytes did not arrive within {limit_ms} ms (the minimum rate is {FRAME_RATE_BYTES_PER_S_MIN} B/s)")]
     TooSlow { len: usize, limit_ms: u64 },
     #[error("connection idle for {idle_ms} ms; closed")]
@@ -171,13 +203,13 @@ enum ReadError {
 impl ReadError {
     fn code(&self) -> ErrorCode {
         match self {
-            ReadError::Framing(_) => ErrorCode::Malformed,
+            ReadError::Framing(_) | ReadError::TooLarge { .. } => ErrorCode::Malformed,
             ReadError::TooSlow { .. } | ReadError::Idle { .. } => ErrorCode::Timeout,
         }
     }
     fn metric(&self) -> &'static str {
         match self {
-            ReadError::Framing(_) => "framing",
+            ReadError::Framing(_) | ReadError::TooLarge { .. } => "framing",
             ReadError::TooSlow { .. } => "slow_frame",
             ReadError::Idle { .. } => "idle",
         }
@@ -259,14 +291,7 @@ impl PacedFrames {
                         if self.header_got == 4 {
                             self.body_len = u32::from_le_bytes(self.header) as usize;
                             if self.body_len > self.bytes_max {
-                                let e = std::io::Error::new(
-                                    std::io::ErrorKind::InvalidData,
-                                    format!(
-                                        "frame of {} bytes is over the limit of {} bytes",
-                                        self.body_len, self.bytes_max
-                                    ),
-                                );
-                                return Err(ReadError::Framing(e));
+                                return Err(ReadError::TooLarge { len: self.body_len, limit: self.bytes_max });
                             }
                             self.body.clear();
                         }
@@ -461,10 +486,32 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
 fn admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
     if let Err(refusal) = cmd.authorize(&shared.opts.cluster_id, &shared.opts.admin_keys, wall_ms()) {
         crate::measure::refused("admin", ErrorCode::NotAuthorized, 1);
-        tracing::warn!(signer = %cmd.command.signer, %refusal, "admin command refused");
+        tally_net::warn_limited!("admin_refused", signer = %cmd.command.signer, %refusal, "admin command refused");
         return ServerMessage::Error(WireError::new(ErrorCode::NotAuthorized, refusal.to_string()));
     }
+    let id = match shared.admin_seen.claim(cmd, wall_ms()) {
+        Ok(id) => id,
+        Err(replay) => {
+            let code = match replay {
+                crate::admin_replay::ReplayRefusal::Duplicate => ErrorCode::Duplicate,
+                crate::admin_replay::ReplayRefusal::TooMany => ErrorCode::Overloaded,
+            };
+            crate::measure::refused("admin", code, 1);
+            tally_net::warn_limited!("admin_duplicate", signer = %cmd.command.signer, %replay, "admin command refused");
+            return ServerMessage::Error(WireError::new(code, replay.to_string()));
+        }
+    };
     tracing::info!(signer = %cmd.command.signer, op = ?cmd.command.op, "admin command");
+    let reply = run_admin(shared, cmd);
+    // Refused for a reason that did nothing (not the leader, busy): the same bytes may come again.
+    if matches!(&reply, ServerMessage::Error(e) if e.code.is_retryable()) {
+        shared.admin_seen.release(cmd, &id);
+    }
+    reply
+}
+
+/// Carries out an authorised admin command taken once.
+fn run_admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
     match &cmd.command.op {
         AdminOp::ClusterAdd { node_id, client_addr, peer_addr } => {
             let m = tally_failover::Member {
@@ -700,6 +747,6 @@ mod tests {
         let (mut s, mut c) = pair();
         let mut frames = PacedFrames::new(1024, FAST);
         c.write_all(&2048u32.to_le_bytes()).expect("write");
-        assert!(matches!(frames.next(&mut s, false), Err(ReadError::Framing(_))));
+        assert!(matches!(frames.next(&mut s, false), Err(ReadError::TooLarge { len: 2048, limit: 1024 })));
     }
 }

@@ -56,7 +56,9 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Every line is cut at `LINE_BYTES_MAX`, so the rate-limited kinds bound the log's growth.
+    let capped = || tally_net::log_limit::LineCap::new(std::io::stderr().lock());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(capped);
     match format {
         // Colour only on a terminal: logs redirected to a file stay plain text.
         LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),

@@ -4,7 +4,7 @@
 
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::io::{BufRead, BufReader, Write};
+use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -92,6 +92,12 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("tally_connections_closed_total", Kind::Counter, "Client connections closed by the server, by reason."),
     ("tally_bad_frames_total", Kind::Counter, "Client frames that did not decode."),
     ("tally_forwarded_frames_total", Kind::Counter, "Client frames this follower relayed to the leader."),
+    // Logging.
+    (
+        "tally_log_suppressed_total",
+        Kind::Counter,
+        "Log lines not written by the per-kind rate limit (refused commands, bad frames, failed handshakes), by kind.",
+    ),
 ];
 
 /// Histogram buckets by metric (exact names, so no two matchers overlap).
@@ -210,63 +216,113 @@ pub fn readiness(
     Ok(format!("ready: leader {leader}, {lag} entries behind"))
 }
 
-/// Serves the metrics port on `addr` from a background thread.
+/// Connections served at once on the metrics port. When a new one arrives with all taken, the
+/// oldest is cut: a slow or hostile client loses its slot to a health check that completes in
+/// a millisecond, as on the client port's handshake pool.
+pub const HTTP_CONNECTIONS_MAX: usize = 64;
+/// Request line and headers together, at most (hyper answers `431` beyond it). Apache's limit
+/// per line is 8,190 bytes; our paths are a few bytes long.
+pub const HTTP_HEAD_BYTES_MAX: usize = 8192;
+/// Headers in one request, at most (hyper answers `431` beyond it).
+pub const HTTP_HEADERS_MAX: usize = 32;
+/// The request line and headers must arrive within this long of the connection's accept.
+pub const HTTP_HEAD_TIMEOUT_MS: u64 = 2_000;
+/// A connection lasts at most this long, answer included (one request per connection).
+pub const HTTP_CONNECTION_MS_MAX: u64 = 5_000;
+
+/// What the metrics port answers from.
+struct Pages {
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Serves the metrics port on `addr` from a background thread: hyper's HTTP/1 server on a
+/// one-thread tokio runtime, with every bound above. Nothing here blocks on a client: a
+/// connection is a task, and reads and writes wait without holding the thread.
 ///
 /// # Errors
-/// When the address can't be bound.
+/// When the address can't be bound or the runtime can't start.
 pub fn serve(addr: &str, handle: PrometheusHandle, health: Arc<Health>) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| format!("metrics runtime: {e}"))?;
+    let pages = Arc::new(Pages { handle, health });
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-                let mut line = String::new();
-                let Ok(read) = stream.try_clone() else { continue };
-                let mut r = BufReader::new(read);
-                if r.read_line(&mut line).is_err() {
-                    continue;
-                }
-                // Read the headers too (bounded): closing a socket with unread bytes resets it,
-                // and the client may lose the answer.
-                let mut header = String::new();
-                for _ in 0..100 {
-                    header.clear();
-                    match r.read_line(&mut header) {
-                        Ok(n) if n > 2 && header.len() < 8192 => {}
-                        _ => break,
-                    }
-                }
-                let (status, body) = respond(&line, &handle, &health);
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.shutdown(std::net::Shutdown::Write);
-            }
-        })
+        .spawn(move || runtime.block_on(accept_loop(listener, pages)))
         .map_err(|e| e.to_string())?;
     Ok(())
 }
 
-fn respond(request_line: &str, handle: &PrometheusHandle, health: &Health) -> (&'static str, String) {
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
+async fn accept_loop(listener: TcpListener, pages: Arc<Pages>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the metrics port cannot serve");
+            return;
+        }
+    };
+    let mut live: VecDeque<tokio::task::AbortHandle> = VecDeque::with_capacity(HTTP_CONNECTIONS_MAX);
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // Out of descriptors, say: wait rather than spin.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        live.retain(|task| !task.is_finished());
+        if live.len() >= HTTP_CONNECTIONS_MAX {
+            if let Some(oldest) = live.pop_front() {
+                oldest.abort();
+            }
+        }
+        assert!(live.len() < HTTP_CONNECTIONS_MAX);
+        let task = tokio::spawn(serve_connection(tcp, pages.clone()));
+        live.push_back(task.abort_handle());
+    }
+}
+
+/// One request on one connection, within [`HTTP_CONNECTION_MS_MAX`].
+async fn serve_connection(tcp: tokio::net::TcpStream, pages: Arc<Pages>) {
+    let _ = tcp.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (status, body) = respond(req.method().as_str(), req.uri().path(), &pages.handle, &pages.health);
+        let reply = hyper::Response::builder()
+            .status(status)
+            .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+        async move { reply }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(HTTP_HEAD_TIMEOUT_MS))
+        .max_buf_size(HTTP_HEAD_BYTES_MAX)
+        .max_header_size(HTTP_HEAD_BYTES_MAX)
+        .max_headers(HTTP_HEADERS_MAX)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+    let _ = tokio::time::timeout(Duration::from_millis(HTTP_CONNECTION_MS_MAX), conn).await;
+}
+
+/// The status and body for `method` on `path`.
+fn respond(method: &str, path: &str, handle: &PrometheusHandle, health: &Health) -> (u16, String) {
     if method != "GET" {
-        return ("405 Method Not Allowed", "only GET\n".into());
+        return (405, "only GET\n".into());
     }
     match path {
-        "/metrics" => ("200 OK", handle.render()),
-        "/health/live" => ("200 OK", "live\n".into()),
+        "/metrics" => (200, handle.render()),
+        "/health/live" => (200, "live\n".into()),
         "/health/ready" => match health.ready() {
-            Ok(msg) => ("200 OK", format!("{msg}\n")),
-            Err(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
+            Ok(msg) => (200, format!("{msg}\n")),
+            Err(why) => (503, format!("not ready: {why}\n")),
         },
-        _ => ("404 Not Found", "try GET /metrics, /health/live or /health/ready\n".into()),
+        _ => (404, "try GET /metrics, /health/live or /health/ready\n".into()),
     }
 }
 
@@ -355,13 +411,13 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let health = Health::default();
-        assert_eq!(respond("GET /health/live HTTP/1.1", &handle, &health).0, "200 OK");
-        let (status, body) = respond("GET /health/ready HTTP/1.1", &handle, &health);
-        assert_eq!(status, "503 Service Unavailable");
+        assert_eq!(respond("GET", "/health/live", &handle, &health).0, 200);
+        let (status, body) = respond("GET", "/health/ready", &handle, &health);
+        assert_eq!(status, 503);
         assert!(body.starts_with("not ready: starting"), "{body}");
         health.set_ready_check(Box::new(|| Ok("ready".into())));
-        assert_eq!(respond("GET /health/ready?x=1 HTTP/1.1", &handle, &health).0, "200 OK");
-        assert_eq!(respond("GET /nope HTTP/1.1", &handle, &health).0, "404 Not Found");
-        assert_eq!(respond("POST /metrics HTTP/1.1", &handle, &health).0, "405 Method Not Allowed");
+        assert_eq!(respond("GET", "/health/ready", &handle, &health).0, 200);
+        assert_eq!(respond("GET", "/nope", &handle, &health).0, 404);
+        assert_eq!(respond("POST", "/metrics", &handle, &health).0, 405);
     }
 }
