@@ -128,43 +128,91 @@ macro_rules! error_limited {
     ($kind:expr, $($rest:tt)+) => { $crate::log_limited!(ERROR, $kind, $($rest)+) };
 }
 
-/// A log writer for one event that writes at most [`LINE_BYTES_MAX`] bytes of it, then
-/// `…[cut]` and the newline: no logged field, however long, makes a line longer. Give
-/// `tracing_subscriber` a fresh one per event (`|| LineCap::new(std::io::stderr().lock())`):
-/// the lock keeps a line and its cut mark together.
+/// A log writer for one event that writes at most [`LINE_BYTES_MAX`] bytes of it: no logged
+/// field, however long, makes a line longer. A text line is cut and ends in `...[cut]`; a JSON
+/// line (`--log-format json`) stays one valid JSON object: a cut one is written as
+/// `{"log_line_cut":true,"line":"<the line's start, as a JSON string>"}`. Give
+/// `tracing_subscriber` a fresh one per event (`|| LineCap::text(std::io::stderr().lock())`): the
+/// event's bytes are held (at most the bound) and written when it is dropped, under the lock.
 pub struct LineCap<W: Write> {
     inner: W,
-    written: usize,
+    held: Vec<u8>,
     cut: bool,
+    json: bool,
 }
 
 impl<W: Write> LineCap<W> {
-    pub fn new(inner: W) -> LineCap<W> {
-        LineCap { inner, written: 0, cut: false }
+    /// For plain-text log lines.
+    pub fn text(inner: W) -> LineCap<W> {
+        LineCap { inner, held: Vec::new(), cut: false, json: false }
+    }
+
+    /// For JSON log lines (one object per line).
+    pub fn json(inner: W) -> LineCap<W> {
+        LineCap { inner, held: Vec::new(), cut: false, json: true }
+    }
+
+    /// The line as it goes out: whole, or cut within the bound.
+    fn line(&self) -> Vec<u8> {
+        if !self.cut {
+            return self.held.clone();
+        }
+        if !self.json {
+            let mut out = self.held[..self.held.len().min(LINE_BYTES_MAX - CUT_MARK.len())].to_vec();
+            out.extend_from_slice(CUT_MARK);
+            return out;
+        }
+        let mut out = JSON_CUT_HEAD.to_vec();
+        for c in String::from_utf8_lossy(&self.held).chars() {
+            let escaped = json_escaped(c);
+            if out.len() + escaped.len() + JSON_CUT_TAIL.len() > LINE_BYTES_MAX {
+                break;
+            }
+            out.extend_from_slice(escaped.as_bytes());
+        }
+        out.extend_from_slice(JSON_CUT_TAIL);
+        out
     }
 }
 
-/// Written in place of what a cut line lost.
+/// Written in place of what a cut text line lost.
 const CUT_MARK: &[u8] = b"...[cut]\n";
+const JSON_CUT_HEAD: &[u8] = br#"{"log_line_cut":true,"line":""#;
+const JSON_CUT_TAIL: &[u8] = b"\"}\n";
+
+/// One character as it stands inside a JSON string.
+fn json_escaped(c: char) -> String {
+    match c {
+        '"' => "\\\"".into(),
+        '\\' => "\\\\".into(),
+        '\n' => "\\n".into(),
+        c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32),
+        c => c.to_string(),
+    }
+}
 
 impl<W: Write> Write for LineCap<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let room = (LINE_BYTES_MAX - CUT_MARK.len()).saturating_sub(self.written);
+        let room = LINE_BYTES_MAX.saturating_sub(self.held.len());
         let take = buf.len().min(room);
-        if take > 0 {
-            self.inner.write_all(&buf[..take])?;
-            self.written += take;
-        }
-        if take < buf.len() && !self.cut {
+        self.held.extend_from_slice(&buf[..take]);
+        if take < buf.len() {
             self.cut = true;
-            self.inner.write_all(CUT_MARK)?;
         }
         // What is past the cap is dropped on purpose: report it as written.
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(()) // the line goes out whole when the event's writer is dropped
+    }
+}
+
+impl<W: Write> Drop for LineCap<W> {
+    fn drop(&mut self) {
+        let line = self.line();
+        let _ = self.inner.write_all(&line);
+        let _ = self.inner.flush();
     }
 }
 
@@ -203,7 +251,7 @@ mod tests {
     fn a_long_line_is_cut_at_the_bound_and_keeps_its_newline() {
         let mut out = Vec::new();
         {
-            let mut w = LineCap::new(&mut out);
+            let mut w = LineCap::text(&mut out);
             w.write_all(&[b'x'; 700]).expect("write");
             w.write_all(&[b'y'; 700]).expect("write");
             w.write_all(b"\n").expect("write");
@@ -211,7 +259,28 @@ mod tests {
         assert_eq!(out.len(), LINE_BYTES_MAX);
         assert!(out.ends_with(CUT_MARK), "{}", String::from_utf8_lossy(&out[out.len() - 20..]));
         let mut short = Vec::new();
-        LineCap::new(&mut short).write_all(b"short line\n").expect("write");
+        LineCap::text(&mut short).write_all(b"short line\n").expect("write");
         assert_eq!(short, b"short line\n");
+    }
+
+    /// `--log-format json` promises one JSON object per line: a cut line is still one.
+    #[test]
+    fn a_long_json_line_is_cut_into_a_valid_json_object() {
+        let mut out = Vec::new();
+        {
+            let mut w = LineCap::json(&mut out);
+            w.write_all(br#"{"level":"WARN","fields":{"message":""#).expect("write");
+            w.write_all("\"\\\u{1}é".repeat(400).as_bytes()).expect("write");
+            w.write_all(b"\"}}\n").expect("write");
+        }
+        assert!(out.len() <= LINE_BYTES_MAX, "{} bytes", out.len());
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+        let text = String::from_utf8(out).expect("utf-8");
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("valid JSON");
+        assert_eq!(v["log_line_cut"], true);
+        assert!(v["line"].as_str().expect("line").starts_with(r#"{"level":"WARN""#));
+        let mut short = Vec::new();
+        LineCap::json(&mut short).write_all(b"{\"a\":1}\n").expect("write");
+        assert_eq!(short, b"{\"a\":1}\n");
     }
 }

@@ -57,14 +57,19 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Every line is cut at `LINE_BYTES_MAX`, so the rate-limited kinds bound the log's growth.
-    let capped = || tally_net::log_limit::LineCap::new(std::io::stderr().lock());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(capped);
+    let text = || tally_net::log_limit::LineCap::text(std::io::stderr().lock());
+    let json = || tally_net::log_limit::LineCap::json(std::io::stderr().lock());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         // Colour only on a terminal: logs redirected to a file stay plain text.
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => {
+            builder.with_writer(text).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
         // One object per line; the message and the event's fields at the top level, next to
         // `timestamp`, `level` and `target`. Never ANSI.
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_ansi(false).init(),
+        LogFormat::Json => {
+            builder.with_writer(json).json().flatten_event(true).with_current_span(false).with_ansi(false).init()
+        }
     }
 }
 
