@@ -29,8 +29,13 @@ pub const CLAIM_DOMAIN_BYTES_MAX: usize = 64;
 pub const LEASE_ATTACHED_MAX: usize = 1024;
 /// Largest Raft entry / log record (one batch).
 pub const ENTRY_BYTES_MAX: usize = 256 * 1024 * 1024;
-/// Longest Merkle proof we accept (2^64 leaves is far beyond any batch).
+/// Longest Merkle proof we accept (2^64 leaves is far beyond any batch), refused on the count.
 pub const PROOF_HASHES_MAX: usize = 64;
+/// Largest encoded receipt (73,728 bytes): a request of [`REQUEST_BYTES_MAX`], the largest
+/// outcome (a `TxnApplied` of [`TXN_ITEMS_MAX`] outcomes of at most 41 bytes: 1,318 bytes), a
+/// proof of [`PROOF_HASHES_MAX`] hashes (2,052 bytes), the 172-byte header, the leaf index and
+/// the operator's signature: 73,242 bytes at most.
+pub const RECEIPT_BYTES_MAX: usize = REQUEST_BYTES_MAX + 4096;
 /// Largest state snapshot a replica sends or assembles (streamed in chunks, never one frame);
 /// the envelope holds it as a borsh `Vec<u8>`, whose length is a `u32`.
 pub const SNAPSHOT_BYTES_MAX: usize = u32::MAX as usize - 1024 * 1024;
