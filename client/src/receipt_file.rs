@@ -120,18 +120,31 @@ pub fn load_receipt(path: &Path) -> Result<Receipt, ClientError> {
 /// Reads and parses a receipt file, refusing one over [`RECEIPT_FILE_BYTES_MAX`] before reading
 /// it whole. The JSON is one flat object (serde_json's own nesting bound is 128 levels).
 fn read_receipt_file(path: &Path) -> Result<ReceiptFile, ClientError> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| ClientError::file(path, e))?;
-    let mut text = String::new();
-    file.take(RECEIPT_FILE_BYTES_MAX as u64 + 1).read_to_string(&mut text).map_err(|e| ClientError::file(path, e))?;
-    if text.len() > RECEIPT_FILE_BYTES_MAX {
-        return Err(ClientError::Invalid(format!(
-            "{} is not a tally receipt file: it is over {RECEIPT_FILE_BYTES_MAX} bytes, and a receipt file is at most {RECEIPT_FILE_BYTES_MAX} bytes",
-            path.display()
-        )));
-    }
+    let text = read_text_at_most(path, RECEIPT_FILE_BYTES_MAX, "receipt file").map_err(|e| match e {
+        ClientError::Invalid(m) => ClientError::Invalid(format!("{} is not a tally receipt file: {m}", path.display())),
+        other => other,
+    })?;
     serde_json::from_str(&text)
         .map_err(|e| ClientError::Invalid(format!("{} is not a tally receipt file: {e}", path.display())))
+}
+
+/// Reads a text file of at most `bytes_max` bytes, refusing a longer one before reading it
+/// whole: what a user is handed may be anything.
+///
+/// # Errors
+/// [`ClientError::File`] when it can't be read; [`ClientError::Invalid`] when it is too long
+/// (naming `what` and the bound) or not UTF-8.
+pub fn read_text_at_most(path: &Path, bytes_max: usize, what: &str) -> Result<String, ClientError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| ClientError::file(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(bytes_max as u64 + 1).read_to_end(&mut bytes).map_err(|e| ClientError::file(path, e))?;
+    if bytes.len() > bytes_max {
+        return Err(ClientError::Invalid(format!(
+            "it is over {bytes_max} bytes, and a {what} is at most {bytes_max} bytes"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| ClientError::Invalid(format!("the {what} is not UTF-8 text")))
 }
 
 /// Accepts a hex operator key, or the path of a file holding one (like `operator.pub`).

@@ -256,7 +256,11 @@ fn an_overlong_proof_is_refused_by_its_count() {
     let err = tally_codec::decode::<Receipt>(&bytes, usize::MAX).unwrap_err();
     assert_eq!(
         err,
-        CodecError::TooMany { count: u32::MAX as usize, max: limits::PROOF_HASHES_MAX, what: "hashes in one Merkle proof" }
+        CodecError::TooMany {
+            count: u32::MAX as usize,
+            max: limits::PROOF_HASHES_MAX,
+            what: "hashes in one Merkle proof"
+        }
     );
     let _ = Signature([0; 64]);
 }

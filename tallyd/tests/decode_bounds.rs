@@ -109,7 +109,10 @@ fn frames_over_a_decoding_bound_are_refused_and_the_node_keeps_serving() {
     assert!(e.message.contains("8190 requests in one frame; at most 8189"), "{}", e.message);
 
     // The same connection still works, other clients are served, and nothing refused committed.
-    assert!(matches!(call(&mut s, &encode(&Envelope { id: 10, msg: ClientMessage::Status })), ServerMessage::Status(_)));
+    assert!(matches!(
+        call(&mut s, &encode(&Envelope { id: 10, msg: ClientMessage::Status })),
+        ServerMessage::Status(_)
+    ));
     let c = alice.transfer(fresh_key(), 5).expect("still serving");
     c.receipt.verify(&operator(&layout)).expect("verifies");
     for k in &keys {
