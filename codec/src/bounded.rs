@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn counts_are_checked_before_elements() {
         let mut bytes: &[u8] = &[65, 0, 0, 0];
-        let err = proof_hashes(&mut bytes).err().expect("65 hashes");
+        let err = proof_hashes(&mut bytes).expect_err("65 hashes");
         assert_eq!(
             codec_error(&err),
             CodecError::TooMany { count: 65, max: limits::PROOF_HASHES_MAX, what: "hashes in one Merkle proof" }

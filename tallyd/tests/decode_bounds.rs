@@ -92,6 +92,9 @@ fn frames_over_a_decoding_bound_are_refused_and_the_node_keeps_serving() {
     }
     .sign(&alice_key);
     assert!(big.encode().len() > 2_000_000);
+    // The client library refuses to sign it for sending, naming the bound.
+    let refused = alice.sign(big.request.op.clone()).expect_err("the library refuses an oversize request");
+    assert!(refused.to_string().contains(&format!("at most {}", limits::REQUEST_BYTES_MAX)), "{refused}");
     let e = malformed(call(&mut s, &encode(&Envelope { id: 8, msg: ClientMessage::Submit(vec![big]) })), "2 MB txn");
     assert!(e.message.contains(&format!("over the limit of {} bytes", limits::REQUEST_BYTES_MAX)), "{}", e.message);
 
