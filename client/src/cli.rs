@@ -473,10 +473,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Txn { file, receipt } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| ClientError::File { path: file.display().to_string(), source: e })?;
-            let txn =
-                crate::txn_file::parse(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", file.display())))?;
+            let txn = crate::txn_file::read(&file)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
             write(&client, client.sign(Operation::Txn(txn))?, receipt.as_deref(), out)
         }

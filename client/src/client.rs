@@ -293,10 +293,20 @@ impl Client {
     /// Signs `op` for this cluster with a random nonce and a 60 s expiry.
     ///
     /// # Errors
-    /// [`ClientError::Invalid`] when the cluster id is not known yet.
+    /// [`ClientError::Invalid`] when the cluster id is not known yet, or the signed request is over
+    /// `REQUEST_BYTES_MAX` (69,632 bytes encoded).
     pub fn sign(&self, op: Operation) -> Result<SignedRequest, ClientError> {
         let cluster_id = self.cluster_id().ok_or_else(|| ClientError::Invalid("cluster id not known yet".into()))?;
-        Ok(sign_request(&self.inner.key, cluster_id, op))
+        let request = sign_request(&self.inner.key, cluster_id, op);
+        // The node refuses a bigger one with its whole frame: say so before anything is sent.
+        let bytes = tally_codec::encode(&request).len();
+        if bytes > limits::REQUEST_BYTES_MAX {
+            return Err(ClientError::Invalid(format!(
+                "the signed request is {bytes} bytes encoded; at most {} (a transaction's values together must fit)",
+                limits::REQUEST_BYTES_MAX
+            )));
+        }
+        Ok(request)
     }
 
     /// The Status of the node the client talks to (the heartbeat message).

@@ -69,13 +69,19 @@ pub fn keygen(path: &Path) -> Result<SigningKey, ClientError> {
     Ok(key)
 }
 
+/// Largest key file read (one small JSON object).
+pub const KEY_FILE_BYTES_MAX: usize = 64 * 1024;
+
 /// Reads a key file and checks that its public half matches its secret half.
 ///
 /// # Errors
 /// [`ClientError::KeyFile`] naming what is wrong with the file.
 pub fn load_key(path: &Path) -> Result<SigningKey, ClientError> {
     let bad = |reason: String| ClientError::KeyFile { path: path.display().to_string(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let text = crate::receipt_file::read_text_at_most(path, KEY_FILE_BYTES_MAX, "key file").map_err(|e| match e {
+        ClientError::File { source, .. } => bad(source.to_string()),
+        other => bad(other.to_string()),
+    })?;
     let file: KeyFile = serde_json::from_str(&text).map_err(|e| bad(format!("not a tally key file: {e}")))?;
     let mut seed = [0u8; 32];
     hex::decode_to_slice(file.secret.trim(), &mut seed)
@@ -122,6 +128,16 @@ pub fn load_or_create(path: Option<&Path>) -> Result<SigningKey, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file is small: a huge one is refused by its size before it is read whole.
+    #[test]
+    fn an_oversize_key_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key.json");
+        std::fs::write(&path, vec![b' '; KEY_FILE_BYTES_MAX + 1]).expect("write");
+        let err = load_key(&path).expect_err("over the bound").to_string();
+        assert!(err.contains(&format!("a key file is at most {KEY_FILE_BYTES_MAX} bytes")), "{err}");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

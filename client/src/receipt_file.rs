@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tally_codec::{limits, ClusterId, PublicKey, Receipt};
 
+/// Largest receipt file `tally verify` reads (163,840 bytes): the hex of a receipt of
+/// `RECEIPT_BYTES_MAX` bytes, with 16 KiB for the readable fields and the JSON around them. A
+/// bigger file is refused before it is read whole.
+pub const RECEIPT_FILE_BYTES_MAX: usize = 2 * limits::RECEIPT_BYTES_MAX + 16 * 1024;
+
 /// The JSON form of a receipt file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +55,9 @@ impl ReceiptFile {
     pub fn decode(&self) -> Result<Receipt, ClientError> {
         let bytes = hex::decode(self.receipt.trim())
             .map_err(|e| ClientError::Invalid(format!("receipt field is not hex: {e}")))?;
-        let receipt: Receipt = tally_codec::decode(&bytes, limits::FRAME_BYTES_MAX)
+        // Bounded in size (RECEIPT_BYTES_MAX) and in depth (a transaction outcome may not hold
+        // one): a crafted receipt is refused with the bound it broke, never a stack overflow.
+        let receipt: Receipt = tally_codec::decode(&bytes, limits::RECEIPT_BYTES_MAX)
             .map_err(|e| ClientError::Invalid(format!("receipt field is not a tally receipt: {e}")))?;
         let id = receipt.request_id().to_hex();
         if id != self.request_id.trim().to_lowercase() {
@@ -110,10 +117,34 @@ pub fn load_receipt(path: &Path) -> Result<Receipt, ClientError> {
     read_receipt_file(path)?.decode()
 }
 
+/// Reads and parses a receipt file, refusing one over [`RECEIPT_FILE_BYTES_MAX`] before reading
+/// it whole. The JSON is one flat object (serde_json's own nesting bound is 128 levels).
 fn read_receipt_file(path: &Path) -> Result<ReceiptFile, ClientError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ClientError::file(path, e))?;
+    let text = read_text_at_most(path, RECEIPT_FILE_BYTES_MAX, "receipt file").map_err(|e| match e {
+        ClientError::Invalid(m) => ClientError::Invalid(format!("{} is not a tally receipt file: {m}", path.display())),
+        other => other,
+    })?;
     serde_json::from_str(&text)
         .map_err(|e| ClientError::Invalid(format!("{} is not a tally receipt file: {e}", path.display())))
+}
+
+/// Reads a text file of at most `bytes_max` bytes, refusing a longer one before reading it
+/// whole: what a user is handed may be anything.
+///
+/// # Errors
+/// [`ClientError::File`] when it can't be read; [`ClientError::Invalid`] when it is too long
+/// (naming `what` and the bound) or not UTF-8.
+pub fn read_text_at_most(path: &Path, bytes_max: usize, what: &str) -> Result<String, ClientError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| ClientError::file(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(bytes_max as u64 + 1).read_to_end(&mut bytes).map_err(|e| ClientError::file(path, e))?;
+    if bytes.len() > bytes_max {
+        return Err(ClientError::Invalid(format!(
+            "it is over {bytes_max} bytes, and a {what} is at most {bytes_max} bytes"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| ClientError::Invalid(format!("the {what} is not UTF-8 text")))
 }
 
 /// Accepts a hex operator key, or the path of a file holding one (like `operator.pub`).
@@ -347,6 +378,74 @@ pub(crate) mod tests {
         std::fs::write(&path, doc.to_string()).expect("write");
         let err = verify_receipt_file(&path, &op_pub).expect_err("unknown field");
         assert!(err.to_string().contains("unknown field `amount`"), "{err}");
+    }
+
+    /// Writes a receipt file whose `receipt` field is the hex of `bytes`, readable fields
+    /// made up (decoding comes first).
+    fn file_with_receipt_bytes(dir: &Path, bytes: &[u8]) -> std::path::PathBuf {
+        let path = dir.join("crafted.json");
+        let file = ReceiptFile {
+            receipt: hex::encode(bytes),
+            request_id: "00".repeat(32),
+            height: 1,
+            outcome: "DocDeleted".into(),
+            operator_key_hint: None,
+        };
+        std::fs::write(&path, serde_json::to_string(&file).expect("json")).expect("write");
+        path
+    }
+
+    /// A receipt whose outcome nests `TxnApplied` 15,000 levels deep, signed or not, made
+    /// `tally verify` abort on its stack. Now a nested outcome is refused naming the nesting
+    /// bound (2 and 10,000 levels), and one too deep to fit the file bound by its size.
+    #[test]
+    fn deeply_nested_receipts_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = crate::keyfile::public_of(&operator);
+        let good = sample_receipt(&operator);
+        for depth in [2usize, 10_000, 15_000, 100_000] {
+            let mut bytes = tally_codec::encode(&good.request);
+            for _ in 1..depth {
+                bytes.extend_from_slice(&[11, 1, 1, 0, 0, 0]); // TxnApplied { then: true, [..] }
+            }
+            bytes.extend_from_slice(&[11, 1, 0, 0, 0, 0]);
+            bytes.extend_from_slice(&good.leaf_index.to_le_bytes());
+            bytes.extend_from_slice(&0u32.to_le_bytes());
+            bytes.extend_from_slice(&tally_codec::encode(&good.header));
+            bytes.extend_from_slice(&good.signature.0);
+            let path = file_with_receipt_bytes(dir.path(), &bytes);
+            let err = verify_receipt_file(&path, &op_pub).expect_err("nested outcome");
+            let text = err.to_string();
+            let reason = if 12 * depth < RECEIPT_FILE_BYTES_MAX {
+                "nested deeper than the limit of 1 level".to_string()
+            } else {
+                format!("a receipt file is at most {RECEIPT_FILE_BYTES_MAX} bytes")
+            };
+            assert!(text.contains(&reason), "depth {depth}: {text}");
+        }
+    }
+
+    /// A receipt file, or the receipt in it, over its bound is refused by its size before it is
+    /// read whole or decoded.
+    #[test]
+    fn oversize_receipt_files_are_refused_by_their_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let op_pub = crate::keyfile::public_of(&SigningKey::from_bytes(&[1; 32]));
+        let path = dir.path().join("huge.json");
+        let mut f = std::fs::File::create(&path).expect("create");
+        std::io::Write::write_all(&mut f, b"{\"receipt\": \"").expect("write");
+        std::io::Write::write_all(&mut f, &vec![b'0'; 20 << 20]).expect("write");
+        drop(f);
+        let err = verify_receipt_file(&path, &op_pub).expect_err("20 MB file");
+        assert!(
+            err.to_string().contains(&format!("a receipt file is at most {RECEIPT_FILE_BYTES_MAX} bytes")),
+            "{err}"
+        );
+        // Within the file bound, but the receipt is over its own.
+        let path = file_with_receipt_bytes(dir.path(), &vec![0; limits::RECEIPT_BYTES_MAX + 1]);
+        let err = verify_receipt_file(&path, &op_pub).expect_err("receipt over its bound");
+        assert!(err.to_string().contains(&format!("over the limit of {} bytes", limits::RECEIPT_BYTES_MAX)), "{err}");
     }
 
     /// (d) Two clusters sharing an operator key: `--cluster-id` binds the receipt to one.

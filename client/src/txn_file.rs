@@ -15,8 +15,28 @@
 //! ```
 //! Unknown fields are refused, so a typo never silently drops a condition.
 
+use crate::ClientError;
 use serde::Deserialize;
+use std::path::Path;
 use tally_codec::{Compare, DocKey, Operation, PublicKey, Txn};
+
+/// Largest transaction file read: 32 + 32 operations of up to 64 KiB of JSON each would need
+/// more, but their request could not pass `REQUEST_BYTES_MAX` (69,632 bytes) anyway.
+pub const TXN_FILE_BYTES_MAX: usize = 1 << 20;
+
+/// Reads a transaction file, refusing one over [`TXN_FILE_BYTES_MAX`] before reading it whole.
+///
+/// # Errors
+/// [`ClientError::File`] or [`ClientError::Invalid`] naming the file and the problem.
+pub fn read(path: &Path) -> Result<Txn, ClientError> {
+    let named = |e: String| ClientError::Invalid(format!("{}: {e}", path.display()));
+    let text =
+        crate::receipt_file::read_text_at_most(path, TXN_FILE_BYTES_MAX, "transaction file").map_err(|e| match e {
+            ClientError::Invalid(m) => named(m),
+            other => other,
+        })?;
+    parse(&text).map_err(named)
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +137,18 @@ pub fn parse(text: &str) -> Result<Txn, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file over the bound is refused by its size, before it is read whole or parsed.
+    #[test]
+    fn an_oversize_file_is_refused_by_its_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("txn.json");
+        std::fs::write(&path, vec![b' '; TXN_FILE_BYTES_MAX + 1]).expect("write");
+        let err = read(&path).expect_err("over the bound").to_string();
+        assert!(err.contains(&format!("a transaction file is at most {TXN_FILE_BYTES_MAX} bytes")), "{err}");
+        std::fs::write(&path, br#"{ "then": [ { "lease_revoke": 9 } ] }"#).expect("write");
+        assert_eq!(read(&path).expect("parses").then, vec![Operation::LeaseRevoke { lease: 9 }]);
+    }
 
     const K: &str = "0d5d3807-5fbf-4228-a657-5a091c4e497f";
 

@@ -56,6 +56,9 @@ pub enum Outcome {
     /// is reported as `Rejected` / `RevisionMismatch` / `ClaimDenied` of that operation instead.
     TxnApplied {
         then: bool,
+        /// At most `TXN_ITEMS_MAX`, none a `TxnApplied` (`NESTING_DEPTH_MAX`): refused when
+        /// decoded.
+        #[borsh(deserialize_with = "crate::bounded::txn_outcomes")]
         outcomes: Vec<Outcome>,
     },
 }
@@ -144,7 +147,9 @@ impl WriteSet {
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub struct BatchEntry {
     pub header: BatchHeader,
+    #[borsh(deserialize_with = "crate::bounded::requests_in_batch")]
     pub requests: Vec<SignedRequest>,
+    #[borsh(deserialize_with = "crate::bounded::outcomes_in_batch")]
     pub outcomes: Vec<Outcome>,
     pub write_set: WriteSet,
 }
@@ -239,6 +244,7 @@ pub struct BatchIds {
     pub time_ms: u64,
     /// The latest expiry among `ids` (also in the store's table record, read without the ids).
     pub expires_max_ms: u64,
+    #[borsh(deserialize_with = "crate::bounded::id_expiries_in_batch")]
     pub ids: Vec<(crate::RequestId, u64)>,
 }
 
@@ -252,7 +258,9 @@ impl BatchIds {
 /// The body of a committed batch, kept so any replica can rebuild any proof later.
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub struct BatchBody {
+    #[borsh(deserialize_with = "crate::bounded::requests_in_batch")]
     pub requests: Vec<SignedRequest>,
+    #[borsh(deserialize_with = "crate::bounded::outcomes_in_batch")]
     pub outcomes: Vec<Outcome>,
     /// What the batch changed (watches read it back; `batches` table v2).
     pub write_set: WriteSet,
@@ -321,6 +329,7 @@ pub struct Receipt {
     pub request: SignedRequest,
     pub outcome: Outcome,
     pub leaf_index: u32,
+    #[borsh(deserialize_with = "crate::bounded::proof_hashes")]
     pub proof: Vec<Digest>,
     pub header: BatchHeader,
     pub signature: Signature,

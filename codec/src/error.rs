@@ -7,6 +7,17 @@ use std::fmt;
 pub enum CodecError {
     #[error("input of {size} bytes is over the limit of {max} bytes")]
     TooLarge { size: usize, max: usize },
+    /// A vector longer than its bound, refused on its count before any element is decoded.
+    #[error("{count} {what}; at most {max}")]
+    TooMany { count: usize, max: usize, what: &'static str },
+    /// A recursive value nested deeper than [`crate::limits::NESTING_DEPTH_MAX`], refused before
+    /// the nested part is read.
+    #[error("{what} nested deeper than the limit of {max} level: a transaction may not hold a transaction")]
+    TooDeep { what: &'static str, max: usize },
+    /// A signed request whose encoding is over [`crate::limits::REQUEST_BYTES_MAX`], refused
+    /// when its decoder reached the bound.
+    #[error("a signed request is over the limit of {max} bytes encoded")]
+    RequestTooLarge { max: usize },
     #[error("malformed encoding: {0}")]
     Malformed(String),
     #[error("Key is not a proper UUID4")]
@@ -86,6 +97,9 @@ pub enum ErrorCode {
     Compacted = 30,
     /// An admin command this replica already took (a replay within its validity).
     Duplicate = 31,
+    /// The signed request's encoding is over `limits::REQUEST_BYTES_MAX` (69,632 bytes), e.g.
+    /// a transaction whose values together pass it.
+    RequestTooLarge = 32,
 }
 
 impl ErrorCode {
@@ -136,6 +150,7 @@ impl ErrorCode {
             ErrorCode::LeaseFull => "LeaseFull",
             ErrorCode::Compacted => "Compacted",
             ErrorCode::Duplicate => "Duplicate",
+            ErrorCode::RequestTooLarge => "RequestTooLarge",
         }
     }
 
@@ -176,6 +191,9 @@ impl ErrorCode {
             ErrorCode::LeaseFull => "the lease already has 1024 documents and claims attached",
             ErrorCode::Compacted => "that history is compacted on this replica",
             ErrorCode::Duplicate => "this admin command was already taken; sign a new one",
+            ErrorCode::RequestTooLarge => {
+                "signed request is over 69632 bytes encoded (a transaction's values together must fit it)"
+            }
         }
     }
 }

@@ -19,11 +19,17 @@ pub struct Genesis {
     pub accounts: Vec<GenesisAccount>,
 }
 
+/// Largest genesis file a node reads: about 600,000 accounts of 100 bytes each.
+pub const GENESIS_BYTES_MAX: usize = 64 << 20;
+
 impl Genesis {
     /// # Errors
-    /// [`CodecError::Malformed`] for bad JSON, bad hex, duplicate accounts or a total that
-    /// overflows u64.
+    /// [`CodecError::TooLarge`] over [`GENESIS_BYTES_MAX`]; [`CodecError::Malformed`] for bad
+    /// JSON, bad hex, duplicate accounts or a total that overflows u64.
     pub fn parse(json: &str) -> Result<Self, CodecError> {
+        if json.len() > GENESIS_BYTES_MAX {
+            return Err(CodecError::TooLarge { size: json.len(), max: GENESIS_BYTES_MAX });
+        }
         let g: Genesis = serde_json::from_str(json).map_err(|e| CodecError::Malformed(format!("genesis: {e}")))?;
         g.cluster()?;
         g.operator()?;
@@ -61,5 +67,19 @@ impl Genesis {
 
     pub fn total(&self) -> u64 {
         self.accounts.iter().map(|a| a.balance).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_genesis_over_its_bound_is_refused_by_its_size() {
+        let text = " ".repeat(GENESIS_BYTES_MAX + 1);
+        assert_eq!(
+            Genesis::parse(&text),
+            Err(CodecError::TooLarge { size: GENESIS_BYTES_MAX + 1, max: GENESIS_BYTES_MAX })
+        );
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod batch;
+mod bounded;
 pub mod config;
 pub mod error;
 pub mod genesis;
@@ -45,14 +46,21 @@ pub fn encode<T: BorshSerialize>(value: &T) -> Vec<u8> {
 
 /// Decodes a value, rejecting trailing bytes and inputs over `bytes_max`.
 ///
+/// Every type of this crate carries its own inner bounds into its decoder (nesting depth,
+/// element counts, the size of a signed request: see `docs/security.md`, "Decoders and their
+/// bounds"), so no input makes decoding recurse deeper than [`limits::NESTING_DEPTH_MAX`]
+/// levels of transaction or allocate ahead of the bytes it has read.
+///
 /// # Errors
-/// [`CodecError::TooLarge`] when the input is over the bound, [`CodecError::Malformed`] when it
-/// is not the canonical encoding of a `T` (truncated, trailing bytes, invalid tag).
+/// [`CodecError::TooLarge`] when the input is over the bound; [`CodecError::TooDeep`],
+/// [`CodecError::TooMany`] or [`CodecError::RequestTooLarge`] when an inner bound is broken;
+/// [`CodecError::Malformed`] when it is not the canonical encoding of a `T` (truncated, trailing
+/// bytes, invalid tag).
 pub fn decode<T: BorshDeserialize>(bytes: &[u8], bytes_max: usize) -> Result<T, CodecError> {
     if bytes.len() > bytes_max {
         return Err(CodecError::TooLarge { size: bytes.len(), max: bytes_max });
     }
-    T::try_from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))
+    T::try_from_slice(bytes).map_err(|e| bounded::codec_error(&e))
 }
 
 /// blake3 of `domain ‖ bytes`: every hash in tally is domain-separated.

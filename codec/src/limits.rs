@@ -6,9 +6,16 @@ pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const VALUE_BYTES_MAX: usize = 64 * 1024;
 /// Most independently signed requests in one client frame (TigerBeetle's 8,189).
 pub const FRAME_REQUESTS_MAX: usize = 8189;
-/// Largest encoded signed request: a maximal document plus fixed fields, or a transaction whose
-/// values together fit the same bound (plus its comparisons).
+/// Largest encoded signed request (69,632 bytes): a maximal document plus fixed fields, or a
+/// transaction whose values together fit the same bound (plus its comparisons). Enforced as the
+/// request is decoded, wherever it is embedded (a frame, a relayed frame, a batch, a receipt),
+/// and again by stage 2 (`RequestTooLarge`).
 pub const REQUEST_BYTES_MAX: usize = VALUE_BYTES_MAX + 4096;
+/// Levels of transaction a value may nest: 1, since a transaction may not hold a transaction
+/// (its `then` / `otherwise` operations, and a `TxnApplied`'s outcomes, are never transactions).
+/// Decoding refuses a deeper value before reading any of its nested part, so no input can make a
+/// decoder recurse.
+pub const NESTING_DEPTH_MAX: usize = 1;
 /// Most requests one batch may hold: a lease id is `height << 20 | position in the batch`.
 pub const BATCH_REQUESTS_MAX: usize = 1 << 20;
 /// Most comparisons, and most operations per branch, in one transaction.
@@ -22,8 +29,13 @@ pub const CLAIM_DOMAIN_BYTES_MAX: usize = 64;
 pub const LEASE_ATTACHED_MAX: usize = 1024;
 /// Largest Raft entry / log record (one batch).
 pub const ENTRY_BYTES_MAX: usize = 256 * 1024 * 1024;
-/// Longest Merkle proof we accept (2^64 leaves is far beyond any batch).
+/// Longest Merkle proof we accept (2^64 leaves is far beyond any batch), refused on the count.
 pub const PROOF_HASHES_MAX: usize = 64;
+/// Largest encoded receipt (73,728 bytes): a request of [`REQUEST_BYTES_MAX`], the largest
+/// outcome (a `TxnApplied` of [`TXN_ITEMS_MAX`] outcomes of at most 41 bytes: 1,318 bytes), a
+/// proof of [`PROOF_HASHES_MAX`] hashes (2,052 bytes), the 172-byte header, the leaf index and
+/// the operator's signature: 73,242 bytes at most.
+pub const RECEIPT_BYTES_MAX: usize = REQUEST_BYTES_MAX + 4096;
 /// Largest state snapshot a replica sends or assembles (streamed in chunks, never one frame);
 /// the envelope holds it as a borsh `Vec<u8>`, whose length is a `u32`.
 pub const SNAPSHOT_BYTES_MAX: usize = u32::MAX as usize - 1024 * 1024;

@@ -34,11 +34,15 @@ pub enum Operation {
     Txn(Txn),
 }
 
-/// An atomic transaction (etcd's `txn`). Its operations are any but `Txn`.
+/// An atomic transaction (etcd's `txn`). Its operations are any but `Txn`: decoding refuses a
+/// transaction inside a transaction ([`limits::NESTING_DEPTH_MAX`]), so no input can make the
+/// decoder recurse.
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub struct Txn {
     pub compares: Vec<Compare>,
+    #[borsh(deserialize_with = "crate::bounded::txn_branch")]
     pub then: Vec<Operation>,
+    #[borsh(deserialize_with = "crate::bounded::txn_branch")]
     pub otherwise: Vec<Operation>,
 }
 
@@ -86,10 +90,20 @@ impl Request {
 }
 
 /// A request with the signer's ed25519 signature over [`Request::signing_bytes`].
-#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+///
+/// Its encoding is at most [`limits::REQUEST_BYTES_MAX`] bytes, and its decoder stops reading
+/// there, wherever the request is embedded (a frame, a batch, a receipt): see
+/// [`crate::bounded`].
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize)]
 pub struct SignedRequest {
     pub request: Request,
     pub signature: Signature,
+}
+
+impl BorshDeserialize for SignedRequest {
+    fn deserialize_reader<R: borsh::io::Read>(reader: &mut R) -> borsh::io::Result<Self> {
+        crate::bounded::signed_request(reader)
+    }
 }
 
 impl SignedRequest {
@@ -100,8 +114,12 @@ impl SignedRequest {
     /// Decodes one request with the request bound.
     ///
     /// # Errors
-    /// See [`crate::decode`].
+    /// [`CodecError::RequestTooLarge`] over [`limits::REQUEST_BYTES_MAX`], otherwise as
+    /// [`crate::decode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        if bytes.len() > limits::REQUEST_BYTES_MAX {
+            return Err(CodecError::RequestTooLarge { max: limits::REQUEST_BYTES_MAX });
+        }
         crate::decode(bytes, limits::REQUEST_BYTES_MAX)
     }
 

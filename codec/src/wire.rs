@@ -20,8 +20,9 @@ pub struct Envelope<M> {
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum ClientMessage {
-    /// Client-side batching: many independently signed requests, one reply entry each.
-    Submit(Vec<SignedRequest>),
+    /// Client-side batching: many independently signed requests, one reply entry each (at most
+    /// `FRAME_REQUESTS_MAX`, refused by their count before any is decoded).
+    Submit(#[borsh(deserialize_with = "crate::bounded::requests_in_frame")] Vec<SignedRequest>),
     /// `stale` allows a follower to answer from its own state.
     Get {
         key: DocKey,
@@ -142,7 +143,7 @@ pub struct WatchPage {
 /// frame cannot nest another one (decoding stays shallow whatever the input).
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum Relayed {
-    Submit(Vec<SignedRequest>),
+    Submit(#[borsh(deserialize_with = "crate::bounded::requests_in_frame")] Vec<SignedRequest>),
     Get {
         key: DocKey,
         stale: bool,
@@ -213,7 +214,7 @@ impl Relayed {
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum ServerMessage {
     /// One entry per submitted request, in order.
-    Submitted(Vec<SubmitReply>),
+    Submitted(#[borsh(deserialize_with = "crate::bounded::replies_in_frame")] Vec<SubmitReply>),
     Doc(Option<DocView>),
     Balance(Option<u64>),
     Status(StatusInfo),
@@ -289,7 +290,9 @@ pub struct BatchInfo {
     pub signature: crate::Signature,
     /// False on a replica that installed a snapshot past this height (bodies stay behind).
     pub body_available: bool,
+    #[borsh(deserialize_with = "crate::bounded::ids_in_batch")]
     pub request_ids: Vec<RequestId>,
+    #[borsh(deserialize_with = "crate::bounded::outcomes_in_batch")]
     pub outcomes: Vec<crate::Outcome>,
 }
 
@@ -377,18 +380,16 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>, frame_bytes_max: usize) 
     Ok(true)
 }
 
-/// Decodes a client frame body.
+/// Decodes a client frame body. Its bounds: [`limits::FRAME_BYTES_MAX`] bytes,
+/// [`limits::FRAME_REQUESTS_MAX`] requests (checked on the count, before any request is decoded),
+/// [`limits::REQUEST_BYTES_MAX`] bytes per request and [`limits::NESTING_DEPTH_MAX`] levels of
+/// transaction, for a `Submit` and a relayed one alike.
 ///
 /// # Errors
-/// [`CodecError`] naming the problem (trailing bytes, bad tag, too many requests).
+/// [`CodecError`] naming the problem: [`CodecError::TooMany`], [`CodecError::RequestTooLarge`],
+/// [`CodecError::TooDeep`], [`CodecError::TooLarge`], or `Malformed` (trailing bytes, bad tag).
 pub fn decode_client(body: &[u8]) -> Result<Envelope<ClientMessage>, CodecError> {
-    let env: Envelope<ClientMessage> = crate::decode(body, limits::FRAME_BYTES_MAX)?;
-    if let ClientMessage::Submit(reqs) = &env.msg {
-        if reqs.len() > limits::FRAME_REQUESTS_MAX {
-            return Err(CodecError::TooLarge { size: reqs.len(), max: limits::FRAME_REQUESTS_MAX });
-        }
-    }
-    Ok(env)
+    crate::decode(body, limits::FRAME_BYTES_MAX)
 }
 
 /// Decodes a server frame body.

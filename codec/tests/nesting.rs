@@ -1,11 +1,9 @@
-//! Decoding must be bounded in stack as well as in bytes: `ClientMessage::Forwarded` holds a
-//! `Box<ClientMessage>`, and borsh decodes it recursively without a depth limit, so a frame of a
-//! few hundred KB of nested `Forwarded` tags overflows the decoding thread's stack and aborts the
-//! whole process (found 2026-11-22: depth 100k aborts a 2 MiB test thread; depth 1k decodes).
-//!
-//! Ignored until `decode_client` refuses nesting (e.g. `Forwarded` carrying a type that cannot
-//! itself be `Forwarded`, which keeps the one-hop encoding byte-identical). Run it with
-//! `cargo test -p tally-codec --test nesting -- --ignored`.
+//! Decoding must be bounded in stack as well as in bytes. `ClientMessage::Forwarded` once held a
+//! `Box<ClientMessage>`, which borsh decoded recursively without a depth limit: a frame of a few
+//! hundred KB of nested `Forwarded` tags overflowed the decoding thread's stack and aborted the
+//! whole process. `Forwarded` now holds a `Relayed`, which cannot hold a `Forwarded`, so one hop
+//! is all the type allows (the encoding of that hop is unchanged). The other recursive types,
+//! `Operation` and `Outcome`, are bounded by count: `decode_bounds.rs`.
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 use tally_codec::wire::{self, ClientMessage, Envelope};

@@ -196,3 +196,38 @@ fn documented_example_matches_the_code() {
     let message = "Merkle proof has 3 hashes; leaf 1 of 3 needs exactly 2";
     assert!(err.to_string().contains(message) && doc.contains(&message.replace(' ', "")), "{err}");
 }
+
+/// The readable form of every outcome, as a receipt file's `outcome` field holds it and
+/// `docs/receipt-format.md` §5 lists it (Rust's `Debug` form): the document is checked against
+/// the code here.
+#[test]
+fn readable_outcome_forms_are_as_documented() {
+    let holder = PublicKey::from_hex("759155344a5246e01f06f259dfb4f4960f3b0b85a0b94a803c545e46702f6954").unwrap();
+    let forms = [
+        (Outcome::DocCreated { revision: 1 }, "DocCreated { revision: 1 }"),
+        (Outcome::DocUpdated { revision: 2 }, "DocUpdated { revision: 2 }"),
+        (Outcome::DocDeleted, "DocDeleted"),
+        (Outcome::Transferred { sender_balance: 990 }, "Transferred { sender_balance: 990 }"),
+        (Outcome::Rejected(tally_codec::ErrorCode::InsufficientFunds), "Rejected(InsufficientFunds)"),
+        (Outcome::RevisionMismatch { current: 0 }, "RevisionMismatch { current: 0 }"),
+        (
+            Outcome::LeaseGranted { lease: 4194305, expires_at_ms: 1700000010000 },
+            "LeaseGranted { lease: 4194305, expires_at_ms: 1700000010000 }",
+        ),
+        (Outcome::LeaseRenewed { expires_at_ms: 7 }, "LeaseRenewed { expires_at_ms: 7 }"),
+        (Outcome::LeaseRevoked, "LeaseRevoked"),
+        (Outcome::ClaimGranted { height: 12 }, "ClaimGranted { height: 12 }"),
+        (Outcome::ClaimDenied { holder, height: 3 }, "ClaimDenied { holder: PublicKey(759155344a5246e0), height: 3 }"),
+        (
+            Outcome::TxnApplied {
+                then: true,
+                outcomes: vec![Outcome::DocCreated { revision: 1 }, Outcome::DocDeleted],
+            },
+            "TxnApplied { then: true, outcomes: [DocCreated { revision: 1 }, DocDeleted] }",
+        ),
+        (Outcome::TxnApplied { then: false, outcomes: vec![] }, "TxnApplied { then: false, outcomes: [] }"),
+    ];
+    for (outcome, form) in forms {
+        assert_eq!(format!("{outcome:?}"), form);
+    }
+}

@@ -1,5 +1,5 @@
-//! Stage 2: pure validation. No state: canonical form, sizes, UUID4, JSON, amounts, expiry,
-//! keys, then signatures. Runs in parallel on the rayon pool. Signatures are checked in batches
+//! Stage 2: pure validation. No state: canonical form, sizes (the value's, then the whole signed
+//! request's), UUID4, JSON, amounts, expiry, keys, then signatures. Runs in parallel on the rayon pool. Signatures are checked in batches
 //! (`verify_batch`, ~2.8× cheaper per signature); a failed batch is re-checked one by one with
 //! `verify_strict` to find the culprits, so a single bad request can't sink its neighbours and a
 //! batch pass can't admit a signature that strict verification would refuse.
@@ -205,6 +205,10 @@ fn validate_chunk(
         match check_fields_with(&req, cluster_id, now_ms, key_cache) {
             Ok(key) => {
                 let bytes = req.request.signing_bytes();
+                if !encoded_within_bound(&bytes) {
+                    results.push(Err(ErrorCode::RequestTooLarge));
+                    continue;
+                }
                 let id = tally_codec::Request::id_of_signing_bytes(&bytes);
                 slots.push(results.len());
                 msgs.push(bytes);
@@ -235,6 +239,15 @@ fn validate_chunk(
         results[*slot] = strict(&keys[i], &msgs[i], &sigs[i], results[*slot].clone());
     }
     results
+}
+
+/// Whether the signed request whose signing bytes these are encodes within
+/// `REQUEST_BYTES_MAX`: its encoding is the signing bytes without the domain tag, plus the
+/// signature. The decoder refuses bigger ones on the wire; this refuses them however they were
+/// made, at no cost (the signing bytes are needed for the signature anyway).
+fn encoded_within_bound(signing_bytes: &[u8]) -> bool {
+    let encoded = signing_bytes.len() - tally_codec::request::REQUEST_DOMAIN.len() + tally_codec::Signature::LEN;
+    encoded <= limits::REQUEST_BYTES_MAX
 }
 
 fn strict(
@@ -313,6 +326,65 @@ mod tests {
             lease: None,
         };
         assert_eq!(check(txn(vec![bad_json])), Err(ErrorCode::InvalidJson));
+    }
+
+    /// A signed request over `REQUEST_BYTES_MAX` is refused `RequestTooLarge` however it was
+    /// built (the decoder refuses it on the wire; this holds for requests made in process too):
+    /// the 2 MB transaction of 32 maximal sets, and one byte over the bound, while a request of
+    /// exactly the bound passes.
+    #[test]
+    fn requests_over_the_size_bound_are_refused() {
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let cluster = ClusterId([1; 16]);
+        let now_ms = 1_000_000;
+        let sign = |op: Operation| {
+            tally_codec::Request {
+                cluster_id: cluster,
+                signer: PublicKey(signer.verifying_key().to_bytes()),
+                nonce: 1,
+                expires_at_ms: now_ms + 1_000,
+                op,
+            }
+            .sign(&signer)
+        };
+        let key = |i: u8| DocKey::from_random([i; 16]);
+        let json = |n: usize| {
+            let mut v = vec![b' '; n];
+            v[0] = b'1';
+            v
+        };
+        let set = |i: u8| Operation::Set { key: key(i), value: json(limits::VALUE_BYTES_MAX) };
+        let big = sign(Operation::Txn(Txn { compares: vec![], then: (0..32).map(set).collect(), otherwise: vec![] }));
+        assert!(big.encode().len() > 2_000_000);
+        let fixed = sign(Operation::Set { key: key(1), value: vec![] }).encode().len();
+        // A transaction of exactly the bound, and one byte more (values within the document bound).
+        let two_sets = |extra: usize| {
+            let half = (limits::REQUEST_BYTES_MAX - fixed) / 2 - 64;
+            let base = sign(Operation::Txn(Txn {
+                compares: vec![],
+                then: vec![
+                    Operation::Set { key: key(1), value: json(half) },
+                    Operation::Set { key: key(2), value: json(half) },
+                ],
+                otherwise: vec![],
+            }));
+            let room = limits::REQUEST_BYTES_MAX - base.encode().len() + extra;
+            sign(Operation::Txn(Txn {
+                compares: vec![],
+                then: vec![
+                    Operation::Set { key: key(1), value: json(half) },
+                    Operation::Set { key: key(2), value: json(half + room) },
+                ],
+                otherwise: vec![],
+            }))
+        };
+        let (at, over) = (two_sets(0), two_sets(1));
+        assert_eq!(at.encode().len(), limits::REQUEST_BYTES_MAX);
+        assert_eq!(over.encode().len(), limits::REQUEST_BYTES_MAX + 1);
+        let results = validate_all(vec![big, at, over], &cluster, now_ms);
+        assert_eq!(results[0].as_ref().err(), Some(&ErrorCode::RequestTooLarge));
+        assert!(results[1].is_ok(), "{:?}", results[1].as_ref().err());
+        assert_eq!(results[2].as_ref().err(), Some(&ErrorCode::RequestTooLarge));
     }
 
     /// The byte-level check agrees with decompress/compress/is_small_order on every R that

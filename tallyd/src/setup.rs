@@ -16,13 +16,39 @@ use tally_pipeline::{Node, NodeOptions};
 use tally_store::state::Store;
 use tally_store::wal::{Wal, WalOptions};
 
+/// Largest node configuration file read (a few KB in practice).
+pub const CONFIG_BYTES_MAX: usize = 1 << 20;
+/// Largest operator key file read (64 hex digits and a newline).
+pub const OPERATOR_KEY_FILE_BYTES_MAX: usize = 4096;
+
+/// Reads at most `bytes_max` bytes of `path`, refusing a longer file before reading it whole.
+///
+/// # Errors
+/// Names `what`, the file and the problem.
+fn read_at_most(path: &Path, bytes_max: usize, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {what} {}: {e}", path.display());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).and_then(|f| f.take(bytes_max as u64 + 1).read_to_end(&mut bytes)).map_err(cannot)?;
+    if bytes.len() > bytes_max {
+        return Err(format!("{what} {} is over {bytes_max} bytes, the most a {what} may be", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// [`read_at_most`] as UTF-8 text.
+fn read_text_at_most(path: &Path, bytes_max: usize, what: &str) -> Result<String, String> {
+    String::from_utf8(read_at_most(path, bytes_max, what)?)
+        .map_err(|_| format!("{what} {} is not UTF-8 text", path.display()))
+}
+
 /// Reads a node TOML.
 ///
 /// # Errors
 /// One line naming the file, the key (`tick_ms`, `peers[0].node_id`) and the line where
 /// possible, and what is wrong.
 pub fn load_config(path: &Path) -> Result<NodeConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let text = read_text_at_most(path, CONFIG_BYTES_MAX, "config file")?;
     parse_config(&text).map_err(|e| format!("config {}: {e}", path.display()))
 }
 
@@ -273,8 +299,7 @@ fn write_secret(path: &Path, text: &str) -> Result<(), String> {
 /// # Errors
 /// Names the file and the problem.
 pub fn read_operator_key(path: &Path) -> Result<SigningKey, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read operator key {}: {e}", path.display()))?;
+    let text = read_text_at_most(path, OPERATOR_KEY_FILE_BYTES_MAX, "operator key")?;
     let mut seed = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut seed)
         .map_err(|e| format!("operator key {} must be 64 hex digits: {e}", path.display()))?;
@@ -282,7 +307,7 @@ pub fn read_operator_key(path: &Path) -> Result<SigningKey, String> {
 }
 
 fn read_genesis(path: &Path) -> Result<Genesis, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read genesis {}: {e}", path.display()))?;
+    let text = read_text_at_most(path, tally_codec::genesis::GENESIS_BYTES_MAX, "genesis")?;
     Genesis::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -362,7 +387,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         relay_dial,
         admin_keys: admin_keys(&cfg).map_err(|e| format!("admin_keys: {e}"))?,
     };
-    let genesis_text = std::fs::read(&cfg.genesis_file).map_err(|e| format!("cannot read genesis: {e}"))?;
+    let genesis_text = read_at_most(Path::new(&cfg.genesis_file), tally_codec::genesis::GENESIS_BYTES_MAX, "genesis")?;
     let raft_cfg = raft_config(&cfg, &genesis_text, peer_security);
     // A cluster of one (no peers, or only this node) opens no peer port; anything else,
     // including a node joining a cluster it is not yet a member of, replicates.
@@ -555,6 +580,16 @@ fn restart_in_place() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::parse_config;
+
+    /// A configuration file over its bound is refused by its size before it is read whole.
+    #[test]
+    fn an_oversize_config_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, vec![b'#'; super::CONFIG_BYTES_MAX + 1]).expect("write");
+        let err = super::load_config(&path).expect_err("over the bound");
+        assert!(err.contains(&format!("is over {} bytes", super::CONFIG_BYTES_MAX)), "{err}");
+    }
 
     #[test]
     fn config_errors_name_the_key_and_line_even_in_non_ascii_input() {
