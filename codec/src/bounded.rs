@@ -106,8 +106,11 @@ pub(crate) fn replies_in_frame<R: Read>(reader: &mut R) -> Result<Vec<crate::wir
     counted(reader, limits::FRAME_REQUESTS_MAX, "replies in one frame")
 }
 
-/// The requests of one batch (entry, stored body).
+/// The requests of one batch (entry, stored body), each within
+/// [`limits::COMMITTED_REQUEST_BYTES_MAX`]: a batch is history, and history written before the
+/// request bound was enforced holds requests up to a frame's size that must still replay.
 pub(crate) fn requests_in_batch<R: Read>(reader: &mut R) -> Result<Vec<SignedRequest>> {
+    let _committed = RequestBound::set(limits::COMMITTED_REQUEST_BYTES_MAX);
     counted(reader, limits::BATCH_REQUESTS_MAX, "requests in one batch")
 }
 
@@ -137,6 +140,7 @@ pub(crate) fn proof_hashes<R: Read>(reader: &mut R) -> Result<Vec<Digest>> {
 struct RequestBudget<'a, R> {
     inner: &'a mut R,
     left: usize,
+    max: usize,
 }
 
 impl<R: Read> Read for RequestBudget<'_, R> {
@@ -145,7 +149,7 @@ impl<R: Read> Read for RequestBudget<'_, R> {
             return Ok(0);
         }
         if self.left == 0 {
-            return Err(refuse(CodecError::RequestTooLarge { max: limits::REQUEST_BYTES_MAX }));
+            return Err(refuse(CodecError::RequestTooLarge { max: self.max }));
         }
         let want = buf.len().min(self.left);
         let n = self.inner.read(&mut buf[..want])?;
@@ -154,9 +158,32 @@ impl<R: Read> Read for RequestBudget<'_, R> {
     }
 }
 
+thread_local! {
+    /// The bound a [`SignedRequest`] is decoded within on this thread: [`limits::REQUEST_BYTES_MAX`]
+    /// unless a batch's decoder set the committed-history bound for its requests.
+    static REQUEST_BOUND: Cell<usize> = const { Cell::new(limits::REQUEST_BYTES_MAX) };
+}
+
+/// Sets the request bound for the requests decoded while it lives, and puts the previous one
+/// back when dropped (also on an error).
+struct RequestBound(usize);
+
+impl RequestBound {
+    fn set(bytes_max: usize) -> RequestBound {
+        RequestBound(REQUEST_BOUND.with(|b| b.replace(bytes_max)))
+    }
+}
+
+impl Drop for RequestBound {
+    fn drop(&mut self) {
+        REQUEST_BOUND.with(|b| b.set(self.0));
+    }
+}
+
 /// The decoder of [`SignedRequest`]: its fields in order, as the derived one, within the budget.
 pub(crate) fn signed_request<R: Read>(reader: &mut R) -> Result<SignedRequest> {
-    let mut budget = RequestBudget { inner: reader, left: limits::REQUEST_BYTES_MAX };
+    let max = REQUEST_BOUND.with(Cell::get);
+    let mut budget = RequestBudget { inner: reader, left: max, max };
     let request = crate::Request::deserialize_reader(&mut budget)?;
     let signature = crate::Signature::deserialize_reader(&mut budget)?;
     Ok(SignedRequest { request, signature })

@@ -11,6 +11,11 @@ pub const FRAME_REQUESTS_MAX: usize = 8189;
 /// request is decoded, wherever it is embedded (a frame, a relayed frame, a batch, a receipt),
 /// and again by stage 2 (`RequestTooLarge`).
 pub const REQUEST_BYTES_MAX: usize = VALUE_BYTES_MAX + 4096;
+/// Largest encoded signed request inside a committed batch (a Raft entry, a stored body): a
+/// frame's size. New requests are refused past [`REQUEST_BYTES_MAX`] wherever they arrive, but
+/// a store written before that bound was enforced may hold larger ones (a transaction of several
+/// documents), and its history must still replay and serve receipts.
+pub const COMMITTED_REQUEST_BYTES_MAX: usize = FRAME_BYTES_MAX;
 /// Levels of transaction a value may nest: 1, since a transaction may not hold a transaction
 /// (its `then` / `otherwise` operations, and a `TxnApplied`'s outcomes, are never transactions).
 /// Decoding refuses a deeper value before reading any of its nested part, so no input can make a

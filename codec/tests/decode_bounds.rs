@@ -264,3 +264,50 @@ fn an_overlong_proof_is_refused_by_its_count() {
     );
     let _ = Signature([0; 64]);
 }
+
+/// History written before the request bound was enforced (a transaction of 32 full documents,
+/// which stage 2 then accepted) must still replay from the log and serve receipts from the
+/// store: inside a committed batch a request is bounded by a frame's size, not by the bound on
+/// new requests. The same request in a frame is still refused, and so is the frame bound.
+#[test]
+fn a_committed_batch_keeps_requests_written_before_the_bound() {
+    let set = |i: u8| Operation::Set { key: DocKey::from_random([i; 16]), value: vec![b' '; limits::VALUE_BYTES_MAX] };
+    let big = request_with(Operation::Txn(Txn {
+        compares: vec![],
+        then: (0..limits::TXN_ITEMS_MAX as u8).map(set).collect(),
+        otherwise: vec![],
+    }));
+    let entry = BatchEntry {
+        header: header(),
+        requests: vec![big.clone(), request_with(Operation::LeaseRevoke { lease: 1 })],
+        outcomes: vec![Outcome::LeaseRevoked, Outcome::LeaseRevoked],
+        write_set: tally_codec::WriteSet::default(),
+    };
+    let bytes = encode(&entry);
+    let back: BatchEntry = tally_codec::decode(&bytes, limits::ENTRY_BYTES_MAX).expect("history decodes");
+    assert_eq!(back, entry);
+    let body = tally_codec::BatchBody {
+        requests: entry.requests.clone(),
+        outcomes: entry.outcomes.clone(),
+        write_set: entry.write_set.clone(),
+    };
+    let back: tally_codec::BatchBody = tally_codec::decode(&encode(&body), limits::ENTRY_BYTES_MAX).expect("body");
+    assert_eq!(back, body);
+    // After the batch, a request alone is bounded again (the batch's bound does not leak).
+    assert!(matches!(SignedRequest::decode(&big.encode()), Err(CodecError::RequestTooLarge { .. })));
+    // A request past a frame's size is refused even inside a batch, naming that bound.
+    let huge = signed_request_bytes(&{
+        let mut op = vec![0u8]; // Operation::Set
+        op.extend_from_slice(&[0x44; 16]);
+        op.extend_from_slice(&((limits::COMMITTED_REQUEST_BYTES_MAX as u32) + 1).to_le_bytes());
+        op.extend(std::iter::repeat_n(b' ', limits::COMMITTED_REQUEST_BYTES_MAX + 1));
+        op
+    });
+    let mut bytes = encode(&header());
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&huge);
+    match tally_codec::decode::<BatchEntry>(&bytes, limits::ENTRY_BYTES_MAX) {
+        Err(CodecError::RequestTooLarge { max }) => assert_eq!(max, limits::COMMITTED_REQUEST_BYTES_MAX),
+        other => panic!("expected RequestTooLarge at the frame bound, got {other:?}"),
+    }
+}
