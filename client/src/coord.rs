@@ -112,11 +112,13 @@ impl Client {
     ///
     /// # Errors
     /// `Compacted` (from a replica that installed a snapshot) naming the oldest height it has;
-    /// [`ClientError::Unavailable`].
+    /// [`ClientError::Busy`] when the replica is at a watch limit (the [`Watcher`] waits for
+    /// its hint and asks again); [`ClientError::Unavailable`].
     pub fn watch_page(&self, filter: &WatchFilter, from_height: u64) -> Result<WatchPage, ClientError> {
         let msg = ClientMessage::Watch { filter: filter.clone(), from_height, max_batches: 256, wait_ms: 500 };
         match self.read(&msg)? {
             ServerMessage::Watched(p) => Ok(p),
+            ServerMessage::Busy(b) => Err(ClientError::Busy(b)),
             other => Err(ClientError::Invalid(format!("expected a watch page, got {other:?}"))),
         }
     }
@@ -137,7 +139,7 @@ impl Client {
 
 /// An endless iterator over watch events (see [`Client::watch`]). It pulls pages, so a slow
 /// reader never makes a replica buffer anything: it only falls behind, and resumes from its
-/// height.
+/// height. A `Busy` answer is waited out for its retry hint, then the page is asked again.
 pub struct Watcher<'a> {
     client: &'a Client,
     filter: WatchFilter,
@@ -166,10 +168,20 @@ impl Iterator for Watcher<'_> {
                     self.next = page.next_height.max(self.next);
                     self.buffered.extend(page.events);
                 }
+                // The replica is at a watch limit: ask again after its hint.
+                Err(ClientError::Busy(b)) => std::thread::sleep(busy_wait(&b)),
                 Err(e) => return Some(Err(e)),
             }
         }
     }
+}
+
+/// The longest a client waits on a `Busy` hint before asking again, whatever the hint says.
+pub const BUSY_WAIT_MAX_MS: u64 = 10_000;
+
+/// How long to wait before asking again after `Busy` (its hint, within [`BUSY_WAIT_MAX_MS`]).
+pub fn busy_wait(b: &tally_codec::wire::BusyInfo) -> Duration {
+    Duration::from_millis(u64::from(b.retry_after_ms).clamp(1, BUSY_WAIT_MAX_MS))
 }
 
 fn unexpected(o: &Outcome) -> ClientError {

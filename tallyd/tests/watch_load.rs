@@ -1,0 +1,200 @@
+//! Watches cost what they are given (docs/coordination.md, docs/security.md): 200 watchers
+//! catching up from height 0 on the leader and 50 on a follower, beside a writer, are each
+//! answered (a page, or `Busy` with a retry hint) within 1 s, and the writer keeps committing;
+//! the named limits on concurrent watches refuse the watch beyond them at once.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_client::Connection;
+use tally_codec::wire::{ClientMessage, ServerMessage, WatchFilter};
+use tally_codec::{DocKey, Operation};
+
+/// Documents loaded before the watchers start (each watcher's history to catch up on).
+const DOCS: usize = 20_000;
+/// How long the watchers run beside the writer.
+const WATCH_FOR: Duration = Duration::from_secs(8);
+/// Every answer (page or `Busy`) must arrive within this long of its request.
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+/// What one watcher saw.
+#[derive(Debug, Default)]
+struct Seen {
+    pages: u64,
+    busy: u64,
+    /// Answers that were neither a page nor `Busy` (or no answer at all).
+    wrong: Vec<String>,
+    slowest: Duration,
+    next_height: u64,
+}
+
+fn load_docs(layout: &tally_client::cluster::ClusterLayout, n: usize) {
+    let c = Arc::new(client(layout, 1));
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for chunk in (t..n).step_by(2).collect::<Vec<_>>().chunks(1_000) {
+                    let reqs: Vec<_> = chunk
+                        .iter()
+                        .map(|i| {
+                            let key = DocKey::parse(&format!("0d5d3807-5fbf-4228-a657-{i:012x}")).expect("uuid4");
+                            let value = format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(80)).into_bytes();
+                            c.sign(Operation::Set { key, value }).expect("sign")
+                        })
+                        .collect();
+                    c.submit(reqs).expect("documents committed");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("loader");
+    }
+}
+
+/// Pulls `AllDocs` pages from `addr` from height 0 until `stop`, timing every answer. A `Busy`
+/// answer is honoured: the next request waits for its retry hint.
+fn watcher(addr: String, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    let conn = match Connection::connect_with(&addr, &dial_for(&addr), Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            seen.wrong.push(format!("connect: {e}"));
+            return seen;
+        }
+    };
+    let mut from = 0;
+    while !stop.load(Ordering::Acquire) {
+        let msg = ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: from, max_batches: 256, wait_ms: 500 };
+        let sent = Instant::now();
+        let reply = conn.send(msg).and_then(|p| p.wait(Duration::from_secs(15)));
+        seen.slowest = seen.slowest.max(sent.elapsed());
+        match reply {
+            Ok(ServerMessage::Watched(p)) => {
+                seen.pages += 1;
+                from = p.next_height;
+            }
+            Ok(ServerMessage::Busy(b)) => {
+                seen.busy += 1;
+                std::thread::sleep(Duration::from_millis(u64::from(b.retry_after_ms).min(2_000)));
+            }
+            Ok(other) => seen.wrong.push(format!("{other:?}")),
+            Err(e) => {
+                seen.wrong.push(e.to_string());
+                break;
+            }
+        }
+    }
+    seen.next_height = from;
+    seen
+}
+
+/// 200 watchers from height 0 on the leader and 50 on a follower, beside a writer: each answer
+/// within 1 s, and the writer keeps committing.
+#[test]
+fn two_hundred_watchers_catching_up_are_each_answered_within_a_second() {
+    let (_dir, layout) = init_cluster(3, 2);
+    let nodes = start_all(&layout);
+    let (li, _) = wait_leader(&nodes, Duration::from_secs(10));
+    let leader = nodes[li].addr.clone();
+    let follower = nodes[(li + 1) % 3].addr.clone();
+    load_docs(&layout, DOCS);
+    let writer = Writer::start(&[leader.clone()], account_key(&layout, 0), 64, 2);
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 256), "the writer commits");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = std::iter::repeat_n(leader.clone(), 200).chain(std::iter::repeat_n(follower.clone(), 50));
+    let watchers: Vec<_> = targets
+        .map(|addr| {
+            let stop = stop.clone();
+            std::thread::spawn(move || watcher(addr, stop))
+        })
+        .collect();
+    let acked_before = writer.acked_len();
+    std::thread::sleep(WATCH_FOR);
+    let acked_during = writer.acked_len() - acked_before;
+    stop.store(true, Ordering::Release);
+    let seen: Vec<Seen> = watchers.into_iter().map(|t| t.join().expect("watcher")).collect();
+    let _ = writer.finish();
+
+    let pages: u64 = seen.iter().map(|s| s.pages).sum();
+    let busy: u64 = seen.iter().map(|s| s.busy).sum();
+    let slowest = seen.iter().map(|s| s.slowest).max().unwrap_or_default();
+    let late = seen.iter().filter(|s| s.slowest > ANSWER_WITHIN).count();
+    eprintln!(
+        "watchers: {pages} pages, {busy} busy, slowest answer {slowest:?}, {late} of {} watchers answered late; \
+         the writer committed {acked_during} meanwhile",
+        seen.len()
+    );
+    for (i, s) in seen.iter().enumerate() {
+        assert!(s.wrong.is_empty(), "watcher {i}: {:?}", s.wrong);
+        assert!(s.pages + s.busy > 0, "watcher {i} got no answer: {s:?}");
+        assert!(s.slowest <= ANSWER_WITHIN, "watcher {i} waited {:?} for an answer: {s:?}", s.slowest);
+    }
+    assert!(pages > 0, "some pages were served");
+    assert!(acked_during > 0, "the writer kept committing beside the watchers");
+}
+
+/// Waits that stay open (from a height far ahead, each waits 500 ms): 8 on one connection fill
+/// `WATCHES_PER_CONNECTION_MAX`, 200 over 25 connections fill `WATCHES_PER_ADDRESS_MAX`; the
+/// watch beyond either is refused at once with `Busy`, naming the limit.
+#[test]
+fn a_watch_beyond_the_named_limits_is_refused_busy_at_once() {
+    let (_dir, layout) = init_cluster(3, 2);
+    let nodes = start_all(&layout);
+    let (li, status) = wait_leader(&nodes, Duration::from_secs(10));
+    let leader = nodes[li].addr.clone();
+    let ahead = status.committed_height + 1_000_000;
+    let wait = || ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: ahead, max_batches: 1, wait_ms: 500 };
+    let connect = || Connection::connect_with(&leader, &dial_for(&leader), Duration::from_secs(5)).expect("connect");
+
+    // Per connection: the ninth is refused while the eight wait.
+    let one = connect();
+    let sent = Instant::now();
+    let held: Vec<_> = (0..8).map(|_| one.send(wait()).expect("send")).collect();
+    let ninth = one.send(wait()).expect("send").wait(Duration::from_secs(10)).expect("an answer");
+    let took = sent.elapsed();
+    match &ninth {
+        ServerMessage::Busy(b) => {
+            assert_eq!(b.limit, "WATCHES_PER_CONNECTION_MAX", "{b:?}");
+            assert!(b.retry_after_ms > 0, "{b:?}");
+        }
+        other => panic!("the ninth watch on one connection was not refused: {other:?} after {took:?}"),
+    }
+    assert!(took < Duration::from_millis(400), "refused at once, not after the others: {took:?}");
+    for p in held {
+        assert!(matches!(p.wait(Duration::from_secs(10)), Ok(ServerMessage::Watched(_))), "the eight are served");
+    }
+
+    // Per address: 200 waits over 25 connections, then one more. The 200 must still be waiting
+    // when the probe arrives, so a machine too slow to send them within 300 ms tries again.
+    let conns: Vec<Connection> = (0..26).map(|_| connect()).collect();
+    for attempt in 0..5 {
+        let sent = Instant::now();
+        let held: Vec<_> = conns[..25].iter().flat_map(|c| (0..8).map(|_| c.send(wait()).expect("send"))).collect();
+        let probe = conns[25].send(wait()).expect("send");
+        if sent.elapsed() > Duration::from_millis(300) {
+            eprintln!("attempt {attempt}: sending took {:?}; again", sent.elapsed());
+            drop(held);
+            drop(probe);
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        let r = probe.wait(Duration::from_secs(10)).expect("an answer");
+        match &r {
+            ServerMessage::Busy(b) => assert_eq!(b.limit, "WATCHES_PER_ADDRESS_MAX", "{b:?}"),
+            other => panic!("the 201st concurrent watch from one address was not refused: {other:?}"),
+        }
+        assert!(sent.elapsed() < Duration::from_millis(450), "refused at once: {:?}", sent.elapsed());
+        for p in held {
+            let r = p.wait(Duration::from_secs(10));
+            assert!(matches!(r, Ok(ServerMessage::Watched(_))), "the 200 are served: {r:?}");
+        }
+        return;
+    }
+    panic!("could not send 201 watches within 300 ms in 5 attempts");
+}
