@@ -170,21 +170,27 @@ fn a_watch_beyond_the_named_limits_is_refused_busy_at_once() {
         assert!(matches!(p.wait(Duration::from_secs(10)), Ok(ServerMessage::Watched(_))), "the eight are served");
     }
 
-    // Per address: 200 waits over 25 connections, then one more. The 200 must still be waiting
-    // when the probe arrives, so a machine too slow to send them within 300 ms tries again.
+    // Per address: 200 waits over 25 connections, then one more once the replica counts the 200
+    // open (its gauge). They must still be open when the probe arrives, so a machine too slow to
+    // get there within 300 ms tries again.
+    let metrics_addr = layout.configs[li].metrics_listen.clone().expect("a metrics address");
+    let open = || {
+        let (_, body) = http_get(&metrics_addr, "/metrics").expect("metrics");
+        metric_value(&body, "tally_watches_active").unwrap_or(0.0)
+    };
     let conns: Vec<Connection> = (0..26).map(|_| connect()).collect();
     for attempt in 0..5 {
         let sent = Instant::now();
         let held: Vec<_> = conns[..25].iter().flat_map(|c| (0..8).map(|_| c.send(wait()).expect("send"))).collect();
-        let probe = conns[25].send(wait()).expect("send");
-        if sent.elapsed() > Duration::from_millis(300) {
-            eprintln!("attempt {attempt}: sending took {:?}; again", sent.elapsed());
-            drop(held);
-            drop(probe);
-            std::thread::sleep(Duration::from_secs(1));
+        let counted = wait_until(Duration::from_millis(300), || open() >= 200.0);
+        if !counted || sent.elapsed() > Duration::from_millis(300) {
+            eprintln!("attempt {attempt}: 200 open after {:?}: {counted}; again", sent.elapsed());
+            for p in held {
+                let _ = p.wait(Duration::from_secs(10));
+            }
             continue;
         }
-        let r = probe.wait(Duration::from_secs(10)).expect("an answer");
+        let r = conns[25].send(wait()).expect("send").wait(Duration::from_secs(10)).expect("an answer");
         match &r {
             ServerMessage::Busy(b) => assert_eq!(b.limit, "WATCHES_PER_ADDRESS_MAX", "{b:?}"),
             other => panic!("the 201st concurrent watch from one address was not refused: {other:?}"),
@@ -196,5 +202,5 @@ fn a_watch_beyond_the_named_limits_is_refused_busy_at_once() {
         }
         return;
     }
-    panic!("could not send 201 watches within 300 ms in 5 attempts");
+    panic!("200 watches were not open within 300 ms in 5 attempts");
 }

@@ -584,8 +584,9 @@ mod tests {
         let c = WatchConn::new(&svc, ip(1));
         c.submit(1, &tx, req(10, 0));
         c.submit(2, &tx, req(10, 0));
-        // Nothing applied: the timer answers both with an empty page once their wait is over.
-        svc.tick(0, Instant::now());
+        // Nothing applied: the timer answers both with an empty page at their answer time.
+        let later = Instant::now() + Duration::from_millis(SMALL.answer_ms);
+        svc.tick(0, later);
         let pages: Vec<WatchPage> = rx
             .try_iter()
             .map(|e| match e.msg {
@@ -604,7 +605,7 @@ mod tests {
         assert!(rx.is_empty(), "a slot came free");
         c.close();
         assert_eq!(svc.open(), 1, "the watch still being served keeps its slot until it ends");
-        svc.tick(0, Instant::now());
+        svc.tick(0, Instant::now() + Duration::from_millis(SMALL.answer_ms));
         assert!(rx.is_empty(), "nothing is sent on a closed connection");
         assert_eq!(svc.open(), 0);
     }
