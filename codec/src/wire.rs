@@ -58,7 +58,7 @@ pub enum ClientMessage {
     /// (`NotAuthorized`).
     Admin(crate::admin::SignedAdmin),
     /// The committed changes `filter` selects, from batch `from_height` on, in commit order: at
-    /// most `max_batches` batches (and about 4 MiB). When the replica has nothing at
+    /// most `max_batches` batches (and about 1 MiB). When the replica has nothing at
     /// `from_height` yet it waits up to `wait_ms` (at most 500) before answering an empty page.
     /// Any replica answers from what its store holds.
     Watch {
@@ -226,7 +226,7 @@ pub enum ServerMessage {
     AuditPage(AuditPageInfo),
     Watched(WatchPage),
     /// Not served now: a named limit on shared work (watches, admin scans) is reached. Ask
-    /// again after `retry_after_ms`; nothing was done. (Tag 12: a client that predates it
+    /// again after `retry_after_ms`; nothing was done. (Tag 11: a client that predates it
     /// cannot decode the frame and closes the connection.)
     Busy(BusyInfo),
 }
