@@ -246,8 +246,10 @@ fn summarize(actors: &[Actor], scan: bool) -> LoadStats {
 /// `tally bench` for `duration`; its throughput (requests/s).
 fn bench(a: &Args, tally: &Path, json: &Path) -> f64 {
     let dir = a.cluster_dir.display().to_string();
+    // A key of the cluster's, so the bench creates none in the user's home.
+    let key = a.cluster_dir.join("accounts/0.key").display().to_string();
     let status = std::process::Command::new(tally)
-        .args(["--cluster-dir", &dir, "bench", "--accounts-dir", &dir])
+        .args(["--cluster-dir", &dir, "--key", &key, "bench", "--accounts-dir", &dir])
         .args(["--duration", &a.duration.to_string(), "--clients", &a.clients.to_string()])
         .arg("--json")
         .arg(json)
@@ -267,7 +269,14 @@ fn main() {
         exe.parent().and_then(Path::parent).expect("target/<profile>/examples").join("tally")
     });
     let client = Client::connect(&t.addrs, tally_client::keyfile::generate_key(), t.options()).expect("connect");
-    let status = client.status().expect("status");
+    let waited = Instant::now();
+    let status = loop {
+        match client.status() {
+            Ok(s) if s.leader_addr.is_some() => break s,
+            _ if waited.elapsed() > Duration::from_secs(30) => panic!("no leader within 30 s"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
     let leader = status.leader_addr.clone().expect("a leader");
     let follower = t.addrs.iter().find(|x| **x != leader).expect("a follower").clone();
     load_docs(&t, a.docs);

@@ -204,3 +204,79 @@ fn a_watch_beyond_the_named_limits_is_refused_busy_at_once() {
     }
     panic!("200 watches were not open within 300 ms in 5 attempts");
 }
+
+/// Four admin scanners paging the documents in a loop share one budget of keys a second
+/// (`AUDIT_KEYS_PER_S_MAX`, at most `AUDIT_SCANS_MAX` pages at once): over it they are answered
+/// `Busy` with a retry hint, every answer comes within 1 s, and a writer keeps committing.
+#[test]
+fn admin_scanners_share_a_keys_a_second_budget() {
+    const KEYS_PER_S_MAX: f64 = 50_000.0;
+    const SCAN_FOR: Duration = Duration::from_secs(4);
+    let (_dir, layout) = init_cluster(3, 2);
+    let nodes = start_all(&layout);
+    let (li, status) = wait_leader(&nodes, Duration::from_secs(10));
+    let leader = nodes[li].addr.clone();
+    load_docs(&layout, DOCS);
+    let writer = Writer::start(&[leader.clone()], account_key(&layout, 0), 64, 1);
+    let admin = layout.admin_key().expect("admin key");
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let scanners: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, admin, leader) = (stop.clone(), admin.clone(), leader.clone());
+            std::thread::spawn(move || {
+                let conn = Connection::connect_with(&leader, &dial_for(&leader), Duration::from_secs(5)).expect("connect");
+                let (mut keys, mut busy, mut slowest, mut after) = (0u64, Vec::new(), Duration::ZERO, None);
+                while !stop.load(Ordering::Acquire) {
+                    let op = tally_codec::admin::AdminOp::AuditPage {
+                        table: tally_codec::admin::AuditTable::Documents,
+                        after: after.clone(),
+                        limit: tally_codec::admin::AUDIT_PAGE_MAX,
+                    };
+                    let msg = ClientMessage::Admin(tally_client::client::sign_admin(&admin, status.cluster_id, op));
+                    let sent = Instant::now();
+                    let r = conn.send(msg).and_then(|p| p.wait(Duration::from_secs(15)));
+                    slowest = slowest.max(sent.elapsed());
+                    match r.expect("an answer") {
+                        ServerMessage::AuditPage(p) => {
+                            keys += p.keys;
+                            after = p.next_after;
+                        }
+                        ServerMessage::Busy(b) => {
+                            std::thread::sleep(Duration::from_millis(u64::from(b.retry_after_ms).min(2_000)));
+                            busy.push(b.limit);
+                        }
+                        other => panic!("a scanner got {other:?}"),
+                    }
+                }
+                (keys, busy, slowest)
+            })
+        })
+        .collect();
+    let acked_before = writer.acked_len();
+    std::thread::sleep(SCAN_FOR);
+    stop.store(true, Ordering::Release);
+    let seen: Vec<_> = scanners.into_iter().map(|t| t.join().expect("scanner")).collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    let acked_during = writer.acked_len() - acked_before;
+    let _ = writer.finish();
+    let keys: u64 = seen.iter().map(|s| s.0).sum();
+    let busy: Vec<&String> = seen.iter().flat_map(|s| &s.1).collect();
+    let slowest = seen.iter().map(|s| s.2).max().unwrap_or_default();
+    eprintln!(
+        "scanners: {keys} keys in {elapsed:.1} s ({:.0}/s), {} busy, slowest answer {slowest:?}; the writer committed {acked_during}",
+        keys as f64 / elapsed,
+        busy.len()
+    );
+    // The budget, plus what it holds saved up and one page per scanner started before it ran out.
+    let bound = KEYS_PER_S_MAX * elapsed + KEYS_PER_S_MAX / 4.0 + 4.0 * f64::from(tally_codec::admin::AUDIT_PAGE_MAX);
+    assert!((keys as f64) <= bound, "the scanners read {keys} keys in {elapsed:.1} s (bound {bound:.0})");
+    assert!(keys > 0, "the scanners were served");
+    assert!(!busy.is_empty(), "scanners over the budget are answered Busy");
+    assert!(
+        busy.iter().all(|l| *l == "AUDIT_KEYS_PER_S_MAX" || *l == "AUDIT_SCANS_MAX"),
+        "Busy names the scan limits: {busy:?}"
+    );
+    assert!(slowest <= ANSWER_WITHIN, "a scanner waited {slowest:?} for an answer");
+    assert!(acked_during > 0, "the writer kept committing beside the scanners");
+}
