@@ -143,7 +143,8 @@ fn watcher(conn: &Connection, stop: &AtomicBool) -> Actor {
     let mut a = Actor::default();
     let mut from = 0;
     while !stop.load(Ordering::Acquire) {
-        let msg = ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: from, max_batches: 256, wait_ms: 500 };
+        let msg =
+            ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: from, max_batches: 256, wait_ms: 500 };
         match timed(conn, msg, &mut a) {
             Some(ServerMessage::Watched(p)) => {
                 a.pages += 1;
@@ -302,7 +303,9 @@ fn main() {
             stats.actors, stats.pages, stats.busy, stats.errors, stats.late_actors, stats.silent_actors,
             stats.answer_ms_p50, stats.answer_ms_p99, stats.answer_ms_max, stats.progress
         );
-        rows.push(serde_json::json!({ "phase": name, "throughput_per_s": tput, "pct_of_baseline": pct, "load": stats }));
+        rows.push(
+            serde_json::json!({ "phase": name, "throughput_per_s": tput, "pct_of_baseline": pct, "load": stats }),
+        );
     }
     let doc = serde_json::json!({
         "docs": a.docs, "duration_s": a.duration, "clients": a.clients,

@@ -69,7 +69,8 @@ fn watcher(addr: String, stop: Arc<AtomicBool>) -> Seen {
     };
     let mut from = 0;
     while !stop.load(Ordering::Acquire) {
-        let msg = ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: from, max_batches: 256, wait_ms: 500 };
+        let msg =
+            ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: from, max_batches: 256, wait_ms: 500 };
         let sent = Instant::now();
         let reply = conn.send(msg).and_then(|p| p.wait(Duration::from_secs(15)));
         seen.slowest = seen.slowest.max(sent.elapsed());
@@ -149,7 +150,8 @@ fn a_watch_beyond_the_named_limits_is_refused_busy_at_once() {
     let (li, status) = wait_leader(&nodes, Duration::from_secs(10));
     let leader = nodes[li].addr.clone();
     let ahead = status.committed_height + 1_000_000;
-    let wait = || ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: ahead, max_batches: 1, wait_ms: 500 };
+    let wait =
+        || ClientMessage::Watch { filter: WatchFilter::AllDocs, from_height: ahead, max_batches: 1, wait_ms: 500 };
     let connect = || Connection::connect_with(&leader, &dial_for(&leader), Duration::from_secs(5)).expect("connect");
 
     // Per connection: the ninth is refused while the eight wait.
@@ -225,7 +227,8 @@ fn admin_scanners_share_a_keys_a_second_budget() {
         .map(|_| {
             let (stop, admin, leader) = (stop.clone(), admin.clone(), leader.clone());
             std::thread::spawn(move || {
-                let conn = Connection::connect_with(&leader, &dial_for(&leader), Duration::from_secs(5)).expect("connect");
+                let conn =
+                    Connection::connect_with(&leader, &dial_for(&leader), Duration::from_secs(5)).expect("connect");
                 let (mut keys, mut busy, mut slowest, mut after) = (0u64, Vec::new(), Duration::ZERO, None);
                 while !stop.load(Ordering::Acquire) {
                     let op = tally_codec::admin::AdminOp::AuditPage {

@@ -304,7 +304,8 @@ impl WatchService {
             Ok(b) => b,
             Err(ReadError::Compacted { .. }) if t.next > t.from => return self.send_page(t),
             Err(e) => {
-                let code = if matches!(e, ReadError::Compacted { .. }) { ErrorCode::Compacted } else { ErrorCode::Internal };
+                let code =
+                    if matches!(e, ReadError::Compacted { .. }) { ErrorCode::Compacted } else { ErrorCode::Internal };
                 return self.send_small(t, ServerMessage::Error(WireError::new(code, e.to_string())));
             }
         };
@@ -393,7 +394,8 @@ impl WatchService {
     fn send_page(&self, t: Task) {
         metrics::counter!("tally_watch_pages_total").increment(1);
         let bytes = t.bytes;
-        let env = Envelope { id: t.frame, msg: ServerMessage::Watched(WatchPage { events: t.events, next_height: t.next }) };
+        let env =
+            Envelope { id: t.frame, msg: ServerMessage::Watched(WatchPage { events: t.events, next_height: t.next }) };
         let mut c = t.conn.state.lock();
         if !c.closed {
             c.unwritten += 1;
@@ -627,11 +629,21 @@ mod tests {
     #[test]
     fn filters_pick_their_changes() {
         let doc = tally_codec::DocKey([7; 16]);
-        let set = Change::DocSet { key: doc, owner: tally_codec::PublicKey([0; 32]), revision: 1, lease: None, value: vec![] };
+        let set = Change::DocSet {
+            key: doc,
+            owner: tally_codec::PublicKey([0; 32]),
+            revision: 1,
+            lease: None,
+            value: vec![],
+        };
         let claim = Change::ClaimReleased { domain: "v".into(), slot: 1 };
         assert!(selects(&WatchFilter::AllDocs, &set) && selects(&WatchFilter::Doc(doc), &set));
         assert!(!selects(&WatchFilter::Doc(tally_codec::DocKey([8; 16])), &set));
-        assert!(selects(&WatchFilter::Domain("v".into()), &claim) && !selects(&WatchFilter::Domain("w".into()), &claim));
-        assert!(!selects(&WatchFilter::Leases, &set) && selects(&WatchFilter::Leases, &Change::LeaseEnded { lease: 1 }));
+        assert!(
+            selects(&WatchFilter::Domain("v".into()), &claim) && !selects(&WatchFilter::Domain("w".into()), &claim)
+        );
+        assert!(
+            !selects(&WatchFilter::Leases, &set) && selects(&WatchFilter::Leases, &Change::LeaseEnded { lease: 1 })
+        );
     }
 }

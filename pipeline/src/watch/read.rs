@@ -99,7 +99,11 @@ pub fn changes<K: Kv>(store: &Mutex<Store<K>>, tables: &Tables, at: &Located) ->
     for chunk in missing.chunks(READS_PER_LOCK_MAX) {
         let values: Vec<Option<Vec<u8>>> = {
             let s = store.lock();
-            chunk.iter().map(|(_, k)| s.get_raw(k)).collect::<Result<_, _>>().map_err(|e| ReadError::Failed(e.to_string()))?
+            chunk
+                .iter()
+                .map(|(_, k)| s.get_raw(k))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ReadError::Failed(e.to_string()))?
         };
         for ((i, _), v) in chunk.iter().zip(values) {
             if let Change::DocSet { value, .. } = &mut changes[*i] {
@@ -125,8 +129,13 @@ fn change_of(
     if let Some(doc) = tables.doc_of(key) {
         let Some(v) = value else { return Ok(Some((Change::DocDeleted { key: doc }, None))) };
         let meta: tally_codec::DocMeta = tally_codec::decode(v, 1024).map_err(|_| bad("document"))?;
-        let set =
-            Change::DocSet { key: doc, owner: meta.owner, revision: meta.revision, lease: meta.lease, value: Vec::new() };
+        let set = Change::DocSet {
+            key: doc,
+            owner: meta.owner,
+            revision: meta.revision,
+            lease: meta.lease,
+            value: Vec::new(),
+        };
         return Ok(Some((set, Some(meta.body))));
     }
     if let Some((domain, slot)) = tables.claim_of(key) {
@@ -213,8 +222,10 @@ mod tests {
         let value = format!(r#"{{"n":{n}}}"#).into_bytes();
         let digest = Digest([n; 32]);
         let meta = DocMeta { owner: PublicKey([1; 32]), revision: 1, body: digest, lease: None };
-        let mut ops =
-            vec![WriteOp { key: tables.doc(&tally_codec::DocKey([n; 16])).into_bytes(), value: Some(tally_codec::encode(&meta)) }];
+        let mut ops = vec![WriteOp {
+            key: tables.doc(&tally_codec::DocKey([n; 16])).into_bytes(),
+            value: Some(tally_codec::encode(&meta)),
+        }];
         if with_body {
             ops.push(WriteOp { key: tables.doc_body(&digest).to_bytes(), value: Some(value) });
         }
