@@ -104,7 +104,7 @@ fn two_hundred_watchers_catching_up_are_each_answered_within_a_second() {
     let leader = nodes[li].addr.clone();
     let follower = nodes[(li + 1) % 3].addr.clone();
     load_docs(&layout, DOCS);
-    let writer = Writer::start(&[leader.clone()], account_key(&layout, 0), 64, 2);
+    let writer = Writer::start(std::slice::from_ref(&leader), account_key(&layout, 0), 64, 2);
     assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 256), "the writer commits");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -219,7 +219,7 @@ fn admin_scanners_share_a_keys_a_second_budget() {
     let (li, status) = wait_leader(&nodes, Duration::from_secs(10));
     let leader = nodes[li].addr.clone();
     load_docs(&layout, DOCS);
-    let writer = Writer::start(&[leader.clone()], account_key(&layout, 0), 64, 1);
+    let writer = Writer::start(std::slice::from_ref(&leader), account_key(&layout, 0), 64, 1);
     let admin = layout.admin_key().expect("admin key");
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
