@@ -58,7 +58,7 @@ pub enum ClientMessage {
     /// (`NotAuthorized`).
     Admin(crate::admin::SignedAdmin),
     /// The committed changes `filter` selects, from batch `from_height` on, in commit order: at
-    /// most `max_batches` batches (and about 1 MiB). When the replica has nothing at
+    /// most `max_batches` batches (and about 256 KiB). When the replica has nothing at
     /// `from_height` yet it waits up to `wait_ms` (at most 500) before answering an empty page.
     /// Any replica answers from what its store holds.
     Watch {

@@ -55,15 +55,17 @@ pub const WATCH_ANSWER_MS: u64 = 500;
 pub const WATCH_WAIT_MAX_MS: u32 = 500;
 /// Batches one page covers, at most.
 pub const WATCH_BATCHES_MAX: u32 = 256;
-/// Bytes of events one page carries, about (the batch that crosses it ends the page).
-pub const WATCH_PAGE_BYTES_MAX: usize = 1024 * 1024;
+/// Bytes of events one page carries, about (the batch that crosses it ends the page). A page this
+/// full is sent after its turn, not at its answer time: pages go out spread over time rather
+/// than all at once when the answer times of watchers that arrived together come.
+pub const WATCH_PAGE_BYTES_MAX: usize = 256 * 1024;
 /// Bytes of events in all pages being built or waiting for their connection's writer; past it
 /// no watch takes another batch until some are written.
 pub const WATCH_HELD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Batch-body bytes decoded for watches a second (a full-load batch stream is about 10 MB/s).
 pub const WATCH_DECODE_BYTES_PER_S_MAX: u64 = 16 * 1024 * 1024;
 /// Event bytes put in watch pages a second, for all watchers together.
-pub const WATCH_PAGE_BYTES_PER_S_MAX: u64 = 16 * 1024 * 1024;
+pub const WATCH_PAGE_BYTES_PER_S_MAX: u64 = 8 * 1024 * 1024;
 /// Decoded batches kept for watchers at the same heights.
 pub const WATCH_CACHE_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// The shortest retry hint a `Busy` carries (a random share of it is added, so refused watchers
