@@ -274,3 +274,43 @@ impl Drop for LeaseKeeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{cluster, FakeNode};
+    use tally_codec::wire::Change;
+
+    /// A replica at a watch limit answers `Busy`: the watcher waits for the hint, asks again,
+    /// and delivers every event once; `watch_page` hands the hint to its caller.
+    #[test]
+    fn the_watcher_waits_out_busy_for_its_hint_then_goes_on() {
+        let node = FakeNode::start(1);
+        cluster(&[&node], &[], Some(&node));
+        node.state.watch_busy.store(2, Ordering::Release);
+        node.state.busy_retry_ms.store(150, Ordering::Release);
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let client = Client::connect(&[node.addr.clone()], key, crate::ClientOptions::default()).expect("connect");
+        let heights: Vec<u64> = client
+            .watch(WatchFilter::AllDocs, Some(5))
+            .expect("watch")
+            .take(3)
+            .map(|e| e.expect("event").height)
+            .collect();
+        assert_eq!(heights, vec![5, 6, 7], "every height once, in order");
+        let at = node.state.watches_at.lock().clone();
+        assert_eq!(at.len(), 5, "two Busy answers, then three pages");
+        for w in at.windows(2).take(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(150), "asked again before the hint: {:?}", w[1] - w[0]);
+        }
+        node.state.watch_busy.store(1, Ordering::Release);
+        match client.watch_page(&WatchFilter::AllDocs, 9) {
+            Err(ClientError::Busy(b)) => {
+                assert_eq!((b.limit.as_str(), b.retry_after_ms), ("WATCHES_PER_ADDRESS_MAX", 150))
+            }
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        let page = client.watch_page(&WatchFilter::AllDocs, 9).expect("a page");
+        assert!(matches!(page.events.as_slice(), [e] if matches!(e.change, Change::DocDeleted { .. })));
+    }
+}
