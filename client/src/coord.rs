@@ -290,7 +290,8 @@ mod tests {
         node.state.watch_busy.store(2, Ordering::Release);
         node.state.busy_retry_ms.store(150, Ordering::Release);
         let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-        let client = Client::connect(&[node.addr.clone()], key, crate::ClientOptions::default()).expect("connect");
+        let client =
+            Client::connect(std::slice::from_ref(&node.addr), key, crate::ClientOptions::default()).expect("connect");
         let heights: Vec<u64> = client
             .watch(WatchFilter::AllDocs, Some(5))
             .expect("watch")
