@@ -517,9 +517,14 @@ pub fn audit(conn: &Connection, admin: &SigningKey, cluster_id: ClusterId) -> Re
         for (t, table) in [AuditTable::Accounts, AuditTable::Documents].into_iter().enumerate() {
             let mut after = None;
             loop {
-                let op = AdminOp::AuditPage { table, after: after.take(), limit: tally_codec::admin::AUDIT_PAGE_MAX };
+                let op = AdminOp::AuditPage { table, after: after.clone(), limit: tally_codec::admin::AUDIT_PAGE_MAX };
                 let page = match conn.call(ClientMessage::Admin(sign_admin(admin, cluster_id, op)))? {
                     ServerMessage::AuditPage(p) => p,
+                    // Scans are at their budget on that replica: the same page after the hint.
+                    ServerMessage::Busy(b) => {
+                        std::thread::sleep(crate::coord::busy_wait(&b));
+                        continue;
+                    }
                     ServerMessage::Error(e) => return Err(ClientError::Server(e)),
                     other => {
                         return Err(ClientError::Protocol {

@@ -112,11 +112,13 @@ impl Client {
     ///
     /// # Errors
     /// `Compacted` (from a replica that installed a snapshot) naming the oldest height it has;
-    /// [`ClientError::Unavailable`].
+    /// [`ClientError::Busy`] when the replica is at a watch limit (the [`Watcher`] waits for
+    /// its hint and asks again); [`ClientError::Unavailable`].
     pub fn watch_page(&self, filter: &WatchFilter, from_height: u64) -> Result<WatchPage, ClientError> {
         let msg = ClientMessage::Watch { filter: filter.clone(), from_height, max_batches: 256, wait_ms: 500 };
         match self.read(&msg)? {
             ServerMessage::Watched(p) => Ok(p),
+            ServerMessage::Busy(b) => Err(ClientError::Busy(b)),
             other => Err(ClientError::Invalid(format!("expected a watch page, got {other:?}"))),
         }
     }
@@ -137,7 +139,7 @@ impl Client {
 
 /// An endless iterator over watch events (see [`Client::watch`]). It pulls pages, so a slow
 /// reader never makes a replica buffer anything: it only falls behind, and resumes from its
-/// height.
+/// height. A `Busy` answer is waited out for its retry hint, then the page is asked again.
 pub struct Watcher<'a> {
     client: &'a Client,
     filter: WatchFilter,
@@ -166,10 +168,20 @@ impl Iterator for Watcher<'_> {
                     self.next = page.next_height.max(self.next);
                     self.buffered.extend(page.events);
                 }
+                // The replica is at a watch limit: ask again after its hint.
+                Err(ClientError::Busy(b)) => std::thread::sleep(busy_wait(&b)),
                 Err(e) => return Some(Err(e)),
             }
         }
     }
+}
+
+/// The longest a client waits on a `Busy` hint before asking again, whatever the hint says.
+pub const BUSY_WAIT_MAX_MS: u64 = 10_000;
+
+/// How long to wait before asking again after `Busy` (its hint, within [`BUSY_WAIT_MAX_MS`]).
+pub fn busy_wait(b: &tally_codec::wire::BusyInfo) -> Duration {
+    Duration::from_millis(u64::from(b.retry_after_ms).clamp(1, BUSY_WAIT_MAX_MS))
 }
 
 fn unexpected(o: &Outcome) -> ClientError {
@@ -260,5 +272,46 @@ impl Drop for LeaseKeeper {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{cluster, FakeNode};
+    use tally_codec::wire::Change;
+
+    /// A replica at a watch limit answers `Busy`: the watcher waits for the hint, asks again,
+    /// and delivers every event once; `watch_page` hands the hint to its caller.
+    #[test]
+    fn the_watcher_waits_out_busy_for_its_hint_then_goes_on() {
+        let node = FakeNode::start(1);
+        cluster(&[&node], &[], Some(&node));
+        node.state.watch_busy.store(2, Ordering::Release);
+        node.state.busy_retry_ms.store(150, Ordering::Release);
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let client =
+            Client::connect(std::slice::from_ref(&node.addr), key, crate::ClientOptions::default()).expect("connect");
+        let heights: Vec<u64> = client
+            .watch(WatchFilter::AllDocs, Some(5))
+            .expect("watch")
+            .take(3)
+            .map(|e| e.expect("event").height)
+            .collect();
+        assert_eq!(heights, vec![5, 6, 7], "every height once, in order");
+        let at = node.state.watches_at.lock().clone();
+        assert_eq!(at.len(), 5, "two Busy answers, then three pages");
+        for w in at.windows(2).take(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(150), "asked again before the hint: {:?}", w[1] - w[0]);
+        }
+        node.state.watch_busy.store(1, Ordering::Release);
+        match client.watch_page(&WatchFilter::AllDocs, 9) {
+            Err(ClientError::Busy(b)) => {
+                assert_eq!((b.limit.as_str(), b.retry_after_ms), ("WATCHES_PER_ADDRESS_MAX", 150))
+            }
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        let page = client.watch_page(&WatchFilter::AllDocs, 9).expect("a page");
+        assert!(matches!(page.events.as_slice(), [e] if matches!(e.change, Change::DocDeleted { .. })));
     }
 }

@@ -38,6 +38,10 @@ pub enum ClientError {
     /// funds). The receipt is still valid proof of that outcome.
     #[error("{code}")]
     Rejected { code: ErrorCode, committed: Box<Committed> },
+    /// The node is at a named limit on shared work (watches, admin scans) and did nothing; ask
+    /// again after the hint (`retry_after_ms`).
+    #[error("{} ({}); retry in {} ms", .0.message, .0.limit, .0.retry_after_ms)]
+    Busy(tally_codec::wire::BusyInfo),
     /// No known node could serve the operation within the retry budget.
     #[error("Failed to {what}: no tally node could serve the request ({detail})")]
     Unavailable { what: &'static str, detail: String },

@@ -35,6 +35,11 @@ pub(crate) struct FakeState {
     pub swallow: AtomicBool,
     /// Refuse submits with NotLeader pointing here.
     pub not_leader_hint: Mutex<Option<String>>,
+    /// Answer this many watches `Busy` (retry after `busy_retry_ms`), then serve pages of one
+    /// `DocDeleted` event per height; each watch's arrival time is recorded.
+    pub watch_busy: std::sync::atomic::AtomicU32,
+    pub busy_retry_ms: std::sync::atomic::AtomicU32,
+    pub watches_at: Mutex<Vec<std::time::Instant>>,
     conns: Mutex<Vec<TcpStream>>,
     height: Mutex<u64>,
 }
@@ -151,6 +156,21 @@ fn execute(state: &FakeState, req: SignedRequest) -> SubmitReply {
     SubmitReply::Committed { receipt: Box::new(receipt(state, req, outcome)), durable_replicas: 3 }
 }
 
+fn watch_reply(state: &FakeState, from_height: u64) -> ServerMessage {
+    state.watches_at.lock().push(std::time::Instant::now());
+    let busy = state.watch_busy.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok();
+    if busy {
+        return ServerMessage::Busy(wire::BusyInfo {
+            limit: "WATCHES_PER_ADDRESS_MAX".into(),
+            retry_after_ms: state.busy_retry_ms.load(Ordering::Acquire),
+            message: "the fake node is busy".into(),
+        });
+    }
+    let change = wire::Change::DocDeleted { key: DocKey([from_height as u8; 16]) };
+    let events = vec![wire::WatchEvent { height: from_height, time_ms: 0, change }];
+    ServerMessage::Watched(wire::WatchPage { events, next_height: from_height + 1 })
+}
+
 fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
     let mut buf = Vec::new();
     while let Ok(true) = wire::read_frame(&mut s, &mut buf, limits::FRAME_BYTES_MAX) {
@@ -197,7 +217,8 @@ fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
                 ServerMessage::Done
             }
             ClientMessage::Batch { .. } => ServerMessage::Batch(None),
-            ClientMessage::Audit | ClientMessage::Forwarded(_) | ClientMessage::Watch { .. } => {
+            ClientMessage::Watch { from_height, .. } => watch_reply(state, from_height),
+            ClientMessage::Audit | ClientMessage::Forwarded(_) => {
                 ServerMessage::Error(WireError::new(ErrorCode::Malformed, "the fake node does not serve this"))
             }
         };

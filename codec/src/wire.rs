@@ -59,7 +59,7 @@ pub enum ClientMessage {
     /// (`NotAuthorized`).
     Admin(crate::admin::SignedAdmin),
     /// The committed changes `filter` selects, from batch `from_height` on, in commit order: at
-    /// most `max_batches` batches (and about 4 MiB). When the replica has nothing at
+    /// most `max_batches` batches (and about 256 KiB). When the replica has nothing at
     /// `from_height` yet it waits up to `wait_ms` (at most 500) before answering an empty page.
     /// Any replica answers from what its store holds.
     Watch {
@@ -226,6 +226,20 @@ pub enum ServerMessage {
     Error(WireError),
     AuditPage(AuditPageInfo),
     Watched(WatchPage),
+    /// Not served now: a named limit on shared work (watches, admin scans) is reached. Ask
+    /// again after `retry_after_ms`; nothing was done. (Tag 11: a client that predates it
+    /// cannot decode the frame and closes the connection.)
+    Busy(BusyInfo),
+}
+
+/// Why a frame was not served now, and when to ask again.
+#[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct BusyInfo {
+    /// The limit that refused, by its name in docs/security.md (`WATCHES_PER_ADDRESS_MAX`).
+    pub limit: String,
+    /// Wait at least this long before asking again.
+    pub retry_after_ms: u32,
+    pub message: String,
 }
 
 /// One page of an admin scan: totals over the keys it covered, and where the next page starts.

@@ -22,5 +22,6 @@ pub mod queries;
 pub mod s1_receive;
 pub mod s2_validate;
 pub mod shell;
+pub mod watch;
 
 pub use node::{Node, NodeOptions};

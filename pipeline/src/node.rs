@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  conn readers (s1,s2) ──submission queue──▶ replica thread (shell.rs: tally_core::Replica)
-//!        ▲                                          │ peers, WAL, store (LevelDB + segments)
-//!        └──────────────── replies ◀────────────────┘
+//!        ▲     │                                    │ peers, WAL, store (LevelDB + segments)
+//!        └─────┼────────── replies ◀────────────────┘
+//!              └─ Watch frames ──▶ watch-0, watch-1, watch-timer (watch/mod.rs) ──▶ conn writers
 //! ```
 
 use crossbeam::channel::{bounded, Receiver, Sender};
@@ -136,6 +137,10 @@ pub struct Shared {
     pub keys: crate::s2_validate::KeyCache,
     /// Admin commands taken and not yet expired (replay protection).
     pub admin_seen: crate::admin_replay::SeenAdmin,
+    /// Watch serving: its own threads, limits and budgets (see [`crate::watch`]).
+    pub watch: Arc<crate::watch::WatchService>,
+    /// The admin scans' budget (see [`crate::queries::audit_page`]).
+    pub audit: crate::queries::AuditGate,
     me: Weak<Shared>,
 }
 
@@ -253,12 +258,15 @@ impl Node {
             keys: crate::s2_validate::KeyCache::default(),
             forwarder: crate::forward::Forwarder::new(relay_dial),
             admin_seen: crate::admin_replay::SeenAdmin::default(),
+            watch: crate::watch::WatchService::new(crate::watch::WatchLimits::DEFAULT),
+            audit: crate::queries::AuditGate::default(),
             me: me.clone(),
         });
         let replicator = crate::shell::start(&shared, shell, wal, env)?;
         if shared.replicator.set(replicator).is_err() {
             return Err("replicator set twice".into());
         }
+        shared.watch.start(&shared)?;
         spawn("listener", {
             let s = shared.clone();
             move || crate::s1_receive::listen(s, listener)

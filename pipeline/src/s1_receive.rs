@@ -118,10 +118,12 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
     }
     let in_flight = Arc::new(AtomicUsize::new(0));
     let (out_tx, out_rx) = bounded::<Envelope<ServerMessage>>(OUTGOING_FRAMES_MAX);
-    let (w_stream, w_in_flight) = (stream.clone(), in_flight.clone());
+    let peer_ip = stream.tcp().peer_addr().map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+    let watches = crate::watch::WatchConn::new(&shared.watch, peer_ip);
+    let (w_stream, w_in_flight, w_watches) = (stream.clone(), in_flight.clone(), watches.clone());
     let writer = std::thread::Builder::new()
         .name("conn-writer".into())
-        .spawn(move || write_loop(w_stream, out_rx, &w_in_flight));
+        .spawn(move || write_loop(w_stream, out_rx, &w_in_flight, &w_watches));
     let Ok(writer) = writer else { return };
     let mut reader = BufReader::with_capacity(1 << 16, stream.clone());
     let mut frames = PacedFrames::new(limits::FRAME_BYTES_MAX, Pacing::DEFAULT);
@@ -135,7 +137,7 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, slot: &tally_net::Admitted) {
                     continue;
                 }
                 match wire::decode_client(&body) {
-                    Ok(env) => handle(shared, env, &out_tx, peer),
+                    Ok(env) => handle(shared, env, &out_tx, peer, &watches),
                     Err(e) => {
                         metrics::counter!("tally_bad_frames_total").increment(1);
                         tally_net::warn_limited!("bad_frame", error = %e, "a client frame did not decode");
@@ -333,11 +335,21 @@ impl PacedFrames {
     }
 }
 
-fn write_loop(stream: Stream, rx: Receiver<Envelope<ServerMessage>>, in_flight: &AtomicUsize) {
+/// Writes the replies of one connection in the order they complete. A watch page's slot is
+/// freed as the page is taken off the queue; when the writer stops, the pages it did not take.
+fn write_loop(
+    stream: Stream,
+    rx: Receiver<Envelope<ServerMessage>>,
+    in_flight: &AtomicUsize,
+    watches: &crate::watch::WatchConn,
+) {
     let _ = stream.tcp().set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
     let mut w = BufWriter::with_capacity(1 << 16, stream.clone());
     let write = |w: &mut BufWriter<Stream>, env: &Envelope<ServerMessage>| {
         in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let ServerMessage::Watched(page) = &env.msg {
+            watches.written(page);
+        }
         wire::write_frame(w, &encode(env))
     };
     while let Ok(env) = rx.recv() {
@@ -357,6 +369,7 @@ fn write_loop(stream: Stream, rx: Receiver<Envelope<ServerMessage>>, in_flight: 
         }
     }
     let _ = w.flush();
+    watches.close();
     stream.shutdown();
 }
 
@@ -382,9 +395,20 @@ fn leader_only(msg: &ClientMessage) -> bool {
     }
 }
 
-fn handle(shared: &Arc<Shared>, env: Envelope<ClientMessage>, out: &Sender<Envelope<ServerMessage>>, peer: Peer) {
+fn handle(
+    shared: &Arc<Shared>,
+    env: Envelope<ClientMessage>,
+    out: &Sender<Envelope<ServerMessage>>,
+    peer: Peer,
+    watches: &Arc<crate::watch::WatchConn>,
+) {
     let id = env.id;
     let msg = match env.msg {
+        // Served by the watch threads within this connection's limits (never relayed).
+        ClientMessage::Watch { filter, from_height, max_batches, wait_ms } => {
+            let req = crate::watch::WatchRequest { filter, from_height, max_batches, wait_ms };
+            return watches.submit(id, out, req);
+        }
         // With TLS only an authenticated replica may relay; anyone else is refused.
         ClientMessage::Forwarded(_) if peer != Peer::Replica && shared.opts.client_tls.is_some() => {
             let e = WireError::new(ErrorCode::NotAuthorized, "only a replica of this cluster may relay frames");
@@ -448,11 +472,9 @@ fn answer(shared: &Arc<Shared>, id: u64, msg: ClientMessage, out: &Sender<Envelo
         }
         ClientMessage::Admin(cmd) => admin(shared, &cmd),
         ClientMessage::Batch { height } => ServerMessage::Batch(crate::queries::batch_info(shared, height)),
-        ClientMessage::Watch { filter, from_height, max_batches, wait_ms } => {
-            match crate::queries::watch(shared, &filter, from_height, max_batches, wait_ms) {
-                Ok(page) => ServerMessage::Watched(page),
-                Err(e) => ServerMessage::Error(e),
-            }
+        // `handle` gives watches to the watch threads; a relayed frame never holds one.
+        ClientMessage::Watch { .. } => {
+            ServerMessage::Error(WireError::new(ErrorCode::Malformed, "a watch is not relayed; ask any replica"))
         }
         ClientMessage::Receipt { id: rid } => match crate::queries::stored_receipt(shared, &rid, None) {
             Some(r) => ServerMessage::Receipt(Some(Box::new(r))),
@@ -527,7 +549,8 @@ fn run_admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
         AdminOp::AuditPage { table, after, limit } => {
             match crate::queries::audit_page(shared, *table, after.as_deref(), *limit) {
                 Ok(p) => ServerMessage::AuditPage(p),
-                Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e)),
+                Err(crate::queries::AuditError::Busy(b)) => ServerMessage::Busy(b),
+                Err(e) => ServerMessage::Error(WireError::new(ErrorCode::Internal, e.to_string())),
             }
         }
     }

@@ -40,6 +40,41 @@ pub const SEGMENT_REF_BYTES: usize = 16;
 const HEADER_BYTES: u64 = 8;
 const SUFFIX: &str = ".seg";
 
+/// One value in a segment's memory map (see [`Segments::read_mapped`]). The map stays valid
+/// while this lives, whatever the segments do meanwhile: files are append-only.
+#[derive(Debug, Clone)]
+pub struct MappedValue {
+    map: Arc<Mmap>,
+    /// The record (header and data) in the map.
+    start: usize,
+    end: usize,
+    file: PathBuf,
+    offset: u64,
+}
+
+impl MappedValue {
+    /// Bytes of the value (without the record header).
+    pub fn len(&self) -> usize {
+        self.end - self.start - HEADER_BYTES as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value's bytes once their checksum matches.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the bytes fail their checks.
+    pub fn check(&self) -> Result<&[u8], StoreError> {
+        record::check_mapped(&self.map[self.start..self.end], 0).map_err(|reason| StoreError::Corrupt {
+            file: self.file.clone(),
+            offset: self.offset,
+            reason,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct SegFile {
     path: PathBuf,
@@ -143,6 +178,16 @@ impl Segments {
     /// [`StoreError::Corrupt`] when the reference points outside the file or the bytes fail
     /// their checks; [`StoreError::InvalidArgument`] for an unknown segment.
     pub fn read(&self, r: &SegmentRef) -> Result<Vec<u8>, StoreError> {
+        Ok(self.read_mapped(r)?.check()?.to_vec())
+    }
+
+    /// A value where it lies in its segment's memory map, its header checked but its bytes not
+    /// yet: [`MappedValue::check`] verifies them and borrows them without copying. A caller
+    /// holding a lock over the store takes this under it and checks and decodes after letting go.
+    ///
+    /// # Errors
+    /// As [`Segments::read`], except a checksum mismatch, which `check` reports.
+    pub fn read_mapped(&self, r: &SegmentRef) -> Result<MappedValue, StoreError> {
         let seg = self
             .files
             .get(&r.segment)
@@ -160,8 +205,7 @@ impl Segments {
         if len != r.len {
             return Err(corrupt(format!("record holds {len} bytes, reference says {}", r.len)));
         }
-        let data = record::check_mapped(&map[start..end], 0).map_err(corrupt)?;
-        Ok(data.to_vec())
+        Ok(MappedValue { map, start, end, file: seg.path.clone(), offset: r.offset })
     }
 
     /// A map of segment `id` at least `end` bytes long, remapping if the file grew since.
@@ -260,6 +304,11 @@ mod tests {
         let s = Segments::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!(s.read(&a).expect("untouched value"), b"first value");
         assert!(matches!(s.read(&b), Err(StoreError::Corrupt { .. })), "flipped byte must fail the checksum");
+        // Mapped reads find the same: the header at once, the checksum when checked.
+        let mapped = s.read_mapped(&b).expect("the header is intact");
+        assert_eq!(mapped.len(), b.len as usize);
+        assert!(matches!(mapped.check(), Err(StoreError::Corrupt { .. })), "checked when borrowed");
+        assert_eq!(s.read_mapped(&a).expect("mapped").check().expect("checked"), b"first value");
         let past_end = SegmentRef { len: b.len + 100, ..b };
         assert!(matches!(s.read(&past_end), Err(StoreError::Corrupt { .. })));
         let wrong_len = SegmentRef { len: a.len - 1, ..a };

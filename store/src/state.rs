@@ -117,6 +117,14 @@ fn id_prefix(id: &RequestId) -> u64 {
     u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
+/// Decodes a batch body's stored bytes (see [`Store::batch_body_mapped`]).
+///
+/// # Errors
+/// [`StoreError::Decode`] for bytes that are not a body.
+pub fn decode_batch_body(bytes: &[u8]) -> Result<BatchBody, StoreError> {
+    decode(bytes, ENTRY_BYTES_MAX).map_err(|e| StoreError::decode("batch body", e))
+}
+
 /// How far before the applied batch's time a batch may still hold an unexpired id: stage 2
 /// refuses expiries more than 2 minutes ahead; the rest is room for clocks.
 const RECENT_SCAN_SLACK_MS: u64 = 5 * 60 * 1000;
@@ -483,10 +491,19 @@ impl<K: Kv> Store<K> {
     /// # Errors
     /// Decode errors; [`StoreError::Corrupt`] when the segment bytes fail their checksum.
     pub fn batch_body(&self, record: &BatchRecord) -> Result<BatchBody, StoreError> {
+        decode_batch_body(self.batch_body_mapped(record)?.check()?)
+    }
+
+    /// Where a batch's body lies, unchecked and undecoded: a reader that shares the store
+    /// behind a lock takes this under it, then checks and decodes it ([`decode_batch_body`])
+    /// after letting go, so the lock is held for one small read whatever the body's size.
+    ///
+    /// # Errors
+    /// Decode errors of the reference; [`StoreError::Corrupt`] for a reference outside its file.
+    pub fn batch_body_mapped(&self, record: &BatchRecord) -> Result<crate::segments::MappedValue, StoreError> {
         let body_ref: SegmentRef =
             decode(&record.body_ref, SEGMENT_REF_BYTES).map_err(|e| StoreError::decode("body reference", e))?;
-        let bytes = self.segments.read(&body_ref)?;
-        decode(&bytes, ENTRY_BYTES_MAX).map_err(|e| StoreError::decode("batch body", e))
+        self.segments.read_mapped(&body_ref)
     }
 
     /// Where an unexpired request's receipt can be rebuilt from; `None` for an id this store

@@ -98,6 +98,14 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Log lines not written by the per-kind rate limit (refused commands, bad frames, failed handshakes), by kind.",
     ),
+    // Watches and admin scans (their threads, limits and budgets).
+    ("tally_watches_active", Kind::Gauge, "Watches open on this replica: being served, or their page not yet taken by the connection's writer."),
+    ("tally_watch_pages_total", Kind::Counter, "Watch pages answered (empty ones included)."),
+    ("tally_watch_batches_total", Kind::Counter, "Batches read for watch pages, by source (cache, store)."),
+    ("tally_watch_decoded_bytes_total", Kind::Counter, "Batch-body bytes decoded for watches."),
+    ("tally_watch_page_bytes_total", Kind::Counter, "Event bytes put in watch pages."),
+    ("tally_busy_total", Kind::Counter, "Watches and audit pages answered Busy, by the limit that refused them."),
+    ("tally_audit_keys_total", Kind::Counter, "Keys read by admin scans (audit pages)."),
 ];
 
 /// Histogram buckets by metric (exact names, so no two matchers overlap).
