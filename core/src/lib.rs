@@ -21,12 +21,14 @@ pub mod confirm;
 pub mod lease;
 pub mod ledger;
 pub mod log;
+pub mod peer_gate;
 pub mod pending;
 pub mod replica;
 pub mod sequence;
 pub mod state;
 
 pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
+pub use peer_gate::Refusal;
 pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, VoterChange};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.

@@ -79,8 +79,9 @@ fn hex8(b: &[u8; 32]) -> String {
     b[..8].iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Each side's judgement of the other's hello.
 #[derive(Debug, Clone, BorshSerialize, BorshDeserialize)]
-enum Verdict {
+pub enum Verdict {
     Accept,
     Refuse(String),
 }

@@ -71,6 +71,11 @@ pub trait Transport: Send {
     fn set_peers(&mut self, peers: &BTreeMap<u64, String>);
     /// Closes every link and joins the threads.
     fn stop(&mut self);
+    /// Closes the links `peer` dialled to this replica (its messages were refused); the peer
+    /// may dial again. Messages already received stay queued.
+    fn cut_inbound(&mut self, peer: u64) {
+        let _ = peer;
+    }
     /// Snapshots whose sending ended since the last call: `(peer, delivered)`. A transport that
     /// streams a snapshot reports it when the last byte is written (or the link broke), not when
     /// it was queued, so Raft does not probe the follower while the snapshot is still on its way.
@@ -120,7 +125,19 @@ struct OutLink {
     thread: JoinHandle<()>,
 }
 
-type InboundConns = Arc<Mutex<HashMap<u64, (TcpStream, Option<JoinHandle<()>>)>>>;
+/// One accepted connection: its socket (to shut it down from elsewhere), its reader thread, and
+/// once authenticated the node it speaks for.
+struct Inbound {
+    stream: TcpStream,
+    thread: Option<JoinHandle<()>>,
+    peer: Option<u64>,
+    /// Closed by this side: its messages were refused, or a newer link replaced it.
+    cut: bool,
+}
+
+/// Accepted connections by connection id (not by node: during a handshake the node is not
+/// known yet, and a replaced link is still draining).
+type InboundConns = Arc<Mutex<HashMap<u64, Inbound>>>;
 /// Each peer's address, for checking whether a peer whose link closed is down.
 type PeerAddrs = Arc<Mutex<HashMap<u64, String>>>;
 
@@ -230,9 +247,9 @@ impl Transport for TcpTransport {
             let _ = t.join();
         }
         let conns: Vec<_> = self.inbound.lock().drain().collect();
-        for (_, (stream, thread)) in conns {
-            let _ = stream.shutdown(Shutdown::Both);
-            if let Some(t) = thread {
+        for (_, c) in conns {
+            let _ = c.stream.shutdown(Shutdown::Both);
+            if let Some(t) = c.thread {
                 let _ = t.join();
             }
         }
@@ -240,6 +257,12 @@ impl Transport for TcpTransport {
 
     fn take_snapshot_reports(&mut self) -> Vec<(u64, bool)> {
         std::mem::take(&mut *self.reports.lock())
+    }
+
+    fn cut_inbound(&mut self, peer: u64) {
+        if cut_links(&self.inbound, peer) > 0 {
+            tracing::debug!(peer, "inbound peer link cut");
+        }
     }
 }
 
@@ -557,14 +580,14 @@ fn run_listener(
         let (st, ad) = (stop.clone(), addrs.clone());
         // Register before the thread can deregister itself.
         let mut guard = conns.lock();
-        guard.insert(id, (clone, None));
+        guard.insert(id, Inbound { stream: clone, thread: None, peer: None, cut: false });
         match std::thread::Builder::new()
             .name(format!("peer-in-{}-{id}", local.node_id))
             .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot, asm, &st, &ad))
         {
             Ok(t) => {
                 if let Some(e) = guard.get_mut(&id) {
-                    e.1 = Some(t);
+                    e.thread = Some(t);
                 }
             }
             Err(e) => {
@@ -591,6 +614,7 @@ fn run_inbound(
 ) {
     let mut closed_by_peer = None;
     if let Some((mut stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
+        claim_node(&conns, id, peer_id, from);
         let resume = tally_codec::encode(&assemblies.resume_for(peer_id));
         if write_frame(&mut stream, &resume).and_then(|()| stream.flush()).is_ok()
             && read_messages(&stream, peer_id, from, &local, &inbox, &assemblies) == Closed::ByPeer
@@ -600,8 +624,9 @@ fn run_inbound(
         stream.shutdown();
     }
     drop(slot);
-    conns.lock().remove(&id);
-    let Some(peer) = closed_by_peer else { return };
+    let cut = conns.lock().remove(&id).is_some_and(|c| c.cut);
+    // A link this side cut says nothing about whether the peer is down.
+    let Some(peer) = closed_by_peer.filter(|_| !cut) else { return };
     let addr = addrs.lock().get(&peer).cloned();
     if let Some(addr) = addr {
         if !stop.load(Ordering::Relaxed) && peer_is_down(&addr) {
@@ -612,6 +637,41 @@ fn run_inbound(
             let _ = inbox.try_send(m);
         }
     }
+}
+
+/// Makes connection `id` the one link of node `peer`: an older link claiming the same node is
+/// closed. The newest wins rather than the first, because the first may be stale (a peer that
+/// restarted after a power loss or a partition leaves a half-open connection this side only
+/// notices much later), or held by an impostor that dialled first with a leaked key: refusing
+/// the newcomer would lock the real node out for as long as the impostor keeps its connection.
+fn claim_node(conns: &InboundConns, id: u64, peer: u64, from: SocketAddr) {
+    let mut conns = conns.lock();
+    let mut replaced = Vec::new();
+    for (other, c) in conns.iter_mut() {
+        if *other != id && c.peer == Some(peer) && !c.cut {
+            c.cut = true;
+            let _ = c.stream.shutdown(Shutdown::Both);
+            replaced.push(c.stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string()));
+        }
+    }
+    if let Some(c) = conns.get_mut(&id) {
+        c.peer = Some(peer);
+    }
+    drop(conns);
+    for old in replaced {
+        tracing::warn!(node = peer, %from, replaced = %old, "a second link claimed this node: the older one was closed");
+    }
+}
+
+/// Closes every inbound link of node `peer`; returns how many were open.
+fn cut_links(conns: &InboundConns, peer: u64) -> usize {
+    let mut n = 0;
+    for c in conns.lock().values_mut().filter(|c| c.peer == Some(peer) && !c.cut) {
+        c.cut = true;
+        let _ = c.stream.shutdown(Shutdown::Both);
+        n += 1;
+    }
+    n
 }
 
 /// Whether no process listens on `addr`: a connect is refused (the kernel answers a SYN to a

@@ -755,10 +755,16 @@ impl Ledger for StoreLedger {
             }
         }
     }
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), LedgerError> {
+    fn check_snapshot(&self, index: u64, data: &[u8]) -> Result<(), LedgerError> {
         let (_, snap) = decode_envelope(data)?;
         if snap.applied.index == 0 {
             return Err(LedgerError::Snapshot("snapshot at index 0".into()));
+        }
+        if snap.applied.index != index {
+            return Err(LedgerError::Snapshot(format!(
+                "snapshot data is at index {}, Raft says {index}",
+                snap.applied.index
+            )));
         }
         let meta = self.tables.meta.0;
         if snap.pairs.iter().any(|(k, _)| k.starts_with(&meta)) {

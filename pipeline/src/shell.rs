@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
 use tally_codec::ErrorCode;
-use tally_core::{Effect, Event, Persist, Plant, Replica, ReplicaConfig, RestoredLog, Status};
+use tally_core::{Effect, Event, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{
     check_entry, conf_change, single, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
 };
@@ -54,6 +54,41 @@ const IDLE_WAKE_MS: u64 = 10;
 /// Entry bytes the core keeps in memory behind the applied index for lagging followers (about
 /// 200 full batches); a follower further behind gets a snapshot. The WAL keeps more on disk.
 pub const LOG_RETAIN_BYTES: u64 = 256 << 20;
+
+/// A refused peer message is logged at most once per this long per peer and reason.
+pub const PEER_REFUSAL_LOG_MS: u64 = 5_000;
+/// Peer and reason pairs remembered for that; past this the memory starts over.
+const PEER_REFUSAL_KEYS_MAX: usize = 1024;
+
+/// Rate limit of the refusal log lines: when each (peer, reason) was last logged, and how many
+/// refusals were not logged since.
+#[derive(Default)]
+struct RefusalLog {
+    seen: HashMap<(u64, &'static str), (Instant, u64)>,
+}
+
+impl RefusalLog {
+    /// `Some(suppressed since the last line)` when this refusal is to be logged.
+    fn admit(&mut self, peer: u64, reason: &'static str, now: Instant) -> Option<u64> {
+        if self.seen.len() >= PEER_REFUSAL_KEYS_MAX && !self.seen.contains_key(&(peer, reason)) {
+            self.seen.clear();
+        }
+        match self.seen.get_mut(&(peer, reason)) {
+            Some((last, suppressed)) if now.duration_since(*last) < Duration::from_millis(PEER_REFUSAL_LOG_MS) => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                self.seen.insert((peer, reason), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 /// What the replica thread needs besides the pipeline's shared state.
 pub struct ShellConfig {
@@ -215,6 +250,7 @@ pub fn start(
         log_retain_entries: cfg.log_retain_entries,
         leader_commit_seen: 0,
         metrics: MetricsSeen::default(),
+        refusal_log: RefusalLog::default(),
         stopped: None,
         last_batch_at: None,
         warm_tx,
@@ -314,6 +350,7 @@ struct ReplicaThread {
     log_retain_entries: u64,
     leader_commit_seen: u64,
     metrics: MetricsSeen,
+    refusal_log: RefusalLog,
     stopped: Option<String>,
     last_batch_at: Option<Instant>,
     /// Reads of keys no cache holds, done by the warmer thread (never on this one).
@@ -426,8 +463,8 @@ impl ReplicaThread {
             for e in m.get_entries() {
                 if let Err(why) = check_entry(e, &batches_checked_by_core) {
                     // Defence in depth behind mutual TLS: a peer that sends what can never be
-                    // applied is ignored, and nothing of it reaches the log.
-                    tracing::error!(node = self.id, from = m.from, index = e.index, %why, "raft message refused before persisting");
+                    // applied is refused as the core refuses what it judges.
+                    self.refuse_peer(m.from, &Refusal::Entry { index: e.index, why });
                     return;
                 }
             }
@@ -604,8 +641,9 @@ impl ReplicaThread {
                     }
                 }
                 Effect::ReadReply { .. } => {}
-                Effect::PeerRefused { from, why } => {
-                    tracing::error!(node = self.id, from, %why, "raft message refused before persisting");
+                Effect::PeerRefused { from, refusal } => self.refuse_peer(from, &refusal),
+                Effect::ConfChangeSkipped { index, why } => {
+                    tracing::error!(node = self.id, index, %why, "a committed configuration change does not apply; skipped");
                 }
                 Effect::Proposed { requests, bytes, .. } => {
                     metrics::histogram!("tally_batch_requests").record(requests as f64);
@@ -626,6 +664,21 @@ impl ReplicaThread {
                     }
                 }
             }
+        }
+    }
+
+    /// A peer's message was refused: counted by peer and reason, logged at most once per
+    /// [`PEER_REFUSAL_LOG_MS`] per peer and reason (with how many were not), and the peer's
+    /// links into this replica are cut.
+    fn refuse_peer(&mut self, from: u64, refusal: &Refusal) {
+        let reason = refusal.reason();
+        metrics::counter!("tally_peer_messages_refused_total", "peer" => from.to_string(), "reason" => reason)
+            .increment(1);
+        if let Some(suppressed) = self.refusal_log.admit(from, reason, Instant::now()) {
+            tracing::error!(node = self.id, from, reason, %refusal, suppressed, "raft message from a peer refused");
+        }
+        if refusal.cuts_link() {
+            self.transport.cut_inbound(from);
         }
     }
 

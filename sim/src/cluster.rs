@@ -708,7 +708,22 @@ impl Sim {
                     self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
                 }
                 // The simulator changes voters with `Event::ChangeVoters`, which has no answer.
-                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } | Effect::PeerRefused { .. } => {}
+                Effect::PeerRefused { from, refusal } => {
+                    // Every replica here is honest: the gate must let all of their messages by.
+                    if refusal.cuts_link() {
+                        self.bad_input_violations.push(format!(
+                            "at {} ms node {} refused an honest message from node {from}: {refusal}",
+                            self.now,
+                            i + 1
+                        ));
+                    }
+                }
+                Effect::ConfChangeSkipped { index, why } => self.bad_input_violations.push(format!(
+                    "at {} ms node {} skipped committed conf change {index}: {why}",
+                    self.now,
+                    i + 1
+                )),
+                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } => {}
             }
         }
     }

@@ -1,0 +1,150 @@
+//! A member's key in the wrong hands, against a real 3-replica TLS cluster from `cluster init`:
+//! forged Raft messages sent with node 3's certificate and key (the cluster directory holds
+//! them), a second link claiming node 3 while the real one is connected, and the revocation of
+//! node 3's certificate.
+
+mod common;
+
+use common::*;
+use protobuf::Message as _;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tally_client::cluster::ClusterLayout;
+use tally_failover::frame::{read_frame, write_frame};
+use tally_failover::handshake::{Hello, Verdict, HANDSHAKE_BYTES_MAX};
+use tally_failover::snapshot_stream::KIND_MESSAGE;
+use tally_net::Stream;
+
+/// Node `claim`'s certificate and key as `cluster init` wrote them.
+fn node_files(dir: &Path, claim: u64) -> tally_net::TlsFiles {
+    tally_net::TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("node-{claim}.pem")),
+        key: dir.join(format!("node-{claim}.key")),
+    }
+}
+
+/// A peer link into node `target` (index into the layout), authenticated with `files` and
+/// claiming node `claim`: mutual TLS, then the hello (the target's own settings fingerprint,
+/// read from its hello, as any member knows it), then the resume frame.
+struct ForgedLink {
+    stream: Stream,
+    claim: u64,
+    target: u64,
+}
+
+impl ForgedLink {
+    fn open(layout: &ClusterLayout, files: &tally_net::TlsFiles, claim: u64, target: usize) -> Result<Self, String> {
+        let cfg = &layout.configs[target];
+        let client = tally_net::tls::client_config(&files.ca, Some(files)).map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(&cfg.peer_listen).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let name = tally_net::tls::node_server_name(cfg.node_id);
+        let mut stream = Stream::connect(tcp, client, &name, deadline).map_err(|e| format!("TLS: {e}"))?;
+        let theirs = read_frame(&mut stream, HANDSHAKE_BYTES_MAX).map_err(|e| format!("hello: {e}"))?;
+        let theirs: Hello = tally_codec::decode(&theirs, HANDSHAKE_BYTES_MAX).map_err(|e| e.to_string())?;
+        let ours = Hello { node_id: claim, ..theirs };
+        write_frame(&mut stream, &tally_codec::encode(&ours)).map_err(|e| e.to_string())?;
+        write_frame(&mut stream, &tally_codec::encode(&Verdict::Accept)).map_err(|e| e.to_string())?;
+        stream.flush().map_err(|e| e.to_string())?;
+        let verdict = read_frame(&mut stream, HANDSHAKE_BYTES_MAX).map_err(|e| format!("verdict: {e}"))?;
+        match tally_codec::decode::<Verdict>(&verdict, HANDSHAKE_BYTES_MAX) {
+            Ok(Verdict::Accept) => {}
+            other => return Err(format!("refused: {other:?}")),
+        }
+        read_frame(&mut stream, 256).map_err(|e| format!("resume frame: {e}"))?;
+        Ok(ForgedLink { stream, claim, target: cfg.node_id })
+    }
+
+    fn send(&mut self, m: &raft::eraftpb::Message) -> std::io::Result<()> {
+        let mut frame = vec![KIND_MESSAGE];
+        m.write_to_vec(&mut frame).map_err(std::io::Error::other)?;
+        write_frame(&mut self.stream, &frame)?;
+        self.stream.flush()
+    }
+
+    /// A heartbeat "from" the claimed node at `term` with `commit`.
+    fn heartbeat(&self, term: u64, commit: u64) -> raft::eraftpb::Message {
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (self.claim, self.target, term, commit);
+        m
+    }
+
+    /// Whether the replica closed this link within `timeout` (it sends nothing on a link it
+    /// accepted, so any read ends only when it closes).
+    fn closed_within(&mut self, timeout: Duration) -> bool {
+        let _ = self.stream.tcp().set_read_timeout(Some(timeout));
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut self.stream, &mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
+}
+
+/// `GET /metrics` of node `i`.
+fn metrics_of(layout: &ClusterLayout, i: usize) -> String {
+    let addr = layout.configs[i].metrics_listen.as_deref().expect("metrics port");
+    http_get(addr, "/metrics").map(|(_, body)| body).unwrap_or_default()
+}
+
+fn refused_count(layout: &ClusterLayout, i: usize, peer: u64, reason: &str) -> f64 {
+    let series = format!("tally_peer_messages_refused_total{{peer=\"{peer}\",reason=\"{reason}\"}}");
+    metric_value(&metrics_of(layout, i), &series).unwrap_or(0.0)
+}
+
+fn assert_all_alive(nodes: &mut [Daemon]) {
+    for (i, d) in nodes.iter_mut().enumerate() {
+        if let Some(status) = d.exited() {
+            let log = d.log_text();
+            let why: Vec<&str> = log.lines().filter(|l| l.contains("panicked") || l.contains("out of range")).collect();
+            panic!("node {} ended ({status}): {}", i + 1, why.join(" | "));
+        }
+    }
+}
+
+/// Issue 19, attack 2: with node 3's certificate and key, one heartbeat at term+1000 with commit
+/// 10^9 to the leader and to the other follower. Both aborted (`commit_to` out of range in
+/// raft-rs). Now both refuse it, count it, cut the link, and the cluster keeps committing.
+#[test]
+fn a_forged_heartbeat_with_a_members_key_ends_no_replica() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let mut nodes = start_all(&layout);
+    let addrs = layout.client_addrs();
+    let (_, leader) = wait_leader(&nodes, Duration::from_secs(10));
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 4, 1);
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 8), "the cluster commits before the attack");
+    let files = node_files(&layout.dir, 3);
+    let targets: Vec<usize> = (0..3).filter(|i| layout.configs[*i].node_id != 3).collect();
+    // The real node 3 is connected too: its reconnection may replace a forged link before the
+    // replica read the heartbeat (one link per node), so the attack is repeated until counted.
+    for &t in &targets {
+        let mut counted = false;
+        for _ in 0..5 {
+            let mut link = ForgedLink::open(&layout, &files, 3, t).expect("node 3's key opens a link");
+            link.send(&link.heartbeat(leader.term + 1000, 1_000_000_000)).expect("send");
+            assert!(link.closed_within(Duration::from_secs(5)), "node {} did not cut the forged link", t + 1);
+            assert_all_alive(&mut nodes);
+            if wait_until(Duration::from_secs(1), || refused_count(&layout, t, 3, "commit") >= 1.0) {
+                counted = true;
+                break;
+            }
+        }
+        assert!(counted, "node {} did not count the refusal", t + 1);
+        assert!(nodes[t].log_text().contains("raft message from a peer refused"), "node {} did not log it", t + 1);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_all_alive(&mut nodes);
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 8), "the cluster stopped committing");
+    let terms: Vec<u64> = addrs.iter().filter_map(|a| status_of(a)).map(|s| s.term).collect();
+    assert!(terms.iter().all(|t| *t < leader.term + 1000), "the forged term was adopted: {terms:?}");
+    assert_all_alive(&mut nodes);
+    let acked = writer.finish();
+    assert_invariants(&addrs, &layout, &acked);
+}
