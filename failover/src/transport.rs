@@ -21,6 +21,11 @@
 //! its hello claims. Nothing is sent before TLS is up, so a stranger learns no fingerprint and
 //! gets no message to Raft. Handshakes must finish within [`HANDSHAKE_TIMEOUT_MS`]; when the
 //! handshake pool is full the oldest one is cut, so dripping bytes cannot hold the port.
+//!
+//! **One link per node.** A node has at most one inbound link: a newly authenticated link
+//! claiming node N closes the older one, with a log line (see `claim_node` for why the newest
+//! wins). The replica thread cuts a node's links when the peer gate refused one of its messages
+//! ([`Transport::cut_inbound`]).
 
 use crate::frame::{read_frame, write_frame};
 use crate::handshake::{handshake, HandshakeError, Hello};
@@ -1101,6 +1106,43 @@ mod tests {
         reports.sort_unstable();
         assert_eq!(reports, [(2, false), (2, true), (2, true)]);
         a.stop();
+        b.stop();
+    }
+
+    /// Dials `addr` as node `claim` (plaintext) and reads the resume frame.
+    fn dial_as(addr: &str, claim: u64) -> TcpStream {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        handshake(&mut s, &Hello::new("c", claim, [1; 32]), Some(2)).expect("handshake");
+        read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
+        s
+    }
+
+    fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(std::io::Read::read(s, &mut buf), Ok(0) | Err(_))
+    }
+
+    /// One link per node id: a second link claiming node 1 replaces the first, which is closed;
+    /// messages flow on the newest.
+    #[test]
+    fn a_second_link_for_a_node_replaces_the_first() {
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        let mut first = dial_as(&b_addr, 1);
+        let mut second = dial_as(&b_addr, 1);
+        assert!(closed(&mut first), "the older link is closed");
+        write_frame(&mut second, &[&[KIND_MESSAGE][..], &msg(1, 2, 7).write_to_bytes().expect("encode")].concat())
+            .expect("write");
+        second.flush().expect("flush");
+        assert_eq!(b_rx.recv_timeout(Duration::from_secs(5)).expect("b got").term, 7);
+        // Another node's link is left alone; cutting node 1 closes only its own.
+        let mut other = dial_as(&b_addr, 3);
+        b.cut_inbound(1);
+        assert!(closed(&mut second), "node 1's link is cut");
+        other.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let mut buf = [0u8; 1];
+        let still_open = matches!(std::io::Read::read(&mut other, &mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+        assert!(still_open, "node 3's link stays");
         b.stop();
     }
 

@@ -148,3 +148,36 @@ fn a_forged_heartbeat_with_a_members_key_ends_no_replica() {
     let acked = writer.finish();
     assert_invariants(&addrs, &layout, &acked);
 }
+
+/// Issue 19, attack 2: a second link claiming node 3 while the real node 3 is connected was
+/// accepted beside it. Now the newest link of a node replaces the older one, with a log line;
+/// the real node's next write finds its link closed, it dials again, and its new link replaces
+/// the impostor's.
+#[test]
+fn a_second_link_claiming_a_connected_node_replaces_the_first() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let mut nodes = start_all(&layout);
+    let addrs = layout.client_addrs();
+    let (li, leader) = wait_leader(&nodes, Duration::from_secs(10));
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 4, 1);
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 8), "the cluster commits");
+    // A replica node 3 writes to all the time: the leader, or a follower when node 3 leads.
+    let target = if leader.node_id == 3 { (li + 1) % 3 } else { li };
+    let mut fake = ForgedLink::open(&layout, &node_files(&layout.dir, 3), 3, target).expect("link");
+    let log_line = "a second link claimed this node";
+    assert!(
+        wait_until(Duration::from_secs(5), || nodes[target].log_text().contains(log_line)),
+        "node {} did not notice the second link claiming node 3",
+        target + 1
+    );
+    assert!(fake.closed_within(Duration::from_secs(10)), "the real node 3 did not get its link back");
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 8), "the cluster stopped committing");
+    let height = |i: usize| status_of(&layout.configs[i].listen).map_or(0, |s| s.applied_height);
+    let three = (0..3).find(|i| layout.configs[*i].node_id == 3).expect("node 3");
+    let top = height(target);
+    assert!(wait_until(Duration::from_secs(10), || height(three) >= top), "node 3 fell behind");
+    assert_all_alive(&mut nodes);
+    let acked = writer.finish();
+    assert_invariants(&addrs, &layout, &acked);
+}
