@@ -455,6 +455,21 @@ impl Client {
         self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, AdminOp::ClusterRemove { node_id })?))
     }
 
+    /// Removes node `node_id` (if it is a member) and revokes its certificate on every
+    /// replica.
+    ///
+    /// # Errors
+    /// As [`Client::cluster_add`].
+    pub fn cluster_revoke(
+        &self,
+        admin: &SigningKey,
+        node_id: u64,
+        cert_fingerprint: [u8; 32],
+    ) -> Result<(), ClientError> {
+        let op = AdminOp::RevokeNode { node_id, cert_fingerprint };
+        self.expect_done(&ClientMessage::Admin(self.sign_admin(admin, op)?))
+    }
+
     /// An admin command for this cluster, valid for a minute.
     ///
     /// # Errors

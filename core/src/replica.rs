@@ -158,12 +158,14 @@ pub enum Effect {
         header: tally_codec::BatchHeader,
         signature: Signature,
     },
-    /// A configuration change was applied at log `index`: the configuration now, and the
-    /// context it was proposed with.
+    /// A configuration change was applied at log `index`: the configuration now, the context
+    /// it was proposed with, and the change when it changed one node (which says what the
+    /// context is: an added node's address, a removed node's revoked certificate).
     Reconfigured {
         index: u64,
         conf_state: ConfState,
         context: Vec<u8>,
+        single: Option<(u64, raft::eraftpb::ConfChangeType)>,
     },
     /// A peer's message was refused before raft-rs saw it ([`crate::peer_gate`]): the shell
     /// counts it by peer and reason, logs it (rate-limited) and cuts the sender's link when
@@ -1113,13 +1115,17 @@ impl<L: Ledger> Replica<L> {
                     let cc = raft::eraftpb::ConfChange::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
                     let applied = self.raw.apply_conf_change(&cc);
-                    self.on_conf_committed(&e, applied)
+                    self.on_conf_committed(&e, applied, Some((cc.node_id, cc.get_change_type())))
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
                     let applied = self.raw.apply_conf_change(&cc);
-                    self.on_conf_committed(&e, applied)
+                    let single = match cc.get_changes() {
+                        [c] => Some((c.node_id, c.get_change_type())),
+                        _ => None,
+                    };
+                    self.on_conf_committed(&e, applied, single)
                 }
             };
             if let Err(err) = r {
@@ -1135,28 +1141,26 @@ impl<L: Ledger> Replica<L> {
         &mut self,
         e: &Entry,
         applied: Result<ConfState, raft::Error>,
+        single: Option<(u64, raft::eraftpb::ConfChangeType)>,
     ) -> Result<(), crate::ledger::LedgerError> {
         match applied {
-            Ok(cs) => self.on_conf_applied(e.index, e.term, cs, e.context.to_vec()),
+            Ok(cs) => {
+                self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
+                step_down_if_removed(&mut self.raw);
+                let bytes = cs.write_to_bytes().expect("a conf state encodes");
+                self.out.push(Effect::Reconfigured {
+                    index: e.index,
+                    conf_state: cs,
+                    context: e.context.to_vec(),
+                    single,
+                });
+                self.ledger.apply_conf(e.index, e.term, bytes)
+            }
             Err(why) => {
                 self.out.push(Effect::ConfChangeSkipped { index: e.index, why: why.to_string() });
                 self.ledger.apply_noop(e.index, e.term)
             }
         }
-    }
-
-    fn on_conf_applied(
-        &mut self,
-        index: u64,
-        term: u64,
-        cs: ConfState,
-        context: Vec<u8>,
-    ) -> Result<(), crate::ledger::LedgerError> {
-        self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
-        step_down_if_removed(&mut self.raw);
-        self.out.push(Effect::Reconfigured { index, conf_state: cs.clone(), context });
-        let bytes = cs.write_to_bytes().expect("a conf state encodes");
-        self.ledger.apply_conf(index, term, bytes)
     }
 
     /// The voters of the configuration raft-rs is in now.

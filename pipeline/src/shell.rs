@@ -36,10 +36,12 @@ use tally_codec::wire::SubmitReply;
 use tally_codec::ErrorCode;
 use tally_core::{Effect, Event, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{
-    check_entry, conf_change, single, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
+    check_conf_context, check_entry, conf_change, single, ConfContext, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS,
+    INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
 };
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
+use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts, REVOKED_MAX};
 use tally_failover::storage::{conf_ids, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
 use tally_failover::{Member, MembershipError, Replicator, Role};
@@ -141,6 +143,7 @@ pub struct CoreReplicator {
     stop: Arc<AtomicBool>,
     probe: Option<(Hello, PeerSecurity)>,
     admin_lock: Mutex<()>,
+    revoked: RevokedCerts,
 }
 
 /// Starts the replica thread on `shared`'s store and submission queue.
@@ -164,7 +167,8 @@ pub fn start(
             }
         }
     };
-    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?;
+    let revoked = RevokedCerts::new(log.revoked());
+    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?.with_revoked(revoked.clone());
     // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
     // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
     if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
@@ -184,16 +188,17 @@ pub fn start(
         if let Some(bytes) = tally_core::Ledger::conf_state(&ledger) {
             meta.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|e| format!("stored configuration: {e}"))?);
         }
-        log.apply_snapshot(&meta, &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
+        log.apply_snapshot(&meta, &[], &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
     }
     let restored = restore(&log)?;
     let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
     let (transport, probe): (Box<dyn Transport>, _) = match cfg.peers {
         Some(p) => {
-            let t = TcpTransport::start(p.listener, p.hello.clone(), p.security.clone(), net_tx)
+            let security = p.security.with_revoked(revoked.clone());
+            let t = TcpTransport::start(p.listener, p.hello.clone(), security.clone(), net_tx)
                 .map_err(|e| format!("peer port: {e}"))?
                 .with_snapshots(ledger.snapshot_source());
-            (Box::new(t), Some((p.hello, p.security)))
+            (Box::new(t), Some((p.hello, security)))
         }
         None => (Box::new(NoPeers), None),
     };
@@ -242,6 +247,7 @@ pub fn start(
         env: env.clone(),
         published: published.clone(),
         members,
+        revoked: revoked.clone(),
         waiters: HashMap::new(),
         next_tag: 0,
         admin_replies: HashMap::new(),
@@ -284,6 +290,7 @@ pub fn start(
         stop,
         probe,
         admin_lock: Mutex::new(()),
+        revoked,
     }))
 }
 
@@ -342,6 +349,8 @@ struct ReplicaThread {
     env: Arc<Mutex<Box<dyn Env>>>,
     published: Arc<Mutex<Published>>,
     members: Members,
+    /// Revoked node certificates (shared with the transport and the ledger's exports).
+    revoked: RevokedCerts,
     waiters: HashMap<u64, Pending>,
     next_tag: u64,
     admin_replies: HashMap<u64, Sender<Result<(), String>>>,
@@ -657,7 +666,9 @@ impl ReplicaThread {
                     metrics::counter!("tally_committed_batches_total").increment(1);
                     metrics::counter!("tally_committed_requests_total").increment(u64::from(header.leaf_count));
                 }
-                Effect::Reconfigured { index, conf_state, context } => self.reconfigured(index, conf_state, &context),
+                Effect::Reconfigured { index, conf_state, context, single } => {
+                    self.reconfigured(index, conf_state, &context, single);
+                }
                 Effect::ConfChangeProposed { ticket, result } => {
                     if let Some(reply) = self.admin_replies.remove(&ticket) {
                         let _ = reply.try_send(result);
@@ -694,7 +705,9 @@ impl ReplicaThread {
     fn persist(&mut self, p: Persist) -> Result<(), String> {
         if let Some(snap) = &p.snapshot {
             let members = self.replica.ledger().take_installed_members().unwrap_or_default();
-            self.log.apply_snapshot(snap.get_metadata(), &members).map_err(|e| format!("snapshot marker: {e}"))?;
+            let revoked = self.replica.ledger().take_installed_revoked();
+            self.log.apply_snapshot(snap.get_metadata(), &members, &[]).map_err(|e| format!("snapshot marker: {e}"))?;
+            self.revoke(&revoked).map_err(|e| format!("revoked certificates: {e}"))?;
             *self.members.lock() = self.log.members().clone();
             self.update_transport_peers();
         }
@@ -715,17 +728,24 @@ impl ReplicaThread {
         Ok(())
     }
 
-    fn reconfigured(&mut self, index: u64, cs: ConfState, context: &[u8]) {
-        if !context.is_empty() {
-            match tally_codec::decode::<MemberAddr>(context, 64 * 1024) {
-                Ok(addr) => {
-                    if let Err(e) = self.log.upsert_member(addr) {
-                        self.fail_log(format!("members: {e}"));
-                        return;
-                    }
-                }
-                Err(e) => tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode"),
+    fn reconfigured(&mut self, index: u64, cs: ConfState, context: &[u8], single: Option<(u64, ConfChangeType)>) {
+        let decoded = match single {
+            Some((node, ty)) => check_conf_context(node, ty, context),
+            None if context.is_empty() => Ok(ConfContext::None),
+            None => Err("a context on a change of several nodes".into()),
+        };
+        let written = match decoded {
+            Ok(ConfContext::None) => Ok(()),
+            Ok(ConfContext::Member(addr)) => self.log.upsert_member(addr).map_err(|e| format!("members: {e}")),
+            Ok(ConfContext::Revocation(r)) => self.revoke(&[r]).map_err(|e| format!("revoked certificates: {e}")),
+            Err(e) => {
+                tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode");
+                Ok(())
             }
+        };
+        if let Err(e) = written {
+            self.fail_log(e);
+            return;
         }
         tracing::info!(node = self.id, index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "configuration changed");
         let ids = conf_ids(&cs);
@@ -735,6 +755,20 @@ impl ReplicaThread {
         }
         *self.members.lock() = self.log.members().clone();
         self.update_transport_peers();
+    }
+
+    /// Refuses the certificates of `list` from now on: durably in the log's meta blob, then in
+    /// the transport, whose links presenting one are cut.
+    fn revoke(&mut self, list: &[Revocation]) -> Result<(), raft::Error> {
+        let new = self.log.add_revocations(list)?;
+        self.revoked.extend(list);
+        for r in &new {
+            tracing::warn!(node = self.id, revoked_node = r.node_id, certificate = %fingerprint_hex(&r.cert_fingerprint), "node certificate revoked: refused on every peer link from now on");
+        }
+        if !new.is_empty() {
+            self.transport.cut_revoked();
+        }
+        Ok(())
     }
 
     fn fail_log(&mut self, why: String) {
@@ -1077,6 +1111,24 @@ impl Replicator for CoreReplicator {
         self.wait_for("the promotion to commit", |s| s.conf_state.voters.contains(&id) && !is_joint(&s.conf_state))
     }
 
+    /// Removes `node_id` (when it is a member) and revokes its certificate.
+    fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
+        let _one_at_a_time = self.admin_lock.lock();
+        self.require_leader()?;
+        if node_id == 0 {
+            return Err(MembershipError::ReservedId);
+        }
+        let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
+        if self.revoked.node_of(&cert_fingerprint).is_some() && !member {
+            // A retried revocation (its first answer lost) succeeds.
+            return Ok(());
+        }
+        if self.revoked.len() >= REVOKED_MAX {
+            return Err(MembershipError::Refused(format!("{REVOKED_MAX} certificates are revoked already")));
+        }
+        self.propose_revocation(node_id, cert_fingerprint)
+    }
+
     /// Removes `node_id` through a joint configuration (left automatically).
     fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
@@ -1088,6 +1140,32 @@ impl Replicator for CoreReplicator {
         }
         let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
         self.propose_conf_change(cc, Vec::new())?;
+        self.wait_for("the removal to commit", |s| {
+            !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
+        })
+    }
+}
+
+impl CoreReplicator {
+    /// The revocation of `cert_fingerprint` (node `node_id`'s certificate), proposed with the
+    /// node's removal: through a joint configuration when it is a member, as a change of nothing
+    /// otherwise (a removed node's certificate can leak too). Returns once it applied here.
+    fn propose_revocation(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
+        let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
+        let transition = if member { ConfChangeTransition::Implicit } else { ConfChangeTransition::Auto };
+        let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], transition);
+        let context = tally_codec::encode(&Revocation { node_id, cert_fingerprint });
+        self.propose_conf_change(cc, context)?;
+        let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
+        while self.revoked.node_of(&cert_fingerprint).is_none() {
+            if let Some(r) = &self.published.lock().stopped {
+                return Err(MembershipError::Stopped(r.clone()));
+            }
+            if self.now_ms() > deadline {
+                return Err(MembershipError::Timeout("the revocation to commit".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.wait_for("the removal to commit", |s| {
             !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
         })

@@ -181,3 +181,87 @@ fn a_second_link_claiming_a_connected_node_replaces_the_first() {
     let acked = writer.finish();
     assert_invariants(&addrs, &layout, &acked);
 }
+
+fn tally_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    tally_command().arg("--cluster-dir").arg(dir).args(args).output().expect("run tally")
+}
+
+fn ok_or_panic(what: &str, o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Issue 19, attack 2: an operator had no way to shut a leaked node key out short of rebuilding
+/// the cluster. `cluster revoke-node 3` removes node 3 and revokes its certificate through the
+/// log: every replica refuses it (a restarted one too, and a new node 3 that learned it from a
+/// snapshot), and `cluster add` brings node 3 back with a new certificate.
+#[test]
+fn a_revoked_node_certificate_is_refused_everywhere_and_the_node_returns_with_a_new_one() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let dir = layout.dir.clone();
+    let mut nodes = start_all(&layout);
+    let (_, _) = wait_leader(&nodes, Duration::from_secs(10));
+    // The stolen copy of node 3's certificate and key.
+    let stolen =
+        tally_net::TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("stolen-3.pem"), key: dir.join("stolen-3.key") };
+    std::fs::copy(dir.join("node-3.pem"), &stolen.cert).expect("copy");
+    std::fs::copy(dir.join("node-3.key"), &stolen.key).expect("copy");
+    let three = (0..3).find(|i| layout.configs[*i].node_id == 3).expect("node 3");
+    let others: Vec<usize> = (0..3).filter(|i| *i != three).collect();
+    let addrs: Vec<String> = others.iter().map(|i| layout.configs[*i].listen.clone()).collect();
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 4, 1);
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 8), "the cluster commits");
+    assert!(ForgedLink::open(&layout, &stolen, 3, others[0]).is_ok(), "before the revocation the key opens a link");
+
+    ok_or_panic("cluster revoke-node 3", &tally_in(&dir, &["cluster", "revoke-node", "3"]));
+    assert!(!dir.join("node-3.pem").exists(), "node 3's files were moved aside");
+    for &i in &others {
+        assert!(ForgedLink::open(&layout, &stolen, 3, i).is_err(), "node {} still accepts the revoked key", i + 1);
+        let refused = || nodes[i].log_text().contains("its certificate was revoked");
+        assert!(wait_until(Duration::from_secs(5), refused), "node {} did not log the refusal", i + 1);
+    }
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 8), "the cluster stopped committing");
+    // Durable: a replica restarted after the revocation still refuses the key.
+    let restarted = others[1];
+    nodes[restarted].kill9();
+    let c = &layout.configs[restarted];
+    nodes[restarted] = Daemon::spawn(&layout.config_paths[restarted], &c.listen, &dir.join("node-r.log"));
+    nodes[restarted].wait_ready(Duration::from_secs(30));
+    assert!(ForgedLink::open(&layout, &stolen, 3, restarted).is_err(), "the restarted replica forgot the revocation");
+
+    // Node 3 comes back on a wiped disk with a new certificate.
+    nodes[three].kill9();
+    let old = &layout.configs[three];
+    let (c3, p3) = (old.listen.clone(), old.peer_listen.clone());
+    std::fs::remove_dir_all(&old.data_dir).expect("wipe node 3");
+    let add = |extra: &[&str]| {
+        let mut args = vec!["cluster", "add", "--node-id", "3", "--client", c3.as_str(), "--peer", p3.as_str()];
+        args.extend_from_slice(extra);
+        tally_in(&dir, &args)
+    };
+    ok_or_panic("cluster add --files-only", &add(&["--files-only"]));
+    assert_ne!(
+        std::fs::read(dir.join("node-3.pem")).expect("new cert"),
+        std::fs::read(&stolen.cert).expect("old cert"),
+        "a new certificate"
+    );
+    nodes[three] = Daemon::spawn(&dir.join("node-3.toml"), &c3, &dir.join("node-3-new.log"));
+    assert!(wait_until(Duration::from_secs(20), || status_of(&c3).is_some()), "the new node 3 does not answer");
+    ok_or_panic("cluster add", &add(&[]));
+    let height = |a: &str| status_of(a).map_or(0, |s| s.applied_height);
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 8), "the cluster stopped committing");
+    let top = height(&addrs[0]);
+    assert!(wait_until(Duration::from_secs(20), || height(&c3) >= top), "node 3 did not catch up");
+    // The new node 3 learned the revocation with its snapshot.
+    assert!(ForgedLink::open(&layout, &stolen, 3, three).is_err(), "the new node 3 accepts the revoked key");
+    assert!(nodes[three].log_text().contains("its certificate was revoked"), "the new node 3 did not log it");
+    assert_all_alive(&mut nodes);
+    let acked = writer.finish();
+    assert_invariants(&layout.client_addrs(), &layout, &acked);
+}
