@@ -32,9 +32,41 @@ use tally_codec::BatchHeader;
 
 /// Terms above this are refused. raft-rs adds one to its term when it campaigns, and overflow
 /// checks are on: a peer that made a replica adopt a term near `u64::MAX` would end it at its
-/// next election. An honest cluster electing a leader every millisecond reaches 2^48 in 8,900
-/// years.
-pub const TERM_MAX: u64 = 1 << 48;
+/// next election.
+pub const TERM_MAX: u64 = 1 << 62;
+/// How far a replica's term may be moved by peers at once, and per millisecond after that
+/// (a token bucket, [`TermBudget`]). A bound on each jump would let a liar part the replicas
+/// for good (push one further than the bound from the others, and no message crosses the gap
+/// again); a bound on the rate cannot: once the liar stops, replicas catch up with each other
+/// at the same rate. Pushing a replica to [`TERM_MAX`] takes a liar 2^52 ms (140,000 years);
+/// an honest replica lagging a million terms catches up within a second.
+pub const TERM_JUMP_BURST: u64 = 1 << 20;
+pub const TERM_JUMP_PER_MS: u64 = 1 << 10;
+
+/// The term increase peers may still cause now ([`TERM_JUMP_BURST`], [`TERM_JUMP_PER_MS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TermBudget {
+    available: u64,
+    at_ms: u64,
+}
+
+impl TermBudget {
+    pub fn new(now_ms: u64) -> Self {
+        TermBudget { available: TERM_JUMP_BURST, at_ms: now_ms }
+    }
+
+    /// The increase allowed at `now_ms`.
+    pub fn available(&self, now_ms: u64) -> u64 {
+        let refill = now_ms.saturating_sub(self.at_ms).saturating_mul(TERM_JUMP_PER_MS);
+        self.available.saturating_add(refill).min(TERM_JUMP_BURST)
+    }
+
+    /// Records an increase of `jump` caused by a peer at `now_ms`.
+    pub fn spend(&mut self, jump: u64, now_ms: u64) {
+        self.available = self.available(now_ms).saturating_sub(jump);
+        self.at_ms = self.at_ms.max(now_ms);
+    }
+}
 
 /// Why a peer message was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,11 +80,15 @@ pub enum Refusal {
     Address { from: u64, to: u64 },
     #[error("term {0} is 0 or above the bound {TERM_MAX}")]
     Term(u64),
+    /// A term further above this replica's than peers may move it now ([`TermBudget`]).
+    #[error("term {term} is {jump} above this replica's, more than the {available} peers may add now")]
+    TermJump { term: u64, jump: u64, available: u64 },
     /// A response from a node this replica's configuration does not hold (raft-rs ignores it).
     #[error("a response from node {0}, which is not in the configuration")]
     NotMember(u64),
-    /// Raft elects at most one leader per term.
-    #[error("a leader's message at term {term}, whose leader is node {leader}")]
+    /// Raft elects at most one leader per term: a heartbeat (a commit claim) from another node
+    /// at the term of the leader this replica follows.
+    #[error("a heartbeat at term {term}, whose leader is node {leader}")]
     SecondLeader { term: u64, leader: u64 },
     #[error("commit {commit} is beyond the log's last index {last_index}")]
     CommitBeyondLog { commit: u64, last_index: u64 },
@@ -83,7 +119,7 @@ impl Refusal {
         match self {
             Refusal::Kind(_) => "kind",
             Refusal::Address { .. } => "address",
-            Refusal::Term(_) => "term",
+            Refusal::Term(_) | Refusal::TermJump { .. } => "term",
             Refusal::NotMember(_) => "not_member",
             Refusal::SecondLeader { .. } => "second_leader",
             Refusal::CommitBeyondLog { .. } | Refusal::CommitFromNewLeader { .. } => "commit",
@@ -110,11 +146,14 @@ impl Refusal {
         "probe",
     ];
 
-    /// Whether the sender's link is cut. A response from a node that just left the
-    /// configuration is a normal race after a membership change (raft-rs ignores it too); every
-    /// other reason is something no honest replica sends.
+    /// Whether the sender's link is cut: for everything no honest replica sends. Not for a
+    /// response from a node that just left the configuration (a normal race after a membership
+    /// change; raft-rs ignores it too); nor for a second leader's heartbeat: when a liar claimed
+    /// the term first, the honest leader's heartbeats are the second ones, until its next append
+    /// (which raft-rs follows) or this replica's election timeout; nor for a term over the
+    /// budget, which a liar may have spent.
     pub fn cuts_link(&self) -> bool {
-        !matches!(self, Refusal::NotMember(_))
+        !matches!(self, Refusal::NotMember(_) | Refusal::SecondLeader { .. } | Refusal::TermJump { .. })
     }
 }
 
@@ -140,13 +179,14 @@ pub fn is_peer_kind(t: MessageType) -> bool {
     )
 }
 
-/// Judges `m` against `raw`'s state at monotonic time `now_ms`. Batches in entries and the
-/// snapshot's state are judged by the replica, which knows the chain and the ledger
-/// ([`check_entry_kind`] here judges conf changes).
+/// Judges `m` against `raw`'s state at monotonic time `now_ms`, with `terms` the term increase
+/// peers may still cause. Batches in entries and the snapshot's state are judged by the
+/// replica, which knows the chain and the ledger ([`check_entry_kind`] here judges conf
+/// changes).
 ///
 /// # Errors
 /// The first check that failed.
-pub fn check<S: Storage>(raw: &RawNode<S>, now_ms: u64, m: &Message) -> Result<(), Refusal> {
+pub fn check<S: Storage>(raw: &RawNode<S>, now_ms: u64, terms: &TermBudget, m: &Message) -> Result<(), Refusal> {
     let r = &raw.raft;
     let t = m.get_msg_type();
     if !is_peer_kind(t) {
@@ -160,10 +200,14 @@ pub fn check<S: Storage>(raw: &RawNode<S>, now_ms: u64, m: &Message) -> Result<(
     if m.term == 0 || m.term > TERM_MAX {
         return Err(Refusal::Term(m.term));
     }
+    let (jump, available) = (m.term.saturating_sub(r.term), terms.available(now_ms));
+    if jump > available {
+        return Err(Refusal::TermJump { term: m.term, jump, available });
+    }
     match t {
-        MessageType::MsgAppend => check_append(raw, m),
+        MessageType::MsgAppend => check_append(m),
         MessageType::MsgHeartbeat => check_heartbeat(raw, m),
-        MessageType::MsgSnapshot => check_snapshot(raw, m),
+        MessageType::MsgSnapshot => check_snapshot(m),
         MessageType::MsgAppendResponse => check_append_response(raw, m),
         MessageType::MsgHeartbeatResponse => check_heartbeat_response(raw, now_ms, m),
         MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => check_vote(m),
@@ -171,8 +215,9 @@ pub fn check<S: Storage>(raw: &RawNode<S>, now_ms: u64, m: &Message) -> Result<(
     }
 }
 
-/// A leader's message (append, heartbeat, snapshot) at this replica's term must come from the
-/// leader it knows for that term.
+/// A heartbeat at this replica's term must come from the leader it knows for that term: a
+/// commit claimed by anyone else is refused. Appends and snapshots pass (raft-rs follows their
+/// sender), so that an honest leader whose term a liar claimed first is followed again.
 fn check_leader_claim<S: Storage>(raw: &RawNode<S>, m: &Message) -> Result<(), Refusal> {
     let r = &raw.raft;
     if m.term == r.term && r.leader_id != INVALID_ID && r.leader_id != m.from {
@@ -182,8 +227,7 @@ fn check_leader_claim<S: Storage>(raw: &RawNode<S>, m: &Message) -> Result<(), R
 }
 
 /// `MsgAppend`: what `handle_append_entries` → `maybe_append` would do with it.
-fn check_append<S: Storage>(raw: &RawNode<S>, m: &Message) -> Result<(), Refusal> {
-    check_leader_claim(raw, m)?;
+fn check_append(m: &Message) -> Result<(), Refusal> {
     if m.log_term > m.term {
         return Err(index(format!("previous entry's term {} is above the message's term {}", m.log_term, m.term)));
     }
@@ -297,8 +341,7 @@ fn check_heartbeat<S: Storage>(raw: &RawNode<S>, m: &Message) -> Result<(), Refu
 /// `MsgSnapshot`: `restore` commits to a snapshot matching the log (`commit_to`, unchecked when
 /// the term is 0), rebuilds the configuration (`fatal!` when it does not restore or restores to
 /// something else), and the replica installs the state.
-fn check_snapshot<S: Storage>(raw: &RawNode<S>, m: &Message) -> Result<(), Refusal> {
-    check_leader_claim(raw, m)?;
+fn check_snapshot(m: &Message) -> Result<(), Refusal> {
     let meta = m.get_snapshot().get_metadata();
     if meta.index == 0 || meta.term == 0 {
         return Err(Refusal::Snapshot(format!("metadata at index {} term {}", meta.index, meta.term)));

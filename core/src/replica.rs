@@ -292,6 +292,8 @@ pub struct Replica<L: Ledger> {
     /// The chain link (height, header hash, state digest) of every batch in the log above the
     /// applied index, by log index: what an appended batch must follow.
     batch_links: BTreeMap<u64, ChainHead>,
+    /// How far peers may still move the term ([`peer_gate::TermBudget`]).
+    term_budget: peer_gate::TermBudget,
     /// When this follower campaigns because its leader is down (see [`Event::PeerDown`]).
     campaign_at_ms: Option<u64>,
     /// Campaigns for a dead leader stop at this time (the election timeout takes over).
@@ -513,6 +515,7 @@ impl<L: Ledger> Replica<L> {
             campaign_at_ms: None,
             appended: BTreeMap::new(),
             batch_links,
+            term_budget: peer_gate::TermBudget::new(now_ms),
             leader_down_until_ms: 0,
             leader_down_campaigns: 0,
             vote_campaigns: 0,
@@ -936,7 +939,12 @@ impl<L: Ledger> Replica<L> {
                 self.appended.insert(index, (term, digest, batch));
             }
         }
+        let term = self.raw.raft.term;
         let _ = self.raw.step(m);
+        let jump = self.raw.raft.term.saturating_sub(term);
+        if jump > 0 {
+            self.term_budget.spend(jump, self.now_ms);
+        }
         self.count_campaigns();
     }
 
@@ -944,7 +952,9 @@ impl<L: Ledger> Replica<L> {
     /// decodes, belongs to this cluster and follows the chain it would join; a snapshot's state
     /// is one this ledger installs at the snapshot's index. Returns the batches checked.
     fn admit(&self, m: &Message) -> Result<Vec<AppendedBatch>, Refusal> {
-        peer_gate::check(&self.raw, self.now_ms, m)?;
+        if self.cfg.plant != Plant::NoPeerGate {
+            peer_gate::check(&self.raw, self.now_ms, &self.term_budget, m)?;
+        }
         match m.get_msg_type() {
             MessageType::MsgAppend => self.admit_batches(m),
             MessageType::MsgSnapshot => {
@@ -965,7 +975,7 @@ impl<L: Ledger> Replica<L> {
     /// entry, else the applied head. A batch that does not would stop this replica when it
     /// commits (`confirm`'s assertions).
     fn admit_batches(&self, m: &Message) -> Result<Vec<AppendedBatch>, Refusal> {
-        let appends = peer_gate::appends(&self.raw, m);
+        let appends = peer_gate::appends(&self.raw, m) && self.cfg.plant != Plant::NoPeerGate;
         let mut before: Option<ChainHead> = None;
         let mut checked = Vec::new();
         for e in m.get_entries() {
