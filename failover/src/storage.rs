@@ -6,7 +6,7 @@
 //! ```text
 //!  replica thread ──append/sync/set_hard_state/apply_snapshot/compact──▶ WalStorage ──▶ LogStore
 //!                                                                             └─ meta blobs:
-//!                                                             raft-conf (history), raft-members
+//!                                               raft-conf (history), raft-members, raft-revoked
 //! ```
 //!
 //! Log entry data on disk: `[]` is an empty normal entry (a leader's no-op); `0x00 ‖ data` is a

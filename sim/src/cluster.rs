@@ -1542,8 +1542,9 @@ impl Sim {
 
 /// What a forged message of `kind` that passed the gate did that only a lie can: commit
 /// entries (a heartbeat's or an append's commit, a snapshot matching the log, a forged
-/// acknowledgement to the leader), change a follower's log, install a snapshot, win an
-/// election with a forged vote, or extend a leader's lease with a forged probe ack.
+/// acknowledgement to the leader), change a follower's entries, install a snapshot, win an
+/// election with a forged vote, or extend a leader's lease with a forged probe ack. (The log's
+/// first index moves by compaction too: only a snapshot's counts.)
 fn moved_by_a_lie(
     kind: raft::eraftpb::MessageType,
     before: &tally_core::Status,
@@ -1553,15 +1554,16 @@ fn moved_by_a_lie(
     if after.commit_index > before.commit_index {
         return Some(format!("moved the commit index from {} to {}", before.commit_index, after.commit_index));
     }
+    let rewrote = || {
+        format!(
+            "rewrote the log ({}..={} to {}..={})",
+            before.first_index, before.last_index, after.first_index, after.last_index
+        )
+    };
     match kind {
-        T::MsgAppend | T::MsgSnapshot | T::MsgHeartbeat
-            if !after.is_leader
-                && (after.last_index != before.last_index || after.first_index != before.first_index) =>
-        {
-            Some(format!(
-                "rewrote the log ({}..={} to {}..={})",
-                before.first_index, before.last_index, after.first_index, after.last_index
-            ))
+        T::MsgAppend if !after.is_leader && after.last_index != before.last_index => Some(rewrote()),
+        T::MsgSnapshot if after.last_index != before.last_index || after.first_index > before.first_index => {
+            Some(rewrote())
         }
         T::MsgRequestVoteResponse | T::MsgRequestPreVoteResponse if after.is_leader && !before.is_leader => {
             Some("won an election".into())

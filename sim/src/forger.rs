@@ -201,8 +201,7 @@ fn conf_change(rng: &mut ChaCha20Rng, t: &Target) -> Entry {
         .unwrap_or(&ConfChangeType::AddNode);
     if rng.gen_ratio(1, 3) {
         e.set_entry_type(EntryType::EntryConfChange);
-        let mut cc = ConfChange::default();
-        cc.node_id = node(rng, t);
+        let mut cc = ConfChange { node_id: node(rng, t), ..ConfChange::default() };
         cc.set_change_type(ty);
         e.data = protobuf::Message::write_to_bytes(&cc).unwrap_or_default().into();
     } else {
@@ -210,8 +209,7 @@ fn conf_change(rng: &mut ChaCha20Rng, t: &Target) -> Entry {
         let mut cc = ConfChangeV2::default();
         let changes: Vec<ConfChangeSingle> = (0..rng.gen_range(0..3))
             .map(|_| {
-                let mut c = ConfChangeSingle::default();
-                c.node_id = node(rng, t);
+                let mut c = ConfChangeSingle { node_id: node(rng, t), ..ConfChangeSingle::default() };
                 c.set_change_type(ty);
                 c
             })
