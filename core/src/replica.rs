@@ -553,6 +553,20 @@ impl<L: Ledger> Replica<L> {
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
     }
+    /// The term of log entry `index`, if this replica's log holds it (the simulator compares
+    /// logs with it to tell what a lying peer moved).
+    pub fn log_term(&self, index: u64) -> Option<u64> {
+        let log = &self.raw.raft.raft_log;
+        if index == 0 || index + 1 < log.first_index() || index > log.last_index() {
+            return None;
+        }
+        log.term(index).ok()
+    }
+    /// Whether this replica is a candidate of a real election (not a pre-vote), and the node it
+    /// voted for in its term (0: none).
+    pub fn campaign(&self) -> (bool, u64) {
+        (self.raw.raft.state == StateRole::Candidate, self.raw.raft.vote)
+    }
     pub fn applied(&self) -> LedgerHead {
         self.ledger.head()
     }
@@ -970,26 +984,37 @@ impl<L: Ledger> Replica<L> {
         }
     }
 
-    /// Decodes and checks each batch of an append. When raft-rs will append it, each batch must
-    /// follow the previous one: in the message, else in this log up to the message's previous
-    /// entry, else the applied head. A batch that does not would stop this replica when it
-    /// commits (`confirm`'s assertions).
+    /// Decodes and checks each batch of an append. When raft-rs will append it, each batch it
+    /// appends must follow the batch before it in the log it joins. raft-rs keeps the entries
+    /// this log holds at the same index and term (it compares terms, not bytes) and appends from
+    /// the first that differs, so the chain runs through this log's entries up to there (a lying
+    /// member may have put others there than the leader's), then through the message's. A batch
+    /// that does not follow would stop this replica when it commits (`confirm`'s assertions).
     fn admit_batches(&self, m: &Message) -> Result<Vec<AppendedBatch>, Refusal> {
         let appends = peer_gate::appends(&self.raw, m) && self.cfg.plant != Plant::NoPeerGate;
+        let log = &self.raw.raft.raft_log;
+        // Whether raft-rs keeps this log's entry at the index reached, and the last index kept.
+        let (mut kept, mut kept_to) = (appends, m.index);
+        // The link of the last batch appended from the message.
         let mut before: Option<ChainHead> = None;
         let mut checked = Vec::new();
         for e in m.get_entries() {
+            kept = kept && log.match_term(e.index, e.term);
+            if kept {
+                kept_to = e.index;
+            }
             if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
                 continue;
             }
             let batch = crate::confirm::decode_checked(&e.data, &self.cfg.cluster_id)
                 .map_err(|why| Refusal::Entry { index: e.index, why: why.to_string() })?;
             let header = &batch.entry.header;
-            if appends {
-                let prev = before.unwrap_or_else(|| self.link_at_or_below(m.index));
+            if appends && !kept {
+                let prev = before.unwrap_or_else(|| self.link_at_or_below(kept_to));
                 peer_gate::chain_follows(&prev, header).map_err(|why| Refusal::Entry { index: e.index, why })?;
+                before =
+                    Some(ChainHead { height: header.height, hash: header.hash(), state_digest: header.state_digest });
             }
-            before = Some(ChainHead { height: header.height, hash: header.hash(), state_digest: header.state_digest });
             checked.push((e.index, e.term, *blake3::hash(&e.data).as_bytes(), batch));
         }
         Ok(checked)
