@@ -557,7 +557,7 @@ impl<L: Ledger> Replica<L> {
     /// logs with it to tell what a lying peer moved).
     pub fn log_term(&self, index: u64) -> Option<u64> {
         let log = &self.raw.raft.raft_log;
-        if index == 0 || index + 1 < log.first_index() || index > log.last_index() {
+        if index == 0 || index > log.last_index() || index < log.first_index() - 1 {
             return None;
         }
         log.term(index).ok()

@@ -93,6 +93,34 @@ pub struct ForgerStats {
     pub taint: Option<String>,
 }
 
+/// What the simulator notes of a replica around a forged message.
+struct Seen {
+    status: tally_core::Status,
+    /// A candidate of a real election.
+    candidate: bool,
+    /// This log's term at its commit index.
+    commit_term: Option<u64>,
+    /// This log's term at each index the message carries entries for.
+    entry_terms: Vec<Option<u64>>,
+    /// The match index this leader holds for the node the message claims to be from, and this
+    /// log's term there.
+    claimed_match: Option<(u64, Option<u64>)>,
+}
+
+impl Seen {
+    fn of(r: &Replica<MemLedger>, m: &Message) -> Seen {
+        let status = r.status();
+        let claimed_match = status.matched.iter().find(|(n, _)| *n == m.from).map(|(_, i)| (*i, r.log_term(*i)));
+        Seen {
+            candidate: r.campaign().0,
+            commit_term: r.log_term(status.commit_index),
+            entry_terms: m.get_entries().iter().map(|e| r.log_term(e.index)).collect(),
+            claimed_match,
+            status,
+        }
+    }
+}
+
 /// Counters of one run, for the report.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunStats {
@@ -676,6 +704,11 @@ impl Sim {
     fn deliver(&mut self, i: usize, ev: Event) {
         let Some(r) = self.nodes[i].replica.as_mut() else { return };
         let effects = r.handle(ev);
+        self.after_handling(i, effects);
+    }
+
+    /// Runs the effects of what replica `i` handled, and notes leadership changes.
+    fn after_handling(&mut self, i: usize, effects: Vec<Effect>) {
         self.run_effects(i, effects);
         // Leadership changes (failovers).
         let nd = &mut self.nodes[i];
@@ -1213,25 +1246,78 @@ impl Sim {
     }
 
     /// Hands a forged message to replica `i`, and records whether it passed the gate and moved
-    /// the replica where only a lie can.
+    /// the replica where only a lie can ([`Sim::lie_effect`]). The replica is looked at right
+    /// after its core handled the message, before the effects run: a crash while persisting
+    /// them would otherwise hide what the message did.
     fn deliver_forged(&mut self, i: usize, msg: Message) {
-        let kind = msg.get_msg_type();
-        let before = self.nodes[i].replica.as_ref().map(Replica::status).unwrap_or_default();
         let refused_before = self.forged_refused();
+        let Some(r) = self.nodes[i].replica.as_mut() else { return };
+        let before = Seen::of(r, &msg);
         self.forging = true;
-        self.deliver(i, Event::Peer(msg));
+        let effects = r.handle(Event::Peer(msg.clone()));
+        let after = Seen::of(r, &msg);
+        self.after_handling(i, effects);
         self.forging = false;
         if self.forged_refused() != refused_before {
             return;
         }
-        let after = self.nodes[i].replica.as_ref().map(Replica::status).unwrap_or_default();
-        let moved = moved_by_a_lie(kind, &before, &after);
+        let moved = self.lie_effect(i, &msg, &before, &after);
         let now = self.now;
         if let Some(f) = self.stats.forger.as_mut() {
             f.passed += 1;
             if let Some(what) = moved {
+                let kind = msg.get_msg_type();
                 f.taint.get_or_insert_with(|| format!("at {now} ms a forged {kind:?} {what} on node {}", i + 1));
             }
+        }
+    }
+
+    /// What a forged message that passed replica `i`'s gate moved that only a lie can, now or
+    /// later: its commit index beyond what any other replica committed (no taint before this
+    /// one, so theirs are true commits; Log Matching covers the entries below), what
+    /// [`moved_by_a_lie`] sees in the replica's status, entries replaced, and state raft-rs or
+    /// the lease keep for later (a match index for an entry the claimed node does not hold, a
+    /// vote it did not give, a lease acknowledgement).
+    fn lie_effect(&self, i: usize, msg: &Message, before: &Seen, after: &Seen) -> Option<String> {
+        use raft::eraftpb::MessageType as T;
+        let (from, to) = (before.status.commit_index, after.status.commit_index);
+        if to > from {
+            let known = self.nodes.iter().enumerate().any(|(j, n)| {
+                j != i
+                    && n.replica.as_ref().is_some_and(|o| o.commit_index() >= to && o.log_term(to) == after.commit_term)
+            });
+            if !known {
+                return Some(format!(
+                    "moved the commit index from {from} to {to}, past what any other replica committed"
+                ));
+            }
+        }
+        if let Some(what) = moved_by_a_lie(msg.get_msg_type(), &before.status, &after.status) {
+            return Some(what);
+        }
+        let replaced = msg.get_entries().iter().zip(before.entry_terms.iter().zip(&after.entry_terms));
+        if let Some((e, _)) = replaced.clone().find(|(_, (was, is))| was != is) {
+            return Some(format!("replaced entry {}", e.index));
+        }
+        let claimed = self.nodes.get((msg.from as usize).wrapping_sub(1)).and_then(|n| n.replica.as_ref());
+        let term = before.status.term;
+        match msg.get_msg_type() {
+            T::MsgAppendResponse if after.status.is_leader => {
+                let (now, leader_term) = after.claimed_match?;
+                let holds = claimed.and_then(|c| c.log_term(now)) == leader_term;
+                (now > before.claimed_match.map_or(0, |(m, _)| m) && !holds)
+                    .then(|| format!("set node {}'s match index to {now}, an entry it does not hold", msg.from))
+            }
+            T::MsgRequestVoteResponse if before.candidate && !msg.reject && msg.term == term => {
+                let gave = claimed.is_some_and(|c| c.term() == term && c.campaign().1 == i as u64 + 1);
+                (!gave).then(|| format!("counted a vote node {} did not give", msg.from))
+            }
+            T::MsgHeartbeatResponse if before.status.is_leader && msg.term == term => {
+                tally_core::lease::parse_probe_context(&msg.context)
+                    .filter(|(t, _)| *t == term)
+                    .map(|_| format!("recorded a lease acknowledgement node {} may not have sent", msg.from))
+            }
+            _ => None,
         }
     }
 
@@ -1540,20 +1626,17 @@ impl Sim {
     }
 }
 
-/// What a forged message of `kind` that passed the gate did that only a lie can: commit
-/// entries (a heartbeat's or an append's commit, a snapshot matching the log, a forged
-/// acknowledgement to the leader), change a follower's entries, install a snapshot, win an
-/// election with a forged vote, or extend a leader's lease with a forged probe ack. (The log's
-/// first index moves by compaction too: only a snapshot's counts.)
+/// What a forged message of `kind` that passed the gate did, seen in the replica's status,
+/// that only a lie can (commits are judged by [`Sim::lie_effect`]): change a follower's
+/// entries, install a snapshot, win an election with a forged vote, or extend a leader's lease
+/// with a forged probe ack. (The log's first index moves by compaction too: only a snapshot's
+/// counts.)
 fn moved_by_a_lie(
     kind: raft::eraftpb::MessageType,
     before: &tally_core::Status,
     after: &tally_core::Status,
 ) -> Option<String> {
     use raft::eraftpb::MessageType as T;
-    if after.commit_index > before.commit_index {
-        return Some(format!("moved the commit index from {} to {}", before.commit_index, after.commit_index));
-    }
     let rewrote = || {
         format!(
             "rewrote the log ({}..={} to {}..={})",

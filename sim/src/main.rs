@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     liveness_ms: u64,
     /// A bug planted in the core, to prove the checkers catch it: ack-before-commit,
-    /// sign-before-commit, skip-fsync, stale-lease-read.
+    /// sign-before-commit, skip-fsync, stale-lease-read, no-peer-gate.
     #[arg(long, default_value = "none")]
     plant: Plant,
     /// A forging peer holding a member's identity through the safety phase: `on`, `off`, or
