@@ -983,6 +983,17 @@ impl CoreReplicator {
         }
         Ok(())
     }
+
+    /// The leader, once it has applied its log up to its own term's first entry: only then does
+    /// its published configuration hold every committed change. A leader elected a moment ago,
+    /// or one replaying its log after a restart (its store is synced every `store_sync_interval_ms`), publishes an older
+    /// one, in which a node removed since still looks like a voter (`cluster add` answered
+    /// `Done` and added nothing) or a node added since looks absent.
+    fn require_ready_leader(&self) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        self.wait_for("the new leader to apply its log", |s| s.sequencing || !s.is_leader)?;
+        self.require_leader()
+    }
 }
 
 impl Replicator for CoreReplicator {
@@ -1061,7 +1072,7 @@ impl Replicator for CoreReplicator {
     /// it through a joint configuration (left automatically).
     fn add_member(&self, member: Member) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_leader()?;
+        self.require_ready_leader()?;
         let id = member.node_id;
         if id == 0 {
             return Err(MembershipError::ReservedId);
@@ -1114,7 +1125,7 @@ impl Replicator for CoreReplicator {
     /// Removes `node_id` (when it is a member) and revokes its certificate.
     fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_leader()?;
+        self.require_ready_leader()?;
         if node_id == 0 {
             return Err(MembershipError::ReservedId);
         }
@@ -1132,7 +1143,7 @@ impl Replicator for CoreReplicator {
     /// Removes `node_id` through a joint configuration (left automatically).
     fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_leader()?;
+        self.require_ready_leader()?;
         if !conf_ids(&self.published.lock().status.conf_state).contains(&node_id) {
             // Already gone: a retried remove (its first attempt's answer lost) succeeds.
             tracing::info!(node = node_id, "cluster remove of a node that is not a member: nothing to do");
