@@ -118,8 +118,8 @@ fn assert_all_alive(nodes: &mut [Daemon]) {
     }
 }
 
-/// Issue 19, attack 2: with node 3's certificate and key, one heartbeat at term+1000 with commit
-/// 10^9 to the leader and to the other follower. Both aborted (`commit_to` out of range in
+/// The attack: with node 3's certificate and key, one heartbeat at term+1000 with commit 10^9
+/// to the leader and to the other follower. Both aborted (`commit_to` out of range in
 /// raft-rs). Now both refuse it, count it, cut the link, and the cluster keeps committing.
 #[test]
 fn a_forged_heartbeat_with_a_members_key_ends_no_replica() {
@@ -165,7 +165,7 @@ fn a_forged_heartbeat_with_a_members_key_ends_no_replica() {
     assert_invariants(&addrs, &layout, &acked);
 }
 
-/// Issue 19, attack 2: a second link claiming node 3 while the real node 3 is connected was
+/// A second link claiming node 3 while the real node 3 is connected was
 /// accepted beside it. Now the newest link of a node replaces the older one, with a log line;
 /// the real node's next write finds its link closed, it dials again, and its new link replaces
 /// the impostor's.
@@ -216,7 +216,7 @@ fn ok_or_panic(what: &str, o: &std::process::Output) {
     );
 }
 
-/// Issue 19, attack 2: an operator had no way to shut a leaked node key out short of rebuilding
+/// An operator had no way to shut a leaked node key out short of rebuilding
 /// the cluster. `cluster revoke-node 3` removes node 3 and revokes its certificate through the
 /// log: every replica refuses it (a restarted one too, and a new node 3 that learned it from a
 /// snapshot), and `cluster add` brings node 3 back with a new certificate.

@@ -99,7 +99,7 @@ fn refused_and_panics(mut raw: RawNode<MemStorage>, m: Message, reason: &str) {
     assert!(stepped.is_err(), "ungated raft-rs survived {m:?}");
 }
 
-/// The attack of the issue: a heartbeat at term+1000 with commit 10^9.
+/// A member's forged heartbeat at term+1000 with commit 10^9 (it aborted two replicas of three).
 #[test]
 fn a_heartbeat_committing_beyond_the_log_is_refused() {
     let mut m = msg(MessageType::MsgHeartbeat, 3, 2, 1_005);
