@@ -310,6 +310,15 @@ pub enum ClusterCmd {
     },
     /// Remove a replica at runtime.
     Remove { node_id: u64 },
+    /// Remove node N (if it is a member) and revoke its certificate on every replica
+    /// (admin-signed): for a leaked node key. `cluster add` brings the node back with a new
+    /// certificate. With --cluster-dir, node-N's files are moved aside afterwards.
+    RevokeNode {
+        node_id: u64,
+        /// The certificate to revoke (default: node-N.pem in --cluster-dir).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
 }
 
 /// `tally bench` flags.
@@ -945,7 +954,50 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd, out: Ou
             }
             Ok(ExitCode::SUCCESS)
         }
+        ClusterCmd::RevokeNode { node_id, cert } => revoke_node(addrs, key_path, out, node_id, cert),
     }
+}
+
+/// `tally cluster revoke-node`: the certificate's fingerprint, the admin command, then the
+/// node's files moved aside in the cluster directory.
+fn revoke_node(
+    addrs: &Target,
+    key_path: Option<&Path>,
+    out: Output,
+    node_id: u64,
+    cert: Option<PathBuf>,
+) -> Result<ExitCode, ClientError> {
+    let cert = match (cert, &addrs.cluster_dir) {
+        (Some(c), _) => c,
+        (None, Some(dir)) => dir.join(format!("node-{node_id}.pem")),
+        (None, None) => {
+            return Err(ClientError::Invalid("name the certificate to revoke: --cert FILE or --cluster-dir DIR".into()))
+        }
+    };
+    let fingerprint = cluster::cert_fingerprint_of(&cert)?;
+    let admin = addrs.admin()?;
+    let client = connect(addrs, read_key(key_path)?)?;
+    client.cluster_revoke(&admin, node_id, fingerprint)?;
+    let moved = match &addrs.cluster_dir {
+        Some(dir) => cluster::retire_node_files(dir, node_id, &fingerprint)?,
+        None => Vec::new(),
+    };
+    let hex: String = fingerprint.iter().map(|b| format!("{b:02x}")).collect();
+    match out {
+        Output::Text => {
+            println!("Node {node_id} removed; its certificate {hex} is refused by every replica");
+            for m in &moved {
+                println!("Moved aside: {}", m.display());
+            }
+            println!("To bring it back: a new certificate with `tally cluster add --node-id {node_id} ...`");
+        }
+        Output::Json => output::print(&serde_json::json!({
+            "node_id": node_id,
+            "revoked_certificate": hex,
+            "moved": moved.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        })),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads `DIR/*.key`, or `DIR/accounts/*.key` when given a cluster directory.

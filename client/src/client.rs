@@ -478,6 +478,29 @@ impl Client {
         }
     }
 
+    /// Removes node `node_id` (if it is a member) and revokes its certificate on every
+    /// replica.
+    ///
+    /// # Errors
+    /// As [`Client::cluster_add`].
+    pub fn cluster_revoke(
+        &self,
+        admin: &SigningKey,
+        node_id: u64,
+        cert_fingerprint: [u8; 32],
+    ) -> Result<(), ClientError> {
+        let cluster_id = self.cluster_id().ok_or(ClientError::NoAddress)?;
+        let deadline = Instant::now() + self.inner.opts.retry_total;
+        // Each attempt is signed afresh: a replica remembers the commands it took (replay
+        // protection), so a retry of the same bytes would be answered `Duplicate`.
+        let op = AdminOp::RevokeNode { node_id, cert_fingerprint };
+        let fresh = || ClientMessage::Admin(sign_admin(admin, cluster_id, op.clone()));
+        match self.inner.request_with(deadline, self.inner.opts.call_timeout, "write", &fresh)? {
+            ServerMessage::Done => Ok(()),
+            other => Err(self.inner.unexpected("Done", &other)),
+        }
+    }
+
     /// An admin command for this cluster, valid for a minute.
     ///
     /// # Errors

@@ -293,6 +293,39 @@ pub fn remove_node_files(dir: &Path, node_id: u64, keep: &[PathBuf]) -> Result<(
     Ok(())
 }
 
+/// The fingerprint of the (first) certificate in the PEM file `path`, as `cluster revoke-node`
+/// names it: blake3 of its DER bytes.
+///
+/// # Errors
+/// An unreadable file or one without a certificate.
+pub fn cert_fingerprint_of(path: &Path) -> Result<[u8; 32], ClientError> {
+    let certs = tally_net::tls::load_certs(path).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let first = certs.first().ok_or_else(|| ClientError::Invalid(format!("{}: no certificate", path.display())))?;
+    Ok(tally_codec::admin::cert_fingerprint(first.as_ref()))
+}
+
+/// Moves node `node_id`'s files in `dir` (`node-<id>.toml`, `.pem`, `.key`) aside once its
+/// certificate is revoked, as `<name>.revoked-<first 8 bytes of the fingerprint, hex>`, so that
+/// `cluster add --node-id <id>` writes a new configuration with a new certificate. Returns the
+/// new paths (files that were not there are skipped).
+///
+/// # Errors
+/// A rename that failed.
+pub fn retire_node_files(dir: &Path, node_id: u64, fingerprint: &[u8; 32]) -> Result<Vec<PathBuf>, ClientError> {
+    let tag: String = fingerprint[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut moved = Vec::new();
+    for ext in ["toml", "pem", "key"] {
+        let from = dir.join(format!("node-{node_id}.{ext}"));
+        if !from.exists() {
+            continue;
+        }
+        let to = dir.join(format!("node-{node_id}.{ext}.revoked-{tag}"));
+        std::fs::rename(&from, &to).map_err(|e| ClientError::file(&from, e))?;
+        moved.push(to);
+    }
+    Ok(moved)
+}
+
 /// The `node-<id>.toml` files in `dir`, by id.
 fn node_configs(dir: &Path) -> Result<Vec<(u64, NodeConfig)>, ClientError> {
     let mut out = Vec::new();
@@ -520,6 +553,24 @@ mod tests {
         let peers: Vec<(u64, &str)> = cfg.peers.iter().map(|p| (p.node_id, p.peer.as_str())).collect();
         assert_eq!(peers, [(1, "127.0.0.1:7101"), (2, "127.0.0.1:7102"), (4, "127.0.0.1:7104")]);
         assert!(add_node_files(&dir, 4, "127.0.0.1:7004", "127.0.0.1:7104").is_err(), "node 4 exists");
+    }
+
+    /// A revoked node's files move aside, and `cluster add` can then issue it a new
+    /// certificate (another fingerprint).
+    #[test]
+    fn a_revoked_nodes_files_move_aside_and_a_new_certificate_follows() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("c");
+        cluster_init(3, &dir, 1, 7000).expect("init");
+        let old = cert_fingerprint_of(&dir.join("node-3.pem")).expect("fingerprint");
+        assert_ne!(old, cert_fingerprint_of(&dir.join("node-2.pem")).expect("fingerprint"));
+        let moved = retire_node_files(&dir, 3, &old).expect("retire");
+        assert_eq!(moved.len(), 3);
+        assert!(!dir.join("node-3.pem").exists() && !dir.join("node-3.toml").exists());
+        add_node_files(&dir, 3, "127.0.0.1:7003", "127.0.0.1:7103").expect("node 3 again");
+        let new = cert_fingerprint_of(&dir.join("node-3.pem")).expect("fingerprint");
+        assert_ne!(old, new, "a new key, a new fingerprint");
+        assert!(cert_fingerprint_of(&dir.join("node-9.pem")).is_err());
     }
 
     #[test]

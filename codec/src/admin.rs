@@ -37,6 +37,18 @@ pub enum AdminOp {
         after: Option<Vec<u8>>,
         limit: u32,
     },
+    /// Removes node `node_id` (if it is a member) and revokes its certificate, whose
+    /// fingerprint (blake3 of its DER bytes) is `cert_fingerprint`: every replica refuses it on
+    /// peer links from then on. The node can be added again with a new certificate.
+    RevokeNode {
+        node_id: u64,
+        cert_fingerprint: [u8; 32],
+    },
+}
+
+/// The fingerprint [`AdminOp::RevokeNode`] names a certificate by: blake3 of its DER bytes.
+pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
+    *blake3::hash(der).as_bytes()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
@@ -131,6 +143,16 @@ mod tests {
             op: AdminOp::ClusterRemove { node_id: 3 },
         }
         .sign(signer)
+    }
+
+    /// Variants are appended: the encodings of the older commands do not change.
+    #[test]
+    fn older_commands_keep_their_encoding() {
+        assert_eq!(crate::encode(&AdminOp::ClusterRemove { node_id: 3 })[0], 1);
+        let revoke = AdminOp::RevokeNode { node_id: 3, cert_fingerprint: [7; 32] };
+        let bytes = crate::encode(&revoke);
+        assert_eq!(bytes[0], 3);
+        assert_eq!(crate::decode::<AdminOp>(&bytes, 1024).expect("decode"), revoke);
     }
 
     #[test]

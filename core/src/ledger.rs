@@ -132,14 +132,13 @@ pub trait Ledger {
     /// `at_least` or later, as `(index, term, bytes)`. `None` while it is not ready yet (a shell
     /// may export a large state off the replica's thread); raft-rs asks again.
     fn export(&self, at_least: u64) -> Option<Exported>;
-    /// Whether `data` is a snapshot this ledger could install (judged before raft-rs sees it).
+    /// Whether `data` is a snapshot this ledger could install as the state after log entry
+    /// `index` (judged before raft-rs sees it: a state that does not install, or stands at
+    /// another index, would stop the replica when raft-rs hands it over).
     ///
     /// # Errors
     /// Why it could not be installed.
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), LedgerError> {
-        let _ = data;
-        Ok(())
-    }
+    fn check_snapshot(&self, index: u64, data: &[u8]) -> Result<(), LedgerError>;
     /// Replaces the state with an exported one, the state after log entry `index` of `term`,
     /// in configuration `conf_state` (protobuf `ConfState`), durably before returning.
     ///
@@ -312,10 +311,21 @@ impl Ledger for MemLedger {
         *last = Some(e.clone());
         Some(e)
     }
-    fn install(&mut self, _index: u64, _term: u64, _conf: Vec<u8>, data: &[u8]) -> Result<(), LedgerError> {
+    fn check_snapshot(&self, index: u64, data: &[u8]) -> Result<(), LedgerError> {
+        let l: MemLedger =
+            decode(data, usize::MAX).map_err(|e| LedgerError::Snapshot(format!("does not decode: {e}")))?;
+        if l.head.index != index {
+            return Err(LedgerError::Snapshot(format!("state at index {}, the snapshot says {index}", l.head.index)));
+        }
+        Ok(())
+    }
+    fn install(&mut self, index: u64, _term: u64, _conf: Vec<u8>, data: &[u8]) -> Result<(), LedgerError> {
         // The exported ledger carries its own head and configuration.
         let mut l: MemLedger =
             decode(data, usize::MAX).map_err(|e| LedgerError::Snapshot(format!("does not decode: {e}")))?;
+        if l.head.index != index {
+            return Err(LedgerError::Snapshot(format!("state at index {}, the snapshot says {index}", l.head.index)));
+        }
         l.index_ids();
         *self = l;
         Ok(())

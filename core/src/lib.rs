@@ -21,12 +21,14 @@ pub mod confirm;
 pub mod lease;
 pub mod ledger;
 pub mod log;
+pub mod peer_gate;
 pub mod pending;
 pub mod replica;
 pub mod sequence;
 pub mod state;
 
 pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
+pub use peer_gate::Refusal;
 pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, VoterChange};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
@@ -50,6 +52,9 @@ pub enum Plant {
     SkipFsync,
     /// A replica that believes it leads serves reads without a lease.
     StaleLeaseRead,
+    /// Peer messages reach raft-rs unjudged (no peer gate, no chain check before appending):
+    /// the simulator's forging peer must then end a replica.
+    NoPeerGate,
 }
 
 impl std::str::FromStr for Plant {
@@ -61,9 +66,10 @@ impl std::str::FromStr for Plant {
             "sign-before-commit" => Plant::SignBeforeCommit,
             "skip-fsync" => Plant::SkipFsync,
             "stale-lease-read" => Plant::StaleLeaseRead,
+            "no-peer-gate" => Plant::NoPeerGate,
             other => {
                 return Err(format!(
-                    "unknown plant {other:?}: none, ack-before-commit, sign-before-commit, skip-fsync, stale-lease-read"
+                    "unknown plant {other:?}: none, ack-before-commit, sign-before-commit, skip-fsync, stale-lease-read, no-peer-gate"
                 ))
             }
         })

@@ -22,6 +22,7 @@ use crate::confirm::{confirm, ChainHead};
 use crate::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use crate::ledger::{Ledger, LedgerHead};
 use crate::log::CoreLog;
+use crate::peer_gate::{self, Refusal};
 use crate::pending::{Pending, PendingBatch};
 use crate::sequence::{
     batch_time, drop_expired, execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX,
@@ -157,17 +158,26 @@ pub enum Effect {
         header: tally_codec::BatchHeader,
         signature: Signature,
     },
-    /// A configuration change was applied at log `index`: the configuration now, and the
-    /// context it was proposed with.
+    /// A configuration change was applied at log `index`: the configuration now, the context
+    /// it was proposed with, and the change when it changed one node (which says what the
+    /// context is: an added node's address, a removed node's revoked certificate).
     Reconfigured {
         index: u64,
         conf_state: ConfState,
         context: Vec<u8>,
+        single: Option<(u64, raft::eraftpb::ConfChangeType)>,
     },
-    /// A peer's message was refused before it reached the log: it carried an entry this replica
-    /// could never apply (for the shell to log).
+    /// A peer's message was refused before raft-rs saw it ([`crate::peer_gate`]): the shell
+    /// counts it by peer and reason, logs it (rate-limited) and cuts the sender's link when
+    /// [`Refusal::cuts_link`].
     PeerRefused {
         from: u64,
+        refusal: Refusal,
+    },
+    /// A committed configuration change raft-rs cannot apply (only a lying member can get one
+    /// committed): every replica skips it at the same index, as a no-op.
+    ConfChangeSkipped {
+        index: u64,
         why: String,
     },
     /// The leader proposed a batch (for the shell's metrics).
@@ -279,6 +289,11 @@ pub struct Replica<L: Ledger> {
     /// Batches checked when their entries were appended, by log index: `(term, blake3 of the
     /// entry's bytes, batch)`. Only entries above the commit index are kept.
     appended: BTreeMap<u64, (u64, [u8; 32], Committed)>,
+    /// The chain link (height, header hash, state digest) of every batch in the log above the
+    /// applied index, by log index: what an appended batch must follow.
+    batch_links: BTreeMap<u64, ChainHead>,
+    /// How far peers may still move the term ([`peer_gate::TermBudget`]).
+    term_budget: peer_gate::TermBudget,
     /// When this follower campaigns because its leader is down (see [`Event::PeerDown`]).
     campaign_at_ms: Option<u64>,
     /// Campaigns for a dead leader stop at this time (the election timeout takes over).
@@ -287,6 +302,9 @@ pub struct Replica<L: Ledger> {
     leader_down_campaigns: u64,
     out: Vec<Effect>,
 }
+
+/// A batch checked when its append arrived: `(index, term, blake3 of the entry's bytes, batch)`.
+type AppendedBatch = (u64, u64, [u8; 32], Committed);
 
 /// Reads the sequencer's cache misses from the ledger.
 struct LedgerBacking<'a, L>(&'a L);
@@ -442,10 +460,14 @@ impl<L: Ledger> Replica<L> {
         };
         raft_cfg.validate()?;
         let mut entry_bytes = std::collections::BTreeMap::new();
+        let mut batch_links = BTreeMap::new();
         let (first, last) = (storage.first_index()?, storage.last_index()?);
         if last >= first {
             for e in storage.entries(first, last + 1, None, GetEntriesContext::empty(false))? {
                 entry_bytes.insert(e.index, entry_size(&e));
+                if let Some(link) = batch_link(&e) {
+                    batch_links.insert(e.index, link);
+                }
             }
         }
         let entry_bytes_total = entry_bytes.values().sum();
@@ -492,6 +514,8 @@ impl<L: Ledger> Replica<L> {
             pre_vote_campaigns: 0,
             campaign_at_ms: None,
             appended: BTreeMap::new(),
+            batch_links,
+            term_budget: peer_gate::TermBudget::new(now_ms),
             leader_down_until_ms: 0,
             leader_down_campaigns: 0,
             vote_campaigns: 0,
@@ -528,6 +552,20 @@ impl<L: Ledger> Replica<L> {
     }
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
+    }
+    /// The term of log entry `index`, if this replica's log holds it (the simulator compares
+    /// logs with it to tell what a lying peer moved).
+    pub fn log_term(&self, index: u64) -> Option<u64> {
+        let log = &self.raw.raft.raft_log;
+        if index == 0 || index > log.last_index() || index < log.first_index() - 1 {
+            return None;
+        }
+        log.term(index).ok()
+    }
+    /// Whether this replica is a candidate of a real election (not a pre-vote), and the node it
+    /// voted for in its term (0: none).
+    pub fn campaign(&self) -> (bool, u64) {
+        (self.raw.raft.state == StateRole::Candidate, self.raw.raft.vote)
     }
     pub fn applied(&self) -> LedgerHead {
         self.ledger.head()
@@ -682,6 +720,7 @@ impl<L: Ledger> Replica<L> {
     /// index (the shell's disk keeps them until the ledger is durable past them).
     fn maintain_log(&mut self) {
         let head = self.ledger.head();
+        self.batch_links = self.batch_links.split_off(&(head.index + 1));
         let wanted = self.raw.store().snapshot_wanted();
         if wanted > 0 && head.index > 0 {
             if let Some(exported) = self.ledger.export(wanted) {
@@ -725,10 +764,14 @@ impl<L: Ledger> Replica<L> {
         let Some(first) = entries.first() else { return };
         let replaced = self.entry_bytes.split_off(&first.index);
         self.entry_bytes_total -= replaced.values().sum::<u64>();
+        drop(self.batch_links.split_off(&first.index));
         for e in entries {
             let b = entry_size(e);
             self.entry_bytes.insert(e.index, b);
             self.entry_bytes_total += b;
+            if let Some(link) = batch_link(e) {
+                self.batch_links.insert(e.index, link);
+            }
         }
     }
 
@@ -892,48 +935,102 @@ impl<L: Ledger> Replica<L> {
     }
 
     fn on_peer(&mut self, m: Message) {
-        let t = m.get_msg_type();
+        let checked = match self.admit(&m) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                self.out.push(Effect::PeerRefused { from: m.from, refusal });
+                return;
+            }
+        };
         if ignore_vote_while_starting(&m, self.ticks, self.cfg.election_ticks as u64) {
             return;
         }
         self.lease.observe(&m, &self.raw.raft);
-        if t == MessageType::MsgAppend {
-            let mut checked = Vec::new();
-            for e in m.get_entries() {
-                // Defence in depth behind mutual TLS: nothing that can never be applied reaches
-                // the log.
-                let refused = |why: &dyn std::fmt::Display| Effect::PeerRefused {
-                    from: m.from,
-                    why: format!("entry {}: {why}", e.index),
-                };
-                match e.get_entry_type() {
-                    EntryType::EntryNormal if !e.data.is_empty() => {
-                        match crate::confirm::decode_checked(&e.data, &self.cfg.cluster_id) {
-                            Ok(batch) => checked.push((e.index, e.term, *blake3::hash(&e.data).as_bytes(), batch)),
-                            Err(why) => {
-                                self.out.push(refused(&why));
-                                return;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            // Kept until the entry commits (or the commit passes an entry that was replaced),
-            // at most APPENDED_MAX of them: past that, an entry is decoded again at commit.
-            for (index, term, digest, batch) in checked {
-                if index > self.raw.raft.raft_log.committed && self.appended.len() < APPENDED_MAX {
-                    self.appended.insert(index, (term, digest, batch));
-                }
+        // Kept until the entry commits (or the commit passes an entry that was replaced), at
+        // most APPENDED_MAX of them: past that, an entry is decoded again at commit.
+        for (index, term, digest, batch) in checked {
+            if index > self.raw.raft.raft_log.committed && self.appended.len() < APPENDED_MAX {
+                self.appended.insert(index, (term, digest, batch));
             }
         }
-        if t == MessageType::MsgSnapshot
-            && (m.get_snapshot().data.is_empty() || self.ledger.check_snapshot(&m.get_snapshot().data).is_err())
-        {
-            return; // a snapshot without state, or with a state this ledger refuses
-        }
+        let term = self.raw.raft.term;
         let _ = self.raw.step(m);
+        let jump = self.raw.raft.term.saturating_sub(term);
+        if jump > 0 {
+            self.term_budget.spend(jump, self.now_ms);
+        }
         self.count_campaigns();
+    }
+
+    /// The peer gate, then what only this replica can judge: every batch an append carries
+    /// decodes, belongs to this cluster and follows the chain it would join; a snapshot's state
+    /// is one this ledger installs at the snapshot's index. Returns the batches checked.
+    fn admit(&self, m: &Message) -> Result<Vec<AppendedBatch>, Refusal> {
+        if self.cfg.plant != Plant::NoPeerGate {
+            peer_gate::check(&self.raw, self.now_ms, &self.term_budget, m)?;
+        }
+        match m.get_msg_type() {
+            MessageType::MsgAppend => self.admit_batches(m),
+            MessageType::MsgSnapshot => {
+                let snap = m.get_snapshot();
+                if snap.data.is_empty() {
+                    return Err(Refusal::Snapshot("no state".into()));
+                }
+                let index = snap.get_metadata().index;
+                self.ledger.check_snapshot(index, &snap.data).map_err(|e| Refusal::Snapshot(e.to_string()))?;
+                Ok(Vec::new())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Decodes and checks each batch of an append. When raft-rs will append it, each batch it
+    /// appends must follow the batch before it in the log it joins. raft-rs keeps the entries
+    /// this log holds at the same index and term (it compares terms, not bytes) and appends from
+    /// the first that differs, so the chain runs through this log's entries up to there (a lying
+    /// member may have put others there than the leader's), then through the message's. A batch
+    /// that does not follow would stop this replica when it commits (`confirm`'s assertions).
+    fn admit_batches(&self, m: &Message) -> Result<Vec<AppendedBatch>, Refusal> {
+        let appends = peer_gate::appends(&self.raw, m) && self.cfg.plant != Plant::NoPeerGate;
+        let log = &self.raw.raft.raft_log;
+        // Whether raft-rs keeps this log's entry at the index reached, and the last index kept.
+        let (mut kept, mut kept_to) = (appends, m.index);
+        // The link of the last batch appended from the message.
+        let mut before: Option<ChainHead> = None;
+        let mut checked = Vec::new();
+        for e in m.get_entries() {
+            kept = kept && log.match_term(e.index, e.term);
+            if kept {
+                kept_to = e.index;
+            }
+            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+                continue;
+            }
+            let batch = crate::confirm::decode_checked(&e.data, &self.cfg.cluster_id)
+                .map_err(|why| Refusal::Entry { index: e.index, why: why.to_string() })?;
+            let header = &batch.entry.header;
+            if appends && !kept {
+                let prev = before.unwrap_or_else(|| self.link_at_or_below(kept_to));
+                peer_gate::chain_follows(&prev, header).map_err(|why| Refusal::Entry { index: e.index, why })?;
+                before =
+                    Some(ChainHead { height: header.height, hash: header.hash(), state_digest: header.state_digest });
+            }
+            checked.push((e.index, e.term, *blake3::hash(&e.data).as_bytes(), batch));
+        }
+        Ok(checked)
+    }
+
+    /// The chain link of the last batch in this log at or below `index`: a batch above the
+    /// applied index, or the applied head.
+    fn link_at_or_below(&self, index: u64) -> ChainHead {
+        let applied = self.ledger.head().index;
+        if index <= applied {
+            return self.head;
+        }
+        match self.batch_links.range(applied + 1..=index).next_back() {
+            Some((_, link)) => *link,
+            None => self.head,
+        }
     }
 
     /// Counts the campaigns this replica starts (checked after every tick and step).
@@ -1022,6 +1119,7 @@ impl<L: Ledger> Replica<L> {
         self.raw.mut_store().mem.wl().apply_snapshot(snap.clone())?;
         self.entry_bytes.clear();
         self.entry_bytes_total = 0;
+        self.batch_links.clear();
         let h = self.ledger.head();
         assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
         self.head = ChainHead { height: h.height, hash: h.header_hash, state_digest: h.state_digest };
@@ -1051,14 +1149,18 @@ impl<L: Ledger> Replica<L> {
                 EntryType::EntryConfChange => {
                     let cc = raft::eraftpb::ConfChange::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
-                    let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
-                    self.on_conf_applied(e.index, e.term, cs, e.context.to_vec())
+                    let applied = self.raw.apply_conf_change(&cc);
+                    self.on_conf_committed(&e, applied, Some((cc.node_id, cc.get_change_type())))
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .expect("conf changes were checked before they were appended");
-                    let cs = self.raw.apply_conf_change(&cc).expect("a committed conf change applies");
-                    self.on_conf_applied(e.index, e.term, cs, e.context.to_vec())
+                    let applied = self.raw.apply_conf_change(&cc);
+                    let single = match cc.get_changes() {
+                        [c] => Some((c.node_id, c.get_change_type())),
+                        _ => None,
+                    };
+                    self.on_conf_committed(&e, applied, single)
                 }
             };
             if let Err(err) = r {
@@ -1067,18 +1169,33 @@ impl<L: Ledger> Replica<L> {
         }
     }
 
-    fn on_conf_applied(
+    /// A committed conf change: applied, or skipped as a no-op where raft-rs refuses it (the
+    /// leader only proposes changes that apply; a lying member could get another committed, and
+    /// every replica then skips it alike).
+    fn on_conf_committed(
         &mut self,
-        index: u64,
-        term: u64,
-        cs: ConfState,
-        context: Vec<u8>,
+        e: &Entry,
+        applied: Result<ConfState, raft::Error>,
+        single: Option<(u64, raft::eraftpb::ConfChangeType)>,
     ) -> Result<(), crate::ledger::LedgerError> {
-        self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
-        step_down_if_removed(&mut self.raw);
-        self.out.push(Effect::Reconfigured { index, conf_state: cs.clone(), context });
-        let bytes = cs.write_to_bytes().expect("a conf state encodes");
-        self.ledger.apply_conf(index, term, bytes)
+        match applied {
+            Ok(cs) => {
+                self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
+                step_down_if_removed(&mut self.raw);
+                let bytes = cs.write_to_bytes().expect("a conf state encodes");
+                self.out.push(Effect::Reconfigured {
+                    index: e.index,
+                    conf_state: cs,
+                    context: e.context.to_vec(),
+                    single,
+                });
+                self.ledger.apply_conf(e.index, e.term, bytes)
+            }
+            Err(why) => {
+                self.out.push(Effect::ConfChangeSkipped { index: e.index, why: why.to_string() });
+                self.ledger.apply_noop(e.index, e.term)
+            }
+        }
     }
 
     /// The voters of the configuration raft-rs is in now.
@@ -1381,6 +1498,16 @@ pub fn step_down_if_removed<S: Storage>(raw: &mut RawNode<S>) {
         let term = raft.term;
         raft.become_follower(term, raft::INVALID_ID);
     }
+}
+
+/// The chain link of a batch entry, read from the header that leads its encoding (`None` for
+/// anything else).
+fn batch_link(e: &Entry) -> Option<ChainHead> {
+    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+        return None;
+    }
+    let header = <BatchHeader as borsh::BorshDeserialize>::deserialize(&mut &e.data[..]).ok()?;
+    Some(ChainHead { height: header.height, hash: header.hash(), state_digest: header.state_digest })
 }
 
 fn entry_size(e: &Entry) -> u64 {

@@ -1,9 +1,10 @@
 //! Peer configuration shared by every replica, and the checks a replica applies to what its
 //! peers send before anything of it reaches the log.
 
+use crate::revocation::Revocation;
 use crate::storage::MemberAddr;
 use protobuf::Message as PbMessage;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType};
 use tally_codec::limits::FRAME_BYTES_MAX;
 
 /// Invalid peer configuration.
@@ -105,8 +106,9 @@ pub fn conf_change(
 }
 
 /// Whether an entry from a peer can ever be applied: a batch `check_batch` accepts, a no-op, or
-/// a conf change naming real nodes with a well-formed address. Judged before the entry is
-/// persisted, so a forged append never wedges the replica when it commits.
+/// a conf change naming real nodes whose context fits it (an added node's address, a removed
+/// node's revoked certificate). Judged before the entry is persisted, so a forged append never
+/// wedges the replica when it commits.
 ///
 /// # Errors
 /// Why not.
@@ -116,7 +118,7 @@ pub fn check_entry(e: &Entry, check_batch: &dyn Fn(&[u8]) -> Result<(), String>)
         EntryType::EntryNormal => check_batch(&e.data),
         EntryType::EntryConfChange => {
             let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
-            check_conf_context(cc.node_id, &e.context)
+            check_conf_context(cc.node_id, cc.get_change_type(), &e.context).map(|_| ())
         }
         EntryType::EntryConfChangeV2 => {
             let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| format!("conf change: {x}"))?;
@@ -124,27 +126,54 @@ pub fn check_entry(e: &Entry, check_batch: &dyn Fn(&[u8]) -> Result<(), String>)
                 return Err("conf change names node 0".into());
             }
             match cc.get_changes().first() {
-                Some(c) if cc.get_changes().len() == 1 => check_conf_context(c.node_id, &e.context),
+                Some(c) if cc.get_changes().len() == 1 => {
+                    check_conf_context(c.node_id, c.get_change_type(), &e.context).map(|_| ())
+                }
                 _ if e.context.is_empty() => Ok(()),
-                _ => Err("a conf change with an address must change one node".into()),
+                _ => Err("a conf change with a context must change one node".into()),
             }
         }
     }
 }
 
-fn check_conf_context(node_id: u64, context: &[u8]) -> Result<(), String> {
+/// What a configuration change's context carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfContext {
+    None,
+    /// An added node's addresses.
+    Member(MemberAddr),
+    /// A removed node's certificate, refused from now on.
+    Revocation(Revocation),
+}
+
+/// Decodes the context of a change of `node_id` of type `ty`: an added node's address, or a
+/// removed node's revoked certificate, for that very node.
+///
+/// # Errors
+/// A context that does not decode, or names another node.
+pub fn check_conf_context(node_id: u64, ty: ConfChangeType, context: &[u8]) -> Result<ConfContext, String> {
     if node_id == 0 {
         return Err("conf change names node 0".into());
     }
     if context.is_empty() {
-        return Ok(());
+        return Ok(ConfContext::None);
     }
-    let addr: MemberAddr =
-        tally_codec::decode(context, 64 * 1024).map_err(|e| format!("conf change address does not decode: {e}"))?;
-    if addr.node_id != node_id {
-        return Err(format!("conf change for node {node_id} carries node {}'s address", addr.node_id));
+    let named = match ty {
+        ConfChangeType::RemoveNode => {
+            let r: Revocation = tally_codec::decode(context, 1024)
+                .map_err(|e| format!("conf change revocation does not decode: {e}"))?;
+            (r.node_id, ConfContext::Revocation(r))
+        }
+        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+            let addr: MemberAddr = tally_codec::decode(context, 64 * 1024)
+                .map_err(|e| format!("conf change address does not decode: {e}"))?;
+            (addr.node_id, ConfContext::Member(addr))
+        }
+    };
+    if named.0 != node_id {
+        return Err(format!("conf change for node {node_id} carries node {}'s context", named.0));
     }
-    Ok(())
+    Ok(named.1)
 }
 
 /// Makes the stored commit index cover what the state store already applied, and returns the
@@ -189,6 +218,14 @@ mod tests {
             "an address for another node"
         );
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, bytes, vec![1, 2, 3]), &judge).is_err());
+        // A removal carries a revocation of that node's certificate, or nothing.
+        let remove = conf_change(vec![single(3, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
+        let remove = remove.write_to_bytes().expect("encode");
+        let revoke = |id| tally_codec::encode(&Revocation { node_id: id, cert_fingerprint: [7; 32] });
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove.clone(), vec![]), &judge).is_ok());
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove.clone(), revoke(3)), &judge).is_ok());
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove.clone(), revoke(2)), &judge).is_err());
+        assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove, addr(3)), &judge).is_err());
         let zero = conf_change(vec![single(0, ConfChangeType::AddNode)], ConfChangeTransition::Auto);
         let zero = zero.write_to_bytes().expect("encode");
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, zero, vec![]), &judge).is_err(), "node 0");

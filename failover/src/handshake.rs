@@ -16,8 +16,9 @@ use std::io::{Read, Write};
 
 /// First bytes of every hello: "tally raft".
 pub const PEER_MAGIC: [u8; 4] = *b"TLYR";
-/// Bumped on any change to the peer protocol.
-pub const PEER_PROTOCOL_VERSION: u16 = 2;
+/// Bumped on any change to the peer protocol. 3: snapshots carry the revoked certificates, and
+/// a node's removal may carry a revocation in its context.
+pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// Bound on a handshake frame.
 pub const HANDSHAKE_BYTES_MAX: usize = 4096;
 /// Bound on the cluster id's length.
@@ -79,8 +80,9 @@ fn hex8(b: &[u8; 32]) -> String {
     b[..8].iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Each side's judgement of the other's hello.
 #[derive(Debug, Clone, BorshSerialize, BorshDeserialize)]
-enum Verdict {
+pub enum Verdict {
     Accept,
     Refuse(String),
 }

@@ -18,6 +18,8 @@
 //!   node added later always starts from a snapshot.
 //! - [`snapshot`], [`snapshot_stream`]: exports off the replica thread, streamed in chunks.
 //! - [`transport`], [`handshake`], [`frame`]: TCP peer links behind the [`Transport`] trait.
+//! - [`revocation`]: revoked node certificates, replicated through the log and refused by the
+//!   transport.
 //! - the leader lease lives in `tally_core::lease` (acks matched to send times).
 #![forbid(unsafe_code)]
 // raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
@@ -29,6 +31,7 @@ pub mod handshake;
 
 pub mod config;
 pub mod raft_log_bridge;
+pub mod revocation;
 pub mod snapshot;
 pub mod snapshot_stream;
 pub mod storage;
@@ -126,6 +129,15 @@ pub trait Replicator: Send + Sync {
     /// When not leader or the change fails.
     fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         let _ = node_id;
+        Err(MembershipError::Unsupported)
+    }
+    /// Removes `node_id` (if it is a member) and revokes its certificate with fingerprint
+    /// `cert_fingerprint` on every replica. Returns once both are committed and applied here.
+    ///
+    /// # Errors
+    /// When not leader, the change fails, or too many certificates are revoked already.
+    fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
+        let _ = (node_id, cert_fingerprint);
         Err(MembershipError::Unsupported)
     }
 }

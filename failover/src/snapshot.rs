@@ -1,9 +1,11 @@
 //! State transfer between the pipeline and Raft snapshots.
 //!
 //! A follower that needs entries the leader already compacted receives a Raft snapshot. Its data
-//! is a [`SnapshotEnvelope`]: the members' addresses (a joining node learns the cluster from it)
-//! and the state machine's own bytes, which only the pipeline understands.
+//! is a [`SnapshotEnvelope`]: the members' addresses (a joining node learns the cluster from it),
+//! the revoked node certificates (one that missed a revocation's entry learns it here) and the
+//! state machine's own bytes, which only the pipeline understands.
 
+use crate::revocation::Revocation;
 use crate::storage::MemberAddr;
 use borsh::{BorshDeserialize, BorshSerialize};
 use parking_lot::Mutex;
@@ -28,19 +30,23 @@ pub trait SnapshotSource: Send + Sync {
     fn snapshot(&self, at_least: u64) -> Result<Arc<ExportedState>, String>;
 }
 
-/// What a Raft snapshot's data holds.
+/// What a Raft snapshot's data holds (peer protocol 3; protocol 2 had no `revoked`).
 #[derive(Debug, Clone, BorshSerialize, BorshDeserialize)]
 pub struct SnapshotEnvelope {
     pub members: Vec<MemberAddr>,
+    pub revoked: Vec<Revocation>,
     pub state: Vec<u8>,
 }
 
 impl SnapshotEnvelope {
-    /// The encoding of `SnapshotEnvelope { members, state }` without copying `state` twice.
-    pub fn encode_parts(members: &[MemberAddr], state: &[u8]) -> Vec<u8> {
+    /// The encoding of `SnapshotEnvelope { members, revoked, state }` without copying `state`
+    /// twice.
+    pub fn encode_parts(members: &[MemberAddr], revoked: &[Revocation], state: &[u8]) -> Vec<u8> {
         let members = tally_codec::encode(&members.to_vec());
-        let mut out = Vec::with_capacity(members.len() + 4 + state.len());
+        let revoked = tally_codec::encode(&revoked.to_vec());
+        let mut out = Vec::with_capacity(members.len() + revoked.len() + 4 + state.len());
         out.extend_from_slice(&members);
+        out.extend_from_slice(&revoked);
         out.extend_from_slice(&(state.len() as u32).to_le_bytes());
         out.extend_from_slice(state);
         out
@@ -156,8 +162,13 @@ mod tests {
     fn the_envelope_is_encoded_in_place() {
         let members = vec![MemberAddr { node_id: 2, client_addr: "c".into(), peer_addr: "p".into() }];
         let state = vec![7u8; 1000];
-        let whole = tally_codec::encode(&SnapshotEnvelope { members: members.clone(), state: state.clone() });
-        assert_eq!(SnapshotEnvelope::encode_parts(&members, &state), whole);
+        let revoked = vec![Revocation { node_id: 3, cert_fingerprint: [9; 32] }];
+        let whole = tally_codec::encode(&SnapshotEnvelope {
+            members: members.clone(),
+            revoked: revoked.clone(),
+            state: state.clone(),
+        });
+        assert_eq!(SnapshotEnvelope::encode_parts(&members, &revoked, &state), whole);
     }
 
     fn wait_for(exports: &BackgroundExports, at_least: u64) -> Arc<ExportedState> {

@@ -6,12 +6,13 @@
 //! ```text
 //!  replica thread ──append/sync/set_hard_state/apply_snapshot/compact──▶ WalStorage ──▶ LogStore
 //!                                                                             └─ meta blobs:
-//!                                                             raft-conf (history), raft-members
+//!                                               raft-conf (history), raft-members, raft-revoked
 //! ```
 //!
 //! Log entry data on disk: `[]` is an empty normal entry (a leader's no-op); `0x00 ‖ data` is a
 //! normal entry; `0x01 ‖ protobuf(Entry)` is anything else (conf changes, entries with context).
 
+use crate::revocation::Revocation;
 use borsh::{BorshDeserialize, BorshSerialize};
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState, SnapshotMetadata};
@@ -24,6 +25,9 @@ use tally_store::StoreError;
 pub const CONF_BLOB: &str = "raft-conf";
 /// Meta blob holding the members' addresses.
 pub const MEMBERS_BLOB: &str = "raft-members";
+/// Meta blob holding the revoked node certificates (`Vec<Revocation>`, borsh). A log without
+/// it has revoked none.
+pub const REVOKED_BLOB: &str = "raft-revoked";
 /// The initial voters' configuration takes effect at this index (a no-op for the state).
 pub const BOOTSTRAP_INDEX: u64 = 1;
 /// The term of the bootstrap marker.
@@ -175,6 +179,8 @@ pub struct WalStorage {
     /// Newest last; never empty once initialised.
     conf_history: Vec<(u64, ConfState)>,
     members: BTreeMap<u64, MemberAddr>,
+    /// Certificates revoked, in the order they were (never withdrawn).
+    revoked: Vec<Revocation>,
 }
 
 impl WalStorage {
@@ -205,8 +211,13 @@ impl WalStorage {
                 members.insert(m.node_id, m);
             }
         }
+        let revoked: Vec<Revocation> = match log.meta_blob(REVOKED_BLOB) {
+            Some(bytes) => tally_codec::decode(&bytes, META_DECODE_BYTES_MAX)
+                .map_err(|e| RaftError::ConfigInvalid(format!("revoked-certificates blob does not decode: {e}")))?,
+            None => Vec::new(),
+        };
         let fresh = conf_history.is_empty() && log.last_index() == 0;
-        let mut s = WalStorage { log, conf_history, members };
+        let mut s = WalStorage { log, conf_history, members, revoked };
         if fresh {
             if let Some(cs) = bootstrap {
                 // The initial configuration is a snapshot at (1, 1), as if entry 1 had been
@@ -294,6 +305,29 @@ impl WalStorage {
         Ok(())
     }
 
+    /// The certificates revoked so far.
+    pub fn revoked(&self) -> &[Revocation] {
+        &self.revoked
+    }
+
+    /// Records revocations, durably; returns the ones that were new.
+    ///
+    /// # Errors
+    /// When the meta blob cannot be written.
+    pub fn add_revocations(&mut self, list: &[Revocation]) -> Result<Vec<Revocation>, RaftError> {
+        let new: Vec<Revocation> = list
+            .iter()
+            .filter(|r| !self.revoked.iter().any(|o| o.cert_fingerprint == r.cert_fingerprint))
+            .copied()
+            .collect();
+        if new.is_empty() {
+            return Ok(new);
+        }
+        self.revoked.extend(&new);
+        self.log.set_meta_blob(REVOKED_BLOB, &tally_codec::encode(&self.revoked)).map_err(store_err)?;
+        Ok(new)
+    }
+
     fn persist_members(&mut self) -> Result<(), RaftError> {
         let list: Vec<MemberAddr> = self.members.values().cloned().collect();
         self.log.set_meta_blob(MEMBERS_BLOB, &tally_codec::encode(&list)).map_err(store_err)
@@ -336,11 +370,16 @@ impl WalStorage {
     }
 
     /// Replaces the log with a snapshot's marker (the state was installed by the sink first),
-    /// and adopts its conf state and members.
+    /// and adopts its conf state, members and revoked certificates.
     ///
     /// # Errors
     /// Log write errors.
-    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata, members: &[MemberAddr]) -> Result<(), RaftError> {
+    pub fn apply_snapshot(
+        &mut self,
+        meta: &SnapshotMetadata,
+        members: &[MemberAddr],
+        revoked: &[Revocation],
+    ) -> Result<(), RaftError> {
         let (index, term) = (meta.index, meta.term);
         assert!(index >= self.log.first_index() - 1, "snapshot at {index} is older than the log start");
         self.log.compact_to(index, term).map_err(store_err)?;
@@ -355,7 +394,8 @@ impl WalStorage {
         for m in members {
             self.members.insert(m.node_id, m.clone());
         }
-        self.persist_members()
+        self.persist_members()?;
+        self.add_revocations(revoked).map(|_| ())
     }
 
     /// Drops entries up to `index` (they are in the state store, durably).
@@ -475,6 +515,22 @@ mod tests {
         assert_eq!(s.members()[&4].peer_addr, "p4");
     }
 
+    /// Revocations are durable, never duplicated, and a log written before they existed (no
+    /// blob) has none.
+    #[test]
+    fn revoked_certificates_survive_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let r = |b| Revocation { node_id: 3, cert_fingerprint: [b; 32] };
+        {
+            let mut s = open(dir.path());
+            assert!(s.revoked().is_empty());
+            assert_eq!(s.add_revocations(&[r(1)]).expect("add"), [r(1)]);
+            assert!(s.add_revocations(&[r(1)]).expect("again").is_empty(), "nothing new");
+            s.add_revocations(&[r(1), r(2)]).expect("add");
+        }
+        assert_eq!(open(dir.path()).revoked(), [r(1), r(2)]);
+    }
+
     /// Installing a snapshot on a follower: the log is replaced by the marker, the conf state and
     /// the members come from the snapshot.
     #[test]
@@ -487,7 +543,9 @@ mod tests {
         meta.term = 4;
         meta.set_conf_state(voters(&[1, 2, 9]));
         let m = MemberAddr { node_id: 9, client_addr: "c".into(), peer_addr: "p".into() };
-        f.apply_snapshot(&meta, &[m]).expect("install");
+        let r = Revocation { node_id: 3, cert_fingerprint: [3; 32] };
+        f.apply_snapshot(&meta, &[m], &[r]).expect("install");
+        assert_eq!(f.revoked(), &[r]);
         assert_eq!((f.log().first_index(), f.log().last_index()), (11, 10));
         assert_eq!(f.log().snapshot_marker(), (10, 4));
         assert_eq!(f.log().hard_state().commit, 10);

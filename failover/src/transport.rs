@@ -21,9 +21,15 @@
 //! its hello claims. Nothing is sent before TLS is up, so a stranger learns no fingerprint and
 //! gets no message to Raft. Handshakes must finish within [`HANDSHAKE_TIMEOUT_MS`]; when the
 //! handshake pool is full the oldest one is cut, so dripping bytes cannot hold the port.
+//!
+//! **One link per node.** A node has at most one inbound link: a newly authenticated link
+//! claiming node N closes the older one, with a log line (see `claim_node` for why the newest
+//! wins). The replica thread cuts a node's links when the peer gate refused one of its messages
+//! ([`Transport::cut_inbound`]).
 
 use crate::frame::{read_frame, write_frame};
 use crate::handshake::{handshake, HandshakeError, Hello};
+use crate::revocation::{cert_fingerprint, fingerprint_hex, RevokedCerts};
 use crate::snapshot::{SnapshotEnvelope, SnapshotSource};
 use crate::snapshot_stream::{self, Assemblies, Resume, StreamId, KIND_CHUNK, KIND_END, KIND_MESSAGE};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
@@ -74,6 +80,14 @@ pub trait Transport: Send {
     fn set_peers(&mut self, peers: &BTreeMap<u64, String>);
     /// Closes every link and joins the threads.
     fn stop(&mut self);
+    /// Closes the links `peer` dialled to this replica (its messages were refused); the peer
+    /// may dial again. Messages already received stay queued.
+    fn cut_inbound(&mut self, peer: u64) {
+        let _ = peer;
+    }
+    /// Closes the links (either way) whose peer presented a certificate revoked since they
+    /// opened.
+    fn cut_revoked(&mut self) {}
     /// Snapshots whose sending ended since the last call: `(peer, delivered)`. A transport that
     /// streams a snapshot reports it when the last byte is written (or the link broke), not when
     /// it was queued, so Raft does not probe the follower while the snapshot is still on its way.
@@ -88,8 +102,9 @@ type Reports = Arc<Mutex<Vec<(u64, bool)>>>;
 /// How peer links are protected.
 #[derive(Clone)]
 pub enum PeerSecurity {
-    /// Mutual TLS with certificates of the cluster CA (the default of `cluster init`).
-    Tls { server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig> },
+    /// Mutual TLS with certificates of the cluster CA (the default of `cluster init`), except
+    /// those revoked (`revoked` is shared with the replica thread, which adds to it).
+    Tls { server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>, revoked: RevokedCerts },
     /// No authentication at all: anyone who reaches the port is a peer. An explicit opt-in for
     /// local experiments and tests of the transport itself.
     InsecurePlaintext,
@@ -113,7 +128,37 @@ impl PeerSecurity {
         Ok(PeerSecurity::Tls {
             server: tally_net::tls::server_config(files, tally_net::ClientAuth::Required)?,
             client: tally_net::tls::client_config(&files.ca, Some(files))?,
+            revoked: RevokedCerts::default(),
         })
+    }
+
+    /// The same, refusing the certificates `revoked` holds (now and as it grows).
+    #[must_use]
+    pub fn with_revoked(self, revoked: RevokedCerts) -> Self {
+        match self {
+            PeerSecurity::Tls { server, client, .. } => PeerSecurity::Tls { server, client, revoked },
+            plain @ PeerSecurity::InsecurePlaintext => plain,
+        }
+    }
+
+    /// Why the peer on `stream` may not be a peer: its certificate was revoked.
+    fn refuses(&self, stream: &Stream) -> Option<String> {
+        let PeerSecurity::Tls { revoked, .. } = self else { return None };
+        let fp = cert_fingerprint(stream.peer_certificate()?.as_ref());
+        revoked.node_of(&fp).map(|node| format!("node {node}'s certificate {} was revoked", fingerprint_hex(&fp)))
+    }
+
+    /// The fingerprint of the certificate the peer on `stream` presented (TLS only).
+    fn fingerprint(stream: &Stream) -> Option<[u8; 32]> {
+        stream.peer_certificate().map(|c| cert_fingerprint(c.as_ref()))
+    }
+
+    /// Whether a link whose peer presented `fp` must be closed now.
+    fn revoked(&self, fp: Option<[u8; 32]>) -> bool {
+        match (self, fp) {
+            (PeerSecurity::Tls { revoked, .. }, Some(fp)) => revoked.node_of(&fp).is_some(),
+            _ => false,
+        }
     }
 }
 
@@ -125,7 +170,22 @@ struct OutLink {
     thread: JoinHandle<()>,
 }
 
-type InboundConns = Arc<Mutex<HashMap<u64, (TcpStream, Option<JoinHandle<()>>)>>>;
+/// One accepted connection: its socket (to shut it down from elsewhere), its reader thread, and
+/// once authenticated the node it speaks for.
+struct Inbound {
+    stream: TcpStream,
+    thread: Option<JoinHandle<()>>,
+    peer: Option<u64>,
+    /// The fingerprint of the certificate it authenticated with (TLS only).
+    fingerprint: Option<[u8; 32]>,
+    /// Closed by this side: its messages were refused, a newer link replaced it, or its
+    /// certificate was revoked.
+    cut: bool,
+}
+
+/// Accepted connections by connection id (not by node: during a handshake the node is not
+/// known yet, and a replaced link is still draining).
+type InboundConns = Arc<Mutex<HashMap<u64, Inbound>>>;
 /// Each peer's address, for checking whether a peer whose link closed is down.
 type PeerAddrs = Arc<Mutex<HashMap<u64, String>>>;
 
@@ -257,9 +317,9 @@ impl Transport for TcpTransport {
             let _ = t.join();
         }
         let conns: Vec<_> = self.inbound.lock().drain().collect();
-        for (_, (stream, thread)) in conns {
-            let _ = stream.shutdown(Shutdown::Both);
-            if let Some(t) = thread {
+        for (_, c) in conns {
+            let _ = c.stream.shutdown(Shutdown::Both);
+            if let Some(t) = c.thread {
                 let _ = t.join();
             }
         }
@@ -267,6 +327,19 @@ impl Transport for TcpTransport {
 
     fn take_snapshot_reports(&mut self) -> Vec<(u64, bool)> {
         std::mem::take(&mut *self.reports.lock())
+    }
+
+    fn cut_inbound(&mut self, peer: u64) {
+        if cut_links(&self.inbound, peer) > 0 {
+            tracing::debug!(peer, "inbound peer link cut");
+        }
+    }
+
+    fn cut_revoked(&mut self) {
+        let n = cut_revoked_links(&self.inbound, &self.security);
+        if n > 0 {
+            tracing::warn!(links = n, "peer links with a revoked certificate cut");
+        }
     }
 }
 
@@ -332,6 +405,10 @@ fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Res
         }
         PeerSecurity::InsecurePlaintext => Stream::plain(s),
     };
+    if let Some(why) = security.refuses(&stream) {
+        stream.shutdown();
+        return Err(LinkError::Refused(format!("node {peer} at {addr}: {why}")));
+    }
     match handshake(&mut stream, local, Some(peer)) {
         Ok(_) => {}
         Err(e @ (HandshakeError::RefusedByUs(_) | HandshakeError::RefusedByPeer(_))) => {
@@ -403,6 +480,8 @@ type Conn = BufWriter<Stream>;
 impl Outbound {
     fn run(self) {
         let mut conn: Option<(Conn, Resume)> = None;
+        // The certificate the listener presented on `conn`.
+        let mut conn_fp: Option<[u8; 32]> = None;
         let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
         let mut last_error: Option<String> = None;
         // A snapshot that arrived while another was streaming (only the newest is kept).
@@ -416,10 +495,17 @@ impl Outbound {
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
+            if conn.is_some() && self.security.revoked(conn_fp) {
+                tracing::warn!(peer = self.peer, addr = %self.addr, "the peer's certificate was revoked; link closed");
+                if let Some((w, _)) = conn.take() {
+                    w.get_ref().shutdown();
+                }
+            }
             if conn.is_none() {
                 match connect(&self.addr, &self.local, &self.security, self.peer) {
                     Ok((s, resume)) => {
                         tracing::info!(peer = self.peer, addr = %self.addr, "peer link up");
+                        conn_fp = PeerSecurity::fingerprint(&s);
                         conn = Some((BufWriter::new(s), resume));
                         backoff_ms = RECONNECT_BACKOFF_MS_MIN;
                         last_error = None;
@@ -516,7 +602,7 @@ impl Outbound {
         let envelope = tally_codec::decode::<SnapshotEnvelope>(&data, SNAPSHOT_BYTES_MAX).ok();
         let (head, state): (Vec<u8>, &[u8]) = match (&envelope, &held) {
             (Some(env), Some(exported)) if env.state.is_empty() => {
-                let mut head = SnapshotEnvelope::encode_parts(&env.members, &[]);
+                let mut head = SnapshotEnvelope::encode_parts(&env.members, &env.revoked, &[]);
                 head.truncate(head.len() - 4);
                 head.extend_from_slice(&(exported.state.len() as u32).to_le_bytes());
                 (head, &exported.state)
@@ -608,14 +694,14 @@ fn run_listener(
         let (st, ad) = (stop.clone(), addrs.clone());
         // Register before the thread can deregister itself.
         let mut guard = conns.lock();
-        guard.insert(id, (clone, None));
+        guard.insert(id, Inbound { stream: clone, thread: None, peer: None, fingerprint: None, cut: false });
         match std::thread::Builder::new()
             .name(format!("peer-in-{}-{id}", local.node_id))
             .spawn(move || run_inbound(stream, from, l, sec, ib, cs, id, slot, asm, &st, &ad))
         {
             Ok(t) => {
                 if let Some(e) = guard.get_mut(&id) {
-                    e.1 = Some(t);
+                    e.thread = Some(t);
                 }
             }
             Err(e) => {
@@ -642,6 +728,7 @@ fn run_inbound(
 ) {
     let mut closed_by_peer = None;
     if let Some((mut stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
+        claim_node(&conns, id, peer_id, PeerSecurity::fingerprint(&stream), from);
         let resume = tally_codec::encode(&assemblies.resume_for(peer_id));
         if write_frame(&mut stream, &resume).and_then(|()| stream.flush()).is_ok()
             && read_messages(&stream, peer_id, from, &local, &inbox, &assemblies) == Closed::ByPeer
@@ -651,8 +738,9 @@ fn run_inbound(
         stream.shutdown();
     }
     drop(slot);
-    conns.lock().remove(&id);
-    let Some(peer) = closed_by_peer else { return };
+    let cut = conns.lock().remove(&id).is_some_and(|c| c.cut);
+    // A link this side cut says nothing about whether the peer is down.
+    let Some(peer) = closed_by_peer.filter(|_| !cut) else { return };
     let addr = addrs.lock().get(&peer).cloned();
     if let Some(addr) = addr {
         if !stop.load(Ordering::Relaxed) && peer_is_down(&addr) {
@@ -663,6 +751,53 @@ fn run_inbound(
             let _ = inbox.try_send(m);
         }
     }
+}
+
+/// Makes connection `id` the one link of node `peer`: an older link claiming the same node is
+/// closed. The newest wins rather than the first, because the first may be stale (a peer that
+/// restarted after a power loss or a partition leaves a half-open connection this side only
+/// notices much later), or held by an impostor that dialled first with a leaked key: refusing
+/// the newcomer would lock the real node out for as long as the impostor keeps its connection.
+fn claim_node(conns: &InboundConns, id: u64, peer: u64, fingerprint: Option<[u8; 32]>, from: SocketAddr) {
+    let mut conns = conns.lock();
+    let mut replaced = Vec::new();
+    for (other, c) in conns.iter_mut() {
+        if *other != id && c.peer == Some(peer) && !c.cut {
+            c.cut = true;
+            let _ = c.stream.shutdown(Shutdown::Both);
+            replaced.push(c.stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string()));
+        }
+    }
+    if let Some(c) = conns.get_mut(&id) {
+        c.peer = Some(peer);
+        c.fingerprint = fingerprint;
+    }
+    drop(conns);
+    for old in replaced {
+        tracing::warn!(node = peer, %from, replaced = %old, "a second link claimed this node: the older one was closed");
+    }
+}
+
+/// Closes every inbound link of node `peer`; returns how many were open.
+fn cut_links(conns: &InboundConns, peer: u64) -> usize {
+    let mut n = 0;
+    for c in conns.lock().values_mut().filter(|c| c.peer == Some(peer) && !c.cut) {
+        c.cut = true;
+        let _ = c.stream.shutdown(Shutdown::Both);
+        n += 1;
+    }
+    n
+}
+
+/// Closes every inbound link whose peer presented a revoked certificate; returns how many.
+fn cut_revoked_links(conns: &InboundConns, security: &PeerSecurity) -> usize {
+    let mut n = 0;
+    for c in conns.lock().values_mut().filter(|c| !c.cut && security.revoked(c.fingerprint)) {
+        c.cut = true;
+        let _ = c.stream.shutdown(Shutdown::Both);
+        n += 1;
+    }
+    n
 }
 
 /// Whether no process listens on `addr`: a connect is refused (the kernel answers a SYN to a
@@ -718,6 +853,11 @@ fn authenticate(
         },
         PeerSecurity::InsecurePlaintext => Stream::plain(s),
     };
+    if let Some(why) = security.refuses(&stream) {
+        tracing::error!(%from, reason = %why, "refused peer connection: its certificate was revoked");
+        stream.shutdown();
+        return None;
+    }
     // What is left of the deadline bounds the hello too.
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let _ = stream.tcp().set_read_timeout(Some(left));
@@ -940,11 +1080,63 @@ mod tests {
     }
 
     fn start_tls(node: u64, files: &tally_net::TlsFiles) -> (TcpTransport, String, Receiver<Message>) {
+        start_tls_revoking(node, files, RevokedCerts::default())
+    }
+
+    fn start_tls_revoking(
+        node: u64,
+        files: &tally_net::TlsFiles,
+        revoked: RevokedCerts,
+    ) -> (TcpTransport, String, Receiver<Message>) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let (tx, rx) = bounded(64);
-        let sec = PeerSecurity::from_files(files).expect("tls");
+        let sec = PeerSecurity::from_files(files).expect("tls").with_revoked(revoked);
         (TcpTransport::start(l, Hello::new("c", node, [1; 32]), sec, tx).expect("start"), addr, rx)
+    }
+
+    fn revocation_of(node: u64, files: &tally_net::TlsFiles) -> crate::revocation::Revocation {
+        let der = tally_net::tls::load_certs(&files.cert).expect("cert").remove(0);
+        crate::revocation::Revocation { node_id: node, cert_fingerprint: cert_fingerprint(der.as_ref()) }
+    }
+
+    /// A certificate revoked on a replica is refused there whichever side dials, and a link
+    /// already open with it is cut when the revocation arrives; other nodes' links stay.
+    #[test]
+    fn a_revoked_certificate_is_refused_both_ways_and_cut() {
+        let (_d, f) = pki(3);
+        let revoked = RevokedCerts::default();
+        let (mut a, a_addr, _a_rx) = start_tls(1, &f[0]);
+        let (mut b, b_addr, b_rx) = start_tls_revoking(2, &f[1], revoked.clone());
+        let (mut c, _c_addr, _c_rx) = start_tls(3, &f[2]);
+        a.set_peers(&[(2, b_addr.clone())].into_iter().collect());
+        c.set_peers(&[(2, b_addr.clone())].into_iter().collect());
+        assert!(a.send(msg(1, 2, 5)));
+        assert!(c.send(msg(3, 2, 6)));
+        let mut got: Vec<u64> =
+            (0..2).map(|_| b_rx.recv_timeout(Duration::from_secs(5)).expect("b got").term).collect();
+        got.sort_unstable();
+        assert_eq!(got, [5, 6]);
+        // Node 1's certificate is revoked on b: its open link is cut, and it can't dial again.
+        revoked.extend(&[revocation_of(1, &f[0])]);
+        b.cut_revoked();
+        for term in 10..30 {
+            a.send(msg(1, 2, term));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(c.send(msg(3, 2, 99)));
+        let later: Vec<u64> =
+            std::iter::from_fn(|| b_rx.recv_timeout(Duration::from_millis(500)).ok()).map(|m| m.term).collect();
+        assert!(later.contains(&99), "node 3 still gets through: {later:?}");
+        assert!(later.iter().all(|t| *t == 99 || *t < 12), "node 1 got through after the revocation: {later:?}");
+        // Dialling out: b refuses to talk to a listener presenting the revoked certificate.
+        let local = Hello::new("c", 2, [1; 32]);
+        let b_sec = PeerSecurity::from_files(&f[1]).expect("tls").with_revoked(revoked);
+        let err = probe(&a_addr, &local, &b_sec, 1).expect_err("a revoked listener");
+        assert!(err.contains("revoked"), "{err}");
+        a.stop();
+        b.stop();
+        c.stop();
     }
 
     #[test]
@@ -1113,6 +1305,43 @@ mod tests {
         reports.sort_unstable();
         assert_eq!(reports, [(2, false), (2, true), (2, true)]);
         a.stop();
+        b.stop();
+    }
+
+    /// Dials `addr` as node `claim` (plaintext) and reads the resume frame.
+    fn dial_as(addr: &str, claim: u64) -> TcpStream {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        handshake(&mut s, &Hello::new("c", claim, [1; 32]), Some(2)).expect("handshake");
+        read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
+        s
+    }
+
+    fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(std::io::Read::read(s, &mut buf), Ok(0) | Err(_))
+    }
+
+    /// One link per node id: a second link claiming node 1 replaces the first, which is closed;
+    /// messages flow on the newest.
+    #[test]
+    fn a_second_link_for_a_node_replaces_the_first() {
+        let (mut b, b_addr, b_rx) = start(2, "c");
+        let mut first = dial_as(&b_addr, 1);
+        let mut second = dial_as(&b_addr, 1);
+        assert!(closed(&mut first), "the older link is closed");
+        write_frame(&mut second, &[&[KIND_MESSAGE][..], &msg(1, 2, 7).write_to_bytes().expect("encode")].concat())
+            .expect("write");
+        second.flush().expect("flush");
+        assert_eq!(b_rx.recv_timeout(Duration::from_secs(5)).expect("b got").term, 7);
+        // Another node's link is left alone; cutting node 1 closes only its own.
+        let mut other = dial_as(&b_addr, 3);
+        b.cut_inbound(1);
+        assert!(closed(&mut second), "node 1's link is cut");
+        other.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let mut buf = [0u8; 1];
+        let still_open = matches!(std::io::Read::read(&mut other, &mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+        assert!(still_open, "node 3's link stays");
         b.stop();
     }
 

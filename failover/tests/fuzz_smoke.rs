@@ -109,6 +109,12 @@ fn state_snapshot(rng: &mut Rng) -> StateSnapshot {
 fn envelope(rng: &mut Rng) -> SnapshotEnvelope {
     SnapshotEnvelope {
         members: (0..rng.below(4)).map(|_| member_addr(rng)).collect(),
+        revoked: (0..rng.below(3))
+            .map(|_| tally_failover::revocation::Revocation {
+                node_id: rng.interesting_u64(),
+                cert_fingerprint: rng.bytes(),
+            })
+            .collect(),
         state: encode(&state_snapshot(rng)),
     }
 }

@@ -27,6 +27,7 @@ use tally_codec::{
 };
 use tally_core::ledger::{Exported, LedgerError};
 use tally_core::{Ledger, LedgerHead};
+use tally_failover::revocation::{Revocation, RevokedCerts};
 use tally_failover::snapshot::{BackgroundExports, ExportedState, SnapshotEnvelope, SnapshotSource};
 use tally_failover::storage::MemberAddr;
 use tally_store::state::{StateSnapshot, Store};
@@ -245,8 +246,12 @@ pub struct StoreLedger {
     tables: tally_codec::Tables,
     exports: Arc<BackgroundExports>,
     members: Members,
-    /// The members an installed snapshot carried, for the shell to persist with its marker.
+    /// The revoked node certificates, carried by the snapshots this ledger exports.
+    revoked: RevokedCerts,
+    /// The members and revoked certificates an installed snapshot carried, for the shell to
+    /// persist with its marker.
     installed_members: Mutex<Option<Vec<MemberAddr>>>,
+    installed_revoked: Mutex<Vec<Revocation>>,
     /// Where the applied state stands (ahead of the store by what is queued).
     head: LedgerHead,
     conf: Option<Vec<u8>>,
@@ -317,7 +322,9 @@ impl StoreLedger {
             tables,
             exports,
             members,
+            revoked: RevokedCerts::default(),
             installed_members: Mutex::new(None),
+            installed_revoked: Mutex::new(Vec::new()),
             head,
             conf,
             overlay: HashMap::new(),
@@ -512,6 +519,18 @@ impl StoreLedger {
     /// The members the last installed snapshot carried (taken once).
     pub fn take_installed_members(&self) -> Option<Vec<MemberAddr>> {
         self.installed_members.lock().take()
+    }
+
+    /// The revoked certificates installed snapshots carried since the last call.
+    pub fn take_installed_revoked(&self) -> Vec<Revocation> {
+        std::mem::take(&mut *self.installed_revoked.lock())
+    }
+
+    /// Exports carry the certificates `revoked` holds (shared with the replica thread).
+    #[must_use]
+    pub fn with_revoked(mut self, revoked: RevokedCerts) -> Self {
+        self.revoked = revoked;
+        self
     }
 }
 
@@ -746,7 +765,7 @@ impl Ledger for StoreLedger {
                 Some(Exported {
                     index: held.index,
                     term: held.term,
-                    data: SnapshotEnvelope::encode_parts(&members, &[]),
+                    data: SnapshotEnvelope::encode_parts(&members, &self.revoked.list(), &[]),
                 })
             }
             Err(why) => {
@@ -755,10 +774,16 @@ impl Ledger for StoreLedger {
             }
         }
     }
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), LedgerError> {
+    fn check_snapshot(&self, index: u64, data: &[u8]) -> Result<(), LedgerError> {
         let (_, snap) = decode_envelope(data)?;
         if snap.applied.index == 0 {
             return Err(LedgerError::Snapshot("snapshot at index 0".into()));
+        }
+        if snap.applied.index != index {
+            return Err(LedgerError::Snapshot(format!(
+                "snapshot data is at index {}, Raft says {index}",
+                snap.applied.index
+            )));
         }
         let meta = self.tables.meta.0;
         if snap.pairs.iter().any(|(k, _)| k.starts_with(&meta)) {
@@ -796,6 +821,7 @@ impl Ledger for StoreLedger {
         self.flushed.index.store(a.index, Ordering::Release);
         metrics::counter!("tally_snapshot_installs_total").increment(1);
         *self.installed_members.lock() = Some(env.members);
+        self.installed_revoked.lock().extend(env.revoked);
         Ok(())
     }
 }

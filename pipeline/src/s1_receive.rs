@@ -546,6 +546,9 @@ fn run_admin(shared: &Shared, cmd: &SignedAdmin) -> ServerMessage {
             membership_reply(shared, shared.replicator().add_member(m))
         }
         AdminOp::ClusterRemove { node_id } => membership_reply(shared, shared.replicator().remove_member(*node_id)),
+        AdminOp::RevokeNode { node_id, cert_fingerprint } => {
+            membership_reply(shared, shared.replicator().revoke_member(*node_id, *cert_fingerprint))
+        }
         AdminOp::AuditPage { table, after, limit } => {
             match crate::queries::audit_page(shared, *table, after.as_deref(), *limit) {
                 Ok(p) => ServerMessage::AuditPage(p),

@@ -34,12 +34,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
 use tally_codec::ErrorCode;
-use tally_core::{Effect, Event, Persist, Plant, Replica, ReplicaConfig, RestoredLog, Status};
+use tally_core::{Effect, Event, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{
-    check_entry, conf_change, single, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS, INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
+    check_conf_context, check_entry, conf_change, single, ConfContext, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS,
+    INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
 };
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
+use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts, REVOKED_MAX};
 use tally_failover::storage::{conf_ids, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
 use tally_failover::{Member, MembershipError, Replicator, Role};
@@ -54,6 +56,41 @@ const IDLE_WAKE_MS: u64 = 10;
 /// Entry bytes the core keeps in memory behind the applied index for lagging followers (about
 /// 200 full batches); a follower further behind gets a snapshot. The WAL keeps more on disk.
 pub const LOG_RETAIN_BYTES: u64 = 256 << 20;
+
+/// A refused peer message is logged at most once per this long per peer and reason.
+pub const PEER_REFUSAL_LOG_MS: u64 = 5_000;
+/// Peer and reason pairs remembered for that; past this the memory starts over.
+const PEER_REFUSAL_KEYS_MAX: usize = 1024;
+
+/// Rate limit of the refusal log lines: when each (peer, reason) was last logged, and how many
+/// refusals were not logged since.
+#[derive(Default)]
+struct RefusalLog {
+    seen: HashMap<(u64, &'static str), (Instant, u64)>,
+}
+
+impl RefusalLog {
+    /// `Some(suppressed since the last line)` when this refusal is to be logged.
+    fn admit(&mut self, peer: u64, reason: &'static str, now: Instant) -> Option<u64> {
+        if self.seen.len() >= PEER_REFUSAL_KEYS_MAX && !self.seen.contains_key(&(peer, reason)) {
+            self.seen.clear();
+        }
+        match self.seen.get_mut(&(peer, reason)) {
+            Some((last, suppressed)) if now.duration_since(*last) < Duration::from_millis(PEER_REFUSAL_LOG_MS) => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                self.seen.insert((peer, reason), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 /// What the replica thread needs besides the pipeline's shared state.
 pub struct ShellConfig {
@@ -106,6 +143,7 @@ pub struct CoreReplicator {
     stop: Arc<AtomicBool>,
     probe: Option<(Hello, PeerSecurity)>,
     admin_lock: Mutex<()>,
+    revoked: RevokedCerts,
 }
 
 /// Starts the replica thread on `shared`'s store and submission queue.
@@ -129,7 +167,8 @@ pub fn start(
             }
         }
     };
-    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?;
+    let revoked = RevokedCerts::new(log.revoked());
+    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?.with_revoked(revoked.clone());
     // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
     // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
     if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
@@ -149,16 +188,17 @@ pub fn start(
         if let Some(bytes) = tally_core::Ledger::conf_state(&ledger) {
             meta.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|e| format!("stored configuration: {e}"))?);
         }
-        log.apply_snapshot(&meta, &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
+        log.apply_snapshot(&meta, &[], &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
     }
     let restored = restore(&log)?;
     let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
     let (transport, probe): (Box<dyn Transport>, _) = match cfg.peers {
         Some(p) => {
-            let t = TcpTransport::start(p.listener, p.hello.clone(), p.security.clone(), net_tx)
+            let security = p.security.with_revoked(revoked.clone());
+            let t = TcpTransport::start(p.listener, p.hello.clone(), security.clone(), net_tx)
                 .map_err(|e| format!("peer port: {e}"))?
                 .with_snapshots(ledger.snapshot_source());
-            (Box::new(t), Some((p.hello, p.security)))
+            (Box::new(t), Some((p.hello, security)))
         }
         None => (Box::new(NoPeers), None),
     };
@@ -207,6 +247,7 @@ pub fn start(
         env: env.clone(),
         published: published.clone(),
         members,
+        revoked: revoked.clone(),
         waiters: HashMap::new(),
         next_tag: 0,
         admin_replies: HashMap::new(),
@@ -215,6 +256,7 @@ pub fn start(
         log_retain_entries: cfg.log_retain_entries,
         leader_commit_seen: 0,
         metrics: MetricsSeen::default(),
+        refusal_log: RefusalLog::default(),
         stopped: None,
         last_batch_at: None,
         warm_tx,
@@ -248,6 +290,7 @@ pub fn start(
         stop,
         probe,
         admin_lock: Mutex::new(()),
+        revoked,
     }))
 }
 
@@ -306,6 +349,8 @@ struct ReplicaThread {
     env: Arc<Mutex<Box<dyn Env>>>,
     published: Arc<Mutex<Published>>,
     members: Members,
+    /// Revoked node certificates (shared with the transport and the ledger's exports).
+    revoked: RevokedCerts,
     waiters: HashMap<u64, Pending>,
     next_tag: u64,
     admin_replies: HashMap<u64, Sender<Result<(), String>>>,
@@ -314,6 +359,7 @@ struct ReplicaThread {
     log_retain_entries: u64,
     leader_commit_seen: u64,
     metrics: MetricsSeen,
+    refusal_log: RefusalLog,
     stopped: Option<String>,
     last_batch_at: Option<Instant>,
     /// Reads of keys no cache holds, done by the warmer thread (never on this one).
@@ -426,8 +472,8 @@ impl ReplicaThread {
             for e in m.get_entries() {
                 if let Err(why) = check_entry(e, &batches_checked_by_core) {
                     // Defence in depth behind mutual TLS: a peer that sends what can never be
-                    // applied is ignored, and nothing of it reaches the log.
-                    tracing::error!(node = self.id, from = m.from, index = e.index, %why, "raft message refused before persisting");
+                    // applied is refused as the core refuses what it judges.
+                    self.refuse_peer(m.from, &Refusal::Entry { index: e.index, why });
                     return;
                 }
             }
@@ -604,8 +650,9 @@ impl ReplicaThread {
                     }
                 }
                 Effect::ReadReply { .. } => {}
-                Effect::PeerRefused { from, why } => {
-                    tracing::error!(node = self.id, from, %why, "raft message refused before persisting");
+                Effect::PeerRefused { from, refusal } => self.refuse_peer(from, &refusal),
+                Effect::ConfChangeSkipped { index, why } => {
+                    tracing::error!(node = self.id, index, %why, "a committed configuration change does not apply; skipped");
                 }
                 Effect::Proposed { requests, bytes, .. } => {
                     metrics::histogram!("tally_batch_requests").record(requests as f64);
@@ -619,13 +666,30 @@ impl ReplicaThread {
                     metrics::counter!("tally_committed_batches_total").increment(1);
                     metrics::counter!("tally_committed_requests_total").increment(u64::from(header.leaf_count));
                 }
-                Effect::Reconfigured { index, conf_state, context } => self.reconfigured(index, conf_state, &context),
+                Effect::Reconfigured { index, conf_state, context, single } => {
+                    self.reconfigured(index, conf_state, &context, single);
+                }
                 Effect::ConfChangeProposed { ticket, result } => {
                     if let Some(reply) = self.admin_replies.remove(&ticket) {
                         let _ = reply.try_send(result);
                     }
                 }
             }
+        }
+    }
+
+    /// A peer's message was refused: counted by peer and reason, logged at most once per
+    /// [`PEER_REFUSAL_LOG_MS`] per peer and reason (with how many were not), and the peer's
+    /// links into this replica are cut.
+    fn refuse_peer(&mut self, from: u64, refusal: &Refusal) {
+        let reason = refusal.reason();
+        metrics::counter!("tally_peer_messages_refused_total", "peer" => from.to_string(), "reason" => reason)
+            .increment(1);
+        if let Some(suppressed) = self.refusal_log.admit(from, reason, Instant::now()) {
+            tracing::error!(node = self.id, from, reason, %refusal, suppressed, "raft message from a peer refused");
+        }
+        if refusal.cuts_link() {
+            self.transport.cut_inbound(from);
         }
     }
 
@@ -641,7 +705,9 @@ impl ReplicaThread {
     fn persist(&mut self, p: Persist) -> Result<(), String> {
         if let Some(snap) = &p.snapshot {
             let members = self.replica.ledger().take_installed_members().unwrap_or_default();
-            self.log.apply_snapshot(snap.get_metadata(), &members).map_err(|e| format!("snapshot marker: {e}"))?;
+            let revoked = self.replica.ledger().take_installed_revoked();
+            self.log.apply_snapshot(snap.get_metadata(), &members, &[]).map_err(|e| format!("snapshot marker: {e}"))?;
+            self.revoke(&revoked).map_err(|e| format!("revoked certificates: {e}"))?;
             *self.members.lock() = self.log.members().clone();
             self.update_transport_peers();
         }
@@ -662,17 +728,24 @@ impl ReplicaThread {
         Ok(())
     }
 
-    fn reconfigured(&mut self, index: u64, cs: ConfState, context: &[u8]) {
-        if !context.is_empty() {
-            match tally_codec::decode::<MemberAddr>(context, 64 * 1024) {
-                Ok(addr) => {
-                    if let Err(e) = self.log.upsert_member(addr) {
-                        self.fail_log(format!("members: {e}"));
-                        return;
-                    }
-                }
-                Err(e) => tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode"),
+    fn reconfigured(&mut self, index: u64, cs: ConfState, context: &[u8], single: Option<(u64, ConfChangeType)>) {
+        let decoded = match single {
+            Some((node, ty)) => check_conf_context(node, ty, context),
+            None if context.is_empty() => Ok(ConfContext::None),
+            None => Err("a context on a change of several nodes".into()),
+        };
+        let written = match decoded {
+            Ok(ConfContext::None) => Ok(()),
+            Ok(ConfContext::Member(addr)) => self.log.upsert_member(addr).map_err(|e| format!("members: {e}")),
+            Ok(ConfContext::Revocation(r)) => self.revoke(&[r]).map_err(|e| format!("revoked certificates: {e}")),
+            Err(e) => {
+                tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode");
+                Ok(())
             }
+        };
+        if let Err(e) = written {
+            self.fail_log(e);
+            return;
         }
         tracing::info!(node = self.id, index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "configuration changed");
         let ids = conf_ids(&cs);
@@ -682,6 +755,20 @@ impl ReplicaThread {
         }
         *self.members.lock() = self.log.members().clone();
         self.update_transport_peers();
+    }
+
+    /// Refuses the certificates of `list` from now on: durably in the log's meta blob, then in
+    /// the transport, whose links presenting one are cut.
+    fn revoke(&mut self, list: &[Revocation]) -> Result<(), raft::Error> {
+        let new = self.log.add_revocations(list)?;
+        self.revoked.extend(list);
+        for r in &new {
+            tracing::warn!(node = self.id, revoked_node = r.node_id, certificate = %fingerprint_hex(&r.cert_fingerprint), "node certificate revoked: refused on every peer link from now on");
+        }
+        if !new.is_empty() {
+            self.transport.cut_revoked();
+        }
+        Ok(())
     }
 
     fn fail_log(&mut self, why: String) {
@@ -896,6 +983,17 @@ impl CoreReplicator {
         }
         Ok(())
     }
+
+    /// The leader, once it has applied its log up to its own term's first entry: only then does
+    /// its published configuration hold every committed change. A leader elected a moment ago,
+    /// or one replaying its log after a restart (its store is synced every `store_sync_interval_ms`), publishes an older
+    /// one, in which a node removed since still looks like a voter (`cluster add` answered
+    /// `Done` and added nothing) or a node added since looks absent.
+    fn require_ready_leader(&self) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        self.wait_for("the new leader to apply its log", |s| s.sequencing || !s.is_leader)?;
+        self.require_leader()
+    }
 }
 
 impl Replicator for CoreReplicator {
@@ -974,7 +1072,7 @@ impl Replicator for CoreReplicator {
     /// it through a joint configuration (left automatically).
     fn add_member(&self, member: Member) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_leader()?;
+        self.require_ready_leader()?;
         let id = member.node_id;
         if id == 0 {
             return Err(MembershipError::ReservedId);
@@ -1024,10 +1122,28 @@ impl Replicator for CoreReplicator {
         self.wait_for("the promotion to commit", |s| s.conf_state.voters.contains(&id) && !is_joint(&s.conf_state))
     }
 
+    /// Removes `node_id` (when it is a member) and revokes its certificate.
+    fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
+        let _one_at_a_time = self.admin_lock.lock();
+        self.require_ready_leader()?;
+        if node_id == 0 {
+            return Err(MembershipError::ReservedId);
+        }
+        let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
+        if self.revoked.node_of(&cert_fingerprint).is_some() && !member {
+            // A retried revocation (its first answer lost) succeeds.
+            return Ok(());
+        }
+        if self.revoked.len() >= REVOKED_MAX {
+            return Err(MembershipError::Refused(format!("{REVOKED_MAX} certificates are revoked already")));
+        }
+        self.propose_revocation(node_id, cert_fingerprint)
+    }
+
     /// Removes `node_id` through a joint configuration (left automatically).
     fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_leader()?;
+        self.require_ready_leader()?;
         if !conf_ids(&self.published.lock().status.conf_state).contains(&node_id) {
             // Already gone: a retried remove (its first attempt's answer lost) succeeds.
             tracing::info!(node = node_id, "cluster remove of a node that is not a member: nothing to do");
@@ -1035,6 +1151,32 @@ impl Replicator for CoreReplicator {
         }
         let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
         self.propose_conf_change(cc, Vec::new())?;
+        self.wait_for("the removal to commit", |s| {
+            !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
+        })
+    }
+}
+
+impl CoreReplicator {
+    /// The revocation of `cert_fingerprint` (node `node_id`'s certificate), proposed with the
+    /// node's removal: through a joint configuration when it is a member, as a change of nothing
+    /// otherwise (a removed node's certificate can leak too). Returns once it applied here.
+    fn propose_revocation(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
+        let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
+        let transition = if member { ConfChangeTransition::Implicit } else { ConfChangeTransition::Auto };
+        let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], transition);
+        let context = tally_codec::encode(&Revocation { node_id, cert_fingerprint });
+        self.propose_conf_change(cc, context)?;
+        let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
+        while self.revoked.node_of(&cert_fingerprint).is_none() {
+            if let Some(r) = &self.published.lock().stopped {
+                return Err(MembershipError::Stopped(r.clone()));
+            }
+            if self.now_ms() > deadline {
+                return Err(MembershipError::Timeout("the revocation to commit".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.wait_for("the removal to commit", |s| {
             !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
         })

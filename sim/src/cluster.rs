@@ -55,11 +55,69 @@ pub struct SimConfig {
     pub safety_ms: u64,
     pub liveness_ms: u64,
     pub plant: Plant,
+    /// Whether a forging peer holds a member's identity through the safety phase; `None`:
+    /// drawn from the seed (one seed in [`FORGER_ONE_IN`]).
+    pub forger: Option<bool>,
 }
 
 impl SimConfig {
     pub fn new(seed: u64) -> Self {
-        SimConfig { seed, nodes: None, safety_ms: 20_000, liveness_ms: 10_000, plant: Plant::None }
+        SimConfig { seed, nodes: None, safety_ms: 20_000, liveness_ms: 10_000, plant: Plant::None, forger: None }
+    }
+}
+
+/// Seeds drawn with a forging peer: one in this many.
+pub const FORGER_ONE_IN: u64 = 4;
+
+/// Whether `seed` runs a forging peer when the configuration leaves it to the seed. Drawn apart
+/// from the run's random stream, so a seed without one runs exactly as it did before forgers.
+pub fn forger_drawn(seed: u64) -> bool {
+    u64::from_le_bytes(derived_key(seed, "forger", 0)[..8].try_into().unwrap_or_default()) % FORGER_ONE_IN == 0
+}
+
+/// What the forging peer did in a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ForgerStats {
+    /// The member identity it held.
+    pub identity: u64,
+    pub sent: u64,
+    /// Refused by the peer gate, by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// Stepped into raft-rs (consistent with the target's state, or a lie the gate can't see).
+    pub passed: u64,
+    /// Honest messages refused while the forger was active (a consequence of its lies, e.g. a
+    /// log it truncated), by reason.
+    pub honest_refused: BTreeMap<String, u64>,
+    /// The first forged message that moved a replica where only a lie can (its commit index,
+    /// its log, a snapshot, leadership won with a forged vote, a lease from a forged ack), if any.
+    pub taint: Option<String>,
+}
+
+/// What the simulator notes of a replica around a forged message.
+struct Seen {
+    status: tally_core::Status,
+    /// A candidate of a real election.
+    candidate: bool,
+    /// This log's term at its commit index.
+    commit_term: Option<u64>,
+    /// This log's term at each index the message carries entries for.
+    entry_terms: Vec<Option<u64>>,
+    /// The match index this leader holds for the node the message claims to be from, and this
+    /// log's term there.
+    claimed_match: Option<(u64, Option<u64>)>,
+}
+
+impl Seen {
+    fn of(r: &Replica<MemLedger>, m: &Message) -> Seen {
+        let status = r.status();
+        let claimed_match = status.matched.iter().find(|(n, _)| *n == m.from).map(|(_, i)| (*i, r.log_term(*i)));
+        Seen {
+            candidate: r.campaign().0,
+            commit_term: r.log_term(status.commit_index),
+            entry_terms: m.get_entries().iter().map(|e| r.log_term(e.index)).collect(),
+            claimed_match,
+            status,
+        }
     }
 }
 
@@ -77,6 +135,8 @@ pub struct RunStats {
     pub bad_inputs: u64,
     pub messages: u64,
     pub max_height: u64,
+    /// The forging peer, when the run had one.
+    pub forger: Option<ForgerStats>,
 }
 
 /// What a run leaves: the record for the checkers, counters, and problems found on the way
@@ -161,6 +221,13 @@ enum Ev {
         link: (usize, usize),
     },
     Heal,
+    /// The forging peer sends its next message.
+    Forge,
+    /// A forged message arrives at replica `to`.
+    Forged {
+        to: usize,
+        msg: Message,
+    },
 }
 
 struct Clock {
@@ -269,6 +336,10 @@ pub struct Sim {
     stats: RunStats,
     bad_input_violations: Vec<String>,
     logger: slog::Logger,
+    /// The forging peer: the identity it holds, its own random stream, what it saw.
+    forger: Option<(u64, ChaCha20Rng, crate::forger::Samples)>,
+    /// Set while a forged message is being handled.
+    forging: bool,
 }
 
 fn client_tag(client: usize, attempt: u64) -> ClientTag {
@@ -379,7 +450,12 @@ impl Sim {
             });
         }
         clients.push(Client { kind: ClientKind::Mischief, target: 0, nonce: 0, attempt: 0, op: None, expect: None });
-        let stats = RunStats { nodes: n, ..RunStats::default() };
+        let mut stats = RunStats { nodes: n, ..RunStats::default() };
+        let forger = cfg.forger.unwrap_or_else(|| forger_drawn(seed)).then(|| {
+            let identity = 1 + derived_key(seed, "forger-identity", 0)[0] as u64 % n as u64;
+            stats.forger = Some(ForgerStats { identity, ..ForgerStats::default() });
+            (identity, ChaCha20Rng::from_seed(derived_key(seed, "forger-rng", 0)), crate::forger::Samples::default())
+        });
         Sim {
             cfg,
             rng,
@@ -414,6 +490,8 @@ impl Sim {
             stats,
             bad_input_violations: Vec::new(),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
+            forger,
+            forging: false,
         }
     }
 
@@ -435,6 +513,9 @@ impl Sim {
             self.at(d, Ev::ClientWake { client: c, attempt: 0, why: Wake::Next });
         }
         self.at(1_000, Ev::Chaos);
+        if self.forger.is_some() {
+            self.at(1_000, Ev::Forge);
+        }
         let heal_at = self.cfg.safety_ms;
         self.at(heal_at, Ev::Heal);
         let stop_clients_at = end.saturating_sub(1_500);
@@ -537,6 +618,16 @@ impl Sim {
                 self.at(500, Ev::AddVoter { node });
             }
             Ev::Heal => self.heal(),
+            Ev::Forge => self.forge(),
+            Ev::Forged { to, msg } => {
+                if self.nodes[to].paused.is_some() {
+                    self.nodes[to].held.push(Ev::Forged { to, msg });
+                    return;
+                }
+                if self.nodes[to].replica.is_some() {
+                    self.deliver_forged(to, msg);
+                }
+            }
         }
     }
 
@@ -613,6 +704,11 @@ impl Sim {
     fn deliver(&mut self, i: usize, ev: Event) {
         let Some(r) = self.nodes[i].replica.as_mut() else { return };
         let effects = r.handle(ev);
+        self.after_handling(i, effects);
+    }
+
+    /// Runs the effects of what replica `i` handled, and notes leadership changes.
+    fn after_handling(&mut self, i: usize, effects: Vec<Effect>) {
         self.run_effects(i, effects);
         // Leadership changes (failovers).
         let nd = &mut self.nodes[i];
@@ -708,12 +804,27 @@ impl Sim {
                     self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
                 }
                 // The simulator changes voters with `Event::ChangeVoters`, which has no answer.
-                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } | Effect::PeerRefused { .. } => {}
+                Effect::PeerRefused { from, refusal } => self.on_refused(i, from, &refusal),
+                Effect::ConfChangeSkipped { index, why } => {
+                    let what =
+                        format!("at {} ms node {} skipped committed conf change {index}: {why}", self.now, i + 1);
+                    match self.stats.forger.as_mut() {
+                        // Only a lie can get one committed.
+                        Some(f) => {
+                            f.taint.get_or_insert(what);
+                        }
+                        None => self.bad_input_violations.push(what),
+                    }
+                }
+                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } => {}
             }
         }
     }
 
     fn send_peer(&mut self, from: usize, m: Message) {
+        if let Some((_, rng, samples)) = self.forger.as_mut() {
+            samples.observe(rng, &m);
+        }
         let to = (m.to - 1) as usize;
         if to >= self.nodes.len() || self.blocked.contains(&(from, to)) {
             return;
@@ -1104,6 +1215,135 @@ impl Sim {
         }
     }
 
+    // ---- the forging peer -----------------------------------------------------------------
+
+    /// The forger sends a message to an honest replica, until the faults heal.
+    fn forge(&mut self) {
+        if !self.faults_on {
+            return;
+        }
+        let n = self.nodes.len();
+        let Some((me, rng, samples)) = self.forger.as_mut() else { return };
+        let targets: Vec<usize> = (0..n).filter(|i| *i as u64 + 1 != *me && self.nodes[*i].replica.is_some()).collect();
+        let next = rng.gen_range(5..80);
+        if let Some(&t) = targets.choose(rng) {
+            let s = self.nodes[t].replica.as_ref().map(Replica::status).unwrap_or_default();
+            let target = crate::forger::Target {
+                id: t as u64 + 1,
+                term: s.term,
+                committed: s.commit_index,
+                last_index: s.last_index,
+                nodes: n as u64,
+            };
+            let msg = crate::forger::forge(rng, *me, &target, samples);
+            let delay = rng.gen_range(1..=10);
+            if let Some(f) = self.stats.forger.as_mut() {
+                f.sent += 1;
+            }
+            self.at(delay, Ev::Forged { to: t, msg });
+        }
+        self.at(next, Ev::Forge);
+    }
+
+    /// Hands a forged message to replica `i`, and records whether it passed the gate and moved
+    /// the replica where only a lie can ([`Sim::lie_effect`]). The replica is looked at right
+    /// after its core handled the message, before the effects run: a crash while persisting
+    /// them would otherwise hide what the message did.
+    fn deliver_forged(&mut self, i: usize, msg: Message) {
+        let refused_before = self.forged_refused();
+        let Some(r) = self.nodes[i].replica.as_mut() else { return };
+        let before = Seen::of(r, &msg);
+        self.forging = true;
+        let effects = r.handle(Event::Peer(msg.clone()));
+        let after = Seen::of(r, &msg);
+        self.after_handling(i, effects);
+        self.forging = false;
+        if self.forged_refused() != refused_before {
+            return;
+        }
+        let moved = self.lie_effect(i, &msg, &before, &after);
+        let now = self.now;
+        if let Some(f) = self.stats.forger.as_mut() {
+            f.passed += 1;
+            if let Some(what) = moved {
+                let kind = msg.get_msg_type();
+                f.taint.get_or_insert_with(|| format!("at {now} ms a forged {kind:?} {what} on node {}", i + 1));
+            }
+        }
+    }
+
+    /// What a forged message that passed replica `i`'s gate moved that only a lie can, now or
+    /// later: its commit index beyond what any other replica committed (no taint before this
+    /// one, so theirs are true commits; Log Matching covers the entries below), what
+    /// [`moved_by_a_lie`] sees in the replica's status, entries replaced, and state raft-rs or
+    /// the lease keep for later (a match index for an entry the claimed node does not hold, a
+    /// vote it did not give, a lease acknowledgement).
+    fn lie_effect(&self, i: usize, msg: &Message, before: &Seen, after: &Seen) -> Option<String> {
+        use raft::eraftpb::MessageType as T;
+        let (from, to) = (before.status.commit_index, after.status.commit_index);
+        if to > from {
+            let known = self.nodes.iter().enumerate().any(|(j, n)| {
+                j != i
+                    && n.replica.as_ref().is_some_and(|o| o.commit_index() >= to && o.log_term(to) == after.commit_term)
+            });
+            if !known {
+                return Some(format!(
+                    "moved the commit index from {from} to {to}, past what any other replica committed"
+                ));
+            }
+        }
+        if let Some(what) = moved_by_a_lie(msg.get_msg_type(), &before.status, &after.status) {
+            return Some(what);
+        }
+        let replaced = msg.get_entries().iter().zip(before.entry_terms.iter().zip(&after.entry_terms));
+        if let Some((e, _)) = replaced.clone().find(|(_, (was, is))| was != is) {
+            return Some(format!("replaced entry {}", e.index));
+        }
+        let claimed = self.nodes.get((msg.from as usize).wrapping_sub(1)).and_then(|n| n.replica.as_ref());
+        let term = before.status.term;
+        match msg.get_msg_type() {
+            T::MsgAppendResponse if after.status.is_leader => {
+                let (now, leader_term) = after.claimed_match?;
+                let holds = claimed.and_then(|c| c.log_term(now)) == leader_term;
+                (now > before.claimed_match.map_or(0, |(m, _)| m) && !holds)
+                    .then(|| format!("set node {}'s match index to {now}, an entry it does not hold", msg.from))
+            }
+            T::MsgRequestVoteResponse if before.candidate && !msg.reject && msg.term == term => {
+                let gave = claimed.is_some_and(|c| c.term() == term && c.campaign().1 == i as u64 + 1);
+                (!gave).then(|| format!("counted a vote node {} did not give", msg.from))
+            }
+            T::MsgHeartbeatResponse if before.status.is_leader && msg.term == term => {
+                tally_core::lease::parse_probe_context(&msg.context)
+                    .filter(|(t, _)| *t == term)
+                    .map(|_| format!("recorded a lease acknowledgement node {} may not have sent", msg.from))
+            }
+            _ => None,
+        }
+    }
+
+    fn forged_refused(&self) -> u64 {
+        self.stats.forger.as_ref().map_or(0, |f| f.refused.values().sum())
+    }
+
+    /// A peer message refused by replica `i`'s gate: expected of the forger; of an honest
+    /// replica, only as a consequence of the forger's lies, and never without a forger.
+    fn on_refused(&mut self, i: usize, from: u64, refusal: &tally_core::Refusal) {
+        let reason = refusal.reason().to_string();
+        match (self.forging, self.stats.forger.as_mut()) {
+            (true, Some(f)) => *f.refused.entry(reason).or_default() += 1,
+            (false, Some(f)) => *f.honest_refused.entry(reason).or_default() += 1,
+            (_, None) => {
+                if !matches!(refusal, tally_core::Refusal::NotMember(_)) {
+                    self.bad_input_violations.push(format!(
+                        "at {} ms node {} refused an honest message from node {from}: {refusal}",
+                        self.now,
+                        i + 1
+                    ));
+                }
+            }
+        }
+    }
+
     // ---- faults ---------------------------------------------------------------------------
 
     fn fault(&mut self, kind: &str) {
@@ -1383,6 +1623,36 @@ impl Sim {
         stats.sim_ms = self.now;
         let digest = run_digest(&record);
         RunOutput { record, stats, bad_input_violations: self.bad_input_violations, digest }
+    }
+}
+
+/// What a forged message of `kind` that passed the gate did, seen in the replica's status,
+/// that only a lie can (commits are judged by [`Sim::lie_effect`]): change a follower's
+/// entries, install a snapshot, win an election with a forged vote, or extend a leader's lease
+/// with a forged probe ack. (The log's first index moves by compaction too: only a snapshot's
+/// counts.)
+fn moved_by_a_lie(
+    kind: raft::eraftpb::MessageType,
+    before: &tally_core::Status,
+    after: &tally_core::Status,
+) -> Option<String> {
+    use raft::eraftpb::MessageType as T;
+    let rewrote = || {
+        format!(
+            "rewrote the log ({}..={} to {}..={})",
+            before.first_index, before.last_index, after.first_index, after.last_index
+        )
+    };
+    match kind {
+        T::MsgAppend if !after.is_leader && after.last_index != before.last_index => Some(rewrote()),
+        T::MsgSnapshot if after.last_index != before.last_index || after.first_index > before.first_index => {
+            Some(rewrote())
+        }
+        T::MsgRequestVoteResponse | T::MsgRequestPreVoteResponse if after.is_leader && !before.is_leader => {
+            Some("won an election".into())
+        }
+        T::MsgHeartbeatResponse if after.lease_until_ms > before.lease_until_ms => Some("extended the lease".into()),
+        _ => None,
     }
 }
 

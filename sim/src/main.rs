@@ -40,9 +40,13 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     liveness_ms: u64,
     /// A bug planted in the core, to prove the checkers catch it: ack-before-commit,
-    /// sign-before-commit, skip-fsync, stale-lease-read.
+    /// sign-before-commit, skip-fsync, stale-lease-read, no-peer-gate.
     #[arg(long, default_value = "none")]
     plant: Plant,
+    /// A forging peer holding a member's identity through the safety phase: `on`, `off`, or
+    /// `seed` (one seed in 4).
+    #[arg(long, default_value = "seed", value_parser = ["on", "off", "seed"])]
+    forger: String,
     /// Where the summary JSON and PNG go.
     #[arg(long, default_value = "target/sim")]
     out: PathBuf,
@@ -71,11 +75,58 @@ struct Summary {
     linearizability_gave_up: u64,
     coordination_checked: u64,
     five_node_runs: u64,
+    forger: ForgerSummary,
     results: Vec<SeedResult>,
 }
 
+/// The forging peer over all seeds.
+#[derive(serde::Serialize, Default)]
+struct ForgerSummary {
+    seeds: u64,
+    sent: u64,
+    passed: u64,
+    refused: std::collections::BTreeMap<String, u64>,
+    honest_refused: std::collections::BTreeMap<String, u64>,
+    /// Seeds where a lie passed the gate and moved a replica where only a lie can.
+    tainted_seeds: Vec<u64>,
+    /// Of those, the seeds with excused violations, and the violations by invariant.
+    tainted_with_violations: Vec<u64>,
+    excused: std::collections::BTreeMap<String, u64>,
+}
+
+fn forger_summary(results: &[SeedResult]) -> ForgerSummary {
+    let mut f = ForgerSummary::default();
+    for r in results {
+        let Some(s) = &r.stats.forger else { continue };
+        f.seeds += 1;
+        f.sent += s.sent;
+        f.passed += s.passed;
+        for (k, v) in &s.refused {
+            *f.refused.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &s.honest_refused {
+            *f.honest_refused.entry(k.clone()).or_default() += v;
+        }
+        if s.taint.is_some() {
+            f.tainted_seeds.push(r.seed);
+        }
+        if !r.excused.is_empty() {
+            f.tainted_with_violations.push(r.seed);
+        }
+        for v in &r.excused {
+            *f.excused.entry(v.invariant.to_string()).or_default() += 1;
+        }
+    }
+    f
+}
+
 fn config(a: &Args, seed: u64) -> SimConfig {
-    SimConfig { seed, nodes: a.nodes, safety_ms: a.safety_ms, liveness_ms: a.liveness_ms, plant: a.plant }
+    let forger = match a.forger.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    };
+    SimConfig { seed, nodes: a.nodes, safety_ms: a.safety_ms, liveness_ms: a.liveness_ms, plant: a.plant, forger }
 }
 
 fn replay_command(a: &Args, seed: u64) -> String {
@@ -89,6 +140,9 @@ fn replay_command(a: &Args, seed: u64) -> String {
     if a.plant != Plant::None {
         cmd.push_str(&format!(" --plant {}", plant_name(a.plant)));
     }
+    if a.forger != "seed" {
+        cmd.push_str(&format!(" --forger {}", a.forger));
+    }
     cmd
 }
 
@@ -99,6 +153,7 @@ fn plant_name(p: Plant) -> &'static str {
         Plant::SignBeforeCommit => "sign-before-commit",
         Plant::SkipFsync => "skip-fsync",
         Plant::StaleLeaseRead => "stale-lease-read",
+        Plant::NoPeerGate => "no-peer-gate",
     }
 }
 
@@ -166,6 +221,7 @@ fn main() -> ExitCode {
         linearizability_gave_up: results.iter().map(|r| r.linearizability_gave_up).sum(),
         coordination_checked: results.iter().map(|r| r.coordination_checked).sum(),
         five_node_runs: results.iter().filter(|r| r.stats.nodes == 5).count() as u64,
+        forger: forger_summary(&results),
         results,
     };
     print_summary(&summary);
@@ -200,6 +256,30 @@ fn print_summary(s: &Summary) {
     println!("  {} committed coordination outcomes checked (claims, create-only sets, leases)", s.coordination_checked);
     let faults: Vec<String> = s.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  faults: {}", faults.join(", "));
+    let f = &s.forger;
+    if f.seeds > 0 {
+        let refused: u64 = f.refused.values().sum();
+        let reasons: Vec<String> = f.refused.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "  forging peer in {} seeds: {} messages, {refused} refused ({}), {} passed",
+            f.seeds,
+            f.sent,
+            reasons.join(", "),
+            f.passed
+        );
+        let honest: Vec<String> = f.honest_refused.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "    honest messages refused meanwhile: {}",
+            if honest.is_empty() { "none".into() } else { honest.join(", ") }
+        );
+        let excused: Vec<String> = f.excused.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "    lies Raft can't tell from the truth moved a replica in {} seeds; {} of them broke an invariant ({})",
+            f.tainted_seeds.len(),
+            f.tainted_with_violations.len(),
+            if excused.is_empty() { "none".into() } else { excused.join(", ") }
+        );
+    }
     if s.seeds == 1 {
         if let Some(r) = s.results.first() {
             println!("  history digest {}", r.digest);

@@ -53,6 +53,11 @@ pub const CATALOGUE: &[(&str, Kind, &str)] = &[
     ("tally_leader_changes_total", Kind::Counter, "Times this replica saw a new leader (or the same one in a new term) take over."),
     ("tally_snapshot_installs_total", Kind::Counter, "State snapshots this replica installed from a leader."),
     (
+        "tally_peer_messages_refused_total",
+        Kind::Counter,
+        "Raft messages from a peer refused before raft-rs saw them, by peer (node id) and reason.",
+    ),
+    (
         "tally_store_read_waits_total",
         Kind::Counter,
         "Reads on the replica thread that waited 100 ms or more for the store (held by a slow write or export).",
