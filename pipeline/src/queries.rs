@@ -11,6 +11,10 @@ pub const AUDIT_KEYS_PER_LOCK_MAX: usize = 1_000;
 pub const AUDIT_KEYS_PER_S_MAX: u64 = 50_000;
 /// Audit pages served at once, at most.
 pub const AUDIT_SCANS_MAX: usize = 2;
+/// An audit page is answered within this long: the store lock is waited for until then at most
+/// (the store thread holds it through each write, for seconds during a LevelDB compaction), and
+/// a page that could not read ends where it is, or is answered `Busy`.
+pub const AUDIT_ANSWER_MS: u64 = 500;
 
 /// Why an audit page was not served.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +98,21 @@ pub fn audit_page(
     let failed = |e: &dyn std::fmt::Display| AuditError::Failed(e.to_string());
     let (mut applied, mut keys, mut balance_total, mut done) = (None, 0usize, 0u128, false);
     let mut after = after.map(<[u8]>::to_vec);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(AUDIT_ANSWER_MS);
     while keys < limit && !done {
         let want = (limit - keys).min(AUDIT_KEYS_PER_LOCK_MAX);
-        let (now, chunk) = {
-            let store = shared.store.lock();
-            (store.applied(), store.kv_scan_page(&prefix, after.as_deref(), want).map_err(|e| failed(&e))?)
+        let Some(store) = shared.store.try_lock_until(deadline) else {
+            if applied.is_some() {
+                break; // the page ends where it is; `next_after` resumes it
+            }
+            let m = format!(
+                "the store was busy with a write for the whole {AUDIT_ANSWER_MS} ms a page may take (AUDIT_ANSWER_MS); retry after the hint"
+            );
+            return Err(AuditError::Busy(crate::watch::busy_info("STORE_BUSY", 0, m)));
         };
+        let (now, chunk) =
+            (store.applied(), store.kv_scan_page(&prefix, after.as_deref(), want).map_err(|e| failed(&e))?);
+        drop(store);
         scan.charge(chunk.len());
         if applied.is_some_and(|a| a != now) {
             break;

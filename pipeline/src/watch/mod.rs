@@ -302,9 +302,10 @@ impl WatchService {
             self.state.lock().waiting.push(t);
             return;
         }
-        let batch = match self.batch_at(shared, t.next) {
+        let batch = match self.batch_at(shared, t.next, t.deadline) {
             Ok(b) => b,
             Err(ReadError::Compacted { .. }) if t.next > t.from => return self.send_page(t),
+            Err(ReadError::StoreBusy) => return self.store_busy(t),
             Err(e) => {
                 let code =
                     if matches!(e, ReadError::Compacted { .. }) { ErrorCode::Compacted } else { ErrorCode::Internal };
@@ -326,15 +327,15 @@ impl WatchService {
 
     /// The changes of batch `height`: from the cache, or read (short lock holds), charged to the
     /// decode budget, decoded and cached.
-    fn batch_at(&self, shared: &Shared, height: u64) -> Result<Arc<BatchChanges>, ReadError> {
+    fn batch_at(&self, shared: &Shared, height: u64, deadline: Instant) -> Result<Arc<BatchChanges>, ReadError> {
         if let Some(b) = self.cache.lock().get(height) {
             metrics::counter!("tally_watch_batches_total", "source" => "cache").increment(1);
             return Ok(b);
         }
-        let at = read::locate(&shared.store, height)?;
+        let at = read::locate(&shared.store, height, deadline)?;
         let len = at.body.len() as u64;
         self.state.lock().decode.charge(len, Instant::now());
-        let b = Arc::new(read::changes(&shared.store, &shared.tables, &at)?);
+        let b = Arc::new(read::changes(&shared.store, &shared.tables, &at, deadline)?);
         self.cache.lock().insert(b.clone());
         metrics::counter!("tally_watch_batches_total", "source" => "store").increment(1);
         metrics::counter!("tally_watch_decoded_bytes_total").increment(len);
@@ -390,6 +391,19 @@ impl WatchService {
             self.limits.answer_ms
         );
         self.send_small(t, busy("WATCH_ANSWER_MS", retry, message));
+    }
+
+    /// The store lock stayed taken (by a long store write) until the watch's answer time: the
+    /// batches covered so far, or `Busy` naming the store.
+    fn store_busy(&self, t: Task) {
+        if t.next > t.from {
+            return self.send_page(t);
+        }
+        let message = format!(
+            "the store was busy with a write for the whole {} ms this watch may take; retry after the hint",
+            self.limits.answer_ms
+        );
+        self.send_small(t, busy("STORE_BUSY", u64::from(WATCH_RETRY_MS), message));
     }
 
     /// Sends a finished page; its slot stays taken until the connection's writer takes the page.

@@ -7,6 +7,7 @@
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 use tally_codec::wire::Change;
 use tally_codec::Tables;
 use tally_store::state::Store;
@@ -35,6 +36,19 @@ pub enum ReadError {
     Compacted { oldest: u64 },
     #[error("store read failed: {0}")]
     Failed(String),
+    /// The store lock was not free before the watch's answer time: the store thread holds it
+    /// through a write (rusty-leveldb compacts inside `write`, for seconds at full load).
+    #[error("the store is busy with a write")]
+    StoreBusy,
+}
+
+/// The store lock, waited for until `deadline` at most: a watch never sits behind a long store
+/// write past its answer time.
+fn lock_until<K: Kv>(
+    store: &Mutex<Store<K>>,
+    deadline: Instant,
+) -> Result<parking_lot::MutexGuard<'_, Store<K>>, ReadError> {
+    store.try_lock_until(deadline).ok_or(ReadError::StoreBusy)
 }
 
 /// What one event costs a page, about: its fixed fields, and the bytes it carries.
@@ -57,9 +71,9 @@ pub struct Located {
 ///
 /// # Errors
 /// [`ReadError::Compacted`] when this store has no body there; [`ReadError::Failed`].
-pub fn locate<K: Kv>(store: &Mutex<Store<K>>, height: u64) -> Result<Located, ReadError> {
+pub fn locate<K: Kv>(store: &Mutex<Store<K>>, height: u64, deadline: Instant) -> Result<Located, ReadError> {
     let found = {
-        let s = store.lock();
+        let s = lock_until(store, deadline)?;
         match s.batch(height) {
             Ok(Some(r)) if !r.body_ref.is_empty() => Some(s.batch_body_mapped(&r).map(|b| (r.header.time_ms, b))),
             Ok(_) => None,
@@ -69,7 +83,7 @@ pub fn locate<K: Kv>(store: &Mutex<Store<K>>, height: u64) -> Result<Located, Re
     match found {
         Some(Ok((time_ms, body))) => Ok(Located { height, time_ms, body }),
         Some(Err(e)) => Err(ReadError::Failed(e.to_string())),
-        None => Err(ReadError::Compacted { oldest: oldest_height(store, height) }),
+        None => Err(ReadError::Compacted { oldest: oldest_height(store, height, deadline)? }),
     }
 }
 
@@ -78,7 +92,12 @@ pub fn locate<K: Kv>(store: &Mutex<Store<K>>, height: u64) -> Result<Located, Re
 ///
 /// # Errors
 /// [`ReadError::Failed`] for a body or value that does not decode, or a failed read.
-pub fn changes<K: Kv>(store: &Mutex<Store<K>>, tables: &Tables, at: &Located) -> Result<BatchChanges, ReadError> {
+pub fn changes<K: Kv>(
+    store: &Mutex<Store<K>>,
+    tables: &Tables,
+    at: &Located,
+    deadline: Instant,
+) -> Result<BatchChanges, ReadError> {
     let bytes = at.body.check().map_err(|e| ReadError::Failed(e.to_string()))?;
     let body = tally_store::state::decode_batch_body(bytes).map_err(|e| ReadError::Failed(e.to_string()))?;
     let ops = &body.write_set.ops;
@@ -98,7 +117,7 @@ pub fn changes<K: Kv>(store: &Mutex<Store<K>>, tables: &Tables, at: &Located) ->
     }
     for chunk in missing.chunks(READS_PER_LOCK_MAX) {
         let values: Vec<Option<Vec<u8>>> = {
-            let s = store.lock();
+            let s = lock_until(store, deadline)?;
             chunk
                 .iter()
                 .map(|(_, k)| s.get_raw(k))
@@ -154,21 +173,23 @@ fn change_of(
 
 /// The oldest height at or above `missing` this store holds a body for (they are contiguous up
 /// to the applied height): a binary search, one read per lock hold.
-fn oldest_height<K: Kv>(store: &Mutex<Store<K>>, missing: u64) -> u64 {
-    let has = |h: u64| store.lock().batch(h).ok().flatten().is_some_and(|r| !r.body_ref.is_empty());
-    let (mut lo, mut hi) = (missing + 1, store.lock().applied().height.max(missing + 1));
-    if !has(hi) {
-        return hi + 1;
+fn oldest_height<K: Kv>(store: &Mutex<Store<K>>, missing: u64, deadline: Instant) -> Result<u64, ReadError> {
+    let has = |h: u64| -> Result<bool, ReadError> {
+        Ok(lock_until(store, deadline)?.batch(h).ok().flatten().is_some_and(|r| !r.body_ref.is_empty()))
+    };
+    let (mut lo, mut hi) = (missing + 1, lock_until(store, deadline)?.applied().height.max(missing + 1));
+    if !has(hi)? {
+        return Ok(hi + 1);
     }
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        if has(mid) {
+        if has(mid)? {
             hi = mid;
         } else {
             lo = mid + 1;
         }
     }
-    lo
+    Ok(lo)
 }
 
 /// Decoded batches shared by every watcher, the oldest inserted evicted first, within
@@ -261,9 +282,10 @@ mod tests {
         store.apply_batch(1, &one, &Signature([0; 64])).expect("apply 1");
         store.apply_batch(2, &entry(2, one.header.hash(), again), &Signature([0; 64])).expect("apply 2");
         let store = Mutex::new(store);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
         for h in [1, 2] {
-            let at = locate(&store, h).expect("located");
-            let got = changes(&store, &tables, &at).expect("changes");
+            let at = locate(&store, h, deadline).expect("located");
+            let got = changes(&store, &tables, &at, deadline).expect("changes");
             assert_eq!((got.height, got.time_ms, got.changes.len()), (h, 1_000 + h, 40));
             for (n, c) in got.changes.iter().enumerate() {
                 match c {
@@ -272,6 +294,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A store write holding the lock (a LevelDB compaction inside `write` takes seconds) keeps
+    /// a watch waiting until its answer time, not longer.
+    #[test]
+    fn a_read_gives_up_at_its_deadline_while_a_write_holds_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::in_memory(dir.path()).expect("store");
+        store.init_genesis(&[]).expect("genesis");
+        let tables = *store.tables();
+        let one = entry(1, Digest([0; 32]), (0..4).flat_map(|n| doc_ops(&tables, n, true)).collect());
+        store.apply_batch(1, &one, &Signature([0; 64])).expect("apply 1");
+        let store = Mutex::new(store);
+        let writing = store.lock();
+        let started = Instant::now();
+        let deadline = started + std::time::Duration::from_millis(50);
+        assert!(matches!(locate(&store, 1, deadline), Err(ReadError::StoreBusy)));
+        let waited = started.elapsed();
+        assert!(waited < std::time::Duration::from_secs(2), "waited {waited:?} for a held store");
+        drop(writing);
+        assert!(locate(&store, 1, Instant::now() + std::time::Duration::from_secs(30)).is_ok());
     }
 
     #[test]
