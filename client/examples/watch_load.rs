@@ -1,8 +1,9 @@
 //! What watchers and admin scanners cost a bench (docs/coordination.md "Watch", docs/security.md
 //! "Watches and admin scans"): after loading documents, `tally bench` runs alone, then beside
 //! watchers catching up from height 0 on the leader, beside watchers on a follower, beside admin
-//! scanners paging `AuditPage` in a loop, and alone again. Each bench's throughput is printed as a
-//! share of the first; with every watcher's and scanner's answers (pages, `Busy`, the slowest).
+//! scanners paging `AuditPage` in a loop, each between two benches alone. Each loaded bench's
+//! throughput is printed as a share of the mean of the benches alone either side of it, with
+//! every watcher's and scanner's answers (pages, `Busy`, the slowest).
 //! `scripts/watch-load.sh` starts a release cluster, runs this, and cleans up.
 //!
 //! ```text
@@ -281,31 +282,40 @@ fn main() {
     let leader = status.leader_addr.clone().expect("a leader");
     let follower = t.addrs.iter().find(|x| **x != leader).expect("a follower").clone();
     load_docs(&t, a.docs);
+    // Each load runs between two benches alone, and is compared with their mean: runs here drift
+    // by 5-10% over minutes, more than the targets' margins.
     let phases = [
         ("baseline", Load::None),
         ("leader_watchers", Load::Watchers { addr: leader.clone(), n: a.watchers_leader }),
+        ("baseline", Load::None),
         ("follower_watchers", Load::Watchers { addr: follower, n: a.watchers_follower }),
+        ("baseline", Load::None),
         ("scanners", Load::Scanners { addr: leader, n: a.scanners }),
-        ("baseline_after", Load::None),
+        ("baseline", Load::None),
     ];
     let scratch = tempfile_dir();
-    let mut rows = Vec::new();
-    let mut base = None;
-    for (name, load) in phases {
+    let mut runs = Vec::new();
+    for (i, (name, load)) in phases.into_iter().enumerate() {
         let stop = start(&load, &t, status.cluster_id);
         std::thread::sleep(Duration::from_secs(1));
-        let tput = bench(&a, &tally, &scratch.join(format!("{name}.json")));
+        let tput = bench(&a, &tally, &scratch.join(format!("{i}-{name}.json")));
         let stats = stop();
-        let base = *base.get_or_insert(tput);
+        println!("{name:<18} {tput:>9.0}/s");
+        runs.push((name, tput, stats));
+    }
+    let mut rows = Vec::new();
+    for (i, (name, tput, stats)) in runs.iter().enumerate() {
+        // A baseline is compared with the first; a load with the baselines either side of it.
+        let base = if *name == "baseline" { runs[0].1 } else { (runs[i - 1].1 + runs[i + 1].1) / 2.0 };
         let pct = 100.0 * tput / base;
         println!(
             "{name:<18} {tput:>9.0}/s {pct:>6.1}%  actors {:>3}: pages {:>6} busy {:>6} errors {:>4} late {:>3} silent {:>3} answer p50 {:>6.1} p99 {:>7.1} max {:>7.1} ms progress {:.0}",
             stats.actors, stats.pages, stats.busy, stats.errors, stats.late_actors, stats.silent_actors,
             stats.answer_ms_p50, stats.answer_ms_p99, stats.answer_ms_max, stats.progress
         );
-        rows.push(
-            serde_json::json!({ "phase": name, "throughput_per_s": tput, "pct_of_baseline": pct, "load": stats }),
-        );
+        rows.push(serde_json::json!({
+            "phase": name, "throughput_per_s": tput, "baseline_per_s": base, "pct_of_baseline": pct, "load": stats,
+        }));
     }
     let doc = serde_json::json!({
         "docs": a.docs, "duration_s": a.duration, "clients": a.clients,

@@ -8,7 +8,7 @@ use tally_codec::{Receipt, RequestId};
 pub const AUDIT_KEYS_PER_LOCK_MAX: usize = 1_000;
 /// Keys all admin scans of this replica read a second, at most (a page that finds the budget
 /// spent is answered `Busy` with the time until it refills).
-pub const AUDIT_KEYS_PER_S_MAX: u64 = 50_000;
+pub const AUDIT_KEYS_PER_S_MAX: u64 = 25_000;
 /// Audit pages served at once, at most.
 pub const AUDIT_SCANS_MAX: usize = 2;
 /// An audit page is answered within this long: the store lock is waited for until then at most

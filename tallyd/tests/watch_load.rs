@@ -212,7 +212,7 @@ fn a_watch_beyond_the_named_limits_is_refused_busy_at_once() {
 /// `Busy` with a retry hint, every answer comes within 1 s, and a writer keeps committing.
 #[test]
 fn admin_scanners_share_a_keys_a_second_budget() {
-    const KEYS_PER_S_MAX: f64 = 50_000.0;
+    const KEYS_PER_S_MAX: f64 = tally_pipeline::queries::AUDIT_KEYS_PER_S_MAX as f64;
     const SCAN_FOR: Duration = Duration::from_secs(4);
     let (_dir, layout) = init_cluster(3, 2);
     let nodes = start_all(&layout);
