@@ -14,7 +14,7 @@
 # (`cargo install cargo-fuzz --locked`). Builds with `-s none` (no sanitizer: the crates forbid
 # `unsafe`; fuzz/README.md says how to replay a corpus under AddressSanitizer). Logs go to
 # fuzz/logs/<target>.log, corpora to fuzz/corpus/<target>/ (seeds/<target>/ is read too when it
-# exists). Exit status 1 when any target crashed.
+# exists). Exit status 1 when any target crashed or ran nothing (it did not build or start).
 set -euo pipefail
 
 runs=10000000
@@ -63,5 +63,11 @@ for t in "${targets[@]}"; do
     crashes=$(( $(find "artifacts/$t" -type f | wc -l) - before ))
     [ "$crashes" -gt 0 ] && failed=1
     printf '%-26s %14s %8s %9s\n' "$t" "${execs:-?}" "$crashes" "$took"
+    if [ -z "$execs" ]; then
+        # No executions counted: the target did not build or did not start. Not a pass.
+        echo "  $t ran nothing: see fuzz/logs/$t.log" >&2
+        tail -n 5 "logs/$t.log" >&2
+        failed=1
+    fi
 done
 exit "$failed"
