@@ -3,12 +3,13 @@
 # binaries (TLS and fsync on, as `cluster init` writes them): loads DOCS documents, then runs
 # `tally bench` alone, beside WATCHERS_LEADER watchers catching up from height 0 on the leader,
 # beside WATCHERS_FOLLOWER on a follower, beside SCANNERS admin scanners (`AuditPage` in a loop),
-# and alone again. Prints each throughput as a share of the first and writes OUT/watch-load.json.
+# each load between two benches alone. Prints each load's throughput as a share of the mean of the
+# benches alone either side, and writes OUT/watch-load.json and OUT/watch-load.png.
 #
 #   scripts/watch-load.sh [OUT]                       # defaults: 95000 docs, 20 s benches
 #   DOCS=20000 DURATION=8 scripts/watch-load.sh target/watch-load
 #
-# Bounded in time (5 benches plus loading, under a timeout); kills every process it started (by
+# Bounded in time (7 benches plus loading, under a timeout); kills every process it started (by
 # PID) and removes its cluster directory.
 set -euo pipefail
 out=${1:-target/watch-load}
@@ -29,7 +30,7 @@ for _ in $(seq 1 50); do
   "$bin/tally" --cluster-dir "$work" status >/dev/null 2>&1 && break
   sleep 0.2
 done
-timeout --kill-after=10 $((duration * 5 + 600)) "$bin/examples/watch_load" --cluster-dir "$work" \
+timeout --kill-after=10 $((duration * 7 + 600)) "$bin/examples/watch_load" --cluster-dir "$work" \
   --docs "$docs" --duration "$duration" --json "$out/watch-load.json" \
   --watchers-leader "${WATCHERS_LEADER:-200}" --watchers-follower "${WATCHERS_FOLLOWER:-50}" \
   --scanners "${SCANNERS:-4}"

@@ -25,8 +25,11 @@ use tally_codec::{ClusterId, DocKey, Operation};
 
 #[derive(Parser)]
 struct Args {
+    #[arg(long, required_unless_present = "plot_from")]
+    cluster_dir: Option<PathBuf>,
+    /// Only draw the PNG of an earlier run's JSON (next to it), then exit.
     #[arg(long)]
-    cluster_dir: PathBuf,
+    plot_from: Option<PathBuf>,
     /// Documents loaded before the first bench (what each watcher catches up on).
     #[arg(long, default_value_t = 95_000)]
     docs: usize,
@@ -247,9 +250,10 @@ fn summarize(actors: &[Actor], scan: bool) -> LoadStats {
 
 /// `tally bench` for `duration`; its throughput (requests/s).
 fn bench(a: &Args, tally: &Path, json: &Path) -> f64 {
-    let dir = a.cluster_dir.display().to_string();
+    let cluster_dir = a.cluster_dir.as_ref().expect("clap requires --cluster-dir");
+    let dir = cluster_dir.display().to_string();
     // A key of the cluster's, so the bench creates none in the user's home.
-    let key = a.cluster_dir.join("accounts/0.key").display().to_string();
+    let key = cluster_dir.join("accounts/0.key").display().to_string();
     let status = std::process::Command::new(tally)
         .args(["--cluster-dir", &dir, "--key", &key, "bench", "--accounts-dir", &dir])
         .args(["--duration", &a.duration.to_string(), "--clients", &a.clients.to_string()])
@@ -265,7 +269,11 @@ fn bench(a: &Args, tally: &Path, json: &Path) -> f64 {
 
 fn main() {
     let a = Args::parse();
-    let t = target(&a.cluster_dir);
+    if let Some(json) = &a.plot_from {
+        plot_json(json);
+        return;
+    }
+    let t = target(a.cluster_dir.as_ref().expect("clap requires --cluster-dir"));
     let tally = a.tally.clone().unwrap_or_else(|| {
         let exe = std::env::current_exe().expect("this program's path");
         exe.parent().and_then(Path::parent).expect("target/<profile>/examples").join("tally")
@@ -324,8 +332,74 @@ fn main() {
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
         println!("wrote {}", path.display());
+        plot_json(path);
     }
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Draws `<json>.png` from a run's JSON: one bar per phase.
+fn plot_json(json: &Path) {
+    let text = std::fs::read_to_string(json).expect("read the run's JSON");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("the run's JSON parses");
+    let phases = doc["phases"].as_array().expect("the JSON has phases");
+    let bars: Vec<(&str, f64, f64)> = phases
+        .iter()
+        .map(|p| {
+            let name = p["phase"].as_str().expect("a phase name");
+            (name, p["throughput_per_s"].as_f64().unwrap_or(0.0), p["pct_of_baseline"].as_f64().unwrap_or(0.0))
+        })
+        .collect();
+    let png = json.with_extension("png");
+    plot(&bars, &png, tally_client::bench::register_plot_font());
+    println!("wrote {}", png.display());
+}
+
+/// One bar per phase: the bench's throughput, baselines grey, loads blue with their share of
+/// the baselines either side.
+fn plot(bars: &[(&str, f64, f64)], path: &Path, with_text: bool) {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE).expect("fill");
+    let y_max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if with_text {
+        builder.caption(
+            "tally bench beside watchers and admin scanners (requests/s; loads as % of the baselines either side)",
+            ("sans-serif", 20),
+        );
+        builder.x_label_area_size(40).y_label_area_size(70);
+    }
+    let mut chart = builder.build_cartesian_2d(0f64..bars.len() as f64, 0f64..y_max).expect("chart");
+    if with_text {
+        let names: Vec<String> = bars.iter().map(|b| b.0.to_string()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - x.floor() - 0.5).abs() < 0.01 && i < names.len() {
+                    names[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("requests/s")
+            .draw()
+            .expect("mesh");
+    }
+    for (i, (name, tput, pct)) in bars.iter().enumerate() {
+        let x = i as f64;
+        let colour = if *name == "baseline" { RGBColor(170, 170, 170) } else { BLUE };
+        chart.draw_series([Rectangle::new([(x + 0.15, 0.0), (x + 0.85, *tput)], colour.filled())]).expect("bar");
+        if with_text && *name != "baseline" {
+            chart
+                .draw_series([Text::new(format!("{pct:.1}%"), (x + 0.3, tput * 1.03), ("sans-serif", 16))])
+                .expect("label");
+        }
+    }
+    root.present().expect("write png");
 }
 
 /// A scratch directory for the bench summaries.
