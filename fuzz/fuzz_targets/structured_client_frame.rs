@@ -1,5 +1,6 @@
 //! Client frames built by shape: `Submit` and relayed `Submit` of up to 16 generated requests,
-//! plus up to 8,199 small copies (so the request count bound is met and passed), with maybe a
+//! plus small copies (up to 63, or 8,180 to 8,199 so the request count bound is met and passed:
+//! counts in between cost time and test nothing the two ends do not), with maybe a
 //! nested request spliced in; every other client message with generated fields. Then maybe
 //! mutated. Decoded by `wire::decode_client`, as stage 1 does for every frame.
 //!
@@ -63,7 +64,7 @@ type Built = (Option<Envelope<ClientMessage>>, Vec<u8>, Option<CodecError>);
 fn submit(id: u64, reqs: &[Req], copies: u16, deep: &Option<(Deep, u8)>, relayed: bool) -> Built {
     let mut budget = Budget::default();
     let mut requests: Vec<_> = reqs.iter().take(16).map(|r| r.build(&mut budget)).collect();
-    requests.extend((0..u64::from(copies) % 8200).map(small_request));
+    requests.extend((0..copies_count(copies)).map(small_request));
     let count = requests.len() + usize::from(deep.is_some());
     let items = requests.iter().map(|r| (encode(r), request_refusal(r))).collect();
     let value =
@@ -93,6 +94,16 @@ fn submit(id: u64, reqs: &[Req], copies: u16, deep: &Option<(Deep, u8)>, relayed
     (None, bytes, refusal)
 }
 
+/// How many small copies a frame carries: few, or (one input in sixteen) around
+/// `FRAME_REQUESTS_MAX` (8,189).
+fn copies_count(copies: u16) -> u64 {
+    if copies >> 12 == 0xf {
+        8180 + u64::from(copies % 20)
+    } else {
+        u64::from(copies % 64)
+    }
+}
+
 fn simple(msg: &Msg) -> ClientMessage {
     match msg {
         Msg::Get { key, stale } => ClientMessage::Get { key: DocKey(*key), stale: *stale },
@@ -111,7 +122,7 @@ fn simple(msg: &Msg) -> ClientMessage {
             ClientMessage::Watch { filter, from_height: *from_height, max_batches: *max_batches, wait_ms: *wait_ms }
         }
         Msg::AuditPage { after, limit, nonce, documents } => {
-            let admin = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+            let admin = tally_fuzz::key(2);
             let table = if *documents { AuditTable::Documents } else { AuditTable::Accounts };
             let command = AdminCommand {
                 cluster_id: CLUSTER,
@@ -120,7 +131,7 @@ fn simple(msg: &Msg) -> ClientMessage {
                 expires_at_ms: u64::MAX,
                 op: AdminOp::AuditPage { table, after: after.clone(), limit: *limit },
             };
-            ClientMessage::Admin(command.sign(&admin))
+            ClientMessage::Admin(command.sign(admin))
         }
         Msg::Submit { .. } | Msg::Forwarded { .. } => unreachable!("built by submit()"),
     }

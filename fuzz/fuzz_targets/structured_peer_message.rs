@@ -1,6 +1,6 @@
 //! Peer messages built by shape: a Raft message of any type and numbers, whose entries are
 //! generated batches (`tally_fuzz::batch::BatchGen`, maybe with a nested request or outcome),
-//! conf changes with or without an address, empty entries or raw bytes, and whose snapshot
+//! conf changes with no context, an address or a revoked certificate (on either change type), empty entries or raw bytes, and whose snapshot
 //! carries a generated state (`tally_fuzz::snapshot::SnapGen`); encoded with protobuf 2, then
 //! maybe mutated. Then what a replica does with a peer frame: `Message::parse_from_bytes`
 //! (protobuf's own recursion bound, 100), the judge of every appended entry
@@ -9,7 +9,7 @@
 //!
 //! Properties: the message parses back to itself; each entry is judged exactly as its shape
 //! says (a batch passes only when decodable, consistent and of this cluster above height 0; a
-//! conf change only when it names a node and its address agrees); a log record reads back as
+//! conf change only when it names no node 0 and its context is of its kind, for that node); a log record reads back as
 //! its entry; after a mutation, no panic.
 #![no_main]
 
@@ -24,6 +24,7 @@ use tally_core::confirm::check_batch_entry;
 use tally_core::lease::parse_probe_context;
 use tally_failover::snapshot::SnapshotEnvelope;
 use tally_failover::storage::{decode_entry, encode_entry};
+use tally_failover::revocation::Revocation;
 use tally_failover::MemberAddr;
 use tally_fuzz::batch::BatchGen;
 use tally_fuzz::snapshot::SnapGen;
@@ -31,14 +32,51 @@ use tally_fuzz::{Budget, Mutation, CLUSTER};
 use tally_store::state::StateSnapshot;
 use tally_store::LogEntry;
 
-type Addr = Option<(u64, String, String)>;
+/// A conf change's context: none, an added node's address, or a removed node's revoked
+/// certificate; any of them on any change type.
+#[derive(arbitrary::Arbitrary, Debug)]
+enum Ctx {
+    None,
+    Member(u64, String, String),
+    Revocation(u64, [u8; 32]),
+}
+
+impl Ctx {
+    /// The context's bytes and the node it names.
+    fn build(&self) -> (Vec<u8>, Option<u64>) {
+        match self {
+            Ctx::None => (Vec::new(), None),
+            Ctx::Member(node_id, c, p) => {
+                let a = MemberAddr { node_id: *node_id, client_addr: c.clone(), peer_addr: p.clone() };
+                (encode(&a), Some(*node_id))
+            }
+            Ctx::Revocation(node_id, fp) => {
+                (encode(&Revocation { node_id: *node_id, cert_fingerprint: *fp }), Some(*node_id))
+            }
+        }
+    }
+
+    /// Whether a change of `node_id` (an add when `add`) with this context must pass the judge;
+    /// `None` when a context of the other kind happens to decode as this change's kind.
+    fn verdict(&self, add: bool, node_id: u64, bytes: &[u8]) -> Option<bool> {
+        if node_id == 0 {
+            return Some(false);
+        }
+        match (self, add) {
+            (Ctx::None, _) => Some(true),
+            (Ctx::Member(n, ..), true) | (Ctx::Revocation(n, _), false) => Some(*n == node_id),
+            (Ctx::Member(..), false) => tally_codec::decode::<Revocation>(bytes, 1024).is_err().then_some(false),
+            (Ctx::Revocation(..), true) => tally_codec::decode::<MemberAddr>(bytes, 64 * 1024).is_err().then_some(false),
+        }
+    }
+}
 
 #[derive(arbitrary::Arbitrary, Debug)]
 enum EntryGen {
     Empty,
     Batch(BatchGen),
-    ConfChange { add: bool, node_id: u64, addr: Addr },
-    ConfChangeV2 { changes: Vec<(bool, u64)>, addr: Addr },
+    ConfChange { add: bool, node_id: u64, ctx: Ctx },
+    ConfChangeV2 { changes: Vec<(bool, u64)>, ctx: Ctx },
     Raw { entry_type: u8, data: Vec<u8>, context: Vec<u8> },
 }
 
@@ -108,13 +146,6 @@ fn build(input: &Input, budget: &mut Budget) -> (Message, Vec<Option<bool>>) {
 
 fn entry(gen: &EntryGen, budget: &mut Budget) -> (Entry, Option<bool>) {
     let mut e = Entry::default();
-    let address = |addr: &Addr| {
-        addr.as_ref().map(|(node_id, c, p)| MemberAddr {
-            node_id: *node_id,
-            client_addr: c.clone(),
-            peer_addr: p.clone(),
-        })
-    };
     let verdict = match gen {
         EntryGen::Empty => Some(true),
         EntryGen::Batch(b) => {
@@ -122,17 +153,18 @@ fn entry(gen: &EntryGen, budget: &mut Budget) -> (Entry, Option<bool>) {
             e.data = built.bytes.into();
             Some(built.refusal.is_none() && built.consistent && built.entry.header.height != 0)
         }
-        EntryGen::ConfChange { add, node_id, addr } => {
+        EntryGen::ConfChange { add, node_id, ctx } => {
             let mut cc = ConfChange::default();
             cc.set_change_type(if *add { ConfChangeType::AddNode } else { ConfChangeType::RemoveNode });
             cc.node_id = *node_id;
             e.set_entry_type(EntryType::EntryConfChange);
             e.data = cc.write_to_bytes().expect("encode").into();
-            let a = address(addr);
-            e.context = a.as_ref().map(encode).unwrap_or_default().into();
-            Some(*node_id != 0 && a.is_none_or(|a| a.node_id == *node_id))
+            let (bytes, _) = ctx.build();
+            let verdict = ctx.verdict(*add, *node_id, &bytes);
+            e.context = bytes.into();
+            verdict
         }
-        EntryGen::ConfChangeV2 { changes, addr } => {
+        EntryGen::ConfChangeV2 { changes, ctx } => {
             let mut cc = ConfChangeV2::default();
             for (add, node_id) in changes.iter().take(4) {
                 let mut c = ConfChangeSingle::default();
@@ -142,15 +174,16 @@ fn entry(gen: &EntryGen, budget: &mut Budget) -> (Entry, Option<bool>) {
             }
             e.set_entry_type(EntryType::EntryConfChangeV2);
             e.data = cc.write_to_bytes().expect("encode").into();
-            let a = address(addr);
-            e.context = a.as_ref().map(encode).unwrap_or_default().into();
-            let ids: Vec<u64> = cc.get_changes().iter().map(|c| c.node_id).collect();
-            Some(match (ids.as_slice(), &a) {
-                (ids, _) if ids.contains(&0) => false,
-                ([one], Some(a)) => a.node_id == *one,
-                (_, None) => true,
-                (_, Some(_)) => false,
-            })
+            let (bytes, named) = ctx.build();
+            let changes: Vec<(bool, u64)> = changes.iter().take(4).copied().collect();
+            let verdict = match (changes.as_slice(), named) {
+                (all, _) if all.iter().any(|&(_, id)| id == 0) => Some(false),
+                (&[(add, one)], _) => ctx.verdict(add, one, &bytes),
+                (_, None) => Some(true),
+                (_, Some(_)) => Some(false),
+            };
+            e.context = bytes.into();
+            verdict
         }
         EntryGen::Raw { entry_type, data, context } => {
             let types = EntryType::values();

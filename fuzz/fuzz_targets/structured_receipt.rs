@@ -100,7 +100,7 @@ fn build(input: &Input) -> Receipt {
     let tree = Tree::from_leaves(&leaves);
     let mut header = input.header.build(tree.root(), n as u32, Digest([3; 32]));
     header.time_ms = header.time_ms.min(request.request.expires_at_ms);
-    let signature = header.sign(&operator_key());
+    let signature = header.sign(operator_key());
     let mut proof = tree.proof(i);
     proof.extend((0..input.extra_hashes % 80).map(|k| Digest([k; 32])));
     let mut r = Receipt { request, outcome, leaf_index: i as u32, proof, header, signature };

@@ -1,4 +1,4 @@
-//! Snapshots built by shape (`tally_fuzz::snapshot::SnapGen`): members, arbitrary pairs, batch
+//! Snapshots built by shape (`tally_fuzz::snapshot::SnapGen`): members, revoked certificates, arbitrary pairs, batch
 //! records under the batch table, and bodies of generated requests and outcomes, some with a
 //! nested request or outcome spliced in; then maybe mutated. Decoded layer by layer as a
 //! follower does (`pipeline/src/ledger.rs` `decode_envelope`: `SnapshotEnvelope` and
@@ -43,6 +43,7 @@ fuzz_target!(|input: Input| {
     }
     let env = tally_codec::decode::<SnapshotEnvelope>(&bytes, SNAPSHOT_BYTES_MAX).expect("a built envelope decodes");
     assert_eq!(env.members, built.members);
+    assert_eq!(env.revoked, built.revoked);
     let state = tally_codec::decode::<StateSnapshot>(&env.state, SNAPSHOT_BYTES_MAX).expect("a built state decodes");
     assert_eq!(state, built.state);
     for record in &built.records {

@@ -1,6 +1,6 @@
 //! Batches as a follower receives them (Raft entry payloads) and as the store keeps their bodies.
 
-use crate::{outcome_refusal, request_refusal, Budget, Deep, DeepKind, Header, Out, Req};
+use crate::{committed_request_refusal, outcome_refusal, Budget, Deep, DeepKind, Header, Out, Req};
 use arbitrary::Arbitrary;
 use tally_codec::merkle::{leaf_hash, Tree};
 use tally_codec::{encode, BatchEntry, CodecError, Outcome, SignedRequest, WriteOp, WriteSet};
@@ -72,7 +72,7 @@ impl BatchGen {
         };
         let mut refusal = None;
         let reqs: Vec<(Vec<u8>, Option<CodecError>)> =
-            entry.requests.iter().map(|r| (encode(r), request_refusal(r))).collect();
+            entry.requests.iter().map(|r| (encode(r), committed_request_refusal(r))).collect();
         list(&mut out, reqs, splice(false).map(|(d, at)| (d.request_bytes(), d.refusal(), at)), &mut refusal);
         let outs: Vec<(Vec<u8>, Option<CodecError>)> =
             entry.outcomes.iter().map(|o| (encode(o), outcome_refusal(o))).collect();

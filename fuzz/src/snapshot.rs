@@ -3,10 +3,11 @@
 //! bodies are `BatchBody`s read back later.
 
 use crate::batch::list;
-use crate::{outcome_refusal, request_refusal, Budget, Deep, DeepKind, Header, Out, Req};
+use crate::{committed_request_refusal, outcome_refusal, Budget, Deep, DeepKind, Header, Out, Req};
 use arbitrary::Arbitrary;
 use tally_codec::{encode, BatchRecord, CodecError, Digest, Signature, Tables, WriteSet};
 use tally_failover::snapshot::SnapshotEnvelope;
+use tally_failover::revocation::Revocation;
 use tally_failover::MemberAddr;
 use tally_store::state::{Applied, StateSnapshot};
 
@@ -32,7 +33,7 @@ impl BodyGen {
         };
         let reqs = self.reqs.iter().take(8).map(|r| {
             let r = r.build(budget);
-            (encode(&r), request_refusal(&r))
+            (encode(&r), committed_request_refusal(&r))
         });
         let reqs = reqs.collect();
         list(&mut out, reqs, splice(false).map(|(d, at)| (d.request_bytes(), d.refusal(), at)), &mut refusal);
@@ -55,6 +56,8 @@ pub struct SnapGen {
     pub records: Vec<(Header, Vec<u8>)>,
     pub bodies: Vec<(u64, BodyGen)>,
     pub members: Vec<(u64, String, String)>,
+    /// Revoked certificates the envelope carries: (node id, fingerprint).
+    pub revoked: Vec<(u64, [u8; 32])>,
 }
 
 /// A generated snapshot: the envelope's bytes, and what each layer must decode to.
@@ -62,6 +65,7 @@ pub struct BuiltSnapshot {
     pub envelope: Vec<u8>,
     pub state: StateSnapshot,
     pub members: Vec<MemberAddr>,
+    pub revoked: Vec<Revocation>,
     pub records: Vec<BatchRecord>,
     /// Per body, its refusal (if any).
     pub bodies: Vec<Option<CodecError>>,
@@ -96,7 +100,13 @@ impl SnapGen {
                 peer_addr: peer_addr.clone(),
             })
             .collect();
-        let envelope = SnapshotEnvelope::encode_parts(&members, &encode(&state));
-        BuiltSnapshot { envelope, state, members, records, bodies: refusals }
+        let revoked: Vec<Revocation> = self
+            .revoked
+            .iter()
+            .take(8)
+            .map(|&(node_id, cert_fingerprint)| Revocation { node_id, cert_fingerprint })
+            .collect();
+        let envelope = SnapshotEnvelope::encode_parts(&members, &revoked, &encode(&state));
+        BuiltSnapshot { envelope, state, members, revoked, records, bodies: refusals }
     }
 }
