@@ -41,9 +41,19 @@ impl LedgerHead {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
     #[error("ledger write failed: {0}")]
-    Write(String),
+    Write(crate::LogFailure),
     #[error("snapshot refused: {0}")]
     Snapshot(String),
+}
+
+impl LedgerError {
+    /// What stops the replica: a failed write keeps its OS error's kind.
+    pub fn into_failure(self) -> crate::LogFailure {
+        match self {
+            LedgerError::Write(f) => f,
+            refused @ LedgerError::Snapshot(_) => crate::LogFailure::other(refused.to_string()),
+        }
+    }
 }
 
 /// A state exported for a snapshot: where it stands in the log, and its bytes.

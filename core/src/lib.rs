@@ -18,6 +18,7 @@
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod confirm;
+pub mod failure;
 pub mod lease;
 pub mod ledger;
 pub mod log;
@@ -27,9 +28,12 @@ pub mod replica;
 pub mod sequence;
 pub mod state;
 
+pub use failure::LogFailure;
 pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
 pub use peer_gate::Refusal;
-pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, VoterChange};
+pub use replica::{
+    ClientTag, ConfChangeError, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, VoterChange,
+};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
 #[derive(Debug, Clone)]

@@ -28,7 +28,7 @@ use crate::sequence::{
     batch_time, drop_expired, execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX,
 };
 use crate::state::{Backing, BatchWrites, SeenIds, View};
-use crate::{Plant, Validated};
+use crate::{LogFailure, Plant, Validated};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
@@ -102,7 +102,7 @@ pub enum Event {
     /// A message from a peer replica.
     Peer(Message),
     /// The shell could not make a [`Persist`] durable (a failed write or fsync, a full disk).
-    LogFailed(String),
+    LogFailed(LogFailure),
     /// Adds or removes one voter (through joint consensus, left automatically); leader only.
     /// Ignored while another change is in flight (raft-rs).
     ChangeVoters(VoterChange),
@@ -190,7 +190,7 @@ pub enum Effect {
     /// committed).
     ConfChangeProposed {
         ticket: u64,
-        result: Result<(), String>,
+        result: Result<(), ConfChangeError>,
     },
 }
 
@@ -215,7 +215,7 @@ pub struct Status {
     /// Whether the sequencer takes requests now.
     pub sequencing: bool,
     /// Why the replica stopped, if it did.
-    pub poisoned: Option<String>,
+    pub poisoned: Option<LogFailure>,
     /// The first log index held in memory.
     pub first_index: u64,
     /// When a quorum of voters last acknowledged this leader (monotonic ms; leader only).
@@ -273,7 +273,7 @@ pub struct Replica<L: Ledger> {
     next_tick_ms: u64,
     ticks: u64,
     last_probe_tick: u64,
-    poisoned: Option<String>,
+    poisoned: Option<LogFailure>,
     /// Followers a snapshot was handed to the shell for, since the last report to raft-rs.
     snapshots_sent: Vec<u64>,
     /// Data bytes of each entry in the in-memory log, and their sum (for `log_retain_bytes`).
@@ -327,12 +327,33 @@ impl<L: Ledger> Backing for LedgerBacking<'_, L> {
     }
 }
 
+/// Why a configuration change was not proposed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfChangeError {
+    /// Only the leader proposes one; ask it.
+    #[error("not the leader")]
+    NotLeader,
+    /// raft-rs refused it (another change in flight, a change that cannot apply).
+    #[error("{0}")]
+    Refused(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 enum InstallError {
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("raft log: {0}")]
     Log(#[from] raft::Error),
+}
+
+impl InstallError {
+    fn into_failure(self) -> LogFailure {
+        match self {
+            InstallError::Ledger(e) => e.into_failure(),
+            // The in-memory log: no OS error is behind it.
+            InstallError::Log(e) => LogFailure::other(format!("raft log: {e}")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -596,8 +617,8 @@ impl<L: Ledger> Replica<L> {
         (matches!(self.seq.mode, Mode::Leading { .. }), self.seq.queue.len(), self.seq.pending.len())
     }
     /// Why this replica stopped (a failed log write), if it did.
-    pub fn poisoned(&self) -> Option<&str> {
-        self.poisoned.as_deref()
+    pub fn poisoned(&self) -> Option<&LogFailure> {
+        self.poisoned.as_ref()
     }
     /// A test hook: the next batch proposal is refused as if raft-rs had dropped it (the
     /// replica must then end; see `maybe_close_batch`).
@@ -665,18 +686,12 @@ impl<L: Ledger> Replica<L> {
 
     /// Handles one event and returns the effects, in the order the shell must execute them.
     pub fn handle(&mut self, event: Event) -> Vec<Effect> {
-        if let Some(why) = &self.poisoned {
+        if let Some(failure) = &self.poisoned {
             // A poisoned replica sends nothing to its peers and refuses its clients.
-            let why = why.clone();
+            let refusal = WireError::new(failure.code(), format!("this replica stopped: {failure}"));
             match event {
-                Event::Submit { client, .. } => self.reply(
-                    client,
-                    SubmitReply::Refused(WireError::new(ErrorCode::LogFailed, format!("this replica stopped: {why}"))),
-                ),
-                Event::Read { client, .. } => self.out.push(Effect::ReadReply {
-                    client,
-                    result: Err(WireError::new(ErrorCode::LogFailed, format!("this replica stopped: {why}"))),
-                }),
+                Event::Submit { client, .. } => self.reply(client, SubmitReply::Refused(refusal)),
+                Event::Read { client, .. } => self.out.push(Effect::ReadReply { client, result: Err(refusal) }),
                 _ => {}
             }
             return std::mem::take(&mut self.out);
@@ -697,9 +712,9 @@ impl<L: Ledger> Replica<L> {
             Event::ChangeVoters(change) => self.on_change_voters(change),
             Event::ConfChange { ticket, cc, context } => {
                 let result = if self.raw.raft.state == StateRole::Leader {
-                    self.raw.propose_conf_change(context, cc).map_err(|e| e.to_string())
+                    self.raw.propose_conf_change(context, cc).map_err(|e| ConfChangeError::Refused(e.to_string()))
                 } else {
-                    Err("not the leader".to_string())
+                    Err(ConfChangeError::NotLeader)
                 };
                 self.out.push(Effect::ConfChangeProposed { ticket, result });
             }
@@ -775,13 +790,9 @@ impl<L: Ledger> Replica<L> {
         }
     }
 
-    fn poison(&mut self, why: String) {
-        let code = if why.contains("No space left") || why.contains("os error 28") {
-            ErrorCode::StorageFull
-        } else {
-            ErrorCode::LogFailed
-        };
-        self.poisoned = Some(why);
+    fn poison(&mut self, failure: LogFailure) {
+        let code = failure.code();
+        self.poisoned = Some(failure);
         self.fail_all(code);
         // Nothing queued for peers goes out: the log behind it cannot be trusted.
         self.out.retain(|e| !matches!(e, Effect::Send(_) | Effect::Persist(_)));
@@ -1060,7 +1071,7 @@ impl<L: Ledger> Replica<L> {
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 if let Err(e) = self.install_snapshot(&snap) {
-                    self.poison(format!("snapshot install: {e}"));
+                    self.poison(e.into_failure().during("snapshot install"));
                     return;
                 }
                 persist.snapshot = Some(snap);
@@ -1164,7 +1175,7 @@ impl<L: Ledger> Replica<L> {
                 }
             };
             if let Err(err) = r {
-                self.poison(err.to_string());
+                self.poison(err.into_failure());
             }
         }
     }
@@ -1257,7 +1268,7 @@ impl<L: Ledger> Replica<L> {
             self.fail_batch(b, ErrorCode::Retry);
         }
         if let Err(err) = self.ledger.apply_batch(e.index, e.term, &batch, &signature) {
-            self.poison(err.to_string());
+            self.poison(err.into_failure());
             return;
         }
         self.seq.view.on_applied(height);

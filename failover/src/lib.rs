@@ -107,7 +107,7 @@ pub trait Replicator: Send + Sync {
     fn voters(&self) -> usize;
     /// Why this replica stopped replicating (a failed log write or fsync, a full disk), if it
     /// did. A stopped replica sends nothing, so a leader's followers elect another.
-    fn stopped(&self) -> Option<String> {
+    fn stopped(&self) -> Option<tally_core::LogFailure> {
         None
     }
     /// The leader's commit index as far as this replica knows (its own commit index when it

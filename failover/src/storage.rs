@@ -111,6 +111,19 @@ struct ConfHistory {
     entries: Vec<(u64, Vec<u8>)>,
 }
 
+/// A failed log write as the replica stops on it: `what` was being done, and the kind of the OS
+/// error behind it (a full disk is waited out, anything else ends the replica).
+pub fn log_failure(what: &str, e: &RaftError) -> tally_core::LogFailure {
+    let kind = match e {
+        RaftError::Io(io) => io.kind(),
+        RaftError::Store(StorageError::Other(inner)) => {
+            inner.downcast_ref::<StoreError>().map_or(std::io::ErrorKind::Other, StoreError::os_kind)
+        }
+        _ => std::io::ErrorKind::Other,
+    };
+    tally_core::LogFailure::new(kind, format!("{what}: {e}"))
+}
+
 fn store_err(e: StoreError) -> RaftError {
     match e {
         StoreError::Compacted { .. } => RaftError::Store(StorageError::Compacted),
@@ -415,6 +428,17 @@ impl WalStorage {
 mod tests {
     use super::*;
     use tally_store::wal::WalOptions;
+
+    #[test]
+    fn a_full_disk_under_the_log_keeps_its_kind_through_raft_errors() {
+        let enospc = StoreError::Io { path: "log/segment".into(), source: std::io::Error::from_raw_os_error(28) };
+        let failure = log_failure("log append", &store_err(enospc));
+        assert!(failure.disk_full(), "{failure}");
+        assert!(failure.why.starts_with("log append: "), "{failure}");
+        let eio = store_err(StoreError::Poisoned);
+        assert!(!log_failure("log fsync", &eio).disk_full());
+        assert!(!log_failure("log", &RaftError::Store(StorageError::Unavailable)).disk_full());
+    }
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
         let mut e = Entry::default();

@@ -26,7 +26,7 @@ use tally_codec::{
     BatchEntry, Committed, DocKey, DocMeta, PublicKey, Receipt, RequestId, RequestLocation, Signature, TableId,
 };
 use tally_core::ledger::{Exported, LedgerError};
-use tally_core::{Ledger, LedgerHead};
+use tally_core::{Ledger, LedgerHead, LogFailure};
 use tally_failover::revocation::{Revocation, RevokedCerts};
 use tally_failover::snapshot::{BackgroundExports, ExportedState, SnapshotEnvelope, SnapshotSource};
 use tally_failover::storage::MemberAddr;
@@ -226,8 +226,9 @@ struct Flushed {
     /// The last log index the store holds, and its batch height.
     index: AtomicU64,
     height: AtomicU64,
-    /// Why a store write failed, if one did (the store thread stops then).
-    failed: Mutex<Option<String>>,
+    /// Why a store write or sync failed, if one did (the store thread stops then), and whether
+    /// it was a sync.
+    failed: Mutex<Option<(LogFailure, bool)>>,
     /// The last log index made durable by a `Sync` (the log may be compacted up to it).
     synced: AtomicU64,
 }
@@ -342,8 +343,8 @@ impl StoreLedger {
 
     /// Queues a store write, after reporting an earlier failure (the core then stops).
     fn queue(&mut self, op: StoreOp, written: Unflushed) -> Result<(), LedgerError> {
-        if let Some(why) = self.flushed.failed.lock().clone() {
-            return Err(LedgerError::Write(why));
+        if let Some(failure) = self.failed() {
+            return Err(LedgerError::Write(failure));
         }
         let sent = match self.tx.try_send(op) {
             Ok(()) => Ok(()),
@@ -367,8 +368,8 @@ impl StoreLedger {
             // The store thread records why before it returns and drops the receiver: a send
             // that raced with its failure reports the failure itself (a full disk must be
             // called a full disk, or tallyd exits instead of waiting for space).
-            let why = self.failed().unwrap_or_else(|| "the store thread stopped".into());
-            return Err(LedgerError::Write(why));
+            let failure = self.failed().unwrap_or_else(|| LogFailure::other("the store thread stopped"));
+            return Err(LedgerError::Write(failure));
         }
         self.unflushed.push_back(written);
         self.forget_flushed();
@@ -414,9 +415,14 @@ impl StoreLedger {
         }
     }
 
-    /// Why a store write failed, if one did (the store thread has stopped then).
-    pub fn failed(&self) -> Option<String> {
-        self.flushed.failed.lock().clone()
+    /// Why a store write or sync failed, if one did (the store thread has stopped then).
+    pub fn failed(&self) -> Option<LogFailure> {
+        self.flushed.failed.lock().as_ref().map(|(f, _)| f.clone())
+    }
+
+    /// Why a store sync failed, if one did.
+    pub fn failed_sync(&self) -> Option<LogFailure> {
+        self.flushed.failed.lock().as_ref().filter(|(_, sync)| *sync).map(|(f, _)| f.clone())
     }
 
     /// The log index and batch height the store holds (behind [`Ledger::head`] by what is
@@ -431,8 +437,8 @@ impl StoreLedger {
     /// A store write that failed.
     pub fn drain(&mut self) -> Result<(), LedgerError> {
         while self.flushed.index.load(Ordering::Acquire) < self.head.index {
-            if let Some(why) = self.flushed.failed.lock().clone() {
-                return Err(LedgerError::Write(why));
+            if let Some(failure) = self.failed() {
+                return Err(LedgerError::Write(failure));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -555,7 +561,7 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
             drop(s);
             if let Err(e) = r {
                 tracing::error!(error = %e, "store sync failed; the replica stops");
-                *flushed.failed.lock() = Some(format!("store sync: {e}"));
+                *flushed.failed.lock() = Some((LogFailure::new(e.os_kind(), format!("store sync: {e}")), true));
                 return;
             }
             crate::measure::stage_time("store_sync", started);
@@ -578,7 +584,7 @@ fn store_thread(store: &Mutex<Store>, rx: &Receiver<StoreOp>, flushed: &Flushed,
         drop(s);
         if let Err(e) = r {
             tracing::error!(index, error = %e, "store write failed; the replica stops");
-            *flushed.failed.lock() = Some(e.to_string());
+            *flushed.failed.lock() = Some((LogFailure::new(e.os_kind(), e.to_string()), false));
             return;
         }
         crate::measure::stage_time("store", started);

@@ -113,7 +113,7 @@ pub struct Applied {
 struct Progress {
     committed: Applied,
     applied: Applied,
-    poisoned: Option<String>,
+    poisoned: Option<tally_core::LogFailure>,
 }
 
 /// State shared by the connection threads and the replica thread.
@@ -163,11 +163,11 @@ impl Shared {
     pub fn committed(&self) -> Applied {
         self.progress.lock().committed
     }
-    pub fn poisoned(&self) -> Option<String> {
+    pub fn poisoned(&self) -> Option<tally_core::LogFailure> {
         self.progress.lock().poisoned.clone()
     }
-    pub fn poison(&self, why: String) {
-        self.progress.lock().poisoned = Some(why);
+    pub fn poison(&self, failure: tally_core::LogFailure) {
+        self.progress.lock().poisoned = Some(failure);
         self.progress_cv.notify_all();
     }
     /// The commit index the replica thread knows (published before it answers anyone).

@@ -173,8 +173,3 @@ pub fn stored_receipt(shared: &Shared, id: &RequestId, height: Option<u64>) -> O
         }
     }
 }
-
-/// Whether a log failure's text is the disk running out of space (ENOSPC).
-pub fn is_disk_full(why: &str) -> bool {
-    why.contains("No space left") || why.contains("StorageFull") || why.contains("os error 28")
-}

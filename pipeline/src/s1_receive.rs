@@ -652,7 +652,7 @@ pub fn status(shared: &Shared) -> StatusInfo {
     let committed = shared.committed();
     let mut warnings = Vec::new();
     if let Some(why) = r.stopped() {
-        let what = if crate::queries::is_disk_full(&why) { "StorageFull" } else { "LogFailed" };
+        let what = if why.disk_full() { "StorageFull" } else { "LogFailed" };
         warnings.push(format!(
             "{what}: this replica's log stopped ({why}); it stepped down and serves no writes until it is restarted"
         ));

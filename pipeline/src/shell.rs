@@ -34,7 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
 use tally_codec::ErrorCode;
-use tally_core::{Effect, Event, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
+use tally_core::{
+    ConfChangeError, Effect, Event, LogFailure, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status,
+};
 use tally_failover::config::{
     check_conf_context, check_entry, conf_change, single, ConfContext, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS,
     INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
@@ -42,7 +44,7 @@ use tally_failover::config::{
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
 use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts, REVOKED_MAX};
-use tally_failover::storage::{conf_ids, MemberAddr, WalStorage};
+use tally_failover::storage::{conf_ids, log_failure, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
 use tally_failover::{Member, MembershipError, Replicator, Role};
 use tally_store::wal::Wal;
@@ -121,7 +123,7 @@ pub struct PeerPort {
 }
 
 enum Admin {
-    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), String>> },
+    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), ConfChangeError>> },
 }
 
 /// What the replica thread publishes after every pass.
@@ -131,7 +133,7 @@ struct Published {
     members: BTreeMap<u64, MemberAddr>,
     /// The highest commit index a leader's append carried.
     leader_commit_seen: u64,
-    stopped: Option<String>,
+    stopped: Option<LogFailure>,
 }
 
 /// The handle the connection threads and `tallyd` use: role, lease, members, membership.
@@ -353,14 +355,14 @@ struct ReplicaThread {
     revoked: RevokedCerts,
     waiters: HashMap<u64, Pending>,
     next_tag: u64,
-    admin_replies: HashMap<u64, Sender<Result<(), String>>>,
+    admin_replies: HashMap<u64, Sender<Result<(), ConfChangeError>>>,
     store_sync_interval_ms: u64,
     last_store_sync_ms: u64,
     log_retain_entries: u64,
     leader_commit_seen: u64,
     metrics: MetricsSeen,
     refusal_log: RefusalLog,
-    stopped: Option<String>,
+    stopped: Option<LogFailure>,
     last_batch_at: Option<Instant>,
     /// Reads of keys no cache holds, done by the warmer thread (never on this one).
     warm_tx: Sender<WarmJob>,
@@ -592,13 +594,13 @@ impl ReplicaThread {
         };
         crate::measure::stage_time(stage, started);
         if self.stopped.is_none() {
-            if let Some(why) = self.replica.poisoned() {
+            if let Some(failure) = self.replica.poisoned() {
                 // The core stopped itself (a store write failed while applying). Said before
                 // any effect runs: a client answered by this pass must not then read this
                 // replica's store, which lacks what it was told is committed.
-                let why = why.to_string();
-                tracing::error!(node = self.id, error = %why, "the replica core stopped; stepping down");
-                self.mark_stopped(why);
+                let failure = failure.clone();
+                tracing::error!(node = self.id, error = %failure, "the replica core stopped; stepping down");
+                self.mark_stopped(failure);
             }
         }
         self.execute(effects);
@@ -606,11 +608,11 @@ impl ReplicaThread {
 
     /// This replica stops: the client port sees it at once (no leader, no lease, no reads);
     /// peers hear nothing more; tallyd waits for disk space or exits.
-    fn mark_stopped(&mut self, why: String) {
+    fn mark_stopped(&mut self, failure: LogFailure) {
         metrics::gauge!("tally_log_stopped").set(1.0);
-        self.stopped = Some(why.clone());
-        self.published.lock().stopped = Some(why.clone());
-        self.shared.poison(why);
+        self.stopped = Some(failure.clone());
+        self.published.lock().stopped = Some(failure.clone());
+        self.shared.poison(failure);
         self.transport.stop();
     }
 
@@ -624,13 +626,13 @@ impl ReplicaThread {
                 Effect::Persist(p) => {
                     let started = Instant::now();
                     let wrote = !p.entries.is_empty() || p.snapshot.is_some();
-                    if let Err(why) = self.persist(p) {
+                    if let Err(failure) = self.persist(p) {
                         // Nothing after a failed persist may run: the messages behind it
                         // promise what the log does not hold.
-                        tracing::error!(node = self.id, error = %why, "log write failed; this replica stops and steps down");
-                        self.mark_stopped(why.clone());
+                        tracing::error!(node = self.id, error = %failure, "log write failed; this replica stops and steps down");
+                        self.mark_stopped(failure.clone());
                         drop(effects);
-                        let rest = self.replica.handle(Event::LogFailed(why));
+                        let rest = self.replica.handle(Event::LogFailed(failure));
                         // The poisoned core only answers clients now.
                         self.execute(rest);
                         return;
@@ -702,19 +704,21 @@ impl ReplicaThread {
         }
     }
 
-    fn persist(&mut self, p: Persist) -> Result<(), String> {
+    fn persist(&mut self, p: Persist) -> Result<(), LogFailure> {
         if let Some(snap) = &p.snapshot {
             let members = self.replica.ledger().take_installed_members().unwrap_or_default();
             let revoked = self.replica.ledger().take_installed_revoked();
-            self.log.apply_snapshot(snap.get_metadata(), &members, &[]).map_err(|e| format!("snapshot marker: {e}"))?;
-            self.revoke(&revoked).map_err(|e| format!("revoked certificates: {e}"))?;
+            self.log
+                .apply_snapshot(snap.get_metadata(), &members, &[])
+                .map_err(|e| log_failure("snapshot marker", &e))?;
+            self.revoke(&revoked).map_err(|e| log_failure("revoked certificates", &e))?;
             *self.members.lock() = self.log.members().clone();
             self.update_transport_peers();
         }
         if !p.entries.is_empty() {
-            self.log.append(&p.entries).map_err(|e| format!("log append: {e}"))?;
+            self.log.append(&p.entries).map_err(|e| log_failure("log append", &e))?;
             if p.sync {
-                self.log.sync().map_err(|e| format!("log fsync: {e}"))?;
+                self.log.sync().map_err(|e| log_failure("log fsync", &e))?;
             }
         }
         if let Some(hs) = &p.hard_state {
@@ -722,7 +726,7 @@ impl ReplicaThread {
             // index rides along but is not worth a write on its own.
             let stored = self.log.log().hard_state();
             if hs.term != stored.term || hs.vote != stored.vote {
-                self.log.set_hard_state(hs).map_err(|e| format!("hard state: {e}"))?;
+                self.log.set_hard_state(hs).map_err(|e| log_failure("hard state", &e))?;
             }
         }
         Ok(())
@@ -736,8 +740,8 @@ impl ReplicaThread {
         };
         let written = match decoded {
             Ok(ConfContext::None) => Ok(()),
-            Ok(ConfContext::Member(addr)) => self.log.upsert_member(addr).map_err(|e| format!("members: {e}")),
-            Ok(ConfContext::Revocation(r)) => self.revoke(&[r]).map_err(|e| format!("revoked certificates: {e}")),
+            Ok(ConfContext::Member(addr)) => self.log.upsert_member(addr).map_err(|e| log_failure("members", &e)),
+            Ok(ConfContext::Revocation(r)) => self.revoke(&[r]).map_err(|e| log_failure("revoked certificates", &e)),
             Err(e) => {
                 tracing::warn!(node = self.id, index, error = %e, "conf change context does not decode");
                 Ok(())
@@ -750,7 +754,7 @@ impl ReplicaThread {
         tracing::info!(node = self.id, index, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "configuration changed");
         let ids = conf_ids(&cs);
         if let Err(e) = self.log.retain_members(&ids, self.id) {
-            self.fail_log(format!("members: {e}"));
+            self.fail_log(log_failure("members", &e));
             return;
         }
         *self.members.lock() = self.log.members().clone();
@@ -771,9 +775,9 @@ impl ReplicaThread {
         Ok(())
     }
 
-    fn fail_log(&mut self, why: String) {
-        self.mark_stopped(why.clone());
-        let rest = self.replica.handle(Event::LogFailed(why));
+    fn fail_log(&mut self, failure: LogFailure) {
+        self.mark_stopped(failure.clone());
+        let rest = self.replica.handle(Event::LogFailed(failure));
         self.execute(rest);
     }
 
@@ -802,8 +806,8 @@ impl ReplicaThread {
         // heartbeating); the log is compacted behind what its last sync made durable.
         // A failed sync stops the replica here, as it did when the sync ran on this thread (a
         // failed write stops it through the core, at its next apply).
-        if let Some(why) = self.replica.ledger().failed().filter(|w| w.starts_with("store sync:")) {
-            self.fail_log(why);
+        if let Some(failure) = self.replica.ledger().failed_sync() {
+            self.fail_log(failure);
             return;
         }
         self.replica.ledger().request_sync();
@@ -813,18 +817,18 @@ impl ReplicaThread {
         let target = durable.min(self.log.log().last_index()).saturating_sub(self.log_retain_entries);
         if target >= self.log.log().first_index() {
             if let Err(e) = self.log.compact(target) {
-                self.fail_log(format!("log compaction to {target}: {e}"));
+                self.fail_log(log_failure(&format!("log compaction to {target}"), &e));
             }
         }
     }
 
     fn publish(&mut self) {
         if self.stopped.is_none() {
-            if let Some(why) = self.replica.ledger().failed() {
+            if let Some(failure) = self.replica.ledger().failed() {
                 // The store thread stopped on a failed write: stop now, not at the next apply
                 // (an idle replica would otherwise keep leading with a store that no longer moves).
-                tracing::error!(node = self.id, error = %why, "the store stopped; stepping down");
-                self.fail_log(format!("ledger write failed: {why}"));
+                tracing::error!(node = self.id, error = %failure, "the store stopped; stepping down");
+                self.fail_log(failure.during("ledger write failed"));
             }
         }
         let status = self.replica.status();
@@ -919,8 +923,8 @@ impl CoreReplicator {
         self.admin_tx.try_send(Admin::ConfChange { cc, context, reply }).map_err(|_| MembershipError::Busy)?;
         match rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) if why == "not the leader" => Err(MembershipError::NotLeader),
-            Ok(Err(why)) => Err(MembershipError::Refused(why)),
+            Ok(Err(ConfChangeError::NotLeader)) => Err(MembershipError::NotLeader),
+            Ok(Err(ConfChangeError::Refused(why))) => Err(MembershipError::Refused(why)),
             Err(_) => Err(MembershipError::Busy),
         }
     }
@@ -935,7 +939,7 @@ impl CoreReplicator {
                     return Ok(());
                 }
                 if let Some(r) = &p.stopped {
-                    return Err(MembershipError::Stopped(r.clone()));
+                    return Err(MembershipError::Stopped(r.to_string()));
                 }
             }
             if self.now_ms() > deadline {
@@ -960,7 +964,7 @@ impl CoreReplicator {
                     return Ok(());
                 }
                 if let Some(r) = &p.stopped {
-                    return Err(MembershipError::Stopped(r.clone()));
+                    return Err(MembershipError::Stopped(r.to_string()));
                 }
                 if !s.is_leader {
                     return Err(MembershipError::NotLeader);
@@ -1059,7 +1063,7 @@ impl Replicator for CoreReplicator {
         self.published.lock().status.conf_state.voters.len()
     }
 
-    fn stopped(&self) -> Option<String> {
+    fn stopped(&self) -> Option<LogFailure> {
         self.published.lock().stopped.clone()
     }
 
@@ -1170,7 +1174,7 @@ impl CoreReplicator {
         let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
         while self.revoked.node_of(&cert_fingerprint).is_none() {
             if let Some(r) = &self.published.lock().stopped {
-                return Err(MembershipError::Stopped(r.clone()));
+                return Err(MembershipError::Stopped(r.to_string()));
             }
             if self.now_ms() > deadline {
                 return Err(MembershipError::Timeout("the revocation to commit".into()));

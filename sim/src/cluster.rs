@@ -760,7 +760,10 @@ impl Sim {
                     if nd.fail_next_fsync && p.sync {
                         nd.fail_next_fsync = false;
                         let r = nd.replica.as_mut().expect("a replica with effects is up");
-                        let more = r.handle(Event::LogFailed("log fsync: Input/output error (os error 5)".into()));
+                        let more = r.handle(Event::LogFailed(tally_core::LogFailure::new(
+                            std::io::ErrorKind::Other,
+                            "log fsync: Input/output error (os error 5)",
+                        )));
                         self.run_effects(i, more);
                         // The supervisor restarts a replica whose log failed.
                         let d = self.rng.gen_range(500..3_000);

@@ -18,8 +18,14 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// rusty-leveldb reported an error.
-    #[error("LevelDB error: {0}")]
-    Level(String),
+    #[error("LevelDB error: {message}")]
+    Level {
+        /// The kind of the OS error behind it (rusty-leveldb keeps only its text, "... (os error
+        /// N)": the code is read back from it once, in `From<Status>`), or `Other`.
+        kind: std::io::ErrorKind,
+        /// rusty-leveldb's message.
+        message: String,
+    },
     /// Bytes on disk fail their checksum or structure outside the repairable tail.
     #[error("corrupt data in {file} at offset {offset}: {reason}")]
     Corrupt {
@@ -102,8 +108,58 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// The kind of the OS error behind this one (`ErrorKind::StorageFull` for ENOSPC), or
+    /// `ErrorKind::Other` when there was none: what a caller branches on (a full disk is waited
+    /// out, any other failure ends the replica).
+    pub fn os_kind(&self) -> std::io::ErrorKind {
+        match self {
+            StoreError::Io { source, .. } => source.kind(),
+            StoreError::Level { kind, .. } => *kind,
+            _ => std::io::ErrorKind::Other,
+        }
+    }
+}
+
+/// The OS error code in an `io::Error`'s text ("... (os error 28)"), as rusty-leveldb keeps it.
+fn os_code_in(text: &str) -> Option<i32> {
+    let start = text.rfind("(os error ")? + "(os error ".len();
+    let end = start + text[start..].find(')')?;
+    text[start..end].parse().ok()
+}
+
 impl From<rusty_leveldb::Status> for StoreError {
     fn from(s: rusty_leveldb::Status) -> Self {
-        StoreError::Level(s.to_string())
+        let message = s.to_string();
+        let kind = match s.code {
+            rusty_leveldb::StatusCode::IOError => {
+                os_code_in(&message).map_or(std::io::ErrorKind::Other, |c| std::io::Error::from_raw_os_error(c).kind())
+            }
+            _ => std::io::ErrorKind::Other,
+        };
+        StoreError::Level { kind, message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_under_leveldb_is_known_by_its_os_error_code() {
+        let enospc = std::io::Error::from_raw_os_error(28);
+        let full = StoreError::from(rusty_leveldb::Status::from(enospc));
+        assert_eq!(full.os_kind(), std::io::ErrorKind::StorageFull, "{full}");
+        let eio = StoreError::from(rusty_leveldb::Status::from(std::io::Error::from_raw_os_error(5)));
+        assert_ne!(eio.os_kind(), std::io::ErrorKind::StorageFull, "EIO is no full disk: {eio}");
+        let worded = StoreError::from(rusty_leveldb::Status::new(
+            rusty_leveldb::StatusCode::Corruption,
+            "No space left on device",
+        ));
+        assert_eq!(worded.os_kind(), std::io::ErrorKind::Other, "text alone never makes a full disk");
+        let io = StoreError::io("/x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(io.os_kind(), std::io::ErrorKind::StorageFull);
+        assert_eq!(os_code_in("write: No space left on device (os error 28)"), Some(28));
+        assert_eq!(os_code_in("(os error x)"), None);
     }
 }

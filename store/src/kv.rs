@@ -153,7 +153,12 @@ impl LevelKv {
             reuse_logs: false,
             ..Options::default()
         };
-        let db = DB::open(dir, opts).map_err(|s| StoreError::Level(format!("opening {}: {s}", dir.display())))?;
+        let db = DB::open(dir, opts).map_err(|s| match StoreError::from(s) {
+            StoreError::Level { kind, message } => {
+                StoreError::Level { kind, message: format!("opening {}: {message}", dir.display()) }
+            }
+            other => other,
+        })?;
         Ok(LevelKv { db: RefCell::new(db), dir: dir.to_path_buf() })
     }
 

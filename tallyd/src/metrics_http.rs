@@ -209,7 +209,7 @@ impl Health {
 /// The one-line reason the replica is not ready.
 pub fn readiness(
     leader: Option<u64>,
-    stopped: Option<&str>,
+    stopped: Option<&tally_core::LogFailure>,
     applied_index: u64,
     leader_commit: u64,
     max_lag: u64,
@@ -363,7 +363,14 @@ mod tests {
         let e = readiness(Some(1), None, 100, 111, 10).expect_err("11 behind");
         assert!(e.contains("11 entries behind"), "{e}");
         assert_eq!(readiness(None, None, 100, 100, 10).expect_err("no leader"), "no leader known");
-        let e = readiness(Some(2), Some("disk full"), 100, 100, 10).expect_err("stopped");
+        let e = readiness(
+            Some(2),
+            Some(&tally_core::LogFailure::new(std::io::ErrorKind::StorageFull, "disk full")),
+            100,
+            100,
+            10,
+        )
+        .expect_err("stopped");
         assert!(e.contains("disk full"), "{e}");
         assert!(readiness(Some(1), None, 120, 110, 10).is_ok(), "applied past what was heard");
     }

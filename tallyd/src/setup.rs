@@ -15,6 +15,7 @@ use tally_failover::Member;
 use tally_pipeline::{Node, NodeOptions};
 use tally_store::state::Store;
 use tally_store::wal::{Wal, WalOptions};
+use tally_store::StoreError;
 
 /// Largest node configuration file read (a few KB in practice).
 pub const CONFIG_BYTES_MAX: usize = 1 << 20;
@@ -332,17 +333,16 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     }
     let data_dir = PathBuf::from(&cfg.data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-    let mut store = wait_for_space(&data_dir, || {
-        Store::open(&data_dir).map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))
-    })?;
+    let mut store = wait_for_space(&data_dir, || Store::open(&data_dir))
+        .map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))?;
     if !store.is_initialized() {
         store.init_genesis(&genesis.balances().map_err(|e| e.to_string())?).map_err(|e| format!("genesis: {e}"))?;
         store.sync_all().map_err(|e| format!("genesis sync: {e}"))?;
     }
     let wal = wait_for_space(&data_dir, || {
         Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
-            .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))
-    })?;
+    })
+    .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
 
     let health = Arc::new(crate::metrics_http::Health::default());
     let metrics_handle = match &cfg.metrics_listen {
@@ -455,7 +455,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             let leader_commit = r.leader_commit_index().max(shared.committed().index);
             crate::metrics_http::readiness(
                 r.role().leader_id,
-                stopped.as_deref(),
+                stopped.as_ref(),
                 shared.applied_index(),
                 leader_commit,
                 max_lag,
@@ -520,7 +520,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
                 tracing::error!(reason = %why, "this replica stopped writing; it serves status and stale reads only");
                 reported_failure = true;
             }
-            if !tally_pipeline::queries::is_disk_full(&why) {
+            if !why.disk_full() {
                 // Not a full disk (an I/O error, a broken store): end the replica; a supervisor
                 // restarts it and a backup leads meanwhile.
                 return Err(format!("replica stopped: {why}"));
@@ -535,11 +535,11 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
 
 /// Runs `open` until it succeeds or fails for another reason than a full disk: a replica
 /// restarted on a full disk waits for space (saying why) instead of exiting.
-fn wait_for_space<T>(dir: &Path, mut open: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+fn wait_for_space<T>(dir: &Path, mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
     let mut said = false;
     loop {
         match open() {
-            Err(e) if tally_pipeline::queries::is_disk_full(&e) => {
+            Err(e) if e.os_kind() == std::io::ErrorKind::StorageFull => {
                 if !said {
                     tracing::error!(error = %e, "StorageFull: the disk is full; waiting for space before starting");
                     said = true;

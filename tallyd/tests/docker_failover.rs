@@ -282,7 +282,7 @@ fn acked_in_term_above(w: &Writer, p: &Prober, term: u64) -> bool {
 fn docker_compose_cluster_fails_over_heals_a_partition_and_loses_nothing() {
     let mode = std::env::var("TALLY_DOCKER_TEST").unwrap_or_default();
     if mode == "skip" {
-        eprintln!("SKIPPED docker_failover: TALLY_DOCKER_TEST=skip");
+        cannot_run("docker_failover", "TALLY_DOCKER_TEST=skip");
         return;
     }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir");
@@ -295,7 +295,7 @@ fn docker_compose_cluster_fails_over_heals_a_partition_and_loses_nothing() {
             format!("the Docker engine is not reachable (`docker info` failed: {})", engine.stderr.trim())
         };
         assert!(mode != "require", "TALLY_DOCKER_TEST=require, but {why}");
-        eprintln!("SKIPPED docker_failover: {why}");
+        cannot_run("docker_failover", &why);
         return;
     };
     let test_started = Instant::now();

@@ -221,7 +221,8 @@ fn uuid_v4() -> String {
 
 /// Issue 6, attack 6: the leader's data disk fills up. It stops replicating (so the others elect
 /// a new leader), its status says `StorageFull`, clients are never told "leadership changed",
-/// and nothing acknowledged is lost. Needs a tmpfs mount (root); skipped with a message if not.
+/// and nothing acknowledged is lost. Needs a tmpfs mount (root): skipped with a message if not,
+/// failed where `CI` is set.
 #[test]
 fn a_full_disk_is_reported_and_the_leader_steps_down() {
     let (dir, mut layout) = init_cluster(3, 1);
@@ -237,7 +238,7 @@ fn a_full_disk_is_reported_and_the_leader_steps_down() {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("SKIPPED: a_full_disk_is_reported_and_the_leader_steps_down needs `mount -t tmpfs` (root)");
+            cannot_run("a_full_disk_is_reported_and_the_leader_steps_down", "`mount -t tmpfs` failed (it needs root)");
             for m in &mounts {
                 let _ = std::process::Command::new("umount").arg(m).status();
             }

@@ -128,7 +128,14 @@ impl Drop for Daemon {
     }
 }
 
-/// A base port P such that P+1..=P+n, P+101.., P+201.. are all free right now.
+/// A test that cannot run on this machine says why and returns; where `CI` is set (non-empty)
+/// it fails instead, since a test skipped in CI would pass without testing anything.
+pub fn cannot_run(test: &str, why: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty());
+    assert!(!ci, "{test} cannot run: {why}; CI is set, where a skipped test must fail");
+    eprintln!("SKIPPED {test}: {why}");
+}
+
 /// The `tally` binary next to `tallyd` (`cargo build --workspace` puts it there).
 pub fn tally_bin() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
@@ -145,6 +152,7 @@ pub fn tally_command() -> Command {
     c
 }
 
+/// A base port P such that P+1..=P+n, P+101.., P+201.. are all free right now.
 pub fn free_base_port(n: usize) -> u16 {
     // Tests of one binary run in parallel threads of one process: mix in a per-process counter
     // and the wall clock so they never draw the same range.
