@@ -1192,7 +1192,8 @@ impl<L: Ledger> Replica<L> {
         match applied {
             Ok(cs) => {
                 self.raw.mut_store().mem.wl().set_conf_state(cs.clone());
-                step_down_if_removed(&mut self.raw);
+                let last = step_down_if_removed(&mut self.raw);
+                self.send(last);
                 let bytes = cs.write_to_bytes().expect("a conf state encodes");
                 self.out.push(Effect::Reconfigured {
                     index: e.index,
@@ -1503,12 +1504,21 @@ impl<L: Ledger> Replica<L> {
 /// follower then panics in `maybe_commit`, which looks up the leader's own progress (found by the
 /// simulator). It steps down in the same term with no leader; not being a voter, it never
 /// campaigns again.
-pub fn step_down_if_removed<S: Storage>(raw: &mut RawNode<S>) {
+#[must_use = "the last appends must be sent"]
+pub fn step_down_if_removed<S: Storage>(raw: &mut RawNode<S>) -> Vec<Message> {
     let raft = &mut raw.raft;
-    if raft.state == StateRole::Leader && !raft.prs().conf().voters().contains(raft.id) {
-        let term = raft.term;
-        raft.become_follower(term, raft::INVALID_ID);
+    if raft.state != StateRole::Leader || raft.prs().conf().voters().contains(raft.id) {
+        return Vec::new();
     }
+    // The others learn that the change committed from a last append (they apply it, and a
+    // revocation of this node's certificate cuts it off at once, which they see as their leader
+    // going down); nobody would tell them until a new leader's first commit. Taken out of
+    // raft-rs at once: a follower may have no messages of its own left when the ready advances.
+    raft.bcast_append();
+    let last = std::mem::take(&mut raft.msgs);
+    let term = raft.term;
+    raft.become_follower(term, raft::INVALID_ID);
+    last
 }
 
 /// The chain link of a batch entry, read from the header that leads its encoding (`None` for

@@ -11,13 +11,19 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tally_codec::wire::{self, ClientMessage, Envelope, Relayed, ServerMessage, WireError};
 use tally_codec::{encode, limits, ErrorCode};
 use tally_net::{Dial, Stream};
 
 /// Frames forwarded and not yet answered, per link, at most.
 pub const FORWARDED_IN_FLIGHT_MAX: usize = 4096;
+
+/// How long the link outlives the leader becoming unknown before its frames are answered
+/// retryable: the answers already on their way still arrive (a leader that revoked its own
+/// certificate answers the command after the others dropped it from the members), and a leader
+/// that vanished without a word is given up on long before the clients' own timeouts.
+pub const LEADERLESS_GRACE: Duration = Duration::from_millis(500);
 
 /// Where a forwarded frame's reply goes: the client's own id and reply channel.
 type ReplyTo = (u64, Sender<Envelope<ServerMessage>>);
@@ -37,11 +43,13 @@ struct Link {
 pub struct Forwarder {
     link: Mutex<Option<Arc<Link>>>,
     dial: Dial,
+    /// Since when no leader has been known ([`Forwarder::retain_leader`]).
+    leaderless_since: Mutex<Option<Instant>>,
 }
 
 impl Forwarder {
     pub fn new(dial: Dial) -> Forwarder {
-        Forwarder { link: Mutex::new(None), dial }
+        Forwarder { link: Mutex::new(None), dial, leaderless_since: Mutex::new(None) }
     }
 
     /// Relays `msg` to the leader at `leader_addr`; the reply goes to `out` under `client_id`.
@@ -106,18 +114,30 @@ impl Forwarder {
         Ok(link)
     }
 
-    /// Drops the link unless it goes to `leader` (the current leader's client address; `None`
-    /// while none is known; this node's own when it leads), answering every frame still waiting
-    /// on it with a retryable error: the clients resend the same bytes, so exactly-once holds.
-    /// A leader that vanished without closing its connections (a host or container gone: no
-    /// RST) answers nothing, and without this the frames relayed to it waited out their clients'
-    /// timeouts. Called by the sequencer every pass (≤ 100 ms).
+    /// Drops the link when it goes to another node than `leader` (the current leader's client
+    /// address; this node's own when it leads), or when no leader has been known for
+    /// [`LEADERLESS_GRACE`], answering every frame still waiting on it with a retryable error:
+    /// the clients resend the same bytes, so exactly-once holds. A leader that vanished without
+    /// closing its connections (a host or container gone: no RST) answers nothing, and without
+    /// this the frames relayed to it waited out their clients' timeouts. Called by the sequencer
+    /// every pass (≤ 100 ms).
     pub fn retain_leader(&self, leader: Option<&str>) {
+        let given_up = {
+            let mut since = self.leaderless_since.lock();
+            match leader {
+                Some(_) => {
+                    *since = None;
+                    false
+                }
+                None => since.get_or_insert_with(Instant::now).elapsed() >= LEADERLESS_GRACE,
+            }
+        };
         let old = {
             // Never waits: the sequencer calls this every pass, and tries again on the next.
             let Some(mut slot) = self.link.try_lock() else { return };
-            match slot.as_ref() {
-                Some(l) if Some(l.addr.as_str()) != leader => slot.take(),
+            match (slot.as_ref(), leader) {
+                (Some(l), Some(leader)) if l.addr != leader => slot.take(),
+                (Some(_), None) if given_up => slot.take(),
                 _ => None,
             }
         };
@@ -249,5 +269,28 @@ mod tests {
         assert!(matches!(env.msg, ServerMessage::Error(ref e) if e.code == ErrorCode::Retry), "{:?}", env.msg);
         assert!(f.link.lock().is_none());
         f.retain_leader(None); // nothing left: a no-op
+    }
+
+    /// Found revoking the leader's own certificate: the followers dropped the leader from the
+    /// members (no leader known) a moment before its answer came back, answered the relayed
+    /// command retryable, and the client asked again elsewhere. No leader known keeps the link
+    /// for `LEADERLESS_GRACE`, then gives the frames up.
+    #[test]
+    fn no_leader_known_keeps_the_link_for_a_grace_time_then_answers_the_frames() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let f = Forwarder::new(Dial::Plain);
+        let (tx, rx) = crossbeam::channel::unbounded();
+        f.forward(&addr, 9, Relayed::Receipt { id: tally_codec::RequestId([1; 32]) }, &tx);
+        let _silent = l.accept().expect("accept");
+        f.retain_leader(None);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "given up at once when no leader is known");
+        assert!(f.link.lock().is_some(), "the link was dropped within the grace time");
+        std::thread::sleep(LEADERLESS_GRACE);
+        f.retain_leader(None);
+        let env = rx.recv_timeout(Duration::from_secs(1)).expect("answered after the grace time");
+        assert_eq!(env.id, 9);
+        assert!(matches!(env.msg, ServerMessage::Error(ref e) if e.code == ErrorCode::Retry), "{:?}", env.msg);
+        assert!(f.link.lock().is_none());
     }
 }

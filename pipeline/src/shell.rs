@@ -1163,11 +1163,15 @@ impl Replicator for CoreReplicator {
 
 impl CoreReplicator {
     /// The revocation of `cert_fingerprint` (node `node_id`'s certificate), proposed with the
-    /// node's removal: through a joint configuration when it is a member, as a change of nothing
-    /// otherwise (a removed node's certificate can leak too). Returns once it applied here.
+    /// node's removal: through a joint configuration when it is another member, in one step when
+    /// it is this leader, as a change of nothing otherwise (a removed node's certificate can leak too). Returns once it applied here.
     fn propose_revocation(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
         let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
-        let transition = if member { ConfChangeTransition::Implicit } else { ConfChangeTransition::Auto };
+        // The leader revoking its own certificate changes the configuration in one step: the
+        // others cut it off as they apply the revocation, so it could never lead them out of a
+        // joint configuration (they waited for an election, and the command for its timeout).
+        let transition =
+            if member && node_id != self.node_id { ConfChangeTransition::Implicit } else { ConfChangeTransition::Auto };
         let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], transition);
         let context = tally_codec::encode(&Revocation { node_id, cert_fingerprint });
         self.propose_conf_change(cc, context)?;

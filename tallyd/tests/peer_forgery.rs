@@ -248,7 +248,10 @@ fn a_revoked_node_certificate_is_refused_everywhere_and_the_node_returns_with_a_
     assert_eq!(answer["moved"].as_array().map(Vec::len), Some(3), "node-3.toml, .pem and .key: {answer}");
     assert!(!dir.join("node-3.pem").exists(), "node 3's files were moved aside");
     for &i in &others {
-        assert!(ForgedLink::open(&layout, &stolen, 3, i).is_err(), "node {} still accepts the revoked key", i + 1);
+        // Committed when the command answered; a follower applies it at the leader's next append
+        // (when node 3 led and revoked itself, the last one it sends).
+        let shut = || ForgedLink::open(&layout, &stolen, 3, i).is_err();
+        assert!(wait_until(Duration::from_secs(5), shut), "node {} still accepts the revoked key", i + 1);
         let refused = || nodes[i].log_text().contains("its certificate was revoked");
         assert!(wait_until(Duration::from_secs(5), refused), "node {} did not log the refusal", i + 1);
     }
@@ -292,4 +295,61 @@ fn a_revoked_node_certificate_is_refused_everywhere_and_the_node_returns_with_a_
     assert_all_alive(&mut nodes);
     let acked = writer.finish();
     assert_invariants(&layout.client_addrs(), &layout, &acked);
+}
+
+/// The leaked key may be the leader's. `cluster revoke-node` of the leader removes it (it steps
+/// down once the change commits), the other two elect a leader among themselves and go on
+/// committing, and both refuse the old leader's certificate; no acknowledged write is lost.
+#[test]
+fn revoking_the_leaders_certificate_moves_the_lead_and_shuts_its_key_out() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let dir = layout.dir.clone();
+    let mut nodes = start_all(&layout);
+    let (l, _) = wait_leader(&nodes, Duration::from_secs(10));
+    let leader_id = layout.configs[l].node_id;
+    let stolen =
+        tally_net::TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("stolen.pem"), key: dir.join("stolen.key") };
+    std::fs::copy(dir.join(format!("node-{leader_id}.pem")), &stolen.cert).expect("copy");
+    std::fs::copy(dir.join(format!("node-{leader_id}.key")), &stolen.key).expect("copy");
+    let others: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    let addrs: Vec<String> = others.iter().map(|i| layout.configs[*i].listen.clone()).collect();
+    let writer = Writer::start(&layout.client_addrs(), account_key(&layout, 0), 4, 1);
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > 8), "the cluster commits");
+
+    let started = Instant::now();
+    let id = leader_id.to_string();
+    let revoke = tally_in(&dir, &["-o", "json", "cluster", "revoke-node", id.as_str()]);
+    ok_or_panic(&format!("cluster revoke-node {leader_id} (the leader)"), &revoke);
+    eprintln!("revoke-node of the leader answered in {:?}", started.elapsed());
+    // The leader carried it out and its answer came back: no replica was asked again (a retry
+    // after the answer was lost, or after a timeout when the others cut the leader off in the
+    // middle of a joint configuration).
+    for &i in &others {
+        let asked = nodes[i].log_text().matches("op=RevokeNode").count();
+        assert_eq!(asked, 0, "node {} was asked again: the leader's answer did not come back", i + 1);
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&revoke.stdout).expect("one JSON document");
+    assert_eq!(answer["node_id"], leader_id, "{answer}");
+    let leads = |i: usize| status_of(&layout.configs[i].listen).is_some_and(|s| s.leader_id == Some(s.node_id));
+    assert!(
+        wait_until(Duration::from_secs(10), || others.iter().any(|&i| leads(i))),
+        "neither remaining replica took the lead"
+    );
+    for &i in &others {
+        let shut = || ForgedLink::open(&layout, &stolen, leader_id, i).is_err();
+        assert!(wait_until(Duration::from_secs(5), shut), "node {} accepts the revoked key", i + 1);
+        let members = status_of(&layout.configs[i].listen).map(|s| s.members.len());
+        assert_eq!(members, Some(2), "node {} still counts the revoked leader as a member", i + 1);
+    }
+    let n = writer.acked_len();
+    assert!(wait_until(Duration::from_secs(10), || writer.acked_len() > n + 8), "the cluster stopped committing");
+    // The removed leader's process goes on running (no replica may end on the change, the
+    // removed one included); it leads nothing.
+    assert!(!leads(l), "the revoked node still claims the lead");
+    assert_all_alive(&mut nodes);
+    nodes[l].kill9();
+    let mut rest: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != l).map(|(_, d)| d).collect();
+    assert_all_alive(&mut rest);
+    let acked = writer.finish();
+    assert_invariants(&addrs, &layout, &acked);
 }
