@@ -152,17 +152,29 @@ pub fn tally_command() -> Command {
     c
 }
 
-/// A base port P such that P+1..=P+n, P+101.., P+201.. are all free right now.
+/// Base ports are 300 apart, so the three ranges of one (P+1..=P+n, P+101.., P+201..) never meet
+/// another base's: two bases 100 or 200 apart shared ports (a client port of one cluster was the
+/// metrics port of another, and a replica could not start).
+const PORT_SLOT: u16 = 300;
+/// Slots between 20,000 and 32,000: below the ephemeral range (32768+), so outgoing connections
+/// never take our ports.
+const PORT_SLOTS: u64 = 40;
+
+/// A base port P such that P+1..=P+n, P+101.., P+201.. are all free right now (n ≤ 99).
 pub fn free_base_port(n: usize) -> u16 {
-    // Tests of one binary run in parallel threads of one process: mix in a per-process counter
-    // and the wall clock so they never draw the same range.
+    assert!(n < 100, "{n} ports: a range holds 99");
+    // Tests of one binary run in parallel threads of one process: each call takes the next slot
+    // from a start drawn once per process, so no two of them draw the same slot; another process
+    // may hold one, which the bind check finds.
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nth = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let seed = (std::process::id() as u64).wrapping_mul(2654435761) ^ nanos ^ nth.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for attempt in 0..200u64 {
-        // Below the ephemeral range (32768+), so outgoing connections never take our ports.
-        let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 12_000) as u16 / 10 * 10;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        (std::process::id() as u64).wrapping_mul(2654435761) ^ nanos
+    });
+    for _ in 0..PORT_SLOTS {
+        let nth = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = 20_000 + ((start.wrapping_add(nth)) % PORT_SLOTS) as u16 * PORT_SLOT;
         let ok = (1..=n as u16).all(|i| {
             [base + i, base + 100 + i, base + 200 + i].iter().all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
         });
