@@ -1,10 +1,10 @@
-//! Micro benchmarks behind DESIGN.md §9: codec, Merkle, signature checks, store writes and batch
-//! apply. `cargo bench -p tally-benches` runs them all in a few minutes; add a filter to run one
-//! group (`cargo bench -p tally-benches -- merkle`). Results and the §9 comparison are in
-//! benches/README.md.
+//! Micro benchmarks of the per-request costs: codec, Merkle, signature checks, store writes and
+//! batch apply. `cargo bench -p tally-benches` runs them all in a few minutes; add a filter to run
+//! one group (`cargo bench -p tally-benches -- merkle`). Results and their comparison with the
+//! reference figures (each operation's expected cost on an idle machine) are in benches/README.md.
 //!
 //! Each benchmark keeps its sample count and measurement time short: the point is a ratio to
-//! §9's physical figures taken in one run, not a publication-grade distribution.
+//! the reference figures taken in one run, not a publication-grade distribution.
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput};
 use ed25519_dalek::{Signature, Signer, VerifyingKey};
@@ -15,10 +15,10 @@ use tally_codec::merkle::{verify_proof, Tree};
 use tally_codec::{encode, SignedRequest, Tables};
 use tally_store::{LogEntry, Store, Wal, WalOptions};
 
-/// Requests in a stage-4 batch in these benchmarks (DESIGN.md §9 quotes 10k-leaf trees and
-/// 10k-put WriteBatches).
+/// Requests in a stage-4 batch in these benchmarks (the reference figures are for 10k-leaf trees
+/// and 10k-put WriteBatches).
 const BATCH_REQUESTS: usize = 10_000;
-/// Signatures per verify benchmark (§9: "batches of 1024").
+/// Signatures per verify benchmark (the reference figures are for batches of 1024).
 const VERIFY_SIGS: usize = 1024;
 /// Accounts the fixture transfers move money between; also the write-set size of a batch.
 const ACCOUNTS: usize = 4096;

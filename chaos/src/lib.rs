@@ -1,4 +1,5 @@
-//! Chaos testing: workloads, fault injection and the checkers of DESIGN.md §7's invariants.
+//! Chaos testing: workloads, fault injection and the checkers of the invariants
+//! (`docs/architecture.md` §2).
 //!
 //! ```text
 //!  workload ──acked receipts──▶ checker ◀──Batch/Audit/Status── every replica

@@ -1,4 +1,4 @@
-//! `tally bench`: the end-to-end load generator of DESIGN §9.
+//! `tally bench`: the end-to-end load generator behind the README's throughput and latency figures.
 //!
 //! ```text
 //!  signer thread × W ─▶ bounded queue per client (a few frames ahead of its schedule)
@@ -59,7 +59,7 @@ pub enum Mix {
     Doc,
     /// Half and half.
     Mixed,
-    /// Claims of fresh slots (each one granted: DESIGN §13).
+    /// Claims of fresh slots (each one granted).
     Claim,
     /// Keepalives of one lease per signing account (granted before the clock starts).
     Keepalive,
@@ -105,7 +105,8 @@ pub struct SeriesPoint {
     pub latency_ms_p999: f64,
 }
 
-/// The JSON summary (DESIGN §9 names the required fields).
+/// The JSON summary that `--json FILE` writes; `scripts/perf_table.py` makes the README's tables
+/// from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchSummary {
     pub committed: u64,

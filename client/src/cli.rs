@@ -1,4 +1,4 @@
-//! The `tally` command line (DESIGN §2): clap definitions and one small function per command.
+//! The `tally` command line (`docs/cli.md`): clap definitions and one small function per command.
 //! `main.rs` only parses and prints the error; everything testable lives here and below.
 
 use crate::bench::{self, BenchConfig, Mix};
@@ -67,7 +67,7 @@ pub struct Cli {
     pub command: Cmd,
 }
 
-/// The subcommands of DESIGN §2.
+/// The subcommands (`docs/cli.md`, "Commands").
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Write a new signing key file.
@@ -108,7 +108,7 @@ pub enum Cmd {
         #[arg(long, value_name = "R")]
         if_revision: Option<u64>,
     },
-    /// Leases: a TTL in batch time; documents and claims may be attached (DESIGN §13).
+    /// Leases: a TTL in batch time; documents and claims may be attached (docs/coordination.md).
     Lease {
         #[command(subcommand)]
         command: LeaseCmd,
@@ -199,7 +199,7 @@ pub enum Cmd {
     },
     /// Interactive session (also reads commands from stdin).
     Repl,
-    /// Load generator (DESIGN §9).
+    /// Load generator (closed loop, open loop at a rate, or a sweep).
     Bench(BenchArgs),
     /// Init and start a local cluster, run a demo load, stay until Ctrl-C.
     Up {

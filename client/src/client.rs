@@ -7,7 +7,7 @@
 //!     └──▶ resend the SAME signed bytes to node B      events: Reconnected, minority WARNING
 //! ```
 //! Retrying the same signed bytes is safe because the server executes a request id at most once
-//! and answers a retry with the original receipt (DESIGN §3, exactly-once).
+//! and answers a retry with the original receipt (`docs/architecture.md` §7, exactly-once).
 
 use crate::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
 use crate::error::ClientError;
@@ -37,7 +37,7 @@ pub const LEADERLESS_HOP_MS: u64 = 3_000;
 /// Bound of the event channel; events beyond it are dropped rather than growing memory.
 pub const EVENTS_MAX: usize = 64;
 
-/// Timeouts and retry budget. The defaults follow DESIGN §2.
+/// Timeouts and retry budget.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Wait for one reply at most this long before trying another node.
@@ -112,7 +112,7 @@ impl ConnectionReport {
     }
 }
 
-/// `Connected to tally cluster at ...` followed by `Known nodes:` lines (DESIGN §2 session).
+/// `Connected to tally cluster at ...` followed by `Known nodes:` lines (the `repl` banner).
 impl fmt::Display for ConnectionReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.write(f, "Connected")
@@ -172,7 +172,7 @@ struct Inner {
     stop: AtomicBool,
 }
 
-/// The Rust client library's entry point (DESIGN §2). Cheap to share: all methods take `&self`.
+/// The Rust client library's entry point. Cheap to share: all methods take `&self`.
 pub struct Client {
     inner: Arc<Inner>,
 }

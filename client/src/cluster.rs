@@ -37,7 +37,8 @@ pub const DEFAULT_NODES: usize = 3;
 pub const DEFAULT_ACCOUNTS: usize = 4;
 /// Client ports start right above this.
 pub const DEFAULT_BASE_PORT: u16 = 7000;
-/// Largest cluster `init` writes; DESIGN §1 allows 1, 3 or 5, we allow up to 99 for tests.
+/// Largest cluster `init` writes: a cluster has 1, 3 or 5 replicas (`docs/architecture.md` §1); we
+/// allow up to 99 for tests.
 pub const NODES_MAX: usize = 99;
 /// Keeps `accounts/` listable and genesis small.
 pub const ACCOUNTS_MAX: usize = 100_000;

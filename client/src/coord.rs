@@ -1,6 +1,6 @@
-//! Coordination primitives from the client's side (DESIGN §13): leases, compare-and-set,
-//! claims and transactions, each a signed request with a receipt, and a [`LeaseKeeper`] that
-//! renews a lease by itself and says until when its holder may still act.
+//! Coordination primitives from the client's side (`docs/coordination.md`): leases,
+//! compare-and-set, claims and transactions, each a signed request with a receipt, and a
+//! [`LeaseKeeper`] that renews a lease by itself and says until when its holder may still act.
 //!
 //! ```text
 //!  grant ──▶ LeaseGranted{id, expires_at}      keeper thread: every ttl/3 ──▶ LeaseKeepAlive

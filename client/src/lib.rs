@@ -3,7 +3,7 @@
 //! ```text
 //!  tally (main.rs) ─▶ cli ─▶ Client ──failover──▶ Connection ──frames──▶ tallyd
 //!                       │        └─ heartbeat thread (Status ≈1 s, events)
-//!                       ├─▶ repl   (line parsing + session output of DESIGN §2)
+//!                       ├─▶ repl   (line parsing + session output, docs/cli.md)
 //!                       ├─▶ bench  (load signed as it is sent, hdrhistogram, JSON + PNG)
 //!                       ├─▶ cluster::cluster_init, up (local cluster + demo)
 //!                       └─▶ keyfile, receipt_file (offline: keygen, verify)

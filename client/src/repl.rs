@@ -1,4 +1,5 @@
-//! The interactive session of DESIGN §2: line parsing, command execution and the exact output.
+//! The interactive session (`tally repl`, `docs/cli.md`): line parsing, command execution and the
+//! exact output.
 //!
 //! Parsing is pure ([`parse_line`]) so the session text can be tested without a server; running a
 //! command ([`execute`]) writes to any `Write`, so a fake node can drive it in tests.

@@ -2,7 +2,7 @@
 
 /// Largest frame body accepted on any port (client or peer).
 pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
-/// Largest JSON document value (DESIGN.md §3).
+/// Largest JSON document value (`docs/protocol.md`, `ValueTooLarge`; `docs/security.md`, "Limits").
 pub const VALUE_BYTES_MAX: usize = 64 * 1024;
 /// Most independently signed requests in one client frame (TigerBeetle's 8,189).
 pub const FRAME_REQUESTS_MAX: usize = 8189;

@@ -15,9 +15,9 @@ pub enum Operation {
     Delete { key: DocKey },
     /// Move `amount` from the signer's account to `to`.
     Transfer { to: PublicKey, amount: u64 },
-    /// `Set` with conditions (DESIGN §13): `if_revision` is the revision the document must have
-    /// (0: it must not exist, a create-only write), `lease` a live lease of the signer's that the
-    /// document goes with when it ends.
+    /// `Set` with conditions (`docs/coordination.md`): `if_revision` is the revision the document
+    /// must have (0: it must not exist, a create-only write), `lease` a live lease of the signer's
+    /// that the document goes with when it ends.
     SetIf { key: DocKey, value: Vec<u8>, if_revision: Option<u64>, lease: Option<u64> },
     /// `Delete` if the document has revision `if_revision`.
     DeleteIf { key: DocKey, if_revision: Option<u64> },

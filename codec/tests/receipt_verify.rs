@@ -1,4 +1,4 @@
-//! Attacks on offline receipt verification (security review, issue 6 item 7): each test builds a
+//! Attacks on offline receipt verification (`docs/receipt-format.md` §4): each test builds a
 //! real receipt with the codec's own types, changes it the way an attacker could, and checks that
 //! `Receipt::verify` refuses it and says why.
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.

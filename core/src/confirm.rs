@@ -125,8 +125,8 @@ mod tests {
         BatchEntry { header, requests: vec![req], outcomes: vec![outcome], write_set }
     }
 
-    /// Issue 6, attack 2: a forged append's junk never reaches the log; only a consistent batch of
-    /// this cluster is accepted.
+    /// A forged append's junk never reaches the log; only a consistent batch of this cluster is
+    /// accepted.
     #[test]
     fn only_a_consistent_batch_of_this_cluster_passes() {
         let ours = ClusterId([7; 16]);

@@ -1,4 +1,4 @@
-//! One tally replica's decisions as an I/O-free state machine (DESIGN.md §8).
+//! One tally replica's decisions as an I/O-free state machine (`docs/architecture.md` §10).
 //!
 //! ```text
 //!  shell (threads, TCP, WAL, LevelDB, clock)      or      simulator (in-memory net, disk, clock)

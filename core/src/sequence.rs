@@ -2,9 +2,9 @@
 //! stage 3, in order, on the latest state (batches not yet committed included), builds the Merkle
 //! tree over (id, outcome) leaves and the header chained to the previous one.
 //!
-//! Cost per request (DESIGN §9 budget ~10 µs for everything but the signature check): one hash
-//! map probe for in-batch duplicates, the execution itself (two view lookups and two inserts for
-//! a transfer), one leaf hash; per batch: one Merkle tree and one write-set digest.
+//! Cost per request (budget: ~10 µs for everything but the signature check): one hash map probe
+//! for in-batch duplicates, the execution itself (two view lookups and two inserts for a
+//! transfer), one leaf hash; per batch: one Merkle tree and one write-set digest.
 
 use crate::pending::PendingBatch;
 use crate::state::{At, Backing, BatchWrites, Exec, View};

@@ -201,7 +201,7 @@ mod tests {
         e
     }
 
-    /// Issue 6, attack 2: what a forged append could carry is judged before it is persisted.
+    /// A forged append from a peer: what it could carry is judged before it is persisted.
     #[test]
     fn entries_that_could_never_apply_are_refused() {
         assert!(check_entry(&entry(EntryType::EntryNormal, vec![], vec![]), &judge).is_ok(), "no-op");

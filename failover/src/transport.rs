@@ -1154,8 +1154,8 @@ mod tests {
         b.stop();
     }
 
-    /// Issue 6, attack 2: a replica's certificate can't be used to pose as another node, and a
-    /// plaintext stranger (the old echoed-hello attack) gets nothing to Raft.
+    /// A replica's certificate can't be used to pose as another node, and a plaintext stranger (the
+    /// old echoed-hello attack) gets nothing to Raft.
     #[test]
     fn posing_as_another_node_or_skipping_tls_gets_nothing_through() {
         let (_d, f) = pki(3);
@@ -1197,7 +1197,7 @@ mod tests {
         (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
-    /// Issue 10: a snapshot over the frame limit was dropped by the link, and Raft retried it
+    /// Before: a snapshot over the frame limit was dropped by the link, and Raft retried it
     /// forever. It now streams in chunks, heartbeats queued behind it are not held back until
     /// it ends, and the sender reports it delivered.
     #[test]
@@ -1236,7 +1236,7 @@ mod tests {
         b.stop();
     }
 
-    /// Issue 10: a stream cut halfway resumes; the receiver tells the next connection from the
+    /// A snapshot stream cut halfway resumes; the receiver tells the next connection from the
     /// same peer how much it holds, and the rest completes the snapshot.
     #[test]
     fn a_cut_snapshot_stream_resumes_where_it_stopped() {

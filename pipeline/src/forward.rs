@@ -1,8 +1,8 @@
-//! Followers forward client frames to the leader (DESIGN.md §6): writes and linearizable reads
-//! sent to any replica are served. The frame is relayed untouched over one pooled connection;
-//! replies come back by id and go to the client's own connection. If the link breaks, every
-//! frame in flight on it is answered with a retryable error (the client resends the same bytes,
-//! so exactly-once holds).
+//! Followers forward client frames to the leader (`docs/protocol.md`, "Forwarding by followers"):
+//! writes and linearizable reads sent to any replica are served. The frame is relayed untouched
+//! over one pooled connection; replies come back by id and go to the client's own connection. If
+//! the link breaks, every frame in flight on it is answered with a retryable error (the client
+//! resends the same bytes, so exactly-once holds).
 
 use crossbeam::channel::Sender;
 use parking_lot::Mutex;

@@ -277,7 +277,7 @@ pub struct StoreLedger {
 
 fn store_failed(what: &str, e: impl std::fmt::Display) -> ! {
     // A store that cannot be read cannot serve the state machine; the replica ends and a backup
-    // takes over (DESIGN §8: a broken invariant ends the replica).
+    // takes over (`docs/architecture.md` §9: a panic anywhere ends the replica).
     panic!("store {what} failed: {e}")
 }
 

@@ -727,8 +727,8 @@ mod tests {
         drop(t.join());
     }
 
-    /// Issue 6, attack 4: a slowloris (a 100,000-byte length prefix, then a byte at a time) is cut
-    /// once the frame's deadline passes, however steadily it drips.
+    /// A slowloris (a 100,000-byte length prefix, then a byte at a time) is cut once the frame's
+    /// deadline passes, however steadily it drips.
     #[test]
     fn a_dripping_frame_is_cut_at_its_deadline() {
         let (mut s, mut c) = pair();

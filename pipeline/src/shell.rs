@@ -274,7 +274,7 @@ pub fn start(
         .name(format!("replica-{}", cfg.node_id))
         .spawn(move || {
             // A panic here (a broken invariant) ends the process: a replica must never keep
-            // heartbeating while its core is dead (DESIGN §8).
+            // heartbeating while its core is dead (`docs/architecture.md` §9).
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 thread.run(&seq_rx, &inputs, &admin_rx, &stop2)
             }));

@@ -1,4 +1,4 @@
-//! Checkers of DESIGN.md §7's invariants over a [`crate::history::RunRecord`].
+//! Checkers of the invariants (`docs/architecture.md` §2) over a [`crate::history::RunRecord`].
 //!
 //! - **I1** every acknowledged request is in the committed history exactly once, where and with
 //!   the outcome its receipt says, and no request id is executed twice.

@@ -947,7 +947,7 @@ impl Sim {
     }
 
     /// A claim of a few contended slots, a create-only set raced by every account, a lease
-    /// grant or a keepalive of a lease granted earlier (DESIGN §13; checked by I6).
+    /// grant or a keepalive of a lease granted earlier (`docs/coordination.md`; checked by I6).
     fn coordination_op(&mut self, c: usize, nonce: u64) -> (PublicKey, Operation) {
         let account = *self.accounts.choose(&mut self.rng).expect("accounts");
         match self.rng.gen_range(0..4) {

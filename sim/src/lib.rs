@@ -1,6 +1,6 @@
-//! The whole-cluster simulator (DESIGN.md §8): the real replica core ([`tally_core::Replica`]),
-//! several replicas and their clients in one thread, with the network, disks and clocks driven
-//! from one seed.
+//! The whole-cluster simulator (`docs/testing.md`): the real replica core
+//! ([`tally_core::Replica`]), several replicas and their clients in one thread, with the network,
+//! disks and clocks driven from one seed.
 #![forbid(unsafe_code)]
 
 pub mod check;

@@ -21,7 +21,8 @@ pub trait Kv {
     /// When the backend fails to read (never for a missing key).
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// All ops applied atomically (one LevelDB WriteBatch): one batch is one write (DESIGN §4).
+    /// All ops applied atomically (one LevelDB WriteBatch): one batch is one write
+    /// (`docs/architecture.md` §7).
     ///
     /// # Errors
     /// When the backend fails; then none of the ops may be visible.

@@ -861,10 +861,9 @@ mod tests {
         assert_eq!(Wal::open(dir.path(), small()).expect("reopen").last_index(), 5);
     }
 
-    /// The log on a disk that loses what was not fsynced (issue 7): after a crash, reopening
-    /// finds every synced entry, then whichever unsynced records survived whole (a torn record
-    /// is cut off), never anything else; the hard state is there; a failed fsync or a full disk
-    /// poisons the log.
+    /// The log on a disk that loses what was not fsynced: after a crash, reopening finds every
+    /// synced entry, then whichever unsynced records survived whole (a torn record is cut off),
+    /// never anything else; the hard state is there; a failed fsync or a full disk poisons the log.
     #[test]
     fn a_crash_loses_exactly_what_was_not_fsynced() {
         use crate::disk::MemDisk;

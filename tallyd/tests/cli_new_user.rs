@@ -104,7 +104,7 @@ fn new_user_flow_through_the_cli() {
     let o = tally(&["--addr", addr, "--key", k1.to_str().expect("p"), "balance"]);
     assert!(text(&o).contains("1000000007"), "{}", text(&o));
 
-    // The REPL session of DESIGN.md §2 on one replica, scripted on stdin.
+    // The REPL session (`tally repl`, `docs/cli.md`) on one replica, scripted on stdin.
     let mut child = Command::new(tally_bin())
         .args(["--addr", addr, "--key", k0.to_str().expect("p"), "--ca", d.join("ca.pem").to_str().expect("p"), "repl"])
         .stdin(Stdio::piped())

@@ -40,7 +40,7 @@ fn follower_forwards_writes_and_reads_to_the_leader() {
     assert_eq!(reply, ServerMessage::Balance(Some(1_000_000_000 + 100)));
 
     // A client can't pose as a relaying replica: `Forwarded` from a connection without a node
-    // certificate is refused (issue 6).
+    // certificate is refused (`docs/protocol.md`, "Forwarding by followers").
     let again = conn
         .call(ClientMessage::Forwarded(tally_codec::wire::Relayed::Balance { account: bob, stale: false }))
         .expect("reply");

@@ -1,6 +1,6 @@
-//! Membership at runtime (DESIGN §6): under a light write load, a fourth node is added with
-//! `cluster add` and becomes a voter; then node 1 is removed with `cluster remove`. Writes keep
-//! committing throughout, and the remaining members hold every acknowledged request.
+//! Membership at runtime (`docs/architecture.md` §6): under a light write load, a fourth node is
+//! added with `cluster add` and becomes a voter; then node 1 is removed with `cluster remove`.
+//! Writes keep committing throughout, and the remaining members hold every acknowledged request.
 
 mod common;
 
@@ -65,8 +65,8 @@ fn start_and_add_node4(
     (cfg, t.elapsed())
 }
 
-/// Issue 6, attack 1: a stranger's key changes nothing, through the leader or a follower; the
-/// unsigned legacy messages are refused too.
+/// A stranger's key changes no membership, through the leader or a follower; the unsigned legacy
+/// messages are refused too.
 #[test]
 fn a_stranger_cannot_change_membership() {
     let (_dir, layout) = init_cluster(3, 1);
@@ -108,8 +108,8 @@ fn a_stranger_cannot_change_membership() {
     assert_eq!(s.members.len(), 3, "no learner added");
 }
 
-/// Issue 6, attack 1: `cluster add` of an address where nothing listens, or where a stranger
-/// (no certificate of this cluster) listens, fails and leaves no learner behind.
+/// `cluster add` of an address where nothing listens, or where a stranger (no certificate of this
+/// cluster) listens, fails and leaves no learner behind.
 #[test]
 fn a_failed_cluster_add_leaves_no_learner() {
     let (_dir, layout) = init_cluster(3, 1);
@@ -272,11 +272,11 @@ fn removing_the_leader_keeps_the_cluster_going() {
     assert_invariants(&rest, &layout, &acked);
 }
 
-/// Issue 10: after a 12 s bench, `cluster add` made the leader export a 125 MB snapshot on its
-/// Raft thread, which the peer link then dropped as over its 16 MiB frame limit; every retry
-/// exported again, the term went from 2 to 31 in 35 s and the add failed. Now the export runs
-/// off the Raft thread, the snapshot streams in chunks, and the add waits for as long as the
-/// learner makes progress.
+/// After a 12 s bench, `cluster add` once made the leader export a 125 MB snapshot on its Raft
+/// thread, which the peer link then dropped as over its 16 MiB frame limit; every retry exported
+/// again, the term went from 2 to 31 in 35 s and the add failed. Now the export runs off the Raft
+/// thread, the snapshot streams in chunks, and the add waits for as long as the learner makes
+/// progress.
 ///
 /// Here a cluster holding `TALLY_ADD_STATE_MB` (40 by default; 1024 for the soak figure, with
 /// `--release`) of documents, more than two frames, gets a fourth replica under a write load:

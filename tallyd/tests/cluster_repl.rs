@@ -1,5 +1,5 @@
-//! The REPL session of DESIGN §2 against a real 3-node cluster: the `tally` binary reads
-//! commands from a pipe; the node it talks to is killed (it reconnects by itself and the next
+//! The REPL session (`tally repl`, `docs/cli.md`) against a real 3-node cluster: the `tally` binary
+//! reads commands from a pipe; the node it talks to is killed (it reconnects by itself and the next
 //! command succeeds), then a second node (it warns that writes need a majority).
 
 mod common;

@@ -1,6 +1,6 @@
-//! Follower catch-up by snapshot (DESIGN §6): a follower killed with -9 stays down while the
-//! others commit so many batches that the leader compacts its log past the follower; restarted,
-//! the follower gets a state snapshot, converges, and the history passes the checker.
+//! Follower catch-up by snapshot (`docs/architecture.md` §6): a follower killed with -9 stays down
+//! while the others commit so many batches that the leader compacts its log past the follower;
+//! restarted, the follower gets a state snapshot, converges, and the history passes the checker.
 //!
 //! The test's nodes keep `LOG_RETAIN_ENTRIES` = 1,000 entries below the compaction hint, and
 //! their store syncs every second and hints its applied index; one batch is one entry. With

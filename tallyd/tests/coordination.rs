@@ -1,7 +1,7 @@
-//! Coordination primitives (DESIGN §13) end to end on three replicas, through the real `tally`
-//! binary and the client library: leases with attached documents, compare-and-set, first-claim
-//! permissions with an offline-verifiable receipt, transactions, and a leader failover while a
-//! lease is live.
+//! Coordination primitives (`docs/coordination.md`) end to end on three replicas, through the real
+//! `tally` binary and the client library: leases with attached documents, compare-and-set,
+//! first-claim permissions with an offline-verifiable receipt, transactions, and a leader failover
+//! while a lease is live.
 
 mod common;
 

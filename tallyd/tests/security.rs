@@ -1,5 +1,6 @@
-//! The attacks of issue 6, each against a real 3-replica cluster from `cluster init`, each
-//! passing because the attack now fails.
+//! Attacks on a 3-replica cluster, each against a real cluster from `cluster init`, each passing
+//! because the attack now fails: a stranger on the peer port, floods of sockets on one replica,
+//! large values beside small transfers, and the leader's disk filling up (`docs/security.md`).
 
 mod common;
 
@@ -23,8 +24,8 @@ fn raft_frame(msg: &raft::eraftpb::Message) -> Vec<u8> {
     out
 }
 
-/// Issue 6, attack 2: a stranger on the peer port, echoing a hello that claims to be the leader
-/// and then sending a heartbeat and an append at term+1000, moves nothing and learns nothing.
+/// A stranger on the peer port, echoing a hello that claims to be the leader and then sending a
+/// heartbeat and an append at term+1000, moves nothing and learns nothing.
 #[test]
 fn a_stranger_on_the_peer_port_moves_nothing_and_learns_nothing() {
     let (_dir, layout) = init_cluster(3, 1);
@@ -75,9 +76,9 @@ fn a_stranger_on_the_peer_port_moves_nothing_and_learns_nothing() {
     assert_invariants(&addrs, &layout, &acked);
 }
 
-/// Issue 6, attack 4: 3,000 idle sockets and a slowloris (a 100,000-byte length prefix, then one
-/// byte a second) on the leader's client port, and a drip on its peer port: writes through the
-/// followers keep committing, the leader's threads stay bounded, a restarted follower rejoins.
+/// Floods: 3,000 idle sockets and a slowloris (a 100,000-byte length prefix, then one byte a
+/// second) on the leader's client port, and a drip on its peer port: writes through the followers
+/// keep committing, the leader's threads stay bounded, a restarted follower rejoins.
 #[test]
 fn floods_on_one_replica_do_not_stop_the_cluster() {
     let (_dir, layout) = init_cluster(3, 1);
@@ -161,9 +162,9 @@ fn floods_on_one_replica_do_not_stop_the_cluster() {
     assert_invariants(&addrs, &layout, &acked);
 }
 
-/// Issue 6, attack 5: 320 SETs of 64 KB at once (a 41.7 MB batch before) while another client
-/// transfers: batches are closed by bytes, so every transfer commits, and nothing is refused
-/// with a made-up "leadership changed".
+/// Large values: 320 SETs of 64 KB at once (a 41.7 MB batch before) while another client transfers:
+/// batches are closed by bytes, so every transfer commits, and nothing is refused with a made-up
+/// "leadership changed".
 #[test]
 fn large_values_do_not_get_other_clients_refused() {
     let (_dir, layout) = init_cluster(3, 2);
@@ -219,10 +220,10 @@ fn uuid_v4() -> String {
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
-/// Issue 6, attack 6: the leader's data disk fills up. It stops replicating (so the others elect
-/// a new leader), its status says `StorageFull`, clients are never told "leadership changed",
-/// and nothing acknowledged is lost. Needs a tmpfs mount (root): skipped with a message if not,
-/// failed where `CI` is set.
+/// A full disk: the leader's data disk fills up. It stops replicating (so the others elect a new
+/// leader), its status says `StorageFull`, clients are never told "leadership changed", and nothing
+/// acknowledged is lost. Needs a tmpfs mount (root): skipped with a message if not, failed where
+/// `CI` is set.
 #[test]
 fn a_full_disk_is_reported_and_the_leader_steps_down() {
     let (dir, mut layout) = init_cluster(3, 1);

@@ -1,6 +1,5 @@
-//! Issue 8: a panic in one pipeline thread must end the whole replica, so a backup takes over.
-//! Before the fix, a leader whose sequencer died kept heartbeating and the cluster never
-//! committed again.
+//! A panic in one pipeline thread must end the whole replica, so a backup takes over. Before the
+//! fix, a leader whose sequencer died kept heartbeating and the cluster never committed again.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Issue 9: a leader whose store is held for seconds must keep leading, and what waits for the
+//! A leader whose store is held for seconds must keep leading, and what waits for the
 //! store meanwhile stays bounded. rusty-leveldb compacts inside `write`, with the store held; a
 //! 10-minute full-load soak saw writes of up to 6 s. Before the fix the leader's replica thread
 //! read the balance of a transfer's fresh recipient from the store, waited behind that write,
