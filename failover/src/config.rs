@@ -44,9 +44,6 @@ pub struct RaftConfig {
     /// [`RaftConfig::timing_fingerprint`] covers the Raft timing; the server may mix in more
     /// (e.g. the genesis hash).
     pub config_fingerprint: [u8; 32],
-    /// Entries kept below a compaction hint, so a briefly lagging follower catches up from the
-    /// log rather than a snapshot.
-    pub log_retain_entries: u64,
     /// Mutual TLS between replicas, or an explicit opt-out.
     pub peer_security: crate::transport::PeerSecurity,
 }

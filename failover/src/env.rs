@@ -1,5 +1,5 @@
 //! The environment failover logic reads time and randomness from. Production uses
-//! [`SystemEnv`]; the simulator supplies a seeded one with a virtual clock.
+//! [`SystemEnv`]; the simulator drives the core with its own virtual clock and seeded RNG.
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -35,34 +35,6 @@ impl Env for SystemEnv {
     }
     fn wall_ms(&self) -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.rng.next_u64()
-    }
-}
-
-/// A virtual clock and seeded RNG: same seed, same run.
-pub struct SimEnv {
-    pub now_ms: u64,
-    pub wall_offset_ms: u64,
-    rng: ChaCha20Rng,
-}
-
-impl SimEnv {
-    pub fn new(seed: u64) -> Self {
-        SimEnv { now_ms: 0, wall_offset_ms: 1_700_000_000_000, rng: ChaCha20Rng::seed_from_u64(seed) }
-    }
-    pub fn advance(&mut self, ms: u64) {
-        self.now_ms += ms;
-    }
-}
-
-impl Env for SimEnv {
-    fn monotonic_ms(&self) -> u64 {
-        self.now_ms
-    }
-    fn wall_ms(&self) -> u64 {
-        self.wall_offset_ms + self.now_ms
     }
     fn next_u64(&mut self) -> u64 {
         self.rng.next_u64()

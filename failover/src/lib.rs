@@ -62,17 +62,12 @@ pub struct Role {
     pub term: u64,
     pub leader_id: Option<u64>,
     pub is_leader: bool,
-    /// The first index of this leader's term (its no-op). The leader may execute new batches
-    /// only once everything before it is applied.
-    pub term_start_index: u64,
     pub commit_index: u64,
 }
 
 /// Why a membership change did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipError {
-    #[error("membership changes need a Raft cluster")]
-    Unsupported,
     #[error("not the leader")]
     NotLeader,
     #[error("node id 0 is reserved")]
@@ -119,27 +114,18 @@ pub trait Replicator: Send + Sync {
     ///
     /// # Errors
     /// When not leader or the change fails.
-    fn add_member(&self, member: Member) -> Result<(), MembershipError> {
-        let _ = member;
-        Err(MembershipError::Unsupported)
-    }
+    fn add_member(&self, member: Member) -> Result<(), MembershipError>;
     /// Removes a voter. Returns once the change is committed.
     ///
     /// # Errors
     /// When not leader or the change fails.
-    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
-        let _ = node_id;
-        Err(MembershipError::Unsupported)
-    }
+    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError>;
     /// Removes `node_id` (if it is a member) and revokes its certificate with fingerprint
     /// `cert_fingerprint` on every replica. Returns once both are committed and applied here.
     ///
     /// # Errors
     /// When not leader, the change fails, or too many certificates are revoked already.
-    fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
-        let _ = (node_id, cert_fingerprint);
-        Err(MembershipError::Unsupported)
-    }
+    fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError>;
 }
 
 impl fmt::Display for Role {

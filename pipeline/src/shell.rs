@@ -1011,7 +1011,6 @@ impl Replicator for CoreReplicator {
             // A stopped replica knows no leader: its Raft state froze when its log failed.
             leader_id: if stopped { None } else { s.leader_id },
             is_leader: s.is_leader && !stopped,
-            term_start_index: 0,
             commit_index: s.commit_index,
         }
     }

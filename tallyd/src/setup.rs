@@ -276,7 +276,6 @@ fn raft_config(cfg: &NodeConfig, genesis_text: &[u8], peer_security: PeerSecurit
         heartbeat_ticks: cfg.heartbeat_ticks,
         cluster_id: cfg.cluster_id.clone(),
         config_fingerprint: *h.finalize().as_bytes(),
-        log_retain_entries: cfg.log_retain_entries,
         peer_security,
     }
 }

@@ -169,7 +169,8 @@ pub fn free_base_port(n: usize) -> u16 {
     static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let start = *START.get_or_init(|| {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         (std::process::id() as u64).wrapping_mul(2654435761) ^ nanos
     });
     for _ in 0..PORT_SLOTS {
