@@ -652,7 +652,7 @@ pub fn status(shared: &Shared) -> StatusInfo {
     let committed = shared.committed();
     let mut warnings = Vec::new();
     if let Some(why) = r.stopped() {
-        let what = if why.disk_full() { "StorageFull" } else { "LogFailed" };
+        let what = why.code().name();
         warnings.push(format!(
             "{what}: this replica's log stopped ({why}); it stepped down and serves no writes until it is restarted"
         ));

@@ -203,6 +203,19 @@ fn a_second_link_claiming_a_connected_node_replaces_the_first() {
     assert_invariants(&addrs, &layout, &acked);
 }
 
+/// A copy of node `id`'s certificate and key, as a thief holds them (they outlive the files
+/// `revoke-node` moves aside).
+fn steal(dir: &Path, id: u64) -> tally_net::TlsFiles {
+    let stolen = tally_net::TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("stolen-{id}.pem")),
+        key: dir.join(format!("stolen-{id}.key")),
+    };
+    std::fs::copy(dir.join(format!("node-{id}.pem")), &stolen.cert).expect("copy the certificate");
+    std::fs::copy(dir.join(format!("node-{id}.key")), &stolen.key).expect("copy the key");
+    stolen
+}
+
 fn tally_in(dir: &Path, args: &[&str]) -> std::process::Output {
     tally_command().arg("--cluster-dir").arg(dir).args(args).output().expect("run tally")
 }
@@ -226,11 +239,7 @@ fn a_revoked_node_certificate_is_refused_everywhere_and_the_node_returns_with_a_
     let dir = layout.dir.clone();
     let mut nodes = start_all(&layout);
     let (_, _) = wait_leader(&nodes, Duration::from_secs(10));
-    // The stolen copy of node 3's certificate and key.
-    let stolen =
-        tally_net::TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("stolen-3.pem"), key: dir.join("stolen-3.key") };
-    std::fs::copy(dir.join("node-3.pem"), &stolen.cert).expect("copy");
-    std::fs::copy(dir.join("node-3.key"), &stolen.key).expect("copy");
+    let stolen = steal(&dir, 3);
     let three = (0..3).find(|i| layout.configs[*i].node_id == 3).expect("node 3");
     let others: Vec<usize> = (0..3).filter(|i| *i != three).collect();
     let addrs: Vec<String> = others.iter().map(|i| layout.configs[*i].listen.clone()).collect();
@@ -307,10 +316,7 @@ fn revoking_the_leaders_certificate_moves_the_lead_and_shuts_its_key_out() {
     let mut nodes = start_all(&layout);
     let (l, _) = wait_leader(&nodes, Duration::from_secs(10));
     let leader_id = layout.configs[l].node_id;
-    let stolen =
-        tally_net::TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("stolen.pem"), key: dir.join("stolen.key") };
-    std::fs::copy(dir.join(format!("node-{leader_id}.pem")), &stolen.cert).expect("copy");
-    std::fs::copy(dir.join(format!("node-{leader_id}.key")), &stolen.key).expect("copy");
+    let stolen = steal(&dir, leader_id);
     let others: Vec<usize> = (0..3).filter(|i| *i != l).collect();
     let addrs: Vec<String> = others.iter().map(|i| layout.configs[*i].listen.clone()).collect();
     let writer = Writer::start(&layout.client_addrs(), account_key(&layout, 0), 4, 1);
