@@ -64,6 +64,20 @@ pub struct Exported {
     pub data: Vec<u8>,
 }
 
+/// A new cluster's first configuration (`voters`), applied at log index 1 of term 1 as if a
+/// first entry had been compacted: every replica of a new cluster starts from it, and a node
+/// added later, which has no entry to learn it from, gets a snapshot. A node that waits to be
+/// added starts with no configuration at all.
+///
+/// # Errors
+/// The ledger's own (a store that cannot write).
+pub fn bootstrap(ledger: &mut impl Ledger, voters: &[u64]) -> Result<(), LedgerError> {
+    use protobuf::Message as _;
+    let cs = raft::eraftpb::ConfState::from((voters.to_vec(), vec![]));
+    let bytes = cs.write_to_bytes().expect("a configuration encodes");
+    ledger.apply_conf(1, 1, bytes)
+}
+
 /// Committed state, applied in log order.
 pub trait Ledger {
     fn head(&self) -> LedgerHead;
@@ -198,6 +212,13 @@ impl MemLedger {
         for (k, v) in balances {
             l.kv.insert(tables().account(k).into_bytes(), encode(v));
         }
+        l
+    }
+
+    /// The genesis state of a new cluster of `voters` ([`bootstrap`]).
+    pub fn new_cluster(balances: &[(PublicKey, u64)], voters: &[u64]) -> Self {
+        let mut l = MemLedger::genesis(balances);
+        bootstrap(&mut l, voters).expect("an in-memory ledger applies a configuration");
         l
     }
 

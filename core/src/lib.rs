@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  shell (threads, TCP, WAL, LevelDB, clock)      or      simulator (in-memory net, disk, clock)
-//!        │ events: tick(now) · submit · read · peer message · log failed
+//!        │ events: tick(now) · submit · read · peer message · membership change · log failed
 //!        ▼
 //!  Replica ── stage 3 optimistic (replica.rs) ─▶ stage 4 sequence (sequence.rs) ─▶ stage 5 propose
 //!        │    (pending.rs: batches in flight)      raft-rs RawNode (log in memory)
@@ -22,6 +22,7 @@ pub mod failure;
 pub mod lease;
 pub mod ledger;
 pub mod log;
+pub mod membership;
 pub mod peer_gate;
 pub mod pending;
 pub mod replica;
@@ -30,10 +31,9 @@ pub mod state;
 
 pub use failure::LogFailure;
 pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
+pub use membership::{MemberChange, MembershipError};
 pub use peer_gate::Refusal;
-pub use replica::{
-    ClientTag, ConfChangeError, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, VoterChange,
-};
+pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 //! ```text
 //!  Event::Tick{now}    ─┐                                         ┌─▶ Effect::Send(peer message)
 //!  Event::Submit       ─┤   sequencer (s3, s4) ─propose─▶ raft-rs ├─▶ Effect::Persist(entries, hs; fsync)
-//!  Event::Read         ─┼─▶                                       ├─▶ Effect::Reply / ReadReply
+//!  Event::Read         ─┼─▶                                       ├─▶ Effect::Reply / ReadIndex
 //!  Event::Peer(msg)    ─┤   confirm (s6) ◀─committed─ raft-rs     └─▶ Effect::Signed(header)
 //!  Event::LogFailed    ─┘   apply (s7) ─▶ Ledger
 //! ```
@@ -22,6 +22,7 @@ use crate::confirm::{confirm, ChainHead};
 use crate::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use crate::ledger::{Ledger, LedgerHead};
 use crate::log::CoreLog;
+use crate::membership::{Flow, LeaderView, MemberChange, MembershipError, Step};
 use crate::peer_gate::{self, Refusal};
 use crate::pending::{Pending, PendingBatch};
 use crate::sequence::{
@@ -54,8 +55,6 @@ pub type ClientTag = u64;
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
     pub node_id: u64,
-    /// The initial voters (every replica of a new cluster starts with the same list).
-    pub voters: Vec<u64>,
     pub cluster_id: ClusterId,
     pub tick_ms: u64,
     pub election_ticks: usize,
@@ -95,21 +94,21 @@ pub enum Event {
     /// A request that passed stage 2 (decoded, signature checked, not expired by the shell's
     /// clock).
     Submit { client: ClientTag, req: Validated },
-    /// A linearizable read of one document, at monotonic time `now_ms`: the lease is judged
-    /// by the time the read is served, not by the last tick (a replica resuming from a pause
-    /// must not serve held reads under a lease that ran out while it was stopped).
-    Read { client: ClientTag, key: DocKey, now_ms: u64 },
+    /// A linearizable read arrived at monotonic time `now_ms`: answered with the index the
+    /// shell's state must have applied before it reads ([`Effect::ReadIndex`]), or a refusal.
+    /// The lease is judged by the time the read is served, not by the last tick (a replica
+    /// resuming from a pause must not serve held reads under a lease that ran out while it was
+    /// stopped).
+    Read { client: ClientTag, now_ms: u64 },
     /// A message from a peer replica.
     Peer(Message),
     /// The shell could not make a [`Persist`] durable (a failed write or fsync, a full disk).
     LogFailed(LogFailure),
-    /// Adds or removes one voter (through joint consensus, left automatically); leader only.
-    /// Ignored while another change is in flight (raft-rs).
-    ChangeVoters(VoterChange),
-    /// Proposes any configuration change, with `context` (opaque to the core, e.g. the new
-    /// member's addresses) carried to every replica in [`Effect::Reconfigured`]. Answered with
-    /// [`Effect::ConfChangeProposed`] carrying `ticket`.
-    ConfChange { ticket: u64, cc: ConfChangeV2, context: Vec<u8> },
+    /// A membership change ([`crate::membership`]); leader only, one at a time. Its `context`
+    /// (opaque to the core: an added node's addresses, a revoked certificate) reaches every
+    /// replica in [`Effect::Reconfigured`]. Answered with [`Effect::MembershipChanged`] carrying
+    /// `ticket` once it is done, failed or timed out.
+    ChangeMembers { ticket: u64, change: MemberChange },
     /// The shell streamed (or failed to stream) the snapshot for follower `to` (only with
     /// [`ReplicaConfig::snapshot_reports_by_shell`]).
     SnapshotReport { to: u64, delivered: bool },
@@ -118,13 +117,6 @@ pub enum Event {
     /// A follower of that leader forgets it and campaigns (pre-vote) within a heartbeat interval
     /// instead of waiting out the election timeout; see [`ReplicaConfig::campaign_on_leader_down`].
     PeerDown(u64),
-}
-
-/// One membership change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VoterChange {
-    Add(u64),
-    Remove(u64),
 }
 
 /// What the log must hold durably, in this order, before any later effect is executed.
@@ -137,8 +129,11 @@ pub struct Persist {
     pub sync: bool,
 }
 
-/// A read's answer.
-pub type ReadResult = Result<Option<(DocMeta, Vec<u8>)>, WireError>;
+/// A read's answer: the log index the state must have applied before the read is served.
+pub type ReadResult = Result<u64, WireError>;
+
+/// How long a shell waits for its state to apply a read's index before answering `Overloaded`.
+pub const READ_WAIT_MS: u64 = 5_000;
 
 /// What a replica asks its shell to do, in order.
 #[derive(Debug)]
@@ -149,7 +144,7 @@ pub enum Effect {
         client: ClientTag,
         reply: SubmitReply,
     },
-    ReadReply {
+    ReadIndex {
         client: ClientTag,
         result: ReadResult,
     },
@@ -186,11 +181,10 @@ pub enum Effect {
         requests: usize,
         bytes: usize,
     },
-    /// The answer to [`Event::ConfChange`]: whether raft-rs took the proposal (not whether it
-    /// committed).
-    ConfChangeProposed {
+    /// The answer to [`Event::ChangeMembers`].
+    MembershipChanged {
         ticket: u64,
-        result: Result<(), ConfChangeError>,
+        result: Result<(), MembershipError>,
     },
 }
 
@@ -300,6 +294,8 @@ pub struct Replica<L: Ledger> {
     leader_down_until_ms: u64,
     /// Campaigns started because the leader was reported down.
     leader_down_campaigns: u64,
+    /// The membership change in flight.
+    membership: Option<Flow>,
     out: Vec<Effect>,
 }
 
@@ -325,17 +321,6 @@ impl<L: Ledger> Backing for LedgerBacking<'_, L> {
     fn claims(&mut self, keys: &[(String, u64)]) -> Vec<Option<tally_codec::ClaimMeta>> {
         self.0.claims(keys)
     }
-}
-
-/// Why a configuration change was not proposed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfChangeError {
-    /// Only the leader proposes one; ask it.
-    #[error("not the leader")]
-    NotLeader,
-    /// raft-rs refused it (another change in flight, a change that cannot apply).
-    #[error("{0}")]
-    Refused(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -382,7 +367,9 @@ impl<L: Ledger> Replica<L> {
         let conf = match ledger.conf_state() {
             Some(bytes) => ConfState::parse_from_bytes(&bytes)
                 .map_err(|e| StartError::Log(format!("the ledger's configuration does not decode: {e}")))?,
-            None => ConfState::from((cfg.voters.clone(), vec![])),
+            // A node waiting to be added (a new cluster's ledger holds its first configuration:
+            // `ledger::bootstrap`).
+            None => ConfState::default(),
         };
         let storage = MemStorage::new_with_conf_state(conf);
         // The durable ledger stands in for the log up to its applied index: those entries are
@@ -539,6 +526,7 @@ impl<L: Ledger> Replica<L> {
             term_budget: peer_gate::TermBudget::new(now_ms),
             leader_down_until_ms: 0,
             leader_down_campaigns: 0,
+            membership: None,
             vote_campaigns: 0,
             seen_role: StateRole::Follower,
             seen_term: 0,
@@ -691,7 +679,11 @@ impl<L: Ledger> Replica<L> {
             let refusal = WireError::new(failure.code(), format!("this replica stopped: {failure}"));
             match event {
                 Event::Submit { client, .. } => self.reply(client, SubmitReply::Refused(refusal)),
-                Event::Read { client, .. } => self.out.push(Effect::ReadReply { client, result: Err(refusal) }),
+                Event::Read { client, .. } => self.out.push(Effect::ReadIndex { client, result: Err(refusal) }),
+                Event::ChangeMembers { ticket, .. } => self.out.push(Effect::MembershipChanged {
+                    ticket,
+                    result: Err(MembershipError::Stopped(failure.to_string())),
+                }),
                 _ => {}
             }
             return std::mem::take(&mut self.out);
@@ -699,9 +691,9 @@ impl<L: Ledger> Replica<L> {
         match event {
             Event::Tick { now_ms, wall_ms } => self.on_tick(now_ms, wall_ms),
             Event::Submit { client, req } => self.on_submit(client, req),
-            Event::Read { client, key, now_ms } => {
+            Event::Read { client, now_ms } => {
                 self.now_ms = self.now_ms.max(now_ms);
-                self.on_read(client, key)
+                self.on_read(client)
             }
             Event::Peer(m) => self.on_peer(m),
             Event::PeerDown(id) => self.on_peer_down(id),
@@ -709,15 +701,7 @@ impl<L: Ledger> Replica<L> {
                 self.poison(why);
                 return std::mem::take(&mut self.out);
             }
-            Event::ChangeVoters(change) => self.on_change_voters(change),
-            Event::ConfChange { ticket, cc, context } => {
-                let result = if self.raw.raft.state == StateRole::Leader {
-                    self.raw.propose_conf_change(context, cc).map_err(|e| ConfChangeError::Refused(e.to_string()))
-                } else {
-                    Err(ConfChangeError::NotLeader)
-                };
-                self.out.push(Effect::ConfChangeProposed { ticket, result });
-            }
+            Event::ChangeMembers { ticket, change } => self.on_change_members(ticket, change),
             Event::SnapshotReport { to, delivered } => {
                 let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
                 self.raw.report_snapshot(to, status);
@@ -725,6 +709,7 @@ impl<L: Ledger> Replica<L> {
         }
         self.drive();
         self.update_mode();
+        self.advance_membership();
         self.maybe_close_batch();
         self.drive();
         self.maintain_log();
@@ -792,6 +777,10 @@ impl<L: Ledger> Replica<L> {
 
     fn poison(&mut self, failure: LogFailure) {
         let code = failure.code();
+        if let Some(flow) = self.membership.take() {
+            let result = Err(MembershipError::Stopped(failure.to_string()));
+            self.out.push(Effect::MembershipChanged { ticket: flow.ticket, result });
+        }
         self.poisoned = Some(failure);
         self.fail_all(code);
         // Nothing queued for peers goes out: the log behind it cannot be trusted.
@@ -893,41 +882,72 @@ impl<L: Ledger> Replica<L> {
         self.seq.queue.push((req, client));
     }
 
-    fn on_change_voters(&mut self, change: VoterChange) {
-        if self.raw.raft.state != StateRole::Leader {
+    fn on_change_members(&mut self, ticket: u64, change: MemberChange) {
+        if self.membership.is_some() {
+            self.out.push(Effect::MembershipChanged { ticket, result: Err(MembershipError::Busy) });
             return;
         }
-        let (id, ty) = match change {
-            VoterChange::Add(id) => (id, raft::eraftpb::ConfChangeType::AddNode),
-            VoterChange::Remove(id) => (id, raft::eraftpb::ConfChangeType::RemoveNode),
-        };
-        let mut single = raft::eraftpb::ConfChangeSingle::default();
-        single.node_id = id;
-        single.set_change_type(ty);
-        let mut cc = ConfChangeV2::default();
-        cc.set_changes(vec![single].into());
-        // Through joint consensus, as production does: a one-step change that removes the
-        // leader makes raft-rs panic in `maybe_commit` (found by the simulator).
-        cc.set_transition(raft::eraftpb::ConfChangeTransition::Implicit);
-        let _ = self.raw.propose_conf_change(Vec::new(), cc);
+        self.membership = Some(Flow::new(ticket, change, self.now_ms));
     }
 
-    fn on_read(&mut self, client: ClientTag, key: DocKey) {
+    /// Takes the membership change in flight as far as it goes now: proposes what it asks for,
+    /// answers it when it is over.
+    fn advance_membership(&mut self) {
+        let Some(mut flow) = self.membership.take() else { return };
+        let node = flow.change().node();
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let progress = raft.prs().get(node).filter(|_| raft.state == StateRole::Leader);
+        let view = LeaderView {
+            now_ms: self.now_ms,
+            id: self.cfg.node_id,
+            leading: raft.state == StateRole::Leader,
+            ready: matches!(self.seq.mode, Mode::Leading { .. }),
+            conf: &conf,
+            commit_index: raft.raft_log.committed,
+            applied_index: raft.raft_log.applied,
+            matched: progress.map_or(0, |p| p.matched),
+            snapshotting: progress.is_some_and(|p| p.state == raft::ProgressState::Snapshot),
+            conf_pending: raft.has_pending_conf(),
+        };
+        let result = match flow.step(&view) {
+            Step::Wait => {
+                self.membership = Some(flow);
+                return;
+            }
+            Step::Answer(result) => result,
+            Step::Propose { cc, context } => match self.raw.propose_conf_change(context, cc) {
+                Ok(()) => {
+                    flow.proposed(self.raw.raft.raft_log.last_index(), self.now_ms);
+                    self.membership = Some(flow);
+                    return;
+                }
+                Err(e) => flow.refused(e.to_string()),
+            },
+        };
+        self.out.push(Effect::MembershipChanged { ticket: flow.ticket, result });
+    }
+
+    /// A linearizable read: only a leader holding its lease (judged at the read's time) serves
+    /// one, at the state its commit index holds; the shell waits for its state to apply that
+    /// far, then reads.
+    fn on_read(&mut self, client: ClientTag) {
         let leading = matches!(self.seq.mode, Mode::Leading { .. });
         let lease_ok = self.lease_until_ms().is_some_and(|t| t > self.now_ms);
         let allowed = if self.cfg.plant == Plant::StaleLeaseRead {
             self.raw.raft.state == StateRole::Leader
         } else {
-            leading && lease_ok && self.ledger.head().index >= self.commit_index()
+            leading && lease_ok
         };
         let result = if allowed {
-            Ok(self.ledger.doc(&key))
+            Ok(self.commit_index())
         } else {
-            let mut e = WireError::new(ErrorCode::NotLeader, "not the leader (or lease expired)");
-            e.leader_hint = None;
-            Err(e)
+            Err(WireError::new(
+                ErrorCode::NotLeader,
+                "not the leader (or lease expired); read from the leader or use --stale",
+            ))
         };
-        self.out.push(Effect::ReadReply { client, result });
+        self.out.push(Effect::ReadIndex { client, result });
     }
 
     /// When the lease ends: only a leader with a committed entry of its term has one.

@@ -34,8 +34,15 @@ impl Net {
         let nodes = (1..=3)
             .map(|id| {
                 let cfg = common::replica_config(id, id * 7919);
-                Replica::start(cfg, MemLedger::genesis(&[]), RestoredLog::default(), 0, WALL_MS, &logger)
-                    .expect("starts")
+                Replica::start(
+                    cfg,
+                    MemLedger::new_cluster(&[], &[1, 2, 3]),
+                    RestoredLog::default(),
+                    0,
+                    WALL_MS,
+                    &logger,
+                )
+                .expect("starts")
             })
             .collect();
         Net { nodes, now: 0, wire: VecDeque::new(), cut: None, held: Vec::new(), refused: Vec::new(), nonce: 0 }

@@ -35,7 +35,7 @@ impl Net {
                 Some(
                     Replica::start(
                         cfg(id, campaign_on_leader_down),
-                        MemLedger::genesis(&[]),
+                        MemLedger::new_cluster(&[], &[1, 2, 3]),
                         RestoredLog::default(),
                         0,
                         1_700_000_000_000,

@@ -24,9 +24,14 @@ fn noops(from: u64, to: u64, term: u64) -> Persist {
     Persist { entries, sync: true, ..Persist::default() }
 }
 
+/// A ledger of the voters 1, 2 and 3 at `index` (its configuration at 1, no-ops after).
 fn ledger_at(index: u64, term: u64) -> MemLedger {
-    let mut l = MemLedger::genesis(&[]);
-    for i in 1..=index {
+    ledger_of(&[1, 2, 3], index, term)
+}
+
+fn ledger_of(voters: &[u64], index: u64, term: u64) -> MemLedger {
+    let mut l = MemLedger::new_cluster(&[], voters);
+    for i in 2..=index {
         l.apply_noop(i, term).expect("noop");
     }
     l
@@ -139,10 +144,8 @@ fn campaigns_are_counted_by_kind() {
     let s = r.status();
     assert!(s.pre_vote_campaigns >= 2, "pre-vote campaigns: {}", s.pre_vote_campaigns);
     assert_eq!(s.vote_campaigns, 0, "no pre-vote majority, so no new term");
-    let mut alone = cfg();
-    alone.voters = vec![1];
-    let mut r =
-        Replica::start(alone, ledger_at(1, 1), RestoredLog::default(), 0, 1_700_000_000_000, &logger).expect("starts");
+    let mut r = Replica::start(cfg(), ledger_of(&[1], 1, 1), RestoredLog::default(), 0, 1_700_000_000_000, &logger)
+        .expect("starts");
     for t in 1..=60 {
         r.handle(tally_core::Event::Tick { now_ms: t * 50, wall_ms: 1_700_000_000_000 + t * 50 });
     }

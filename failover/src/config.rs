@@ -18,14 +18,6 @@ pub const INBOX_MESSAGES_MAX: usize = 4096;
 const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
 /// A proposal's data may not exceed this (it must fit one peer frame).
 pub const PROPOSAL_BYTES_MAX: usize = FRAME_BYTES_MAX - FRAME_OVERHEAD_BYTES;
-/// How long a membership change may take before the call gives up.
-pub const MEMBERSHIP_TIMEOUT_MS: u64 = 30_000;
-/// How long a learner may make no progress (no match advance, no snapshot on its way) before
-/// `cluster add` gives up on it.
-pub const CATCH_UP_STALL_MS: u64 = 60_000;
-/// How long `cluster add` waits for a learner to catch up at most.
-pub const CATCH_UP_TIMEOUT_MS: u64 = 30 * 60_000;
-
 /// What a Raft replica needs to know. Times are in ticks of `tick_ms`; see `NodeConfig`.
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
@@ -81,25 +73,6 @@ impl RaftConfig {
         }
         Ok(())
     }
-}
-
-/// A change of one node's role.
-pub fn single(id: u64, ty: raft::eraftpb::ConfChangeType) -> raft::eraftpb::ConfChangeSingle {
-    let mut c = raft::eraftpb::ConfChangeSingle::default();
-    c.node_id = id;
-    c.set_change_type(ty);
-    c
-}
-
-/// A configuration change made of `changes`.
-pub fn conf_change(
-    changes: Vec<raft::eraftpb::ConfChangeSingle>,
-    transition: raft::eraftpb::ConfChangeTransition,
-) -> ConfChangeV2 {
-    let mut cc = ConfChangeV2::default();
-    cc.set_transition(transition);
-    cc.set_changes(changes.into());
-    cc
 }
 
 /// Whether an entry from a peer can ever be applied: a batch `check_batch` accepts, a no-op, or
@@ -180,6 +153,7 @@ pub fn check_conf_context(node_id: u64, ty: ConfChangeType, context: &[u8]) -> R
 mod tests {
     use super::*;
     use raft::eraftpb::{ConfChangeTransition, ConfChangeType};
+    use tally_core::membership::conf_change;
 
     /// A state machine that accepts batches starting with 0xBA only.
     fn judge(data: &[u8]) -> Result<(), String> {
@@ -205,7 +179,7 @@ mod tests {
         assert!(check_entry(&entry(EntryType::EntryNormal, vec![0xBA, 1], vec![]), &judge).is_ok());
         assert!(check_entry(&entry(EntryType::EntryNormal, vec![0xAB; 64], vec![]), &judge).is_err());
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, vec![0xFF; 9], vec![]), &judge).is_err());
-        let add = conf_change(vec![single(4, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
+        let add = conf_change(4, ConfChangeType::AddLearnerNode, ConfChangeTransition::Auto);
         let bytes = add.write_to_bytes().expect("encode");
         let addr =
             |id| tally_codec::encode(&MemberAddr { node_id: id, client_addr: "a:1".into(), peer_addr: "a:2".into() });
@@ -216,14 +190,14 @@ mod tests {
         );
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, bytes, vec![1, 2, 3]), &judge).is_err());
         // A removal carries a revocation of that node's certificate, or nothing.
-        let remove = conf_change(vec![single(3, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
+        let remove = conf_change(3, ConfChangeType::RemoveNode, ConfChangeTransition::Implicit);
         let remove = remove.write_to_bytes().expect("encode");
         let revoke = |id| tally_codec::encode(&Revocation { node_id: id, cert_fingerprint: [7; 32] });
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove.clone(), vec![]), &judge).is_ok());
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove.clone(), revoke(3)), &judge).is_ok());
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove.clone(), revoke(2)), &judge).is_err());
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, remove, addr(3)), &judge).is_err());
-        let zero = conf_change(vec![single(0, ConfChangeType::AddNode)], ConfChangeTransition::Auto);
+        let zero = conf_change(0, ConfChangeType::AddNode, ConfChangeTransition::Auto);
         let zero = zero.write_to_bytes().expect("encode");
         assert!(check_entry(&entry(EntryType::EntryConfChangeV2, zero, vec![]), &judge).is_err(), "node 0");
     }

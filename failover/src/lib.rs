@@ -65,36 +65,19 @@ pub struct Role {
     pub commit_index: u64,
 }
 
-/// Why a membership change did not happen.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MembershipError {
-    #[error("not the leader")]
-    NotLeader,
-    #[error("node id 0 is reserved")]
-    ReservedId,
-    #[error("node {0} is already a voter")]
-    AlreadyVoter(u64),
-    #[error("node {node} is not reachable as a replica of this cluster: {reason}")]
-    Unreachable { node: u64, reason: String },
-    #[error("the raft thread is busy or stopped")]
-    Busy,
-    #[error("conf change refused: {0}")]
-    Refused(String),
-    #[error("timed out waiting for {0}")]
-    Timeout(String),
-    #[error("replicator stopped: {0}")]
-    Stopped(String),
-    /// A learner was proposed but never caught up; it was removed again.
-    #[error("{cause}; node {node} was not added")]
-    NotAdded { node: u64, cause: Box<MembershipError> },
-}
+pub use tally_core::MembershipError;
 
 /// The replica as the client port sees it: who leads, the lease, the members, membership
 /// changes. The replica thread publishes what these read.
 pub trait Replicator: Send + Sync {
     fn role(&self) -> Role;
-    /// Whether the leader's lease covers now: a linearizable read may be served locally.
-    fn lease_valid(&self) -> bool;
+    /// A linearizable read, judged by the replica now: the log index this replica's state must
+    /// have applied before it serves the read (a leader under its lease answers its commit
+    /// index), or why it may not serve it.
+    ///
+    /// # Errors
+    /// `NotLeader` (with no lease), or `Overloaded` when the replica cannot judge it in time.
+    fn read_index(&self) -> Result<u64, tally_codec::wire::WireError>;
     fn members(&self) -> Vec<Member>;
     /// How many replicas hold `index` durably (this one included), as far as this replica knows.
     fn durable_replicas(&self, index: u64) -> u8;

@@ -176,15 +176,7 @@ pub fn decode_entry(le: &LogEntry) -> Result<Entry, RaftError> {
     Ok(e)
 }
 
-/// Conf-state helpers: raft-rs's `ConfState` has no `PartialEq` on content order, so compare
-/// sorted id lists.
-pub fn conf_ids(cs: &ConfState) -> Vec<u64> {
-    let mut ids: Vec<u64> =
-        cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing).chain(&cs.learners_next).copied().collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
+pub use tally_core::membership::conf_ids;
 
 /// The Raft storage over the durable log. Owned by the raft thread (inside the `RawNode`).
 pub struct WalStorage {

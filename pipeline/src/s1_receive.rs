@@ -30,7 +30,7 @@ pub const FRAMES_IN_FLIGHT_MAX: usize = 256;
 /// A write that blocks this long means the client stopped reading: the connection is closed.
 pub const WRITE_TIMEOUT_MS: u64 = 10_000;
 /// How long a linearizable read waits for the store to catch up with the commit index.
-pub const READ_WAIT: Duration = Duration::from_secs(5);
+pub const READ_WAIT: Duration = Duration::from_millis(tally_core::replica::READ_WAIT_MS);
 /// TLS handshake, from accept to the first frame's possible start.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// A connection with nothing in flight that sends no frame for this long is closed (clients
@@ -628,17 +628,15 @@ fn read_barrier(shared: &Shared, stale: bool) -> Result<(), WireError> {
     if stale {
         return Ok(());
     }
-    let r = shared.replicator();
-    let role = r.role();
-    if !role.is_leader || !r.lease_valid() {
-        let mut e = WireError::new(
-            ErrorCode::NotLeader,
-            "not the leader (or lease expired); read from the leader or use --stale",
-        );
-        e.leader_hint = shared.leader_addr();
-        return Err(e);
-    }
-    let read_index = role.commit_index.max(shared.committed().index);
+    let read_index = match shared.replicator().read_index() {
+        Ok(index) => index,
+        Err(mut e) => {
+            if e.code == ErrorCode::NotLeader {
+                e.leader_hint = shared.leader_addr();
+            }
+            return Err(e);
+        }
+    };
     if !shared.wait_applied_index(read_index, READ_WAIT) {
         return Err(WireError::new(ErrorCode::Overloaded, "store is behind the commit index; retry"));
     }

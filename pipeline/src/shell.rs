@@ -26,21 +26,20 @@ use crate::node::{Shared, Submission, Waiter};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Message};
+use raft::eraftpb::{ConfChangeType, ConfState, Message};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
+use tally_codec::wire::WireError;
 use tally_codec::ErrorCode;
+use tally_core::membership::CHANGE_ANSWER_MS_MAX;
 use tally_core::{
-    ConfChangeError, Effect, Event, LogFailure, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status,
+    Effect, Event, LogFailure, MemberChange, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status,
 };
-use tally_failover::config::{
-    check_conf_context, check_entry, conf_change, single, ConfContext, CATCH_UP_STALL_MS, CATCH_UP_TIMEOUT_MS,
-    INBOX_MESSAGES_MAX, MEMBERSHIP_TIMEOUT_MS,
-};
+use tally_failover::config::{check_conf_context, check_entry, ConfContext, INBOX_MESSAGES_MAX};
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
 use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts, REVOKED_MAX};
@@ -49,8 +48,11 @@ use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
 use tally_failover::{Member, MembershipError, Replicator, Role};
 use tally_store::wal::Wal;
 
-/// Admin commands waiting for the replica thread.
-const ADMIN_QUEUED_MAX: usize = 16;
+/// Membership changes and linearizable reads waiting for the replica thread, at most (a full
+/// queue answers `Busy` or `Overloaded`).
+const CONTROL_QUEUED_MAX: usize = 1024;
+/// How long a read waits for the replica thread to judge it (its lease, its commit index).
+const READ_JUDGED_MS: u64 = 1_000;
 /// Inputs handled between two status publications.
 const INPUTS_PER_PASS_MAX: usize = 256;
 /// The longest the replica thread sleeps without input.
@@ -122,8 +124,17 @@ pub struct PeerPort {
     pub security: PeerSecurity,
 }
 
-enum Admin {
-    ConfChange { cc: ConfChangeV2, context: Vec<u8>, reply: Sender<Result<(), ConfChangeError>> },
+/// What the client port asks of the replica thread besides submissions.
+enum Control {
+    Change {
+        change: MemberChange,
+        reply: Sender<Result<(), MembershipError>>,
+    },
+    /// A linearizable read arrived at monotonic time `now_ms`.
+    Read {
+        now_ms: u64,
+        reply: Sender<Result<u64, WireError>>,
+    },
 }
 
 /// What the replica thread publishes after every pass.
@@ -141,7 +152,7 @@ pub struct CoreReplicator {
     node_id: u64,
     published: Arc<Mutex<Published>>,
     env: Arc<Mutex<Box<dyn Env>>>,
-    admin_tx: Sender<Admin>,
+    control_tx: Sender<Control>,
     stop: Arc<AtomicBool>,
     probe: Option<(Hello, PeerSecurity)>,
     admin_lock: Mutex<()>,
@@ -174,9 +185,7 @@ pub fn start(
     // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
     // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
     if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
-        let cs = ConfState::from((cfg.initial_voters.clone(), vec![]));
-        let bytes = cs.write_to_bytes().map_err(|e| e.to_string())?;
-        tally_core::Ledger::apply_conf(&mut ledger, 1, 1, bytes).map_err(|e| format!("bootstrap: {e}"))?;
+        tally_core::ledger::bootstrap(&mut ledger, &cfg.initial_voters).map_err(|e| format!("bootstrap: {e}"))?;
         ledger.drain().map_err(|e| format!("bootstrap: {e}"))?;
         shared.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
     }
@@ -210,7 +219,6 @@ pub fn start(
     let election_seed = env.next_u64();
     let replica_cfg = ReplicaConfig {
         node_id: cfg.node_id,
-        voters: Vec::new(),
         cluster_id: shared.opts.cluster_id,
         tick_ms: cfg.tick_ms,
         election_ticks: cfg.election_ticks,
@@ -238,7 +246,7 @@ pub fn start(
     let env = Arc::new(Mutex::new(env));
     let published = Arc::new(Mutex::new(Published::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let (admin_tx, admin_rx) = bounded(ADMIN_QUEUED_MAX);
+    let (control_tx, control_rx) = bounded(CONTROL_QUEUED_MAX);
     let (warm_tx, warm_rx) = start_warmer(shared.store.clone())?;
     let mut thread = ReplicaThread {
         id: cfg.node_id,
@@ -252,7 +260,8 @@ pub fn start(
         revoked: revoked.clone(),
         waiters: HashMap::new(),
         next_tag: 0,
-        admin_replies: HashMap::new(),
+        change_replies: HashMap::new(),
+        read_replies: HashMap::new(),
         store_sync_interval_ms: cfg.store_sync_interval_ms.max(1),
         last_store_sync_ms: now_ms,
         log_retain_entries: cfg.log_retain_entries,
@@ -276,7 +285,7 @@ pub fn start(
             // A panic here (a broken invariant) ends the process: a replica must never keep
             // heartbeating while its core is dead (`docs/architecture.md` §9).
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                thread.run(&seq_rx, &inputs, &admin_rx, &stop2)
+                thread.run(&seq_rx, &inputs, &control_rx, &stop2)
             }));
             if r.is_err() {
                 tracing::error!("the replica thread panicked; aborting so a backup takes over");
@@ -288,7 +297,7 @@ pub fn start(
         node_id: cfg.node_id,
         published,
         env,
-        admin_tx,
+        control_tx,
         stop,
         probe,
         admin_lock: Mutex::new(()),
@@ -355,7 +364,8 @@ struct ReplicaThread {
     revoked: RevokedCerts,
     waiters: HashMap<u64, Pending>,
     next_tag: u64,
-    admin_replies: HashMap<u64, Sender<Result<(), ConfChangeError>>>,
+    change_replies: HashMap<u64, Sender<Result<(), MembershipError>>>,
+    read_replies: HashMap<u64, Sender<Result<u64, WireError>>>,
     store_sync_interval_ms: u64,
     last_store_sync_ms: u64,
     log_retain_entries: u64,
@@ -392,7 +402,7 @@ impl ReplicaThread {
         &mut self,
         seq_rx: &Receiver<Vec<Submission>>,
         inputs: &Inputs,
-        admin_rx: &Receiver<Admin>,
+        control_rx: &Receiver<Control>,
         stop: &AtomicBool,
     ) {
         while !stop.load(Ordering::Relaxed) {
@@ -408,7 +418,7 @@ impl ReplicaThread {
                 recv(inputs.net) -> m => if let Ok(m) = m { self.on_peer(m) },
                 recv(inputs.warmed) -> w => if let Ok(w) = w { self.on_warmed(w) },
                 recv(submissions) -> s => if let Ok(s) = s { self.on_submissions(s) },
-                recv(admin_rx) -> a => if let Ok(a) = a { self.on_admin(a) },
+                recv(control_rx) -> c => if let Ok(c) = c { self.on_control(c) },
                 default(wait) => {},
             }
             for _ in 0..INPUTS_PER_PASS_MAX {
@@ -419,6 +429,10 @@ impl ReplicaThread {
                 }
                 if let Ok(w) = inputs.warmed.try_recv() {
                     self.on_warmed(w);
+                    idle = false;
+                }
+                if let Ok(c) = control_rx.try_recv() {
+                    self.on_control(c);
                     idle = false;
                 }
                 if !self.core_queue_full() {
@@ -559,13 +573,17 @@ impl ReplicaThread {
         }
     }
 
-    fn on_admin(&mut self, a: Admin) {
-        match a {
-            Admin::ConfChange { cc, context, reply } => {
-                let ticket = self.next_tag;
-                self.next_tag += 1;
-                self.admin_replies.insert(ticket, reply);
-                self.handle(Event::ConfChange { ticket, cc, context });
+    fn on_control(&mut self, c: Control) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        match c {
+            Control::Change { change, reply } => {
+                self.change_replies.insert(tag, reply);
+                self.handle(Event::ChangeMembers { ticket: tag, change });
+            }
+            Control::Read { now_ms, reply } => {
+                self.read_replies.insert(tag, reply);
+                self.handle(Event::Read { client: tag, now_ms });
             }
         }
     }
@@ -575,7 +593,8 @@ impl ReplicaThread {
         if self.stopped.is_some() {
             // The log failed: the core is poisoned and answers clients itself; peers hear
             // nothing more from this replica.
-            if matches!(event, Event::Peer(_) | Event::Tick { .. } | Event::SnapshotReport { .. }) {
+            if matches!(event, Event::Peer(_) | Event::Tick { .. } | Event::SnapshotReport { .. } | Event::PeerDown(_))
+            {
                 return;
             }
         }
@@ -651,7 +670,11 @@ impl ReplicaThread {
                         None => tracing::warn!(client, "a reply for nobody"),
                     }
                 }
-                Effect::ReadReply { .. } => {}
+                Effect::ReadIndex { client, result } => {
+                    if let Some(reply) = self.read_replies.remove(&client) {
+                        let _ = reply.try_send(result);
+                    }
+                }
                 Effect::PeerRefused { from, refusal } => self.refuse_peer(from, &refusal),
                 Effect::ConfChangeSkipped { index, why } => {
                     tracing::error!(node = self.id, index, %why, "a committed configuration change does not apply; skipped");
@@ -671,8 +694,8 @@ impl ReplicaThread {
                 Effect::Reconfigured { index, conf_state, context, single } => {
                     self.reconfigured(index, conf_state, &context, single);
                 }
-                Effect::ConfChangeProposed { ticket, result } => {
-                    if let Some(reply) = self.admin_replies.remove(&ticket) {
+                Effect::MembershipChanged { ticket, result } => {
+                    if let Some(reply) = self.change_replies.remove(&ticket) {
                         let _ = reply.try_send(result);
                     }
                 }
@@ -904,10 +927,6 @@ fn refusal_stage(code: ErrorCode) -> &'static str {
     }
 }
 
-fn is_joint(cs: &ConfState) -> bool {
-    !cs.voters_outgoing.is_empty()
-}
-
 impl CoreReplicator {
     fn now_ms(&self) -> u64 {
         self.env.lock().monotonic_ms()
@@ -918,85 +937,15 @@ impl CoreReplicator {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    fn propose_conf_change(&self, cc: ConfChangeV2, context: Vec<u8>) -> Result<(), MembershipError> {
+    /// One membership change through the core ([`tally_core::membership`]): answered when it is
+    /// done, failed or timed out there.
+    fn change(&self, change: MemberChange) -> Result<(), MembershipError> {
         let (reply, rx) = bounded(1);
-        self.admin_tx.try_send(Admin::ConfChange { cc, context, reply }).map_err(|_| MembershipError::Busy)?;
-        match rx.recv_timeout(Duration::from_millis(MEMBERSHIP_TIMEOUT_MS)) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(ConfChangeError::NotLeader)) => Err(MembershipError::NotLeader),
-            Ok(Err(ConfChangeError::Refused(why))) => Err(MembershipError::Refused(why)),
-            Err(_) => Err(MembershipError::Busy),
-        }
-    }
-
-    /// Polls the published state until `done` holds, for at most [`MEMBERSHIP_TIMEOUT_MS`].
-    fn wait_for(&self, what: &str, done: impl Fn(&Status) -> bool) -> Result<(), MembershipError> {
-        let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
-        loop {
-            {
-                let p = self.published.lock();
-                if done(&p.status) {
-                    return Ok(());
-                }
-                if let Some(r) = &p.stopped {
-                    return Err(MembershipError::Stopped(r.to_string()));
-                }
-            }
-            if self.now_ms() > deadline {
-                return Err(MembershipError::Timeout(what.to_string()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for `id` to match `target` for as long as it makes progress: its match index moves
-    /// or a snapshot is on its way to it. Gives up after [`CATCH_UP_STALL_MS`] without progress.
-    fn wait_catch_up(&self, id: u64, target: u64) -> Result<(), MembershipError> {
-        let started = self.now_ms();
-        let mut last = (0, started);
-        loop {
-            let now = self.now_ms();
-            {
-                let p = self.published.lock();
-                let s = &p.status;
-                let matched = s.matched.iter().find(|(n, _)| *n == id).map_or(0, |(_, m)| *m);
-                if matched >= target {
-                    return Ok(());
-                }
-                if let Some(r) = &p.stopped {
-                    return Err(MembershipError::Stopped(r.to_string()));
-                }
-                if !s.is_leader {
-                    return Err(MembershipError::NotLeader);
-                }
-                if matched > last.0 || s.snapshotting.contains(&id) {
-                    last = (matched, now);
-                }
-            }
-            if now - last.1 > CATCH_UP_STALL_MS || now - started > CATCH_UP_TIMEOUT_MS {
-                let what = format!("the learner to catch up (matched {} of {target})", last.0);
-                return Err(MembershipError::Timeout(what));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn require_leader(&self) -> Result<(), MembershipError> {
-        if !self.role().is_leader {
-            return Err(MembershipError::NotLeader);
-        }
-        Ok(())
-    }
-
-    /// The leader, once it has applied its log up to its own term's first entry: only then does
-    /// its published configuration hold every committed change. A leader elected a moment ago,
-    /// or one replaying its log after a restart (its store is synced every `store_sync_interval_ms`), publishes an older
-    /// one, in which a node removed since still looks like a voter (`cluster add` answered
-    /// `Done` and added nothing) or a node added since looks absent.
-    fn require_ready_leader(&self) -> Result<(), MembershipError> {
-        self.require_leader()?;
-        self.wait_for("the new leader to apply its log", |s| s.sequencing || !s.is_leader)?;
-        self.require_leader()
+        self.control_tx.try_send(Control::Change { change, reply }).map_err(|_| MembershipError::Busy)?;
+        // The core answers every change within its bounds; the margin covers a replica thread
+        // that stopped (its process then exits).
+        rx.recv_timeout(Duration::from_millis(CHANGE_ANSWER_MS_MAX + 10_000))
+            .unwrap_or_else(|_| Err(MembershipError::Timeout("the replica thread's answer".into())))
     }
 }
 
@@ -1015,12 +964,16 @@ impl Replicator for CoreReplicator {
         }
     }
 
-    fn lease_valid(&self) -> bool {
-        let (ok, until) = {
-            let p = self.published.lock();
-            (p.status.is_leader && p.stopped.is_none() && p.status.sequencing, p.status.lease_until_ms)
-        };
-        ok && until.is_some_and(|u| self.now_ms() < u)
+    /// Asks the replica thread: a leader under its lease answers the index to wait for.
+    fn read_index(&self) -> Result<u64, WireError> {
+        let (reply, rx) = bounded(1);
+        let now_ms = self.now_ms();
+        if self.control_tx.try_send(Control::Read { now_ms, reply }).is_err() {
+            return Err(WireError::new(ErrorCode::Overloaded, "the replica thread has too many reads queued; retry"));
+        }
+        rx.recv_timeout(Duration::from_millis(READ_JUDGED_MS)).unwrap_or_else(|_| {
+            Err(WireError::new(ErrorCode::Overloaded, "the replica thread did not judge the read in time; retry"))
+        })
     }
 
     fn members(&self) -> Vec<Member> {
@@ -1075,118 +1028,58 @@ impl Replicator for CoreReplicator {
     /// it through a joint configuration (left automatically).
     fn add_member(&self, member: Member) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_ready_leader()?;
-        let id = member.node_id;
-        if id == 0 {
+        let node = member.node_id;
+        if node == 0 {
             return Err(MembershipError::ReservedId);
+        }
+        if !self.role().is_leader {
+            return Err(MembershipError::NotLeader);
         }
         {
             let p = self.published.lock();
-            if p.status.conf_state.voters.contains(&id) {
-                // The same add again (a retry whose first answer was lost) succeeds; a voter
-                // under other addresses is an error.
-                let same = p
-                    .members
-                    .get(&id)
-                    .is_some_and(|m| m.client_addr == member.client_addr && m.peer_addr == member.peer_addr);
-                return if same { Ok(()) } else { Err(MembershipError::AlreadyVoter(id)) };
+            let other_addr = p
+                .members
+                .get(&node)
+                .is_some_and(|m| m.client_addr != member.client_addr || m.peer_addr != member.peer_addr);
+            if p.status.conf_state.voters.contains(&node) && other_addr {
+                // The same add again (a retry whose first answer was lost) succeeds in the core;
+                // a voter under other addresses is an error.
+                return Err(MembershipError::AlreadyVoter(node));
             }
         }
-        // Before anything is proposed: the node must answer at that address as node `id` of this
-        // cluster (its certificate, cluster id and configuration), or nothing is added.
-        if let Some((hello, security)) = &self.probe {
-            tally_failover::transport::probe(&member.peer_addr, hello, security, id)
-                .map_err(|reason| MembershipError::Unreachable { node: id, reason })?;
-        } else {
+        // Before anything is proposed: the node must answer at that address as node `node` of
+        // this cluster (its certificate, cluster id and configuration), or nothing is added.
+        let Some((hello, security)) = &self.probe else {
             return Err(MembershipError::Refused("this replica has no peer port: a cluster of one".into()));
+        };
+        if !self.published.lock().status.conf_state.voters.contains(&node) {
+            tally_failover::transport::probe(&member.peer_addr, hello, security, node)
+                .map_err(|reason| MembershipError::Unreachable { node, reason })?;
         }
-        let addr = MemberAddr { node_id: id, client_addr: member.client_addr, peer_addr: member.peer_addr };
-        let context = tally_codec::encode(&addr);
-        let was_learner = self.published.lock().status.conf_state.learners.contains(&id);
-        if !was_learner {
-            let cc = conf_change(vec![single(id, ConfChangeType::AddLearnerNode)], ConfChangeTransition::Auto);
-            self.propose_conf_change(cc, context.clone())?;
-            self.wait_for("the learner to join", |s| s.conf_state.learners.contains(&id))?;
-        }
-        let target = self.role().commit_index;
-        if let Err(e) = self.wait_catch_up(id, target) {
-            // A failed add leaves no learner behind.
-            if !was_learner {
-                let cc = conf_change(vec![single(id, ConfChangeType::RemoveNode)], ConfChangeTransition::Auto);
-                if self.propose_conf_change(cc, Vec::new()).is_ok() {
-                    let _ = self.wait_for("the learner's removal", |s| !conf_ids(&s.conf_state).contains(&id));
-                }
-            }
-            return Err(MembershipError::NotAdded { node: id, cause: Box::new(e) });
-        }
-        self.require_leader()?;
-        let cc = conf_change(vec![single(id, ConfChangeType::AddNode)], ConfChangeTransition::Implicit);
-        self.propose_conf_change(cc, context)?;
-        self.wait_for("the promotion to commit", |s| s.conf_state.voters.contains(&id) && !is_joint(&s.conf_state))
+        let addr = MemberAddr { node_id: node, client_addr: member.client_addr, peer_addr: member.peer_addr };
+        self.change(MemberChange::Add { node, context: tally_codec::encode(&addr) })
     }
 
-    /// Removes `node_id` (when it is a member) and revokes its certificate.
+    /// Removes `node_id` (when it is a member) and revokes its certificate; returns once both
+    /// applied here.
     fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_ready_leader()?;
-        if node_id == 0 {
-            return Err(MembershipError::ReservedId);
-        }
         let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
-        if self.revoked.node_of(&cert_fingerprint).is_some() && !member {
+        if node_id != 0 && self.revoked.node_of(&cert_fingerprint).is_some() && !member {
             // A retried revocation (its first answer lost) succeeds.
             return Ok(());
         }
         if self.revoked.len() >= REVOKED_MAX {
             return Err(MembershipError::Refused(format!("{REVOKED_MAX} certificates are revoked already")));
         }
-        self.propose_revocation(node_id, cert_fingerprint)
+        let context = tally_codec::encode(&Revocation { node_id, cert_fingerprint });
+        self.change(MemberChange::Revoke { node: node_id, context })
     }
 
     /// Removes `node_id` through a joint configuration (left automatically).
     fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
         let _one_at_a_time = self.admin_lock.lock();
-        self.require_ready_leader()?;
-        if !conf_ids(&self.published.lock().status.conf_state).contains(&node_id) {
-            // Already gone: a retried remove (its first attempt's answer lost) succeeds.
-            tracing::info!(node = node_id, "cluster remove of a node that is not a member: nothing to do");
-            return Ok(());
-        }
-        let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], ConfChangeTransition::Implicit);
-        self.propose_conf_change(cc, Vec::new())?;
-        self.wait_for("the removal to commit", |s| {
-            !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
-        })
-    }
-}
-
-impl CoreReplicator {
-    /// The revocation of `cert_fingerprint` (node `node_id`'s certificate), proposed with the
-    /// node's removal: through a joint configuration when it is another member, in one step when
-    /// it is this leader, as a change of nothing otherwise (a removed node's certificate can leak too). Returns once it applied here.
-    fn propose_revocation(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
-        let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
-        // The leader revoking its own certificate changes the configuration in one step: the
-        // others cut it off as they apply the revocation, so it could never lead them out of a
-        // joint configuration (they waited for an election, and the command for its timeout).
-        let transition =
-            if member && node_id != self.node_id { ConfChangeTransition::Implicit } else { ConfChangeTransition::Auto };
-        let cc = conf_change(vec![single(node_id, ConfChangeType::RemoveNode)], transition);
-        let context = tally_codec::encode(&Revocation { node_id, cert_fingerprint });
-        self.propose_conf_change(cc, context)?;
-        let deadline = self.now_ms() + MEMBERSHIP_TIMEOUT_MS;
-        while self.revoked.node_of(&cert_fingerprint).is_none() {
-            if let Some(r) = &self.published.lock().stopped {
-                return Err(MembershipError::Stopped(r.to_string()));
-            }
-            if self.now_ms() > deadline {
-                return Err(MembershipError::Timeout("the revocation to commit".into()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.wait_for("the removal to commit", |s| {
-            !conf_ids(&s.conf_state).contains(&node_id) && !is_joint(&s.conf_state)
-        })
+        self.change(MemberChange::Remove { node: node_id })
     }
 }
 

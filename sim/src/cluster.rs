@@ -22,8 +22,11 @@ use rand_chacha::ChaCha20Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey, Receipt, Request, Signature, SignedRequest};
-use tally_core::replica::ReadResult;
-use tally_core::{ClientTag, Effect, Event, Ledger, MemLedger, Plant, Replica, ReplicaConfig, Validated, VoterChange};
+use tally_core::replica::READ_WAIT_MS;
+use tally_core::{
+    ClientTag, Effect, Event, Ledger, MemLedger, MemberChange, MembershipError, Plant, Replica, ReplicaConfig,
+    Validated,
+};
 
 /// Simulated wall clock at time zero.
 const WALL_BASE_MS: u64 = 1_700_000_000_000;
@@ -130,6 +133,16 @@ pub struct RunStats {
     pub failovers: u64,
     /// Configuration changes applied (voters removed and added back).
     pub reconfigurations: u64,
+    /// Membership changes through the leader's flow (as `cluster add`/`remove` run them): done,
+    /// and refused or failed by reason.
+    pub membership_done: u64,
+    pub membership_failed: BTreeMap<String, u64>,
+    /// Nodes replaced by an empty one (its disk wiped), added back as a learner that catches up
+    /// by a snapshot, then promoted; and snapshots such learners installed.
+    pub replaced: u64,
+    pub learner_snapshots: u64,
+    /// Linearizable reads served after their replica judged them (`Event::Read`).
+    pub reads_served: u64,
     pub ops: u64,
     pub acked: u64,
     pub bad_inputs: u64,
@@ -154,9 +167,24 @@ enum Frame {
     Get(DocKey),
 }
 
+/// A read's answer: the document at the state the read was served from.
+type DocResult = Result<Option<(tally_codec::DocMeta, Vec<u8>)>, WireError>;
+
 enum Resp {
     Submit(SubmitReply),
-    Read(ReadResult),
+    Read(DocResult),
+}
+
+/// A read judged by its replica, waiting for that replica's state to apply `index` (as the client
+/// port waits for its store).
+#[derive(Clone)]
+struct HeldRead {
+    node: usize,
+    life: u64,
+    tag: ClientTag,
+    key: DocKey,
+    index: u64,
+    until: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -217,6 +245,8 @@ enum Ev {
     AddVoter {
         node: usize,
     },
+    /// A held read looks again whether its replica's state has applied far enough.
+    ReadWait(HeldRead),
     Unclog {
         link: (usize, usize),
     },
@@ -264,6 +294,9 @@ struct Node {
     crash_on_next_write: bool,
     fail_next_fsync: bool,
     was_leader_term: Option<u64>,
+    /// Whether the node is one the cluster started with; a replacement starts empty and waits
+    /// to be added (as a node `cluster add` brings in).
+    initial: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -340,6 +373,23 @@ pub struct Sim {
     forger: Option<(u64, ChaCha20Rng, crate::forger::Samples)>,
     /// Set while a forged message is being handled.
     forging: bool,
+    /// The document each read being judged asks for, by its tag.
+    read_keys: BTreeMap<ClientTag, DocKey>,
+    /// What each membership change sent to a leader was for, by ticket.
+    tickets: BTreeMap<u64, Purpose>,
+    next_ticket: u64,
+}
+
+/// Why the simulator asked for a membership change.
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    Remove,
+    /// Remove `node`, then replace it by an empty one.
+    Replace {
+        node: usize,
+    },
+    /// Make a node a voter again.
+    AddBack,
 }
 
 fn client_tag(client: usize, attempt: u64) -> ClientTag {
@@ -396,9 +446,9 @@ impl Sim {
         let hot_keys: Vec<DocKey> = (0..3).map(|i| doc_key(seed, i)).collect();
         let cas_keys: Vec<DocKey> = (3..7).map(|i| doc_key(seed, i)).collect();
         let genesis: Vec<(PublicKey, u64)> = accounts.iter().map(|a| (*a, GENESIS_BALANCE)).collect();
+        let voters: Vec<u64> = (1..=n as u64).collect();
         let replica_cfg = ReplicaConfig {
             node_id: 0,
-            voters: (1..=n as u64).collect(),
             cluster_id,
             tick_ms: TICK_MS,
             election_ticks: ELECTION_TICKS,
@@ -418,7 +468,7 @@ impl Sim {
             .map(|_| Node {
                 replica: None,
                 disk: SimDisk::default(),
-                durable: MemLedger::genesis(&genesis),
+                durable: MemLedger::new_cluster(&genesis, &voters),
                 life: 0,
                 paused: None,
                 held: Vec::new(),
@@ -426,6 +476,7 @@ impl Sim {
                 crash_on_next_write: false,
                 fail_next_fsync: false,
                 was_leader_term: None,
+                initial: true,
             })
             .collect();
         let mut clients = Vec::new();
@@ -492,6 +543,9 @@ impl Sim {
             logger: slog::Logger::root(slog::Discard, slog::o!()),
             forger,
             forging: false,
+            read_keys: BTreeMap::new(),
+            tickets: BTreeMap::new(),
+            next_ticket: 0,
         }
     }
 
@@ -613,10 +667,15 @@ impl Sim {
                     if voters.contains(&id) {
                         return;
                     }
-                    self.deliver(l, Event::ChangeVoters(VoterChange::Add(id)));
+                    let ticket = self.ticket(Purpose::AddBack);
+                    self.deliver(
+                        l,
+                        Event::ChangeMembers { ticket, change: MemberChange::Add { node: id, context: Vec::new() } },
+                    );
                 }
                 self.at(500, Ev::AddVoter { node });
             }
+            Ev::ReadWait(read) => self.serve_read(read),
             Ev::Heal => self.heal(),
             Ev::Forge => self.forge(),
             Ev::Forged { to, msg } => {
@@ -748,6 +807,9 @@ impl Sim {
                             nd.durable = r.ledger().clone();
                         }
                     }
+                    if p.snapshot.is_some() && !nd.initial {
+                        self.stats.learner_snapshots += 1;
+                    }
                     nd.disk.write(&p);
                     if nd.crash_on_next_write {
                         *self.stats.faults.entry("crash-mid-write".into()).or_default() += 1;
@@ -779,11 +841,20 @@ impl Sim {
                     let d = self.net_delay();
                     self.at(d, Ev::Response { client: c, attempt, resp: Resp::Submit(reply) });
                 }
-                Effect::ReadReply { client, result } => {
-                    let (c, attempt) = split_tag(client);
-                    let d = self.net_delay();
-                    self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(result) });
-                }
+                Effect::ReadIndex { client, result } => match result {
+                    Ok(index) => {
+                        let key = self.read_keys.remove(&client).expect("a judged read was sent");
+                        let (life, until) = (self.nodes[i].life, self.now + READ_WAIT_MS);
+                        self.serve_read(HeldRead { node: i, life, tag: client, key, index, until });
+                    }
+                    Err(e) => {
+                        self.read_keys.remove(&client);
+                        let (c, attempt) = split_tag(client);
+                        let d = self.net_delay();
+                        self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(Err(e)) });
+                    }
+                },
+                Effect::MembershipChanged { ticket, result } => self.membership_changed(ticket, result),
                 Effect::Reconfigured { ref conf_state, .. } if trace() => {
                     eprintln!("{:>6} node {} applied voters {:?}", self.now, i + 1, conf_state.voters);
                     if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
@@ -806,7 +877,6 @@ impl Sim {
                     self.stats.max_height = self.stats.max_height.max(header.height);
                     self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
                 }
-                // The simulator changes voters with `Event::ChangeVoters`, which has no answer.
                 Effect::PeerRefused { from, refusal } => self.on_refused(i, from, &refusal),
                 Effect::ConfChangeSkipped { index, why } => {
                     let what =
@@ -819,7 +889,7 @@ impl Sim {
                         None => self.bad_input_violations.push(what),
                     }
                 }
-                Effect::ConfChangeProposed { .. } | Effect::Proposed { .. } => {}
+                Effect::Proposed { .. } => {}
             }
         }
     }
@@ -888,7 +958,9 @@ impl Sim {
                     );
                 }
                 let now_ms = self.nodes[node].clock.mono(self.now);
-                self.deliver(node, Event::Read { client: tag, key, now_ms })
+                self.read_keys.insert(tag, key);
+                self.deliver(node, Event::Read { client: tag, now_ms });
+                self.read_keys.remove(&tag);
             }
             Frame::Submit(bytes) => {
                 let wall = self.nodes[node].clock.wall(self.now);
@@ -1428,13 +1500,27 @@ impl Sim {
                 self.nodes[i].clock.set_drift(now, ppm);
             }
             90..=94 => {
-                // Membership: a voter (the leader too) is removed, and added back later.
+                // Membership, as `cluster remove` and `cluster add` run it: a voter (the leader
+                // too) is removed, and added back later as a learner that catches up, then is
+                // promoted; or a follower is removed and replaced by an empty node (its disk
+                // wiped), which catches up by a snapshot.
                 let leader = self.leader();
                 let full = leader.and_then(|l| self.nodes[l].replica.as_ref()).is_some_and(|r| r.voters().len() == n);
                 if let (true, Some(l)) = (full, leader) {
                     let i = self.rng.gen_range(0..n);
-                    self.fault("remove-voter");
-                    self.deliver(l, Event::ChangeVoters(VoterChange::Remove(i as u64 + 1)));
+                    let replace = i != l && self.rng.gen_bool(0.5);
+                    self.fault(if replace {
+                        "replace-node"
+                    } else if i == l {
+                        "remove-leader"
+                    } else {
+                        "remove-voter"
+                    });
+                    let ticket = self.ticket(if replace { Purpose::Replace { node: i } } else { Purpose::Remove });
+                    self.deliver(
+                        l,
+                        Event::ChangeMembers { ticket, change: MemberChange::Remove { node: i as u64 + 1 } },
+                    );
                     let d = self.rng.gen_range(1_000..4_000);
                     self.at(d, Ev::AddVoter { node: i });
                 }
@@ -1545,6 +1631,66 @@ impl Sim {
         }
         self.healed_at = self.now;
         self.height_at_heal = self.max_height();
+    }
+
+    fn ticket(&mut self, purpose: Purpose) -> u64 {
+        self.next_ticket += 1;
+        self.tickets.insert(self.next_ticket, purpose);
+        self.next_ticket
+    }
+
+    /// A membership change was answered; a node removed to be replaced is wiped and started
+    /// empty, waiting to be added.
+    fn membership_changed(&mut self, ticket: u64, result: Result<(), MembershipError>) {
+        let purpose = self.tickets.remove(&ticket);
+        if trace() {
+            eprintln!("{:>6} membership change {ticket} ({purpose:?}): {result:?}", self.now);
+        }
+        match result {
+            Ok(()) => self.stats.membership_done += 1,
+            Err(e) => {
+                let reason = format!("{e:?}").split(['(', ' ', '{']).next().unwrap_or_default().to_string();
+                *self.stats.membership_failed.entry(reason).or_default() += 1;
+                return;
+            }
+        }
+        if let Some(Purpose::Replace { node }) = purpose {
+            self.crash(node, false);
+            // Messages on their way to the old process die with its connections.
+            self.queue.retain(|_, ev| !matches!(ev, Ev::Peer { to, .. } if *to == node));
+            for (link, held) in &mut self.clog_held {
+                if link.1 == node {
+                    held.clear();
+                }
+            }
+            let genesis: Vec<(PublicKey, u64)> = self.accounts.iter().map(|a| (*a, GENESIS_BALANCE)).collect();
+            let nd = &mut self.nodes[node];
+            nd.disk = SimDisk::default();
+            nd.durable = MemLedger::genesis(&genesis);
+            nd.initial = false;
+            self.stats.replaced += 1;
+            self.boot(node);
+        }
+    }
+
+    /// A read its replica judged: served from that replica's state once it has applied the
+    /// read's index, refused `Overloaded` when it has not within [`READ_WAIT_MS`], dropped with
+    /// the replica (its client times out).
+    fn serve_read(&mut self, read: HeldRead) {
+        let nd = &self.nodes[read.node];
+        let Some(r) = nd.replica.as_ref().filter(|_| nd.life == read.life) else { return };
+        let result = if r.ledger().head().index >= read.index {
+            self.stats.reads_served += 1;
+            Ok(r.ledger().doc(&read.key))
+        } else if self.now >= read.until {
+            Err(WireError::new(ErrorCode::Overloaded, "store is behind the commit index; retry"))
+        } else {
+            self.at(1, Ev::ReadWait(read));
+            return;
+        };
+        let (c, attempt) = split_tag(read.tag);
+        let d = self.net_delay();
+        self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(result) });
     }
 
     fn max_height(&self) -> u64 {

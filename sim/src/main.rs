@@ -68,6 +68,7 @@ struct Summary {
     faults: std::collections::BTreeMap<String, u64>,
     failovers: u64,
     reconfigurations: u64,
+    membership: MembershipSummary,
     ops: u64,
     acked_checked: u64,
     bad_inputs: u64,
@@ -214,6 +215,7 @@ fn main() -> ExitCode {
         faults,
         failovers: results.iter().map(|r| r.stats.failovers).sum(),
         reconfigurations: results.iter().map(|r| r.stats.reconfigurations).sum(),
+        membership: membership_summary(&results),
         ops: results.iter().map(|r| r.stats.ops).sum(),
         acked_checked: results.iter().map(|r| r.acked_checked).sum(),
         bad_inputs: results.iter().map(|r| r.stats.bad_inputs).sum(),
@@ -237,6 +239,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Membership changes run as `cluster add` and `cluster remove` run them.
+#[derive(Debug, Default, serde::Serialize)]
+struct MembershipSummary {
+    done: u64,
+    failed: std::collections::BTreeMap<String, u64>,
+    replaced: u64,
+    learner_snapshots: u64,
+}
+
+fn membership_summary(results: &[SeedResult]) -> MembershipSummary {
+    let mut m = MembershipSummary::default();
+    for r in results {
+        m.done += r.stats.membership_done;
+        m.replaced += r.stats.replaced;
+        m.learner_snapshots += r.stats.learner_snapshots;
+        for (k, v) in &r.stats.membership_failed {
+            *m.failed.entry(k.clone()).or_default() += v;
+        }
+    }
+    m
+}
+
 fn print_summary(s: &Summary) {
     println!(
         "{} seeds ({} with 5 replicas), plant {}: {} failed",
@@ -252,6 +276,15 @@ fn print_summary(s: &Summary) {
     println!(
         "  {} failovers, {} membership changes, {} client ops, {} acknowledged and checked, {} bad inputs, {} document keys checked ({} gave up)",
         s.failovers, s.reconfigurations, s.ops, s.acked_checked, s.bad_inputs, s.keys_checked, s.linearizability_gave_up
+    );
+    let m = &s.membership;
+    let failed: Vec<String> = m.failed.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "  membership changes through the leader's flow: {} done, failed {{{}}}; {} nodes replaced by empty ones, {} snapshots installed by them",
+        m.done,
+        failed.join(", "),
+        m.replaced,
+        m.learner_snapshots
     );
     println!("  {} committed coordination outcomes checked (claims, create-only sets, leases)", s.coordination_checked);
     let faults: Vec<String> = s.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();

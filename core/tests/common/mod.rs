@@ -8,7 +8,6 @@ use tally_core::{Plant, ReplicaConfig};
 pub fn replica_config(node_id: u64, election_seed: u64) -> ReplicaConfig {
     ReplicaConfig {
         node_id,
-        voters: vec![1, 2, 3],
         cluster_id: ClusterId([5; 16]),
         tick_ms: 50,
         election_ticks: 10,
