@@ -1,14 +1,15 @@
-//! Chaos testing: workloads, fault injection and the checkers of the invariants
-//! (`docs/architecture.md` §2).
+//! Chaos testing on real processes: the monkey (workload and fault injection), the
+//! fault-injecting proxy, and the read-back of a live cluster into the history model whose
+//! invariants (`docs/architecture.md` §2) `tally_check` checks, as it does the simulator's.
 //!
 //! ```text
-//!  workload ──acked receipts──▶ checker ◀──Batch/Audit/Status── every replica
-//!                                  │
-//!                                  └─▶ I1 exactly once · I2 one chain · I3 same state · I4 money
+//!  workload ──history (invoke, ack / refusal / nothing)──┐
+//!  every replica ──Batch · Audit · Status── readback ────┴─▶ tally_check::history::RunRecord
+//!                                                              └─▶ tally_check::check: I1–I6
 //! ```
 //! Product crates never depend on this one.
 #![forbid(unsafe_code)]
 
-pub mod checker;
 pub mod monkey;
 pub mod proxy;
+pub mod readback;

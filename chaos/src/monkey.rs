@@ -6,13 +6,13 @@
 //!       └─▶ history (invoke, then ack / refusal / nothing)
 //!  sampler ──status every 250 ms──▶ timeline (committed height, leader)
 //!  end: heal · wait for convergence · read every replica's batches and totals
-//!       └─▶ tally_sim::check (I1–I5, per-key linearizability) ─▶ report · JSON · PNG
+//!       └─▶ tally_check (I1–I6, per-key linearizability, receipts verified offline) ─▶ report · JSON · PNG
 //! ```
 //! Peer links go through [`crate::proxy::Link`]s (one per direction and pair), so partitions
 //! need neither root nor network namespaces.
 
-use crate::checker::{self, Access};
 use crate::proxy::Link;
+use crate::readback::{self, Access};
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -23,12 +23,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_client::cluster::cluster_init;
+use tally_check::check::{check_all, check_receipts_offline, Verdicts, Violation};
+use tally_check::history::{DocRead, History, Op, OpKind, OpResult, RunRecord, SeenHeader};
+use tally_client::cluster::{cluster_init, ClusterLayout};
 use tally_client::Connection;
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey};
-use tally_sim::check::{check_all, Verdicts};
-use tally_sim::history::{DocRead, History, Op, OpKind, OpResult, ReplicaFinal, RunRecord, SeenHeader, StoredBatch};
 
 /// Fault kinds the monkey can inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -288,6 +288,66 @@ impl Shared {
 /// # Errors
 /// When the cluster can't be set up or started.
 pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
+    let (mut cluster, layout) = start_cluster(cfg)?;
+    let access = Access {
+        dial: layout.dial().map_err(|e| e.to_string())?,
+        admin: layout.admin_key().map_err(|e| e.to_string())?,
+    };
+    let cluster_id = ClusterId::from_hex(&layout.cluster_id).map_err(|e| e.to_string())?;
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        history: Mutex::new(History::default()),
+        headers: Mutex::new(Vec::new()),
+        stop_clients: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
+        addrs: layout.client_addrs(),
+        access,
+        cluster_id,
+    });
+    if wait_for_leader(&shared, Duration::from_secs(30)).is_none() {
+        return Err(format!("no leader within 30 s of starting the cluster\n{}", cluster.log_tails(20)));
+    }
+    let keys: Vec<ed25519_dalek::SigningKey> = layout
+        .account_keys
+        .iter()
+        .map(|p| tally_client::keyfile::load_key(p).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let genesis_total = u128::from(1_000_000_000u64) * keys.len() as u128;
+    let workload = Workload::start(cfg, &shared, keys);
+    let events = inject_faults(cfg, &mut cluster, &shared, &workload.samples);
+    let healed = heal(&mut cluster, &shared, &workload.samples);
+    let (converged, timeline) = workload.finish(&shared);
+    let operator = PublicKey::from_hex(&layout.operator_public).map_err(|e| e.to_string())?;
+    let height_at_end = timeline.iter().map(|s| s.committed_height).max();
+    let (record, verdicts) = check_run(&shared, &mut cluster, operator, genesis_total, &healed, height_at_end);
+    cluster.stop_all();
+    let mut faults = BTreeMap::new();
+    for e in &events {
+        *faults.entry(e.kind.clone()).or_insert(0) += 1;
+    }
+    Ok(MonkeyReport {
+        seed: cfg.seed,
+        nodes: cfg.nodes,
+        duration_s: shared.started.elapsed().as_secs_f64(),
+        faults,
+        fault_events: events,
+        failovers: count_failovers(&timeline),
+        longest_without_commit_ms: longest_gap(&timeline),
+        ops: record.history.ops.len() as u64,
+        acknowledged: record.history.ops.iter().filter(|o| matches!(o.result, OpResult::Committed(_))).count() as u64,
+        heights: record.replicas.iter().filter_map(|r| r.batches.last()).map(|b| b.header.height).max().unwrap_or(0),
+        verdicts,
+        converged,
+        healed_at_ms: healed.at_ms,
+        first_commit_after_heal_ms: healed.first_commit_ms,
+        timeline,
+    })
+}
+
+/// Creates the cluster's files in `cfg.out/cluster` (peers reached through the monkey's proxy
+/// links, a tmpfs per replica for the disk fault, the planted failpoint) and starts one `tallyd`
+/// per replica.
+fn start_cluster(cfg: &MonkeyConfig) -> Result<(Cluster, ClusterLayout), String> {
     let dir = cfg.out.join("cluster");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -301,46 +361,9 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
             links.insert((i, j), link);
         }
     }
-    let mut disks = Vec::new();
-    if cfg.faults.disk {
-        for i in 0..cfg.nodes {
-            let m = dir.join(format!("disk-{}", i + 1));
-            std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
-            let mounted = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-                .arg(&m)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !mounted {
-                for d in &disks {
-                    let _ = Command::new("umount").arg("-l").arg(d).status();
-                }
-                return Err("the disk fault needs `mount -t tmpfs` (root)".into());
-            }
-            layout.configs[i].data_dir = m.join("data").display().to_string();
-            disks.push(m);
-        }
-    }
-    for i in 0..cfg.nodes {
-        let mut c = layout.configs[i].clone();
-        for (j, p) in c.peers.iter_mut().enumerate() {
-            if j != i {
-                p.peer = links[&(i, j)].listen.clone();
-            }
-        }
-        let text = toml::to_string_pretty(&c).map_err(|e| e.to_string())?;
-        std::fs::write(&layout.config_paths[i], text).map_err(|e| e.to_string())?;
-        layout.configs[i] = c;
-    }
-    let failpoint_dir = match &cfg.plant {
-        Some(p) => {
-            let d = cfg.out.join("failpoints");
-            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-            std::fs::write(d.join(p), b"armed by tally chaos --plant\n").map_err(|e| e.to_string())?;
-            Some(d)
-        }
-        None => None,
-    };
+    let disks = if cfg.faults.disk { mount_disks(&dir, &mut layout)? } else { Vec::new() };
+    route_peers_through(&links, &mut layout)?;
+    let failpoint_dir = arm_failpoint(cfg)?;
     let nodes = (0..cfg.nodes)
         .map(|i| Node {
             config: layout.config_paths[i].clone(),
@@ -353,223 +376,338 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
     for i in 0..cfg.nodes {
         cluster.spawn(i).map_err(|e| format!("start {}: {e}", cfg.tallyd.display()))?;
     }
-    let access = Access {
-        dial: layout.dial().map_err(|e| e.to_string())?,
-        admin: layout.admin_key().map_err(|e| e.to_string())?,
-    };
-    let addrs = layout.client_addrs();
-    let cluster_id = ClusterId::from_hex(&layout.cluster_id).map_err(|e| e.to_string())?;
-    let shared = Arc::new(Shared {
-        started: Instant::now(),
-        history: Mutex::new(History::default()),
-        headers: Mutex::new(Vec::new()),
-        stop_clients: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-        addrs: addrs.clone(),
-        access: access.clone(),
-        cluster_id,
-    });
-    if wait_for_leader(&shared, Duration::from_secs(30)).is_none() {
-        return Err(format!("no leader within 30 s of starting the cluster\n{}", cluster.log_tails(20)));
+    Ok((cluster, layout))
+}
+
+/// Mounts a small tmpfs per replica under `dir` and moves its data directory there.
+fn mount_disks(dir: &Path, layout: &mut ClusterLayout) -> Result<Vec<PathBuf>, String> {
+    let mut disks: Vec<PathBuf> = Vec::new();
+    for (i, config) in layout.configs.iter_mut().enumerate() {
+        let m = dir.join(format!("disk-{}", i + 1));
+        std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(&m)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            for d in &disks {
+                let _ = Command::new("umount").arg("-l").arg(d).status();
+            }
+            return Err("the disk fault needs `mount -t tmpfs` (root)".into());
+        }
+        config.data_dir = m.join("data").display().to_string();
+        disks.push(m);
     }
-    let keys: Vec<ed25519_dalek::SigningKey> = layout
-        .account_keys
-        .iter()
-        .map(|p| tally_client::keyfile::load_key(p).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let genesis_total = u128::from(1_000_000_000u64) * keys.len() as u128;
-    let keys = Arc::new(keys);
-    let hot: Vec<DocKey> = (0..3).map(|i| doc_key(cfg.seed, i)).collect();
+    Ok(disks)
+}
 
-    // Sampler.
-    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (shared, samples, sampling) = (shared.clone(), samples.clone(), sampling.clone());
-        std::thread::spawn(move || sample_loop(&shared, &samples, &sampling))
-    };
-    // Clients.
-    let clients: Vec<_> = (0..cfg.clients)
-        .map(|c| {
-            let (shared, keys, hot) = (shared.clone(), keys.clone(), hot.clone());
-            let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(c as u64);
-            std::thread::spawn(move || client_loop(c, seed, &shared, &keys, &hot))
-        })
-        .collect();
+/// Points every replica's peers at the proxy links and writes its config file.
+fn route_peers_through(links: &BTreeMap<(usize, usize), Link>, layout: &mut ClusterLayout) -> Result<(), String> {
+    for i in 0..layout.configs.len() {
+        let mut c = layout.configs[i].clone();
+        for (j, p) in c.peers.iter_mut().enumerate() {
+            if j != i {
+                p.peer = links[&(i, j)].listen.clone();
+            }
+        }
+        let text = toml::to_string_pretty(&c).map_err(|e| e.to_string())?;
+        std::fs::write(&layout.config_paths[i], text).map_err(|e| e.to_string())?;
+        layout.configs[i] = c;
+    }
+    Ok(())
+}
 
-    // Faults.
-    let bar = if cfg.progress {
-        let b = indicatif::ProgressBar::new(cfg.duration.as_secs());
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
+/// The failpoint directory holding `cfg.plant`, armed, if one is planted.
+fn arm_failpoint(cfg: &MonkeyConfig) -> Result<Option<PathBuf>, String> {
+    let Some(p) = &cfg.plant else { return Ok(None) };
+    let d = cfg.out.join("failpoints");
+    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+    std::fs::write(d.join(p), b"armed by tally chaos --plant\n").map_err(|e| e.to_string())?;
+    Ok(Some(d))
+}
+
+/// The clients and the status sampler, running.
+struct Workload {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    sampling: Arc<AtomicBool>,
+    sampler: std::thread::JoinHandle<()>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(cfg: &MonkeyConfig, shared: &Arc<Shared>, keys: Vec<ed25519_dalek::SigningKey>) -> Workload {
+        let keys = Arc::new(keys);
+        let hot: Vec<DocKey> = (0..3).map(|i| doc_key(cfg.seed, i)).collect();
+        let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let (shared, samples, sampling) = (shared.clone(), samples.clone(), sampling.clone());
+            std::thread::spawn(move || sample_loop(&shared, &samples, &sampling))
+        };
+        let clients = (0..cfg.clients)
+            .map(|c| {
+                let (shared, keys, hot) = (shared.clone(), keys.clone(), hot.clone());
+                let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(c as u64);
+                std::thread::spawn(move || client_loop(c, seed, &shared, &keys, &hot))
+            })
+            .collect();
+        Workload { samples, sampling, sampler, clients }
+    }
+
+    /// Lets the clients run 2 s more, stops them, waits for every replica to converge, then stops
+    /// the sampler: whether they converged, and the samples.
+    fn finish(self, shared: &Shared) -> (bool, Vec<Sample>) {
+        std::thread::sleep(Duration::from_secs(2));
+        shared.stop_clients.store(true, Ordering::Release);
+        for c in self.clients {
+            let _ = c.join();
+        }
+        let converged = readback::wait_converged(&shared.access, &shared.addrs, Duration::from_secs(60));
+        self.sampling.store(false, Ordering::Release);
+        let _ = self.sampler.join();
+        let timeline = std::mem::take(&mut *self.samples.lock());
+        (converged, timeline)
+    }
+}
+
+/// The fault loop's state: the seeded choices and what it scheduled to undo, and when.
+struct Faulting {
+    rng: ChaCha20Rng,
+    events: Vec<FaultEvent>,
+    restarts: Vec<(Instant, usize)>,
+    resumes: Vec<(Instant, usize)>,
+    refills: Vec<(Instant, usize)>,
+    heal_at: Option<Instant>,
+}
+
+/// Injects faults drawn from `cfg.seed`, one every 1 to 4 s, for `cfg.duration`, undoing each
+/// when its time comes; the faults injected.
+fn inject_faults(
+    cfg: &MonkeyConfig,
+    cluster: &mut Cluster,
+    shared: &Shared,
+    samples: &Mutex<Vec<Sample>>,
+) -> Vec<FaultEvent> {
+    let bar = progress_bar(cfg);
+    let mut f = Faulting {
+        rng: ChaCha20Rng::seed_from_u64(cfg.seed),
+        events: Vec::new(),
+        restarts: Vec::new(),
+        resumes: Vec::new(),
+        refills: Vec::new(),
+        heal_at: None,
     };
-    let mut rng = ChaCha20Rng::seed_from_u64(cfg.seed);
-    let mut events: Vec<FaultEvent> = Vec::new();
-    let mut restarts: Vec<(Instant, usize)> = Vec::new();
-    let mut resumes: Vec<(Instant, usize)> = Vec::new();
-    let mut refills: Vec<(Instant, usize)> = Vec::new();
-    let mut heal_at: Option<Instant> = None;
-    let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1_000..3_000));
+    let mut next_fault = Instant::now() + Duration::from_millis(f.rng.gen_range(1_000..3_000));
     let fault_until = Instant::now() + cfg.duration;
-    let n = cfg.nodes;
     while Instant::now() < fault_until {
         std::thread::sleep(Duration::from_millis(50));
         let now = Instant::now();
-        for (_, i) in restarts.iter().filter(|(t, _)| *t <= now) {
-            let _ = cluster.spawn(*i);
-        }
-        restarts.retain(|(t, _)| *t > now);
-        for (_, i) in resumes.iter().filter(|(t, _)| *t <= now) {
-            cluster.resume(*i);
-        }
-        resumes.retain(|(t, _)| *t > now);
-        for (_, i) in refills.iter().filter(|(t, _)| *t <= now) {
-            let _ = std::fs::remove_file(filler(&cluster.disks[*i]));
-        }
-        refills.retain(|(t, _)| *t > now);
-        if heal_at.is_some_and(|t| t <= now) {
-            cluster.heal_links();
-            heal_at = None;
-        }
+        f.undo_due(cluster, now);
         bar.set_position(shared.started.elapsed().as_secs().min(cfg.duration.as_secs()));
         let failovers = count_failovers(&samples.lock());
         bar.set_message(format!(
             "{} faults, {failovers} failovers, {} acked",
-            events.len(),
+            f.events.len(),
             shared.acked.load(Ordering::Relaxed)
         ));
         if now < next_fault {
             continue;
         }
-        next_fault = now + Duration::from_millis(rng.gen_range(1_000..4_000));
-        // At most a minority is down or stopped at once, so the run keeps committing.
-        let down = (0..n).filter(|&i| !cluster.is_up(i)).count();
-        let room = down < (n - 1) / 2;
-        let mut kinds = Vec::new();
-        if cfg.faults.kill && room {
-            kinds.push("kill");
-        }
-        if cfg.faults.leader && room {
-            kinds.push("kill-leader");
-        }
-        if cfg.faults.pause && room {
-            kinds.push("pause");
-        }
-        if cfg.faults.partition && heal_at.is_none() {
-            kinds.extend(["partition-minority", "partition-isolate-leader", "partition-bridge", "drop-connections"]);
-        }
-        if cfg.faults.delay && heal_at.is_none() {
-            kinds.push("delay");
-        }
-        if cfg.faults.disk && room && refills.is_empty() {
-            kinds.push("disk-full");
-        }
-        let Some(&kind) = kinds.choose(&mut rng) else { continue };
+        next_fault = now + Duration::from_millis(f.rng.gen_range(1_000..4_000));
+        let Some(kind) = f.choose_kind(&cfg.faults, cluster) else { continue };
         let at_ms = shared.now_ms();
-        let up: Vec<usize> = (0..n).filter(|&i| cluster.is_up(i)).collect();
         // The sampler's latest view (at most 250 ms old): the fault loop never dials a replica
         // itself, so a stopped one cannot hold it up.
         let leader = samples.lock().last().and_then(|s| s.leader).map(|id| id as usize - 1);
-        let mut hit = Vec::new();
-        match kind {
-            "kill" | "kill-leader" => {
-                let target = if kind == "kill-leader" {
-                    leader.filter(|l| up.contains(l))
-                } else {
-                    up.choose(&mut rng).copied()
-                };
-                if let Some(i) = target {
-                    cluster.kill9(i);
-                    restarts.push((now + Duration::from_millis(rng.gen_range(500..5_000)), i));
-                    hit.push(i);
-                }
-            }
-            "pause" => {
-                if let Some(&i) = up.choose(&mut rng) {
-                    // Shorter and longer than the election timeout (500 ms by default).
-                    let ms = if rng.gen_bool(0.5) { rng.gen_range(100..450) } else { rng.gen_range(700..4_000) };
-                    cluster.pause(i);
-                    resumes.push((now + Duration::from_millis(ms), i));
-                    hit.push(i);
-                }
-            }
-            "partition-minority" => {
-                let mut ids: Vec<usize> = (0..n).collect();
-                ids.shuffle(&mut rng);
-                let k = rng.gen_range(1..=(n - 1) / 2);
-                cluster.cut(&ids[..k], &ids[k..]);
-                hit.extend_from_slice(&ids[..k]);
-                heal_at = Some(now + Duration::from_millis(rng.gen_range(1_000..5_000)));
-            }
-            "partition-isolate-leader" => {
-                if let Some(l) = leader {
-                    let rest: Vec<usize> = (0..n).filter(|&i| i != l).collect();
-                    cluster.cut(&[l], &rest);
-                    hit.push(l);
-                    heal_at = Some(now + Duration::from_millis(rng.gen_range(1_000..5_000)));
-                }
-            }
-            "partition-bridge" => {
-                let mut ids: Vec<usize> = (0..n).collect();
-                ids.shuffle(&mut rng);
-                let rest = &ids[1..];
-                let (a, b) = rest.split_at(rest.len() / 2);
-                cluster.cut(a, b);
-                hit.push(ids[0]);
-                heal_at = Some(now + Duration::from_millis(rng.gen_range(1_000..5_000)));
-            }
-            "delay" => {
-                let mut links: Vec<(usize, usize)> = cluster.links.keys().copied().collect();
-                links.shuffle(&mut rng);
-                let k = rng.gen_range(1..=links.len());
-                let ms = rng.gen_range(20..300);
-                for l in &links[..k] {
-                    cluster.links[l].set_delay(ms);
-                    hit.push(l.0);
-                }
-                hit.sort_unstable();
-                hit.dedup();
-                heal_at = Some(now + Duration::from_millis(rng.gen_range(1_000..5_000)));
-            }
-            "disk-full" => {
-                if let Some(&i) = up.choose(&mut rng) {
-                    fill_disk(&cluster.disks[i]);
-                    refills.push((now + Duration::from_millis(rng.gen_range(2_000..6_000)), i));
-                    hit.push(i);
-                }
-            }
-            _ => {
-                // Dropped connections: every link cut and restored at once.
-                let all: Vec<usize> = (0..n).collect();
-                cluster.cut(&all, &all);
-                heal_at = Some(now + Duration::from_millis(50));
-            }
-        }
+        let hit = f.inject(kind, cluster, leader, now);
         bar.suspend(|| {
             if !cfg.progress {
                 return;
             }
             eprintln!("{:>7} ms  {kind} {:?}", at_ms, hit.iter().map(|i| i + 1).collect::<Vec<_>>());
         });
-        events.push(FaultEvent { at_ms, kind: kind.into(), nodes: hit.iter().map(|i| i + 1).collect() });
+        f.events.push(FaultEvent { at_ms, kind: kind.into(), nodes: hit.iter().map(|i| i + 1).collect() });
     }
     bar.finish_and_clear();
+    f.events
+}
 
-    // Heal everything; the clients go on, so progress after healing is measured under load.
-    let healed_at_ms = shared.now_ms();
+fn progress_bar(cfg: &MonkeyConfig) -> indicatif::ProgressBar {
+    if !cfg.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(cfg.duration.as_secs());
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+impl Faulting {
+    /// Restarts, resumes, frees disks and heals links whose time has come.
+    fn undo_due(&mut self, cluster: &mut Cluster, now: Instant) {
+        for (_, i) in self.restarts.iter().filter(|(t, _)| *t <= now) {
+            let _ = cluster.spawn(*i);
+        }
+        self.restarts.retain(|(t, _)| *t > now);
+        for (_, i) in self.resumes.iter().filter(|(t, _)| *t <= now) {
+            cluster.resume(*i);
+        }
+        self.resumes.retain(|(t, _)| *t > now);
+        for (_, i) in self.refills.iter().filter(|(t, _)| *t <= now) {
+            let _ = std::fs::remove_file(filler(&cluster.disks[*i]));
+        }
+        self.refills.retain(|(t, _)| *t > now);
+        if self.heal_at.is_some_and(|t| t <= now) {
+            cluster.heal_links();
+            self.heal_at = None;
+        }
+    }
+
+    /// A fault kind among those enabled that the cluster has room for now.
+    fn choose_kind(&mut self, faults: &Faults, cluster: &Cluster) -> Option<&'static str> {
+        let n = cluster.nodes.len();
+        // At most a minority is down or stopped at once, so the run keeps committing.
+        let down = (0..n).filter(|&i| !cluster.is_up(i)).count();
+        let room = down < (n - 1) / 2;
+        let mut kinds = Vec::new();
+        if faults.kill && room {
+            kinds.push("kill");
+        }
+        if faults.leader && room {
+            kinds.push("kill-leader");
+        }
+        if faults.pause && room {
+            kinds.push("pause");
+        }
+        if faults.partition && self.heal_at.is_none() {
+            kinds.extend(["partition-minority", "partition-isolate-leader", "partition-bridge", "drop-connections"]);
+        }
+        if faults.delay && self.heal_at.is_none() {
+            kinds.push("delay");
+        }
+        if faults.disk && room && self.refills.is_empty() {
+            kinds.push("disk-full");
+        }
+        kinds.choose(&mut self.rng).copied()
+    }
+
+    /// Injects one fault of `kind` and schedules its undoing: the replicas it hit.
+    fn inject(&mut self, kind: &str, cluster: &mut Cluster, leader: Option<usize>, now: Instant) -> Vec<usize> {
+        match kind {
+            "kill" | "kill-leader" | "pause" | "disk-full" => self.hit_replica(kind, cluster, leader, now),
+            _ => self.hit_links(kind, cluster, leader, now),
+        }
+    }
+
+    /// Kills (any replica, or the leader), pauses or fills the disk of one replica that is up.
+    fn hit_replica(&mut self, kind: &str, cluster: &mut Cluster, leader: Option<usize>, now: Instant) -> Vec<usize> {
+        let up: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| cluster.is_up(i)).collect();
+        let target = match kind {
+            "kill-leader" => leader.filter(|l| up.contains(l)),
+            _ => up.choose(&mut self.rng).copied(),
+        };
+        let Some(i) = target else { return Vec::new() };
+        match kind {
+            "kill" | "kill-leader" => {
+                cluster.kill9(i);
+                self.restarts.push((now + Duration::from_millis(self.rng.gen_range(500..5_000)), i));
+            }
+            "pause" => {
+                // Shorter and longer than the election timeout (500 ms by default).
+                let ms =
+                    if self.rng.gen_bool(0.5) { self.rng.gen_range(100..450) } else { self.rng.gen_range(700..4_000) };
+                cluster.pause(i);
+                self.resumes.push((now + Duration::from_millis(ms), i));
+            }
+            _ => {
+                fill_disk(&cluster.disks[i]);
+                self.refills.push((now + Duration::from_millis(self.rng.gen_range(2_000..6_000)), i));
+            }
+        }
+        vec![i]
+    }
+
+    /// Cuts or slows peer links (partitions, delays, every connection dropped), healed later.
+    fn hit_links(&mut self, kind: &str, cluster: &mut Cluster, leader: Option<usize>, now: Instant) -> Vec<usize> {
+        let n = cluster.nodes.len();
+        let mut hit = Vec::new();
+        match kind {
+            "partition-minority" => {
+                let mut ids: Vec<usize> = (0..n).collect();
+                ids.shuffle(&mut self.rng);
+                let k = self.rng.gen_range(1..=(n - 1) / 2);
+                cluster.cut(&ids[..k], &ids[k..]);
+                hit.extend_from_slice(&ids[..k]);
+            }
+            "partition-isolate-leader" => {
+                let Some(l) = leader else { return hit };
+                let rest: Vec<usize> = (0..n).filter(|&i| i != l).collect();
+                cluster.cut(&[l], &rest);
+                hit.push(l);
+            }
+            "partition-bridge" => {
+                let mut ids: Vec<usize> = (0..n).collect();
+                ids.shuffle(&mut self.rng);
+                let rest = &ids[1..];
+                let (a, b) = rest.split_at(rest.len() / 2);
+                cluster.cut(a, b);
+                hit.push(ids[0]);
+            }
+            "delay" => hit = self.delay_links(cluster),
+            _ => {
+                // Dropped connections: every link cut and restored at once.
+                let all: Vec<usize> = (0..n).collect();
+                cluster.cut(&all, &all);
+                self.heal_at = Some(now + Duration::from_millis(50));
+                return hit;
+            }
+        }
+        self.heal_at = Some(now + Duration::from_millis(self.rng.gen_range(1_000..5_000)));
+        hit
+    }
+
+    /// Adds 20 to 300 ms to a random set of links: the replicas whose outgoing links are slowed.
+    fn delay_links(&mut self, cluster: &Cluster) -> Vec<usize> {
+        let mut links: Vec<(usize, usize)> = cluster.links.keys().copied().collect();
+        links.shuffle(&mut self.rng);
+        let k = self.rng.gen_range(1..=links.len());
+        let ms = self.rng.gen_range(20..300);
+        let mut hit = Vec::new();
+        for l in &links[..k] {
+            cluster.links[l].set_delay(ms);
+            hit.push(l.0);
+        }
+        hit.sort_unstable();
+        hit.dedup();
+        hit
+    }
+}
+
+/// What healing found.
+struct Healed {
+    /// When every fault was undone (ms since the start).
+    at_ms: u64,
+    /// Replicas that exited on their own during the faults, with their logs.
+    exited: Option<Violation>,
+    height_at_heal: u64,
+    first_commit_ms: Option<u64>,
+}
+
+/// Heals every link and disk and resumes every replica; the clients go on, so progress after
+/// healing is measured under load. A replica the monkey did not kill must still run: a full
+/// disk, a cut link or a pause is never a reason to exit. One that exited is reported (I5), then
+/// started again for the checks.
+fn heal(cluster: &mut Cluster, shared: &Shared, samples: &Mutex<Vec<Sample>>) -> Healed {
+    let at_ms = shared.now_ms();
     cluster.heal_links();
     for d in &cluster.disks {
         let _ = std::fs::remove_file(filler(d));
     }
-    // A replica the monkey did not kill must still run: a full disk, a cut link or a pause is
-    // never a reason to exit. One that exited is reported, then started again for the checks.
     let mut exited = Vec::new();
-    for i in 0..n {
+    for i in 0..cluster.nodes.len() {
         cluster.resume(i);
         if let Some(Ok(Some(status))) = cluster.nodes[i].child.as_mut().map(Child::try_wait) {
             exited.push(format!("replica {} exited on its own ({status})", i + 1));
@@ -579,90 +717,55 @@ pub fn run(cfg: &MonkeyConfig) -> Result<MonkeyReport, String> {
             let _ = cluster.spawn(i);
         }
     }
-    let exited_logs = if exited.is_empty() { String::new() } else { cluster.log_tails(30) };
+    let exited =
+        (!exited.is_empty()).then(|| Violation::new("I5", format!("{}\n{}", exited.join("; "), cluster.log_tails(30))));
     let height_at_heal = samples.lock().last().map_or(0, |s| s.committed_height);
     let heal_deadline = Instant::now() + Duration::from_millis(LIVENESS_BOUND_MS * 2);
-    let mut first_commit_after_heal_ms = None;
+    let mut first_commit_ms = None;
     while Instant::now() < heal_deadline {
         std::thread::sleep(Duration::from_millis(100));
         let s = samples.lock();
-        if let Some(x) = s.iter().find(|x| x.at_ms >= healed_at_ms && x.committed_height > height_at_heal) {
-            first_commit_after_heal_ms = Some(x.at_ms);
+        if let Some(x) = s.iter().find(|x| x.at_ms >= at_ms && x.committed_height > height_at_heal) {
+            first_commit_ms = Some(x.at_ms);
             break;
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
-    shared.stop_clients.store(true, Ordering::Release);
-    for c in clients {
-        let _ = c.join();
-    }
-    let converged = checker::wait_converged(&access, &addrs, Duration::from_secs(60));
-    sampling.store(false, Ordering::Release);
-    let _ = sampler.join();
-    let height_at_end = samples.lock().iter().map(|s| s.committed_height).max();
+    Healed { at_ms, exited, height_at_heal, first_commit_ms }
+}
 
-    let mut replicas = Vec::new();
-    let mut unread = Vec::new();
-    for i in 0..n {
-        match read_replica(&shared, i) {
-            Ok(r) => replicas.push(r),
-            Err(e) => unread.push(format!("replica {}: {e}", i + 1)),
-        }
-    }
-    let unread_logs = if unread.is_empty() { String::new() } else { cluster.log_tails(30) };
-    let history = std::mem::take(&mut *shared.history.lock());
-    let headers = std::mem::take(&mut *shared.headers.lock());
+/// Reads every replica back into the run's record and runs the shared checks over it
+/// (`tally_check`: every invariant, and each receipt verified offline), with the replicas that
+/// could not be read (I3) and those that exited on their own (I5).
+fn check_run(
+    shared: &Shared,
+    cluster: &mut Cluster,
+    operator: PublicKey,
+    genesis_total: u128,
+    healed: &Healed,
+    height_at_end: Option<u64>,
+) -> (RunRecord, Verdicts) {
+    let back = readback::read_cluster(&shared.access, &shared.addrs);
+    let mut headers = std::mem::take(&mut *shared.headers.lock());
+    headers.extend(back.headers.iter().cloned());
     let record = RunRecord {
-        operator: PublicKey::from_hex(&layout.operator_public).map_err(|e| e.to_string())?,
+        operator,
         genesis_total,
-        history,
-        replicas,
+        history: std::mem::take(&mut *shared.history.lock()),
+        replicas: back.replicas.clone(),
         headers,
-        healed_at_ms,
-        height_at_heal,
+        healed_at_ms: healed.at_ms,
+        height_at_heal: healed.height_at_heal,
         height_at_end,
-        first_commit_after_heal_ms,
+        first_commit_after_heal_ms: healed.first_commit_ms,
     };
     let mut verdicts = check_all(&record, LIVENESS_BOUND_MS);
-    if record.replicas.len() < n {
-        verdicts.violations.push(tally_sim::check::Violation {
-            invariant: "I3",
-            what: format!(
-                "only {} of {n} replicas could be read back after healing ({})\n{unread_logs}",
-                record.replicas.len(),
-                unread.join("; ")
-            ),
-        });
+    verdicts.violations.extend(check_receipts_offline(&record));
+    if let Some(mut v) = back.unread_violation() {
+        v.what = format!("{}\n{}", v.what, cluster.log_tails(30));
+        verdicts.violations.push(v);
     }
-    if !exited.is_empty() {
-        verdicts.violations.push(tally_sim::check::Violation {
-            invariant: "I5",
-            what: format!("{}\n{exited_logs}", exited.join("; ")),
-        });
-    }
-    cluster.stop_all();
-    let timeline = std::mem::take(&mut *samples.lock());
-    let mut faults = BTreeMap::new();
-    for e in &events {
-        *faults.entry(e.kind.clone()).or_insert(0) += 1;
-    }
-    Ok(MonkeyReport {
-        seed: cfg.seed,
-        nodes: n,
-        duration_s: shared.started.elapsed().as_secs_f64(),
-        faults,
-        fault_events: events,
-        failovers: count_failovers(&timeline),
-        longest_without_commit_ms: longest_gap(&timeline),
-        ops: record.history.ops.len() as u64,
-        acknowledged: record.history.ops.iter().filter(|o| matches!(o.result, OpResult::Committed(_))).count() as u64,
-        heights: record.replicas.iter().map(|r| r.batches.len() as u64).max().unwrap_or(0),
-        verdicts,
-        converged,
-        healed_at_ms,
-        first_commit_after_heal_ms,
-        timeline,
-    })
+    verdicts.violations.extend(healed.exited.clone());
+    (record, verdicts)
 }
 
 fn doc_key(seed: u64, i: u64) -> DocKey {
@@ -680,7 +783,7 @@ fn connect(shared: &Shared, i: usize) -> Option<Connection> {
 
 fn current_leader(shared: &Shared) -> Option<usize> {
     (0..shared.addrs.len())
-        .find(|&i| checker::status(&shared.access, &shared.addrs[i]).is_some_and(|s| s.leader_id == Some(s.node_id)))
+        .find(|&i| readback::status(&shared.access, &shared.addrs[i]).is_some_and(|s| s.leader_id == Some(s.node_id)))
 }
 
 fn wait_for_leader(shared: &Shared, timeout: Duration) -> Option<usize> {
@@ -750,116 +853,25 @@ fn longest_gap(samples: &[Sample]) -> u64 {
 fn client_loop(c: usize, seed: u64, shared: &Shared, keys: &[ed25519_dalek::SigningKey], hot: &[DocKey]) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let n = shared.addrs.len();
-    let mut conns: Vec<Option<Connection>> = (0..n).map(|_| None).collect();
-    let mut target = c % n;
-    // The last account owns the documents; the others move money.
-    let doc_owner = &keys[keys.len() - 1];
-    let payers = keys.len() - 1;
+    let mut caller = Caller { client: c, conns: (0..n).map(|_| None).collect(), target: c % n };
     while !shared.stop_clients.load(Ordering::Acquire) {
         let (kind, msg) = if rng.gen_bool(0.6) {
-            let from = rng.gen_range(0..payers);
-            let mut to = rng.gen_range(0..payers - 1);
-            if to >= from {
-                to += 1;
-            }
-            let to_pub = PublicKey(keys[to].verifying_key().to_bytes());
-            let amount = rng.gen_range(1..=1_000);
-            let req = tally_client::client::sign_request(
-                &keys[from],
-                shared.cluster_id,
-                Operation::Transfer { to: to_pub, amount },
-            );
-            let from_pub = PublicKey(keys[from].verifying_key().to_bytes());
-            (OpKind::Transfer { id: req.id(), from: from_pub, to: to_pub, amount }, ClientMessage::Submit(vec![req]))
+            transfer_op(&mut rng, shared, keys)
         } else {
-            let key = *hot.choose(&mut rng).expect("hot keys");
-            match rng.gen_range(0..20) {
-                0..=8 => {
-                    let body = format!("{{\"c\":{c},\"r\":{}}}", rng.gen::<u32>()).into_bytes();
-                    let req = tally_client::client::sign_request(
-                        doc_owner,
-                        shared.cluster_id,
-                        Operation::Set { key, value: body.clone() },
-                    );
-                    (OpKind::Set { id: req.id(), key, body }, ClientMessage::Submit(vec![req]))
-                }
-                9..=11 => {
-                    let req =
-                        tally_client::client::sign_request(doc_owner, shared.cluster_id, Operation::Delete { key });
-                    (OpKind::Delete { id: req.id(), key }, ClientMessage::Submit(vec![req]))
-                }
-                _ => (OpKind::Get { key }, ClientMessage::Get { key, stale: false }),
-            }
+            doc_op(c, &mut rng, shared, keys, hot)
         };
-        let invoke_ms = shared.now_ms();
         let hist = {
             let mut h = shared.history.lock();
             h.ops.push(Op {
                 client: c as u64,
-                invoke_ms,
+                invoke_ms: shared.now_ms(),
                 complete_ms: None,
                 kind: kind.clone(),
                 result: OpResult::Unknown,
             });
             h.ops.len() - 1
         };
-        let give_up = Instant::now() + Duration::from_millis(REQUEST_TTL_MS.saturating_sub(2_000));
-        let mut result: Option<OpResult> = None;
-        while result.is_none() && Instant::now() < give_up {
-            if shared.stop_clients.load(Ordering::Acquire) {
-                break;
-            }
-            if conns[target].as_ref().is_none_or(Connection::is_closed) {
-                conns[target] = connect(shared, target);
-            }
-            let Some(conn) = conns[target].as_ref() else {
-                target = (target + 1) % n;
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            };
-            let reply = conn.call_timeout(msg.clone(), CALL_TIMEOUT);
-            let next = |t: usize| (t + 1) % n;
-            // The replica a refusal points at, when it names one we know.
-            let hinted = |e: &tally_codec::wire::WireError| {
-                e.leader_hint.as_deref().and_then(|h| shared.addrs.iter().position(|a| a == h))
-            };
-            match reply {
-                Ok(ServerMessage::Submitted(replies)) => match replies.into_iter().next() {
-                    Some(SubmitReply::Committed { receipt, .. }) if Some(receipt.request.id()) == kind.id() => {
-                        shared.headers.lock().push(SeenHeader {
-                            header: receipt.header.clone(),
-                            signature: receipt.signature,
-                            source: format!("receipt to client {c}"),
-                        });
-                        shared.acked.fetch_add(1, Ordering::Relaxed);
-                        result = Some(OpResult::Committed(receipt));
-                    }
-                    Some(SubmitReply::Refused(e)) => match e.code {
-                        ErrorCode::InsufficientFunds | ErrorCode::BadSignature | ErrorCode::Malformed => {
-                            result = Some(OpResult::Refused(e.code));
-                        }
-                        ErrorCode::Expired => break,
-                        _ => {
-                            target = hinted(&e).unwrap_or_else(|| next(target));
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                    },
-                    _ => target = next(target),
-                },
-                Ok(ServerMessage::Doc(d)) => {
-                    result = Some(OpResult::Read(d.map(|v| DocRead { revision: v.revision, body: v.value })));
-                }
-                Ok(ServerMessage::Error(e)) => {
-                    target = hinted(&e).unwrap_or_else(|| next(target));
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => {
-                    conns[target] = None;
-                    target = next(target);
-                }
-            }
-        }
-        if let Some(r) = result {
+        if let Some(r) = caller.call_until_answered(shared, &kind, &msg) {
             let mut h = shared.history.lock();
             h.ops[hist].complete_ms = Some(shared.now_ms());
             h.ops[hist].result = r;
@@ -868,35 +880,143 @@ fn client_loop(c: usize, seed: u64, shared: &Shared, keys: &[ed25519_dalek::Sign
     }
 }
 
-/// Every batch a replica holds, and its totals.
-/// Every batch replica `i` has applied, and its audit; or why they could not be read.
-fn read_replica(shared: &Shared, i: usize) -> Result<ReplicaFinal, String> {
-    let conn = connect(shared, i).ok_or("no connection")?;
-    let status = match conn.call_timeout(ClientMessage::Status, Duration::from_secs(5)) {
-        Ok(ServerMessage::Status(s)) => s,
-        other => return Err(format!("status: {other:?}")),
-    };
-    let mut batches = Vec::new();
-    for height in 1..=status.applied_height {
-        match conn.call_timeout(ClientMessage::Batch { height }, Duration::from_secs(5)) {
-            Ok(ServerMessage::Batch(Some(b))) => batches.push(StoredBatch {
-                header: b.header,
-                signature: b.signature,
-                request_ids: b.request_ids,
-                outcomes: b.outcomes,
-            }),
-            other => return Err(format!("batch {height} of applied height {}: {other:?}", status.applied_height)),
-        }
+/// A transfer between two of the paying accounts (every account but the last).
+fn transfer_op(rng: &mut ChaCha20Rng, shared: &Shared, keys: &[ed25519_dalek::SigningKey]) -> (OpKind, ClientMessage) {
+    let payers = keys.len() - 1;
+    let from = rng.gen_range(0..payers);
+    let mut to = rng.gen_range(0..payers - 1);
+    if to >= from {
+        to += 1;
     }
-    let audit = checker::audit(&shared.access, &shared.addrs[i]).ok_or("no audit")?;
-    Ok(ReplicaFinal {
-        node_id: status.node_id,
-        batches,
-        applied_height: audit.applied_height,
-        state_digest: audit.state_digest,
-        // The audit gives the total, which is what conservation needs.
-        balances: vec![(PublicKey([0; 32]), u64::try_from(audit.balance_total).unwrap_or(u64::MAX))],
-    })
+    let to_pub = PublicKey(keys[to].verifying_key().to_bytes());
+    let amount = rng.gen_range(1..=1_000);
+    let req =
+        tally_client::client::sign_request(&keys[from], shared.cluster_id, Operation::Transfer { to: to_pub, amount });
+    let from_pub = PublicKey(keys[from].verifying_key().to_bytes());
+    (OpKind::Transfer { id: req.id(), from: from_pub, to: to_pub, amount }, ClientMessage::Submit(vec![req]))
+}
+
+/// A Set, Delete or linearizable Get of one of the hot documents, which the last account owns.
+fn doc_op(
+    c: usize,
+    rng: &mut ChaCha20Rng,
+    shared: &Shared,
+    keys: &[ed25519_dalek::SigningKey],
+    hot: &[DocKey],
+) -> (OpKind, ClientMessage) {
+    let doc_owner = &keys[keys.len() - 1];
+    let key = *hot.choose(rng).expect("hot keys");
+    match rng.gen_range(0..20) {
+        0..=8 => {
+            let body = format!("{{\"c\":{c},\"r\":{}}}", rng.gen::<u32>()).into_bytes();
+            let req = tally_client::client::sign_request(
+                doc_owner,
+                shared.cluster_id,
+                Operation::Set { key, value: body.clone() },
+            );
+            (OpKind::Set { id: req.id(), key, body }, ClientMessage::Submit(vec![req]))
+        }
+        9..=11 => {
+            let req = tally_client::client::sign_request(doc_owner, shared.cluster_id, Operation::Delete { key });
+            (OpKind::Delete { id: req.id(), key }, ClientMessage::Submit(vec![req]))
+        }
+        _ => (OpKind::Get { key }, ClientMessage::Get { key, stale: false }),
+    }
+}
+
+/// One client's connections, and the replica it sends to next.
+struct Caller {
+    client: usize,
+    conns: Vec<Option<Connection>>,
+    target: usize,
+}
+
+/// What to do after a reply.
+enum Next {
+    Answered(OpResult),
+    /// The request expired: it can never be executed now, and its outcome stays unknown.
+    GiveUp,
+    Retry,
+}
+
+impl Caller {
+    /// Sends `msg` until it is answered, it expires, or the clients stop: the answer, if any.
+    fn call_until_answered(&mut self, shared: &Shared, kind: &OpKind, msg: &ClientMessage) -> Option<OpResult> {
+        let n = shared.addrs.len();
+        let give_up = Instant::now() + Duration::from_millis(REQUEST_TTL_MS.saturating_sub(2_000));
+        while Instant::now() < give_up {
+            if shared.stop_clients.load(Ordering::Acquire) {
+                return None;
+            }
+            if self.conns[self.target].as_ref().is_none_or(Connection::is_closed) {
+                self.conns[self.target] = connect(shared, self.target);
+            }
+            let Some(conn) = self.conns[self.target].as_ref() else {
+                self.target = (self.target + 1) % n;
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let reply = conn.call_timeout(msg.clone(), CALL_TIMEOUT);
+            match self.on_reply(shared, kind, reply) {
+                Next::Answered(r) => return Some(r),
+                Next::GiveUp => return None,
+                Next::Retry => {}
+            }
+        }
+        None
+    }
+
+    /// Takes a committed receipt, a final refusal or a read's answer; on anything else, moves
+    /// to the replica a refusal names, or to the next one.
+    fn on_reply(
+        &mut self,
+        shared: &Shared,
+        kind: &OpKind,
+        reply: Result<ServerMessage, tally_client::ClientError>,
+    ) -> Next {
+        let n = shared.addrs.len();
+        let next = (self.target + 1) % n;
+        // The replica a refusal points at, when it names one we know.
+        let hinted = |e: &tally_codec::wire::WireError| {
+            e.leader_hint.as_deref().and_then(|h| shared.addrs.iter().position(|a| a == h))
+        };
+        match reply {
+            Ok(ServerMessage::Submitted(replies)) => match replies.into_iter().next() {
+                Some(SubmitReply::Committed { receipt, .. }) if Some(receipt.request.id()) == kind.id() => {
+                    shared.headers.lock().push(SeenHeader {
+                        header: receipt.header.clone(),
+                        signature: receipt.signature,
+                        source: format!("receipt to client {}", self.client),
+                    });
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                    return Next::Answered(OpResult::Committed(receipt));
+                }
+                Some(SubmitReply::Refused(e)) => match e.code {
+                    ErrorCode::InsufficientFunds | ErrorCode::BadSignature | ErrorCode::Malformed => {
+                        return Next::Answered(OpResult::Refused(e.code));
+                    }
+                    ErrorCode::Expired => return Next::GiveUp,
+                    _ => {
+                        self.target = hinted(&e).unwrap_or(next);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                },
+                _ => self.target = next,
+            },
+            Ok(ServerMessage::Doc(d)) => {
+                return Next::Answered(OpResult::Read(d.map(|v| DocRead { revision: v.revision, body: v.value })));
+            }
+            Ok(ServerMessage::Error(e)) => {
+                self.target = hinted(&e).unwrap_or(next);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                self.conns[self.target] = None;
+                self.target = next;
+            }
+        }
+        Next::Retry
+    }
 }
 
 /// Prints the report, writes `report.json` and `timeline.png` into `dir`.

@@ -14,12 +14,12 @@
 //! goes to the checkers ([`crate::check`]).
 
 use crate::disk::SimDisk;
-use crate::history::{DocRead, History, Op, OpKind, OpResult, ReplicaFinal, RunRecord, SeenHeader, StoredBatch};
 use raft::eraftpb::Message;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use std::collections::{BTreeMap, BTreeSet};
+use tally_check::history::{DocRead, History, Op, OpKind, OpResult, ReplicaFinal, RunRecord, SeenHeader, StoredBatch};
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey, Receipt, Request, Signature, SignedRequest};
 use tally_core::replica::READ_WAIT_MS;

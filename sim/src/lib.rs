@@ -7,7 +7,8 @@ pub mod check;
 pub mod cluster;
 pub mod disk;
 pub mod forger;
-pub mod history;
+
+use tally_check::check::Violation;
 
 pub use cluster::{forger_drawn, ForgerStats, RunOutput, RunStats, Sim, SimConfig, FORGER_ONE_IN};
 
@@ -19,10 +20,10 @@ pub const LIVENESS_BOUND_MS: u64 = 5_000;
 pub struct SeedResult {
     pub seed: u64,
     pub stats: RunStats,
-    pub violations: Vec<check::Violation>,
+    pub violations: Vec<Violation>,
     /// Violations of a run whose forging peer got a lie past the gate that Raft cannot tell
     /// from the truth (see [`EXCUSED_WHEN_TAINTED`]): reported, not failed.
-    pub excused: Vec<check::Violation>,
+    pub excused: Vec<Violation>,
     pub acked_checked: u64,
     pub keys_checked: u64,
     pub linearizability_gave_up: u64,
@@ -66,7 +67,7 @@ pub fn run_seed(cfg: SimConfig) -> SeedResult {
             SeedResult {
                 seed,
                 stats: RunStats::default(),
-                violations: vec![check::Violation { invariant: "assert", what: format!("a replica panicked: {what}") }],
+                violations: vec![Violation { invariant: "assert", what: format!("a replica panicked: {what}") }],
                 excused: Vec::new(),
                 acked_checked: 0,
                 keys_checked: 0,
@@ -77,11 +78,10 @@ pub fn run_seed(cfg: SimConfig) -> SeedResult {
             }
         }
         Ok(out) => {
-            let verdicts = check::check_all(&out.record, LIVENESS_BOUND_MS);
+            let verdicts = check::check_run(&out.record, LIVENESS_BOUND_MS);
             let mut violations = verdicts.violations;
-            violations.extend(
-                out.bad_input_violations.into_iter().map(|what| check::Violation { invariant: "bad-input", what }),
-            );
+            violations
+                .extend(out.bad_input_violations.into_iter().map(|what| Violation { invariant: "bad-input", what }));
             let tainted = out.stats.forger.as_ref().is_some_and(|f| f.taint.is_some());
             let (excused, violations): (Vec<_>, Vec<_>) =
                 violations.into_iter().partition(|v| tainted && EXCUSED_WHEN_TAINTED.contains(&v.invariant));

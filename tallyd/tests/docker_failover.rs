@@ -7,7 +7,7 @@
 //! acknowledged write), starts it again, cuts a follower off the network (`docker network
 //! disconnect`), keeps writing, reconnects it, and then checks that every acknowledged write is
 //! in the batch it was acknowledged at on every replica, that sampled receipts are served
-//! identically by every replica, and the invariants of the chaos checker (chain, signatures,
+//! identically by every replica, and the shared checks of committed history (chain, signatures,
 //! exactly once, money). Then `compose down` (volumes kept) and `up` again: the same checks
 //! hold over the restarted containers, which take writes again.
 //!

@@ -216,9 +216,9 @@ pub fn init_cluster(nodes: usize, accounts: usize) -> (tempfile::TempDir, Cluste
     (dir, layout)
 }
 
-/// Checker access to the cluster of `layout` (TLS and the admin key).
-pub fn access(layout: &ClusterLayout) -> tally_chaos::checker::Access {
-    tally_chaos::checker::Access { dial: layout.dial().expect("CA"), admin: layout.admin_key().expect("admin key") }
+/// Read-back access to the cluster of `layout` (TLS and the admin key).
+pub fn access(layout: &ClusterLayout) -> tally_chaos::readback::Access {
+    tally_chaos::readback::Access { dial: layout.dial().expect("CA"), admin: layout.admin_key().expect("admin key") }
 }
 
 /// Starts every node of `layout`, then waits until each knows a leader.
@@ -411,10 +411,12 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Runs the invariant checker over `addrs` and panics with every violation.
+/// Reads every replica of `addrs` back, runs the shared checks of committed history over it and
+/// the receipts in `acked` (`tally_chaos::readback::check_cluster`), and panics with every
+/// violation.
 pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashMap<RequestId, Receipt>) {
     assert!(
-        tally_chaos::checker::wait_converged(&access(layout), addrs, Duration::from_secs(30)),
+        tally_chaos::readback::wait_converged(&access(layout), addrs, Duration::from_secs(30)),
         "replicas {addrs:?} did not converge: {:?}",
         addrs
             .iter()
@@ -422,19 +424,20 @@ pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashM
             .collect::<Vec<_>>()
     );
     let supply = GENESIS_BALANCE * layout.account_keys.len() as u128;
-    let v = tally_chaos::checker::check(&access(layout), addrs, &operator(layout), acked, supply);
+    let v = tally_chaos::readback::check_cluster(&access(layout), addrs, &operator(layout), acked, supply);
+    let violations = &v.verdicts.violations;
     eprintln!(
         "check: {} heights, {} replicas, {} requests in history, {} acknowledged, {} violations",
         v.heights,
         v.replicas,
         v.requests_in_history,
         v.acknowledged,
-        v.violations.len()
+        violations.len()
     );
-    for x in v.violations.iter().take(50) {
-        eprintln!("  violation: {x}");
+    for x in violations.iter().take(50) {
+        eprintln!("  violation: {}: {}", x.invariant, x.what);
     }
-    assert!(v.ok(), "{} invariant violations (first: {:?})", v.violations.len(), v.violations.first());
+    assert!(v.ok(), "{} invariant violations (first: {:?})", violations.len(), violations.first());
     assert!(v.acknowledged == 0 || v.requests_in_history >= v.acknowledged);
 }
 

@@ -1,7 +1,10 @@
-//! What a simulated run leaves behind for the checkers: the clients' history (invoke, then
-//! response, refusal or nothing) and each replica's committed history and state.
+//! What a run leaves behind for the checkers, whoever drove it (the simulator, the monkey, a
+//! cluster test): the clients' history (invoke, then response, refusal or nothing) and each
+//! replica's committed history and state.
 
-use tally_codec::{BatchHeader, DocKey, ErrorCode, Outcome, PublicKey, Receipt, RequestId, Signature};
+use tally_codec::{
+    BatchHeader, DocKey, ErrorCode, Operation, Outcome, PublicKey, Receipt, RequestId, Signature, SignedRequest,
+};
 
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,11 +34,25 @@ pub enum OpKind {
     Coord {
         id: RequestId,
         signer: PublicKey,
-        op: tally_codec::Operation,
+        op: Operation,
     },
 }
 
 impl OpKind {
+    /// The operation a signed request asks for: transfers and document writes as themselves
+    /// (I4 reads them), anything else as a coordination request.
+    pub fn of_request(request: &SignedRequest) -> OpKind {
+        let id = request.id();
+        match &request.request.op {
+            Operation::Transfer { to, amount } => {
+                OpKind::Transfer { id, from: request.request.signer, to: *to, amount: *amount }
+            }
+            Operation::Set { key, value } => OpKind::Set { id, key: *key, body: value.clone() },
+            Operation::Delete { key } => OpKind::Delete { id, key: *key },
+            op => OpKind::Coord { id, signer: request.request.signer, op: op.clone() },
+        }
+    }
+
     pub fn id(&self) -> Option<RequestId> {
         match self {
             OpKind::Transfer { id, .. }
@@ -104,12 +121,16 @@ pub struct StoredBatch {
 #[derive(Debug, Clone)]
 pub struct ReplicaFinal {
     pub node_id: u64,
-    /// Every batch it holds, by height from 1, without gaps.
+    /// Every batch it holds with its body, by height, without gaps. A simulated replica holds
+    /// them from height 1; a real one restored from a snapshot holds them from a later height
+    /// (a snapshot carries only the last batches: `docs/architecture.md`), and the headers it
+    /// holds without a body go in [`RunRecord::headers`].
     pub batches: Vec<StoredBatch>,
     /// Height of its applied state and a digest of that state (every key and value).
     pub applied_height: u64,
     pub state_digest: tally_codec::Digest,
-    /// Every account balance in its state.
+    /// Every account balance in its state (a driver that only knows the total gives one entry
+    /// holding it).
     pub balances: Vec<(PublicKey, u64)>,
 }
 
@@ -130,7 +151,7 @@ pub struct RunRecord {
     pub history: History,
     pub replicas: Vec<ReplicaFinal>,
     pub headers: Vec<SeenHeader>,
-    /// Simulated time when the faults were healed, the highest committed height then, and the
+    /// Time (ms since the run started) when the faults were healed, the highest committed height then, and the
     /// highest committed height at the end of the liveness phase (`None`: no leader at the end).
     pub healed_at_ms: u64,
     pub height_at_heal: u64,
