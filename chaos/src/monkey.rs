@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_client::cluster::cluster_init;
+use tally_cli::cluster::cluster_init;
 use tally_client::Connection;
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey};
@@ -957,7 +957,7 @@ fn draw_timeline(r: &MonkeyReport, path: &Path) -> Result<(), Box<dyn std::error
     }
     let x_max = r.timeline.last().map_or(1.0, |s| s.at_ms as f64 / 1e3).max(1.0);
     let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
-    let font = tally_client::bench::register_plot_font();
+    let font = tally_plot::register_font();
     let mut builder = ChartBuilder::on(&root);
     builder.margin(10);
     if font {

@@ -15,7 +15,7 @@ fn example() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("examples").join("ha_validator");
     assert!(
         p.exists(),
-        "{} is missing: `cargo test` builds it (or cargo build --example ha_validator -p tally-client)",
+        "{} is missing: `cargo test` builds it (or cargo build --example ha_validator -p tally-cli)",
         p.display()
     );
     p

@@ -23,9 +23,9 @@
 //! name the host. `DIR/client.toml` tells a client outside the containers where the client ports
 //! are published (`127.0.0.1:Q+i`) and which advertised address each of them stands for.
 
-use crate::error::ClientError;
-use crate::keyfile::{generate_key, public_of, save_key, write_private_file};
 use std::path::{Path, PathBuf};
+use tally_client::error::ClientError;
+use tally_client::keyfile::{generate_key, public_of, save_key, write_private_file};
 use tally_codec::config::{self, NodeConfig, PeerConfig};
 use tally_codec::genesis::{Genesis, GenesisAccount};
 
@@ -75,7 +75,7 @@ impl ClusterLayout {
     /// # Errors
     /// An unreadable key file.
     pub fn admin_key(&self) -> Result<ed25519_dalek::SigningKey, ClientError> {
-        crate::keyfile::load_key(&self.dir.join(ADMIN_KEY_FILE))
+        tally_client::keyfile::load_key(&self.dir.join(ADMIN_KEY_FILE))
     }
 }
 
@@ -95,7 +95,7 @@ impl ClusterLayout {
     }
 
     /// Advertised → dialled client addresses (empty unless `--hosts`), for
-    /// [`crate::ClientOptions::addr_map`].
+    /// [`tally_client::ClientOptions::addr_map`].
     pub fn addr_map(&self) -> std::collections::BTreeMap<String, String> {
         self.published.as_ref().map(PublishedAddrs::addr_map).unwrap_or_default()
     }
@@ -606,7 +606,7 @@ mod tests {
         let seed: [u8; 32] = hex::decode(seed.trim()).expect("hex").try_into().expect("32 bytes");
         assert_eq!(public_of(&ed25519_dalek::SigningKey::from_bytes(&seed)).to_hex(), genesis.operator_key);
         for j in 0..4 {
-            let key = crate::keyfile::load_key(&dir.join(format!("accounts/{j}.key"))).expect("account key");
+            let key = tally_client::keyfile::load_key(&dir.join(format!("accounts/{j}.key"))).expect("account key");
             assert_eq!(public_of(&key).to_hex(), genesis.accounts[j].key);
         }
         // A second init into the same directory is refused.

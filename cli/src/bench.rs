@@ -16,10 +16,6 @@
 //! dropped unsent and counted (`expired_unsent`); a client that finds no signed frame when it
 //! could send counts a signing wait (`signing_fell_behind`).
 
-use crate::client::REQUEST_TTL_MS;
-use crate::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
-use crate::error::ClientError;
-use crate::keyfile::{generate_key, public_of};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError, TrySendError};
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
@@ -30,8 +26,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tally_client::client::REQUEST_TTL_MS;
+use tally_client::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
+use tally_client::error::ClientError;
+use tally_client::keyfile::{generate_key, public_of};
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{limits, ClusterId, DocKey, Operation, Outcome, PublicKey, Request, SignedRequest};
+use tally_plot::{draw_panel, Axes};
 
 /// Signed frames queued per client, at most: what the signers may be ahead of the sender.
 pub const SIGNED_AHEAD_FRAMES_MAX: usize = 64;
@@ -384,26 +385,6 @@ pub fn write_json(s: &BenchSummary, path: &Path) -> Result<(), ClientError> {
     std::fs::write(path, json + "\n").map_err(|e| ClientError::file(path, e))
 }
 
-/// Registers DejaVu Sans for plot text, once. False when no font is available (plots are then
-/// drawn without text instead of failing).
-pub fn register_plot_font() -> bool {
-    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FONT.get_or_init(|| {
-        const CANDIDATES: [&str; 2] =
-            ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
-        for path in CANDIDATES {
-            if let Ok(bytes) = std::fs::read(path) {
-                // Registered fonts must live for the whole process; this happens once.
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        false
-    })
-}
-
 /// Draws throughput (top) and p50/p99 latency (bottom) per second into a PNG.
 ///
 /// # Errors
@@ -737,7 +718,7 @@ fn client_loop(
     let mut conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
     // (latency origin, actual send time, reply, requests): in an open loop the origin is the
     // frame's scheduled time, so a late send counts its wait (no coordinated omission).
-    let mut inflight: VecDeque<(Instant, Instant, crate::connection::PendingReply, u64)> = VecDeque::new();
+    let mut inflight: VecDeque<(Instant, Instant, tally_client::connection::PendingReply, u64)> = VecDeque::new();
     let timeout = Duration::from_millis(CALL_TIMEOUT_MS);
     let mut next_due = start;
     loop {
@@ -949,67 +930,9 @@ pub fn run_sweep(cfg: &BenchConfig, sweep: Sweep) -> Result<SweepSummary, Client
         std::fs::write(p, json).map_err(|e| ClientError::File { path: p.display().to_string(), source: e })?;
     }
     if let Some(p) = &cfg.plot {
-        write_sweep_plot(&summary, p, register_plot_font())?;
+        write_sweep_plot(&summary, p, tally_plot::register_font())?;
     }
     Ok(summary)
-}
-
-/// One line of a plot: its points, colour and legend.
-type PlotLine<'a> = (Vec<(f64, f64)>, plotters::style::RGBColor, &'a str);
-
-/// A panel's caption, axis names and ranges (from 0).
-struct Axes<'a> {
-    title: &'a str,
-    x_desc: &'a str,
-    y_desc: &'a str,
-    x_max: f64,
-    y_max: f64,
-}
-
-/// One chart panel of a bench or sweep PNG: caption, axes, lines (with point markers if asked)
-/// and a legend. Without a font (`with_text` false) only the lines are drawn.
-fn draw_panel(
-    area: &plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend<'_>, plotters::coord::Shift>,
-    axes: &Axes<'_>,
-    lines: Vec<PlotLine<'_>>,
-    markers: bool,
-    legend: bool,
-    with_text: bool,
-) -> Result<(), String> {
-    use plotters::prelude::*;
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    let mut builder = ChartBuilder::on(area);
-    builder.margin(15);
-    if with_text {
-        builder.caption(axes.title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
-    }
-    let mut chart = builder.build_cartesian_2d(0f64..axes.x_max, 0f64..axes.y_max).map_err(|x| e(&x))?;
-    let mut mesh = chart.configure_mesh();
-    if with_text {
-        mesh.x_desc(axes.x_desc).y_desc(axes.y_desc).label_style(("sans-serif", 14));
-    } else {
-        mesh.x_labels(0).y_labels(0);
-    }
-    mesh.draw().map_err(|x| e(&x))?;
-    for (points, color, label) in lines {
-        if markers {
-            chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(|x| e(&x))?;
-        }
-        let drawn = chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|x| e(&x))?;
-        if with_text && legend {
-            drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-    }
-    if with_text && legend {
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(&x))?;
-    }
-    Ok(())
 }
 
 /// Throughput and p50/p99 against the offered rate, with the p99 limit.
@@ -1093,7 +1016,7 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
         write_json(&summary, path)?;
     }
     if let Some(path) = &cfg.plot {
-        write_plot(&summary, path, register_plot_font())?;
+        write_plot(&summary, path, tally_plot::register_font())?;
     }
     Ok(summary)
 }
@@ -1114,7 +1037,7 @@ fn prepare(cfg: &BenchConfig) -> Result<(ClusterId, String, Vec<u64>), ClientErr
         let signers: Vec<&SigningKey> =
             if cfg.accounts.is_empty() { vec![&cfg.doc_key] } else { cfg.accounts.iter().collect() };
         for key in signers {
-            let req = crate::client::sign_request(key, cluster_id, Operation::LeaseGrant { ttl_ms: 3_600_000 });
+            let req = tally_client::client::sign_request(key, cluster_id, Operation::LeaseGrant { ttl_ms: 3_600_000 });
             match conn.call(ClientMessage::Submit(vec![req]))? {
                 ServerMessage::Submitted(mut r) => match r.pop() {
                     Some(tally_codec::wire::SubmitReply::Committed { receipt, .. }) => match receipt.outcome {
@@ -1359,7 +1282,7 @@ mod tests {
     fn plot_writes_a_png_with_and_without_text() {
         let s = sample_summary();
         let dir = tempfile::tempdir().expect("tempdir");
-        let with_font = register_plot_font();
+        let with_font = tally_plot::register_font();
         for (name, text) in [("a.png", with_font), ("b.png", false)] {
             let path = dir.path().join(name);
             write_plot(&s, &path, text).expect("plot");

@@ -2,16 +2,16 @@
 //! `main.rs` only parses and prints the error; everything testable lives here and below.
 
 use crate::bench::{self, BenchConfig, Mix};
-use crate::client::{check_json, split_addrs, Client, ClientOptions, Committed};
 use crate::cluster;
-use crate::error::ClientError;
-use crate::keyfile::{self, generate_key, load_key, load_or_create, public_of};
 use crate::output::{self, Output};
-use crate::receipt_file::{
-    parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file_for, ReceiptFile,
-};
 use crate::repl;
 use crate::up::{self, UpOptions};
+use tally_client::client::{check_json, split_addrs, Client, ClientOptions, Committed};
+use tally_client::error::ClientError;
+use tally_client::keyfile::{self, generate_key, load_key, load_or_create, public_of};
+use tally_client::receipt_file::{
+    parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file_for, ReceiptFile,
+};
 
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
@@ -482,7 +482,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Txn { file, receipt } => {
-            let txn = crate::txn_file::read(&file)?;
+            let txn = tally_client::txn_file::read(&file)?;
             let client = connect(&addrs, load_or_create(key_path)?)?;
             write(&client, client.sign(Operation::Txn(txn))?, receipt.as_deref(), out)
         }
@@ -745,7 +745,7 @@ const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// One Status round trip on a fresh connection.
 fn status_at(addr: &str, dial: &tally_net::Dial) -> Option<tally_codec::wire::StatusInfo> {
     use tally_codec::wire::{ClientMessage, ServerMessage};
-    let conn = crate::connection::Connection::connect_with(addr, dial, STATUS_PROBE_TIMEOUT).ok()?;
+    let conn = tally_client::connection::Connection::connect_with(addr, dial, STATUS_PROBE_TIMEOUT).ok()?;
     match conn.call_timeout(ClientMessage::Status, STATUS_PROBE_TIMEOUT).ok()? {
         ServerMessage::Status(s) => Some(s),
         _ => None,
@@ -1240,5 +1240,28 @@ mod tests {
         assert_eq!(load_accounts(&layout.dir).expect("cluster dir").len(), 3);
         assert_eq!(load_accounts(&layout.dir.join("accounts")).expect("accounts dir").len(), 3);
         assert!(load_accounts(&tmp.path().join("node-1")).is_err());
+    }
+
+    /// `tally verify FILE --operator-key KEY --cluster-id ID` binds the receipt to one cluster
+    /// (the library side: `receipt_file`'s `cluster_id_binds_the_receipt_to_its_cluster`).
+    #[test]
+    fn verify_with_a_cluster_id_accepts_only_that_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = public_of(&operator);
+        let receipt = tally_client::testkit::sample_receipt(&operator);
+        let own = receipt.header.cluster_id;
+        let other = tally_codec::ClusterId([4; 16]);
+        let path = dir.path().join("r.json");
+        save_receipt(&path, &receipt, Some(op_pub)).expect("save");
+        let tally = |cluster: &str| {
+            let args = ["tally", "verify", path.to_str().expect("utf8"), "--operator-key", &op_pub.to_hex()];
+            let cli = Cli::try_parse_from(args.into_iter().chain(["--cluster-id", cluster]));
+            run(cli.expect("parse"))
+        };
+        assert!(tally(&own.to_hex()).is_ok());
+        let err = tally(&other.to_hex()).expect_err("another cluster");
+        assert!(err.to_string().contains(&format!("not of cluster {other}")), "{err}");
+        assert!(tally("xyz").expect_err("bad id").to_string().contains("cluster id 'xyz'"));
     }
 }
