@@ -22,12 +22,13 @@ use hdrhistogram::Histogram;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tally_client::client::REQUEST_TTL_MS;
-use tally_client::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
+use tally_client::connection::{Connection, PendingReply, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
 use tally_client::error::ClientError;
 use tally_client::keyfile::{generate_key, public_of};
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
@@ -713,98 +714,166 @@ fn client_loop(
     end: Instant,
     live: &Live,
 ) -> Recorder {
-    let mut rec = Recorder::default();
-    let mut frames = FrameSource { rx: frames, done: false };
-    let mut conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
-    // (latency origin, actual send time, reply, requests): in an open loop the origin is the
-    // frame's scheduled time, so a late send counts its wait (no coordinated omission).
-    let mut inflight: VecDeque<(Instant, Instant, tally_client::connection::PendingReply, u64)> = VecDeque::new();
-    let timeout = Duration::from_millis(CALL_TIMEOUT_MS);
-    let mut next_due = start;
+    let mut run = ClientRun {
+        addr,
+        dial,
+        frames: FrameSource { rx: frames, done: false },
+        conn: Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok(),
+        inflight: VecDeque::new(),
+        inflight_max,
+        interval,
+        next_due: start,
+        start,
+        end,
+        timeout: Duration::from_millis(CALL_TIMEOUT_MS),
+        live,
+        rec: Recorder::default(),
+    };
     loop {
-        while inflight.len() < inflight_max && Instant::now() < end {
-            if interval.is_some() && Instant::now() < next_due {
+        run.send_frames();
+        if run.inflight.is_empty() {
+            match run.when_idle() {
+                ControlFlow::Continue(()) => continue,
+                ControlFlow::Break(()) => break,
+            }
+        }
+        match run.next_reply() {
+            Some((i, received)) => run.on_reply(i, received),
+            None => run.on_no_reply(),
+        }
+    }
+    run.rec
+}
+
+/// A frame sent and not yet answered: (latency origin, actual send time, reply, requests). In an
+/// open loop the origin is the frame's scheduled time, so a late send counts its wait (no
+/// coordinated omission).
+type InFlight = (Instant, Instant, PendingReply, u64);
+
+/// One client's state while it runs ([`client_loop`]).
+struct ClientRun<'a> {
+    addr: &'a str,
+    dial: &'a tally_net::Dial,
+    frames: FrameSource,
+    /// None after a failed connect or a timeout, until the next reconnect.
+    conn: Option<Connection>,
+    inflight: VecDeque<InFlight>,
+    inflight_max: usize,
+    /// Open loop: one frame every `interval`, the next one due at `next_due`.
+    interval: Option<Duration>,
+    next_due: Instant,
+    start: Instant,
+    end: Instant,
+    /// How long a frame may wait for its reply.
+    timeout: Duration,
+    live: &'a Live,
+    rec: Recorder,
+}
+
+impl ClientRun<'_> {
+    /// Sends frames while fewer than `inflight_max` are outstanding, the clock runs, the frame is
+    /// due (open loop) and the connection and the signers have one.
+    fn send_frames(&mut self) {
+        while self.inflight.len() < self.inflight_max && Instant::now() < self.end {
+            if self.interval.is_some() && Instant::now() < self.next_due {
                 break;
             }
-            let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) else { break };
+            let Some(c) = self.conn.as_ref().filter(|c| !c.is_closed()) else { break };
             // With replies outstanding, wait for the signers only briefly: replies are timed.
-            let until = if inflight.is_empty() { end } else { end.min(Instant::now() + Duration::from_millis(20)) };
-            let Some(frame) = frames.next(&mut rec, until) else { break };
+            let until = if self.inflight.is_empty() {
+                self.end
+            } else {
+                self.end.min(Instant::now() + Duration::from_millis(20))
+            };
+            let Some(frame) = self.frames.next(&mut self.rec, until) else { break };
             let n = frame.len() as u64;
             let now = Instant::now();
-            let sent_at = match interval {
+            let sent_at = match self.interval {
                 Some(iv) => {
-                    let due = next_due;
-                    next_due += iv;
+                    let due = self.next_due;
+                    self.next_due += iv;
                     due
                 }
                 None => now,
             };
             match c.send(ClientMessage::Submit(frame)) {
-                Ok(p) => inflight.push_back((sent_at, now, p, n)),
+                Ok(p) => self.inflight.push_back((sent_at, now, p, n)),
                 Err(_) => {
-                    rec.record(start.elapsed().as_secs() as usize, Duration::ZERO, 0, 0, n);
-                    live.errors.fetch_add(n, Ordering::Relaxed);
+                    self.rec.record(self.start.elapsed().as_secs() as usize, Duration::ZERO, 0, 0, n);
+                    self.live.errors.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
-        if inflight.is_empty() {
-            let broken = conn.as_ref().is_none_or(|c| c.is_closed());
-            let more = !frames.done && Instant::now() < end;
-            if !broken && interval.is_some() && more && Instant::now() < next_due {
-                // Open loop, nothing outstanding: wait for the next frame's time.
-                std::thread::sleep(next_due.saturating_duration_since(Instant::now()).min(end - Instant::now()));
-                continue;
-            }
-            if !broken && more {
-                continue; // the send loop waits for the signers
-            }
-            if broken && more {
-                // Reconnect once per pass; a dead node leaves us here until the clock ends.
-                std::thread::sleep(Duration::from_millis(100));
-                conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
-                continue;
-            }
-            break;
+    }
+
+    /// Nothing outstanding: wait for the next frame's time, or for the signers, or reconnect;
+    /// `Break` when the frames or the clock ran out.
+    fn when_idle(&mut self) -> ControlFlow<()> {
+        let broken = self.conn.as_ref().is_none_or(|c| c.is_closed());
+        let more = !self.frames.done && Instant::now() < self.end;
+        if !broken && self.interval.is_some() && more && Instant::now() < self.next_due {
+            // Open loop, nothing outstanding: wait for the next frame's time.
+            std::thread::sleep(self.next_due.saturating_duration_since(Instant::now()).min(self.end - Instant::now()));
+            return ControlFlow::Continue(());
         }
-        // Wake for the next scheduled frame too (open loop), else only for replies.
-        let wait = match interval {
-            Some(_) if inflight.len() < inflight_max => {
-                next_due.saturating_duration_since(Instant::now()).min(timeout).max(Duration::from_micros(100))
-            }
-            _ => timeout,
+        if !broken && more {
+            return ControlFlow::Continue(()); // the send loop waits for the signers
+        }
+        if broken && more {
+            // Reconnect once per pass; a dead node leaves us here until the clock ends.
+            std::thread::sleep(Duration::from_millis(100));
+            self.conn = Connection::connect_with(self.addr, self.dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
+            return ControlFlow::Continue(());
+        }
+        ControlFlow::Break(())
+    }
+
+    /// The first reply to arrive: its frame's index and what was received; `None` when none came
+    /// in time. Wakes for the next scheduled frame too (open loop), else only for replies.
+    fn next_reply(&self) -> Option<(usize, Result<ServerMessage, crossbeam::channel::RecvError>)> {
+        let wait = match self.interval {
+            Some(_) if self.inflight.len() < self.inflight_max => self
+                .next_due
+                .saturating_duration_since(Instant::now())
+                .min(self.timeout)
+                .max(Duration::from_micros(100)),
+            _ => self.timeout,
         };
-        let picked = {
-            let mut sel = Select::new();
-            for (_, _, p, _) in &inflight {
-                sel.recv(p.receiver());
+        let mut sel = Select::new();
+        for (_, _, p, _) in &self.inflight {
+            sel.recv(p.receiver());
+        }
+        match sel.select_timeout(wait) {
+            Ok(op) => {
+                let i = op.index();
+                let r = op.recv(self.inflight[i].2.receiver());
+                Some((i, r))
             }
-            match sel.select_timeout(wait) {
-                Ok(op) => {
-                    let i = op.index();
-                    let r = op.recv(inflight[i].2.receiver());
-                    Some((i, r))
-                }
-                Err(_) => None,
-            }
-        };
-        let Some((i, received)) = picked else {
-            if inflight.front().is_some_and(|(_, sent, _, _)| sent.elapsed() < timeout) {
-                continue; // woke for the schedule, not a timeout
-            }
-            // Nothing answered within the call timeout: count the frames as errors and move on.
-            for (_, _, _, n) in inflight.drain(..) {
-                rec.record(start.elapsed().as_secs() as usize, timeout, 0, 0, n);
-                live.errors.fetch_add(n, Ordering::Relaxed);
-            }
-            if let Some(c) = conn.take() {
-                c.close();
-            }
-            continue;
-        };
-        let Some((sent_at, _, pending, n)) = inflight.remove(i) else { continue };
+            Err(_) => None,
+        }
+    }
+
+    /// No reply: either it is time for the next frame, or nothing answered within the call
+    /// timeout, and every outstanding frame counts as errors on a connection given up.
+    fn on_no_reply(&mut self) {
+        if self.inflight.front().is_some_and(|(_, sent, _, _)| sent.elapsed() < self.timeout) {
+            return; // woke for the schedule, not a timeout
+        }
+        for (_, _, _, n) in self.inflight.drain(..) {
+            self.rec.record(self.start.elapsed().as_secs() as usize, self.timeout, 0, 0, n);
+            self.live.errors.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Some(c) = self.conn.take() {
+            c.close();
+        }
+    }
+
+    /// Records frame `i`'s replies: its latency and how many committed, were refused or failed.
+    fn on_reply(&mut self, i: usize, received: Result<ServerMessage, crossbeam::channel::RecvError>) {
+        let Some((sent_at, _, pending, n)) = self.inflight.remove(i) else { return };
         let latency = sent_at.elapsed();
-        let t_s = start.elapsed().as_secs() as usize;
+        let t_s = self.start.elapsed().as_secs() as usize;
+        let rec = &mut self.rec;
         let (committed, rejected, errors) = match pending.finish(received) {
             Ok(ServerMessage::Submitted(replies)) => count_replies(&replies, n, &mut rec.reasons),
             Ok(ServerMessage::Error(e)) => {
@@ -817,10 +886,9 @@ fn client_loop(
             }
         };
         rec.record(t_s, latency, committed, rejected, errors);
-        live.committed.fetch_add(committed, Ordering::Relaxed);
-        live.errors.fetch_add(errors, Ordering::Relaxed);
+        self.live.committed.fetch_add(committed, Ordering::Relaxed);
+        self.live.errors.fetch_add(errors, Ordering::Relaxed);
     }
-    rec
 }
 
 /// (committed, rejected-but-committed, errors) of one frame's replies.
