@@ -18,7 +18,7 @@ base=${BASE_PORT:-7600}
 out=$(bench_out "$out")
 work=$(mktemp -d /tmp/tally-bench.XXXXXX)
 trap kill_started EXIT
-(cd "$root" && cargo build --release -q -p tallyd -p tally-client)
+(cd "$root" && cargo build --release -q -p tallyd -p tally-cli)
 "$bin/tally" cluster init --nodes "$nodes" --dir "$work" --accounts 16 --base-port "$base" >/dev/null
 for i in $(seq 1 "$nodes"); do
   "$bin/tallyd" --config "$work/node-$i.toml" 2>"$work/node-$i.log" &

@@ -25,7 +25,7 @@ done
 
 start=$(date +%s)
 RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile "$profile" --target "$target" \
-  -p tallyd -p tally-client --bin tallyd --bin tally
+  -p tallyd -p tally-cli --bin tallyd --bin tally
 out_profile=$profile
 [ "$profile" = dev ] && out_profile=debug
 bin_dir=$target_dir/$target/$out_profile

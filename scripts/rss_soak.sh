@@ -8,7 +8,7 @@ DOCS=${1:-1000000}
 REQUESTS=${2:-10000000}
 DIR=$(mktemp -d /tmp/tally-rss.XXXXXX)
 BASE=${BASE_PORT:-7900}
-cargo build --release -q -p tallyd -p tally-client
+cargo build --release -q -p tallyd -p tally-cli
 T=./target/release/tally
 $T cluster init --nodes 1 --dir "$DIR" --accounts 64 --base-port "$BASE" >/dev/null
 ./target/release/tallyd --config "$DIR/node-1.toml" >"$DIR/node.log" 2>&1 &

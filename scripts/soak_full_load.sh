@@ -23,7 +23,7 @@ cleanup() {
   kill_started
 }
 trap cleanup EXIT
-(cd "$root" && cargo build --release -q -p tallyd -p tally-client)
+(cd "$root" && cargo build --release -q -p tallyd -p tally-cli)
 "$bin/tally" cluster init --nodes 3 --dir "$work" --accounts 16 --base-port "$base" >/dev/null
 for i in 1 2 3; do
   "$bin/tallyd" --config "$work/node-$i.toml" 2>"$work/node-$i.log" &

@@ -20,7 +20,7 @@ base=${BASE_PORT:-7700}
 out=$(bench_out "$out")
 work=$(mktemp -d /tmp/tally-watch-load.XXXXXX)
 trap kill_started EXIT
-(cd "$root" && cargo build --release -q -p tallyd -p tally-client --bins --example watch_load)
+(cd "$root" && cargo build --release -q -p tallyd -p tally-cli --bins --example watch_load)
 "$bin/tally" cluster init --nodes 3 --dir "$work" --accounts 16 --base-port "$base" >/dev/null
 for i in 1 2 3; do
   "$bin/tallyd" --config "$work/node-$i.toml" 2>"$work/node-$i.log" &

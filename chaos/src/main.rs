@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         eprintln!("--nodes must be 3 or 5");
         return ExitCode::from(2);
     }
-    let tallyd = a.tallyd.clone().unwrap_or_else(tally_client::up::find_tallyd);
+    let tallyd = a.tallyd.clone().unwrap_or_else(tally_cli::up::find_tallyd);
     let cfg = MonkeyConfig {
         nodes: a.nodes,
         duration: Duration::from_secs(a.duration),

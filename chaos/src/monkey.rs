@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_check::check::{check_all, check_receipts_offline, Verdicts, Violation};
 use tally_check::history::{DocRead, History, Op, OpKind, OpResult, RunRecord, SeenHeader};
-use tally_client::cluster::{cluster_init, ClusterLayout};
+use tally_cli::cluster::{cluster_init, ClusterLayout};
 use tally_client::Connection;
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{ClusterId, DocKey, ErrorCode, Operation, PublicKey};
@@ -1077,7 +1077,7 @@ fn draw_timeline(r: &MonkeyReport, path: &Path) -> Result<(), Box<dyn std::error
     }
     let x_max = r.timeline.last().map_or(1.0, |s| s.at_ms as f64 / 1e3).max(1.0);
     let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
-    let font = tally_client::bench::register_plot_font();
+    let font = tally_plot::register_font();
     let mut builder = ChartBuilder::on(&root);
     builder.margin(10);
     if font {

@@ -1,36 +1,32 @@
-//! The tally client library and the guts of the `tally` binary.
+//! The tally client library: what a program embedding a tally client needs, and nothing of the
+//! `tally` command line (that is the `tally-cli` crate).
 //!
 //! ```text
-//!  tally (main.rs) ─▶ cli ─▶ Client ──failover──▶ Connection ──frames──▶ tallyd
-//!                       │        └─ heartbeat thread (Status ≈1 s, events)
-//!                       ├─▶ repl   (line parsing + session output, docs/cli.md)
-//!                       ├─▶ bench  (load signed as it is sent, hdrhistogram, JSON + PNG)
-//!                       ├─▶ cluster::cluster_init, up (local cluster + demo)
-//!                       └─▶ keyfile, receipt_file (offline: keygen, verify)
+//!  your program ─▶ Client ──failover──▶ Connection ──frames──▶ tallyd
+//!                    │  └─ heartbeat thread (Status ≈1 s, events)
+//!                    ├─▶ coord     (leases, compare-and-set, claims, watches)
+//!                    └─▶ sign_request / sign_admin (request signing)
+//!  keyfile, receipt_file, txn_file: the files a user holds (keys, receipts to verify offline,
+//!  transactions to submit)
 //! ```
 //! Everything the server sees goes through `tally_codec`; this crate adds transport, retries and
-//! user-facing text.
+//! the user's files.
 #![forbid(unsafe_code)]
 
-pub mod bench;
-pub mod cli;
 pub mod client;
-pub mod cluster;
 pub mod connection;
 pub mod coord;
 pub mod error;
 pub mod keyfile;
-pub mod output;
 pub mod receipt_file;
-pub mod repl;
 pub mod txn_file;
-pub mod up;
 
-#[cfg(test)]
-mod testkit;
+/// An in-process fake node for tests, here and in `tally-cli` (feature `testkit`).
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod testkit;
 
 pub use client::{Client, ClientEvent, ClientOptions, Committed, ConnectionReport};
-pub use cluster::{cluster_init, ClusterLayout};
 pub use connection::{Connection, PendingReply};
 pub use coord::{ClaimResult, Lease, LeaseKeeper};
 pub use error::ClientError;

@@ -227,44 +227,11 @@ pub fn verified_summary(receipt: &Receipt, operator: &PublicKey) -> String {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testkit::sample_receipt;
     use ed25519_dalek::SigningKey;
-    use tally_codec::merkle::{leaf_hash, Tree};
-    use tally_codec::{BatchHeader, ClusterId, Digest, DocKey, Operation, Outcome, Request};
-
-    /// A receipt for a 1-leaf batch, signed by `operator`.
-    pub(crate) fn sample_receipt(operator: &SigningKey) -> Receipt {
-        let user = SigningKey::from_bytes(&[9; 32]);
-        let cluster_id = ClusterId([3; 16]);
-        let request = Request {
-            cluster_id,
-            signer: crate::keyfile::public_of(&user),
-            nonce: 42,
-            expires_at_ms: 1_000_000,
-            op: Operation::Set {
-                key: DocKey::from_random([5; 16]),
-                value: br#"{"name": "Chapayev's Mustache comb"}"#.to_vec(),
-            },
-        }
-        .sign(&user);
-        let outcome = Outcome::DocCreated { revision: 1 };
-        let leaf = leaf_hash(&request.id(), &outcome);
-        let tree = Tree::from_leaves(&[leaf]);
-        let header = BatchHeader {
-            cluster_id,
-            height: 7,
-            prev_hash: Digest::ZERO,
-            merkle_root: tree.root(),
-            leaf_count: 1,
-            write_set_digest: Digest([1; 32]),
-            state_digest: Digest([2; 32]),
-            term: 3,
-            time_ms: 999,
-        };
-        let signature = header.sign(operator);
-        Receipt { request, outcome, leaf_index: 0, proof: tree.proof(0), header, signature }
-    }
+    use tally_codec::{ClusterId, Outcome};
 
     #[test]
     fn receipt_file_round_trip_and_verify() {
@@ -474,17 +441,5 @@ pub(crate) mod tests {
         assert!(
             line.starts_with(&format!("Valid receipt: request {} at height 7 of cluster {own}", receipt.request_id()))
         );
-
-        // Through the command line, as `tally verify FILE --operator-key KEY --cluster-id ID`.
-        use clap::Parser;
-        let tally = |cluster: &str| {
-            let args = ["tally", "verify", path.to_str().expect("utf8"), "--operator-key", &op_pub.to_hex()];
-            let cli = crate::cli::Cli::try_parse_from(args.into_iter().chain(["--cluster-id", cluster]));
-            crate::cli::run(cli.expect("parse"))
-        };
-        assert!(tally(&own.to_hex()).is_ok());
-        let err = tally(&other.to_hex()).expect_err("another cluster");
-        assert!(err.to_string().contains(&format!("not of cluster {other}")), "{err}");
-        assert!(tally("xyz").expect_err("bad id").to_string().contains("cluster id 'xyz'"));
     }
 }

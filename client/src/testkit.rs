@@ -15,18 +15,18 @@ use tally_codec::wire::{
     self, ClientMessage, DocView, Envelope, MemberInfo, ServerMessage, StatusInfo, SubmitReply, WireError,
 };
 use tally_codec::{
-    limits, BatchHeader, ClusterId, Digest, DocKey, ErrorCode, Operation, Outcome, PublicKey, Receipt, RequestId,
-    SignedRequest,
+    limits, BatchHeader, ClusterId, Digest, DocKey, ErrorCode, Operation, Outcome, PublicKey, Receipt, Request,
+    RequestId, SignedRequest,
 };
 
-pub(crate) const CLUSTER: ClusterId = ClusterId([3; 16]);
+pub const CLUSTER: ClusterId = ClusterId([3; 16]);
 
-pub(crate) fn operator() -> SigningKey {
+pub fn operator() -> SigningKey {
     SigningKey::from_bytes(&[1; 32])
 }
 
 #[derive(Default)]
-pub(crate) struct FakeState {
+pub struct FakeState {
     pub members: Mutex<Vec<MemberInfo>>,
     pub leader: Mutex<(Option<u64>, Option<String>)>,
     pub seen: Mutex<Vec<RequestId>>,
@@ -44,7 +44,7 @@ pub(crate) struct FakeState {
     height: Mutex<u64>,
 }
 
-pub(crate) struct FakeNode {
+pub struct FakeNode {
     pub addr: String,
     pub node_id: u64,
     pub state: Arc<FakeState>,
@@ -103,7 +103,7 @@ impl Drop for FakeNode {
 }
 
 /// Gives every node the same member list and leader.
-pub(crate) fn cluster(nodes: &[&FakeNode], extra: &[MemberInfo], leader: Option<&FakeNode>) {
+pub fn cluster(nodes: &[&FakeNode], extra: &[MemberInfo], leader: Option<&FakeNode>) {
     let mut members: Vec<MemberInfo> = nodes.iter().map(|n| n.member()).collect();
     members.extend_from_slice(extra);
     for n in nodes {
@@ -227,4 +227,37 @@ fn serve(mut s: TcpStream, node_id: u64, state: &FakeState) {
             return;
         }
     }
+}
+
+/// A receipt for a 1-leaf batch, signed by `operator`.
+pub fn sample_receipt(operator: &SigningKey) -> Receipt {
+    let user = SigningKey::from_bytes(&[9; 32]);
+    let cluster_id = ClusterId([3; 16]);
+    let request = Request {
+        cluster_id,
+        signer: PublicKey(user.verifying_key().to_bytes()),
+        nonce: 42,
+        expires_at_ms: 1_000_000,
+        op: Operation::Set {
+            key: DocKey::from_random([5; 16]),
+            value: br#"{"name": "Chapayev's Mustache comb"}"#.to_vec(),
+        },
+    }
+    .sign(&user);
+    let outcome = Outcome::DocCreated { revision: 1 };
+    let leaf = leaf_hash(&request.id(), &outcome);
+    let tree = Tree::from_leaves(&[leaf]);
+    let header = BatchHeader {
+        cluster_id,
+        height: 7,
+        prev_hash: Digest::ZERO,
+        merkle_root: tree.root(),
+        leaf_count: 1,
+        write_set_digest: Digest([1; 32]),
+        state_digest: Digest([2; 32]),
+        term: 3,
+        time_ms: 999,
+    };
+    let signature = header.sign(operator);
+    Receipt { request, outcome, leaf_index: 0, proof: tree.proof(0), header, signature }
 }

@@ -332,7 +332,7 @@ fn write_outputs(dir: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Erro
         let first = s.first_seed;
         let last = first + s.seeds.max(1);
         // Without a font the plot is drawn without text rather than not at all.
-        let font = tally_client::bench::register_plot_font();
+        let font = tally_plot::register_font();
         let mut builder = ChartBuilder::on(&root);
         builder.margin(10);
         if font {

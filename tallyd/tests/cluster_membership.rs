@@ -20,7 +20,7 @@ fn leader_status(addrs: &[String]) -> Option<StatusInfo> {
 }
 
 /// A client connected to the current leader first.
-fn admin_client(layout: &tally_client::ClusterLayout, addrs: &[String]) -> tally_client::Client {
+fn admin_client(layout: &tally_cli::ClusterLayout, addrs: &[String]) -> tally_client::Client {
     let leader = leader_status(addrs).and_then(|s| s.leader_addr).expect("a leader");
     let mut seeds = vec![leader];
     seeds.extend(addrs.iter().cloned());
@@ -33,9 +33,9 @@ fn admin_client(layout: &tally_client::ClusterLayout, addrs: &[String]) -> tally
 }
 
 /// node-4.toml and its certificate, as `tally cluster add --cluster-dir` writes them.
-fn node4(layout: &tally_client::ClusterLayout) -> (std::path::PathBuf, tally_codec::config::NodeConfig) {
+fn node4(layout: &tally_cli::ClusterLayout) -> (std::path::PathBuf, tally_codec::config::NodeConfig) {
     let (client, peer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let (path, cfg) = tally_client::cluster::add_node_files(&layout.dir, 4, &client, &peer).expect("node 4 files");
+    let (path, cfg) = tally_cli::cluster::add_node_files(&layout.dir, 4, &client, &peer).expect("node 4 files");
     register_dial(&cfg.listen, layout.dial().expect("CA"));
     (path, cfg)
 }
@@ -43,7 +43,7 @@ fn node4(layout: &tally_client::ClusterLayout) -> (std::path::PathBuf, tally_cod
 /// Starts node 4 from its files and adds it through the leader (admin-signed); returns its
 /// config and how long `cluster add` took.
 fn start_and_add_node4(
-    layout: &tally_client::ClusterLayout,
+    layout: &tally_cli::ClusterLayout,
     addrs: &[String],
     nodes: &mut Vec<Daemon>,
 ) -> (tally_codec::config::NodeConfig, Duration) {

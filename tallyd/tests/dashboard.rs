@@ -285,7 +285,7 @@ fn series(prom: &Prometheus, expr: &str, start: f64, end: f64) -> Series {
 /// replica reports (bottom), with the kill marked.
 fn draw(path: &Path, _start: f64, kill_s: f64, throughput: &Series, leaders: &Series) {
     use plotters::prelude::*;
-    let text = tally_client::bench::register_plot_font();
+    let text = tally_plot::register_font();
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE).expect("fill");
     let (top, bottom) = root.split_vertically(350);

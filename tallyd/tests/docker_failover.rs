@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_client::cluster::{cluster_init_with, ClusterLayout, ContainerHosts};
+use tally_cli::cluster::{cluster_init_with, ClusterLayout, ContainerHosts};
 use tally_client::ClientOptions;
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{Operation, Receipt, RequestId};
@@ -201,7 +201,7 @@ fn build_static(scratch: &Path) -> (PathBuf, Duration) {
     let mut c = Command::new(option_env!("CARGO").unwrap_or("cargo"));
     c.current_dir(workspace())
         .args(["build", "--locked", "--profile", &profile, "--target", "x86_64-unknown-linux-gnu"])
-        .args(["-p", "tallyd", "-p", "tally-client", "--bin", "tallyd", "--bin", "tally"])
+        .args(["-p", "tallyd", "-p", "tally-cli", "--bin", "tallyd", "--bin", "tally"])
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         // Quicker to build than the shipped release profile; what is tested is the deployment.

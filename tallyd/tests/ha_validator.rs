@@ -1,4 +1,4 @@
-//! The HA-validator example (`client/examples/ha_validator.rs`, docs/coordination.md) against
+//! The HA-validator example (`cli/examples/ha_validator.rs`, docs/coordination.md) against
 //! three replicas: three instances claim every 500 ms slot and sign only when granted; the active
 //! instance and then the tally leader are killed with SIGKILL along the way. The checker then
 //! shows no slot signed twice, every signature backed by tally's grant to its signer, and no slot
@@ -15,7 +15,7 @@ fn example() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("examples").join("ha_validator");
     assert!(
         p.exists(),
-        "{} is missing: `cargo test` builds it (or cargo build --example ha_validator -p tally-client)",
+        "{} is missing: `cargo test` builds it (or cargo build --example ha_validator -p tally-cli)",
         p.display()
     );
     p

@@ -32,7 +32,7 @@ fn promtool_check(exposition: &str) -> Result<(), String> {
     }
 }
 
-fn metrics_addrs(layout: &tally_client::cluster::ClusterLayout) -> Vec<String> {
+fn metrics_addrs(layout: &tally_cli::cluster::ClusterLayout) -> Vec<String> {
     layout.configs.iter().map(|c| c.metrics_listen.clone().expect("cluster init sets metrics_listen")).collect()
 }
 

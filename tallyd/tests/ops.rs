@@ -88,14 +88,14 @@ fn tallyd_fails(config: &Path) -> String {
 }
 
 /// A one-node cluster's files, and its config as text.
-fn one_node() -> (tempfile::TempDir, tally_client::ClusterLayout, String) {
+fn one_node() -> (tempfile::TempDir, tally_cli::ClusterLayout, String) {
     let (dir, layout) = init_cluster(1, 1);
     let text = std::fs::read_to_string(&layout.config_paths[0]).expect("config");
     (dir, layout, text)
 }
 
 /// Writes `text` as a config next to the cluster's and returns its path.
-fn variant(layout: &tally_client::ClusterLayout, name: &str, text: &str) -> PathBuf {
+fn variant(layout: &tally_cli::ClusterLayout, name: &str, text: &str) -> PathBuf {
     let p = layout.dir.join(format!("{name}.toml"));
     std::fs::write(&p, text).expect("write config");
     p
@@ -211,7 +211,7 @@ fn config_errors_name_the_file_the_key_and_the_cause() {
 
 /// Starts node 1 of `layout` with `extra` arguments, stderr to `log`; waits for it to serve,
 /// makes one write, then stops it with SIGTERM.
-fn run_node_once(layout: &tally_client::ClusterLayout, extra: &[&str], log: &Path) {
+fn run_node_once(layout: &tally_cli::ClusterLayout, extra: &[&str], log: &Path) {
     let _ = std::fs::remove_file(log);
     let mut d = Daemon::spawn_with(&layout.config_paths[0], &layout.configs[0].listen, log, &[], extra);
     d.wait_ready(Duration::from_secs(20));
@@ -445,7 +445,7 @@ fn a_replica_with_another_clusters_config_refuses_to_join() {
     // 3. Another cluster's node 3 on this node 3's ports: its certificates are of another CA.
     let other_dir = tempfile::tempdir().expect("tmp");
     let base: u16 = addr3.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port") - 3;
-    let other_layout = tally_client::cluster::cluster_init(3, other_dir.path(), 1, base).expect("other cluster");
+    let other_layout = tally_cli::cluster::cluster_init(3, other_dir.path(), 1, base).expect("other cluster");
     register_dial(&addr3, other_layout.dial().expect("CA"));
     let n3 = Daemon::spawn(&other_layout.config_paths[2], &addr3, &d.join("node-3-c.log"));
     wait_log(&n3, &["peer link refused", "TLS with node", "is it node"]);

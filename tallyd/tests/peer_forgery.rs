@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tally_client::cluster::ClusterLayout;
+use tally_cli::cluster::ClusterLayout;
 use tally_failover::frame::{read_frame, write_frame};
 use tally_failover::handshake::{Hello, Verdict, HANDSHAKE_BYTES_MAX};
 use tally_failover::snapshot_stream::KIND_MESSAGE;

@@ -31,7 +31,7 @@ struct Seen {
     next_height: u64,
 }
 
-fn load_docs(layout: &tally_client::cluster::ClusterLayout, n: usize) {
+fn load_docs(layout: &tally_cli::cluster::ClusterLayout, n: usize) {
     let c = Arc::new(client(layout, 1));
     let threads: Vec<_> = (0..2)
         .map(|t| {

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tally_client::cluster::{cluster_init, ClusterLayout};
+use tally_cli::cluster::{cluster_init, ClusterLayout};
 use tally_client::{Client, ClientOptions};
 
 /// A `tallyd` child process. Dropping it sends SIGKILL to its PID and reaps it.
@@ -269,7 +269,7 @@ use tally_codec::wire::{ClientMessage, ServerMessage, StatusInfo, SubmitReply};
 use tally_codec::{BatchHeader, Operation, PublicKey, Receipt, RequestId};
 
 /// Money in genesis: every account starts with this much.
-pub const GENESIS_BALANCE: u128 = tally_client::cluster::GENESIS_BALANCE as u128;
+pub const GENESIS_BALANCE: u128 = tally_cli::cluster::GENESIS_BALANCE as u128;
 
 /// Status of one replica, or `None` if it does not answer within ~1 s.
 pub fn status_of(addr: &str) -> Option<StatusInfo> {

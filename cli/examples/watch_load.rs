@@ -7,7 +7,7 @@
 //! `scripts/watch-load.sh` starts a release cluster, runs this, and cleans up.
 //!
 //! ```text
-//! cargo build --release -p tally-client --bins --example watch_load
+//! cargo build --release -p tally-cli --bins --example watch_load
 //! ./target/release/examples/watch_load --cluster-dir DIR [--docs 95000] [--duration 20] [--json FILE]
 //! ```
 
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tally_client::cli::{Cli, Target};
+use tally_cli::cli::{Cli, Target};
 use tally_client::{Client, Connection};
 use tally_codec::admin::{AdminOp, AuditTable};
 use tally_codec::wire::{ClientMessage, ServerMessage, WatchFilter};
@@ -327,7 +327,7 @@ fn main() {
     }
     let doc = serde_json::json!({
         "docs": a.docs, "duration_s": a.duration, "clients": a.clients,
-        "machine": tally_client::bench::Machine::this(), "phases": rows,
+        "machine": tally_cli::bench::Machine::this(), "phases": rows,
     });
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
@@ -350,7 +350,7 @@ fn plot_json(json: &Path) {
         })
         .collect();
     let png = json.with_extension("png");
-    plot(&bars, &png, tally_client::bench::register_plot_font());
+    plot(&bars, &png, tally_plot::register_font());
     println!("wrote {}", png.display());
 }
 

@@ -1,9 +1,9 @@
 //! `tally -o json`: the JSON documents the commands print, one per run, on stdout. The field
 //! names are documented in `docs/cli.md` and are a stable interface: add fields, never rename.
 
-use crate::client::Committed;
-use crate::error::ClientError;
 use serde_json::{json, Value};
+use tally_client::client::Committed;
+use tally_client::error::ClientError;
 use tally_codec::wire::{DocView, StatusInfo};
 use tally_codec::{Outcome, PublicKey, RequestId};
 

@@ -4,9 +4,9 @@
 //! Parsing is pure ([`parse_line`]) so the session text can be tested without a server; running a
 //! command ([`execute`]) writes to any `Write`, so a fake node can drive it in tests.
 
-use crate::client::{check_json, Client, ClientEvent};
-use crate::error::ClientError;
 use std::io::{BufRead, IsTerminal, Write};
+use tally_client::client::{check_json, Client, ClientEvent};
+use tally_client::error::ClientError;
 use tally_codec::{DocKey, ErrorCode, Operation, Outcome, PublicKey};
 
 /// One parsed REPL line.
@@ -567,8 +567,8 @@ mod tests {
 #[cfg(test)]
 mod session_tests {
     use super::*;
-    use crate::client::ClientOptions;
-    use crate::testkit::{cluster, FakeNode};
+    use tally_client::client::ClientOptions;
+    use tally_client::testkit::{cluster, FakeNode};
 
     #[test]
     fn design_session_output_against_a_fake_node() {

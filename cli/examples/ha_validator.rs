@@ -2,7 +2,7 @@
 //! every slot each one asks tally for permission; only the one granted the slot signs it.
 //!
 //! ```text
-//! cargo build --example ha_validator -p tally-client
+//! cargo build --example ha_validator -p tally-cli
 //! ha_validator run   --cluster-dir DIR --key DIR/accounts/0.key --log v0.log [--domain D] [--slot-ms 500] [--genesis-ms T]
 //! ha_validator check --cluster-dir DIR --logs v0.log v1.log v2.log [--domain D] [--kills-ms T1,T2] [--margin-ms 2000]
 //! ```
@@ -21,7 +21,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tally_client::cli::{Cli, Target};
+use tally_cli::cli::{Cli, Target};
 use tally_client::{ClaimResult, Client};
 use tally_codec::wire::{Change, WatchFilter};
 

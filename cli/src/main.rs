@@ -1,5 +1,5 @@
 //! `tally`: the command-line client. Parsing and error printing only; the commands live in
-//! `tally_client::cli` so they can be tested.
+//! `tally_cli::cli` so they can be tested.
 #![deny(unsafe_code)]
 
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ fn restore_sigpipe() {
 
 fn main() -> ExitCode {
     restore_sigpipe();
-    let cli = tally_client::cli::Cli::parse_env_aware();
+    let cli = tally_cli::cli::Cli::parse_env_aware();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour only on a terminal: logs redirected to a file stay plain text.
@@ -27,14 +27,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let json = cli.output == tally_client::output::Output::Json;
-    match tally_client::cli::run(cli) {
+    let json = cli.output == tally_cli::output::Output::Json;
+    match tally_cli::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {e}");
             if json {
                 // `-o json`: stdout still carries one document, the error object.
-                tally_client::output::print(&tally_client::output::error(&e));
+                tally_cli::output::print(&tally_cli::output::error(&e));
             }
             ExitCode::FAILURE
         }

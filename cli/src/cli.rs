@@ -2,16 +2,16 @@
 //! `main.rs` only parses and prints the error; everything testable lives here and below.
 
 use crate::bench::{self, BenchConfig, Mix};
-use crate::client::{check_json, split_addrs, Client, ClientOptions, Committed};
 use crate::cluster;
-use crate::error::ClientError;
-use crate::keyfile::{self, generate_key, load_key, load_or_create, public_of};
 use crate::output::{self, Output};
-use crate::receipt_file::{
-    parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file_for, ReceiptFile,
-};
 use crate::repl;
 use crate::up::{self, UpOptions};
+use tally_client::client::{check_json, split_addrs, Client, ClientOptions, Committed};
+use tally_client::error::ClientError;
+use tally_client::keyfile::{self, generate_key, load_key, load_or_create, public_of};
+use tally_client::receipt_file::{
+    parse_cluster_id, parse_operator_key, save_receipt, verified_summary, verify_receipt_file_for, ReceiptFile,
+};
 
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
@@ -373,181 +373,57 @@ pub struct BenchArgs {
 /// # Errors
 /// Any [`ClientError`]; `main` prints it as `Error: ...` and exits 1.
 pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    // Offline commands need no address, CA or key: a stale TALLY_CA must not break them.
-    let offline = matches!(
-        cli.command,
-        Cmd::Keygen { .. }
-            | Cmd::Verify { .. }
-            | Cmd::Up { .. }
-            | Cmd::Chaos { .. }
-            | Cmd::Sim { .. }
-            | Cmd::Completions { .. }
-            | Cmd::Cluster { command: ClusterCmd::Init { .. } }
-    );
     if cli.output == Output::Json {
-        let text_only = match &cli.command {
-            Cmd::Keygen { .. } => Some("keygen"),
-            Cmd::Verify { .. } => Some("verify"),
-            Cmd::Repl => Some("repl"),
-            Cmd::Bench(_) => Some("bench (its --json FILE writes the summary)"),
-            Cmd::Up { .. } => Some("up"),
-            Cmd::Sim { .. } => Some("sim"),
-            Cmd::Chaos { .. } => Some("chaos"),
-            Cmd::Completions { .. } => Some("completions"),
-            _ => None,
-        };
-        if let Some(name) = text_only {
+        if let Some(name) = text_only_command(&cli.command) {
             // Refused rather than ignored: a script asking for JSON must not get text.
             return Err(ClientError::Invalid(format!("-o json is not available for tally {name} (see docs/cli.md)")));
         }
     }
-    let addrs = if offline { Target::offline() } else { Target::resolve(&cli)? };
+    // Offline commands need no address, CA or key: a stale TALLY_CA must not break them.
+    let addrs = if is_offline(&cli.command) { Target::offline() } else { Target::resolve(&cli)? };
     let key_path = cli.key.as_deref();
     let out = cli.output;
     match cli.command {
-        Cmd::Keygen { out } => {
-            let key = keyfile::keygen(&out)?;
-            println!("Wrote a new key to {}", out.display());
-            println!("Public key: {}", public_of(&key));
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Keygen { out } => keygen_cmd(&out),
         Cmd::Set { doc, json, receipt, lease, if_revision } => {
-            let doc = DocKey::parse(&doc)?;
-            check_json(&json)?;
-            let client = connect(&addrs, load_or_create(key_path)?)?;
-            let op = if lease.is_some() || if_revision.is_some() {
-                Operation::SetIf { key: doc, value: json.into_bytes(), if_revision, lease }
-            } else {
-                Operation::Set { key: doc, value: json.into_bytes() }
-            };
-            write(&client, client.sign(op)?, receipt.as_deref(), out)
+            let op = set_op(&doc, json, lease, if_revision)?;
+            submit(&addrs, key_path, op, receipt.as_deref(), out)
         }
         Cmd::Delete { doc, receipt, if_revision } => {
-            let doc = DocKey::parse(&doc)?;
-            let client = connect(&addrs, load_or_create(key_path)?)?;
+            let key = DocKey::parse(&doc)?;
             let op = match if_revision {
-                Some(r) => Operation::DeleteIf { key: doc, if_revision: Some(r) },
-                None => Operation::Delete { key: doc },
+                Some(r) => Operation::DeleteIf { key, if_revision: Some(r) },
+                None => Operation::Delete { key },
             };
-            write(&client, client.sign(op)?, receipt.as_deref(), out)
+            submit(&addrs, key_path, op, receipt.as_deref(), out)
         }
-        Cmd::Lease { command } => {
-            let client = connect(&addrs, load_or_create(key_path)?)?;
-            match command {
-                LeaseCmd::Grant { ttl_ms } => write(&client, client.sign(Operation::LeaseGrant { ttl_ms })?, None, out),
-                LeaseCmd::Revoke { id } => {
-                    write(&client, client.sign(Operation::LeaseRevoke { lease: id })?, None, out)
-                }
-                LeaseCmd::Keepalive { id, every_ms: None } => {
-                    write(&client, client.sign(Operation::LeaseKeepAlive { lease: id })?, None, out)
-                }
-                LeaseCmd::Keepalive { id, every_ms: Some(every) } => loop {
-                    let code = write(&client, client.sign(Operation::LeaseKeepAlive { lease: id })?, None, out)?;
-                    if code != ExitCode::SUCCESS {
-                        return Ok(code);
-                    }
-                    std::thread::sleep(Duration::from_millis(every.max(1)));
-                },
-            }
-        }
+        Cmd::Lease { command } => lease_cmd(&addrs, key_path, command, out),
         Cmd::Claim { domain, slot, lease, receipt } => {
-            let client = connect(&addrs, load_or_create(key_path)?)?;
-            let req = client.sign(Operation::Claim { domain, slot, lease })?;
-            write(&client, req, receipt.as_deref(), out)
+            submit(&addrs, key_path, Operation::Claim { domain, slot, lease }, receipt.as_deref(), out)
         }
         Cmd::Watch { doc, all, domain, leases, from_height, count } => {
-            use tally_codec::wire::WatchFilter;
-            let filter = match (doc, all, domain, leases) {
-                (Some(d), false, None, false) => WatchFilter::Doc(DocKey::parse(&d)?),
-                (None, true, None, false) => WatchFilter::AllDocs,
-                (None, false, Some(d), false) => WatchFilter::Domain(d),
-                (None, false, None, true) => WatchFilter::Leases,
-                _ => {
-                    return Err(ClientError::Invalid(
-                        "watch: give exactly one of UUID4, --all, --domain NAME, --leases".into(),
-                    ))
-                }
-            };
-            let client = connect(&addrs, read_key(key_path)?)?;
-            for (seen, event) in (1u64..).zip(client.watch(filter, from_height)?) {
-                let event = event?;
-                match out {
-                    Output::Json => println!("{}", output::watch_event(&event)),
-                    Output::Text => println!("{}", repl::watch_line(&event)),
-                }
-                if count.is_some_and(|c| seen >= c) {
-                    break;
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+            let filter = watch_filter(doc, all, domain, leases)?;
+            watch_cmd(&addrs, key_path, filter, from_height, count, out)
         }
         Cmd::Txn { file, receipt } => {
-            let txn = crate::txn_file::read(&file)?;
-            let client = connect(&addrs, load_or_create(key_path)?)?;
-            write(&client, client.sign(Operation::Txn(txn))?, receipt.as_deref(), out)
+            let txn = tally_client::txn_file::read(&file)?;
+            submit(&addrs, key_path, Operation::Txn(txn), receipt.as_deref(), out)
         }
         Cmd::Transfer { to, amount, receipt } => {
             let to = parse_pubkey(&to)?;
-            let client = connect(&addrs, load_or_create(key_path)?)?;
-            let req = client.sign(Operation::Transfer { to, amount })?;
-            write(&client, req, receipt.as_deref(), out)
+            submit(&addrs, key_path, Operation::Transfer { to, amount }, receipt.as_deref(), out)
         }
-        Cmd::Get { doc, stale } => {
-            let doc = DocKey::parse(&doc)?;
-            let client = connect(&addrs, read_key(key_path)?)?;
-            let view = client.get(doc, stale)?;
-            if out == Output::Json {
-                output::print(&output::get(&doc.to_string(), view.as_ref()));
-                return Ok(if view.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
-            }
-            match view {
-                Some(d) => {
-                    println!("{}", String::from_utf8_lossy(&d.value));
-                    Ok(ExitCode::SUCCESS)
-                }
-                None => {
-                    println!("Not found");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        Cmd::Balance { pubkey, stale } => {
-            let (who, key) = match pubkey {
-                Some(p) => (parse_pubkey(&p)?, read_key(key_path)?),
-                None => {
-                    let key = load_or_create(key_path)?;
-                    (public_of(&key), key)
-                }
-            };
-            let client = connect(&addrs, key)?;
-            let balance = client.balance(who, stale)?.unwrap_or(0);
-            match out {
-                Output::Json => output::print(&output::balance(&who, balance)),
-                Output::Text => println!("{balance}"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Get { doc, stale } => get_cmd(&addrs, key_path, &doc, stale, out),
+        Cmd::Balance { pubkey, stale } => balance_cmd(&addrs, key_path, pubkey.as_deref(), stale, out),
         Cmd::Status => status(&addrs, key_path, out),
         Cmd::Receipt { request_id, height, out: file } => {
             receipt(&addrs, key_path, &request_id, height, file.as_deref(), out)
         }
         Cmd::Verify { receipt_file, operator_key, cluster_id } => {
-            let operator = parse_operator_key(&operator_key)?;
-            let cluster_id = cluster_id.as_deref().map(parse_cluster_id).transpose()?;
-            let r = verify_receipt_file_for(&receipt_file, &operator, cluster_id.as_ref())?;
-            println!("{}", verified_summary(&r, &operator));
-            if cluster_id.is_none() {
-                println!("Cluster not checked: pass --cluster-id to require yours");
-            }
-            Ok(ExitCode::SUCCESS)
+            verify_cmd(&receipt_file, &operator_key, cluster_id.as_deref())
         }
         Cmd::Cluster { command } => cluster_cmd(&addrs, key_path, command, out),
-        Cmd::Repl => {
-            let opts = ClientOptions { heartbeat: Some(Duration::from_secs(1)), ..addrs.options() };
-            let client = Client::connect(&addrs.addrs, load_or_create(key_path)?, opts)?;
-            repl::run(&client)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Repl => repl_cmd(&addrs, key_path),
         Cmd::Bench(args) => bench_cmd(&addrs, key_path, args),
         Cmd::Up { nodes, dir, accounts, base_port, no_wait } => {
             up::run_up(&UpOptions { nodes, dir, accounts, base_port, no_wait })?;
@@ -560,6 +436,190 @@ pub fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Commands that talk to no node, so they resolve no address, CA or key.
+fn is_offline(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Keygen { .. }
+            | Cmd::Verify { .. }
+            | Cmd::Up { .. }
+            | Cmd::Chaos { .. }
+            | Cmd::Sim { .. }
+            | Cmd::Completions { .. }
+            | Cmd::Cluster { command: ClusterCmd::Init { .. } }
+    )
+}
+
+/// The name `-o json` is refused with, for commands that only print text.
+fn text_only_command(cmd: &Cmd) -> Option<&'static str> {
+    match cmd {
+        Cmd::Keygen { .. } => Some("keygen"),
+        Cmd::Verify { .. } => Some("verify"),
+        Cmd::Repl => Some("repl"),
+        Cmd::Bench(_) => Some("bench (its --json FILE writes the summary)"),
+        Cmd::Up { .. } => Some("up"),
+        Cmd::Sim { .. } => Some("sim"),
+        Cmd::Chaos { .. } => Some("chaos"),
+        Cmd::Completions { .. } => Some("completions"),
+        _ => None,
+    }
+}
+
+fn keygen_cmd(path: &Path) -> Result<ExitCode, ClientError> {
+    let key = keyfile::keygen(path)?;
+    println!("Wrote a new key to {}", path.display());
+    println!("Public key: {}", public_of(&key));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally set`: a plain set, or a conditional one when a lease or an expected revision is given.
+fn set_op(doc: &str, json: String, lease: Option<u64>, if_revision: Option<u64>) -> Result<Operation, ClientError> {
+    let key = DocKey::parse(doc)?;
+    check_json(&json)?;
+    Ok(if lease.is_some() || if_revision.is_some() {
+        Operation::SetIf { key, value: json.into_bytes(), if_revision, lease }
+    } else {
+        Operation::Set { key, value: json.into_bytes() }
+    })
+}
+
+/// Connects with the user's key (created on first use), signs `op` and submits it as [`write`].
+fn submit(
+    t: &Target,
+    key_path: Option<&Path>,
+    op: Operation,
+    receipt: Option<&Path>,
+    out: Output,
+) -> Result<ExitCode, ClientError> {
+    let client = connect(t, load_or_create(key_path)?)?;
+    write(&client, client.sign(op)?, receipt, out)
+}
+
+fn lease_cmd(t: &Target, key_path: Option<&Path>, command: LeaseCmd, out: Output) -> Result<ExitCode, ClientError> {
+    let client = connect(t, load_or_create(key_path)?)?;
+    match command {
+        LeaseCmd::Grant { ttl_ms } => write(&client, client.sign(Operation::LeaseGrant { ttl_ms })?, None, out),
+        LeaseCmd::Revoke { id } => write(&client, client.sign(Operation::LeaseRevoke { lease: id })?, None, out),
+        LeaseCmd::Keepalive { id, every_ms: None } => {
+            write(&client, client.sign(Operation::LeaseKeepAlive { lease: id })?, None, out)
+        }
+        LeaseCmd::Keepalive { id, every_ms: Some(every) } => loop {
+            let code = write(&client, client.sign(Operation::LeaseKeepAlive { lease: id })?, None, out)?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
+            }
+            std::thread::sleep(Duration::from_millis(every.max(1)));
+        },
+    }
+}
+
+/// `tally watch` takes exactly one of a document, `--all`, `--domain NAME` and `--leases`.
+fn watch_filter(
+    doc: Option<String>,
+    all: bool,
+    domain: Option<String>,
+    leases: bool,
+) -> Result<tally_codec::wire::WatchFilter, ClientError> {
+    use tally_codec::wire::WatchFilter;
+    Ok(match (doc, all, domain, leases) {
+        (Some(d), false, None, false) => WatchFilter::Doc(DocKey::parse(&d)?),
+        (None, true, None, false) => WatchFilter::AllDocs,
+        (None, false, Some(d), false) => WatchFilter::Domain(d),
+        (None, false, None, true) => WatchFilter::Leases,
+        _ => {
+            return Err(ClientError::Invalid("watch: give exactly one of UUID4, --all, --domain NAME, --leases".into()))
+        }
+    })
+}
+
+/// Prints each event of the watch, as text or one JSON document a line, until `count` of them.
+fn watch_cmd(
+    t: &Target,
+    key_path: Option<&Path>,
+    filter: tally_codec::wire::WatchFilter,
+    from_height: Option<u64>,
+    count: Option<u64>,
+    out: Output,
+) -> Result<ExitCode, ClientError> {
+    let client = connect(t, read_key(key_path)?)?;
+    for (seen, event) in (1u64..).zip(client.watch(filter, from_height)?) {
+        let event = event?;
+        match out {
+            Output::Json => println!("{}", output::watch_event(&event)),
+            Output::Text => println!("{}", repl::watch_line(&event)),
+        }
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the document (exit 0) or "Not found" (exit 1).
+fn get_cmd(t: &Target, key_path: Option<&Path>, doc: &str, stale: bool, out: Output) -> Result<ExitCode, ClientError> {
+    let doc = DocKey::parse(doc)?;
+    let client = connect(t, read_key(key_path)?)?;
+    let view = client.get(doc, stale)?;
+    if out == Output::Json {
+        output::print(&output::get(&doc.to_string(), view.as_ref()));
+        return Ok(if view.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    match view {
+        Some(d) => {
+            println!("{}", String::from_utf8_lossy(&d.value));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            println!("Not found");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The balance of `pubkey`, or of the user's own key when none is given.
+fn balance_cmd(
+    t: &Target,
+    key_path: Option<&Path>,
+    pubkey: Option<&str>,
+    stale: bool,
+    out: Output,
+) -> Result<ExitCode, ClientError> {
+    let (who, key) = match pubkey {
+        Some(p) => (parse_pubkey(p)?, read_key(key_path)?),
+        None => {
+            let key = load_or_create(key_path)?;
+            (public_of(&key), key)
+        }
+    };
+    let client = connect(t, key)?;
+    let balance = client.balance(who, stale)?.unwrap_or(0);
+    match out {
+        Output::Json => output::print(&output::balance(&who, balance)),
+        Output::Text => println!("{balance}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally verify`, offline: exit 0 only if the receipt verifies (and is of `cluster_id`, if given).
+fn verify_cmd(receipt_file: &Path, operator_key: &str, cluster_id: Option<&str>) -> Result<ExitCode, ClientError> {
+    let operator = parse_operator_key(operator_key)?;
+    let cluster_id = cluster_id.map(parse_cluster_id).transpose()?;
+    let r = verify_receipt_file_for(receipt_file, &operator, cluster_id.as_ref())?;
+    println!("{}", verified_summary(&r, &operator));
+    if cluster_id.is_none() {
+        println!("Cluster not checked: pass --cluster-id to require yours");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The interactive session, with a heartbeat so it notices a failover while idle.
+fn repl_cmd(t: &Target, key_path: Option<&Path>) -> Result<ExitCode, ClientError> {
+    let opts = ClientOptions { heartbeat: Some(Duration::from_secs(1)), ..t.options() };
+    let client = Client::connect(&t.addrs, load_or_create(key_path)?, opts)?;
+    repl::run(&client)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs a companion program (`tally-sim`, `tally-chaos`): they are programs of their own so
@@ -745,7 +805,7 @@ const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// One Status round trip on a fresh connection.
 fn status_at(addr: &str, dial: &tally_net::Dial) -> Option<tally_codec::wire::StatusInfo> {
     use tally_codec::wire::{ClientMessage, ServerMessage};
-    let conn = crate::connection::Connection::connect_with(addr, dial, STATUS_PROBE_TIMEOUT).ok()?;
+    let conn = tally_client::connection::Connection::connect_with(addr, dial, STATUS_PROBE_TIMEOUT).ok()?;
     match conn.call_timeout(ClientMessage::Status, STATUS_PROBE_TIMEOUT).ok()? {
         ServerMessage::Status(s) => Some(s),
         _ => None,
@@ -845,104 +905,14 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd, out: Ou
                 published_base_port: published_base_port.unwrap_or(base_port),
             });
             let layout = cluster::cluster_init_with(nodes, &dir, accounts, base_port, containers.as_ref())?;
-            if out == Output::Json {
-                output::print(&output::cluster_init(&layout));
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!("Wrote a {nodes}-node cluster to {}", layout.dir.display());
-            println!("Cluster id: {}", layout.cluster_id);
-            println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
-            for (cfg, path) in layout.configs.iter().zip(&layout.config_paths) {
-                println!(
-                    "  node {}: client {}  peer {}  config {}",
-                    cfg.node_id,
-                    cfg.listen,
-                    cfg.peer_listen,
-                    path.display()
-                );
-            }
-            println!("Funded accounts: {} in {}", layout.account_keys.len(), layout.dir.join("accounts").display());
-            println!(
-                "Cluster CA: {} (clients: --ca, or --cluster-dir {})",
-                layout.dir.join(cluster::CA_FILE).display(),
-                layout.dir.display()
-            );
-            println!(
-                "Admin key: {} (signs cluster add/remove and scans)",
-                layout.dir.join(cluster::ADMIN_KEY_FILE).display()
-            );
-            if let Some(p) = &layout.published {
-                println!(
-                    "For containers: mount {} at {} (read-only) and a volume at {} in each; this host reaches \
-                     them at {} ({}; tally --cluster-dir {} dials these)",
-                    layout.dir.display(),
-                    cluster::CONTAINER_CONFIG_DIR,
-                    cluster::CONTAINER_DATA_DIR,
-                    p.dial_addrs().join(","),
-                    layout.dir.join(cluster::CLIENT_FILE).display(),
-                    layout.dir.display()
-                );
+            match out {
+                Output::Json => output::print(&output::cluster_init(&layout)),
+                Output::Text => print_cluster_init(&layout),
             }
             Ok(ExitCode::SUCCESS)
         }
-        ClusterCmd::Add { node_id, client: client_addr, peer, files_only } => {
-            let text = out == Output::Text;
-            let mut config_file = None;
-            let mut config_written = false;
-            // The admin key and a connection first: without them nothing is written.
-            let adding = if files_only { None } else { Some((addrs.admin()?, connect(addrs, read_key(key_path)?)?)) };
-            let existed: Vec<PathBuf> = match &addrs.cluster_dir {
-                Some(dir) => cluster::node_files(dir, node_id).into_iter().filter(|f| f.exists()).collect(),
-                None => Vec::new(),
-            };
-            if let Some(dir) = &addrs.cluster_dir {
-                let config = dir.join(format!("node-{node_id}.toml"));
-                if config.exists() {
-                    if text {
-                        println!("Using {}", config.display());
-                    }
-                    config_file = Some(config);
-                } else {
-                    let (path, _) = cluster::add_node_files(dir, node_id, &client_addr, &peer)?;
-                    if text {
-                        println!(
-                            "Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}",
-                            path.display(),
-                            path.display()
-                        );
-                    }
-                    config_file = Some(path);
-                    config_written = true;
-                }
-            }
-            if let Some((admin, client)) = adding {
-                if let Err(e) = client.cluster_add(&admin, node_id, &client_addr, &peer) {
-                    // Refused: what this run wrote goes (a certificate signed by the CA for a
-                    // node that is not added must not lie around).
-                    if let (true, Some(dir)) = (config_written, &addrs.cluster_dir) {
-                        cluster::remove_node_files(dir, node_id, &existed)?;
-                        eprintln!(
-                            "Removed node-{node_id}.toml and node {node_id}'s certificate written by this run: the add failed \
-                             (to start the node first, write them with --files-only)"
-                        );
-                    }
-                    return Err(e);
-                }
-                if text {
-                    println!("Node {node_id} added (client {client_addr}, peer {peer})");
-                }
-            }
-            if !text {
-                output::print(&serde_json::json!({
-                    "node_id": node_id,
-                    "client_addr": client_addr,
-                    "peer_addr": peer,
-                    "config_file": config_file.map(|p| p.display().to_string()),
-                    "config_written": config_written,
-                    "added": !files_only,
-                }));
-            }
-            Ok(ExitCode::SUCCESS)
+        ClusterCmd::Add { node_id, client, peer, files_only } => {
+            cluster_add(addrs, key_path, node_id, (&client, &peer), files_only, out)
         }
         ClusterCmd::Remove { node_id } => {
             let admin = addrs.admin()?;
@@ -956,6 +926,116 @@ fn cluster_cmd(addrs: &Target, key_path: Option<&Path>, cmd: ClusterCmd, out: Ou
         }
         ClusterCmd::RevokeNode { node_id, cert } => revoke_node(addrs, key_path, out, node_id, cert),
     }
+}
+
+/// What `cluster init` wrote, and how clients and containers use it.
+fn print_cluster_init(layout: &cluster::ClusterLayout) {
+    println!("Wrote a {}-node cluster to {}", layout.configs.len(), layout.dir.display());
+    println!("Cluster id: {}", layout.cluster_id);
+    println!("Operator key: {} ({})", layout.operator_public, layout.operator_pub_path.display());
+    for (cfg, path) in layout.configs.iter().zip(&layout.config_paths) {
+        println!("  node {}: client {}  peer {}  config {}", cfg.node_id, cfg.listen, cfg.peer_listen, path.display());
+    }
+    println!("Funded accounts: {} in {}", layout.account_keys.len(), layout.dir.join("accounts").display());
+    println!(
+        "Cluster CA: {} (clients: --ca, or --cluster-dir {})",
+        layout.dir.join(cluster::CA_FILE).display(),
+        layout.dir.display()
+    );
+    println!("Admin key: {} (signs cluster add/remove and scans)", layout.dir.join(cluster::ADMIN_KEY_FILE).display());
+    if let Some(p) = &layout.published {
+        println!(
+            "For containers: mount {} at {} (read-only) and a volume at {} in each; this host reaches \
+             them at {} ({}; tally --cluster-dir {} dials these)",
+            layout.dir.display(),
+            cluster::CONTAINER_CONFIG_DIR,
+            cluster::CONTAINER_DATA_DIR,
+            p.dial_addrs().join(","),
+            layout.dir.join(cluster::CLIENT_FILE).display(),
+            layout.dir.display()
+        );
+    }
+}
+
+/// `tally cluster add`: node N's config and certificate in the cluster directory (unless there
+/// already), then the admin-signed add (unless `files_only`). `(client, peer)` are its addresses.
+fn cluster_add(
+    addrs: &Target,
+    key_path: Option<&Path>,
+    node_id: u64,
+    (client_addr, peer): (&str, &str),
+    files_only: bool,
+    out: Output,
+) -> Result<ExitCode, ClientError> {
+    let text = out == Output::Text;
+    // The admin key and a connection first: without them nothing is written.
+    let adding = if files_only { None } else { Some((addrs.admin()?, connect(addrs, read_key(key_path)?)?)) };
+    let existed: Vec<PathBuf> = match &addrs.cluster_dir {
+        Some(dir) => cluster::node_files(dir, node_id).into_iter().filter(|f| f.exists()).collect(),
+        None => Vec::new(),
+    };
+    let (config_file, config_written) = match &addrs.cluster_dir {
+        Some(dir) => {
+            let (file, written) = node_config_file(dir, node_id, client_addr, peer, text)?;
+            (Some(file), written)
+        }
+        None => (None, false),
+    };
+    if let Some((admin, client)) = adding {
+        if let Err(e) = client.cluster_add(&admin, node_id, client_addr, peer) {
+            // Refused: what this run wrote goes (a certificate signed by the CA for a node that
+            // is not added must not lie around).
+            if let (true, Some(dir)) = (config_written, &addrs.cluster_dir) {
+                cluster::remove_node_files(dir, node_id, &existed)?;
+                eprintln!(
+                    "Removed node-{node_id}.toml and node {node_id}'s certificate written by this run: the add failed \
+                     (to start the node first, write them with --files-only)"
+                );
+            }
+            return Err(e);
+        }
+        if text {
+            println!("Node {node_id} added (client {client_addr}, peer {peer})");
+        }
+    }
+    if !text {
+        output::print(&serde_json::json!({
+            "node_id": node_id,
+            "client_addr": client_addr,
+            "peer_addr": peer,
+            "config_file": config_file.map(|p| p.display().to_string()),
+            "config_written": config_written,
+            "added": !files_only,
+        }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Node N's `node-N.toml` in `dir`: the one already there, or a new one written with the node's
+/// certificate. True when this call wrote it.
+fn node_config_file(
+    dir: &Path,
+    node_id: u64,
+    client_addr: &str,
+    peer: &str,
+    text: bool,
+) -> Result<(PathBuf, bool), ClientError> {
+    let config = dir.join(format!("node-{node_id}.toml"));
+    if config.exists() {
+        if text {
+            println!("Using {}", config.display());
+        }
+        return Ok((config, false));
+    }
+    let (path, _) = cluster::add_node_files(dir, node_id, client_addr, peer)?;
+    if text {
+        println!(
+            "Wrote {} and node {node_id}'s certificate; start it with: tallyd --config {}",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok((path, true))
 }
 
 /// `tally cluster revoke-node`: the certificate's fingerprint, the admin command, then the
@@ -1240,5 +1320,28 @@ mod tests {
         assert_eq!(load_accounts(&layout.dir).expect("cluster dir").len(), 3);
         assert_eq!(load_accounts(&layout.dir.join("accounts")).expect("accounts dir").len(), 3);
         assert!(load_accounts(&tmp.path().join("node-1")).is_err());
+    }
+
+    /// `tally verify FILE --operator-key KEY --cluster-id ID` binds the receipt to one cluster
+    /// (the library side: `receipt_file`'s `cluster_id_binds_the_receipt_to_its_cluster`).
+    #[test]
+    fn verify_with_a_cluster_id_accepts_only_that_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = SigningKey::from_bytes(&[1; 32]);
+        let op_pub = public_of(&operator);
+        let receipt = tally_client::testkit::sample_receipt(&operator);
+        let own = receipt.header.cluster_id;
+        let other = tally_codec::ClusterId([4; 16]);
+        let path = dir.path().join("r.json");
+        save_receipt(&path, &receipt, Some(op_pub)).expect("save");
+        let tally = |cluster: &str| {
+            let args = ["tally", "verify", path.to_str().expect("utf8"), "--operator-key", &op_pub.to_hex()];
+            let cli = Cli::try_parse_from(args.into_iter().chain(["--cluster-id", cluster]));
+            run(cli.expect("parse"))
+        };
+        assert!(tally(&own.to_hex()).is_ok());
+        let err = tally(&other.to_hex()).expect_err("another cluster");
+        assert!(err.to_string().contains(&format!("not of cluster {other}")), "{err}");
+        assert!(tally("xyz").expect_err("bad id").to_string().contains("cluster id 'xyz'"));
     }
 }

@@ -16,22 +16,24 @@
 //! dropped unsent and counted (`expired_unsent`); a client that finds no signed frame when it
 //! could send counts a signing wait (`signing_fell_behind`).
 
-use crate::client::REQUEST_TTL_MS;
-use crate::connection::{Connection, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
-use crate::error::ClientError;
-use crate::keyfile::{generate_key, public_of};
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError, TrySendError};
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tally_client::client::REQUEST_TTL_MS;
+use tally_client::connection::{Connection, PendingReply, CALL_TIMEOUT_MS, CONNECT_TIMEOUT_MS};
+use tally_client::error::ClientError;
+use tally_client::keyfile::{generate_key, public_of};
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{limits, ClusterId, DocKey, Operation, Outcome, PublicKey, Request, SignedRequest};
+use tally_plot::{draw_panel, Axes};
 
 /// Signed frames queued per client, at most: what the signers may be ahead of the sender.
 pub const SIGNED_AHEAD_FRAMES_MAX: usize = 64;
@@ -384,26 +386,6 @@ pub fn write_json(s: &BenchSummary, path: &Path) -> Result<(), ClientError> {
     std::fs::write(path, json + "\n").map_err(|e| ClientError::file(path, e))
 }
 
-/// Registers DejaVu Sans for plot text, once. False when no font is available (plots are then
-/// drawn without text instead of failing).
-pub fn register_plot_font() -> bool {
-    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FONT.get_or_init(|| {
-        const CANDIDATES: [&str; 2] =
-            ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
-        for path in CANDIDATES {
-            if let Ok(bytes) = std::fs::read(path) {
-                // Registered fonts must live for the whole process; this happens once.
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        false
-    })
-}
-
 /// Draws throughput (top) and p50/p99 latency (bottom) per second into a PNG.
 ///
 /// # Errors
@@ -732,98 +714,166 @@ fn client_loop(
     end: Instant,
     live: &Live,
 ) -> Recorder {
-    let mut rec = Recorder::default();
-    let mut frames = FrameSource { rx: frames, done: false };
-    let mut conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
-    // (latency origin, actual send time, reply, requests): in an open loop the origin is the
-    // frame's scheduled time, so a late send counts its wait (no coordinated omission).
-    let mut inflight: VecDeque<(Instant, Instant, crate::connection::PendingReply, u64)> = VecDeque::new();
-    let timeout = Duration::from_millis(CALL_TIMEOUT_MS);
-    let mut next_due = start;
+    let mut run = ClientRun {
+        addr,
+        dial,
+        frames: FrameSource { rx: frames, done: false },
+        conn: Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok(),
+        inflight: VecDeque::new(),
+        inflight_max,
+        interval,
+        next_due: start,
+        start,
+        end,
+        timeout: Duration::from_millis(CALL_TIMEOUT_MS),
+        live,
+        rec: Recorder::default(),
+    };
     loop {
-        while inflight.len() < inflight_max && Instant::now() < end {
-            if interval.is_some() && Instant::now() < next_due {
+        run.send_frames();
+        if run.inflight.is_empty() {
+            match run.when_idle() {
+                ControlFlow::Continue(()) => continue,
+                ControlFlow::Break(()) => break,
+            }
+        }
+        match run.next_reply() {
+            Some((i, received)) => run.on_reply(i, received),
+            None => run.on_no_reply(),
+        }
+    }
+    run.rec
+}
+
+/// A frame sent and not yet answered: (latency origin, actual send time, reply, requests). In an
+/// open loop the origin is the frame's scheduled time, so a late send counts its wait (no
+/// coordinated omission).
+type InFlight = (Instant, Instant, PendingReply, u64);
+
+/// One client's state while it runs ([`client_loop`]).
+struct ClientRun<'a> {
+    addr: &'a str,
+    dial: &'a tally_net::Dial,
+    frames: FrameSource,
+    /// None after a failed connect or a timeout, until the next reconnect.
+    conn: Option<Connection>,
+    inflight: VecDeque<InFlight>,
+    inflight_max: usize,
+    /// Open loop: one frame every `interval`, the next one due at `next_due`.
+    interval: Option<Duration>,
+    next_due: Instant,
+    start: Instant,
+    end: Instant,
+    /// How long a frame may wait for its reply.
+    timeout: Duration,
+    live: &'a Live,
+    rec: Recorder,
+}
+
+impl ClientRun<'_> {
+    /// Sends frames while fewer than `inflight_max` are outstanding, the clock runs, the frame is
+    /// due (open loop) and the connection and the signers have one.
+    fn send_frames(&mut self) {
+        while self.inflight.len() < self.inflight_max && Instant::now() < self.end {
+            if self.interval.is_some() && Instant::now() < self.next_due {
                 break;
             }
-            let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) else { break };
+            let Some(c) = self.conn.as_ref().filter(|c| !c.is_closed()) else { break };
             // With replies outstanding, wait for the signers only briefly: replies are timed.
-            let until = if inflight.is_empty() { end } else { end.min(Instant::now() + Duration::from_millis(20)) };
-            let Some(frame) = frames.next(&mut rec, until) else { break };
+            let until = if self.inflight.is_empty() {
+                self.end
+            } else {
+                self.end.min(Instant::now() + Duration::from_millis(20))
+            };
+            let Some(frame) = self.frames.next(&mut self.rec, until) else { break };
             let n = frame.len() as u64;
             let now = Instant::now();
-            let sent_at = match interval {
+            let sent_at = match self.interval {
                 Some(iv) => {
-                    let due = next_due;
-                    next_due += iv;
+                    let due = self.next_due;
+                    self.next_due += iv;
                     due
                 }
                 None => now,
             };
             match c.send(ClientMessage::Submit(frame)) {
-                Ok(p) => inflight.push_back((sent_at, now, p, n)),
+                Ok(p) => self.inflight.push_back((sent_at, now, p, n)),
                 Err(_) => {
-                    rec.record(start.elapsed().as_secs() as usize, Duration::ZERO, 0, 0, n);
-                    live.errors.fetch_add(n, Ordering::Relaxed);
+                    self.rec.record(self.start.elapsed().as_secs() as usize, Duration::ZERO, 0, 0, n);
+                    self.live.errors.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
-        if inflight.is_empty() {
-            let broken = conn.as_ref().is_none_or(|c| c.is_closed());
-            let more = !frames.done && Instant::now() < end;
-            if !broken && interval.is_some() && more && Instant::now() < next_due {
-                // Open loop, nothing outstanding: wait for the next frame's time.
-                std::thread::sleep(next_due.saturating_duration_since(Instant::now()).min(end - Instant::now()));
-                continue;
-            }
-            if !broken && more {
-                continue; // the send loop waits for the signers
-            }
-            if broken && more {
-                // Reconnect once per pass; a dead node leaves us here until the clock ends.
-                std::thread::sleep(Duration::from_millis(100));
-                conn = Connection::connect_with(addr, dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
-                continue;
-            }
-            break;
+    }
+
+    /// Nothing outstanding: wait for the next frame's time, or for the signers, or reconnect;
+    /// `Break` when the frames or the clock ran out.
+    fn when_idle(&mut self) -> ControlFlow<()> {
+        let broken = self.conn.as_ref().is_none_or(|c| c.is_closed());
+        let more = !self.frames.done && Instant::now() < self.end;
+        if !broken && self.interval.is_some() && more && Instant::now() < self.next_due {
+            // Open loop, nothing outstanding: wait for the next frame's time.
+            std::thread::sleep(self.next_due.saturating_duration_since(Instant::now()).min(self.end - Instant::now()));
+            return ControlFlow::Continue(());
         }
-        // Wake for the next scheduled frame too (open loop), else only for replies.
-        let wait = match interval {
-            Some(_) if inflight.len() < inflight_max => {
-                next_due.saturating_duration_since(Instant::now()).min(timeout).max(Duration::from_micros(100))
-            }
-            _ => timeout,
+        if !broken && more {
+            return ControlFlow::Continue(()); // the send loop waits for the signers
+        }
+        if broken && more {
+            // Reconnect once per pass; a dead node leaves us here until the clock ends.
+            std::thread::sleep(Duration::from_millis(100));
+            self.conn = Connection::connect_with(self.addr, self.dial, Duration::from_millis(CONNECT_TIMEOUT_MS)).ok();
+            return ControlFlow::Continue(());
+        }
+        ControlFlow::Break(())
+    }
+
+    /// The first reply to arrive: its frame's index and what was received; `None` when none came
+    /// in time. Wakes for the next scheduled frame too (open loop), else only for replies.
+    fn next_reply(&self) -> Option<(usize, Result<ServerMessage, crossbeam::channel::RecvError>)> {
+        let wait = match self.interval {
+            Some(_) if self.inflight.len() < self.inflight_max => self
+                .next_due
+                .saturating_duration_since(Instant::now())
+                .min(self.timeout)
+                .max(Duration::from_micros(100)),
+            _ => self.timeout,
         };
-        let picked = {
-            let mut sel = Select::new();
-            for (_, _, p, _) in &inflight {
-                sel.recv(p.receiver());
+        let mut sel = Select::new();
+        for (_, _, p, _) in &self.inflight {
+            sel.recv(p.receiver());
+        }
+        match sel.select_timeout(wait) {
+            Ok(op) => {
+                let i = op.index();
+                let r = op.recv(self.inflight[i].2.receiver());
+                Some((i, r))
             }
-            match sel.select_timeout(wait) {
-                Ok(op) => {
-                    let i = op.index();
-                    let r = op.recv(inflight[i].2.receiver());
-                    Some((i, r))
-                }
-                Err(_) => None,
-            }
-        };
-        let Some((i, received)) = picked else {
-            if inflight.front().is_some_and(|(_, sent, _, _)| sent.elapsed() < timeout) {
-                continue; // woke for the schedule, not a timeout
-            }
-            // Nothing answered within the call timeout: count the frames as errors and move on.
-            for (_, _, _, n) in inflight.drain(..) {
-                rec.record(start.elapsed().as_secs() as usize, timeout, 0, 0, n);
-                live.errors.fetch_add(n, Ordering::Relaxed);
-            }
-            if let Some(c) = conn.take() {
-                c.close();
-            }
-            continue;
-        };
-        let Some((sent_at, _, pending, n)) = inflight.remove(i) else { continue };
+            Err(_) => None,
+        }
+    }
+
+    /// No reply: either it is time for the next frame, or nothing answered within the call
+    /// timeout, and every outstanding frame counts as errors on a connection given up.
+    fn on_no_reply(&mut self) {
+        if self.inflight.front().is_some_and(|(_, sent, _, _)| sent.elapsed() < self.timeout) {
+            return; // woke for the schedule, not a timeout
+        }
+        for (_, _, _, n) in self.inflight.drain(..) {
+            self.rec.record(self.start.elapsed().as_secs() as usize, self.timeout, 0, 0, n);
+            self.live.errors.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Some(c) = self.conn.take() {
+            c.close();
+        }
+    }
+
+    /// Records frame `i`'s replies: its latency and how many committed, were refused or failed.
+    fn on_reply(&mut self, i: usize, received: Result<ServerMessage, crossbeam::channel::RecvError>) {
+        let Some((sent_at, _, pending, n)) = self.inflight.remove(i) else { return };
         let latency = sent_at.elapsed();
-        let t_s = start.elapsed().as_secs() as usize;
+        let t_s = self.start.elapsed().as_secs() as usize;
+        let rec = &mut self.rec;
         let (committed, rejected, errors) = match pending.finish(received) {
             Ok(ServerMessage::Submitted(replies)) => count_replies(&replies, n, &mut rec.reasons),
             Ok(ServerMessage::Error(e)) => {
@@ -836,10 +886,9 @@ fn client_loop(
             }
         };
         rec.record(t_s, latency, committed, rejected, errors);
-        live.committed.fetch_add(committed, Ordering::Relaxed);
-        live.errors.fetch_add(errors, Ordering::Relaxed);
+        self.live.committed.fetch_add(committed, Ordering::Relaxed);
+        self.live.errors.fetch_add(errors, Ordering::Relaxed);
     }
-    rec
 }
 
 /// (committed, rejected-but-committed, errors) of one frame's replies.
@@ -949,67 +998,9 @@ pub fn run_sweep(cfg: &BenchConfig, sweep: Sweep) -> Result<SweepSummary, Client
         std::fs::write(p, json).map_err(|e| ClientError::File { path: p.display().to_string(), source: e })?;
     }
     if let Some(p) = &cfg.plot {
-        write_sweep_plot(&summary, p, register_plot_font())?;
+        write_sweep_plot(&summary, p, tally_plot::register_font())?;
     }
     Ok(summary)
-}
-
-/// One line of a plot: its points, colour and legend.
-type PlotLine<'a> = (Vec<(f64, f64)>, plotters::style::RGBColor, &'a str);
-
-/// A panel's caption, axis names and ranges (from 0).
-struct Axes<'a> {
-    title: &'a str,
-    x_desc: &'a str,
-    y_desc: &'a str,
-    x_max: f64,
-    y_max: f64,
-}
-
-/// One chart panel of a bench or sweep PNG: caption, axes, lines (with point markers if asked)
-/// and a legend. Without a font (`with_text` false) only the lines are drawn.
-fn draw_panel(
-    area: &plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend<'_>, plotters::coord::Shift>,
-    axes: &Axes<'_>,
-    lines: Vec<PlotLine<'_>>,
-    markers: bool,
-    legend: bool,
-    with_text: bool,
-) -> Result<(), String> {
-    use plotters::prelude::*;
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    let mut builder = ChartBuilder::on(area);
-    builder.margin(15);
-    if with_text {
-        builder.caption(axes.title, ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(70);
-    }
-    let mut chart = builder.build_cartesian_2d(0f64..axes.x_max, 0f64..axes.y_max).map_err(|x| e(&x))?;
-    let mut mesh = chart.configure_mesh();
-    if with_text {
-        mesh.x_desc(axes.x_desc).y_desc(axes.y_desc).label_style(("sans-serif", 14));
-    } else {
-        mesh.x_labels(0).y_labels(0);
-    }
-    mesh.draw().map_err(|x| e(&x))?;
-    for (points, color, label) in lines {
-        if markers {
-            chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(|x| e(&x))?;
-        }
-        let drawn = chart.draw_series(LineSeries::new(points, color.stroke_width(2))).map_err(|x| e(&x))?;
-        if with_text && legend {
-            drawn.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-    }
-    if with_text && legend {
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(&x))?;
-    }
-    Ok(())
 }
 
 /// Throughput and p50/p99 against the offered rate, with the p99 limit.
@@ -1093,7 +1084,7 @@ pub fn run_bench(cfg: &BenchConfig) -> Result<BenchSummary, ClientError> {
         write_json(&summary, path)?;
     }
     if let Some(path) = &cfg.plot {
-        write_plot(&summary, path, register_plot_font())?;
+        write_plot(&summary, path, tally_plot::register_font())?;
     }
     Ok(summary)
 }
@@ -1114,7 +1105,7 @@ fn prepare(cfg: &BenchConfig) -> Result<(ClusterId, String, Vec<u64>), ClientErr
         let signers: Vec<&SigningKey> =
             if cfg.accounts.is_empty() { vec![&cfg.doc_key] } else { cfg.accounts.iter().collect() };
         for key in signers {
-            let req = crate::client::sign_request(key, cluster_id, Operation::LeaseGrant { ttl_ms: 3_600_000 });
+            let req = tally_client::client::sign_request(key, cluster_id, Operation::LeaseGrant { ttl_ms: 3_600_000 });
             match conn.call(ClientMessage::Submit(vec![req]))? {
                 ServerMessage::Submitted(mut r) => match r.pop() {
                     Some(tally_codec::wire::SubmitReply::Committed { receipt, .. }) => match receipt.outcome {
@@ -1359,7 +1350,7 @@ mod tests {
     fn plot_writes_a_png_with_and_without_text() {
         let s = sample_summary();
         let dir = tempfile::tempdir().expect("tempdir");
-        let with_font = register_plot_font();
+        let with_font = tally_plot::register_font();
         for (name, text) in [("a.png", with_font), ("b.png", false)] {
             let path = dir.path().join(name);
             write_plot(&s, &path, text).expect("plot");

@@ -3,15 +3,15 @@
 //! The children are owned by a guard that kills (by PID, through their `Child` handles) and
 //! reaps exactly the processes it started, on Ctrl-C, on `--no-wait`, and on any error.
 
-use crate::client::{sign_request, Client, ClientOptions};
 use crate::cluster::{cluster_init, ClusterLayout};
-use crate::connection::Connection;
-use crate::error::ClientError;
-use crate::keyfile::{generate_key, load_key, public_of};
-use crate::receipt_file::{save_receipt, verify_receipt_file};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tally_client::client::{sign_request, Client, ClientOptions};
+use tally_client::connection::Connection;
+use tally_client::error::ClientError;
+use tally_client::keyfile::{generate_key, load_key, public_of};
+use tally_client::receipt_file::{save_receipt, verify_receipt_file};
 use tally_codec::wire::{ClientMessage, ServerMessage, SubmitReply};
 use tally_codec::{DocKey, Operation, Outcome};
 

@@ -23,9 +23,9 @@
 //! name the host. `DIR/client.toml` tells a client outside the containers where the client ports
 //! are published (`127.0.0.1:Q+i`) and which advertised address each of them stands for.
 
-use crate::error::ClientError;
-use crate::keyfile::{generate_key, public_of, save_key, write_private_file};
 use std::path::{Path, PathBuf};
+use tally_client::error::ClientError;
+use tally_client::keyfile::{generate_key, public_of, save_key, write_private_file};
 use tally_codec::config::{self, NodeConfig, PeerConfig};
 use tally_codec::genesis::{Genesis, GenesisAccount};
 
@@ -75,7 +75,7 @@ impl ClusterLayout {
     /// # Errors
     /// An unreadable key file.
     pub fn admin_key(&self) -> Result<ed25519_dalek::SigningKey, ClientError> {
-        crate::keyfile::load_key(&self.dir.join(ADMIN_KEY_FILE))
+        tally_client::keyfile::load_key(&self.dir.join(ADMIN_KEY_FILE))
     }
 }
 
@@ -95,7 +95,7 @@ impl ClusterLayout {
     }
 
     /// Advertised → dialled client addresses (empty unless `--hosts`), for
-    /// [`crate::ClientOptions::addr_map`].
+    /// [`tally_client::ClientOptions::addr_map`].
     pub fn addr_map(&self) -> std::collections::BTreeMap<String, String> {
         self.published.as_ref().map(PublishedAddrs::addr_map).unwrap_or_default()
     }
@@ -367,155 +367,34 @@ pub fn cluster_init_with(
     containers: Option<&ContainerHosts>,
 ) -> Result<ClusterLayout, ClientError> {
     if let Some(c) = containers {
-        if c.hosts.len() != nodes {
-            return Err(ClientError::Invalid(format!(
-                "--hosts names {} hosts for --nodes {nodes}: give one host name per node",
-                c.hosts.len()
-            )));
-        }
-        for (i, h) in c.hosts.iter().enumerate() {
-            check_host(h)?;
-            if c.hosts[..i].contains(h) {
-                return Err(ClientError::Invalid(format!("--hosts names {h} twice")));
-            }
-        }
-        if c.published_base_port as usize + nodes > u16::MAX as usize {
-            return Err(ClientError::Invalid(format!(
-                "--published-base-port {} leaves no room for {nodes} nodes",
-                c.published_base_port
-            )));
-        }
+        check_container_hosts(c, nodes)?;
     }
-    if nodes == 0 || nodes > NODES_MAX {
-        return Err(ClientError::Invalid(format!("--nodes must be between 1 and {NODES_MAX}, not {nodes}")));
-    }
-    if accounts > ACCOUNTS_MAX {
-        return Err(ClientError::Invalid(format!("--accounts must be at most {ACCOUNTS_MAX}, not {accounts}")));
-    }
-    if base_port as usize + 200 + nodes > u16::MAX as usize {
-        return Err(ClientError::Invalid(format!(
-            "--base-port {base_port} leaves no room for {nodes} nodes (ports up to base+200+nodes must be below 65536)"
-        )));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| ClientError::file(dir, e))?;
-    let dir = std::fs::canonicalize(dir).map_err(|e| ClientError::file(dir, e))?;
-    for existing in ["genesis.json", "operator.key"] {
-        if dir.join(existing).exists() {
-            return Err(ClientError::Invalid(format!(
-                "{} already holds a cluster ({existing} exists); choose an empty directory",
-                dir.display()
-            )));
-        }
-    }
-    let path_str = |p: &Path| p.to_string_lossy().into_owned();
-
-    let operator = generate_key();
-    let operator_key_path = dir.join("operator.key");
-    write_private_file(&operator_key_path, format!("{}\n", hex::encode(operator.to_bytes())).as_bytes())?;
-    let operator_public = public_of(&operator).to_hex();
-    let operator_pub_path = dir.join("operator.pub");
-    std::fs::write(&operator_pub_path, format!("{operator_public}\n"))
-        .map_err(|e| ClientError::file(&operator_pub_path, e))?;
-
+    check_init_counts(nodes, accounts, base_port)?;
+    let dir = empty_cluster_dir(dir)?;
+    let (operator_public, operator_pub_path) = write_operator_key(&dir)?;
     let mut cluster_bytes = [0u8; 16];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut cluster_bytes);
     let cluster_id = hex::encode(cluster_bytes);
+    let (account_keys, genesis_path) = write_accounts_and_genesis(&dir, accounts, &cluster_id, &operator_public)?;
+    let ca_key = write_ca(&dir)?;
+    let admin_public = write_admin_key(&dir)?;
 
-    let accounts_dir = dir.join("accounts");
-    let mut account_keys = Vec::with_capacity(accounts);
-    let mut genesis_accounts = Vec::with_capacity(accounts);
-    for j in 0..accounts {
-        let key = generate_key();
-        let path = accounts_dir.join(format!("{j}.key"));
-        save_key(&path, &key)?;
-        genesis_accounts.push(GenesisAccount { key: public_of(&key).to_hex(), balance: GENESIS_BALANCE });
-        account_keys.push(path);
-    }
-    let genesis =
-        Genesis { cluster_id: cluster_id.clone(), operator_key: operator_public.clone(), accounts: genesis_accounts };
-    let genesis_path = dir.join("genesis.json");
-    let genesis_json = serde_json::to_string_pretty(&genesis).map_err(|e| ClientError::Invalid(e.to_string()))?;
-    std::fs::write(&genesis_path, genesis_json + "\n").map_err(|e| ClientError::file(&genesis_path, e))?;
-
-    let ca = tally_net::tls::generate_ca().map_err(|e| ClientError::Invalid(e.to_string()))?;
-    let ca_path = dir.join(CA_FILE);
-    std::fs::write(&ca_path, &ca.cert).map_err(|e| ClientError::file(&ca_path, e))?;
-    write_private_file(&dir.join(CA_KEY_FILE), ca.key.as_bytes())?;
-    let admin = generate_key();
-    save_key(&dir.join(ADMIN_KEY_FILE), &admin)?;
-    let admin_public = public_of(&admin).to_hex();
-    let admin_pub_path = dir.join("admin.pub");
-    std::fs::write(&admin_pub_path, format!("{admin_public}\n")).map_err(|e| ClientError::file(&admin_pub_path, e))?;
-
-    let port_of = |offset: usize, i: usize| base_port as usize + offset + i;
-    let port = |offset: usize, i: usize| format!("127.0.0.1:{}", port_of(offset, i));
-    // Where node i is found by its peers, and where it listens.
-    let advertised = |offset: usize, i: usize| match containers {
-        None => port(offset, i),
-        Some(c) => format!("{}:{}", c.hosts[i - 1], port_of(offset, i)),
-    };
-    let listen = |offset: usize, i: usize| match containers {
-        None => port(offset, i),
-        Some(_) => format!("0.0.0.0:{}", port_of(offset, i)),
-    };
+    let addrs = NodeAddrs { base_port, containers };
     // The directory as the nodes see it.
     let mount = match containers {
         None => dir.clone(),
         Some(_) => PathBuf::from(CONTAINER_CONFIG_DIR),
     };
     let peers: Vec<PeerConfig> = (1..=nodes)
-        .map(|i| PeerConfig { node_id: i as u64, client: advertised(0, i), peer: advertised(100, i) })
+        .map(|i| PeerConfig { node_id: i as u64, client: addrs.advertised(0, i), peer: addrs.advertised(100, i) })
         .collect();
-    let mut configs = Vec::with_capacity(nodes);
-    let mut config_paths = Vec::with_capacity(nodes);
-    for i in 1..=nodes {
-        let data_dir = match containers {
-            None => path_str(&dir.join(format!("node-{i}"))),
-            Some(_) => CONTAINER_DATA_DIR.to_string(),
-        };
-        let cfg = NodeConfig {
-            node_id: i as u64,
-            cluster_id: cluster_id.clone(),
-            data_dir,
-            listen: listen(0, i),
-            peer_listen: listen(100, i),
-            operator_key_file: path_str(&mount.join("operator.key")),
-            genesis_file: path_str(&mount.join("genesis.json")),
-            peers: peers.clone(),
-            batch_interval_ms: config::default_batch_interval_ms(),
-            batch_requests_max: config::default_batch_requests_max(),
-            metrics_listen: Some(listen(200, i)),
-            tick_ms: config::default_tick_ms(),
-            election_ticks: config::default_election_ticks(),
-            heartbeat_ticks: config::default_heartbeat_ticks(),
-            campaign_on_leader_down: true,
-            fsync: true,
-            store_sync_interval_ms: config::default_store_sync_interval_ms(),
-            log_retain_entries: config::default_log_retain_entries(),
-            batch_bytes_max: config::default_batch_bytes_max(),
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
-            insecure_plaintext: false,
-            admin_keys: vec![admin_public.clone()],
-            log_format: config::LogFormat::default(),
-            ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
-        };
-        let cfg = match containers {
-            None => with_node_cert(&dir, cfg, &ca.key)?,
-            Some(c) => with_node_cert_as(&dir, &mount, &[c.hosts[i - 1].clone()], cfg, &ca.key)?,
-        };
-        let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
-        let path = dir.join(format!("node-{i}.toml"));
-        std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;
-        configs.push(cfg);
-        config_paths.push(path);
-    }
+    let shared = shared_node_config(&cluster_id, &mount, peers, &admin_public);
+    let (configs, config_paths) = write_node_configs(&dir, &mount, &addrs, &shared, nodes, &ca_key)?;
     let published = containers.map(|c| PublishedAddrs {
         nodes: (1..=nodes)
             .map(|i| PublishedNode {
                 node_id: i as u64,
-                advertised: advertised(0, i),
+                advertised: addrs.advertised(0, i),
                 dial: format!("127.0.0.1:{}", c.published_base_port as usize + i),
             })
             .collect(),
@@ -534,6 +413,224 @@ pub fn cluster_init_with(
         genesis_path,
         published,
     })
+}
+
+/// `--hosts`: one valid, distinct host name per node, and room for the published ports.
+fn check_container_hosts(c: &ContainerHosts, nodes: usize) -> Result<(), ClientError> {
+    if c.hosts.len() != nodes {
+        return Err(ClientError::Invalid(format!(
+            "--hosts names {} hosts for --nodes {nodes}: give one host name per node",
+            c.hosts.len()
+        )));
+    }
+    for (i, h) in c.hosts.iter().enumerate() {
+        check_host(h)?;
+        if c.hosts[..i].contains(h) {
+            return Err(ClientError::Invalid(format!("--hosts names {h} twice")));
+        }
+    }
+    if c.published_base_port as usize + nodes > u16::MAX as usize {
+        return Err(ClientError::Invalid(format!(
+            "--published-base-port {} leaves no room for {nodes} nodes",
+            c.published_base_port
+        )));
+    }
+    Ok(())
+}
+
+/// Node and account counts within their bounds, and every node's three ports below 65536.
+fn check_init_counts(nodes: usize, accounts: usize, base_port: u16) -> Result<(), ClientError> {
+    if nodes == 0 || nodes > NODES_MAX {
+        return Err(ClientError::Invalid(format!("--nodes must be between 1 and {NODES_MAX}, not {nodes}")));
+    }
+    if accounts > ACCOUNTS_MAX {
+        return Err(ClientError::Invalid(format!("--accounts must be at most {ACCOUNTS_MAX}, not {accounts}")));
+    }
+    if base_port as usize + 200 + nodes > u16::MAX as usize {
+        return Err(ClientError::Invalid(format!(
+            "--base-port {base_port} leaves no room for {nodes} nodes (ports up to base+200+nodes must be below 65536)"
+        )));
+    }
+    Ok(())
+}
+
+/// `dir`, created if missing and made absolute, refused if it already holds a cluster
+/// (overwriting its operator key would orphan it).
+fn empty_cluster_dir(dir: &Path) -> Result<PathBuf, ClientError> {
+    std::fs::create_dir_all(dir).map_err(|e| ClientError::file(dir, e))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| ClientError::file(dir, e))?;
+    for existing in ["genesis.json", "operator.key"] {
+        if dir.join(existing).exists() {
+            return Err(ClientError::Invalid(format!(
+                "{} already holds a cluster ({existing} exists); choose an empty directory",
+                dir.display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+/// A new operator key: `operator.key` (hex seed, 0600) and `operator.pub`. Returns the public
+/// key's hex and the `.pub` path.
+fn write_operator_key(dir: &Path) -> Result<(String, PathBuf), ClientError> {
+    let operator = generate_key();
+    let operator_key_path = dir.join("operator.key");
+    write_private_file(&operator_key_path, format!("{}\n", hex::encode(operator.to_bytes())).as_bytes())?;
+    let operator_public = public_of(&operator).to_hex();
+    let operator_pub_path = dir.join("operator.pub");
+    std::fs::write(&operator_pub_path, format!("{operator_public}\n"))
+        .map_err(|e| ClientError::file(&operator_pub_path, e))?;
+    Ok((operator_public, operator_pub_path))
+}
+
+/// `accounts/<j>.key` for each funded account, then `genesis.json` giving each of them
+/// [`GENESIS_BALANCE`]. Returns the key paths and the genesis path.
+fn write_accounts_and_genesis(
+    dir: &Path,
+    accounts: usize,
+    cluster_id: &str,
+    operator_public: &str,
+) -> Result<(Vec<PathBuf>, PathBuf), ClientError> {
+    let accounts_dir = dir.join("accounts");
+    let mut account_keys = Vec::with_capacity(accounts);
+    let mut genesis_accounts = Vec::with_capacity(accounts);
+    for j in 0..accounts {
+        let key = generate_key();
+        let path = accounts_dir.join(format!("{j}.key"));
+        save_key(&path, &key)?;
+        genesis_accounts.push(GenesisAccount { key: public_of(&key).to_hex(), balance: GENESIS_BALANCE });
+        account_keys.push(path);
+    }
+    let genesis = Genesis {
+        cluster_id: cluster_id.to_string(),
+        operator_key: operator_public.to_string(),
+        accounts: genesis_accounts,
+    };
+    let genesis_path = dir.join("genesis.json");
+    let genesis_json = serde_json::to_string_pretty(&genesis).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    std::fs::write(&genesis_path, genesis_json + "\n").map_err(|e| ClientError::file(&genesis_path, e))?;
+    Ok((account_keys, genesis_path))
+}
+
+/// The cluster CA: `ca.pem` and its key `ca.key` (0600). Returns the key, to issue node
+/// certificates with.
+fn write_ca(dir: &Path) -> Result<String, ClientError> {
+    let ca = tally_net::tls::generate_ca().map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let ca_path = dir.join(CA_FILE);
+    std::fs::write(&ca_path, &ca.cert).map_err(|e| ClientError::file(&ca_path, e))?;
+    write_private_file(&dir.join(CA_KEY_FILE), ca.key.as_bytes())?;
+    Ok(ca.key)
+}
+
+/// A new admin key: `admin.key` (key file, 0600) and `admin.pub`. Returns the public key's hex.
+fn write_admin_key(dir: &Path) -> Result<String, ClientError> {
+    let admin = generate_key();
+    save_key(&dir.join(ADMIN_KEY_FILE), &admin)?;
+    let admin_public = public_of(&admin).to_hex();
+    let admin_pub_path = dir.join("admin.pub");
+    std::fs::write(&admin_pub_path, format!("{admin_public}\n")).map_err(|e| ClientError::file(&admin_pub_path, e))?;
+    Ok(admin_public)
+}
+
+/// Where `cluster init`'s node i listens and is found: client port P+i, peer P+100+i, metrics
+/// P+200+i (the `offset`), on loopback or, for containers, under its host name.
+struct NodeAddrs<'a> {
+    base_port: u16,
+    containers: Option<&'a ContainerHosts>,
+}
+
+impl NodeAddrs<'_> {
+    fn port(&self, offset: usize, i: usize) -> usize {
+        self.base_port as usize + offset + i
+    }
+
+    /// Where node i is found by its peers.
+    fn advertised(&self, offset: usize, i: usize) -> String {
+        match self.containers {
+            None => format!("127.0.0.1:{}", self.port(offset, i)),
+            Some(c) => format!("{}:{}", c.hosts[i - 1], self.port(offset, i)),
+        }
+    }
+
+    /// Where node i listens.
+    fn listen(&self, offset: usize, i: usize) -> String {
+        match self.containers {
+            None => format!("127.0.0.1:{}", self.port(offset, i)),
+            Some(_) => format!("0.0.0.0:{}", self.port(offset, i)),
+        }
+    }
+}
+
+/// What every node's config of a new cluster shares; [`write_node_configs`] fills in each node's
+/// id, addresses, data directory and certificate.
+fn shared_node_config(cluster_id: &str, mount: &Path, peers: Vec<PeerConfig>, admin_public: &str) -> NodeConfig {
+    let path_str = |p: &Path| p.to_string_lossy().into_owned();
+    NodeConfig {
+        node_id: 0,
+        cluster_id: cluster_id.to_string(),
+        data_dir: String::new(),
+        listen: String::new(),
+        peer_listen: String::new(),
+        operator_key_file: path_str(&mount.join("operator.key")),
+        genesis_file: path_str(&mount.join("genesis.json")),
+        peers,
+        batch_interval_ms: config::default_batch_interval_ms(),
+        batch_requests_max: config::default_batch_requests_max(),
+        metrics_listen: None,
+        tick_ms: config::default_tick_ms(),
+        election_ticks: config::default_election_ticks(),
+        heartbeat_ticks: config::default_heartbeat_ticks(),
+        campaign_on_leader_down: true,
+        fsync: true,
+        store_sync_interval_ms: config::default_store_sync_interval_ms(),
+        log_retain_entries: config::default_log_retain_entries(),
+        batch_bytes_max: config::default_batch_bytes_max(),
+        tls_ca_file: None,
+        tls_cert_file: None,
+        tls_key_file: None,
+        insecure_plaintext: false,
+        admin_keys: vec![admin_public.to_string()],
+        log_format: config::LogFormat::default(),
+        ready_max_lag_batches: tally_codec::config::default_ready_max_lag_batches(),
+    }
+}
+
+/// `node-<i>.toml` and node i's certificate for nodes 1..=`nodes`. Returns the configs and
+/// their paths, node 1 first.
+fn write_node_configs(
+    dir: &Path,
+    mount: &Path,
+    addrs: &NodeAddrs<'_>,
+    shared: &NodeConfig,
+    nodes: usize,
+    ca_key: &str,
+) -> Result<(Vec<NodeConfig>, Vec<PathBuf>), ClientError> {
+    let mut configs = Vec::with_capacity(nodes);
+    let mut config_paths = Vec::with_capacity(nodes);
+    for i in 1..=nodes {
+        let data_dir = match addrs.containers {
+            None => dir.join(format!("node-{i}")).to_string_lossy().into_owned(),
+            Some(_) => CONTAINER_DATA_DIR.to_string(),
+        };
+        let cfg = NodeConfig {
+            node_id: i as u64,
+            data_dir,
+            listen: addrs.listen(0, i),
+            peer_listen: addrs.listen(100, i),
+            metrics_listen: Some(addrs.listen(200, i)),
+            ..shared.clone()
+        };
+        let cfg = match addrs.containers {
+            None => with_node_cert(dir, cfg, ca_key)?,
+            Some(c) => with_node_cert_as(dir, mount, &[c.hosts[i - 1].clone()], cfg, ca_key)?,
+        };
+        let text = toml::to_string_pretty(&cfg).map_err(|e| ClientError::Invalid(format!("node config: {e}")))?;
+        let path = dir.join(format!("node-{i}.toml"));
+        std::fs::write(&path, text).map_err(|e| ClientError::file(&path, e))?;
+        configs.push(cfg);
+        config_paths.push(path);
+    }
+    Ok((configs, config_paths))
 }
 
 #[cfg(test)]
@@ -606,7 +703,7 @@ mod tests {
         let seed: [u8; 32] = hex::decode(seed.trim()).expect("hex").try_into().expect("32 bytes");
         assert_eq!(public_of(&ed25519_dalek::SigningKey::from_bytes(&seed)).to_hex(), genesis.operator_key);
         for j in 0..4 {
-            let key = crate::keyfile::load_key(&dir.join(format!("accounts/{j}.key"))).expect("account key");
+            let key = tally_client::keyfile::load_key(&dir.join(format!("accounts/{j}.key"))).expect("account key");
             assert_eq!(public_of(&key).to_hex(), genesis.accounts[j].key);
         }
         // A second init into the same directory is refused.

@@ -4,7 +4,7 @@
 //! time (when the leader closed the batch).
 //!
 //! ```text
-//! cargo build --release --example watch_latency -p tally-client
+//! cargo build --release --example watch_latency -p tally-cli
 //! ./target/release/examples/watch_latency --cluster-dir DIR --key DIR/accounts/0.key [--count 300] [--json FILE]
 //! ```
 
@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tally_client::cli::{Cli, Target};
+use tally_cli::cli::{Cli, Target};
 use tally_client::Client;
 use tally_codec::wire::{Change, WatchFilter};
 use tally_codec::DocKey;
