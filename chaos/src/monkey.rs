@@ -463,7 +463,18 @@ impl Workload {
         for c in self.clients {
             let _ = c.join();
         }
-        let converged = readback::wait_converged(&shared.access, &shared.addrs, Duration::from_secs(60));
+        let acked_height = shared
+            .history
+            .lock()
+            .ops
+            .iter()
+            .filter_map(|o| match &o.result {
+                OpResult::Committed(r) => Some(r.header.height),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let converged = readback::wait_converged(&shared.access, &shared.addrs, acked_height, Duration::from_secs(60));
         self.sampling.store(false, Ordering::Release);
         let _ = self.sampler.join();
         let timeline = std::mem::take(&mut *self.samples.lock());

@@ -49,12 +49,14 @@ pub fn audit(access: &Access, addr: &str) -> Option<AuditInfo> {
 }
 
 /// Waits until every replica answers and has applied the highest committed height any of them
-/// reports, up to `timeout`.
-pub fn wait_converged(access: &Access, addrs: &[String], timeout: Duration) -> bool {
+/// reports, and at least `acked_height` (the highest height a client was acknowledged at: a
+/// leader answers once a batch is committed, and its store may write it a moment later), up to
+/// `timeout`.
+pub fn wait_converged(access: &Access, addrs: &[String], acked_height: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let statuses: Vec<StatusInfo> = addrs.iter().filter_map(|a| status(access, a)).collect();
-        let top = statuses.iter().map(|s| s.committed_height).max().unwrap_or(0);
+        let top = statuses.iter().map(|s| s.committed_height).max().unwrap_or(0).max(acked_height);
         if statuses.len() == addrs.len() && statuses.iter().all(|s| s.applied_height >= top) {
             return true;
         }

@@ -415,8 +415,9 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// the receipts in `acked` (`tally_chaos::readback::check_cluster`), and panics with every
 /// violation.
 pub fn assert_invariants(addrs: &[String], layout: &ClusterLayout, acked: &HashMap<RequestId, Receipt>) {
+    let acked_height = acked.values().map(|r| r.header.height).max().unwrap_or(0);
     assert!(
-        tally_chaos::readback::wait_converged(&access(layout), addrs, Duration::from_secs(30)),
+        tally_chaos::readback::wait_converged(&access(layout), addrs, acked_height, Duration::from_secs(30)),
         "replicas {addrs:?} did not converge: {:?}",
         addrs
             .iter()
