@@ -100,7 +100,7 @@ fn verify(c: &mut Criterion) {
         })
     });
     let run = |pool: Option<&rayon::ThreadPool>, reqs: Vec<SignedRequest>| {
-        let go = || tally_pipeline::s2_validate::validate_all(reqs, &CLUSTER, NOW_MS);
+        let go = || tally_pipeline::validate::validate_all(reqs, &CLUSTER, NOW_MS);
         let results = match pool {
             Some(p) => p.install(go),
             None => go(),

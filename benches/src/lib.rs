@@ -139,7 +139,7 @@ mod tests {
         assert!(entry.outcomes.iter().all(Outcome::is_success));
         // One coalesced write per account.
         assert_eq!(entry.write_set.ops.len(), 16);
-        let results = tally_pipeline::s2_validate::validate_all(entry.requests.clone(), &CLUSTER, NOW_MS);
+        let results = tally_pipeline::validate::validate_all(entry.requests.clone(), &CLUSTER, NOW_MS);
         assert!(results.iter().all(Result::is_ok));
     }
 }

@@ -2,7 +2,7 @@
 //! peer transport, snapshots streamed in chunks, and the handle the client port reads.
 //!
 //! ```text
-//!  tally_core::Replica ◀── shell (pipeline/src/shell.rs) ──▶ storage (WalStorage on the Wal)
+//!  tally_core::Replica ◀── shell (pipeline/src/replica_thread.rs) ──▶ storage (WalStorage on the Wal)
 //!                                  │                        ──▶ transport (TLS peer links)
 //!                                  └── Replicator (role, lease, members) ◀── client port
 //! ```

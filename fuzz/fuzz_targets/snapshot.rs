@@ -1,5 +1,5 @@
 //! Snapshot data as a follower decodes it on install: the Raft snapshot's data is a
-//! `SnapshotEnvelope` (`pipeline/src/ledger.rs` `check_snapshot` and `install`) whose `state` is
+//! `SnapshotEnvelope` (`pipeline/src/store_ledger.rs` `check_snapshot` and `install`) whose `state` is
 //! the store's `StateSnapshot` (bound `SNAPSHOT_BYTES_MAX`), whose batch-table values are
 //! `BatchRecord`s (store `install_snapshot`).
 //!

@@ -204,7 +204,7 @@ fn log_round_trip(e: &Entry) {
     assert_eq!((&back.data, &back.context), (&e.data, &e.context), "log record changed the entry");
 }
 
-/// The snapshot's layers, as `pipeline/src/ledger.rs` `decode_envelope` reads them.
+/// The snapshot's layers, as `pipeline/src/store_ledger.rs` `decode_envelope` reads them.
 fn snapshot_layers(data: &[u8], built: bool) {
     let env = tally_codec::decode::<SnapshotEnvelope>(data, SNAPSHOT_BYTES_MAX);
     assert!(!built || env.is_ok(), "a built snapshot envelope does not decode");

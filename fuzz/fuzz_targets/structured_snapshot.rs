@@ -1,7 +1,7 @@
 //! Snapshots built by shape (`tally_fuzz::snapshot::SnapGen`): members, revoked certificates, arbitrary pairs, batch
 //! records under the batch table, and bodies of generated requests and outcomes, some with a
 //! nested request or outcome spliced in; then maybe mutated. Decoded layer by layer as a
-//! follower does (`pipeline/src/ledger.rs` `decode_envelope`: `SnapshotEnvelope` and
+//! follower does (`pipeline/src/store_ledger.rs` `decode_envelope`: `SnapshotEnvelope` and
 //! `StateSnapshot` within `SNAPSHOT_BYTES_MAX`; the store's `BatchRecord` bound; a body as a
 //! `BatchBody` when it is read back).
 //!

@@ -4,7 +4,7 @@
 //! failpoint to nothing. A failpoint fires when the file named by `TALLY_FAILPOINT_DIR/<name>`
 //! exists: the thread that reaches it first claims the file (rename) and panics. A test creates
 //! the file when it wants the fault, so it hits whichever replica runs that code at that moment
-//! (for `sequencer`, the leader).
+//! (for `replica-thread`, the leader: it fires where the replica thread hands submissions to the core).
 
 /// Panics if the test armed failpoint `name` (debug builds only).
 #[cfg(debug_assertions)]

@@ -1,7 +1,7 @@
 //! Wiring: the threads of one replica and the state they share.
 //!
 //! ```text
-//!  conn readers (s1,s2) ──submission queue──▶ replica thread (shell.rs: tally_core::Replica)
+//!  conn readers (s1,s2) ──submission queue──▶ replica thread (replica_thread.rs: tally_core::Replica)
 //!        ▲     │                                    │ peers, WAL, store (LevelDB + segments)
 //!        └─────┼────────── replies ◀────────────────┘
 //!              └─ Watch frames ──▶ watch-0, watch-1, watch-timer (watch/mod.rs) ──▶ conn writers
@@ -48,7 +48,7 @@ pub struct NodeOptions {
 
 /// A request that passed stage 2 and the slot its answer goes to.
 pub struct Submission {
-    pub req: crate::s2_validate::Validated,
+    pub req: crate::validate::Validated,
     pub waiter: Waiter,
 }
 
@@ -123,8 +123,8 @@ pub struct Shared {
     pub operator_pub: PublicKey,
     /// The applied state; the replica thread writes it, the connection threads read it.
     pub store: Arc<Mutex<Store>>,
-    pub seq_tx: Sender<Vec<Submission>>,
-    pub seq_rx: Receiver<Vec<Submission>>,
+    pub submit_tx: Sender<Vec<Submission>>,
+    pub submit_rx: Receiver<Vec<Submission>>,
     replicator: OnceLock<Arc<dyn Replicator>>,
     progress: Mutex<Progress>,
     progress_cv: Condvar,
@@ -134,7 +134,7 @@ pub struct Shared {
     /// A follower's link to the leader for forwarded frames.
     pub forwarder: crate::forward::Forwarder,
     /// Decompressed, checked public keys (stage 2).
-    pub keys: crate::s2_validate::KeyCache,
+    pub keys: crate::validate::KeyCache,
     /// Admin commands taken and not yet expired (replay protection).
     pub admin_seen: crate::admin_replay::SeenAdmin,
     /// Watch serving: its own threads, limits and budgets (see [`crate::watch`]).
@@ -231,7 +231,7 @@ impl Node {
     pub fn start(
         opts: NodeOptions,
         store: Store,
-        shell: crate::shell::ShellConfig,
+        shell: crate::replica_thread::ShellConfig,
         wal: Wal,
         env: Box<dyn Env>,
     ) -> Result<Node, String> {
@@ -239,7 +239,7 @@ impl Node {
             std::net::TcpListener::bind(&opts.listen).map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
         let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
         let applied = store.applied();
-        let (seq_tx, seq_rx) = bounded(SUBMISSIONS_QUEUED_MAX);
+        let (submit_tx, submit_rx) = bounded(SUBMISSIONS_QUEUED_MAX);
         let operator_pub = PublicKey(opts.operator_key.verifying_key().to_bytes());
         let progress = Applied { index: applied.index, height: applied.height };
         let relay_dial = opts.relay_dial.clone();
@@ -248,28 +248,28 @@ impl Node {
             opts,
             operator_pub,
             store: Arc::new(Mutex::new(store)),
-            seq_tx,
-            seq_rx,
+            submit_tx,
+            submit_rx,
             replicator: OnceLock::new(),
             progress: Mutex::new(Progress { committed: progress, applied: progress, poisoned: None }),
             progress_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             admission: tally_net::Admission::new(tally_net::AdmissionLimits::CLIENT_PORT),
-            keys: crate::s2_validate::KeyCache::default(),
+            keys: crate::validate::KeyCache::default(),
             forwarder: crate::forward::Forwarder::new(relay_dial),
             admin_seen: crate::admin_replay::SeenAdmin::default(),
             watch: crate::watch::WatchService::new(crate::watch::WatchLimits::DEFAULT),
             audit: crate::queries::AuditGate::default(),
             me: me.clone(),
         });
-        let replicator = crate::shell::start(&shared, shell, wal, env)?;
+        let replicator = crate::replica_thread::start(&shared, shell, wal, env)?;
         if shared.replicator.set(replicator).is_err() {
             return Err("replicator set twice".into());
         }
         shared.watch.start(&shared)?;
         spawn("listener", {
             let s = shared.clone();
-            move || crate::s1_receive::listen(s, listener)
+            move || crate::client_port::listen(s, listener)
         })?;
         Ok(Node { shared, local_addr })
     }

@@ -396,7 +396,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     } else {
         let listener = std::net::TcpListener::bind(&raft_cfg.peer_listen)
             .map_err(|e| format!("replication: cannot listen on {}: {e}", raft_cfg.peer_listen))?;
-        Some(tally_pipeline::shell::PeerPort {
+        Some(tally_pipeline::replica_thread::PeerPort {
             listener,
             hello: tally_failover::handshake::Hello::new(
                 &raft_cfg.cluster_id,
@@ -419,7 +419,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             peer_addr: String::new(),
         });
     }
-    let shell = tally_pipeline::shell::ShellConfig {
+    let shell = tally_pipeline::replica_thread::ShellConfig {
         node_id: cfg.node_id,
         initial_voters: if is_initial_voter {
             if solo {

@@ -1,5 +1,5 @@
 //! A panic in one pipeline thread must end the whole replica, so a backup takes over. Before the
-//! fix, a leader whose sequencer died kept heartbeating and the cluster never committed again.
+//! fix, a leader whose sequencer thread died kept heartbeating and the cluster never committed again.
 
 mod common;
 
@@ -8,8 +8,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 #[test]
-fn a_panicking_sequencer_ends_the_leader_and_a_backup_takes_over() {
-    fault_ends_the_leader("sequencer", "failpoint sequencer fired");
+fn a_panicking_replica_thread_ends_the_leader_and_a_backup_takes_over() {
+    fault_ends_the_leader("replica-thread", "failpoint replica-thread fired");
 }
 
 /// A proposal the log refuses while this replica still leads the term (its queue is full):

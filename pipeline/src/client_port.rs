@@ -589,7 +589,7 @@ fn submit(
     let frame = FrameReply::new(id, n, out.clone());
     let started = std::time::Instant::now();
     let now_ms = wall_ms();
-    let results = crate::s2_validate::validate_all_with(requests, &shared.opts.cluster_id, now_ms, &shared.keys);
+    let results = crate::validate::validate_all_with(requests, &shared.opts.cluster_id, now_ms, &shared.keys);
     crate::measure::stage_time("validate", started);
     let leading = shared.replicator().role().is_leader;
     let mut subs = Vec::with_capacity(n);
@@ -613,7 +613,7 @@ fn submit(
     if subs.is_empty() {
         return;
     }
-    if let Err(e) = shared.seq_tx.try_send(subs) {
+    if let Err(e) = shared.submit_tx.try_send(subs) {
         let (TrySendError::Full(subs) | TrySendError::Disconnected(subs)) = e;
         crate::measure::refused("receive", ErrorCode::Overloaded, subs.len() as u64);
         for s in subs {

@@ -21,8 +21,8 @@
 //! only moves bytes and keeps time. The simulator (`sim/`) drives the same core with an
 //! in-memory network, disk and clock.
 
-use crate::ledger::{start_warmer, Members, StoreLedger, WarmJob, Warmed};
 use crate::node::{Shared, Submission, Waiter};
+use crate::store_ledger::{start_warmer, Members, StoreLedger, WarmJob, Warmed};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use protobuf::Message as _;
@@ -277,7 +277,7 @@ pub fn start(
     };
     thread.update_transport_peers();
     thread.publish();
-    let (seq_rx, stop2) = (shared.seq_rx.clone(), stop.clone());
+    let (submit_rx, stop2) = (shared.submit_rx.clone(), stop.clone());
     let inputs = Inputs { net: net_rx, warmed: warm_rx };
     std::thread::Builder::new()
         .name(format!("replica-{}", cfg.node_id))
@@ -285,7 +285,7 @@ pub fn start(
             // A panic here (a broken invariant) ends the process: a replica must never keep
             // heartbeating while its core is dead (`docs/architecture.md` §9).
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                thread.run(&seq_rx, &inputs, &control_rx, &stop2)
+                thread.run(&submit_rx, &inputs, &control_rx, &stop2)
             }));
             if r.is_err() {
                 tracing::error!("the replica thread panicked; aborting so a backup takes over");
@@ -400,7 +400,7 @@ struct Inputs {
 impl ReplicaThread {
     fn run(
         &mut self,
-        seq_rx: &Receiver<Vec<Submission>>,
+        submit_rx: &Receiver<Vec<Submission>>,
         inputs: &Inputs,
         control_rx: &Receiver<Control>,
         stop: &AtomicBool,
@@ -413,7 +413,7 @@ impl ReplicaThread {
             // Submissions wait in their bounded channel (the client port answers `Overloaded`
             // when it is full) while the core already holds enough for the batches it may build.
             let never = crossbeam::channel::never();
-            let submissions = if self.core_queue_full() { &never } else { seq_rx };
+            let submissions = if self.core_queue_full() { &never } else { submit_rx };
             crossbeam::channel::select! {
                 recv(inputs.net) -> m => if let Ok(m) = m { self.on_peer(m) },
                 recv(inputs.warmed) -> w => if let Ok(w) = w { self.on_warmed(w) },
@@ -436,7 +436,7 @@ impl ReplicaThread {
                     idle = false;
                 }
                 if !self.core_queue_full() {
-                    if let Ok(s) = seq_rx.try_recv() {
+                    if let Ok(s) = submit_rx.try_recv() {
                         self.on_submissions(s);
                         idle = false;
                     }
@@ -561,7 +561,7 @@ impl ReplicaThread {
     }
 
     fn submit(&mut self, subs: Vec<Submission>) {
-        crate::failpoint::hit("sequencer");
+        crate::failpoint::hit("replica-thread");
         if crate::failpoint::claim("refuse-proposal") {
             self.replica.refuse_next_proposal();
         }
