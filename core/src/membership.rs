@@ -191,16 +191,7 @@ impl Flow {
             Phase::Ready => self.when_ready(v),
             Phase::Joining { at } => {
                 if v.applied_index >= at && v.conf.learners.contains(&node) {
-                    self.enter(
-                        v,
-                        Phase::CatchingUp {
-                            target: v.commit_index,
-                            matched: 0,
-                            moved_ms: v.now_ms,
-                            since_ms: v.now_ms,
-                        },
-                    );
-                    return self.step(v);
+                    return self.start_catch_up(v);
                 }
                 self.wait(v, "the learner to join")
             }
@@ -276,16 +267,7 @@ impl Flow {
                 }
                 if v.conf.learners.contains(&node) {
                     self.was_learner = true;
-                    self.enter(
-                        v,
-                        Phase::CatchingUp {
-                            target: v.commit_index,
-                            matched: 0,
-                            moved_ms: v.now_ms,
-                            since_ms: v.now_ms,
-                        },
-                    );
-                    return self.step(v);
+                    return self.start_catch_up(v);
                 }
                 let cc = conf_change(node, ConfChangeType::AddLearnerNode, ConfChangeTransition::Auto);
                 self.propose(Phase::Joining { at: 0 }, cc, context)
@@ -337,6 +319,13 @@ impl Flow {
             return self.propose(Phase::Withdrawing { at: 0, cause }, cc, Vec::new());
         }
         Step::Wait
+    }
+
+    /// The learner is in the configuration: it must now hold what is committed.
+    fn start_catch_up(&mut self, v: &LeaderView<'_>) -> Step {
+        let since = v.now_ms;
+        self.enter(v, Phase::CatchingUp { target: v.commit_index, matched: 0, moved_ms: since, since_ms: since });
+        self.step(v)
     }
 
     fn propose(&mut self, next: Phase, cc: ConfChangeV2, context: Vec<u8>) -> Step {
