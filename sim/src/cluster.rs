@@ -167,6 +167,9 @@ enum Frame {
     Get(DocKey),
 }
 
+/// How long a snapshot stream that reaches nobody takes to fail.
+const SNAPSHOT_STREAM_GIVE_UP_MS: u64 = 1_000;
+
 /// A read's answer: the document at the state the read was served from.
 type DocResult = Result<Option<(tally_codec::DocMeta, Vec<u8>)>, WireError>;
 
@@ -247,6 +250,14 @@ enum Ev {
     },
     /// A held read looks again whether its replica's state has applied far enough.
     ReadWait(HeldRead),
+    /// Replica `node` (in `life`) learns whether the snapshot it sent `to` arrived, as
+    /// production's transport reports a streamed snapshot.
+    SnapshotReport {
+        node: usize,
+        life: u64,
+        to: usize,
+        delivered: bool,
+    },
     Unclog {
         link: (usize, usize),
     },
@@ -461,7 +472,7 @@ impl Sim {
             operator_key: operator.clone(),
             election_seed: 0,
             plant: cfg.plant,
-            snapshot_reports_by_shell: false,
+            snapshot_reports_by_shell: true,
             campaign_on_leader_down: true,
         };
         let nodes = (0..n)
@@ -676,6 +687,11 @@ impl Sim {
                 self.at(500, Ev::AddVoter { node });
             }
             Ev::ReadWait(read) => self.serve_read(read),
+            Ev::SnapshotReport { node, life, to, delivered } => {
+                if self.nodes[node].life == life {
+                    self.deliver(node, Event::SnapshotReport { to: to as u64 + 1, delivered });
+                }
+            }
             Ev::Heal => self.heal(),
             Ev::Forge => self.forge(),
             Ev::Forged { to, msg } => {
@@ -899,15 +915,19 @@ impl Sim {
             samples.observe(rng, &m);
         }
         let to = (m.to - 1) as usize;
+        let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
         if to >= self.nodes.len() || self.blocked.contains(&(from, to)) {
+            self.report_snapshot(snapshot, from, to, None);
             return;
         }
         self.stats.messages += 1;
         if self.clogged.contains(&(from, to)) {
             self.clog_held.entry((from, to)).or_default().push(m);
+            self.report_snapshot(snapshot, from, to, None);
             return;
         }
         if self.rng.gen_range(0..100) < self.loss_pct {
+            self.report_snapshot(snapshot, from, to, None);
             return;
         }
         if self.rng.gen_range(0..100) < self.dup_pct {
@@ -916,6 +936,22 @@ impl Sim {
         }
         let d = self.net_delay();
         self.at(d, Ev::Peer { from, to, msg: m });
+        self.report_snapshot(snapshot, from, to, Some(d));
+    }
+
+    /// A snapshot is streamed by the shell, which reports to the sender whether it arrived:
+    /// `arrives_in` ms and an acknowledgement later, or (lost, cut off) a failure once the
+    /// stream gives up.
+    fn report_snapshot(&mut self, snapshot: bool, from: usize, to: usize, arrives_in: Option<u64>) {
+        if !snapshot {
+            return;
+        }
+        let (delay, delivered) = match arrives_in {
+            Some(d) => (d + self.net_delay(), true),
+            None => (SNAPSHOT_STREAM_GIVE_UP_MS, false),
+        };
+        let life = self.nodes[from].life;
+        self.at(delay, Ev::SnapshotReport { node: from, life, to, delivered });
     }
 
     fn net_delay(&mut self) -> u64 {
