@@ -11,7 +11,7 @@ use crossbeam::channel::{bounded, Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tally_codec::wire::{Envelope, ServerMessage, SubmitReply, WireError};
 use tally_codec::{ClusterId, ErrorCode, PublicKey, Tables};
@@ -141,15 +141,11 @@ pub struct Shared {
     pub watch: Arc<crate::watch::WatchService>,
     /// The admin scans' budget (see [`crate::queries::audit_page`]).
     pub audit: crate::queries::AuditGate,
-    me: Weak<Shared>,
 }
 
 impl Shared {
     pub fn replicator(&self) -> &Arc<dyn Replicator> {
         self.replicator.get().expect("the replicator starts before any stage uses it")
-    }
-    pub fn self_arc(&self) -> Arc<Shared> {
-        self.me.upgrade().expect("shared state outlives its users")
     }
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
@@ -243,7 +239,7 @@ impl Node {
         let operator_pub = PublicKey(opts.operator_key.verifying_key().to_bytes());
         let progress = Applied { index: applied.index, height: applied.height };
         let relay_dial = opts.relay_dial.clone();
-        let shared = Arc::new_cyclic(|me| Shared {
+        let shared = Arc::new(Shared {
             tables: *store.tables(),
             opts,
             operator_pub,
@@ -260,7 +256,6 @@ impl Node {
             admin_seen: crate::admin_replay::SeenAdmin::default(),
             watch: crate::watch::WatchService::new(crate::watch::WatchLimits::DEFAULT),
             audit: crate::queries::AuditGate::default(),
-            me: me.clone(),
         });
         let replicator = crate::replica_thread::start(&shared, shell, wal, env)?;
         if shared.replicator.set(replicator).is_err() {
