@@ -18,14 +18,18 @@
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod confirm;
+pub mod election;
 pub mod failure;
 pub mod lease;
 pub mod ledger;
 pub mod log;
 pub mod membership;
+pub mod optimistic;
 pub mod peer_gate;
 pub mod pending;
 pub mod replica;
+pub mod restart;
+pub mod retention;
 pub mod sequence;
 pub mod state;
 
