@@ -25,6 +25,28 @@ pub struct LedgerHead {
 }
 
 impl LedgerHead {
+    /// Moves the head to log entry `index` of `term`: a batch with `header`, or (`None`) a no-op
+    /// or a configuration change. Every ledger moves its head through here, so the simulator's
+    /// ledger checks what the store-backed one does; stage 6 (`confirm`) checked the chain
+    /// before, and this checks it again where the state is handed to the ledger.
+    ///
+    /// # Panics
+    /// An entry out of log order, a term that goes back, or a batch that does not follow the
+    /// chain or commits in another term than it was built in: the replica must stop.
+    pub fn advance(&mut self, index: u64, term: u64, header: Option<&tally_codec::BatchHeader>) {
+        assert!(index > self.index, "log entries apply in order: {index} after {}", self.index);
+        assert!(term >= self.term, "the term never goes back: {term} after {}", self.term);
+        let Some(h) = header else {
+            self.index = index;
+            self.term = term;
+            return;
+        };
+        assert_eq!(h.height, self.height + 1, "chain broken: batch height does not follow");
+        assert_eq!(h.prev_hash, self.header_hash, "chain broken: prev_hash is not the last header's hash");
+        assert_eq!(h.term, term, "a batch commits in the term it was built in");
+        *self = LedgerHead::after_batch(index, term, h);
+    }
+
     /// The head after applying the batch with `header` at log entry `index` of `term`.
     pub fn after_batch(index: u64, term: u64, header: &tally_codec::BatchHeader) -> LedgerHead {
         LedgerHead {
@@ -305,9 +327,7 @@ impl Ledger for MemLedger {
         signature: &Signature,
     ) -> Result<(), LedgerError> {
         let entry = &*batch.entry;
-        let h = &entry.header;
-        assert_eq!(h.height, self.head.height + 1, "batches apply in height order");
-        assert!(index > self.head.index, "log entries apply in order");
+        self.head.advance(index, term, Some(&entry.header));
         for op in &entry.write_set.ops {
             match &op.value {
                 Some(v) => self.kv.insert(op.key.clone(), v.clone()),
@@ -316,13 +336,10 @@ impl Ledger for MemLedger {
         }
         self.ids.extend(batch.locations());
         self.batches.push((entry.clone(), *signature));
-        self.head = LedgerHead::after_batch(index, term, h);
         Ok(())
     }
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError> {
-        assert!(index > self.head.index, "log entries apply in order");
-        self.head.index = index;
-        self.head.term = term;
+        self.head.advance(index, term, None);
         Ok(())
     }
     fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError> {

@@ -4,12 +4,15 @@
 //!  shell (threads, TCP, WAL, LevelDB, clock)      or      simulator (in-memory net, disk, clock)
 //!        │ events: tick(now) · submit · read · peer message · membership change · log failed
 //!        ▼
-//!  Replica ── stage 3 optimistic (replica.rs) ─▶ stage 4 sequence (sequence.rs) ─▶ stage 5 propose
+//!  Replica ── stage 3 optimistic (optimistic.rs) ─▶ stage 4 sequence (sequence.rs) ─▶ stage 5 propose
 //!        │    (pending.rs: batches in flight)      raft-rs RawNode (log in memory)
 //!        │◀── committed ── stage 6 confirm (confirm.rs) ─▶ stage 7 apply (Ledger, ledger.rs)
 //!        ▼
 //!  effects: send · persist (fsync) · reply · signed header
 //! ```
+//! Around raft-rs: restart from the durable ledger and the surviving log (restart.rs), elections
+//! (election.rs), what the in-memory log keeps (retention.rs), membership (membership.rs), the
+//! lease (lease.rs) and the peer gate (peer_gate.rs). `replica.rs` runs the event loop.
 //! Stage 2 (decoding, signature checks) stays in the shell: a [`Validated`] request is what
 //! enters the core. Time, randomness, the network and the disk come from outside, so a seed and
 //! a sequence of events replay a run exactly.
@@ -18,14 +21,18 @@
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod confirm;
+pub mod election;
 pub mod failure;
 pub mod lease;
 pub mod ledger;
 pub mod log;
 pub mod membership;
+pub mod optimistic;
 pub mod peer_gate;
 pub mod pending;
 pub mod replica;
+pub mod restart;
+pub mod retention;
 pub mod sequence;
 pub mod state;
 

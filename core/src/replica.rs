@@ -19,30 +19,27 @@
 //! poisons itself and goes silent, so the others elect a leader.
 
 use crate::confirm::{confirm, ChainHead};
+use crate::election::Elections;
 use crate::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
 use crate::ledger::{Ledger, LedgerHead};
 use crate::log::CoreLog;
 use crate::membership::{Flow, LeaderView, MemberChange, MembershipError, Step};
+use crate::optimistic::{Intake, LedgerBacking, Mode, Sequencer, Submission, Verdict};
 use crate::peer_gate::{self, Refusal};
-use crate::pending::{Pending, PendingBatch};
-use crate::sequence::{
-    batch_time, drop_expired, execute_batch, split_by_bytes, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX,
-};
-use crate::state::{Backing, BatchWrites, SeenIds, View};
+use crate::pending::PendingBatch;
+use crate::restart::{raft_config, restore_log, unexpired_seen};
+use crate::retention::Retention;
+use crate::sequence::{batch_time, execute_batch, BatchContext, Tip, BATCHES_IN_FLIGHT_MAX};
 use crate::{LogFailure, Plant, Validated};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
-use raft::storage::MemStorage;
-use raft::{GetEntriesContext, RawNode, StateRole, Storage};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+use raft::{RawNode, StateRole, Storage};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tally_codec::wire::{SubmitReply, WireError};
-use tally_codec::{
-    decode, encode, limits, BatchHeader, ClusterId, Committed, DocKey, DocMeta, ErrorCode, Operation, PublicKey,
-    Signature, Tables,
-};
+use tally_codec::{decode, encode, limits, BatchHeader, ClusterId, Committed, ErrorCode, Signature, Tables};
+
+pub use crate::restart::{RestoredLog, StartError};
 
 /// Checked batches kept between append and commit, at most (a cache: an entry not kept is
 /// decoded and checked again when it commits).
@@ -222,31 +219,6 @@ pub struct Status {
     pub leader_down_campaigns: u64,
 }
 
-/// The log a restarting replica finds on its disk, in the order it was written.
-#[derive(Debug, Default)]
-pub struct RestoredLog {
-    pub records: Vec<Persist>,
-}
-
-/// Leadership as the sequencer last saw it.
-#[derive(Debug, Clone, Copy)]
-enum Mode {
-    Following,
-    Leading { term: u64, tip: Tip },
-}
-
-/// Stages 3 and 4: what the leader has accepted and not yet committed.
-struct Sequencer {
-    mode: Mode,
-    view: View,
-    /// Requests waiting for the next batch, and when the first of them arrived.
-    queue: Vec<(Validated, ClientTag)>,
-    opened_ms: Option<u64>,
-    pending: Pending<ClientTag>,
-    /// Ids executed and committed, until their expiry.
-    seen: SeenIds,
-}
-
 /// One replica.
 pub struct Replica<L: Ledger> {
     cfg: ReplicaConfig,
@@ -254,7 +226,6 @@ pub struct Replica<L: Ledger> {
     raw: RawNode<CoreLog>,
     ledger: L,
     operator_key: ed25519_dalek::SigningKey,
-    rng: ChaCha20Rng,
     seq: Sequencer,
     /// Stage 6's chain head.
     head: ChainHead,
@@ -270,30 +241,13 @@ pub struct Replica<L: Ledger> {
     poisoned: Option<LogFailure>,
     /// Followers a snapshot was handed to the shell for, since the last report to raft-rs.
     snapshots_sent: Vec<u64>,
-    /// Data bytes of each entry in the in-memory log, and their sum (for `log_retain_bytes`).
-    entry_bytes: std::collections::BTreeMap<u64, u64>,
-    entry_bytes_total: u64,
     /// A test hook: the next batch proposal is refused as if raft-rs had dropped it.
     refuse_next_proposal: bool,
-    /// Campaigns counted (see [`Status`]), and the role and term they were judged from.
-    pre_vote_campaigns: u64,
-    vote_campaigns: u64,
-    seen_role: StateRole,
-    seen_term: u64,
+    elections: Elections,
+    retention: Retention,
     /// Batches checked when their entries were appended, by log index: `(term, blake3 of the
     /// entry's bytes, batch)`. Only entries above the commit index are kept.
     appended: BTreeMap<u64, (u64, [u8; 32], Committed)>,
-    /// The chain link (height, header hash, state digest) of every batch in the log above the
-    /// applied index, by log index: what an appended batch must follow.
-    batch_links: BTreeMap<u64, ChainHead>,
-    /// How far peers may still move the term ([`peer_gate::TermBudget`]).
-    term_budget: peer_gate::TermBudget,
-    /// When this follower campaigns because its leader is down (see [`Event::PeerDown`]).
-    campaign_at_ms: Option<u64>,
-    /// Campaigns for a dead leader stop at this time (the election timeout takes over).
-    leader_down_until_ms: u64,
-    /// Campaigns started because the leader was reported down.
-    leader_down_campaigns: u64,
     /// The membership change in flight.
     membership: Option<Flow>,
     out: Vec<Effect>,
@@ -301,27 +255,6 @@ pub struct Replica<L: Ledger> {
 
 /// A batch checked when its append arrived: `(index, term, blake3 of the entry's bytes, batch)`.
 type AppendedBatch = (u64, u64, [u8; 32], Committed);
-
-/// Reads the sequencer's cache misses from the ledger.
-struct LedgerBacking<'a, L>(&'a L);
-
-impl<L: Ledger> Backing for LedgerBacking<'_, L> {
-    fn balance(&mut self, account: &PublicKey) -> Option<u64> {
-        self.0.balance(account)
-    }
-    fn doc_meta(&mut self, key: &DocKey) -> Option<DocMeta> {
-        self.0.doc_meta(key)
-    }
-    fn lease(&mut self, id: u64) -> Option<tally_codec::LeaseMeta> {
-        self.0.lease(id)
-    }
-    fn claim(&mut self, domain: &str, slot: u64) -> Option<tally_codec::ClaimMeta> {
-        self.0.claim(domain, slot)
-    }
-    fn claims(&mut self, keys: &[(String, u64)]) -> Vec<Option<tally_codec::ClaimMeta>> {
-        self.0.claims(keys)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 enum InstallError {
@@ -341,14 +274,6 @@ impl InstallError {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("raft: {0}")]
-    Raft(#[from] raft::Error),
-    #[error("the log on disk is not a log this replica wrote: {0}")]
-    Log(String),
-}
-
 impl<L: Ledger> Replica<L> {
     /// A replica starting on `ledger` (its durable state) and `log` (what its disk holds), at
     /// monotonic time `now_ms`.
@@ -363,150 +288,21 @@ impl<L: Ledger> Replica<L> {
         wall_ms: u64,
         logger: &slog::Logger,
     ) -> Result<Self, StartError> {
-        // The configuration as of the durable ledger; conf changes after it replay from the log.
-        let conf = match ledger.conf_state() {
-            Some(bytes) => ConfState::parse_from_bytes(&bytes)
-                .map_err(|e| StartError::Log(format!("the ledger's configuration does not decode: {e}")))?,
-            // A node waiting to be added (a new cluster's ledger holds its first configuration:
-            // `ledger::bootstrap`).
-            None => ConfState::default(),
-        };
-        let storage = MemStorage::new_with_conf_state(conf);
-        // The durable ledger stands in for the log up to its applied index: those entries are
-        // applied, and the log on disk may not hold them any more (or may have lost its unsynced
-        // tail after the state was made durable).
-        let applied = ledger.head();
-        if applied.index > 0 {
-            let mut snap = Snapshot::default();
-            let meta = snap.mut_metadata();
-            meta.index = applied.index;
-            meta.term = applied.term.max(1);
-            meta.set_conf_state(storage.initial_state()?.conf_state);
-            storage.wl().apply_snapshot(snap).map_err(|e| StartError::Log(format!("ledger marker: {e}")))?;
-        }
-        // The surviving log as written, below the applied index too (see below).
-        let mut written: Vec<Entry> = Vec::new();
-        for p in &log.records {
-            if p.snapshot.is_some() {
-                written.clear();
-            }
-            if let Some(first) = p.entries.first() {
-                written.retain(|e| e.index < first.index);
-                if written.last().is_some_and(|e| e.index + 1 != first.index) {
-                    written.clear();
-                }
-                written.extend(p.entries.iter().cloned());
-            }
-        }
-        let mut hs = HardState::default();
-        for p in log.records {
-            let covered = storage.first_index()? - 1;
-            if let Some(s) = p.snapshot {
-                if s.get_metadata().index > covered {
-                    return Err(StartError::Log(format!(
-                        "a snapshot at {} is ahead of the durable state at {covered}",
-                        s.get_metadata().index
-                    )));
-                }
-            }
-            let entries: Vec<Entry> = p.entries.into_iter().filter(|e| e.index > covered).collect();
-            if let Some(first) = entries.first() {
-                let last = storage.last_index()?;
-                if first.index > last + 1 {
-                    return Err(StartError::Log(format!(
-                        "entries from {} follow the log's last index {last}",
-                        first.index
-                    )));
-                }
-                storage.wl().append(&entries).map_err(|e| StartError::Log(format!("entries: {e}")))?;
-            }
-            if let Some(h) = p.hard_state {
-                hs = h;
-            }
-        }
-        hs.commit = hs.commit.max(applied.index).min(storage.last_index()?);
-        // Entries the ledger already applied stay in the log when the disk still holds them and
-        // they end exactly at the applied entry: a follower that lags a little behind a
-        // restarted leader then catches up from the log, not from a snapshot.
-        let applied_tail: Vec<Entry> = written.into_iter().filter(|e| e.index <= applied.index).collect();
-        let storage = match applied_tail.last() {
-            Some(last) if applied_tail.len() > 1 && last.index == applied.index && last.term == applied.term => {
-                let conf = storage.initial_state()?.conf_state;
-                let last = storage.last_index()?;
-                let above = if last > applied.index {
-                    storage.entries(applied.index + 1, last + 1, None, GetEntriesContext::empty(false))?
-                } else {
-                    Vec::new()
-                };
-                let longer = MemStorage::new_with_conf_state(conf.clone());
-                let mut snap = Snapshot::default();
-                let meta = snap.mut_metadata();
-                meta.index = applied_tail[0].index;
-                meta.term = applied_tail[0].term;
-                meta.set_conf_state(conf);
-                longer.wl().apply_snapshot(snap).map_err(|e| StartError::Log(format!("log marker: {e}")))?;
-                longer.wl().append(&applied_tail[1..]).map_err(|e| StartError::Log(format!("entries: {e}")))?;
-                longer.wl().append(&above).map_err(|e| StartError::Log(format!("entries: {e}")))?;
-                longer
-            }
-            _ => storage,
-        };
-        storage.wl().set_hardstate(hs);
-        let storage = CoreLog::new(storage);
-        let applied = ledger.head().index;
-        let raft_cfg = raft::Config {
-            id: cfg.node_id,
-            election_tick: cfg.election_ticks,
-            heartbeat_tick: cfg.heartbeat_ticks,
-            applied,
-            max_size_per_msg: 4 << 20,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            read_only_option: raft::ReadOnlyOption::Safe,
-            ..Default::default()
-        };
-        raft_cfg.validate()?;
-        let mut entry_bytes = std::collections::BTreeMap::new();
-        let mut batch_links = BTreeMap::new();
-        let (first, last) = (storage.first_index()?, storage.last_index()?);
-        if last >= first {
-            for e in storage.entries(first, last + 1, None, GetEntriesContext::empty(false))? {
-                entry_bytes.insert(e.index, entry_size(&e));
-                if let Some(link) = batch_link(&e) {
-                    batch_links.insert(e.index, link);
-                }
-            }
-        }
-        let entry_bytes_total = entry_bytes.values().sum();
+        let storage = CoreLog::new(restore_log(&ledger, log)?);
+        let raft_cfg = raft_config(&cfg, ledger.head().index)?;
+        let retention = Retention::of_log(&storage)?;
         let raw = RawNode::new(&raft_cfg, storage, logger)?;
         let head = ledger.head();
-        // Ids are forgotten by the chain's clock (header time, which never goes back), never by
-        // this replica's wall clock: with a wall clock ahead of the chain, a restart would forget
-        // ids a later batch, built after the clock stepped back, still takes as live (found by
-        // the simulator, seed 207739).
-        let mut seen = SeenIds::default();
-        for (id, loc) in ledger.unexpired_ids(ledger.head().time_ms) {
-            seen.insert(id, loc);
-        }
-        let lease_ms = lease_duration_ms(cfg.tick_ms, cfg.election_ticks as u64);
+        let seq = Sequencer::new(unexpired_seen(&ledger));
         Ok(Replica {
             tables: Tables::v1(),
             raw,
             operator_key: cfg.operator_key.clone(),
-            rng: ChaCha20Rng::seed_from_u64(cfg.election_seed),
-            seq: Sequencer {
-                mode: Mode::Following,
-                view: View::default(),
-                queue: Vec::new(),
-                opened_ms: None,
-                pending: Pending::default(),
-                seen,
-            },
+            seq,
             head: ChainHead { height: head.height, hash: head.header_hash, state_digest: head.state_digest },
             ledger,
             lease: LeaseTracker::default(),
-            lease_ms,
+            lease_ms: lease_duration_ms(cfg.tick_ms, cfg.election_ticks as u64),
             leader_term: 0,
             term_start_index: 0,
             now_ms,
@@ -516,20 +312,11 @@ impl<L: Ledger> Replica<L> {
             last_probe_tick: 0,
             poisoned: None,
             snapshots_sent: Vec::new(),
-            entry_bytes,
-            entry_bytes_total,
             refuse_next_proposal: false,
-            pre_vote_campaigns: 0,
-            campaign_at_ms: None,
+            elections: Elections::new(cfg.election_seed, now_ms),
+            retention,
             appended: BTreeMap::new(),
-            batch_links,
-            term_budget: peer_gate::TermBudget::new(now_ms),
-            leader_down_until_ms: 0,
-            leader_down_campaigns: 0,
             membership: None,
-            vote_campaigns: 0,
-            seen_role: StateRole::Follower,
-            seen_term: 0,
             out: Vec::new(),
             cfg,
         })
@@ -602,7 +389,7 @@ impl<L: Ledger> Replica<L> {
     /// Whether the sequencer takes requests (leading, with everything before its term applied),
     /// and how many are queued and in flight.
     pub fn sequencer_state(&self) -> (bool, usize, usize) {
-        (matches!(self.seq.mode, Mode::Leading { .. }), self.seq.queue.len(), self.seq.pending.len())
+        (self.seq.is_leading(), self.seq.queued(), self.seq.pending.len())
     }
     /// Why this replica stopped (a failed log write), if it did.
     pub fn poisoned(&self) -> Option<&LogFailure> {
@@ -640,12 +427,12 @@ impl<L: Ledger> Replica<L> {
             matched,
             snapshotting,
             lease_until_ms: if self.poisoned.is_none() { self.lease_until_ms() } else { None },
-            sequencing: matches!(self.seq.mode, Mode::Leading { .. }),
+            sequencing: self.seq.is_leading(),
             poisoned: self.poisoned.clone(),
             first_index: raft.raft_log.first_index(),
-            pre_vote_campaigns: self.pre_vote_campaigns,
-            vote_campaigns: self.vote_campaigns,
-            leader_down_campaigns: self.leader_down_campaigns,
+            pre_vote_campaigns: self.elections.pre_vote_campaigns,
+            vote_campaigns: self.elections.vote_campaigns,
+            leader_down_campaigns: self.elections.leader_down_campaigns,
             quorum_ack_ms: if is_leader {
                 let conf = raft.prs().conf().to_conf_state();
                 let sets: [&[u64]; 2] = [&conf.voters, &conf.voters_outgoing];
@@ -663,13 +450,8 @@ impl<L: Ledger> Replica<L> {
 
     /// When the replica next wants time to pass: its next tick, or the close of the open batch.
     pub fn next_wake_ms(&self) -> u64 {
-        match self.seq.opened_ms {
-            Some(opened) if matches!(self.seq.mode, Mode::Leading { .. }) => {
-                self.next_tick_ms.min(opened + self.cfg.batch_interval_ms)
-            }
-            _ => self.next_tick_ms,
-        }
-        .min(self.campaign_at_ms.unwrap_or(u64::MAX))
+        let close_ms = self.seq.close_ms(self.cfg.batch_interval_ms).unwrap_or(u64::MAX);
+        self.next_tick_ms.min(close_ms).min(self.elections.campaign_at_ms().unwrap_or(u64::MAX))
     }
 
     /// Handles one event and returns the effects, in the order the shell must execute them.
@@ -696,7 +478,7 @@ impl<L: Ledger> Replica<L> {
                 self.on_read(client)
             }
             Event::Peer(m) => self.on_peer(m),
-            Event::PeerDown(id) => self.on_peer_down(id),
+            Event::PeerDown(id) => self.elections.on_peer_down(&self.cfg, &mut self.raw, id, self.now_ms),
             Event::LogFailed(why) => {
                 self.poison(why);
                 return std::mem::take(&mut self.out);
@@ -712,67 +494,8 @@ impl<L: Ledger> Replica<L> {
         self.advance_membership();
         self.maybe_close_batch();
         self.drive();
-        self.maintain_log();
+        self.retention.maintain(&self.cfg, &mut self.raw, &self.ledger);
         std::mem::take(&mut self.out)
-    }
-
-    /// Builds a snapshot raft-rs asked for, and forgets log entries far behind the applied
-    /// index (the shell's disk keeps them until the ledger is durable past them).
-    fn maintain_log(&mut self) {
-        let head = self.ledger.head();
-        self.batch_links = self.batch_links.split_off(&(head.index + 1));
-        let wanted = self.raw.store().snapshot_wanted();
-        if wanted > 0 && head.index > 0 {
-            if let Some(exported) = self.ledger.export(wanted) {
-                let mut snap = Snapshot::default();
-                snap.data = exported.data.into();
-                let meta = snap.mut_metadata();
-                meta.index = exported.index;
-                meta.term = exported.term;
-                meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
-                self.raw.store().prepare_snapshot(snap);
-            }
-        }
-        let first = self.raw.raft.raft_log.first_index();
-        let limit = head.index.min(self.raw.raft.raft_log.applied);
-        // The first entry to keep.
-        let mut keep_from = limit.saturating_sub(self.cfg.log_retain_entries);
-        let mut due = keep_from > first + self.cfg.log_retain_entries / 4;
-        if self.entry_bytes_total > self.cfg.log_retain_bytes {
-            // Over the byte bound: drop the oldest entries until under it, never past applied.
-            let mut total = self.entry_bytes_total;
-            for (i, b) in &self.entry_bytes {
-                if total <= self.cfg.log_retain_bytes || *i >= limit {
-                    break;
-                }
-                total -= b;
-                keep_from = keep_from.max(i + 1);
-            }
-            due |= keep_from > first;
-        }
-        if due && keep_from > first {
-            self.raw.mut_store().mem.wl().compact(keep_from).expect("compaction behind the applied index");
-            let kept = self.entry_bytes.split_off(&keep_from);
-            let dropped = std::mem::replace(&mut self.entry_bytes, kept);
-            self.entry_bytes_total -= dropped.values().sum::<u64>();
-        }
-    }
-
-    /// Records the sizes of entries appended to the in-memory log (a conflicting suffix is
-    /// replaced).
-    fn note_appended(&mut self, entries: &[Entry]) {
-        let Some(first) = entries.first() else { return };
-        let replaced = self.entry_bytes.split_off(&first.index);
-        self.entry_bytes_total -= replaced.values().sum::<u64>();
-        drop(self.batch_links.split_off(&first.index));
-        for e in entries {
-            let b = entry_size(e);
-            self.entry_bytes.insert(e.index, b);
-            self.entry_bytes_total += b;
-            if let Some(link) = batch_link(e) {
-                self.batch_links.insert(e.index, link);
-            }
-        }
     }
 
     fn poison(&mut self, failure: LogFailure) {
@@ -787,58 +510,10 @@ impl<L: Ledger> Replica<L> {
         self.out.retain(|e| !matches!(e, Effect::Send(_) | Effect::Persist(_)));
     }
 
-    /// A follower whose leader is down forgets it, so that it and the other followers grant
-    /// pre-votes at once (raft-rs counts a follower that knows a leader as inside that leader's
-    /// lease), and campaigns after a random part of one heartbeat interval, so that two
-    /// followers that both saw it rarely split the vote. Until a leader is known, or one election
-    /// timeout has passed, it campaigns again every one to two heartbeat intervals: the other
-    /// follower may learn of the death a little later and ignore the first pre-vote, or both may
-    /// have campaigned at once and split the vote.
-    fn on_peer_down(&mut self, id: u64) {
-        let raft = &mut self.raw.raft;
-        if !self.cfg.campaign_on_leader_down
-            || raft.state != StateRole::Follower
-            || raft.leader_id != id
-            || id == self.cfg.node_id
-        {
-            return;
-        }
-        raft.leader_id = raft::INVALID_ID;
-        let at = self.now_ms + self.rng.next_u64() % self.heartbeat_ms();
-        self.campaign_at_ms = Some(at);
-        self.leader_down_until_ms = self.now_ms + self.cfg.tick_ms * self.cfg.election_ticks as u64;
-    }
-
-    fn heartbeat_ms(&self) -> u64 {
-        (self.cfg.tick_ms * self.cfg.heartbeat_ticks as u64).max(1)
-    }
-
-    /// Campaigns if the leader-down timer is due and no leader was heard of since.
-    fn maybe_campaign_leader_down(&mut self) {
-        let Some(at) = self.campaign_at_ms else { return };
-        let raft = &self.raw.raft;
-        // A candidate that split the vote with the other follower tries again too.
-        let waiting = matches!(raft.state, StateRole::Follower | StateRole::PreCandidate | StateRole::Candidate);
-        if !waiting || raft.leader_id != raft::INVALID_ID || self.now_ms >= self.leader_down_until_ms {
-            self.campaign_at_ms = None; // a leader (new or old) was heard of, or it is too late
-            return;
-        }
-        if self.now_ms < at {
-            return;
-        }
-        let hb = self.heartbeat_ms();
-        self.campaign_at_ms = Some(self.now_ms + hb + self.rng.next_u64() % hb);
-        if raft.promotable() && self.ticks >= self.cfg.election_ticks as u64 {
-            self.leader_down_campaigns += 1;
-            let _ = self.raw.campaign();
-            self.count_campaigns();
-        }
-    }
-
     fn on_tick(&mut self, now_ms: u64, wall_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.wall_ms = wall_ms;
-        self.maybe_campaign_leader_down();
+        self.elections.maybe_campaign_leader_down(&self.cfg, &mut self.raw, self.now_ms, self.ticks);
         if self.now_ms < self.next_tick_ms {
             return;
         }
@@ -846,21 +521,7 @@ impl<L: Ledger> Replica<L> {
         // cluster instead of firing a burst of elapsed timeouts.
         let late = (self.now_ms - self.next_tick_ms) / self.cfg.tick_ms;
         self.next_tick_ms += (late + 1) * self.cfg.tick_ms;
-        if self.raw.raft.election_elapsed == 0 {
-            // raft-rs draws election timeouts from the thread RNG on reset; the seeded one
-            // decides instead (only `tick_election` reads the value).
-            let span = self.cfg.election_ticks as u64;
-            let t = self.cfg.election_ticks as u64 + self.rng.next_u64() % span;
-            self.raw.raft.set_randomized_election_timeout(t as usize);
-        }
-        self.raw.tick();
-        // A pre-candidate whose election timed out campaigns again in the same role.
-        let raft = &self.raw.raft;
-        if raft.state == StateRole::PreCandidate && raft.election_elapsed == 0 {
-            self.pre_vote_campaigns += 1;
-            self.seen_role = StateRole::PreCandidate;
-        }
-        self.count_campaigns();
+        self.elections.tick(&self.cfg, &mut self.raw);
         self.ticks += 1;
         if self.raw.raft.state == StateRole::Leader
             && self.ticks - self.last_probe_tick >= self.cfg.heartbeat_ticks as u64
@@ -872,14 +533,11 @@ impl<L: Ledger> Replica<L> {
     }
 
     fn on_submit(&mut self, client: ClientTag, req: Validated) {
-        if !matches!(self.seq.mode, Mode::Leading { .. }) {
+        if !self.seq.is_leading() {
             self.refuse_not_leader(client);
             return;
         }
-        if self.seq.queue.is_empty() {
-            self.seq.opened_ms = Some(self.now_ms);
-        }
-        self.seq.queue.push((req, client));
+        self.seq.enqueue((req, client), self.now_ms);
     }
 
     fn on_change_members(&mut self, ticket: u64, change: MemberChange) {
@@ -902,7 +560,7 @@ impl<L: Ledger> Replica<L> {
             now_ms: self.now_ms,
             id: self.cfg.node_id,
             leading: raft.state == StateRole::Leader,
-            ready: matches!(self.seq.mode, Mode::Leading { .. }),
+            ready: self.seq.is_leading(),
             conf: &conf,
             commit_index: raft.raft_log.committed,
             applied_index: raft.raft_log.applied,
@@ -932,7 +590,7 @@ impl<L: Ledger> Replica<L> {
     /// one, at the state its commit index holds; the shell waits for its state to apply that
     /// far, then reads.
     fn on_read(&mut self, client: ClientTag) {
-        let leading = matches!(self.seq.mode, Mode::Leading { .. });
+        let leading = self.seq.is_leading();
         let lease_ok = self.lease_until_ms().is_some_and(|t| t > self.now_ms);
         let allowed = if self.cfg.plant == Plant::StaleLeaseRead {
             self.raw.raft.state == StateRole::Leader
@@ -986,11 +644,7 @@ impl<L: Ledger> Replica<L> {
         }
         let term = self.raw.raft.term;
         let _ = self.raw.step(m);
-        let jump = self.raw.raft.term.saturating_sub(term);
-        if jump > 0 {
-            self.term_budget.spend(jump, self.now_ms);
-        }
-        self.count_campaigns();
+        self.elections.after_step(self.cfg.node_id, &self.raw, term, self.now_ms);
     }
 
     /// The peer gate, then what only this replica can judge: every batch an append carries
@@ -998,7 +652,7 @@ impl<L: Ledger> Replica<L> {
     /// is one this ledger installs at the snapshot's index. Returns the batches checked.
     fn admit(&self, m: &Message) -> Result<Vec<AppendedBatch>, Refusal> {
         if self.cfg.plant != Plant::NoPeerGate {
-            peer_gate::check(&self.raw, self.now_ms, &self.term_budget, m)?;
+            peer_gate::check(&self.raw, self.now_ms, self.elections.term_budget(), m)?;
         }
         match m.get_msg_type() {
             MessageType::MsgAppend => self.admit_batches(m),
@@ -1041,7 +695,8 @@ impl<L: Ledger> Replica<L> {
                 .map_err(|why| Refusal::Entry { index: e.index, why: why.to_string() })?;
             let header = &batch.entry.header;
             if appends && !kept {
-                let prev = before.unwrap_or_else(|| self.link_at_or_below(kept_to));
+                let prev = before
+                    .unwrap_or_else(|| self.retention.link_at_or_below(kept_to, self.ledger.head().index, self.head));
                 peer_gate::chain_follows(&prev, header).map_err(|why| Refusal::Entry { index: e.index, why })?;
                 before =
                     Some(ChainHead { height: header.height, hash: header.hash(), state_digest: header.state_digest });
@@ -1049,37 +704,6 @@ impl<L: Ledger> Replica<L> {
             checked.push((e.index, e.term, *blake3::hash(&e.data).as_bytes(), batch));
         }
         Ok(checked)
-    }
-
-    /// The chain link of the last batch in this log at or below `index`: a batch above the
-    /// applied index, or the applied head.
-    fn link_at_or_below(&self, index: u64) -> ChainHead {
-        let applied = self.ledger.head().index;
-        if index <= applied {
-            return self.head;
-        }
-        match self.batch_links.range(applied + 1..=index).next_back() {
-            Some((_, link)) => *link,
-            None => self.head,
-        }
-    }
-
-    /// Counts the campaigns this replica starts (checked after every tick and step).
-    fn count_campaigns(&mut self) {
-        let raft = &self.raw.raft;
-        if raft.state != self.seen_role {
-            if raft.state == StateRole::PreCandidate {
-                self.pre_vote_campaigns += 1;
-            }
-            self.seen_role = raft.state;
-        }
-        if raft.term > self.seen_term {
-            // A vote campaign bumps the term and votes for itself, even when it wins at once.
-            if raft.vote == self.cfg.node_id && matches!(raft.state, StateRole::Candidate | StateRole::Leader) {
-                self.vote_campaigns += 1;
-            }
-            self.seen_term = raft.term;
-        }
     }
 
     /// Handles every pending Ready following raft-rs's rules.
@@ -1103,7 +727,7 @@ impl<L: Ledger> Replica<L> {
             }
             if !rd.entries().is_empty() {
                 self.raw.mut_store().mem.wl().append(rd.entries()).expect("entries follow the in-memory log");
-                self.note_appended(rd.entries());
+                self.retention.note_appended(rd.entries());
                 persist.entries = rd.entries().to_vec();
             }
             if let Some(hs) = rd.hs() {
@@ -1148,17 +772,15 @@ impl<L: Ledger> Replica<L> {
         let conf = meta.get_conf_state().write_to_bytes().expect("a conf state encodes");
         self.ledger.install(meta.index, meta.term, conf, &snap.data)?;
         self.raw.mut_store().mem.wl().apply_snapshot(snap.clone())?;
-        self.entry_bytes.clear();
-        self.entry_bytes_total = 0;
-        self.batch_links.clear();
+        self.retention.clear();
+        // The state installed is the one the peer gate checked at this index (`admit`), and
+        // the log goes on right after it.
         let h = self.ledger.head();
-        assert!(h.index <= meta.index, "a snapshot's state is not ahead of its index");
+        assert_eq!(h.index, meta.index, "the installed state stands at the snapshot's index");
+        assert_eq!(h.term, meta.term, "the installed state stands at the snapshot's term");
+        assert_eq!(self.raw.store().mem.first_index()?, h.index + 1, "the log goes on after the snapshot");
         self.head = ChainHead { height: h.height, hash: h.header_hash, state_digest: h.state_digest };
-        let mut seen = SeenIds::default();
-        for (id, loc) in self.ledger.unexpired_ids(h.time_ms) {
-            seen.insert(id, loc);
-        }
-        self.seq.seen = seen;
+        self.seq.seen = unexpired_seen(&self.ledger);
         self.seq.view.reset();
         Ok(())
     }
@@ -1350,10 +972,9 @@ impl<L: Ledger> Replica<L> {
         for b in self.seq.pending.drain() {
             self.fail_batch(b, code);
         }
-        for (_, client) in std::mem::take(&mut self.seq.queue) {
+        for client in self.seq.take_queued() {
             self.refuse(client, code);
         }
-        self.seq.opened_ms = None;
     }
 
     /// Drops speculative state when leadership is lost; takes up the chain once every entry
@@ -1392,7 +1013,7 @@ impl<L: Ledger> Replica<L> {
                 };
             }
             Mode::Following => {
-                for (_, client) in std::mem::take(&mut self.seq.queue) {
+                for client in self.seq.take_queued() {
                     self.refuse_not_leader(client);
                 }
             }
@@ -1402,33 +1023,12 @@ impl<L: Ledger> Replica<L> {
     /// Stages 3 to 5 for the next batch, when its interval has passed or it is full.
     fn maybe_close_batch(&mut self) {
         let Mode::Leading { term, mut tip } = self.seq.mode else { return };
-        // A lease that is due ends in a batch of its own when no request opens one.
-        let lease_due = self.seq.view.next_lease_due().is_some_and(|at| at <= batch_time(self.wall_ms, &tip));
-        let due = match self.seq.opened_ms {
-            Some(opened) => {
-                self.now_ms >= opened + self.cfg.batch_interval_ms
-                    || self.seq.queue.len() >= self.cfg.batch_requests_max
-            }
-            None => lease_due,
-        };
+        let cfg = &self.cfg;
+        let due = self.seq.batch_due(self.now_ms, self.wall_ms, cfg.batch_interval_ms, cfg.batch_requests_max);
         if !due || self.seq.pending.len() >= BATCHES_IN_FLIGHT_MAX {
             return;
         }
-        let queue = std::mem::take(&mut self.seq.queue);
-        let mut too_large = Vec::new();
-        let (subs, rest) =
-            split_by_bytes(queue, self.cfg.batch_bytes_max, |(v, _)| &v.request, |(_, c)| too_large.push(c));
-        for c in too_large {
-            self.refuse(c, ErrorCode::ProposalTooLarge);
-        }
-        self.seq.opened_ms = if rest.is_empty() { None } else { Some(self.now_ms) };
-        self.seq.queue = rest;
-        let mut expired = Vec::new();
-        let subs = drop_expired(subs, batch_time(self.wall_ms, &tip), |(v, _)| &v.request, |(_, c)| expired.push(c));
-        for c in expired {
-            self.refuse(c, ErrorCode::Expired);
-        }
-        let subs = self.optimistic(subs);
+        let subs = self.take_batch(&tip);
         let ctx = BatchContext { cluster_id: self.cfg.cluster_id, tables: &self.tables, term, wall_ms: self.wall_ms };
         let mut refused = Vec::new();
         let batch =
@@ -1438,7 +1038,42 @@ impl<L: Ledger> Replica<L> {
         for (c, code) in refused {
             self.refuse(c, code);
         }
-        let Some(mut batch) = batch else { return };
+        let Some(batch) = batch else { return };
+        self.propose(batch, term, tip);
+    }
+
+    /// The requests of the batch that closes, through stage 3 ([`Sequencer::optimistic`]); the
+    /// others are answered here.
+    fn take_batch(&mut self, tip: &Tip) -> Vec<Submission> {
+        let time_ms = batch_time(self.wall_ms, tip);
+        let Intake { subs, too_large, expired } = self.seq.take_batch(self.cfg.batch_bytes_max, self.now_ms, time_ms);
+        for c in too_large {
+            self.refuse(c, ErrorCode::ProposalTooLarge);
+        }
+        for c in expired {
+            self.refuse(c, ErrorCode::Expired);
+        }
+        let (subs, answers) = self.seq.optimistic(subs, &self.ledger);
+        for (client, verdict) in answers {
+            match verdict {
+                Verdict::Receipt(receipt) => {
+                    let durable_replicas = self.majority();
+                    self.reply(client, SubmitReply::Committed { receipt, durable_replicas });
+                }
+                Verdict::Refused(code) => self.refuse(client, code),
+            }
+        }
+        subs
+    }
+
+    /// Stage 5: proposes `batch` (built on the chain `tip` now ends with) to raft-rs, and
+    /// registers it and its waiters in `Pending` before raft-rs runs again, so that its commit
+    /// finds them.
+    fn propose(&mut self, mut batch: PendingBatch<ClientTag>, term: u64, tip: Tip) {
+        // Handed to raft-rs: a batch of this term at the tip. Checked again when it comes back
+        // committed (`confirm_batch`).
+        assert_eq!(batch.entry.header.term, term, "a batch is built for the term it is proposed in");
+        assert_eq!(batch.header_hash, tip.hash, "the sequencer's tip is the batch proposed");
         let data = encode(&batch.entry);
         let proposed =
             Effect::Proposed { height: batch.entry.header.height, requests: batch.ids.len(), bytes: data.len() };
@@ -1454,8 +1089,15 @@ impl<L: Ledger> Replica<L> {
             // a backup takes over.
             panic!("a batch proposal refused in term {term} while leading: {e}");
         }
+        assert_eq!(self.raw.raft.raft_log.last_term(), term, "the batch joins the log in its term");
         self.seq.mode = Mode::Leading { term, tip };
         self.out.push(proposed);
+        self.plant_before_commit(&mut batch);
+        self.seq.pending.insert(batch);
+    }
+
+    /// The planted bugs that answer or sign a batch when it is proposed, not when it commits.
+    fn plant_before_commit(&mut self, batch: &mut PendingBatch<ClientTag>) {
         match self.cfg.plant {
             Plant::AckBeforeCommit => {
                 let signature = batch.entry.header.sign(&self.operator_key);
@@ -1475,47 +1117,6 @@ impl<L: Ledger> Replica<L> {
             }
             _ => {}
         }
-        self.seq.pending.insert(batch);
-    }
-
-    /// Stage 3: a request already executed gets its receipt, one in flight waits for its batch,
-    /// and a transfer the pre-batch state can't fund is refused without consuming its id.
-    fn optimistic(&mut self, subs: Vec<(Validated, ClientTag)>) -> Vec<(Validated, ClientTag)> {
-        let mut out = Vec::with_capacity(subs.len());
-        for (req, client) in subs {
-            let Some(client) = self.seq.pending.attach(&req.id, client) else { continue };
-            if let Some((height, _)) = self.seq.seen.get(&req.id) {
-                match self.ledger.receipt_at(&req.id, height) {
-                    Some(receipt) => {
-                        let durable = self.majority();
-                        self.reply(
-                            client,
-                            SubmitReply::Committed { receipt: Box::new(receipt), durable_replicas: durable },
-                        );
-                    }
-                    None => self.refuse(client, ErrorCode::Internal),
-                }
-                continue;
-            }
-            out.push((req, client));
-        }
-        self.seq.view.prefetch(
-            out.iter().map(|(v, _)| (&v.request.request.signer, &v.request.request.op)),
-            &mut LedgerBacking(&self.ledger),
-        );
-        let empty = BatchWrites::default();
-        let mut funded = Vec::with_capacity(out.len());
-        for (req, client) in out {
-            let r = &req.request.request;
-            if let Operation::Transfer { amount, .. } = r.op {
-                if self.seq.view.balance(&empty, &r.signer) < amount {
-                    self.refuse(client, ErrorCode::InsufficientFunds);
-                    continue;
-                }
-            }
-            funded.push((req, client));
-        }
-        funded
     }
 }
 
@@ -1539,20 +1140,6 @@ pub fn step_down_if_removed<S: Storage>(raw: &mut RawNode<S>) -> Vec<Message> {
     let term = raft.term;
     raft.become_follower(term, raft::INVALID_ID);
     last
-}
-
-/// The chain link of a batch entry, read from the header that leads its encoding (`None` for
-/// anything else).
-fn batch_link(e: &Entry) -> Option<ChainHead> {
-    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-        return None;
-    }
-    let header = <BatchHeader as borsh::BorshDeserialize>::deserialize(&mut &e.data[..]).ok()?;
-    Some(ChainHead { height: header.height, hash: header.hash(), state_digest: header.state_digest })
-}
-
-fn entry_size(e: &Entry) -> u64 {
-    (e.data.len() + e.context.len()) as u64
 }
 
 /// Index of the leader's first entry of its current term (its no-op).

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tally_codec::{
     encode, limits, DocKey, DocMeta, ErrorCode, Operation, Outcome, PublicKey, Tables, WriteOp, WriteSet,
 };
-use tally_codec::{Attached, ClaimMeta, Compare, LeaseMeta};
+use tally_codec::{Attached, ClaimMeta, Compare, LeaseMeta, Txn};
 use tally_codec::{Digest, RequestId};
 
 /// Entries per cache generation (two generations are kept).
@@ -507,51 +507,15 @@ impl Exec<'_> {
 
     fn op(&mut self, parents: &[&BatchWrites], top: &mut BatchWrites, signer: &PublicKey, op: &Operation) -> Outcome {
         match op {
-            Operation::Transfer { to, amount } => {
-                let from_balance = self.balance(parents, top, signer);
-                if from_balance < *amount {
-                    return Outcome::Rejected(ErrorCode::InsufficientFunds);
-                }
-                let to_balance = self.balance(parents, top, to);
-                let sender_balance = from_balance - amount;
-                // The supply is fixed at genesis and fits in u64, so a receiver can't overflow.
-                let receiver = to_balance.checked_add(*amount).expect("total supply fits in u64");
-                top.accounts.insert(*signer, sender_balance);
-                top.accounts.insert(*to, receiver);
-                Outcome::Transferred { sender_balance }
-            }
+            Operation::Transfer { to, amount } => self.transfer(parents, top, signer, to, *amount),
             Operation::Set { key, value } => self.set(parents, top, signer, key, value, None, None),
             Operation::SetIf { key, value, if_revision, lease } => {
                 self.set(parents, top, signer, key, value, *if_revision, *lease)
             }
             Operation::Delete { key } => self.delete(parents, top, signer, key, None),
             Operation::DeleteIf { key, if_revision } => self.delete(parents, top, signer, key, *if_revision),
-            Operation::LeaseGrant { ttl_ms } => {
-                if !(limits::LEASE_TTL_MIN_MS..=limits::LEASE_TTL_MAX_MS).contains(ttl_ms) {
-                    return Outcome::Rejected(ErrorCode::TtlOutOfRange);
-                }
-                if !parents.is_empty() {
-                    return Outcome::Rejected(ErrorCode::BadTxn);
-                }
-                let id = lease_id(self.at.height, self.at.position);
-                let expires_at_ms = self.at.time_ms + ttl_ms;
-                let lease = LeaseMeta { owner: *signer, ttl_ms: *ttl_ms, expires_at_ms, attached: Vec::new() };
-                self.write_lease(top, id, lease);
-                Outcome::LeaseGranted { lease: id, expires_at_ms }
-            }
-            Operation::LeaseKeepAlive { lease: id } => match self.lease(parents, top, *id) {
-                None => Outcome::Rejected(ErrorCode::LeaseNotFound),
-                Some(l) if l.owner != *signer => Outcome::Rejected(ErrorCode::NotLeaseHolder),
-                Some(mut l) => {
-                    // Its old expiry is no longer due: a lease renewed many times keeps one
-                    // entry, so the due set stays bounded by the live leases.
-                    self.view.due.remove(&(l.expires_at_ms, *id));
-                    l.expires_at_ms = self.at.time_ms + l.ttl_ms;
-                    let expires_at_ms = l.expires_at_ms;
-                    self.write_lease(top, *id, l);
-                    Outcome::LeaseRenewed { expires_at_ms }
-                }
-            },
+            Operation::LeaseGrant { ttl_ms } => self.lease_grant(parents, top, signer, *ttl_ms),
+            Operation::LeaseKeepAlive { lease: id } => self.lease_keep_alive(parents, top, signer, *id),
             Operation::LeaseRevoke { lease: id } => match self.lease(parents, top, *id) {
                 None => Outcome::Rejected(ErrorCode::LeaseNotFound),
                 Some(l) if l.owner != *signer => Outcome::Rejected(ErrorCode::NotLeaseHolder),
@@ -560,48 +524,124 @@ impl Exec<'_> {
                     Outcome::LeaseRevoked
                 }
             },
-            Operation::Claim { domain, slot, lease } => {
-                // Stage 2 refuses these; the key's one-byte length must never see a longer one.
-                if domain.is_empty() || domain.len() > limits::CLAIM_DOMAIN_BYTES_MAX {
-                    return Outcome::Rejected(ErrorCode::BadClaimDomain);
-                }
-                let k = (domain.clone(), *slot);
-                if let Some(c) = self.claim(parents, top, &k) {
-                    return Outcome::ClaimDenied { holder: c.holder, height: c.height };
-                }
-                if let Some(id) = lease {
-                    match self.attachable(parents, top, signer, *id) {
-                        Ok(mut l) => {
-                            l.attached.push(Attached::Claim { domain: domain.clone(), slot: *slot });
-                            top.leases.insert(*id, Some(l));
-                        }
-                        Err(code) => return Outcome::Rejected(code),
-                    }
-                }
-                let height = self.at.height;
-                top.claims.insert(k, Some(ClaimMeta { holder: *signer, height, lease: *lease }));
-                Outcome::ClaimGranted { height }
-            }
-            Operation::Txn(t) => {
-                if !parents.is_empty() {
-                    return Outcome::Rejected(ErrorCode::BadTxn);
-                }
-                let holds = t.compares.iter().all(|c| self.compare(top, c));
-                let branch = if holds { &t.then } else { &t.otherwise };
-                let mut child = BatchWrites::default();
-                let mut outcomes = Vec::with_capacity(branch.len());
-                for op in branch {
-                    let o = self.op(&[&*top], &mut child, signer, op);
-                    if !o.is_success() {
-                        // All or nothing: the branch's writes so far are dropped with `child`.
-                        return o;
-                    }
-                    outcomes.push(o);
-                }
-                top.merge(child);
-                Outcome::TxnApplied { then: holds, outcomes }
+            Operation::Claim { domain, slot, lease } => self.claim_slot(parents, top, signer, domain, *slot, *lease),
+            Operation::Txn(t) => self.txn(parents, top, signer, t),
+        }
+    }
+
+    fn transfer(
+        &mut self,
+        parents: &[&BatchWrites],
+        top: &mut BatchWrites,
+        signer: &PublicKey,
+        to: &PublicKey,
+        amount: u64,
+    ) -> Outcome {
+        let from_balance = self.balance(parents, top, signer);
+        if from_balance < amount {
+            return Outcome::Rejected(ErrorCode::InsufficientFunds);
+        }
+        let to_balance = self.balance(parents, top, to);
+        let sender_balance = from_balance - amount;
+        // The supply is fixed at genesis and fits in u64, so a receiver can't overflow.
+        let receiver = to_balance.checked_add(amount).expect("total supply fits in u64");
+        top.accounts.insert(*signer, sender_balance);
+        top.accounts.insert(*to, receiver);
+        Outcome::Transferred { sender_balance }
+    }
+
+    fn lease_grant(
+        &mut self,
+        parents: &[&BatchWrites],
+        top: &mut BatchWrites,
+        signer: &PublicKey,
+        ttl_ms: u64,
+    ) -> Outcome {
+        if !(limits::LEASE_TTL_MIN_MS..=limits::LEASE_TTL_MAX_MS).contains(&ttl_ms) {
+            return Outcome::Rejected(ErrorCode::TtlOutOfRange);
+        }
+        if !parents.is_empty() {
+            return Outcome::Rejected(ErrorCode::BadTxn);
+        }
+        let id = lease_id(self.at.height, self.at.position);
+        let expires_at_ms = self.at.time_ms + ttl_ms;
+        let lease = LeaseMeta { owner: *signer, ttl_ms, expires_at_ms, attached: Vec::new() };
+        self.write_lease(top, id, lease);
+        Outcome::LeaseGranted { lease: id, expires_at_ms }
+    }
+
+    fn lease_keep_alive(
+        &mut self,
+        parents: &[&BatchWrites],
+        top: &mut BatchWrites,
+        signer: &PublicKey,
+        id: u64,
+    ) -> Outcome {
+        match self.lease(parents, top, id) {
+            None => Outcome::Rejected(ErrorCode::LeaseNotFound),
+            Some(l) if l.owner != *signer => Outcome::Rejected(ErrorCode::NotLeaseHolder),
+            Some(mut l) => {
+                // Its old expiry is no longer due: a lease renewed many times keeps one
+                // entry, so the due set stays bounded by the live leases.
+                self.view.due.remove(&(l.expires_at_ms, id));
+                l.expires_at_ms = self.at.time_ms + l.ttl_ms;
+                let expires_at_ms = l.expires_at_ms;
+                self.write_lease(top, id, l);
+                Outcome::LeaseRenewed { expires_at_ms }
             }
         }
+    }
+
+    fn claim_slot(
+        &mut self,
+        parents: &[&BatchWrites],
+        top: &mut BatchWrites,
+        signer: &PublicKey,
+        domain: &str,
+        slot: u64,
+        lease: Option<u64>,
+    ) -> Outcome {
+        // Stage 2 refuses these; the key's one-byte length must never see a longer one.
+        if domain.is_empty() || domain.len() > limits::CLAIM_DOMAIN_BYTES_MAX {
+            return Outcome::Rejected(ErrorCode::BadClaimDomain);
+        }
+        let k = (domain.to_owned(), slot);
+        if let Some(c) = self.claim(parents, top, &k) {
+            return Outcome::ClaimDenied { holder: c.holder, height: c.height };
+        }
+        if let Some(id) = lease {
+            match self.attachable(parents, top, signer, id) {
+                Ok(mut l) => {
+                    l.attached.push(Attached::Claim { domain: domain.to_owned(), slot });
+                    top.leases.insert(id, Some(l));
+                }
+                Err(code) => return Outcome::Rejected(code),
+            }
+        }
+        let height = self.at.height;
+        top.claims.insert(k, Some(ClaimMeta { holder: *signer, height, lease }));
+        Outcome::ClaimGranted { height }
+    }
+
+    /// A transaction: its comparisons pick a branch, and the branch applies all or nothing.
+    fn txn(&mut self, parents: &[&BatchWrites], top: &mut BatchWrites, signer: &PublicKey, t: &Txn) -> Outcome {
+        if !parents.is_empty() {
+            return Outcome::Rejected(ErrorCode::BadTxn);
+        }
+        let holds = t.compares.iter().all(|c| self.compare(top, c));
+        let branch = if holds { &t.then } else { &t.otherwise };
+        let mut child = BatchWrites::default();
+        let mut outcomes = Vec::with_capacity(branch.len());
+        for op in branch {
+            let o = self.op(&[&*top], &mut child, signer, op);
+            if !o.is_success() {
+                // All or nothing: the branch's writes so far are dropped with `child`.
+                return o;
+            }
+            outcomes.push(o);
+        }
+        top.merge(child);
+        Outcome::TxnApplied { then: holds, outcomes }
     }
 
     fn compare(&mut self, top: &BatchWrites, c: &Compare) -> bool {

@@ -723,10 +723,7 @@ impl Ledger for StoreLedger {
         signature: &Signature,
     ) -> Result<(), LedgerError> {
         let h = &batch.entry.header;
-        assert_eq!(h.term, term, "a batch commits in the term it was built in");
-        assert!(index > self.head.index, "log entries apply in order");
-        assert_eq!(h.height, self.head.height + 1, "chain broken: batch height does not follow");
-        assert_eq!(h.prev_hash, self.head.header_hash, "chain broken: prev_hash is not the last header's hash");
+        self.head.advance(index, term, Some(h));
         let mut keys = Vec::with_capacity(batch.entry.write_set.ops.len());
         for op in &batch.entry.write_set.ops {
             if op.key.starts_with(&self.tables.leases.0) {
@@ -742,21 +739,16 @@ impl Ledger for StoreLedger {
             self.ids.insert(id, loc);
         }
         self.batches.insert(h.height, (batch.entry.clone(), *signature));
-        self.head = LedgerHead::after_batch(index, term, h);
         let written = Unflushed { index, keys, height: Some(h.height), ids: batch.ids.clone() };
         self.queue(StoreOp::Batch { index, batch: batch.clone(), signature: *signature }, written)
     }
     fn apply_noop(&mut self, index: u64, term: u64) -> Result<(), LedgerError> {
-        assert!(index > self.head.index, "log entries apply in order");
-        self.head.index = index;
-        self.head.term = term;
+        self.head.advance(index, term, None);
         let written = Unflushed { index, keys: Vec::new(), height: None, ids: Arc::default() };
         self.queue(StoreOp::Noop { index, term }, written)
     }
     fn apply_conf(&mut self, index: u64, term: u64, conf_state: Vec<u8>) -> Result<(), LedgerError> {
-        assert!(index > self.head.index, "log entries apply in order");
-        self.head.index = index;
-        self.head.term = term;
+        self.head.advance(index, term, None);
         self.conf = Some(conf_state.clone());
         let written = Unflushed { index, keys: Vec::new(), height: None, ids: Arc::default() };
         self.queue(StoreOp::Conf { index, term, conf: conf_state }, written)
