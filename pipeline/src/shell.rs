@@ -147,6 +147,9 @@ struct Published {
     stopped: Option<LogFailure>,
 }
 
+/// What a probe of a peer address presents: this node's hello, and how links are protected.
+type PeerProbe = (Hello, PeerSecurity);
+
 /// The handle the connection threads and `tallyd` use: role, lease, members, membership.
 pub struct CoreReplicator {
     node_id: u64,
@@ -154,7 +157,7 @@ pub struct CoreReplicator {
     env: Arc<Mutex<Box<dyn Env>>>,
     control_tx: Sender<Control>,
     stop: Arc<AtomicBool>,
-    probe: Option<(Hello, PeerSecurity)>,
+    probe: Option<PeerProbe>,
     admin_lock: Mutex<()>,
     revoked: RevokedCerts,
 }
@@ -278,7 +281,7 @@ fn start_transport(
     revoked: &RevokedCerts,
     ledger: &StoreLedger,
     net_tx: Sender<Message>,
-) -> Result<(Box<dyn Transport>, Option<(Hello, PeerSecurity)>), String> {
+) -> Result<(Box<dyn Transport>, Option<PeerProbe>), String> {
     Ok(match peers {
         Some(p) => {
             let security = p.security.with_revoked(revoked.clone());
