@@ -122,83 +122,17 @@ pub fn parse_line(line: &str) -> Result<ReplCommand, String> {
     }
     let (cmd, rest) = split_word(line);
     match cmd.to_ascii_uppercase().as_str() {
-        "SET" => {
-            const USAGE: &str = "SET <uuid4> [--if-revision R] [--lease ID] <json>";
-            let (key, value) = split_word(rest);
-            let key = parse_key(key, USAGE)?;
-            let (if_revision, lease, value) = set_options(value, USAGE)?;
-            let json = strip_single_quotes(value);
-            if json.is_empty() {
-                return Err(format!("usage: {USAGE}"));
-            }
-            check_json(json).map_err(|e| e.to_string())?;
-            if if_revision.is_none() && lease.is_none() {
-                return Ok(ReplCommand::Set { key, json: json.to_string() });
-            }
-            Ok(ReplCommand::Op(Operation::SetIf { key, value: json.as_bytes().to_vec(), if_revision, lease }))
-        }
-        "LEASE" => {
-            const USAGE: &str = "LEASE GRANT <ttl_ms> | LEASE KEEPALIVE <id> | LEASE REVOKE <id>";
-            let (verb, rest) = split_word(rest);
-            let (n, more) = split_word(rest);
-            no_more(more, USAGE)?;
-            let n = n.parse::<u64>().map_err(|_| format!("usage: {USAGE}"))?;
-            match verb.to_ascii_uppercase().as_str() {
-                "GRANT" => Ok(ReplCommand::Op(Operation::LeaseGrant { ttl_ms: n })),
-                "KEEPALIVE" => Ok(ReplCommand::Op(Operation::LeaseKeepAlive { lease: n })),
-                "REVOKE" => Ok(ReplCommand::Op(Operation::LeaseRevoke { lease: n })),
-                _ => Err(format!("usage: {USAGE}")),
-            }
-        }
-        "CLAIM" => {
-            const USAGE: &str = "CLAIM <domain> <slot> [lease]";
-            let (domain, rest) = split_word(rest);
-            let (slot, rest) = split_word(rest);
-            let (lease, more) = split_word(rest);
-            no_more(more, USAGE)?;
-            if domain.is_empty() {
-                return Err(format!("usage: {USAGE}"));
-            }
-            let slot = slot.parse::<u64>().map_err(|_| format!("usage: {USAGE}"))?;
-            let lease = if lease.is_empty() {
-                None
-            } else {
-                Some(lease.parse::<u64>().map_err(|_| format!("'{lease}' is not a lease id; usage: {USAGE}"))?)
-            };
-            Ok(ReplCommand::Op(Operation::Claim { domain: domain.to_string(), slot, lease }))
-        }
+        "SET" => parse_set(rest),
+        "LEASE" => parse_lease(rest),
+        "CLAIM" => parse_claim(rest),
         "GET" => {
             let (key, more) = split_word(rest);
             let key = parse_key(key, "GET <uuid4>")?;
             no_more(more, "GET <uuid4>")?;
             Ok(ReplCommand::Get { key })
         }
-        "DELETE" | "DEL" => {
-            const USAGE: &str = "DELETE <uuid4> [--if-revision R]";
-            let (key, more) = split_word(rest);
-            let key = parse_key(key, USAGE)?;
-            let (if_revision, lease, more) = set_options(more, USAGE)?;
-            no_more(more, USAGE)?;
-            if lease.is_some() {
-                return Err(format!("usage: {USAGE}"));
-            }
-            match if_revision {
-                None => Ok(ReplCommand::Delete { key }),
-                Some(r) => Ok(ReplCommand::Op(Operation::DeleteIf { key, if_revision: Some(r) })),
-            }
-        }
-        "TRANSFER" => {
-            const USAGE: &str = "TRANSFER <pubkey> <amount>";
-            let (to, rest) = split_word(rest);
-            let (amount, more) = split_word(rest);
-            if to.is_empty() || amount.is_empty() {
-                return Err(format!("usage: {USAGE}"));
-            }
-            no_more(more, USAGE)?;
-            let to = parse_pubkey(to)?;
-            let amount = amount.parse::<u64>().map_err(|_| format!("'{amount}' is not an amount (a whole number)"))?;
-            Ok(ReplCommand::Transfer { to, amount })
-        }
+        "DELETE" | "DEL" => parse_delete(rest),
+        "TRANSFER" => parse_transfer(rest),
         "BALANCE" => {
             let (who, more) = split_word(rest);
             no_more(more, "BALANCE [pubkey]")?;
@@ -213,6 +147,86 @@ pub fn parse_line(line: &str) -> Result<ReplCommand, String> {
         "QUIT" | "EXIT" => Ok(ReplCommand::Quit),
         _ => Err(format!("unknown command '{cmd}'; type HELP for the list")),
     }
+}
+
+/// `SET`'s arguments: a plain set, or a conditional one with `--if-revision` or `--lease`.
+fn parse_set(rest: &str) -> Result<ReplCommand, String> {
+    const USAGE: &str = "SET <uuid4> [--if-revision R] [--lease ID] <json>";
+    let (key, value) = split_word(rest);
+    let key = parse_key(key, USAGE)?;
+    let (if_revision, lease, value) = set_options(value, USAGE)?;
+    let json = strip_single_quotes(value);
+    if json.is_empty() {
+        return Err(format!("usage: {USAGE}"));
+    }
+    check_json(json).map_err(|e| e.to_string())?;
+    if if_revision.is_none() && lease.is_none() {
+        return Ok(ReplCommand::Set { key, json: json.to_string() });
+    }
+    Ok(ReplCommand::Op(Operation::SetIf { key, value: json.as_bytes().to_vec(), if_revision, lease }))
+}
+
+/// `LEASE`'s arguments: a verb and a number (a TTL to grant, a lease id otherwise).
+fn parse_lease(rest: &str) -> Result<ReplCommand, String> {
+    const USAGE: &str = "LEASE GRANT <ttl_ms> | LEASE KEEPALIVE <id> | LEASE REVOKE <id>";
+    let (verb, rest) = split_word(rest);
+    let (n, more) = split_word(rest);
+    no_more(more, USAGE)?;
+    let n = n.parse::<u64>().map_err(|_| format!("usage: {USAGE}"))?;
+    match verb.to_ascii_uppercase().as_str() {
+        "GRANT" => Ok(ReplCommand::Op(Operation::LeaseGrant { ttl_ms: n })),
+        "KEEPALIVE" => Ok(ReplCommand::Op(Operation::LeaseKeepAlive { lease: n })),
+        "REVOKE" => Ok(ReplCommand::Op(Operation::LeaseRevoke { lease: n })),
+        _ => Err(format!("usage: {USAGE}")),
+    }
+}
+
+fn parse_claim(rest: &str) -> Result<ReplCommand, String> {
+    const USAGE: &str = "CLAIM <domain> <slot> [lease]";
+    let (domain, rest) = split_word(rest);
+    let (slot, rest) = split_word(rest);
+    let (lease, more) = split_word(rest);
+    no_more(more, USAGE)?;
+    if domain.is_empty() {
+        return Err(format!("usage: {USAGE}"));
+    }
+    let slot = slot.parse::<u64>().map_err(|_| format!("usage: {USAGE}"))?;
+    let lease = if lease.is_empty() {
+        None
+    } else {
+        Some(lease.parse::<u64>().map_err(|_| format!("'{lease}' is not a lease id; usage: {USAGE}"))?)
+    };
+    Ok(ReplCommand::Op(Operation::Claim { domain: domain.to_string(), slot, lease }))
+}
+
+/// `DELETE`'s arguments: a plain delete, or a conditional one with `--if-revision` (a delete
+/// takes no lease).
+fn parse_delete(rest: &str) -> Result<ReplCommand, String> {
+    const USAGE: &str = "DELETE <uuid4> [--if-revision R]";
+    let (key, more) = split_word(rest);
+    let key = parse_key(key, USAGE)?;
+    let (if_revision, lease, more) = set_options(more, USAGE)?;
+    no_more(more, USAGE)?;
+    if lease.is_some() {
+        return Err(format!("usage: {USAGE}"));
+    }
+    match if_revision {
+        None => Ok(ReplCommand::Delete { key }),
+        Some(r) => Ok(ReplCommand::Op(Operation::DeleteIf { key, if_revision: Some(r) })),
+    }
+}
+
+fn parse_transfer(rest: &str) -> Result<ReplCommand, String> {
+    const USAGE: &str = "TRANSFER <pubkey> <amount>";
+    let (to, rest) = split_word(rest);
+    let (amount, more) = split_word(rest);
+    if to.is_empty() || amount.is_empty() {
+        return Err(format!("usage: {USAGE}"));
+    }
+    no_more(more, USAGE)?;
+    let to = parse_pubkey(to)?;
+    let amount = amount.parse::<u64>().map_err(|_| format!("'{amount}' is not an amount (a whole number)"))?;
+    Ok(ReplCommand::Transfer { to, amount })
 }
 
 /// "1 replica" / "3 replicas".

@@ -477,13 +477,27 @@ struct Outbound {
 
 type Conn = BufWriter<Stream>;
 
+/// An outbound link's connection, and what it keeps between dials.
+struct Link {
+    conn: Option<(Conn, Resume)>,
+    /// The certificate the listener presented on `conn`.
+    fingerprint: Option<[u8; 32]>,
+    backoff_ms: u64,
+    /// The last dial's error, logged once per distinct reason.
+    last_error: Option<String>,
+}
+
+impl Link {
+    fn shutdown(&mut self) {
+        if let Some((w, _)) = self.conn.take() {
+            w.get_ref().shutdown();
+        }
+    }
+}
+
 impl Outbound {
     fn run(self) {
-        let mut conn: Option<(Conn, Resume)> = None;
-        // The certificate the listener presented on `conn`.
-        let mut conn_fp: Option<[u8; 32]> = None;
-        let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-        let mut last_error: Option<String> = None;
+        let mut link = Link { conn: None, fingerprint: None, backoff_ms: RECONNECT_BACKOFF_MS_MIN, last_error: None };
         // A snapshot that arrived while another was streaming (only the newest is kept).
         let mut deferred: Option<Message> = None;
         while !self.halted() {
@@ -495,45 +509,14 @@ impl Outbound {
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
-            if conn.is_some() && self.security.revoked(conn_fp) {
+            if link.conn.is_some() && self.security.revoked(link.fingerprint) {
                 tracing::warn!(peer = self.peer, addr = %self.addr, "the peer's certificate was revoked; link closed");
-                if let Some((w, _)) = conn.take() {
-                    w.get_ref().shutdown();
-                }
+                link.shutdown();
             }
-            if conn.is_none() {
-                match connect(&self.addr, &self.local, &self.security, self.peer) {
-                    Ok((s, resume)) => {
-                        tracing::info!(peer = self.peer, addr = %self.addr, "peer link up");
-                        conn_fp = PeerSecurity::fingerprint(&s);
-                        conn = Some((BufWriter::new(s), resume));
-                        backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-                        last_error = None;
-                    }
-                    Err(e) => {
-                        if is_snapshot(&first) {
-                            self.report(false);
-                        }
-                        let (refused, text) = match e {
-                            LinkError::Refused(t) => (true, t),
-                            LinkError::Down(t) => (false, t),
-                        };
-                        // Logged once per distinct reason, not on every retry.
-                        if last_error.as_deref() != Some(text.as_str()) {
-                            if refused {
-                                tracing::error!(peer = self.peer, addr = %self.addr, reason = %text, "peer link refused");
-                            } else {
-                                tracing::warn!(peer = self.peer, addr = %self.addr, reason = %text, "peer link down");
-                            }
-                            last_error = Some(text);
-                        }
-                        sleep_unless_stopped(backoff_ms, &self.stop, &self.closed);
-                        backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
-                        continue;
-                    }
-                }
+            if link.conn.is_none() && !self.dial(&mut link, &first) {
+                continue;
             }
-            let Some((w, resume)) = conn.as_mut() else { continue };
+            let Some((w, resume)) = link.conn.as_mut() else { continue };
             let r = if is_snapshot(&first) {
                 let r = self.stream_snapshot(w, resume, first, &mut deferred);
                 self.report(r.as_ref().is_ok_and(|delivered| *delivered));
@@ -543,9 +526,43 @@ impl Outbound {
             };
             if let Err(e) = r {
                 tracing::warn!(peer = self.peer, addr = %self.addr, error = %e, "peer link write failed; reconnecting");
-                if let Some((w, _)) = conn.take() {
-                    w.get_ref().shutdown();
+                link.shutdown();
+            }
+        }
+    }
+
+    /// Connects `link`. On failure (`false`): a snapshot waiting to go is reported undelivered,
+    /// and the link waits out its backoff, which doubles up to a bound.
+    fn dial(&self, link: &mut Link, first: &Message) -> bool {
+        match connect(&self.addr, &self.local, &self.security, self.peer) {
+            Ok((s, resume)) => {
+                tracing::info!(peer = self.peer, addr = %self.addr, "peer link up");
+                link.fingerprint = PeerSecurity::fingerprint(&s);
+                link.conn = Some((BufWriter::new(s), resume));
+                link.backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+                link.last_error = None;
+                true
+            }
+            Err(e) => {
+                if is_snapshot(first) {
+                    self.report(false);
                 }
+                let (refused, text) = match e {
+                    LinkError::Refused(t) => (true, t),
+                    LinkError::Down(t) => (false, t),
+                };
+                // Logged once per distinct reason, not on every retry.
+                if link.last_error.as_deref() != Some(text.as_str()) {
+                    if refused {
+                        tracing::error!(peer = self.peer, addr = %self.addr, reason = %text, "peer link refused");
+                    } else {
+                        tracing::warn!(peer = self.peer, addr = %self.addr, reason = %text, "peer link down");
+                    }
+                    link.last_error = Some(text);
+                }
+                sleep_unless_stopped(link.backoff_ms, &self.stop, &self.closed);
+                link.backoff_ms = (link.backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+                false
             }
         }
     }
@@ -559,7 +576,6 @@ impl Outbound {
         self.reports.lock().push((self.peer, delivered));
     }
 
-    /// Writes `first` and what else is queued (snapshots are set aside), then flushes.
     /// Sets a snapshot aside until the current write is done; one set aside earlier is
     /// superseded (reported undelivered, so Raft sends again if it still needs one).
     fn defer(&self, deferred: &mut Option<Message>, m: Message) {
@@ -568,6 +584,7 @@ impl Outbound {
         }
     }
 
+    /// Writes `first` and what else is queued (snapshots are set aside), then flushes.
     fn write_queued(&self, w: &mut Conn, first: Message, deferred: &mut Option<Message>) -> std::io::Result<()> {
         write_message(w, &first)?;
         for _ in 0..WRITE_BATCH_MAX {
@@ -624,24 +641,7 @@ impl Outbound {
             resume_at = from,
             "streaming snapshot"
         );
-        for (offset, end) in snapshot_stream::chunks(stream.total, from) {
-            if self.halted() {
-                return Err(std::io::Error::other("transport stopping or peer removed"));
-            }
-            let pieces = snapshot_stream::range_of(&parts, offset, end);
-            write_frame(w, &snapshot_stream::chunk_frame_of(&stream, offset, &pieces))?;
-            // Heartbeats and appends to this peer do not wait for the whole snapshot.
-            while let Ok(m) = self.rx.try_recv() {
-                if is_snapshot(&m) {
-                    self.defer(deferred, m);
-                } else {
-                    write_message(w, &m)?;
-                }
-            }
-            w.flush()?;
-            // If the link breaks now, a reconnection learns the real point from the peer.
-            *resume = Resume { stream: Some(stream), offset: end };
-        }
+        self.write_chunks(w, resume, &stream, &parts, from, deferred)?;
         let mut end = vec![KIND_END];
         end.extend_from_slice(&stream.digest);
         msg.write_to_vec(&mut end).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
@@ -656,6 +656,38 @@ impl Outbound {
             "snapshot streamed"
         );
         Ok(true)
+    }
+
+    /// Writes `stream`'s chunks from offset `from`, each followed by what else is queued for the
+    /// peer, keeping `resume` at the end of the last chunk flushed.
+    fn write_chunks(
+        &self,
+        w: &mut Conn,
+        resume: &mut Resume,
+        stream: &StreamId,
+        parts: &[&[u8]],
+        from: u64,
+        deferred: &mut Option<Message>,
+    ) -> std::io::Result<()> {
+        for (offset, end) in snapshot_stream::chunks(stream.total, from) {
+            if self.halted() {
+                return Err(std::io::Error::other("transport stopping or peer removed"));
+            }
+            let pieces = snapshot_stream::range_of(parts, offset, end);
+            write_frame(w, &snapshot_stream::chunk_frame_of(stream, offset, &pieces))?;
+            // Heartbeats and appends to this peer do not wait for the whole snapshot.
+            while let Ok(m) = self.rx.try_recv() {
+                if is_snapshot(&m) {
+                    self.defer(deferred, m);
+                } else {
+                    write_message(w, &m)?;
+                }
+            }
+            w.flush()?;
+            // If the link breaks now, a reconnection learns the real point from the peer.
+            *resume = Resume { stream: Some(*stream), offset: end };
+        }
+        Ok(())
     }
 }
 

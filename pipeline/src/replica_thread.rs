@@ -147,6 +147,9 @@ struct Published {
     stopped: Option<LogFailure>,
 }
 
+/// What a probe of a peer address presents: this node's hello, and how links are protected.
+type PeerProbe = (Hello, PeerSecurity);
+
 /// The handle the connection threads and `tallyd` use: role, lease, members, membership.
 pub struct CoreReplicator {
     node_id: u64,
@@ -154,7 +157,7 @@ pub struct CoreReplicator {
     env: Arc<Mutex<Box<dyn Env>>>,
     control_tx: Sender<Control>,
     stop: Arc<AtomicBool>,
-    probe: Option<(Hello, PeerSecurity)>,
+    probe: Option<PeerProbe>,
     admin_lock: Mutex<()>,
     revoked: RevokedCerts,
 }
@@ -165,84 +168,17 @@ pub struct CoreReplicator {
 /// A log the core refuses, or a thread or port that cannot start.
 pub fn start(
     shared: &Arc<Shared>,
-    cfg: ShellConfig,
+    mut cfg: ShellConfig,
     wal: Wal,
     env: Box<dyn Env>,
 ) -> Result<Arc<CoreReplicator>, String> {
     let members: Members = Arc::default();
-    let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members).map_err(|e| format!("log: {e}"))?;
-    *members.lock() = log.members().clone();
-    let on_flushed = {
-        let shared = Arc::downgrade(shared);
-        move |index, height| {
-            if let Some(s) = shared.upgrade() {
-                s.publish_applied(index, height);
-            }
-        }
-    };
-    let revoked = RevokedCerts::new(log.revoked());
-    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?.with_revoked(revoked.clone());
-    // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
-    // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
-    if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
-        tally_core::ledger::bootstrap(&mut ledger, &cfg.initial_voters).map_err(|e| format!("bootstrap: {e}"))?;
-        ledger.drain().map_err(|e| format!("bootstrap: {e}"))?;
-        shared.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
-    }
-    // The log must continue from the durable state: a fresh log (or one whose entries the
-    // state already holds) starts with a marker at the state's applied entry.
-    let head = tally_core::Ledger::head(&ledger);
-    if head.index > 0 && log.log().last_index() < head.index {
-        let mut meta = raft::eraftpb::SnapshotMetadata::default();
-        meta.index = head.index;
-        meta.term = head.term.max(1);
-        if let Some(bytes) = tally_core::Ledger::conf_state(&ledger) {
-            meta.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|e| format!("stored configuration: {e}"))?);
-        }
-        log.apply_snapshot(&meta, &[], &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
-    }
+    let (log, ledger, revoked) = open_log_and_ledger(shared, &cfg, wal, &members)?;
     let restored = restore(&log)?;
     let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
-    let (transport, probe): (Box<dyn Transport>, _) = match cfg.peers {
-        Some(p) => {
-            let security = p.security.with_revoked(revoked.clone());
-            let t = TcpTransport::start(p.listener, p.hello.clone(), security.clone(), net_tx)
-                .map_err(|e| format!("peer port: {e}"))?
-                .with_snapshots(ledger.snapshot_source());
-            (Box::new(t), Some((p.hello, security)))
-        }
-        None => (Box::new(NoPeers), None),
-    };
+    let (transport, probe) = start_transport(cfg.peers.take(), &revoked, &ledger, net_tx)?;
     let mut env = env;
-    let now_ms = env.monotonic_ms();
-    let wall_ms = env.wall_ms();
-    let election_seed = env.next_u64();
-    let replica_cfg = ReplicaConfig {
-        node_id: cfg.node_id,
-        cluster_id: shared.opts.cluster_id,
-        tick_ms: cfg.tick_ms,
-        election_ticks: cfg.election_ticks,
-        heartbeat_ticks: cfg.heartbeat_ticks,
-        batch_interval_ms: shared.opts.batch_interval_ms,
-        batch_requests_max: shared.opts.batch_requests_max,
-        batch_bytes_max: shared.opts.batch_bytes_max,
-        log_retain_entries: cfg.log_retain_entries,
-        log_retain_bytes: LOG_RETAIN_BYTES,
-        operator_key: shared.opts.operator_key.clone(),
-        election_seed,
-        plant: cfg.plant,
-        snapshot_reports_by_shell: true,
-        campaign_on_leader_down: cfg.campaign_on_leader_down,
-    };
-    let logger = tally_failover::raft_log_bridge::logger(cfg.node_id);
-    let replica =
-        Replica::start(replica_cfg, ledger, restored, now_ms, wall_ms, &logger).map_err(|e| format!("replica: {e}"))?;
-    tracing::info!(
-        node = cfg.node_id,
-        applied = replica.applied().index,
-        voters = ?replica.voters(),
-        "replica core started"
-    );
+    let (replica, now_ms) = start_replica(shared, &cfg, ledger, restored, &mut env)?;
     let env = Arc::new(Mutex::new(env));
     let published = Arc::new(Mutex::new(Published::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -277,22 +213,8 @@ pub fn start(
     };
     thread.update_transport_peers();
     thread.publish();
-    let (submit_rx, stop2) = (shared.submit_rx.clone(), stop.clone());
     let inputs = Inputs { net: net_rx, warmed: warm_rx };
-    std::thread::Builder::new()
-        .name(format!("replica-{}", cfg.node_id))
-        .spawn(move || {
-            // A panic here (a broken invariant) ends the process: a replica must never keep
-            // heartbeating while its core is dead (`docs/architecture.md` §9).
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                thread.run(&submit_rx, &inputs, &control_rx, &stop2)
-            }));
-            if r.is_err() {
-                tracing::error!("the replica thread panicked; aborting so a backup takes over");
-                std::process::abort();
-            }
-        })
-        .map_err(|e| format!("cannot start the replica thread: {e}"))?;
+    spawn_replica_thread(thread, shared.submit_rx.clone(), inputs, control_rx, stop.clone())?;
     Ok(Arc::new(CoreReplicator {
         node_id: cfg.node_id,
         published,
@@ -303,6 +225,139 @@ pub fn start(
         admin_lock: Mutex::new(()),
         revoked,
     }))
+}
+
+/// Opens the log and the ledger on the store (bootstrapping a new cluster's first
+/// configuration), and makes the log continue from the state the store holds.
+fn open_log_and_ledger(
+    shared: &Arc<Shared>,
+    cfg: &ShellConfig,
+    wal: Wal,
+    members: &Members,
+) -> Result<(WalStorage, StoreLedger, RevokedCerts), String> {
+    let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members).map_err(|e| format!("log: {e}"))?;
+    *members.lock() = log.members().clone();
+    let on_flushed = {
+        let shared = Arc::downgrade(shared);
+        move |index, height| {
+            if let Some(s) = shared.upgrade() {
+                s.publish_applied(index, height);
+            }
+        }
+    };
+    let revoked = RevokedCerts::new(log.revoked());
+    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?.with_revoked(revoked.clone());
+    // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
+    // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
+    if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
+        tally_core::ledger::bootstrap(&mut ledger, &cfg.initial_voters).map_err(|e| format!("bootstrap: {e}"))?;
+        ledger.drain().map_err(|e| format!("bootstrap: {e}"))?;
+        shared.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
+    }
+    mark_log_at_state(&mut log, &ledger)?;
+    Ok((log, ledger, revoked))
+}
+
+/// The log must continue from the durable state: a fresh log (or one whose entries the state
+/// already holds) starts with a marker at the state's applied entry.
+fn mark_log_at_state(log: &mut WalStorage, ledger: &StoreLedger) -> Result<(), String> {
+    let head = tally_core::Ledger::head(ledger);
+    if head.index > 0 && log.log().last_index() < head.index {
+        let mut meta = raft::eraftpb::SnapshotMetadata::default();
+        meta.index = head.index;
+        meta.term = head.term.max(1);
+        if let Some(bytes) = tally_core::Ledger::conf_state(ledger) {
+            meta.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|e| format!("stored configuration: {e}"))?);
+        }
+        log.apply_snapshot(&meta, &[], &[]).map_err(|e| format!("log marker at {}: {e}", head.index))?;
+    }
+    Ok(())
+}
+
+/// The peer transport (its listener started, snapshots streamed from the ledger's exports) and
+/// what probes a peer address, or no peers for a cluster of one without a peer port.
+fn start_transport(
+    peers: Option<PeerPort>,
+    revoked: &RevokedCerts,
+    ledger: &StoreLedger,
+    net_tx: Sender<Message>,
+) -> Result<(Box<dyn Transport>, Option<PeerProbe>), String> {
+    Ok(match peers {
+        Some(p) => {
+            let security = p.security.with_revoked(revoked.clone());
+            let t = TcpTransport::start(p.listener, p.hello.clone(), security.clone(), net_tx)
+                .map_err(|e| format!("peer port: {e}"))?
+                .with_snapshots(ledger.snapshot_source());
+            (Box::new(t), Some((p.hello, security)))
+        }
+        None => (Box::new(NoPeers), None),
+    })
+}
+
+/// Starts the replica core on the ledger and the restored log, at `env`'s time. Returns it and
+/// the monotonic time it started at.
+fn start_replica(
+    shared: &Shared,
+    cfg: &ShellConfig,
+    ledger: StoreLedger,
+    restored: RestoredLog,
+    env: &mut Box<dyn Env>,
+) -> Result<(Replica<StoreLedger>, u64), String> {
+    let now_ms = env.monotonic_ms();
+    let wall_ms = env.wall_ms();
+    let election_seed = env.next_u64();
+    let replica_cfg = ReplicaConfig {
+        node_id: cfg.node_id,
+        cluster_id: shared.opts.cluster_id,
+        tick_ms: cfg.tick_ms,
+        election_ticks: cfg.election_ticks,
+        heartbeat_ticks: cfg.heartbeat_ticks,
+        batch_interval_ms: shared.opts.batch_interval_ms,
+        batch_requests_max: shared.opts.batch_requests_max,
+        batch_bytes_max: shared.opts.batch_bytes_max,
+        log_retain_entries: cfg.log_retain_entries,
+        log_retain_bytes: LOG_RETAIN_BYTES,
+        operator_key: shared.opts.operator_key.clone(),
+        election_seed,
+        plant: cfg.plant,
+        snapshot_reports_by_shell: true,
+        campaign_on_leader_down: cfg.campaign_on_leader_down,
+    };
+    let logger = tally_failover::raft_log_bridge::logger(cfg.node_id);
+    let replica =
+        Replica::start(replica_cfg, ledger, restored, now_ms, wall_ms, &logger).map_err(|e| format!("replica: {e}"))?;
+    tracing::info!(
+        node = cfg.node_id,
+        applied = replica.applied().index,
+        voters = ?replica.voters(),
+        "replica core started"
+    );
+    Ok((replica, now_ms))
+}
+
+/// Runs `thread` on its own OS thread until `stop`.
+fn spawn_replica_thread(
+    mut thread: ReplicaThread,
+    submit_rx: Receiver<Vec<Submission>>,
+    inputs: Inputs,
+    control_rx: Receiver<Control>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(format!("replica-{}", thread.id))
+        .spawn(move || {
+            // A panic here (a broken invariant) ends the process: a replica must never keep
+            // heartbeating while its core is dead (`docs/architecture.md` §9).
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                thread.run(&submit_rx, &inputs, &control_rx, &stop)
+            }));
+            if r.is_err() {
+                tracing::error!("the replica thread panicked; aborting so a backup takes over");
+                std::process::abort();
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the replica thread: {e}"))
 }
 
 fn ledger_is_fresh(l: &StoreLedger) -> bool {

@@ -391,6 +391,15 @@ pub struct Sim {
     next_ticket: u64,
 }
 
+/// How a write to a simulated disk went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persisted {
+    Written,
+    /// The process crashed in the middle of the write, or its log failed: the effects after
+    /// the write are not carried out.
+    Failed,
+}
+
 /// Why the simulator asked for a membership change.
 #[derive(Debug, Clone, Copy)]
 enum Purpose {
@@ -442,6 +451,76 @@ fn doc_key(seed: u64, i: u64) -> DocKey {
     DocKey(b)
 }
 
+impl Node {
+    /// A node the cluster starts with: down until booted, its durable ledger the new cluster's.
+    fn initial(genesis: &[(PublicKey, u64)], voters: &[u64]) -> Node {
+        Node {
+            replica: None,
+            disk: SimDisk::default(),
+            durable: MemLedger::new_cluster(genesis, voters),
+            life: 0,
+            paused: None,
+            held: Vec::new(),
+            clock: Clock { anchor_sim: 0, anchor_mono: 0, drift_ppm: 0, wall_offset_ms: 0 },
+            crash_on_next_write: false,
+            fail_next_fsync: false,
+            was_leader_term: None,
+            initial: true,
+        }
+    }
+}
+
+impl Client {
+    /// A client of `kind` that sends first to node `target`, with nothing in flight.
+    fn new(kind: ClientKind, target: usize) -> Client {
+        Client { kind, target, nonce: 0, attempt: 0, op: None, expect: None }
+    }
+}
+
+/// Four transfer clients (one account each), two document clients and the mischief client,
+/// spread over the `n` nodes.
+fn initial_clients(n: usize) -> Vec<Client> {
+    let transfer_clients = 4usize;
+    let mut clients = Vec::new();
+    for i in 0..transfer_clients {
+        clients.push(Client::new(ClientKind::Transfer { account: i }, i % n));
+    }
+    for i in 0..2 {
+        clients.push(Client::new(ClientKind::Docs, i % n));
+    }
+    clients.push(Client::new(ClientKind::Mischief, 0));
+    clients
+}
+
+/// The configuration every replica starts with (production timing); `boot` sets the node id
+/// and election seed.
+fn replica_config(cluster_id: ClusterId, operator: &ed25519_dalek::SigningKey, plant: Plant) -> ReplicaConfig {
+    ReplicaConfig {
+        node_id: 0,
+        cluster_id,
+        tick_ms: TICK_MS,
+        election_ticks: ELECTION_TICKS,
+        heartbeat_ticks: HEARTBEAT_TICKS,
+        batch_interval_ms: BATCH_INTERVAL_MS,
+        batch_requests_max: 256,
+        batch_bytes_max: 64 * 1024,
+        log_retain_entries: 48,
+        log_retain_bytes: 64 << 20,
+        operator_key: operator.clone(),
+        election_seed: 0,
+        plant,
+        snapshot_reports_by_shell: true,
+        campaign_on_leader_down: true,
+    }
+}
+
+/// The forging peer of a run that has one: the member identity it holds, its own random stream
+/// (derived from the seed, so the run's stream is untouched) and empty samples.
+fn forger_for(seed: u64, n: usize) -> (u64, ChaCha20Rng, crate::forger::Samples) {
+    let identity = 1 + derived_key(seed, "forger-identity", 0)[0] as u64 % n as u64;
+    (identity, ChaCha20Rng::from_seed(derived_key(seed, "forger-rng", 0)), crate::forger::Samples::default())
+}
+
 impl Sim {
     pub fn new(cfg: SimConfig) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(cfg.seed);
@@ -451,88 +530,29 @@ impl Sim {
         cluster.copy_from_slice(&derived_key(seed, "cluster", 0)[..16]);
         let cluster_id = ClusterId(cluster);
         let operator = ed25519_dalek::SigningKey::from_bytes(&derived_key(seed, "operator", 0));
-        let transfer_clients = 4usize;
         let accounts: Vec<PublicKey> = (0..6).map(|i| PublicKey(derived_key(seed, "account", i))).collect();
-        let doc_owner = PublicKey(derived_key(seed, "doc-owner", 0));
-        let hot_keys: Vec<DocKey> = (0..3).map(|i| doc_key(seed, i)).collect();
-        let cas_keys: Vec<DocKey> = (3..7).map(|i| doc_key(seed, i)).collect();
         let genesis: Vec<(PublicKey, u64)> = accounts.iter().map(|a| (*a, GENESIS_BALANCE)).collect();
         let voters: Vec<u64> = (1..=n as u64).collect();
-        let replica_cfg = ReplicaConfig {
-            node_id: 0,
-            cluster_id,
-            tick_ms: TICK_MS,
-            election_ticks: ELECTION_TICKS,
-            heartbeat_ticks: HEARTBEAT_TICKS,
-            batch_interval_ms: BATCH_INTERVAL_MS,
-            batch_requests_max: 256,
-            batch_bytes_max: 64 * 1024,
-            log_retain_entries: 48,
-            log_retain_bytes: 64 << 20,
-            operator_key: operator.clone(),
-            election_seed: 0,
-            plant: cfg.plant,
-            snapshot_reports_by_shell: true,
-            campaign_on_leader_down: true,
-        };
-        let nodes = (0..n)
-            .map(|_| Node {
-                replica: None,
-                disk: SimDisk::default(),
-                durable: MemLedger::new_cluster(&genesis, &voters),
-                life: 0,
-                paused: None,
-                held: Vec::new(),
-                clock: Clock { anchor_sim: 0, anchor_mono: 0, drift_ppm: 0, wall_offset_ms: 0 },
-                crash_on_next_write: false,
-                fail_next_fsync: false,
-                was_leader_term: None,
-                initial: true,
-            })
-            .collect();
-        let mut clients = Vec::new();
-        for i in 0..transfer_clients {
-            clients.push(Client {
-                kind: ClientKind::Transfer { account: i },
-                target: i % n,
-                nonce: 0,
-                attempt: 0,
-                op: None,
-                expect: None,
-            });
-        }
-        for i in 0..2 {
-            clients.push(Client {
-                kind: ClientKind::Docs,
-                target: i % n,
-                nonce: 0,
-                attempt: 0,
-                op: None,
-                expect: None,
-            });
-        }
-        clients.push(Client { kind: ClientKind::Mischief, target: 0, nonce: 0, attempt: 0, op: None, expect: None });
         let mut stats = RunStats { nodes: n, ..RunStats::default() };
-        let forger = cfg.forger.unwrap_or_else(|| forger_drawn(seed)).then(|| {
-            let identity = 1 + derived_key(seed, "forger-identity", 0)[0] as u64 % n as u64;
-            stats.forger = Some(ForgerStats { identity, ..ForgerStats::default() });
-            (identity, ChaCha20Rng::from_seed(derived_key(seed, "forger-rng", 0)), crate::forger::Samples::default())
-        });
+        let forger = cfg.forger.unwrap_or_else(|| forger_drawn(seed)).then(|| forger_for(seed, n));
+        if let Some((identity, ..)) = &forger {
+            stats.forger = Some(ForgerStats { identity: *identity, ..ForgerStats::default() });
+        }
         Sim {
-            cfg,
             rng,
             now: 0,
             seq: 0,
             queue: BTreeMap::new(),
-            nodes,
-            clients,
+            nodes: (0..n).map(|_| Node::initial(&genesis, &voters)).collect(),
+            clients: initial_clients(n),
             cluster_id,
+            replica_cfg: replica_config(cluster_id, &operator, cfg.plant),
             operator,
-            replica_cfg,
             accounts,
-            doc_owner,
-            hot_keys,
-            cas_keys,
+            doc_owner: PublicKey(derived_key(seed, "doc-owner", 0)),
+            hot_keys: (0..3).map(|i| doc_key(seed, i)).collect(),
+            cas_keys: (3..7).map(|i| doc_key(seed, i)).collect(),
+            cfg,
             leases: Vec::new(),
             history: History::default(),
             headers: Vec::new(),
@@ -604,60 +624,14 @@ impl Sim {
 
     fn step(&mut self, ev: Ev) {
         match ev {
-            Ev::Tick { node, life } => {
-                let nd = &self.nodes[node];
-                if nd.life != life || nd.replica.is_none() || nd.paused.is_some() {
-                    return;
-                }
-                let (now_ms, wall_ms) = (nd.clock.mono(self.now), nd.clock.wall(self.now));
-                self.deliver(node, Event::Tick { now_ms, wall_ms });
-                self.at(TICK_EVENT_MS, Ev::Tick { node, life });
-            }
-            Ev::PeerDown { down, to, life } => {
-                if self.nodes[down].life != life || self.nodes[down].replica.is_some() {
-                    return; // restarted: the reconnect would have succeeded
-                }
-                if self.nodes[to].paused.is_some() {
-                    self.nodes[to].held.push(Ev::PeerDown { down, to, life });
-                    return;
-                }
-                if self.nodes[to].replica.is_some() {
-                    *self.stats.faults.entry("peer-down-reported".into()).or_default() += 1;
-                    self.deliver(to, Event::PeerDown(down as u64 + 1));
-                }
-            }
-            Ev::Peer { from, to, msg } => {
-                if self.nodes[to].paused.is_some() {
-                    self.nodes[to].held.push(Ev::Peer { from, to, msg });
-                    return;
-                }
-                if self.nodes[to].replica.is_some() {
-                    self.deliver(to, Event::Peer(msg));
-                }
-            }
-            Ev::Request { node, client, attempt, frame } => {
-                if self.nodes[node].paused.is_some() {
-                    self.nodes[node].held.push(Ev::Request { node, client, attempt, frame });
-                    return;
-                }
-                if self.nodes[node].replica.is_none() {
-                    return; // connection refused: the client times out and moves on
-                }
-                self.on_request(node, client, attempt, frame);
-            }
+            Ev::Tick { node, life } => self.on_tick(node, life),
+            Ev::PeerDown { down, to, life } => self.on_peer_down(down, to, life),
+            Ev::Peer { from, to, msg } => self.on_peer(from, to, msg),
+            Ev::Request { node, client, attempt, frame } => self.on_request_arrival(node, client, attempt, frame),
             Ev::Response { client, attempt, resp } => self.on_response(client, attempt, resp),
             Ev::ClientWake { client, attempt, why } => self.on_client_wake(client, attempt, why),
             Ev::Chaos => self.chaos(),
-            Ev::Restart { node } => {
-                // A replica whose log failed runs poisoned until its supervisor restarts it; the
-                // restart finds what a crash would leave.
-                if self.nodes[node].replica.as_ref().is_some_and(|r| r.poisoned().is_some()) {
-                    self.crash(node, false);
-                }
-                if self.nodes[node].replica.is_none() {
-                    self.boot(node);
-                }
-            }
+            Ev::Restart { node } => self.on_restart(node),
             Ev::Resume { node, pause } => {
                 if self.nodes[node].paused == Some(pause) {
                     self.resume(node);
@@ -669,23 +643,7 @@ impl Sim {
                 }
             }
             Ev::Unclog { link } => self.unclog(link),
-            Ev::AddVoter { node } => {
-                let id = node as u64 + 1;
-                // The leader's configuration is the one that counts (a restarting replica
-                // replays older ones).
-                if let Some(l) = self.leader() {
-                    let voters = self.nodes[l].replica.as_ref().map(Replica::voters).unwrap_or_default();
-                    if voters.contains(&id) {
-                        return;
-                    }
-                    let ticket = self.ticket(Purpose::AddBack);
-                    self.deliver(
-                        l,
-                        Event::ChangeMembers { ticket, change: MemberChange::Add { node: id, context: Vec::new() } },
-                    );
-                }
-                self.at(500, Ev::AddVoter { node });
-            }
+            Ev::AddVoter { node } => self.on_add_voter(node),
             Ev::ReadWait(read) => self.serve_read(read),
             Ev::SnapshotReport { node, life, to, delivered } => {
                 if self.nodes[node].life == life {
@@ -694,16 +652,97 @@ impl Sim {
             }
             Ev::Heal => self.heal(),
             Ev::Forge => self.forge(),
-            Ev::Forged { to, msg } => {
-                if self.nodes[to].paused.is_some() {
-                    self.nodes[to].held.push(Ev::Forged { to, msg });
-                    return;
-                }
-                if self.nodes[to].replica.is_some() {
-                    self.deliver_forged(to, msg);
-                }
-            }
+            Ev::Forged { to, msg } => self.on_forged(to, msg),
         }
+    }
+
+    /// A tick for the life of node `node` that scheduled it, which schedules the next.
+    fn on_tick(&mut self, node: usize, life: u64) {
+        let nd = &self.nodes[node];
+        if nd.life != life || nd.replica.is_none() || nd.paused.is_some() {
+            return;
+        }
+        let (now_ms, wall_ms) = (nd.clock.mono(self.now), nd.clock.wall(self.now));
+        self.deliver(node, Event::Tick { now_ms, wall_ms });
+        self.at(TICK_EVENT_MS, Ev::Tick { node, life });
+    }
+
+    /// Node `to` finds node `down`'s port closed (unless `down` restarted meanwhile).
+    fn on_peer_down(&mut self, down: usize, to: usize, life: u64) {
+        if self.nodes[down].life != life || self.nodes[down].replica.is_some() {
+            return; // restarted: the reconnect would have succeeded
+        }
+        if self.nodes[to].paused.is_some() {
+            self.nodes[to].held.push(Ev::PeerDown { down, to, life });
+            return;
+        }
+        if self.nodes[to].replica.is_some() {
+            *self.stats.faults.entry("peer-down-reported".into()).or_default() += 1;
+            self.deliver(to, Event::PeerDown(down as u64 + 1));
+        }
+    }
+
+    // A paused node's process handles nothing: what reaches it waits in `held` until it resumes.
+
+    fn on_peer(&mut self, from: usize, to: usize, msg: Message) {
+        if self.nodes[to].paused.is_some() {
+            self.nodes[to].held.push(Ev::Peer { from, to, msg });
+            return;
+        }
+        if self.nodes[to].replica.is_some() {
+            self.deliver(to, Event::Peer(msg));
+        }
+    }
+
+    fn on_request_arrival(&mut self, node: usize, client: usize, attempt: u64, frame: Frame) {
+        if self.nodes[node].paused.is_some() {
+            self.nodes[node].held.push(Ev::Request { node, client, attempt, frame });
+            return;
+        }
+        if self.nodes[node].replica.is_none() {
+            return; // connection refused: the client times out and moves on
+        }
+        self.on_request(node, client, attempt, frame);
+    }
+
+    fn on_forged(&mut self, to: usize, msg: Message) {
+        if self.nodes[to].paused.is_some() {
+            self.nodes[to].held.push(Ev::Forged { to, msg });
+            return;
+        }
+        if self.nodes[to].replica.is_some() {
+            self.deliver_forged(to, msg);
+        }
+    }
+
+    fn on_restart(&mut self, node: usize) {
+        // A replica whose log failed runs poisoned until its supervisor restarts it; the
+        // restart finds what a crash would leave.
+        if self.nodes[node].replica.as_ref().is_some_and(|r| r.poisoned().is_some()) {
+            self.crash(node, false);
+        }
+        if self.nodes[node].replica.is_none() {
+            self.boot(node);
+        }
+    }
+
+    /// Asks the leader to make `node` a voter again, and asks again later until it is one.
+    fn on_add_voter(&mut self, node: usize) {
+        let id = node as u64 + 1;
+        // The leader's configuration is the one that counts (a restarting replica
+        // replays older ones).
+        if let Some(l) = self.leader() {
+            let voters = self.nodes[l].replica.as_ref().map(Replica::voters).unwrap_or_default();
+            if voters.contains(&id) {
+                return;
+            }
+            let ticket = self.ticket(Purpose::AddBack);
+            self.deliver(
+                l,
+                Event::ChangeMembers { ticket, change: MemberChange::Add { node: id, context: Vec::new() } },
+            );
+        }
+        self.at(500, Ev::AddVoter { node });
     }
 
     // ---- replicas -------------------------------------------------------------------------
@@ -815,41 +854,8 @@ impl Sim {
             match e {
                 Effect::Send(m) => self.send_peer(i, m),
                 Effect::Persist(p) => {
-                    let nd = &mut self.nodes[i];
-                    if p.snapshot.is_some() {
-                        // The installed state was written and synced before the log records
-                        // the snapshot (as the store does).
-                        if let Some(r) = nd.replica.as_ref() {
-                            nd.durable = r.ledger().clone();
-                        }
-                    }
-                    if p.snapshot.is_some() && !nd.initial {
-                        self.stats.learner_snapshots += 1;
-                    }
-                    nd.disk.write(&p);
-                    if nd.crash_on_next_write {
-                        *self.stats.faults.entry("crash-mid-write".into()).or_default() += 1;
-                        let tear = self.rng.gen_bool(0.5);
-                        self.crash(i, tear);
-                        let d = self.rng.gen_range(200..2_000);
-                        self.at(d, Ev::Restart { node: i });
+                    if self.persist(i, &p) == Persisted::Failed {
                         return;
-                    }
-                    if nd.fail_next_fsync && p.sync {
-                        nd.fail_next_fsync = false;
-                        let r = nd.replica.as_mut().expect("a replica with effects is up");
-                        let more = r.handle(Event::LogFailed(tally_core::LogFailure::new(
-                            std::io::ErrorKind::Other,
-                            "log fsync: Input/output error (os error 5)",
-                        )));
-                        self.run_effects(i, more);
-                        // The supervisor restarts a replica whose log failed.
-                        let d = self.rng.gen_range(500..3_000);
-                        self.at(d, Ev::Restart { node: i });
-                        return;
-                    }
-                    if p.sync {
-                        nd.disk.fsync();
                     }
                 }
                 Effect::Reply { client, reply } => {
@@ -857,42 +863,17 @@ impl Sim {
                     let d = self.net_delay();
                     self.at(d, Ev::Response { client: c, attempt, resp: Resp::Submit(reply) });
                 }
-                Effect::ReadIndex { client, result } => match result {
-                    Ok(index) => {
-                        let key = self.read_keys.remove(&client).expect("a judged read was sent");
-                        let (life, until) = (self.nodes[i].life, self.now + READ_WAIT_MS);
-                        self.serve_read(HeldRead { node: i, life, tag: client, key, index, until });
-                    }
-                    Err(e) => {
-                        self.read_keys.remove(&client);
-                        let (c, attempt) = split_tag(client);
-                        let d = self.net_delay();
-                        self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(Err(e)) });
-                    }
-                },
+                Effect::ReadIndex { client, result } => self.on_read_index(i, client, result),
                 Effect::MembershipChanged { ticket, result } => self.membership_changed(ticket, result),
-                Effect::Reconfigured { ref conf_state, .. } if trace() => {
-                    eprintln!("{:>6} node {} applied voters {:?}", self.now, i + 1, conf_state.voters);
+                Effect::Reconfigured { ref conf_state, .. } => {
+                    if trace() {
+                        eprintln!("{:>6} node {} applied voters {:?}", self.now, i + 1, conf_state.voters);
+                    }
                     if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
                         self.stats.reconfigurations += 1;
                     }
                 }
-                Effect::Reconfigured { .. } => {
-                    if self.nodes[i].replica.as_ref().is_some_and(Replica::is_leader) {
-                        self.stats.reconfigurations += 1;
-                    }
-                }
-                Effect::Signed { header, signature } => {
-                    if self.first_commit_after_heal.is_none()
-                        && !self.faults_on
-                        && self.healed_at > 0
-                        && header.height > self.height_at_heal
-                    {
-                        self.first_commit_after_heal = Some(self.now);
-                    }
-                    self.stats.max_height = self.stats.max_height.max(header.height);
-                    self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
-                }
+                Effect::Signed { header, signature } => self.on_signed(i, header, signature),
                 Effect::PeerRefused { from, refusal } => self.on_refused(i, from, &refusal),
                 Effect::ConfChangeSkipped { index, why } => {
                     let what =
@@ -908,6 +889,80 @@ impl Sim {
                 Effect::Proposed { .. } => {}
             }
         }
+    }
+
+    /// Writes what replica `i` asked to persist to its disk, with the faults armed for it: a
+    /// crash in the middle of the write, or a failed fsync (the replica then runs poisoned).
+    /// Either way its supervisor restarts it later.
+    fn persist(&mut self, i: usize, p: &tally_core::Persist) -> Persisted {
+        let nd = &mut self.nodes[i];
+        if p.snapshot.is_some() {
+            // The installed state was written and synced before the log records
+            // the snapshot (as the store does).
+            if let Some(r) = nd.replica.as_ref() {
+                nd.durable = r.ledger().clone();
+            }
+        }
+        if p.snapshot.is_some() && !nd.initial {
+            self.stats.learner_snapshots += 1;
+        }
+        nd.disk.write(p);
+        if nd.crash_on_next_write {
+            *self.stats.faults.entry("crash-mid-write".into()).or_default() += 1;
+            let tear = self.rng.gen_bool(0.5);
+            self.crash(i, tear);
+            let d = self.rng.gen_range(200..2_000);
+            self.at(d, Ev::Restart { node: i });
+            return Persisted::Failed;
+        }
+        if nd.fail_next_fsync && p.sync {
+            nd.fail_next_fsync = false;
+            let r = nd.replica.as_mut().expect("a replica with effects is up");
+            let more = r.handle(Event::LogFailed(tally_core::LogFailure::new(
+                std::io::ErrorKind::Other,
+                "log fsync: Input/output error (os error 5)",
+            )));
+            self.run_effects(i, more);
+            // The supervisor restarts a replica whose log failed.
+            let d = self.rng.gen_range(500..3_000);
+            self.at(d, Ev::Restart { node: i });
+            return Persisted::Failed;
+        }
+        if p.sync {
+            nd.disk.fsync();
+        }
+        Persisted::Written
+    }
+
+    /// The core judged a read: serve it once the state has applied `index`, or answer the error.
+    fn on_read_index(&mut self, i: usize, client: ClientTag, result: tally_core::replica::ReadResult) {
+        match result {
+            Ok(index) => {
+                let key = self.read_keys.remove(&client).expect("a judged read was sent");
+                let (life, until) = (self.nodes[i].life, self.now + READ_WAIT_MS);
+                self.serve_read(HeldRead { node: i, life, tag: client, key, index, until });
+            }
+            Err(e) => {
+                self.read_keys.remove(&client);
+                let (c, attempt) = split_tag(client);
+                let d = self.net_delay();
+                self.at(d, Ev::Response { client: c, attempt, resp: Resp::Read(Err(e)) });
+            }
+        }
+    }
+
+    /// A batch header replica `i` signed: kept for the checkers, and the first after the heal
+    /// times the recovery.
+    fn on_signed(&mut self, i: usize, header: tally_codec::BatchHeader, signature: Signature) {
+        if self.first_commit_after_heal.is_none()
+            && !self.faults_on
+            && self.healed_at > 0
+            && header.height > self.height_at_heal
+        {
+            self.first_commit_after_heal = Some(self.now);
+        }
+        self.stats.max_height = self.stats.max_height.max(header.height);
+        self.headers.push(SeenHeader { header, signature, source: format!("node {} signed", i + 1) });
     }
 
     fn send_peer(&mut self, from: usize, m: Message) {
@@ -1468,20 +1523,14 @@ impl Sim {
         self.nodes.iter().position(|n| n.replica.as_ref().is_some_and(|r| r.is_leader()))
     }
 
+    /// Injects one fault drawn from the seed, then schedules the next.
     fn chaos(&mut self) {
         if !self.faults_on {
             return;
         }
-        let n = self.nodes.len();
         let pick = self.rng.gen_range(0..100);
         match pick {
-            0..=13 => {
-                let i = self.rng.gen_range(0..n);
-                self.fault("crash");
-                self.crash(i, false);
-                let d = self.rng.gen_range(100..3_000);
-                self.at(d, Ev::Restart { node: i });
-            }
+            0..=13 => self.crash_any(),
             14..=23 => {
                 if let Some(l) = self.leader() {
                     self.fault("crash-leader");
@@ -1491,28 +1540,13 @@ impl Sim {
                 }
             }
             24..=29 => {
-                let i = self.rng.gen_range(0..n);
+                let i = self.rng.gen_range(0..self.nodes.len());
                 if self.nodes[i].replica.is_some() {
                     self.fault("crash-mid-write-armed");
                     self.nodes[i].crash_on_next_write = true;
                 }
             }
-            30..=41 => {
-                let i = self.leader().filter(|_| self.rng.gen_bool(0.5)).unwrap_or_else(|| self.rng.gen_range(0..n));
-                if self.nodes[i].replica.is_some() && self.nodes[i].paused.is_none() {
-                    // Shorter and longer than the election timeout (500 ms).
-                    let d = if self.rng.gen_bool(0.5) {
-                        self.rng.gen_range(50..400)
-                    } else {
-                        self.rng.gen_range(600..2_500)
-                    };
-                    self.fault("pause");
-                    self.seq += 1;
-                    let token = self.seq;
-                    self.nodes[i].paused = Some(token);
-                    self.at(d, Ev::Resume { node: i, pause: token });
-                }
-            }
+            30..=41 => self.pause_one(),
             42..=55 => self.partition(),
             56..=63 => self.swizzle_clog(),
             64..=73 => {
@@ -1522,53 +1556,76 @@ impl Sim {
                 self.delay_max_ms = self.rng.gen_range(1..=40);
             }
             74..=79 => {
-                let i = self.rng.gen_range(0..n);
+                let i = self.rng.gen_range(0..self.nodes.len());
                 if self.nodes[i].replica.is_some() {
                     self.fault("fsync-failure");
                     self.nodes[i].fail_next_fsync = true;
                 }
             }
             80..=89 => {
-                let i = self.rng.gen_range(0..n);
+                let i = self.rng.gen_range(0..self.nodes.len());
                 self.fault("clock-drift");
                 let ppm = self.rng.gen_range(-DRIFT_PPM_MAX..=DRIFT_PPM_MAX);
                 let now = self.now;
                 self.nodes[i].clock.set_drift(now, ppm);
             }
-            90..=94 => {
-                // Membership, as `cluster remove` and `cluster add` run it: a voter (the leader
-                // too) is removed, and added back later as a learner that catches up, then is
-                // promoted; or a follower is removed and replaced by an empty node (its disk
-                // wiped), which catches up by a snapshot.
-                let leader = self.leader();
-                let full = leader.and_then(|l| self.nodes[l].replica.as_ref()).is_some_and(|r| r.voters().len() == n);
-                if let (true, Some(l)) = (full, leader) {
-                    let i = self.rng.gen_range(0..n);
-                    let replace = i != l && self.rng.gen_bool(0.5);
-                    self.fault(if replace {
-                        "replace-node"
-                    } else if i == l {
-                        "remove-leader"
-                    } else {
-                        "remove-voter"
-                    });
-                    let ticket = self.ticket(if replace { Purpose::Replace { node: i } } else { Purpose::Remove });
-                    self.deliver(
-                        l,
-                        Event::ChangeMembers { ticket, change: MemberChange::Remove { node: i as u64 + 1 } },
-                    );
-                    let d = self.rng.gen_range(1_000..4_000);
-                    self.at(d, Ev::AddVoter { node: i });
-                }
-            }
+            90..=94 => self.change_membership(),
             _ => {
-                let i = self.rng.gen_range(0..n);
+                let i = self.rng.gen_range(0..self.nodes.len());
                 self.fault("clock-jump");
                 self.nodes[i].clock.wall_offset_ms = self.rng.gen_range(-WALL_JUMP_MS_MAX..=WALL_JUMP_MS_MAX);
             }
         }
         let d = self.rng.gen_range(100..1_200);
         self.at(d, Ev::Chaos);
+    }
+
+    /// Crashes a node drawn at random (down already or not) and restarts it later.
+    fn crash_any(&mut self) {
+        let i = self.rng.gen_range(0..self.nodes.len());
+        self.fault("crash");
+        self.crash(i, false);
+        let d = self.rng.gen_range(100..3_000);
+        self.at(d, Ev::Restart { node: i });
+    }
+
+    /// Pauses a running node (the leader half the time there is one) for shorter or longer than
+    /// the election timeout (500 ms).
+    fn pause_one(&mut self) {
+        let n = self.nodes.len();
+        let i = self.leader().filter(|_| self.rng.gen_bool(0.5)).unwrap_or_else(|| self.rng.gen_range(0..n));
+        if self.nodes[i].replica.is_some() && self.nodes[i].paused.is_none() {
+            let d = if self.rng.gen_bool(0.5) { self.rng.gen_range(50..400) } else { self.rng.gen_range(600..2_500) };
+            self.fault("pause");
+            self.seq += 1;
+            let token = self.seq;
+            self.nodes[i].paused = Some(token);
+            self.at(d, Ev::Resume { node: i, pause: token });
+        }
+    }
+
+    /// Membership, as `cluster remove` and `cluster add` run it: a voter (the leader too) is
+    /// removed, and added back later as a learner that catches up, then is promoted; or a
+    /// follower is removed and replaced by an empty node (its disk wiped), which catches up by
+    /// a snapshot. Only while every node is a voter.
+    fn change_membership(&mut self) {
+        let n = self.nodes.len();
+        let leader = self.leader();
+        let full = leader.and_then(|l| self.nodes[l].replica.as_ref()).is_some_and(|r| r.voters().len() == n);
+        let (true, Some(l)) = (full, leader) else { return };
+        let i = self.rng.gen_range(0..n);
+        let replace = i != l && self.rng.gen_bool(0.5);
+        self.fault(if replace {
+            "replace-node"
+        } else if i == l {
+            "remove-leader"
+        } else {
+            "remove-voter"
+        });
+        let ticket = self.ticket(if replace { Purpose::Replace { node: i } } else { Purpose::Remove });
+        self.deliver(l, Event::ChangeMembers { ticket, change: MemberChange::Remove { node: i as u64 + 1 } });
+        let d = self.rng.gen_range(1_000..4_000);
+        self.at(d, Ev::AddVoter { node: i });
     }
 
     fn partition(&mut self) {

@@ -166,20 +166,42 @@ fn main() -> ExitCode {
         (None, None) => (a.first_seed, 100),
     };
     let started = Instant::now();
-    let bar = if a.quiet || count == 1 {
-        indicatif::ProgressBar::hidden()
+    let (results, failed) = run_seeds(&a, first, count);
+    let summary = summarize(&a, first, count, started.elapsed().as_secs_f64(), failed.clone(), results);
+    print_summary(&summary);
+    if let Err(e) = write_outputs(&a.out, &summary) {
+        eprintln!("could not write {}: {e}", a.out.display());
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
     } else {
-        let b = indicatif::ProgressBar::new(count);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} seeds  {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    };
+        eprintln!("{} of {count} seeds broke an invariant: {:?}", failed.len(), &failed[..failed.len().min(20)]);
+        eprintln!("replay the first: {}", replay_command(&a, failed[0]));
+        ExitCode::FAILURE
+    }
+}
+
+/// A progress bar over `count` seeds, hidden for one seed or `--quiet`.
+fn progress_bar(quiet: bool, count: u64) -> indicatif::ProgressBar {
+    if quiet || count == 1 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(count);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} seeds  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// Runs seeds `first..first + count` in order, printing each failure and how to replay it as it
+/// happens. Returns every seed's result and the failed seeds.
+fn run_seeds(a: &Args, first: u64, count: u64) -> (Vec<SeedResult>, Vec<u64>) {
+    let bar = progress_bar(a.quiet, count);
     let mut results = Vec::with_capacity(count as usize);
     let mut failed = Vec::new();
     for seed in first..first + count {
-        let r = run_seed(config(&a, seed));
+        let r = run_seed(config(a, seed));
         if !r.ok() {
             failed.push(seed);
             bar.suspend(|| {
@@ -187,7 +209,7 @@ fn main() -> ExitCode {
                 for v in r.violations.iter().take(5) {
                     eprintln!("  {}: {}", v.invariant, v.what.chars().take(600).collect::<String>());
                 }
-                eprintln!("  replay: {}", replay_command(&a, seed));
+                eprintln!("  replay: {}", replay_command(a, seed));
             });
         }
         bar.set_message(format!("{} failed", failed.len()));
@@ -195,7 +217,11 @@ fn main() -> ExitCode {
         results.push(r);
     }
     bar.finish_and_clear();
-    let wall_s = started.elapsed().as_secs_f64();
+    (results, failed)
+}
+
+/// The figures over all seeds.
+fn summarize(a: &Args, first: u64, count: u64, wall_s: f64, failed: Vec<u64>, results: Vec<SeedResult>) -> Summary {
     let simulated_s: f64 = results.iter().map(|r| r.stats.sim_ms as f64 / 1e3).sum();
     let mut faults = std::collections::BTreeMap::new();
     for r in &results {
@@ -203,11 +229,11 @@ fn main() -> ExitCode {
             *faults.entry(k.clone()).or_insert(0) += v;
         }
     }
-    let summary = Summary {
+    Summary {
         seeds: count,
         first_seed: first,
         plant: plant_name(a.plant).into(),
-        failed_seeds: failed.clone(),
+        failed_seeds: failed,
         wall_s,
         seeds_per_minute: count as f64 / wall_s * 60.0,
         simulated_s,
@@ -225,17 +251,6 @@ fn main() -> ExitCode {
         five_node_runs: results.iter().filter(|r| r.stats.nodes == 5).count() as u64,
         forger: forger_summary(&results),
         results,
-    };
-    print_summary(&summary);
-    if let Err(e) = write_outputs(&a.out, &summary) {
-        eprintln!("could not write {}: {e}", a.out.display());
-    }
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        eprintln!("{} of {count} seeds broke an invariant: {:?}", failed.len(), &failed[..failed.len().min(20)]);
-        eprintln!("replay the first: {}", replay_command(&a, failed[0]));
-        ExitCode::FAILURE
     }
 }
 

@@ -674,6 +674,32 @@ impl<K: Kv> Store<K> {
     /// # Errors
     /// As [`Self::install_snapshot`].
     pub fn install_snapshot_with_conf(&mut self, snap: &StateSnapshot, conf: Option<&[u8]>) -> Result<(), StoreError> {
+        // Judged before anything is deleted: a refused snapshot leaves the current state.
+        self.refuse_unfit_snapshot(snap)?;
+        let installing = self.tables.meta(META_INSTALLING).into_bytes();
+        self.kv.write(&[WriteOp { key: installing.clone(), value: Some(vec![1]) }])?;
+        self.kv.sync_all()?;
+        self.delete_all_but_meta()?;
+        self.write_snapshot_pairs(snap)?;
+        self.segments.sync()?;
+        let mut ops = vec![
+            self.applied_op(&snap.applied),
+            WriteOp { key: self.tables.meta(META_GENESIS).into_bytes(), value: Some(vec![1]) },
+            WriteOp { key: installing, value: None },
+        ];
+        if let Some(conf) = conf {
+            ops.push(WriteOp { key: self.tables.meta(META_CONF).into_bytes(), value: Some(conf.to_vec()) });
+        }
+        self.kv.write(&ops)?;
+        self.kv.sync_all()?;
+        self.applied = snap.applied;
+        self.initialized = true;
+        self.load_recent()
+    }
+
+    /// Refuses a snapshot that is not ahead of this store, or that would overwrite the store's
+    /// own metadata.
+    fn refuse_unfit_snapshot(&self, snap: &StateSnapshot) -> Result<(), StoreError> {
         fn hex_prefix(k: &[u8]) -> String {
             k.iter().take(8).map(|b| format!("{b:02x}")).collect()
         }
@@ -683,8 +709,6 @@ impl<K: Kv> Store<K> {
                 snap.applied.index, self.applied.index
             )));
         }
-        // Judged before anything is deleted: a snapshot that would overwrite the store's own
-        // metadata is refused whole, and the current state stays.
         let meta_prefix = self.tables.meta.0;
         if let Some((k, _)) = snap.pairs.iter().find(|(k, _)| k.starts_with(&meta_prefix)) {
             return Err(StoreError::InvalidArgument(format!(
@@ -692,9 +716,11 @@ impl<K: Kv> Store<K> {
                 hex_prefix(k)
             )));
         }
-        let installing = self.tables.meta(META_INSTALLING).into_bytes();
-        self.kv.write(&[WriteOp { key: installing.clone(), value: Some(vec![1]) }])?;
-        self.kv.sync_all()?;
+        Ok(())
+    }
+
+    /// Deletes every key but the store's metadata, in bounded writes.
+    fn delete_all_but_meta(&mut self) -> Result<(), StoreError> {
         let meta = self.tables.meta.0;
         let old: Vec<Vec<u8>> = self
             .kv
@@ -707,7 +733,14 @@ impl<K: Kv> Store<K> {
             let ops: Vec<WriteOp> = chunk.iter().map(|k| WriteOp { key: k.clone(), value: None }).collect();
             self.kv.write(&ops)?;
         }
+        Ok(())
+    }
+
+    /// Writes the snapshot's pairs, in bounded writes, as the store keeps them: batch ids and
+    /// batch bodies go to segments, their records point there.
+    fn write_snapshot_pairs(&mut self, snap: &StateSnapshot) -> Result<(), StoreError> {
         let bodies: BTreeMap<u64, &Vec<u8>> = snap.bodies.iter().map(|(h, b)| (*h, b)).collect();
+        let meta = self.tables.meta.0;
         let batches = self.tables.batches.0;
         let requests = self.tables.requests.0;
         for chunk in snap.pairs.chunks(10_000) {
@@ -734,20 +767,7 @@ impl<K: Kv> Store<K> {
             }
             self.kv.write(&ops)?;
         }
-        self.segments.sync()?;
-        let mut ops = vec![
-            self.applied_op(&snap.applied),
-            WriteOp { key: self.tables.meta(META_GENESIS).into_bytes(), value: Some(vec![1]) },
-            WriteOp { key: installing, value: None },
-        ];
-        if let Some(conf) = conf {
-            ops.push(WriteOp { key: self.tables.meta(META_CONF).into_bytes(), value: Some(conf.to_vec()) });
-        }
-        self.kv.write(&ops)?;
-        self.kv.sync_all()?;
-        self.applied = snap.applied;
-        self.initialized = true;
-        self.load_recent()
+        Ok(())
     }
 
     /// Makes segments and kv durable; call before compacting the log past `applied().index`.

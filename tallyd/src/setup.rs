@@ -316,6 +316,35 @@ fn read_genesis(path: &Path) -> Result<Genesis, String> {
 /// # Errors
 /// Any setup failure, with the reason.
 pub fn run(cfg: NodeConfig) -> Result<(), String> {
+    let (operator, genesis, cluster_id) = read_trust_anchors(&cfg)?;
+    let operator_pub = PublicKey(operator.verifying_key().to_bytes());
+    let data_dir = PathBuf::from(&cfg.data_dir);
+    let (store, wal) = open_store_and_log(&cfg, &data_dir, &genesis)?;
+    let health = Arc::new(crate::metrics_http::Health::default());
+    let metrics_handle = match &cfg.metrics_listen {
+        Some(addr) => {
+            let handle = crate::metrics_http::install()?;
+            crate::metrics_http::serve(addr, handle.clone(), health.clone())?;
+            Some(handle)
+        }
+        None => None,
+    };
+    let (opts, peer_security) = node_options(&cfg, cluster_id, operator)?;
+    let genesis_text = read_at_most(Path::new(&cfg.genesis_file), tally_codec::genesis::GENESIS_BYTES_MAX, "genesis")?;
+    let raft_cfg = raft_config(&cfg, &genesis_text, peer_security);
+    let shell = shell_config(&cfg, &raft_cfg)?;
+    let node = Node::start(opts, store, shell, wal, Box::new(SystemEnv::new(None)))?;
+    install_ready_check(&health, &node, cfg.ready_max_lag_batches);
+    tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");
+    if cfg.log_format == tally_codec::config::LogFormat::Text {
+        // The JSON log holds the line above; stderr then carries nothing but JSON objects.
+        eprintln!("tallyd node {} listening on {} (operator key {})", cfg.node_id, node.local_addr, operator_pub);
+    }
+    serve_until_stopped(&node, &data_dir, metrics_handle.as_ref())
+}
+
+/// The operator key, the genesis and the cluster id, once they are found to agree.
+fn read_trust_anchors(cfg: &NodeConfig) -> Result<(SigningKey, Genesis, ClusterId), String> {
     let operator = read_operator_key(Path::new(&cfg.operator_key_file))?;
     let genesis = read_genesis(Path::new(&cfg.genesis_file))?;
     let cluster_id = ClusterId::from_hex(&cfg.cluster_id).map_err(|e| format!("config cluster_id: {e}"))?;
@@ -330,30 +359,35 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             operator_pub, genesis.operator_key
         ));
     }
-    let data_dir = PathBuf::from(&cfg.data_dir);
-    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-    let mut store = wait_for_space(&data_dir, || Store::open(&data_dir))
+    Ok((operator, genesis, cluster_id))
+}
+
+/// Opens the store (writing the genesis into a new one) and the log in `data_dir`, creating it;
+/// on a full disk, waits for space.
+fn open_store_and_log(cfg: &NodeConfig, data_dir: &Path, genesis: &Genesis) -> Result<(Store, Wal), String> {
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let mut store = wait_for_space(data_dir, || Store::open(data_dir))
         .map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))?;
     if !store.is_initialized() {
         store.init_genesis(&genesis.balances().map_err(|e| e.to_string())?).map_err(|e| format!("genesis: {e}"))?;
         store.sync_all().map_err(|e| format!("genesis sync: {e}"))?;
     }
-    let wal = wait_for_space(&data_dir, || {
+    let wal = wait_for_space(data_dir, || {
         Wal::open(&data_dir.join("log"), WalOptions { fsync: cfg.fsync, ..WalOptions::default() })
     })
     .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
+    Ok((store, wal))
+}
 
-    let health = Arc::new(crate::metrics_http::Health::default());
-    let metrics_handle = match &cfg.metrics_listen {
-        Some(addr) => {
-            let handle = crate::metrics_http::install()?;
-            crate::metrics_http::serve(addr, handle.clone(), health.clone())?;
-            Some(handle)
-        }
-        None => None,
-    };
-
-    let tls = tls_files(&cfg)?;
+/// The pipeline's options and how peer links are protected. The client port's TLS, how
+/// relayed requests dial the leader and the peer links' protection all come from the TLS files,
+/// or are plaintext everywhere (with a warning).
+fn node_options(
+    cfg: &NodeConfig,
+    cluster_id: ClusterId,
+    operator: SigningKey,
+) -> Result<(NodeOptions, PeerSecurity), String> {
+    let tls = tls_files(cfg)?;
     let (client_tls, relay_dial, peer_security) = match &tls {
         Some(files) => (
             Some(
@@ -384,10 +418,17 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         batch_bytes_max: cfg.batch_bytes_max,
         client_tls,
         relay_dial,
-        admin_keys: admin_keys(&cfg).map_err(|e| format!("admin_keys: {e}"))?,
+        admin_keys: admin_keys(cfg).map_err(|e| format!("admin_keys: {e}"))?,
     };
-    let genesis_text = read_at_most(Path::new(&cfg.genesis_file), tally_codec::genesis::GENESIS_BYTES_MAX, "genesis")?;
-    let raft_cfg = raft_config(&cfg, &genesis_text, peer_security);
+    Ok((opts, peer_security))
+}
+
+/// What the replica thread starts with: the peer port (bound here), the initial voters and the
+/// member addresses known from the configuration.
+fn shell_config(
+    cfg: &NodeConfig,
+    raft_cfg: &RaftConfig,
+) -> Result<tally_pipeline::replica_thread::ShellConfig, String> {
     // A cluster of one (no peers, or only this node) opens no peer port; anything else,
     // including a node joining a cluster it is not yet a member of, replicates.
     let solo = cfg.peers.iter().all(|p| p.node_id == cfg.node_id);
@@ -407,30 +448,15 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         })
     };
     let is_initial_voter = solo || raft_cfg.peers.iter().any(|m| m.node_id == cfg.node_id);
-    let mut known_members: Vec<MemberAddr> = raft_cfg
-        .peers
-        .iter()
-        .map(|m| MemberAddr { node_id: m.node_id, client_addr: m.client_addr.clone(), peer_addr: m.peer_addr.clone() })
-        .collect();
-    if solo && known_members.is_empty() {
-        known_members.push(MemberAddr {
-            node_id: cfg.node_id,
-            client_addr: cfg.listen.clone(),
-            peer_addr: String::new(),
-        });
-    }
-    let shell = tally_pipeline::replica_thread::ShellConfig {
+    let initial_voters = match (is_initial_voter, solo) {
+        (false, _) => Vec::new(),
+        (true, true) => vec![cfg.node_id],
+        (true, false) => raft_cfg.peers.iter().map(|m| m.node_id).collect(),
+    };
+    Ok(tally_pipeline::replica_thread::ShellConfig {
         node_id: cfg.node_id,
-        initial_voters: if is_initial_voter {
-            if solo {
-                vec![cfg.node_id]
-            } else {
-                raft_cfg.peers.iter().map(|m| m.node_id).collect()
-            }
-        } else {
-            Vec::new()
-        },
-        known_members,
+        initial_voters,
+        known_members: known_members(cfg, raft_cfg, solo),
         tick_ms: cfg.tick_ms,
         election_ticks: cfg.election_ticks,
         heartbeat_ticks: cfg.heartbeat_ticks,
@@ -443,29 +469,51 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         } else {
             tally_core::Plant::None
         },
-    };
-    let node = Node::start(opts, store, shell, wal, Box::new(SystemEnv::new(None)))?;
-    {
-        let shared = node.shared.clone();
-        let max_lag = cfg.ready_max_lag_batches;
-        health.set_ready_check(Box::new(move || {
-            let r = shared.replicator();
-            let stopped = r.stopped().or_else(|| shared.poisoned());
-            let leader_commit = r.leader_commit_index().max(shared.committed().index);
-            crate::metrics_http::readiness(
-                r.role().leader_id,
-                stopped.as_ref(),
-                shared.applied_index(),
-                leader_commit,
-                max_lag,
-            )
-        }));
+    })
+}
+
+/// The member addresses the configuration names; a cluster of one that names none knows itself.
+fn known_members(cfg: &NodeConfig, raft_cfg: &RaftConfig, solo: bool) -> Vec<MemberAddr> {
+    let mut known_members: Vec<MemberAddr> = raft_cfg
+        .peers
+        .iter()
+        .map(|m| MemberAddr { node_id: m.node_id, client_addr: m.client_addr.clone(), peer_addr: m.peer_addr.clone() })
+        .collect();
+    if solo && known_members.is_empty() {
+        known_members.push(MemberAddr {
+            node_id: cfg.node_id,
+            client_addr: cfg.listen.clone(),
+            peer_addr: String::new(),
+        });
     }
-    tracing::info!(node = cfg.node_id, addr = %node.local_addr, operator = %operator_pub, "tallyd serving");
-    if cfg.log_format == tally_codec::config::LogFormat::Text {
-        // The JSON log holds the line above; stderr then carries nothing but JSON objects.
-        eprintln!("tallyd node {} listening on {} (operator key {})", cfg.node_id, node.local_addr, operator_pub);
-    }
+    known_members
+}
+
+/// `GET /health/ready` answers from the node's replicator and applied index.
+fn install_ready_check(health: &crate::metrics_http::Health, node: &Node, max_lag: u64) {
+    let shared = node.shared.clone();
+    health.set_ready_check(Box::new(move || {
+        let r = shared.replicator();
+        let stopped = r.stopped().or_else(|| shared.poisoned());
+        let leader_commit = r.leader_commit_index().max(shared.committed().index);
+        crate::metrics_http::readiness(
+            r.role().leader_id,
+            stopped.as_ref(),
+            shared.applied_index(),
+            leader_commit,
+            max_lag,
+        )
+    }));
+}
+
+/// Serves until Ctrl-C or SIGTERM (then syncs the store), publishing gauges every second; a
+/// replica whose log stopped ends (a supervisor restarts it), unless the disk is full: then it
+/// restarts in place once space is back.
+fn serve_until_stopped(
+    node: &Node,
+    data_dir: &Path,
+    metrics_handle: Option<&metrics_exporter_prometheus::PrometheusHandle>,
+) -> Result<(), String> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -487,31 +535,9 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
             continue;
         }
         if ticks % 50 == 1 {
-            // Off the hot path: a directory walk every 5 s, and the exporter's upkeep (it drains
-            // histogram samples even when nobody scrapes).
-            metrics::gauge!("tally_log_bytes").set(crate::metrics_http::dir_bytes(&data_dir.join("log")) as f64);
-            for part in ["state", "segments"] {
-                metrics::gauge!("tally_store_bytes", "part" => part)
-                    .set(crate::metrics_http::dir_bytes(&data_dir.join(part)) as f64);
-            }
-            if let Some(h) = &metrics_handle {
-                h.run_upkeep();
-            }
+            publish_disk_gauges(data_dir, metrics_handle);
         }
-        let role = node.shared.replicator().role();
-        metrics::gauge!("tally_term").set(role.term as f64);
-        metrics::gauge!("tally_leader_id").set(role.leader_id.unwrap_or(0) as f64);
-        metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
-        metrics::gauge!("tally_commit_index").set(role.commit_index as f64);
-        metrics::gauge!("tally_applied_height").set(node.shared.applied_height() as f64);
-        metrics::gauge!("tally_log_stopped").set(if node.shared.replicator().stopped().is_some() { 1.0 } else { 0.0 });
-        let (handshaking, clients, replicas) = node.shared.admission.counts();
-        metrics::gauge!("tally_connections", "pool" => "handshake").set(handshaking as f64);
-        metrics::gauge!("tally_connections", "pool" => "client").set(clients as f64);
-        metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
-        let leader_commit = node.shared.replicator().leader_commit_index().max(node.shared.committed().index);
-        metrics::gauge!("tally_apply_lag_entries")
-            .set(leader_commit.saturating_sub(node.shared.applied_index()) as f64);
+        publish_gauges(node);
         let failure = node.shared.replicator().stopped().or_else(|| node.shared.poisoned());
         if let Some(why) = failure {
             if !reported_failure {
@@ -524,12 +550,42 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
                 // restarts it and a backup leads meanwhile.
                 return Err(format!("replica stopped: {why}"));
             }
-            if space_is_back(&data_dir) {
+            if space_is_back(data_dir) {
                 tracing::warn!("disk space is back: restarting this replica in place to recover from its log");
                 return restart_in_place();
             }
         }
     }
+}
+
+/// Off the hot path: a directory walk every 5 s, and the exporter's upkeep (it drains histogram
+/// samples even when nobody scrapes).
+fn publish_disk_gauges(data_dir: &Path, metrics_handle: Option<&metrics_exporter_prometheus::PrometheusHandle>) {
+    metrics::gauge!("tally_log_bytes").set(crate::metrics_http::dir_bytes(&data_dir.join("log")) as f64);
+    for part in ["state", "segments"] {
+        metrics::gauge!("tally_store_bytes", "part" => part)
+            .set(crate::metrics_http::dir_bytes(&data_dir.join(part)) as f64);
+    }
+    if let Some(h) = metrics_handle {
+        h.run_upkeep();
+    }
+}
+
+/// Role, progress, log health and connections, every second.
+fn publish_gauges(node: &Node) {
+    let role = node.shared.replicator().role();
+    metrics::gauge!("tally_term").set(role.term as f64);
+    metrics::gauge!("tally_leader_id").set(role.leader_id.unwrap_or(0) as f64);
+    metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
+    metrics::gauge!("tally_commit_index").set(role.commit_index as f64);
+    metrics::gauge!("tally_applied_height").set(node.shared.applied_height() as f64);
+    metrics::gauge!("tally_log_stopped").set(if node.shared.replicator().stopped().is_some() { 1.0 } else { 0.0 });
+    let (handshaking, clients, replicas) = node.shared.admission.counts();
+    metrics::gauge!("tally_connections", "pool" => "handshake").set(handshaking as f64);
+    metrics::gauge!("tally_connections", "pool" => "client").set(clients as f64);
+    metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
+    let leader_commit = node.shared.replicator().leader_commit_index().max(node.shared.committed().index);
+    metrics::gauge!("tally_apply_lag_entries").set(leader_commit.saturating_sub(node.shared.applied_index()) as f64);
 }
 
 /// Runs `open` until it succeeds or fails for another reason than a full disk: a replica

@@ -117,101 +117,161 @@ pub fn check_i6(run: &RunRecord) -> Vec<Violation> {
 
 /// [`check_i6`], and how many committed coordination outcomes it checked.
 pub fn check_i6_counted(run: &RunRecord) -> (Vec<Violation>, u64) {
-    use std::collections::BTreeMap;
-    use tally_codec::Operation;
-    let ops: HashMap<RequestId, (&PublicKey, &Operation)> = run
-        .history
+    let ops = coordination_ops(run);
+    let batches = every_committed_batch(run);
+    if batches.first_key_value().is_none_or(|(h, _)| *h != 1) {
+        return (Vec::new(), 0);
+    }
+    let mut checked = 0u64;
+    let mut coordination = Coordination::default();
+    for (height, b) in &batches {
+        let t = b.header.time_ms;
+        for (id, outcome) in b.request_ids.iter().zip(&b.outcomes) {
+            let Some(&(signer, op)) = ops.get(id) else { continue };
+            checked += 1;
+            coordination.check(*height, t, signer, op, outcome);
+        }
+    }
+    let mut v = Vec::new();
+    coordination.out.finish(&mut v);
+    (v, checked)
+}
+
+/// The coordination operations of the clients' history, by request id, with their signers.
+fn coordination_ops(run: &RunRecord) -> HashMap<RequestId, (&PublicKey, &tally_codec::Operation)> {
+    run.history
         .ops
         .iter()
         .filter_map(|o| match &o.kind {
             OpKind::Coord { id, signer, op } => Some((*id, (signer, op))),
             _ => None,
         })
-        .collect();
-    // Every committed batch once, by height (replicas agree by I2/I3; a replica that installed
-    // a snapshot lacks the early ones).
-    let mut batches: BTreeMap<u64, &crate::history::StoredBatch> = BTreeMap::new();
+        .collect()
+}
+
+/// Every committed batch once, by height (replicas agree by I2/I3; a replica that installed
+/// a snapshot lacks the early ones).
+fn every_committed_batch(run: &RunRecord) -> BTreeMap<u64, &StoredBatch> {
+    let mut batches: BTreeMap<u64, &StoredBatch> = BTreeMap::new();
     for r in &run.replicas {
         for b in &r.batches {
             batches.entry(b.header.height).or_insert(b);
         }
     }
-    if batches.first_key_value().is_none_or(|(h, _)| *h != 1) {
-        return (Vec::new(), 0);
-    }
-    let mut checked = 0u64;
-    let mut out = Capped::new("I6", "coordination");
-    let mut claims: HashMap<(String, u64), (PublicKey, u64)> = HashMap::new();
-    let mut created: HashMap<tally_codec::DocKey, u64> = HashMap::new();
-    let mut leases: HashMap<u64, u64> = HashMap::new();
-    for (height, b) in &batches {
-        let t = b.header.time_ms;
-        for (id, outcome) in b.request_ids.iter().zip(&b.outcomes) {
-            let Some(&(signer, op)) = ops.get(id) else { continue };
-            checked += 1;
-            match (op, outcome) {
-                (Operation::Claim { domain, slot, .. }, Outcome::ClaimGranted { height: h }) => {
-                    if let Some((holder, at)) = claims.get(&(domain.clone(), *slot)) {
-                        out.push(format!(
-                            "claim {domain}/{slot} granted again at height {height}, held by {holder} since {at}"
-                        ));
-                    }
-                    if h != height {
-                        out.push(format!("claim {domain}/{slot} granted at height {height} says {h}"));
-                    }
-                    claims.insert((domain.clone(), *slot), (*signer, *height));
-                }
-                (Operation::Claim { domain, slot, .. }, Outcome::ClaimDenied { holder, height: h })
-                    if claims.get(&(domain.clone(), *slot)) != Some(&(*holder, *h)) =>
-                {
-                    out.push(format!(
-                        "claim {domain}/{slot} denied at height {height} naming {holder} at {h}, but the grant is {:?}",
-                        claims.get(&(domain.clone(), *slot))
-                    ));
-                }
-                (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::DocCreated { .. }) => {
-                    if let Some(at) = created.insert(*key, *height) {
-                        out.push(format!("create-only {key} created at height {at} and again at {height}"));
-                    }
-                }
-                (Operation::SetIf { key, if_revision: Some(0), .. }, Outcome::RevisionMismatch { current })
-                    if *current == 0 || !created.contains_key(key) =>
-                {
-                    out.push(format!(
-                        "create-only {key} refused at height {height} (revision {current}) before any create"
-                    ));
-                }
-                (Operation::LeaseGrant { ttl_ms }, Outcome::LeaseGranted { lease, expires_at_ms }) => {
-                    if *expires_at_ms != t + ttl_ms {
-                        out.push(format!(
-                            "lease {lease} granted at batch time {t} with TTL {ttl_ms} expires at {expires_at_ms}"
-                        ));
-                    }
-                    leases.insert(*lease, *expires_at_ms);
-                }
-                (Operation::LeaseKeepAlive { lease }, Outcome::LeaseRenewed { expires_at_ms }) => {
-                    match leases.get(lease) {
-                        Some(e) if *e > t => {}
-                        e => out.push(format!(
-                            "lease {lease} renewed at height {height}, batch time {t}, after its expiry {e:?}"
-                        )),
-                    }
-                    leases.insert(*lease, *expires_at_ms);
-                }
-                (Operation::LeaseKeepAlive { lease }, Outcome::Rejected(ErrorCode::LeaseNotFound)) => {
-                    if let Some(e) = leases.get(lease).filter(|e| **e > t) {
-                        out.push(format!(
-                            "lease {lease} ended early: unknown at height {height}, batch time {t}, before its expiry {e}"
-                        ));
-                    }
-                }
-                _ => {}
-            }
+    batches
+}
+
+/// What the committed coordination outcomes established so far, read in height order, and the
+/// I6 violations found.
+struct Coordination {
+    /// Each granted slot's holder and the height of its grant.
+    claims: HashMap<(String, u64), (PublicKey, u64)>,
+    /// Each create-only document's creation height.
+    created: HashMap<DocKey, u64>,
+    /// Each lease's expiry in batch time.
+    leases: HashMap<u64, u64>,
+    out: Capped,
+}
+
+impl Default for Coordination {
+    fn default() -> Self {
+        Coordination {
+            claims: HashMap::new(),
+            created: HashMap::new(),
+            leases: HashMap::new(),
+            out: Capped::new("I6", "coordination"),
         }
     }
-    let mut v = Vec::new();
-    out.finish(&mut v);
-    (v, checked)
+}
+
+impl Coordination {
+    /// Checks one committed outcome of `op`, signed by `signer`, at `height` and batch time `t`.
+    fn check(&mut self, height: u64, t: u64, signer: &PublicKey, op: &tally_codec::Operation, outcome: &Outcome) {
+        use tally_codec::Operation;
+        match op {
+            Operation::Claim { domain, slot, .. } => self.check_claim(height, signer, domain, *slot, outcome),
+            Operation::SetIf { key, if_revision: Some(0), .. } => self.check_create_only(height, key, outcome),
+            Operation::LeaseGrant { ttl_ms } => self.check_lease_grant(t, *ttl_ms, outcome),
+            Operation::LeaseKeepAlive { lease } => self.check_keepalive(height, t, *lease, outcome),
+            _ => {}
+        }
+    }
+
+    /// A slot is granted once, at the height it says; every denial names that grant.
+    fn check_claim(&mut self, height: u64, signer: &PublicKey, domain: &str, slot: u64, outcome: &Outcome) {
+        let grant = self.claims.get(&(domain.to_string(), slot));
+        match outcome {
+            Outcome::ClaimGranted { height: h } => {
+                if let Some((holder, at)) = grant {
+                    self.out.push(format!(
+                        "claim {domain}/{slot} granted again at height {height}, held by {holder} since {at}"
+                    ));
+                }
+                if *h != height {
+                    self.out.push(format!("claim {domain}/{slot} granted at height {height} says {h}"));
+                }
+                self.claims.insert((domain.to_string(), slot), (*signer, height));
+            }
+            Outcome::ClaimDenied { holder, height: h } if grant != Some(&(*holder, *h)) => {
+                self.out.push(format!(
+                    "claim {domain}/{slot} denied at height {height} naming {holder} at {h}, but the grant is {grant:?}"
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// A create-only document is created once, and refused only after it was.
+    fn check_create_only(&mut self, height: u64, key: &DocKey, outcome: &Outcome) {
+        match outcome {
+            Outcome::DocCreated { .. } => {
+                if let Some(at) = self.created.insert(*key, height) {
+                    self.out.push(format!("create-only {key} created at height {at} and again at {height}"));
+                }
+            }
+            Outcome::RevisionMismatch { current } if *current == 0 || !self.created.contains_key(key) => {
+                self.out.push(format!(
+                    "create-only {key} refused at height {height} (revision {current}) before any create"
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// A lease expires its TTL after the batch time of its grant.
+    fn check_lease_grant(&mut self, t: u64, ttl_ms: u64, outcome: &Outcome) {
+        if let Outcome::LeaseGranted { lease, expires_at_ms } = outcome {
+            if *expires_at_ms != t + ttl_ms {
+                self.out.push(format!(
+                    "lease {lease} granted at batch time {t} with TTL {ttl_ms} expires at {expires_at_ms}"
+                ));
+            }
+            self.leases.insert(*lease, *expires_at_ms);
+        }
+    }
+
+    /// A lease is renewed only before its expiry, and unknown only after it.
+    fn check_keepalive(&mut self, height: u64, t: u64, lease: u64, outcome: &Outcome) {
+        match outcome {
+            Outcome::LeaseRenewed { expires_at_ms } => {
+                match self.leases.get(&lease) {
+                    Some(e) if *e > t => {}
+                    e => self.out.push(format!(
+                        "lease {lease} renewed at height {height}, batch time {t}, after its expiry {e:?}"
+                    )),
+                }
+                self.leases.insert(lease, *expires_at_ms);
+            }
+            Outcome::Rejected(ErrorCode::LeaseNotFound) => {
+                if let Some(e) = self.leases.get(&lease).filter(|e| **e > t) {
+                    self.out.push(format!(
+                        "lease {lease} ended early: unknown at height {height}, batch time {t}, before its expiry {e}"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Collects violations of one kind, listing the first [`LISTED_PER_KIND`] and counting the rest.
@@ -300,15 +360,9 @@ fn top_height(run: &RunRecord) -> u64 {
 /// history, acknowledged or not.
 pub fn check_i1(run: &RunRecord) -> Vec<Violation> {
     let mut out = Vec::new();
-    let (by_height, node) = committed_history(run);
-    let mut locations: BTreeMap<RequestId, Vec<(u64, u32)>> = BTreeMap::new();
-    for batch in by_height.values() {
-        for (leaf, id) in batch.request_ids.iter().enumerate() {
-            locations.entry(*id).or_default().push((batch.header.height, leaf as u32));
-        }
-    }
+    let committed = Committed::of(run);
     let mut bodiless = Capped::new("I1", "committed heights whose body no replica holds");
-    for height in (1..=top_height(run)).filter(|h| !by_height.contains_key(h)) {
+    for height in (1..=top_height(run)).filter(|h| !committed.by_height.contains_key(h)) {
         bodiless.push(format!("no replica holds the body of height {height} (the requests committed there are lost)"));
     }
     bodiless.finish(&mut out);
@@ -317,9 +371,53 @@ pub fn check_i1(run: &RunRecord) -> Vec<Violation> {
     let mut acked = Capped::new("I1", "acknowledged requests not committed as acknowledged");
     for (index, op) in run.history.ops.iter().enumerate() {
         let OpResult::Committed(receipt) = &op.result else { continue };
-        let who = describe_client_op(index, op);
+        acked_ids.insert(receipt.request.id());
+        committed.check_acknowledged(&describe_client_op(index, op), op, receipt, &mut acked);
+    }
+    acked.finish(&mut out);
+
+    let mut duplicates = Capped::new("I1", "request ids executed more than once");
+    for (id, found) in &committed.locations {
+        if found.len() > 1 && !acked_ids.contains(id) {
+            duplicates.push(format!(
+                "duplicate execution: request {} appears {} times in the committed history ({}), at (height, \
+                 leaf) {found:?}",
+                short_id(id),
+                found.len(),
+                committed.node
+            ));
+        }
+    }
+    duplicates.finish(&mut out);
+    out
+}
+
+/// The committed history I1 reads ([`committed_history`]), and where each request id sits in it.
+struct Committed<'a> {
+    by_height: BTreeMap<u64, &'a StoredBatch>,
+    /// The replicas read, for the report.
+    node: String,
+    /// Every (height, leaf) each request id was committed at.
+    locations: BTreeMap<RequestId, Vec<(u64, u32)>>,
+}
+
+impl<'a> Committed<'a> {
+    fn of(run: &'a RunRecord) -> Self {
+        let (by_height, node) = committed_history(run);
+        let mut locations: BTreeMap<RequestId, Vec<(u64, u32)>> = BTreeMap::new();
+        for batch in by_height.values() {
+            for (leaf, id) in batch.request_ids.iter().enumerate() {
+                locations.entry(*id).or_default().push((batch.header.height, leaf as u32));
+            }
+        }
+        Committed { by_height, node, locations }
+    }
+
+    /// The client operation `who` was acknowledged with `receipt`: the receipt is for its
+    /// request, its proof leads to its header's root, and the request is committed once, as
+    /// the receipt says.
+    fn check_acknowledged(&self, who: &str, op: &Op, receipt: &tally_codec::Receipt, acked: &mut Capped) {
         let id = receipt.request.id();
-        acked_ids.insert(id);
         if op.kind.id() != Some(id) {
             acked.push(format!(
                 "{who}: its receipt is for request {} but the op is request {}",
@@ -342,44 +440,17 @@ pub fn check_i1(run: &RunRecord) -> Vec<Violation> {
                 receipt.outcome
             ));
         }
-        let found = locations.get(&id).map_or(&[][..], Vec::as_slice);
+        let found = self.locations.get(&id).map_or(&[][..], Vec::as_slice);
         match found {
             [] => acked.push(format!(
                 "lost: {who} was acknowledged (request {} at height {height} leaf {leaf}, {:?}) but is not in the \
-                 committed history ({node}, {} batches)",
+                 committed history ({}, {} batches)",
                 short_id(&id),
                 receipt.outcome,
-                by_height.len()
+                self.node,
+                self.by_height.len()
             )),
-            [(h, l)] => {
-                if (*h, *l) != (height, leaf) {
-                    acked.push(format!(
-                        "{who}: request {} was acknowledged at height {height} leaf {leaf} but committed at height {h} \
-                         leaf {l}",
-                        short_id(&id)
-                    ));
-                }
-                let batch = by_height.get(h).copied();
-                let stored_outcome = batch.and_then(|b| b.outcomes.get(*l as usize));
-                if stored_outcome != Some(&receipt.outcome) {
-                    acked.push(format!(
-                        "{who}: request {} was acknowledged with {:?} but committed with {stored_outcome:?}",
-                        short_id(&id),
-                        receipt.outcome
-                    ));
-                }
-                match by_height.get(&height) {
-                    Some(b) if b.header == receipt.header => {}
-                    Some(b) => acked.push(format!(
-                        "{who}: the receipt's header at height {height} ({}) is not the committed one ({})",
-                        short_digest(&receipt.header.hash()),
-                        short_digest(&b.header.hash())
-                    )),
-                    None => acked.push(format!(
-                        "{who}: the receipt's height {height} is not in the committed history ({node})"
-                    )),
-                }
-            }
+            [(h, l)] => self.check_committed_as_receipt(who, receipt, (*h, *l), acked),
             many => acked.push(format!(
                 "duplicated: {who}, request {}, was acknowledged once but committed {} times, at (height, leaf) {many:?}",
                 short_id(&id),
@@ -387,21 +458,45 @@ pub fn check_i1(run: &RunRecord) -> Vec<Violation> {
             )),
         }
     }
-    acked.finish(&mut out);
 
-    let mut duplicates = Capped::new("I1", "request ids executed more than once");
-    for (id, found) in &locations {
-        if found.len() > 1 && !acked_ids.contains(id) {
-            duplicates.push(format!(
-                "duplicate execution: request {} appears {} times in the committed history ({node}), at (height, \
-                 leaf) {found:?}",
-                short_id(id),
-                found.len()
+    /// The request of `receipt`, committed once at `(h, l)`: there, with the receipt's outcome,
+    /// under the receipt's header.
+    fn check_committed_as_receipt(
+        &self,
+        who: &str,
+        receipt: &tally_codec::Receipt,
+        (h, l): (u64, u32),
+        acked: &mut Capped,
+    ) {
+        let id = receipt.request.id();
+        let (height, leaf) = (receipt.header.height, receipt.leaf_index);
+        if (h, l) != (height, leaf) {
+            acked.push(format!(
+                "{who}: request {} was acknowledged at height {height} leaf {leaf} but committed at height {h} \
+                 leaf {l}",
+                short_id(&id)
             ));
         }
+        let batch = self.by_height.get(&h).copied();
+        let stored_outcome = batch.and_then(|b| b.outcomes.get(l as usize));
+        if stored_outcome != Some(&receipt.outcome) {
+            acked.push(format!(
+                "{who}: request {} was acknowledged with {:?} but committed with {stored_outcome:?}",
+                short_id(&id),
+                receipt.outcome
+            ));
+        }
+        match self.by_height.get(&height) {
+            Some(b) if b.header == receipt.header => {}
+            Some(b) => acked.push(format!(
+                "{who}: the receipt's header at height {height} ({}) is not the committed one ({})",
+                short_digest(&receipt.header.hash()),
+                short_digest(&b.header.hash())
+            )),
+            None => acked
+                .push(format!("{who}: the receipt's height {height} is not in the committed history ({})", self.node)),
+        }
     }
-    duplicates.finish(&mut out);
-    out
 }
 
 /// I1 where requests carry real signatures (the monkey, the cluster tests; the simulator signs
