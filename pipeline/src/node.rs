@@ -1,22 +1,25 @@
-//! Wiring: the threads of one replica and the state they share.
+//! Wiring: starts the threads of one replica, each given what it uses, once. Read it to see
+//! what exists; to follow a request, read `client_port` → `validate` → `replica_thread`.
 //!
 //! ```text
-//!  conn readers (s1,s2) ──submission queue──▶ replica thread (replica_thread.rs: tally_core::Replica)
-//!        ▲     │                                    │ peers, WAL, store (LevelDB + segments)
-//!        └─────┼────────── replies ◀────────────────┘
-//!              └─ Watch frames ──▶ watch-0, watch-1, watch-timer (watch/mod.rs) ──▶ conn writers
+//!  client port (client_port/) ──submissions──▶ replica thread (replica_thread.rs: tally_core::Replica)
+//!     │  ▲  │                                     │ peers, WAL, store (LevelDB + segments)
+//!     │  │  └─ membership, read judgements ──────▶│ (control.rs)
+//!     │  └──── replies (each frame's slots) ◀─────┤
+//!     │                                           ▼
+//!     └─ reads ──▶ StatusBoard (status.rs) ◀── publishes: role, members, commit, applied, stop
+//!  watch threads (watch/): pages read from the store, written by each connection's writer
 //! ```
 
-use crossbeam::channel::{bounded, Receiver, Sender};
+use crate::client_port::ClientPort;
+use crate::status::{Applied, StatusBoard};
+use crossbeam::channel::bounded;
 use ed25519_dalek::SigningKey;
-use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
-use tally_codec::wire::{Envelope, ServerMessage, SubmitReply, WireError};
-use tally_codec::{ClusterId, ErrorCode, PublicKey, Tables};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tally_codec::{ClusterId, PublicKey};
 use tally_failover::env::Env;
-use tally_failover::Replicator;
 use tally_store::state::Store;
 use tally_store::wal::Wal;
 
@@ -46,181 +49,20 @@ pub struct NodeOptions {
     pub admin_keys: Vec<PublicKey>,
 }
 
-/// A request that passed stage 2 and the slot its answer goes to.
-pub struct Submission {
-    pub req: crate::validate::Validated,
-    pub waiter: Waiter,
-}
-
-/// The reply of one client frame, sent once every request in it is answered.
-pub struct FrameReply {
-    id: u64,
-    slots: Mutex<Vec<Option<SubmitReply>>>,
-    remaining: AtomicUsize,
-    out: Sender<Envelope<ServerMessage>>,
-}
-
-impl FrameReply {
-    pub fn new(id: u64, n: usize, out: Sender<Envelope<ServerMessage>>) -> Arc<Self> {
-        Arc::new(FrameReply { id, slots: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), out })
-    }
-
-    fn fill(&self, slot: usize, reply: SubmitReply) {
-        {
-            let mut slots = self.slots.lock();
-            assert!(slots[slot].is_none(), "a request is answered once");
-            slots[slot] = Some(reply);
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let replies: Vec<SubmitReply> =
-                std::mem::take(&mut *self.slots.lock()).into_iter().map(|r| r.expect("every slot filled")).collect();
-            // A client that doesn't read its replies is dropped rather than buffered without bound.
-            if self.out.try_send(Envelope { id: self.id, msg: ServerMessage::Submitted(replies) }).is_err() {
-                tracing::debug!(frame = self.id, "client gone or not reading; reply dropped");
-            }
-        }
-    }
-}
-
-/// Where one request's answer goes.
-pub struct Waiter {
-    pub frame: Arc<FrameReply>,
-    pub slot: usize,
-}
-
-impl Waiter {
-    pub fn fill(self, reply: SubmitReply) {
-        self.frame.fill(self.slot, reply);
-    }
-    pub fn refuse(self, code: ErrorCode) {
-        self.fill(SubmitReply::Refused(WireError::from_code(code)));
-    }
-    pub fn refuse_not_leader(self, shared: &Shared) {
-        let mut e = WireError::from_code(ErrorCode::NotLeader);
-        e.leader_hint = shared.leader_addr();
-        self.fill(SubmitReply::Refused(e));
-    }
-}
-
-/// Log index and batch height together.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub index: u64,
-    pub height: u64,
-}
-
-#[derive(Default)]
-struct Progress {
-    committed: Applied,
-    applied: Applied,
-    poisoned: Option<tally_core::LogFailure>,
-}
-
-/// State shared by the connection threads and the replica thread.
-pub struct Shared {
-    pub opts: NodeOptions,
-    pub tables: Tables,
-    pub operator_pub: PublicKey,
-    /// The applied state; the replica thread writes it, the connection threads read it.
-    pub store: Arc<Mutex<Store>>,
-    pub submit_tx: Sender<Vec<Submission>>,
-    pub submit_rx: Receiver<Vec<Submission>>,
-    replicator: OnceLock<Arc<dyn Replicator>>,
-    progress: Mutex<Progress>,
-    progress_cv: Condvar,
-    stopping: AtomicBool,
-    /// Who may hold a connection to the client port (see [`tally_net::admission`]).
-    pub admission: Arc<tally_net::Admission>,
-    /// A follower's link to the leader for forwarded frames.
-    pub forwarder: crate::forward::Forwarder,
-    /// Decompressed, checked public keys (stage 2).
-    pub keys: crate::validate::KeyCache,
-    /// Admin commands taken and not yet expired (replay protection).
-    pub admin_seen: crate::admin_replay::SeenAdmin,
-    /// Watch serving: its own threads, limits and budgets (see [`crate::watch`]).
-    pub watch: Arc<crate::watch::WatchService>,
-    /// The admin scans' budget (see [`crate::queries::audit_page`]).
-    pub audit: crate::queries::AuditGate,
-}
-
-impl Shared {
-    pub fn replicator(&self) -> &Arc<dyn Replicator> {
-        self.replicator.get().expect("the replicator starts before any stage uses it")
-    }
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-    pub fn applied_index(&self) -> u64 {
-        self.progress.lock().applied.index
-    }
-    pub fn applied_height(&self) -> u64 {
-        self.progress.lock().applied.height
-    }
-    pub fn committed(&self) -> Applied {
-        self.progress.lock().committed
-    }
-    pub fn poisoned(&self) -> Option<tally_core::LogFailure> {
-        self.progress.lock().poisoned.clone()
-    }
-    pub fn poison(&self, failure: tally_core::LogFailure) {
-        self.progress.lock().poisoned = Some(failure);
-        self.progress_cv.notify_all();
-    }
-    /// The commit index the replica thread knows (published before it answers anyone).
-    pub fn publish_commit(&self, commit_index: u64) {
-        let mut p = self.progress.lock();
-        if commit_index > p.committed.index {
-            p.committed.index = commit_index;
-        }
-    }
-    /// What the store holds (the store thread, after each write): reads wait for it.
-    pub fn publish_applied(&self, index: u64, height: u64) {
-        let mut p = self.progress.lock();
-        if index <= p.applied.index && height <= p.applied.height {
-            return;
-        }
-        p.applied = Applied { index: index.max(p.applied.index), height: height.max(p.applied.height) };
-        if p.committed.index < p.applied.index {
-            p.committed.index = p.applied.index;
-        }
-        p.committed.height = p.committed.height.max(p.applied.height);
-        drop(p);
-        self.progress_cv.notify_all();
-    }
-    /// Waits until the store has applied log index `index`.
-    pub fn wait_applied_index(&self, index: u64, timeout: Duration) -> bool {
-        self.wait_until(timeout, |p| p.applied.index >= index)
-    }
-    /// Waits until the store has applied batch `height`.
-    pub fn wait_applied_height(&self, height: u64, timeout: Duration) -> bool {
-        self.wait_until(timeout, |p| p.applied.height >= height)
-    }
-    fn wait_until(&self, timeout: Duration, done: impl Fn(&Progress) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut p = self.progress.lock();
-        while !done(&p) {
-            if p.poisoned.is_some() || self.progress_cv.wait_until(&mut p, deadline).timed_out() {
-                return done(&p);
-            }
-        }
-        true
-    }
-    /// The leader's client address, if known.
-    pub fn leader_addr(&self) -> Option<String> {
-        let r = self.replicator.get()?;
-        let leader = r.role().leader_id?;
-        r.members().into_iter().find(|m| m.node_id == leader).map(|m| m.client_addr)
-    }
-}
-
-/// A running replica.
+/// A running replica: what `tallyd` reads (status, connections) and how it stops.
 pub struct Node {
-    pub shared: Arc<Shared>,
+    /// The replica's status (health, gauges).
+    pub status: Arc<StatusBoard>,
+    /// The client port (its admission counts).
+    pub port: Arc<ClientPort>,
     pub local_addr: std::net::SocketAddr,
+    store: Arc<Mutex<Store>>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Node {
-    /// Starts the client port and the replica thread. The store must already hold genesis.
+    /// Starts the replica thread, the watch threads and the client port. The store must already
+    /// hold genesis.
     ///
     /// # Errors
     /// When the listener can't bind or the replica can't start.
@@ -235,38 +77,32 @@ impl Node {
             std::net::TcpListener::bind(&opts.listen).map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
         let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
         let applied = store.applied();
+        let status = Arc::new(StatusBoard::new(opts.node_id, Applied { index: applied.index, height: applied.height }));
+        let store = Arc::new(Mutex::new(store));
+        let stopping = Arc::new(AtomicBool::new(false));
         let (submit_tx, submit_rx) = bounded(SUBMISSIONS_QUEUED_MAX);
-        let operator_pub = PublicKey(opts.operator_key.verifying_key().to_bytes());
-        let progress = Applied { index: applied.index, height: applied.height };
-        let relay_dial = opts.relay_dial.clone();
-        let shared = Arc::new(Shared {
-            tables: *store.tables(),
+        let forwarder = Arc::new(crate::forward::Forwarder::new(opts.relay_dial.clone()));
+        let wiring = crate::replica_thread::Wiring {
+            store: store.clone(),
+            submissions: submit_rx,
+            status: status.clone(),
+            forwarder: forwarder.clone(),
+        };
+        let control = crate::replica_thread::start(&opts, shell, wiring, wal, env)?;
+        let watch = crate::watch::WatchService::new(crate::watch::WatchLimits::DEFAULT);
+        watch.start(&store, &status, &stopping)?;
+        let port = Arc::new(ClientPort::new(crate::client_port::PortParts {
             opts,
-            operator_pub,
-            store: Arc::new(Mutex::new(store)),
+            store: store.clone(),
             submit_tx,
-            submit_rx,
-            replicator: OnceLock::new(),
-            progress: Mutex::new(Progress { committed: progress, applied: progress, poisoned: None }),
-            progress_cv: Condvar::new(),
-            stopping: AtomicBool::new(false),
-            admission: tally_net::Admission::new(tally_net::AdmissionLimits::CLIENT_PORT),
-            keys: crate::validate::KeyCache::default(),
-            forwarder: crate::forward::Forwarder::new(relay_dial),
-            admin_seen: crate::admin_replay::SeenAdmin::default(),
-            watch: crate::watch::WatchService::new(crate::watch::WatchLimits::DEFAULT),
-            audit: crate::queries::AuditGate::default(),
-        });
-        let replicator = crate::replica_thread::start(&shared, shell, wal, env)?;
-        if shared.replicator.set(replicator).is_err() {
-            return Err("replicator set twice".into());
-        }
-        shared.watch.start(&shared)?;
-        spawn("listener", {
-            let s = shared.clone();
-            move || crate::client_port::listen(s, listener)
-        })?;
-        Ok(Node { shared, local_addr })
+            status: status.clone(),
+            control,
+            forwarder,
+            watch,
+            stopping: stopping.clone(),
+        }));
+        crate::client_port::start(&port, listener)?;
+        Ok(Node { status, port, local_addr, store, stopping })
     }
 
     /// Makes the store durable (every file fsynced): for a graceful shutdown. The log is the
@@ -275,13 +111,16 @@ impl Node {
     /// # Errors
     /// When the store can't be synced.
     pub fn sync_store(&self) -> Result<(), String> {
-        self.shared.stopping.store(true, Ordering::Release);
-        self.shared.store.lock().sync_all().map_err(|e| e.to_string())
+        self.stopping.store(true, Ordering::Release);
+        self.store.lock().sync_all().map_err(|e| e.to_string())
     }
 }
 
-/// The stage threads run for the life of the process (a graceful stop syncs the store and exits).
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+/// A thread that runs for the life of the process (a graceful stop syncs the store and exits).
+///
+/// # Errors
+/// When the thread cannot start.
+pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)

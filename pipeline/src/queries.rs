@@ -1,7 +1,7 @@
 //! Read-only queries of the store for the client port: batches, receipts, audit pages (watches:
 //! [`crate::watch`]).
 
-use crate::node::Shared;
+use crate::client_port::ClientPort;
 use tally_codec::{Receipt, RequestId};
 
 /// Keys an audit page reads under one hold of the store lock, at most.
@@ -84,16 +84,16 @@ impl Drop for AuditScan<'_> {
 /// # Errors
 /// [`AuditError::Busy`] over the budget; store read failures or an undecodable balance.
 pub fn audit_page(
-    shared: &Shared,
+    port: &ClientPort,
     table: tally_codec::admin::AuditTable,
     after: Option<&[u8]>,
     limit: u32,
 ) -> Result<tally_codec::wire::AuditPageInfo, AuditError> {
-    let scan = shared.audit.begin()?;
+    let scan = port.audit.begin()?;
     let limit = (limit.clamp(1, tally_codec::admin::AUDIT_PAGE_MAX) as usize).min(scan.keys_max);
     let prefix = match table {
-        tally_codec::admin::AuditTable::Accounts => shared.tables.accounts.0,
-        tally_codec::admin::AuditTable::Documents => shared.tables.docs.0,
+        tally_codec::admin::AuditTable::Accounts => port.tables.accounts.0,
+        tally_codec::admin::AuditTable::Documents => port.tables.docs.0,
     };
     let failed = |e: &dyn std::fmt::Display| AuditError::Failed(e.to_string());
     let (mut applied, mut keys, mut balance_total, mut done) = (None, 0usize, 0u128, false);
@@ -101,7 +101,7 @@ pub fn audit_page(
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(AUDIT_ANSWER_MS);
     while keys < limit && !done {
         let want = (limit - keys).min(AUDIT_KEYS_PER_LOCK_MAX);
-        let Some(store) = shared.store.try_lock_until(deadline) else {
+        let Some(store) = port.store.try_lock_until(deadline) else {
             if applied.is_some() {
                 break; // the page ends where it is; `next_after` resumes it
             }
@@ -140,8 +140,8 @@ pub fn audit_page(
 }
 
 /// A stored batch with its leaves, for auditors and invariant checks.
-pub fn batch_info(shared: &Shared, height: u64) -> Option<tally_codec::wire::BatchInfo> {
-    let store = shared.store.lock();
+pub fn batch_info(port: &ClientPort, height: u64) -> Option<tally_codec::wire::BatchInfo> {
+    let store = port.store.lock();
     let record = store.batch(height).ok()??;
     let body = if record.body_ref.is_empty() { None } else { store.batch_body(&record).ok() };
     let (request_ids, outcomes) = match &body {
@@ -159,8 +159,8 @@ pub fn batch_info(shared: &Shared, height: u64) -> Option<tally_codec::wire::Bat
 
 /// Builds the receipt of an executed request from the stored batch and signature.
 /// By id alone until the request's expiry passes; with `height`, at any age.
-pub fn stored_receipt(shared: &Shared, id: &RequestId, height: Option<u64>) -> Option<Receipt> {
-    let store = shared.store.lock();
+pub fn stored_receipt(port: &ClientPort, id: &RequestId, height: Option<u64>) -> Option<Receipt> {
+    let store = port.store.lock();
     let found = match height {
         Some(h) => store.receipt_at(id, h),
         None => store.receipt(id),

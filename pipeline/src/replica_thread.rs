@@ -2,9 +2,9 @@
 //! executes its effects on the real network, log, store and clock.
 //!
 //! ```text
-//!  s1/s2 (connection threads) ── Vec<Submission> ─┐
+//!  client port (stage 2 done) ── Vec<Submission> ─┐
 //!  peers ── TcpTransport ── raft messages ────────┤
-//!  admin (cluster add/remove) ── conf changes ────┤
+//!  client port ── Control (membership, reads) ────┤
 //!  clock (Env) ── ticks ──────────────────────────┤
 //!                                                 ▼
 //!                         replica thread: Replica::handle(event) → effects, in order:
@@ -13,7 +13,7 @@
 //!                           Reply      → the client's frame
 //!                           Signed     → metrics
 //!                           Reconfigured → member addresses (durable), transport peers
-//!                         then publishes status (role, lease, progress) for the API
+//!                         then publishes its status on the StatusBoard (status.rs)
 //!  every store_sync_interval_ms: fsync the store, then drop the log below what it holds
 //! ```
 //!
@@ -21,7 +21,11 @@
 //! only moves bytes and keeps time. The simulator (`sim/`) drives the same core with an
 //! in-memory network, disk and clock.
 
-use crate::node::{Shared, Submission, Waiter};
+use crate::client_port::{Submission, Waiter};
+use crate::control::{Control, PeerProbe, ReplicaControl, CONTROL_QUEUED_MAX};
+use crate::forward::Forwarder;
+use crate::node::NodeOptions;
+use crate::status::{Published, StatusBoard};
 use crate::store_ledger::{start_warmer, Members, StoreLedger, WarmJob, Warmed};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
@@ -34,25 +38,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::wire::SubmitReply;
 use tally_codec::wire::WireError;
-use tally_codec::ErrorCode;
-use tally_core::membership::CHANGE_ANSWER_MS_MAX;
-use tally_core::{
-    Effect, Event, LogFailure, MemberChange, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status,
-};
+use tally_codec::{ErrorCode, Tables};
+use tally_core::{Effect, Event, LogFailure, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{check_conf_context, check_entry, ConfContext, INBOX_MESSAGES_MAX};
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
-use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts, REVOKED_MAX};
+use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts};
 use tally_failover::storage::{conf_ids, log_failure, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
-use tally_failover::{Member, MembershipError, Replicator, Role};
+use tally_failover::{Member, MembershipError};
+use tally_store::state::Store;
 use tally_store::wal::Wal;
 
-/// Membership changes and linearizable reads waiting for the replica thread, at most (a full
-/// queue answers `Busy` or `Overloaded`).
-const CONTROL_QUEUED_MAX: usize = 1024;
-/// How long a read waits for the replica thread to judge it (its lease, its commit index).
-const READ_JUDGED_MS: u64 = 1_000;
 /// Inputs handled between two status publications.
 const INPUTS_PER_PASS_MAX: usize = 256;
 /// The longest the replica thread sleeps without input.
@@ -124,74 +121,49 @@ pub struct PeerPort {
     pub security: PeerSecurity,
 }
 
-/// What the client port asks of the replica thread besides submissions.
-enum Control {
-    Change {
-        change: MemberChange,
-        reply: Sender<Result<(), MembershipError>>,
-    },
-    /// A linearizable read arrived at monotonic time `now_ms`.
-    Read {
-        now_ms: u64,
-        reply: Sender<Result<u64, WireError>>,
-    },
+/// What the replica thread is given by the wiring: the store it applies to, the queue it takes
+/// submissions from, the board it publishes its status on, and the relay link it tells when the
+/// leader changes.
+pub struct Wiring {
+    pub store: Arc<Mutex<Store>>,
+    pub submissions: Receiver<Vec<Submission>>,
+    pub status: Arc<StatusBoard>,
+    pub forwarder: Arc<Forwarder>,
 }
 
-/// What the replica thread publishes after every pass.
-#[derive(Default)]
-struct Published {
-    status: Status,
-    members: BTreeMap<u64, MemberAddr>,
-    /// The highest commit index a leader's append carried.
-    leader_commit_seen: u64,
-    stopped: Option<LogFailure>,
-}
-
-/// What a probe of a peer address presents: this node's hello, and how links are protected.
-type PeerProbe = (Hello, PeerSecurity);
-
-/// The handle the connection threads and `tallyd` use: role, lease, members, membership.
-pub struct CoreReplicator {
-    node_id: u64,
-    published: Arc<Mutex<Published>>,
-    env: Arc<Mutex<Box<dyn Env>>>,
-    control_tx: Sender<Control>,
-    stop: Arc<AtomicBool>,
-    probe: Option<PeerProbe>,
-    admin_lock: Mutex<()>,
-    revoked: RevokedCerts,
-}
-
-/// Starts the replica thread on `shared`'s store and submission queue.
+/// Starts the replica thread; returns the client port's handle on it.
 ///
 /// # Errors
 /// A log the core refuses, or a thread or port that cannot start.
 pub fn start(
-    shared: &Arc<Shared>,
+    opts: &NodeOptions,
     mut cfg: ShellConfig,
+    wiring: Wiring,
     wal: Wal,
     env: Box<dyn Env>,
-) -> Result<Arc<CoreReplicator>, String> {
+) -> Result<ReplicaControl, String> {
     let members: Members = Arc::default();
-    let (log, ledger, revoked) = open_log_and_ledger(shared, &cfg, wal, &members)?;
+    let (log, ledger, revoked) = open_log_and_ledger(&wiring, &cfg, wal, &members)?;
     let restored = restore(&log)?;
     let (net_tx, net_rx) = bounded(INBOX_MESSAGES_MAX);
     let (transport, probe) = start_transport(cfg.peers.take(), &revoked, &ledger, net_tx)?;
     let mut env = env;
-    let (replica, now_ms) = start_replica(shared, &cfg, ledger, restored, &mut env)?;
+    let (replica, now_ms) = start_replica(opts, &cfg, ledger, restored, &mut env)?;
     let env = Arc::new(Mutex::new(env));
-    let published = Arc::new(Mutex::new(Published::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let (control_tx, control_rx) = bounded(CONTROL_QUEUED_MAX);
-    let (warm_tx, warm_rx) = start_warmer(shared.store.clone())?;
+    let (warm_tx, warm_rx) = start_warmer(wiring.store.clone())?;
+    let tables = *wiring.store.lock().tables();
     let mut thread = ReplicaThread {
         id: cfg.node_id,
         replica,
         log,
         transport,
-        shared: shared.clone(),
+        status: wiring.status.clone(),
+        forwarder: wiring.forwarder,
+        tables,
+        batch_requests_max: opts.batch_requests_max,
         env: env.clone(),
-        published: published.clone(),
         members,
         revoked: revoked.clone(),
         waiters: HashMap::new(),
@@ -214,23 +186,14 @@ pub fn start(
     thread.update_transport_peers();
     thread.publish();
     let inputs = Inputs { net: net_rx, warmed: warm_rx };
-    spawn_replica_thread(thread, shared.submit_rx.clone(), inputs, control_rx, stop.clone())?;
-    Ok(Arc::new(CoreReplicator {
-        node_id: cfg.node_id,
-        published,
-        env,
-        control_tx,
-        stop,
-        probe,
-        admin_lock: Mutex::new(()),
-        revoked,
-    }))
+    spawn_replica_thread(thread, wiring.submissions, inputs, control_rx, stop.clone())?;
+    Ok(ReplicaControl::new(wiring.status, env, control_tx, stop, probe, revoked))
 }
 
 /// Opens the log and the ledger on the store (bootstrapping a new cluster's first
 /// configuration), and makes the log continue from the state the store holds.
 fn open_log_and_ledger(
-    shared: &Arc<Shared>,
+    wiring: &Wiring,
     cfg: &ShellConfig,
     wal: Wal,
     members: &Members,
@@ -238,21 +201,21 @@ fn open_log_and_ledger(
     let mut log = WalStorage::open(Box::new(wal), None, &cfg.known_members).map_err(|e| format!("log: {e}"))?;
     *members.lock() = log.members().clone();
     let on_flushed = {
-        let shared = Arc::downgrade(shared);
+        let status = Arc::downgrade(&wiring.status);
         move |index, height| {
-            if let Some(s) = shared.upgrade() {
+            if let Some(s) = status.upgrade() {
                 s.publish_applied(index, height);
             }
         }
     };
     let revoked = RevokedCerts::new(log.revoked());
-    let mut ledger = StoreLedger::new(shared.store.clone(), members.clone(), on_flushed)?.with_revoked(revoked.clone());
+    let mut ledger = StoreLedger::new(wiring.store.clone(), members.clone(), on_flushed)?.with_revoked(revoked.clone());
     // A new cluster's first configuration is applied at (1, 1), as if a first entry had been
     // compacted: a node added later has no entry to learn it from, so it gets a snapshot.
     if ledger_is_fresh(&ledger) && cfg.initial_voters.contains(&cfg.node_id) {
         tally_core::ledger::bootstrap(&mut ledger, &cfg.initial_voters).map_err(|e| format!("bootstrap: {e}"))?;
         ledger.drain().map_err(|e| format!("bootstrap: {e}"))?;
-        shared.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
+        wiring.store.lock().sync_all().map_err(|e| format!("bootstrap sync: {e}"))?;
     }
     mark_log_at_state(&mut log, &ledger)?;
     Ok((log, ledger, revoked))
@@ -297,7 +260,7 @@ fn start_transport(
 /// Starts the replica core on the ledger and the restored log, at `env`'s time. Returns it and
 /// the monotonic time it started at.
 fn start_replica(
-    shared: &Shared,
+    opts: &NodeOptions,
     cfg: &ShellConfig,
     ledger: StoreLedger,
     restored: RestoredLog,
@@ -308,16 +271,16 @@ fn start_replica(
     let election_seed = env.next_u64();
     let replica_cfg = ReplicaConfig {
         node_id: cfg.node_id,
-        cluster_id: shared.opts.cluster_id,
+        cluster_id: opts.cluster_id,
         tick_ms: cfg.tick_ms,
         election_ticks: cfg.election_ticks,
         heartbeat_ticks: cfg.heartbeat_ticks,
-        batch_interval_ms: shared.opts.batch_interval_ms,
-        batch_requests_max: shared.opts.batch_requests_max,
-        batch_bytes_max: shared.opts.batch_bytes_max,
+        batch_interval_ms: opts.batch_interval_ms,
+        batch_requests_max: opts.batch_requests_max,
+        batch_bytes_max: opts.batch_bytes_max,
         log_retain_entries: cfg.log_retain_entries,
         log_retain_bytes: LOG_RETAIN_BYTES,
-        operator_key: shared.opts.operator_key.clone(),
+        operator_key: opts.operator_key.clone(),
         election_seed,
         plant: cfg.plant,
         snapshot_reports_by_shell: true,
@@ -411,9 +374,13 @@ struct ReplicaThread {
     replica: Replica<StoreLedger>,
     log: WalStorage,
     transport: Box<dyn Transport>,
-    shared: Arc<Shared>,
+    /// Where this thread publishes its status (read by everyone else).
+    status: Arc<StatusBoard>,
+    /// The relay link to the leader: told when the leader changes.
+    forwarder: Arc<Forwarder>,
+    tables: Tables,
+    batch_requests_max: usize,
     env: Arc<Mutex<Box<dyn Env>>>,
-    published: Arc<Mutex<Published>>,
     members: Members,
     /// Revoked node certificates (shared with the transport and the ledger's exports).
     revoked: RevokedCerts,
@@ -517,7 +484,7 @@ impl ReplicaThread {
     /// channel (clients get `Overloaded` when it is full) instead of the replica thread blocking
     /// on a full store queue, where it would send no heartbeat.
     fn core_queue_full(&self) -> bool {
-        self.replica.sequencer_state().1 + self.warming_requests >= 2 * self.shared.opts.batch_requests_max
+        self.replica.sequencer_state().1 + self.warming_requests >= 2 * self.batch_requests_max
             || self.replica.ledger().store_behind()
     }
 
@@ -572,7 +539,7 @@ impl ReplicaThread {
                             receipts.push((s.req.id, height));
                         }
                     }
-                    None => tally_core::state::state_keys(&self.shared.tables, &r.signer, &r.op, &mut keys),
+                    None => tally_core::state::state_keys(&self.tables, &r.signer, &r.op, &mut keys),
                 }
             }
             cold = self.replica.ledger().cold_keys(keys);
@@ -657,7 +624,7 @@ impl ReplicaThread {
         let effects = self.replica.handle(event);
         // The commit point is published before any answer of this pass leaves: a client that
         // reads right after its write waits for the store to hold it (the read barrier).
-        self.shared.publish_commit(self.replica.commit_index());
+        self.status.publish_commit(self.replica.commit_index());
         // The core keeps no clock: its pass is timed here and named after what it did.
         let stage = if effects.iter().any(|e| matches!(e, Effect::Signed { .. })) {
             "apply"
@@ -685,8 +652,7 @@ impl ReplicaThread {
     fn mark_stopped(&mut self, failure: LogFailure) {
         metrics::gauge!("tally_log_stopped").set(1.0);
         self.stopped = Some(failure.clone());
-        self.published.lock().stopped = Some(failure.clone());
-        self.shared.poison(failure);
+        self.status.stop(failure);
         self.transport.stop();
     }
 
@@ -910,25 +876,26 @@ impl ReplicaThread {
             }
         }
         let status = self.replica.status();
-        self.shared.publish_commit(status.commit_index);
+        self.status.publish_commit(status.commit_index);
         let (index, height) = self.replica.ledger().flushed();
-        self.shared.publish_applied(index, height);
+        self.status.publish_applied(index, height);
         self.export_metrics(&status);
-        let members = self.members.lock().clone();
-        let leader_addr = if self.stopped.is_some() {
-            None
-        } else {
-            status.leader_id.and_then(|l| members.get(&l)).map(|m| m.client_addr.clone())
+        let addrs = self.members.lock().clone();
+        let leader_addr = status.leader_id.and_then(|l| addrs.get(&l)).map(|m| m.client_addr.clone());
+        let leader_commit = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
+        let published = Published {
+            term: status.term,
+            leader_id: status.leader_id,
+            is_leader: status.is_leader,
+            leader_addr: leader_addr.clone(),
+            members: members_of(&status, &addrs),
+            voters: status.conf_state.voters.clone(),
+            leader_commit: leader_commit.max(status.commit_index),
         };
-        {
-            let mut p = self.published.lock();
-            p.leader_commit_seen = if status.is_leader { status.commit_index } else { self.leader_commit_seen };
-            p.members = members;
-            p.stopped = self.stopped.clone();
-            p.status = status;
-        }
+        self.status.publish(published);
         // Frames relayed to a replica that no longer leads are answered (retryable) now.
-        self.shared.forwarder.retain_leader(leader_addr.as_deref());
+        let leader_addr = if self.stopped.is_some() { None } else { leader_addr };
+        self.forwarder.retain_leader(leader_addr.as_deref());
     }
 
     fn export_metrics(&mut self, s: &Status) {
@@ -970,6 +937,25 @@ impl ReplicaThread {
     }
 }
 
+/// Every member of the configuration with the address the log recorded for it and, on a
+/// leader, how far it matched.
+fn members_of(status: &Status, addrs: &BTreeMap<u64, MemberAddr>) -> Vec<Member> {
+    let conf = &status.conf_state;
+    conf_ids(conf)
+        .into_iter()
+        .map(|id| {
+            let addr = addrs.get(&id);
+            Member {
+                node_id: id,
+                client_addr: addr.map(|a| a.client_addr.clone()).unwrap_or_default(),
+                peer_addr: addr.map(|a| a.peer_addr.clone()).unwrap_or_default(),
+                is_voter: conf.voters.contains(&id) || conf.voters_outgoing.contains(&id),
+                matched_index: status.matched.iter().find(|(n, _)| *n == id).map_or(0, |(_, m)| *m),
+            }
+        })
+        .collect()
+}
+
 /// The stage a core refusal comes from, for `tally_refused_total`: stage 3 refuses what the
 /// applied state cannot fund, stage 4 what expired or does not fit a batch; leadership changes
 /// refuse in stage 5 (not the leader, or a batch lost to a new leader).
@@ -979,168 +965,6 @@ fn refusal_stage(code: ErrorCode) -> &'static str {
         ErrorCode::Expired | ErrorCode::ProposalTooLarge => "sequence",
         ErrorCode::LogFailed | ErrorCode::StorageFull => "persist",
         _ => "propose",
-    }
-}
-
-impl CoreReplicator {
-    fn now_ms(&self) -> u64 {
-        self.env.lock().monotonic_ms()
-    }
-
-    /// Stops the replica thread (tests; a process stops by exiting).
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-
-    /// One membership change through the core ([`tally_core::membership`]): answered when it is
-    /// done, failed or timed out there.
-    fn change(&self, change: MemberChange) -> Result<(), MembershipError> {
-        let (reply, rx) = bounded(1);
-        self.control_tx.try_send(Control::Change { change, reply }).map_err(|_| MembershipError::Busy)?;
-        // The core answers every change within its bounds; the margin covers a replica thread
-        // that stopped (its process then exits).
-        rx.recv_timeout(Duration::from_millis(CHANGE_ANSWER_MS_MAX + 10_000))
-            .unwrap_or_else(|_| Err(MembershipError::Timeout("the replica thread's answer".into())))
-    }
-}
-
-impl Replicator for CoreReplicator {
-    fn role(&self) -> Role {
-        let p = self.published.lock();
-        let s = &p.status;
-        let stopped = p.stopped.is_some() || s.poisoned.is_some();
-        Role {
-            node_id: self.node_id,
-            term: s.term,
-            // A stopped replica knows no leader: its Raft state froze when its log failed.
-            leader_id: if stopped { None } else { s.leader_id },
-            is_leader: s.is_leader && !stopped,
-            commit_index: s.commit_index,
-        }
-    }
-
-    /// Asks the replica thread: a leader under its lease answers the index to wait for.
-    fn read_index(&self) -> Result<u64, WireError> {
-        let (reply, rx) = bounded(1);
-        let now_ms = self.now_ms();
-        if self.control_tx.try_send(Control::Read { now_ms, reply }).is_err() {
-            return Err(WireError::new(ErrorCode::Overloaded, "the replica thread has too many reads queued; retry"));
-        }
-        rx.recv_timeout(Duration::from_millis(READ_JUDGED_MS)).unwrap_or_else(|_| {
-            Err(WireError::new(ErrorCode::Overloaded, "the replica thread did not judge the read in time; retry"))
-        })
-    }
-
-    fn members(&self) -> Vec<Member> {
-        let p = self.published.lock();
-        let conf = &p.status.conf_state;
-        conf_ids(conf)
-            .into_iter()
-            .map(|id| {
-                let addr = p.members.get(&id);
-                Member {
-                    node_id: id,
-                    client_addr: addr.map(|a| a.client_addr.clone()).unwrap_or_default(),
-                    peer_addr: addr.map(|a| a.peer_addr.clone()).unwrap_or_default(),
-                    is_voter: conf.voters.contains(&id) || conf.voters_outgoing.contains(&id),
-                    matched_index: p.status.matched.iter().find(|(n, _)| *n == id).map_or(0, |(_, m)| *m),
-                }
-            })
-            .collect()
-    }
-
-    fn durable_replicas(&self, index: u64) -> u8 {
-        let p = self.published.lock();
-        let s = &p.status;
-        let voter = |id: &u64| s.conf_state.voters.contains(id) || s.conf_state.voters_outgoing.contains(id);
-        let count = if s.is_leader {
-            s.matched.iter().filter(|(id, m)| voter(id) && *m >= index).count()
-        } else {
-            let local = usize::from(s.last_index >= index);
-            if index <= s.commit_index {
-                local.max(s.conf_state.voters.len() / 2 + 1)
-            } else {
-                local
-            }
-        };
-        u8::try_from(count).unwrap_or(u8::MAX)
-    }
-
-    fn voters(&self) -> usize {
-        self.published.lock().status.conf_state.voters.len()
-    }
-
-    fn stopped(&self) -> Option<LogFailure> {
-        self.published.lock().stopped.clone()
-    }
-
-    fn leader_commit_index(&self) -> u64 {
-        let p = self.published.lock();
-        p.leader_commit_seen.max(p.status.commit_index)
-    }
-
-    /// Adds `member` as a learner, waits until it caught up with the commit index, then promotes
-    /// it through a joint configuration (left automatically).
-    fn add_member(&self, member: Member) -> Result<(), MembershipError> {
-        let _one_at_a_time = self.admin_lock.lock();
-        let node = member.node_id;
-        if node == 0 {
-            return Err(MembershipError::ReservedId);
-        }
-        if !self.role().is_leader {
-            return Err(MembershipError::NotLeader);
-        }
-        {
-            let p = self.published.lock();
-            let other_addr = p
-                .members
-                .get(&node)
-                .is_some_and(|m| m.client_addr != member.client_addr || m.peer_addr != member.peer_addr);
-            if p.status.conf_state.voters.contains(&node) && other_addr {
-                // The same add again (a retry whose first answer was lost) succeeds in the core;
-                // a voter under other addresses is an error.
-                return Err(MembershipError::AlreadyVoter(node));
-            }
-        }
-        // Before anything is proposed: the node must answer at that address as node `node` of
-        // this cluster (its certificate, cluster id and configuration), or nothing is added.
-        let Some((hello, security)) = &self.probe else {
-            return Err(MembershipError::Refused("this replica has no peer port: a cluster of one".into()));
-        };
-        if !self.published.lock().status.conf_state.voters.contains(&node) {
-            tally_failover::transport::probe(&member.peer_addr, hello, security, node)
-                .map_err(|reason| MembershipError::Unreachable { node, reason })?;
-        }
-        let addr = MemberAddr { node_id: node, client_addr: member.client_addr, peer_addr: member.peer_addr };
-        self.change(MemberChange::Add { node, context: tally_codec::encode(&addr) })
-    }
-
-    /// Removes `node_id` (when it is a member) and revokes its certificate; returns once both
-    /// applied here.
-    fn revoke_member(&self, node_id: u64, cert_fingerprint: [u8; 32]) -> Result<(), MembershipError> {
-        let _one_at_a_time = self.admin_lock.lock();
-        let member = conf_ids(&self.published.lock().status.conf_state).contains(&node_id);
-        if node_id != 0 && self.revoked.node_of(&cert_fingerprint).is_some() && !member {
-            // A retried revocation (its first answer lost) succeeds.
-            return Ok(());
-        }
-        if self.revoked.len() >= REVOKED_MAX {
-            return Err(MembershipError::Refused(format!("{REVOKED_MAX} certificates are revoked already")));
-        }
-        let context = tally_codec::encode(&Revocation { node_id, cert_fingerprint });
-        self.change(MemberChange::Revoke { node: node_id, context })
-    }
-
-    /// Removes `node_id` through a joint configuration (left automatically).
-    fn remove_member(&self, node_id: u64) -> Result<(), MembershipError> {
-        let _one_at_a_time = self.admin_lock.lock();
-        self.change(MemberChange::Remove { node: node_id })
-    }
-}
-
-impl Drop for CoreReplicator {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

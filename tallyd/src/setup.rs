@@ -489,20 +489,13 @@ fn known_members(cfg: &NodeConfig, raft_cfg: &RaftConfig, solo: bool) -> Vec<Mem
     known_members
 }
 
-/// `GET /health/ready` answers from the node's replicator and applied index.
+/// `GET /health/ready` answers from the node's status board.
 fn install_ready_check(health: &crate::metrics_http::Health, node: &Node, max_lag: u64) {
-    let shared = node.shared.clone();
+    let status = node.status.clone();
     health.set_ready_check(Box::new(move || {
-        let r = shared.replicator();
-        let stopped = r.stopped().or_else(|| shared.poisoned());
-        let leader_commit = r.leader_commit_index().max(shared.committed().index);
-        crate::metrics_http::readiness(
-            r.role().leader_id,
-            stopped.as_ref(),
-            shared.applied_index(),
-            leader_commit,
-            max_lag,
-        )
+        let s = status.snapshot();
+        let leader_commit = s.leader_commit.max(s.committed.index);
+        crate::metrics_http::readiness(s.leader_id, s.stopped.as_ref(), s.applied.index, leader_commit, max_lag)
     }));
 }
 
@@ -527,7 +520,7 @@ fn serve_until_stopped(
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             // Graceful stop: the store is made durable so the next start replays nothing.
             node.sync_store()?;
-            tracing::info!(applied_height = node.shared.applied_height(), "stopped; store synced");
+            tracing::info!(applied_height = node.status.applied().height, "stopped; store synced");
             return Ok(());
         }
         ticks += 1;
@@ -538,7 +531,7 @@ fn serve_until_stopped(
             publish_disk_gauges(data_dir, metrics_handle);
         }
         publish_gauges(node);
-        let failure = node.shared.replicator().stopped().or_else(|| node.shared.poisoned());
+        let failure = node.status.stopped();
         if let Some(why) = failure {
             if !reported_failure {
                 // The replicator stepped down and went silent; status and /metrics say why.
@@ -573,19 +566,19 @@ fn publish_disk_gauges(data_dir: &Path, metrics_handle: Option<&metrics_exporter
 
 /// Role, progress, log health and connections, every second.
 fn publish_gauges(node: &Node) {
-    let role = node.shared.replicator().role();
-    metrics::gauge!("tally_term").set(role.term as f64);
-    metrics::gauge!("tally_leader_id").set(role.leader_id.unwrap_or(0) as f64);
-    metrics::gauge!("tally_is_leader").set(if role.is_leader { 1.0 } else { 0.0 });
-    metrics::gauge!("tally_commit_index").set(role.commit_index as f64);
-    metrics::gauge!("tally_applied_height").set(node.shared.applied_height() as f64);
-    metrics::gauge!("tally_log_stopped").set(if node.shared.replicator().stopped().is_some() { 1.0 } else { 0.0 });
-    let (handshaking, clients, replicas) = node.shared.admission.counts();
+    let s = node.status.snapshot();
+    metrics::gauge!("tally_term").set(s.term as f64);
+    metrics::gauge!("tally_leader_id").set(s.leader_id.unwrap_or(0) as f64);
+    metrics::gauge!("tally_is_leader").set(if s.is_leader { 1.0 } else { 0.0 });
+    metrics::gauge!("tally_commit_index").set(s.committed.index as f64);
+    metrics::gauge!("tally_applied_height").set(s.applied.height as f64);
+    metrics::gauge!("tally_log_stopped").set(if s.stopped.is_some() { 1.0 } else { 0.0 });
+    let (handshaking, clients, replicas) = node.port.admission.counts();
     metrics::gauge!("tally_connections", "pool" => "handshake").set(handshaking as f64);
     metrics::gauge!("tally_connections", "pool" => "client").set(clients as f64);
     metrics::gauge!("tally_connections", "pool" => "replica").set(replicas as f64);
-    let leader_commit = node.shared.replicator().leader_commit_index().max(node.shared.committed().index);
-    metrics::gauge!("tally_apply_lag_entries").set(leader_commit.saturating_sub(node.shared.applied_index()) as f64);
+    let leader_commit = s.leader_commit.max(s.committed.index);
+    metrics::gauge!("tally_apply_lag_entries").set(leader_commit.saturating_sub(s.applied.index) as f64);
 }
 
 /// Runs `open` until it succeeds or fails for another reason than a full disk: a replica

@@ -28,17 +28,19 @@
 pub mod budget;
 pub mod read;
 
-use crate::node::Shared;
+use crate::status::StatusBoard;
 use budget::Budget;
 use crossbeam::channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use read::{BatchChanges, ReadError};
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_codec::wire::{BusyInfo, Change, Envelope, ServerMessage, WatchEvent, WatchFilter, WatchPage, WireError};
 use tally_codec::ErrorCode;
+use tally_store::state::Store;
 
 /// Watches one connection may have open at once (served, or their page not yet taken by the
 /// writer). The client library keeps one; a few more leave room for several filters.
@@ -237,22 +239,29 @@ impl WatchService {
     ///
     /// # Errors
     /// When a thread cannot be started.
-    pub fn start(self: &Arc<Self>, shared: &Arc<Shared>) -> Result<(), String> {
+    pub fn start(
+        self: &Arc<Self>,
+        store: &Arc<Mutex<Store>>,
+        status: &Arc<StatusBoard>,
+        stopping: &Arc<AtomicBool>,
+    ) -> Result<(), String> {
+        let tables = *store.lock().tables();
+        let src = Arc::new(Source { store: store.clone(), tables, status: status.clone(), stopping: stopping.clone() });
         for i in 0..self.limits.threads {
-            let (svc, shared) = (self.clone(), shared.clone());
-            spawn(&format!("watch-{i}"), move || {
-                while !shared.is_stopping() {
-                    if let Some(t) = svc.next_ready(&shared) {
-                        svc.slice(&shared, t);
+            let (svc, src) = (self.clone(), src.clone());
+            crate::node::spawn(&format!("watch-{i}"), move || {
+                while !src.stopping() {
+                    if let Some(t) = svc.next_ready(&src) {
+                        svc.slice(&src, t);
                     }
                 }
             })?;
         }
-        let (svc, shared) = (self.clone(), shared.clone());
-        spawn("watch-timer", move || {
-            while !shared.is_stopping() {
+        let svc = self.clone();
+        crate::node::spawn("watch-timer", move || {
+            while !src.stopping() {
                 std::thread::sleep(Duration::from_millis(TICK_MS));
-                svc.tick(shared.applied_height(), Instant::now());
+                svc.tick(src.applied_height(), Instant::now());
             }
         })
     }
@@ -264,7 +273,7 @@ impl WatchService {
 
     /// The next watch to give a turn, or `None` after waiting a while for one. While decoding is
     /// over its budget, only a watch whose next batch needs no decode gets a turn.
-    fn next_ready(&self, shared: &Shared) -> Option<Task> {
+    fn next_ready(&self, src: &Source) -> Option<Task> {
         let mut s = self.state.lock();
         let now = Instant::now();
         let pages_ok = s.pages.available(now) && s.held_bytes < self.limits.held_bytes_max;
@@ -274,7 +283,7 @@ impl WatchService {
                 return Some(t);
             }
         } else if pages_ok {
-            let applied = shared.applied_height();
+            let applied = src.applied_height();
             let cache = self.cache.lock();
             if let Some(i) = s.ready.iter().position(|t| t.next > applied || cache.contains(t.next)) {
                 return s.ready.remove(i);
@@ -293,8 +302,8 @@ impl WatchService {
 
     /// One turn of one watch: at most one batch read, then the watch goes back in the queue or
     /// is answered.
-    fn slice(&self, shared: &Shared, mut t: Task) {
-        let applied = shared.applied_height();
+    fn slice(&self, src: &Source, mut t: Task) {
+        let applied = src.applied_height();
         if t.next > applied {
             if t.next > t.from || Instant::now() >= t.wait_until {
                 return self.send_page(t);
@@ -302,7 +311,7 @@ impl WatchService {
             self.state.lock().waiting.push(t);
             return;
         }
-        let batch = match self.batch_at(shared, t.next, t.deadline) {
+        let batch = match self.batch_at(src, t.next, t.deadline) {
             Ok(b) => b,
             Err(ReadError::Compacted { .. }) if t.next > t.from => return self.send_page(t),
             Err(ReadError::StoreBusy) => return self.store_busy(t),
@@ -327,15 +336,15 @@ impl WatchService {
 
     /// The changes of batch `height`: from the cache, or read (short lock holds), charged to the
     /// decode budget, decoded and cached.
-    fn batch_at(&self, shared: &Shared, height: u64, deadline: Instant) -> Result<Arc<BatchChanges>, ReadError> {
+    fn batch_at(&self, src: &Source, height: u64, deadline: Instant) -> Result<Arc<BatchChanges>, ReadError> {
         if let Some(b) = self.cache.lock().get(height) {
             metrics::counter!("tally_watch_batches_total", "source" => "cache").increment(1);
             return Ok(b);
         }
-        let at = read::locate(&shared.store, height, deadline)?;
+        let at = read::locate(&src.store, height, deadline)?;
         let len = at.body.len() as u64;
         self.state.lock().decode.charge(len, Instant::now());
-        let b = Arc::new(read::changes(&shared.store, &shared.tables, &at, deadline)?);
+        let b = Arc::new(read::changes(&src.store, &src.tables, &at, deadline)?);
         self.cache.lock().insert(b.clone());
         metrics::counter!("tally_watch_batches_total", "source" => "store").increment(1);
         metrics::counter!("tally_watch_decoded_bytes_total").increment(len);
@@ -534,12 +543,22 @@ impl WatchConn {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(drop)
-        .map_err(|e| format!("cannot start {name} thread: {e}"))
+/// What the watch threads read: the store, its tables, the applied height, and whether the
+/// process is stopping.
+struct Source {
+    store: Arc<Mutex<Store>>,
+    tables: tally_codec::Tables,
+    status: Arc<StatusBoard>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Source {
+    fn applied_height(&self) -> u64 {
+        self.status.applied().height
+    }
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
 }
 
 #[cfg(test)]
