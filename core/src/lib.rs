@@ -40,7 +40,7 @@ pub use failure::LogFailure;
 pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
 pub use membership::{MemberChange, MembershipError};
 pub use peer_gate::Refusal;
-pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status};
+pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, QUEUED_BATCHES_MAX};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
 #[derive(Debug, Clone)]

@@ -132,6 +132,15 @@ pub type ReadResult = Result<u64, WireError>;
 /// How long a shell waits for its state to apply a read's index before answering `Overloaded`.
 pub const READ_WAIT_MS: u64 = 5_000;
 
+/// Requests the sequencer holds for batches not yet closed, in full batches
+/// (`batch_requests_max` each), before it says it has no room ([`Replica::submission_room`]):
+/// two batches are more than one interval's work. A shell stops handing over submissions then
+/// (they wait in its own bounded queue); since it hands over a client frame whole, the core
+/// takes one frame more ([`limits::FRAME_REQUESTS_MAX`]) and answers `Overloaded` past that,
+/// so a leader whose batches cannot close (8 in flight, a slow quorum) never grows without
+/// bound whatever its shell does.
+pub const QUEUED_BATCHES_MAX: usize = 2;
+
 /// What a replica asks its shell to do, in order.
 #[derive(Debug)]
 pub enum Effect {
@@ -386,6 +395,12 @@ impl<L: Ledger> Replica<L> {
         )
     }
 
+    /// How many more requests the sequencer wants now ([`QUEUED_BATCHES_MAX`] batches less
+    /// what it holds): a shell hands over no new frame at 0.
+    pub fn submission_room(&self) -> usize {
+        (QUEUED_BATCHES_MAX * self.cfg.batch_requests_max).saturating_sub(self.seq.queued())
+    }
+
     /// Whether the sequencer takes requests (leading, with everything before its term applied),
     /// and how many are queued and in flight.
     pub fn sequencer_state(&self) -> (bool, usize, usize) {
@@ -537,7 +552,21 @@ impl<L: Ledger> Replica<L> {
             self.refuse_not_leader(client);
             return;
         }
+        if self.seq.queued() >= self.queued_max() {
+            let why = format!(
+                "the leader holds {} requests for batches not yet closed (QUEUED_BATCHES_MAX full batches and a frame); retry",
+                self.seq.queued()
+            );
+            self.reply(client, SubmitReply::Refused(WireError::new(ErrorCode::Overloaded, why)));
+            return;
+        }
         self.seq.enqueue((req, client), self.now_ms);
+        assert!(self.seq.queued() <= self.queued_max(), "the sequencer's queue is bounded");
+    }
+
+    /// The most requests the sequencer holds: [`QUEUED_BATCHES_MAX`] batches and one frame.
+    fn queued_max(&self) -> usize {
+        QUEUED_BATCHES_MAX * self.cfg.batch_requests_max + limits::FRAME_REQUESTS_MAX
     }
 
     fn on_change_members(&mut self, ticket: u64, change: MemberChange) {

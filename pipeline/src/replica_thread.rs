@@ -484,8 +484,7 @@ impl ReplicaThread {
     /// channel (clients get `Overloaded` when it is full) instead of the replica thread blocking
     /// on a full store queue, where it would send no heartbeat.
     fn core_queue_full(&self) -> bool {
-        self.replica.sequencer_state().1 + self.warming_requests >= 2 * self.batch_requests_max
-            || self.replica.ledger().store_behind()
+        self.replica.submission_room() <= self.warming_requests || self.replica.ledger().store_behind()
     }
 
     fn now(&self) -> (u64, u64) {
