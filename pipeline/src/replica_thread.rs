@@ -162,7 +162,6 @@ pub fn start(
         status: wiring.status.clone(),
         forwarder: wiring.forwarder,
         tables,
-        batch_requests_max: opts.batch_requests_max,
         env: env.clone(),
         members,
         revoked: revoked.clone(),
@@ -379,7 +378,6 @@ struct ReplicaThread {
     /// The relay link to the leader: told when the leader changes.
     forwarder: Arc<Forwarder>,
     tables: Tables,
-    batch_requests_max: usize,
     env: Arc<Mutex<Box<dyn Env>>>,
     members: Members,
     /// Revoked node certificates (shared with the transport and the ledger's exports).
@@ -479,8 +477,8 @@ impl ReplicaThread {
         self.transport.stop();
     }
 
-    /// Whether the core holds as many requests as two full batches, waiting for one to close,
-    /// or the store thread is half a queue behind: new work then waits in the submission
+    /// Whether the core has no room for more requests (it holds two full batches with those
+    /// warming, waiting for one to close), or the store thread is half a queue behind: new work then waits in the submission
     /// channel (clients get `Overloaded` when it is full) instead of the replica thread blocking
     /// on a full store queue, where it would send no heartbeat.
     fn core_queue_full(&self) -> bool {
