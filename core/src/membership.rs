@@ -155,8 +155,29 @@ enum Phase {
     Withdrawing { at: u64, cause: MembershipError },
     /// The removal was proposed at `at`.
     Removing { at: u64 },
-    /// A change is about to be proposed; the phase it leads to.
-    Proposing(Box<Phase>),
+    /// A change is about to be proposed: the phase it leads to once the leader's log holds it.
+    Proposing(Proposal),
+}
+
+/// What a proposed configuration change is for: the phase it starts once it is in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Proposal {
+    Join,
+    Promote,
+    Withdraw { cause: MembershipError },
+    Remove,
+}
+
+impl Proposal {
+    /// The phase this proposal starts, proposed at log index `at`.
+    fn at(self, at: u64) -> Phase {
+        match self {
+            Proposal::Join => Phase::Joining { at },
+            Proposal::Promote => Phase::Promoting { at },
+            Proposal::Withdraw { cause } => Phase::Withdrawing { at, cause },
+            Proposal::Remove => Phase::Removing { at },
+        }
+    }
 }
 
 /// One membership change in flight.
@@ -226,16 +247,10 @@ impl Flow {
 
     /// The change proposed by the last [`Step::Propose`] is in the leader's log at `index`.
     pub fn proposed(&mut self, index: u64, now_ms: u64) {
-        let Phase::Proposing(next) = std::mem::replace(&mut self.phase, Phase::Ready) else {
+        let Phase::Proposing(proposal) = std::mem::replace(&mut self.phase, Phase::Ready) else {
             panic!("proposed() without a proposal");
         };
-        self.phase = match *next {
-            Phase::Joining { .. } => Phase::Joining { at: index },
-            Phase::Promoting { .. } => Phase::Promoting { at: index },
-            Phase::Withdrawing { cause, .. } => Phase::Withdrawing { at: index, cause },
-            Phase::Removing { .. } => Phase::Removing { at: index },
-            other => unreachable!("no proposal leads to {other:?}"),
-        };
+        self.phase = proposal.at(index);
         self.phase_ms = now_ms;
     }
 
@@ -243,10 +258,10 @@ impl Flow {
     pub fn refused(&mut self, why: String) -> Result<(), MembershipError> {
         let node = self.change.node();
         match std::mem::replace(&mut self.phase, Phase::Ready) {
-            Phase::Proposing(next) => match *next {
-                Phase::Withdrawing { cause, .. } => Err(MembershipError::NotAdded { node, cause: Box::new(cause) }),
-                _ => Err(MembershipError::Refused(why)),
-            },
+            Phase::Proposing(Proposal::Withdraw { cause }) => {
+                Err(MembershipError::NotAdded { node, cause: Box::new(cause) })
+            }
+            Phase::Proposing(_) => Err(MembershipError::Refused(why)),
             other => panic!("refused() without a proposal (phase {other:?})"),
         }
     }
@@ -270,7 +285,7 @@ impl Flow {
                     return self.start_catch_up(v);
                 }
                 let cc = conf_change(node, ConfChangeType::AddLearnerNode, ConfChangeTransition::Auto);
-                self.propose(Phase::Joining { at: 0 }, cc, context)
+                self.propose(Proposal::Join, cc, context)
             }
             MemberChange::Remove { .. } => {
                 if !v.is_member(node) {
@@ -278,7 +293,7 @@ impl Flow {
                     return Step::Answer(Ok(()));
                 }
                 let cc = conf_change(node, ConfChangeType::RemoveNode, ConfChangeTransition::Implicit);
-                self.propose(Phase::Removing { at: 0 }, cc, Vec::new())
+                self.propose(Proposal::Remove, cc, Vec::new())
             }
             MemberChange::Revoke { context, .. } => {
                 let transition = if v.is_member(node) && node != v.id {
@@ -287,7 +302,7 @@ impl Flow {
                     ConfChangeTransition::Auto
                 };
                 let cc = conf_change(node, ConfChangeType::RemoveNode, transition);
-                self.propose(Phase::Removing { at: 0 }, cc, context)
+                self.propose(Proposal::Remove, cc, context)
             }
         }
     }
@@ -300,7 +315,7 @@ impl Flow {
         if v.matched >= target && !v.conf_pending {
             let MemberChange::Add { context, .. } = self.change.clone() else { unreachable!("only an add catches up") };
             let cc = conf_change(node, ConfChangeType::AddNode, ConfChangeTransition::Implicit);
-            return self.propose(Phase::Promoting { at: 0 }, cc, context);
+            return self.propose(Proposal::Promote, cc, context);
         }
         let moved_ms = if v.matched > matched || v.snapshotting { v.now_ms } else { moved_ms };
         self.phase = Phase::CatchingUp { target, matched: matched.max(v.matched), moved_ms, since_ms };
@@ -316,7 +331,7 @@ impl Flow {
             }
             // A failed add leaves no learner behind.
             let cc = conf_change(node, ConfChangeType::RemoveNode, ConfChangeTransition::Auto);
-            return self.propose(Phase::Withdrawing { at: 0, cause }, cc, Vec::new());
+            return self.propose(Proposal::Withdraw { cause }, cc, Vec::new());
         }
         Step::Wait
     }
@@ -328,8 +343,8 @@ impl Flow {
         self.step(v)
     }
 
-    fn propose(&mut self, next: Phase, cc: ConfChangeV2, context: Vec<u8>) -> Step {
-        self.phase = Phase::Proposing(Box::new(next));
+    fn propose(&mut self, proposal: Proposal, cc: ConfChangeV2, context: Vec<u8>) -> Step {
+        self.phase = Phase::Proposing(proposal);
         Step::Propose { cc, context }
     }
 
