@@ -102,6 +102,10 @@ pub fn bootstrap(ledger: &mut impl Ledger, voters: &[u64]) -> Result<(), LedgerE
 
 /// Committed state, applied in log order.
 pub trait Ledger {
+    /// Takes in what the shell handed this ledger beside the core (a production ledger's
+    /// values read ahead by its warmer), before the core reads anything in a pass. The default
+    /// has nothing to take.
+    fn refresh(&mut self) {}
     fn head(&self) -> LedgerHead;
     fn balance(&self, account: &PublicKey) -> Option<u64>;
     fn doc_meta(&self, key: &DocKey) -> Option<DocMeta>;

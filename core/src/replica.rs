@@ -337,9 +337,6 @@ impl<L: Ledger> Replica<L> {
     pub fn ledger(&self) -> &L {
         &self.ledger
     }
-    pub fn ledger_mut(&mut self) -> &mut L {
-        &mut self.ledger
-    }
     /// The height of the batch that executed request `id`, if this replica remembers it: a
     /// duplicate is answered with its receipt (read from the ledger), not executed again.
     pub fn executed_at(&self, id: &tally_codec::RequestId) -> Option<u64> {
@@ -485,6 +482,7 @@ impl<L: Ledger> Replica<L> {
             }
             return std::mem::take(&mut self.out);
         }
+        self.ledger.refresh();
         match event {
             Event::Tick { now_ms, wall_ms } => self.on_tick(now_ms, wall_ms),
             Event::Submit { client, req } => self.on_submit(client, req),

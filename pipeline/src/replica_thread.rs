@@ -26,7 +26,7 @@ use crate::control::{Control, PeerProbe, ReplicaControl, CONTROL_QUEUED_MAX};
 use crate::forward::Forwarder;
 use crate::node::NodeOptions;
 use crate::status::{Published, StatusBoard};
-use crate::store_ledger::{start_warmer, Members, StoreLedger, WarmJob, Warmed};
+use crate::store_ledger::{start_warmer, Members, StoreLedger, WarmHandle, WarmJob, Warmed};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use protobuf::Message as _;
@@ -153,6 +153,7 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let (control_tx, control_rx) = bounded(CONTROL_QUEUED_MAX);
     let (warm_tx, warm_rx) = start_warmer(wiring.store.clone())?;
+    let warm = replica.ledger().warm_handle();
     let tables = *wiring.store.lock().tables();
     let mut thread = ReplicaThread {
         id: cfg.node_id,
@@ -178,6 +179,7 @@ pub fn start(
         stopped: None,
         last_batch_at: None,
         warm_tx,
+        warm,
         warming: VecDeque::new(),
         warming_requests: 0,
         next_warm_ticket: 0,
@@ -396,6 +398,8 @@ struct ReplicaThread {
     last_batch_at: Option<Instant>,
     /// Reads of keys no cache holds, done by the warmer thread (never on this one).
     warm_tx: Sender<WarmJob>,
+    /// Where the warmer's reads go to the ledger (taken in before the core's next pass).
+    warm: WarmHandle,
     /// Submissions waiting for their keys to be warmed, in arrival order: the core gets each
     /// group when it and every group before it is ready.
     warming: VecDeque<Warming>,
@@ -555,19 +559,14 @@ impl ReplicaThread {
         self.release_warmed();
     }
 
-    /// The warmer read a group's cold keys: into the ledger's cache, then the ready groups at the
-    /// front go to the core.
+    /// The warmer read a group's cold keys: handed to the ledger (its cache), then the ready
+    /// groups at the front go to the core.
     fn on_warmed(&mut self, w: Warmed) {
-        let keys = w.values.len() as u64;
-        self.replica.ledger_mut().warm_receipts(w.receipts);
-        if self.replica.ledger_mut().warm(w.read_at, w.values) {
-            metrics::counter!("tally_warmed_keys_total").increment(keys);
-        } else {
-            metrics::counter!("tally_warm_reads_stale_total").increment(1);
-        }
         if let Some(g) = self.warming.iter_mut().find(|g| g.ticket == w.ticket) {
             g.ready = true;
         }
+        // The ledger takes the values in before the core's next pass reads anything.
+        self.warm.deliver(w);
         self.release_warmed();
     }
 

@@ -18,7 +18,7 @@
 use crossbeam::channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::limits::SNAPSHOT_BYTES_MAX;
@@ -151,6 +151,33 @@ pub struct Warmed {
     pub receipts: Vec<(RequestId, u64, Option<Receipt>)>,
 }
 
+/// Where the replica thread hands the warmer's reads to the ledger: it delivers them here, and
+/// the ledger takes them in at the start of the core's next pass ([`Ledger::refresh`]), before
+/// anything reads it. The shell never reaches into the ledger through the core.
+#[derive(Clone, Default)]
+pub struct WarmHandle(Arc<WarmInbox>);
+
+#[derive(Default)]
+struct WarmInbox {
+    pending: AtomicBool,
+    reads: Mutex<Vec<Warmed>>,
+}
+
+impl WarmHandle {
+    /// Hands over one read; the ledger takes it before the core's next pass reads anything.
+    pub fn deliver(&self, w: Warmed) {
+        self.0.reads.lock().push(w);
+        self.0.pending.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<Warmed> {
+        if !self.0.pending.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.0.reads.lock())
+    }
+}
+
 /// Receipts of duplicates the warmer read, kept at most this many (a committed batch never
 /// changes, so they never go stale; the map is emptied when full).
 pub const WARM_RECEIPTS_MAX: usize = 65_536;
@@ -267,6 +294,8 @@ pub struct StoreLedger {
     store_reads: std::sync::atomic::AtomicU64,
     /// Receipts of duplicate requests the warmer read, by (id, height).
     warm_receipts: HashMap<(RequestId, u64), Option<Receipt>>,
+    /// The warmer's reads, handed over by the replica thread (taken in by `refresh`).
+    warm_inbox: WarmHandle,
     /// Batches not yet in the store, by height, and where their requests are.
     batches: HashMap<u64, (Arc<BatchEntry>, Signature)>,
     ids: HashMap<RequestId, RequestLocation>,
@@ -332,6 +361,7 @@ impl StoreLedger {
             clean: CleanCache::new(CLEAN_CACHE_BYTES),
             leases,
             warm_receipts: HashMap::new(),
+            warm_inbox: WarmHandle::default(),
             store_reads: std::sync::atomic::AtomicU64::new(0),
             batches: HashMap::new(),
             ids: HashMap::new(),
@@ -488,8 +518,13 @@ impl StoreLedger {
         !self.batches.contains_key(&height) && !self.warm_receipts.contains_key(&(*id, height))
     }
 
+    /// Where the replica thread hands this ledger the warmer's reads.
+    pub fn warm_handle(&self) -> WarmHandle {
+        self.warm_inbox.clone()
+    }
+
     /// Keeps receipts of duplicates the warmer read (a committed batch never changes).
-    pub fn warm_receipts(&mut self, receipts: Vec<(RequestId, u64, Option<Receipt>)>) {
+    fn warm_receipts(&mut self, receipts: Vec<(RequestId, u64, Option<Receipt>)>) {
         if self.warm_receipts.len() + receipts.len() > WARM_RECEIPTS_MAX {
             self.warm_receipts.clear();
         }
@@ -502,7 +537,7 @@ impl StoreLedger {
     /// newer value is known for. Returns false, taking nothing, when the read may be stale (a
     /// write after it was evicted from the cache, or a snapshot was installed since); the
     /// requests then read the store themselves, which is correct, only slower.
-    pub fn warm(&mut self, read_at: u64, values: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> bool {
+    fn warm(&mut self, read_at: u64, values: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> bool {
         if read_at < self.clean.stale_below {
             return false;
         }
@@ -635,6 +670,19 @@ fn decode_envelope(data: &[u8]) -> Result<(SnapshotEnvelope, StateSnapshot), Led
 }
 
 impl Ledger for StoreLedger {
+    /// Takes in the warmer's reads the replica thread delivered since the last pass.
+    fn refresh(&mut self) {
+        for w in self.warm_inbox.take() {
+            let keys = w.values.len() as u64;
+            self.warm_receipts(w.receipts);
+            if self.warm(w.read_at, w.values) {
+                metrics::counter!("tally_warmed_keys_total").increment(keys);
+            } else {
+                metrics::counter!("tally_warm_reads_stale_total").increment(1);
+            }
+        }
+    }
+
     fn head(&self) -> LedgerHead {
         self.head
     }
@@ -953,7 +1001,10 @@ mod tests {
         drop(held);
         let w = warmed.recv_timeout(Duration::from_secs(10)).expect("warmed");
         assert_eq!(w.ticket, 7);
-        assert!(ledger.warm(w.read_at, w.values), "a fresh read is taken");
+        // Handed over as the replica thread does: taken in at the start of the next pass.
+        ledger.warm_handle().deliver(w);
+        assert!(!ledger.cold_keys(vec![key(&alice)]).is_empty(), "nothing is taken before the pass");
+        ledger.refresh();
         let reads = ledger.store_reads();
         assert_eq!(ledger.balance(&alice), Some(9));
         assert_eq!(ledger.balance(&carol), None, "warmed as absent");
