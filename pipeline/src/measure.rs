@@ -17,6 +17,42 @@ pub fn refused(stage: &'static str, code: ErrorCode, n: u64) {
     }
 }
 
+/// Every stage that refuses, with the reasons it refuses for: the series of
+/// `tally_refused_total` exported at 0 from the start ([`export_refusals_at_zero`]), so a
+/// dashboard's refusal panel shows a healthy cluster's zero instead of "No data", and `rate()`
+/// sees a refusal's first event.
+pub const REFUSALS: [(&str, &[ErrorCode]); 7] = [
+    ("receive", &[ErrorCode::NotLeader, ErrorCode::Overloaded]),
+    (
+        "validate",
+        &[
+            ErrorCode::Malformed,
+            ErrorCode::BadSignature,
+            ErrorCode::WeakKey,
+            ErrorCode::Expired,
+            ErrorCode::ExpiryTooFar,
+            ErrorCode::WrongCluster,
+            ErrorCode::RequestTooLarge,
+            ErrorCode::ValueTooLarge,
+            ErrorCode::BadTxn,
+        ],
+    ),
+    ("optimistic", &[ErrorCode::InsufficientFunds]),
+    ("sequence", &[ErrorCode::Expired, ErrorCode::ProposalTooLarge]),
+    ("propose", &[ErrorCode::NotLeader, ErrorCode::Retry, ErrorCode::Overloaded]),
+    ("persist", &[ErrorCode::LogFailed, ErrorCode::StorageFull]),
+    ("admin", &[ErrorCode::NotAuthorized, ErrorCode::Duplicate, ErrorCode::Overloaded]),
+];
+
+/// Exports every [`REFUSALS`] series at 0 (once, after the recorder is installed).
+pub fn export_refusals_at_zero() {
+    for (stage, codes) in REFUSALS {
+        for code in codes {
+            metrics::counter!("tally_refused_total", "stage" => stage, "reason" => code.name()).increment(0);
+        }
+    }
+}
+
 /// The refusals of one frame or batch, counted locally and added to the counters once.
 pub struct Refusals {
     stage: &'static str,

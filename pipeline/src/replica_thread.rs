@@ -974,3 +974,19 @@ impl Drop for ReplicaThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A refusal the core answers is counted under a stage and reason that `/metrics` exports
+    /// at 0 from the start (`measure::REFUSALS`), so its first event shows in `rate()`.
+    #[test]
+    fn core_refusals_are_counted_where_they_are_exported_at_zero() {
+        for (stage, codes) in crate::measure::REFUSALS {
+            if ["optimistic", "sequence", "propose", "persist"].contains(&stage) {
+                for code in codes {
+                    assert_eq!(super::refusal_stage(*code), stage, "{code:?}");
+                }
+            }
+        }
+    }
+}

@@ -152,9 +152,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for kind in ["pre_vote", "vote"] {
+    for kind in ["pre_vote", "vote", "leader_down"] {
         metrics::counter!("tally_elections_total", "kind" => kind).increment(0);
     }
+    tally_pipeline::measure::export_refusals_at_zero();
     for result in ["sent", "failed"] {
         metrics::counter!("tally_snapshot_sends_total", "result" => result).increment(0);
     }

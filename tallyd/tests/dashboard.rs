@@ -260,6 +260,42 @@ fn every_dashboard_panel_has_data_across_a_leader_kill() {
     assert_invariants(&running, &layout, &acked);
 }
 
+/// A fresh cluster under a load nothing refuses: every panel has data from the first scrapes
+/// (refusals, leader changes and elections are exported at 0 before anything happens), and the
+/// refusal panel's data is all zero. Before the zero exports, the refusal panel of a healthy
+/// cluster showed "No data".
+#[test]
+fn every_dashboard_panel_has_data_on_a_fresh_cluster_that_refused_nothing() {
+    let dashboard = load_dashboard();
+    let (_dir, layout) = init_cluster(3, 2);
+    let nodes = start_all(&layout);
+    wait_leader(&nodes, Duration::from_secs(20));
+    let targets: Vec<String> = layout.configs.iter().map(|c| c.metrics_listen.clone().expect("metrics")).collect();
+    let prom = Prometheus::start(&targets);
+    let start = unix_now();
+    let addrs = layout.client_addrs();
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 64, 2);
+    assert!(wait_until(Duration::from_secs(30), || writer.acked_len() >= 3_000), "the load did not commit");
+    std::thread::sleep(Duration::from_secs(8));
+    let acked = writer.finish();
+    std::thread::sleep(Duration::from_secs(2));
+    let end = unix_now();
+
+    let refused = series(&prom, "sum(tally_refused_total)", start, end);
+    let points: Vec<f64> = refused.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).collect();
+    assert!(!points.is_empty(), "tally_refused_total is exported before any refusal");
+    assert!(points.iter().all(|y| *y == 0.0), "this cluster refused something: {points:?}");
+    let mut failures = Vec::new();
+    for (title, expr) in panel_exprs(&dashboard) {
+        match prom.check_expr(&expr, start, end) {
+            Ok(n) => eprintln!("ok   {n:5} samples  {title}: {expr}"),
+            Err(e) => failures.push(format!("{title}: {expr}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "dashboard queries without data on a fresh cluster:\n{}", failures.join("\n"));
+    assert_invariants(&running_addrs(&nodes), &layout, &acked);
+}
+
 /// `(label, points)` per series of an expr, times relative to `start`.
 type Series = Vec<(String, Vec<(f64, f64)>)>;
 
