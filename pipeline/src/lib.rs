@@ -28,6 +28,7 @@ pub mod replica_thread;
 pub mod status;
 pub mod store_ledger;
 pub mod validate;
+pub mod warming;
 pub mod watch;
 
 pub use node::{Node, NodeOptions};
