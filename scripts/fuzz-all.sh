@@ -49,11 +49,17 @@ fi
 
 extra=()
 [ -n "$seconds" ] && extra+=("-max_total_time=$seconds")
-printf '%-26s %14s %8s %9s\n' target executions crashes seconds
+printf '%-26s %14s %8s %9s %5s\n' target executions crashes seconds slow
 failed=0
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
-    before=$(find "artifacts/$t" -type f | wc -l)
+    # Only crash-, leak-, timeout- and oom- artifacts are failures. libFuzzer also writes a
+    # slow-unit- file for an execution that took over 10 s of wall time, which a fuzzer paused
+    # (SIGSTOP) or starved of CPU produces too: counted apart, replay it to judge.
+    failures() { find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l; }
+    slows() { find "artifacts/$t" -type f -name 'slow-unit-*' | wc -l; }
+    before=$(failures)
+    slow_before=$(slows)
     dirs=("corpus/$t")
     [ -d "seeds/$t" ] && dirs+=("seeds/$t")
     start=$(date +%s)
@@ -65,9 +71,10 @@ for t in "${targets[@]}"; do
         # libFuzzer prints no final stats when it dies: take its last progress line.
         execs=$(grep -o '^#[0-9]*' "logs/$t.log" | tail -1 | tr -d '#' || true)
     fi
-    crashes=$(( $(find "artifacts/$t" -type f | wc -l) - before ))
+    crashes=$(( $(failures) - before ))
+    slow=$(( $(slows) - slow_before ))
     [ "$crashes" -gt 0 ] && failed=1
-    printf '%-26s %14s %8s %9s\n' "$t" "${execs:-?}" "$crashes" "$took"
+    printf '%-26s %14s %8s %9s %5s\n' "$t" "${execs:-?}" "$crashes" "$took" "$slow"
     if [ -z "$execs" ]; then
         # No executions counted: the target did not build or did not start. Not a pass.
         echo "  $t ran nothing: see fuzz/logs/$t.log" >&2
