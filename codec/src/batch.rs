@@ -116,6 +116,16 @@ impl BatchHeader {
     }
 }
 
+/// A link of the batch chain: a batch's height, its header's hash and the state digest after
+/// it. Stage 6 checks every committed batch against the confirmed head; the peer gate checks
+/// every batch a follower is asked to append against the one before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChainHead {
+    pub height: u64,
+    pub hash: Digest,
+    pub state_digest: Digest,
+}
+
 pub fn next_state_digest(prev: &Digest, write_set_digest: &Digest) -> Digest {
     let mut buf = [0u8; 64];
     buf[..32].copy_from_slice(&prev.0);

@@ -2,16 +2,8 @@
 //! the state digest are checked (I2, I3) before the header is signed. A broken check is a broken
 //! invariant: the replica stops (panics; the shell turns that into the end of the process).
 
-use tally_codec::batch::next_state_digest;
+use tally_codec::batch::{next_state_digest, ChainHead};
 use tally_codec::{decode, limits, BatchEntry, ClusterId, Committed, Digest};
-
-/// The confirmed chain head, checked against every committed batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ChainHead {
-    pub height: u64,
-    pub hash: Digest,
-    pub state_digest: Digest,
-}
 
 /// Why a log entry can never be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,9 +10,10 @@
 //!        ▼
 //!  effects: send · persist (fsync) · reply · signed header
 //! ```
-//! Around raft-rs: restart from the durable ledger and the surviving log (restart.rs), elections
-//! (election.rs), what the in-memory log keeps (retention.rs), membership (membership.rs), the
-//! lease (lease.rs) and the peer gate (peer_gate.rs). `replica.rs` runs the event loop.
+//! Around raft-rs: restart from the durable ledger and the surviving log (restart.rs) and what
+//! the in-memory log keeps (retention.rs); elections, the lease, membership and the peer gate
+//! are `tally_failover`'s I/O-free decisions, which the replica drives. `replica.rs` runs the
+//! event loop.
 //! Stage 2 (decoding, signature checks) stays in the shell: a [`Validated`] request is what
 //! enters the core. Time, randomness, the network and the disk come from outside, so a seed and
 //! a sequence of events replay a run exactly.
@@ -21,14 +22,8 @@
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod confirm;
-pub mod election;
-pub mod failure;
-pub mod lease;
 pub mod ledger;
-pub mod log;
-pub mod membership;
 pub mod optimistic;
-pub mod peer_gate;
 pub mod pending;
 pub mod replica;
 pub mod restart;
@@ -36,11 +31,9 @@ pub mod retention;
 pub mod sequence;
 pub mod state;
 
-pub use failure::LogFailure;
 pub use ledger::{Exported, Ledger, LedgerHead, MemLedger};
-pub use membership::{MemberChange, MembershipError};
-pub use peer_gate::Refusal;
 pub use replica::{ClientTag, Effect, Event, Persist, Replica, ReplicaConfig, RestoredLog, Status, QUEUED_BATCHES_MAX};
+pub use tally_failover::{LogFailure, MemberChange, MembershipError, Refusal};
 
 /// A request that passed stage 2: decoded, its signature checked, its id computed once.
 #[derive(Debug, Clone)]

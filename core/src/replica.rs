@@ -18,14 +18,9 @@
 //! `Persist` that failed; it reports the failure with [`Event::LogFailed`], and the replica
 //! poisons itself and goes silent, so the others elect a leader.
 
-use crate::confirm::{confirm, ChainHead};
-use crate::election::Elections;
-use crate::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
+use crate::confirm::confirm;
 use crate::ledger::{Ledger, LedgerHead};
-use crate::log::CoreLog;
-use crate::membership::{Flow, LeaderView, MemberChange, MembershipError, Step};
 use crate::optimistic::{Intake, LedgerBacking, Mode, Sequencer, Submission, Verdict};
-use crate::peer_gate::{self, Refusal};
 use crate::pending::PendingBatch;
 use crate::restart::{raft_config, restore_log, unexpired_seen};
 use crate::retention::Retention;
@@ -36,8 +31,14 @@ use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, HardState, Messag
 use raft::{RawNode, StateRole, Storage};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tally_codec::batch::ChainHead;
 use tally_codec::wire::{SubmitReply, WireError};
 use tally_codec::{decode, encode, limits, BatchHeader, ClusterId, Committed, ErrorCode, Signature, Tables};
+use tally_failover::election::{ElectionSettings, Elections};
+use tally_failover::lease::{ignore_vote_while_starting, lease_duration_ms, probe_context, LeaseTracker};
+use tally_failover::membership::{Flow, LeaderView, MemberChange, MembershipError, Step};
+use tally_failover::peer_gate::{self, Refusal};
+use tally_failover::raft_log::CoreLog;
 
 pub use crate::restart::{RestoredLog, StartError};
 
@@ -101,7 +102,7 @@ pub enum Event {
     Peer(Message),
     /// The shell could not make a [`Persist`] durable (a failed write or fsync, a full disk).
     LogFailed(LogFailure),
-    /// A membership change ([`crate::membership`]); leader only, one at a time. Its `context`
+    /// A membership change ([`tally_failover::membership`]); leader only, one at a time. Its `context`
     /// (opaque to the core: an added node's addresses, a revoked certificate) reaches every
     /// replica in [`Effect::Reconfigured`]. Answered with [`Effect::MembershipChanged`] carrying
     /// `ticket` once it is done, failed or timed out.
@@ -168,7 +169,7 @@ pub enum Effect {
         context: Vec<u8>,
         single: Option<(u64, raft::eraftpb::ConfChangeType)>,
     },
-    /// A peer's message was refused before raft-rs saw it ([`crate::peer_gate`]): the shell
+    /// A peer's message was refused before raft-rs saw it ([`tally_failover::peer_gate`]): the shell
     /// counts it by peer and reason, logs it (rate-limited) and cuts the sender's link when
     /// [`Refusal::cuts_link`].
     PeerRefused {
@@ -322,7 +323,7 @@ impl<L: Ledger> Replica<L> {
             poisoned: None,
             snapshots_sent: Vec::new(),
             refuse_next_proposal: false,
-            elections: Elections::new(cfg.election_seed, now_ms),
+            elections: Elections::new(election_settings(&cfg), cfg.election_seed, now_ms),
             retention,
             appended: BTreeMap::new(),
             membership: None,
@@ -491,7 +492,7 @@ impl<L: Ledger> Replica<L> {
                 self.on_read(client)
             }
             Event::Peer(m) => self.on_peer(m),
-            Event::PeerDown(id) => self.elections.on_peer_down(&self.cfg, &mut self.raw, id, self.now_ms),
+            Event::PeerDown(id) => self.elections.on_peer_down(&mut self.raw, id, self.now_ms),
             Event::LogFailed(why) => {
                 self.poison(why);
                 return std::mem::take(&mut self.out);
@@ -526,7 +527,7 @@ impl<L: Ledger> Replica<L> {
     fn on_tick(&mut self, now_ms: u64, wall_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.wall_ms = wall_ms;
-        self.elections.maybe_campaign_leader_down(&self.cfg, &mut self.raw, self.now_ms, self.ticks);
+        self.elections.maybe_campaign_leader_down(&mut self.raw, self.now_ms, self.ticks);
         if self.now_ms < self.next_tick_ms {
             return;
         }
@@ -534,7 +535,7 @@ impl<L: Ledger> Replica<L> {
         // cluster instead of firing a burst of elapsed timeouts.
         let late = (self.now_ms - self.next_tick_ms) / self.cfg.tick_ms;
         self.next_tick_ms += (late + 1) * self.cfg.tick_ms;
-        self.elections.tick(&self.cfg, &mut self.raw);
+        self.elections.tick(&mut self.raw);
         self.ticks += 1;
         if self.raw.raft.state == StateRole::Leader
             && self.ticks - self.last_probe_tick >= self.cfg.heartbeat_ticks as u64
@@ -671,7 +672,7 @@ impl<L: Ledger> Replica<L> {
         }
         let term = self.raw.raft.term;
         let _ = self.raw.step(m);
-        self.elections.after_step(self.cfg.node_id, &self.raw, term, self.now_ms);
+        self.elections.after_step(&self.raw, term, self.now_ms);
     }
 
     /// The peer gate, then what only this replica can judge: every batch an append carries
@@ -1144,6 +1145,17 @@ impl<L: Ledger> Replica<L> {
             }
             _ => {}
         }
+    }
+}
+
+/// What elections read of the replica's configuration.
+fn election_settings(cfg: &ReplicaConfig) -> ElectionSettings {
+    ElectionSettings {
+        node_id: cfg.node_id,
+        tick_ms: cfg.tick_ms,
+        election_ticks: cfg.election_ticks as u64,
+        heartbeat_ticks: cfg.heartbeat_ticks as u64,
+        campaign_on_leader_down: cfg.campaign_on_leader_down,
     }
 }
 

@@ -11,14 +11,14 @@
 //!
 //! The shell's disk keeps entries until the ledger is durable past them; this is memory only.
 
-use crate::confirm::ChainHead;
 use crate::ledger::Ledger;
-use crate::log::CoreLog;
 use crate::replica::ReplicaConfig;
 use raft::eraftpb::{Entry, EntryType, Snapshot};
 use raft::{GetEntriesContext, RawNode, Storage};
 use std::collections::BTreeMap;
+use tally_codec::batch::ChainHead;
 use tally_codec::BatchHeader;
+use tally_failover::raft_log::CoreLog;
 
 /// Sizes and chain links of the entries the in-memory log holds.
 #[derive(Default)]

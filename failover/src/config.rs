@@ -152,8 +152,8 @@ pub fn check_conf_context(node_id: u64, ty: ConfChangeType, context: &[u8]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::conf_change;
     use raft::eraftpb::{ConfChangeTransition, ConfChangeType};
-    use tally_core::membership::conf_change;
 
     /// A state machine that accepts batches starting with 0xBA only.
     fn judge(data: &[u8]) -> Result<(), String> {

@@ -1,16 +1,27 @@
-//! Replication and failover around the replica core: the durable Raft log on the WAL, the
-//! peer transport, and snapshots streamed in chunks.
+//! Who leads, for how long, and who is a member, and how a replica reaches its peers: tally's
+//! replication and failover around raft-rs.
 //!
 //! ```text
-//!  tally_core::Replica ◀── shell (pipeline/src/replica_thread.rs) ──▶ storage (WalStorage on the Wal)
-//!                                                           ──▶ transport (TLS peer links)
+//!                   I/O-free decisions (always built; tally_core's replica drives them)
+//!  raft_log ─ the replica's Raft log in memory (raft-rs `Storage`)
+//!  election ─ seeded timeouts, a campaign when the leader is reported down, the term budget
+//!  lease ──── the leader lease: acks matched to send times, a drift margin, the probe context
+//!  membership the learner → catch-up → promote flow, one change at a time
+//!  peer_gate ─ peer messages judged before raft-rs sees them
+//!  failure ── why the log stopped (`LogFailure`, with the OS error kind)
+//!
+//!                   I/O (feature `io`, on by default; the shell and the tools use it)
+//!  storage ── the durable Raft log on the WAL ─┐
+//!  transport, handshake, frame ── TLS peer links ├─ pipeline/src/replica_thread.rs wires them
+//!  snapshot, snapshot_stream ── chunked state    ┘
+//!  revocation ── revoked node certificates, refused by the transport
 //! ```
 //!
-//! The consensus decisions live in `tally_core` (raft-rs's `RawNode` over an in-memory log);
-//! this crate holds what touches the outside world. Time and randomness come from an
-//! [`env::Env`].
+//! `tally_core` depends on this crate without `io`, so the replica core and the simulator
+//! compile none of the I/O (`core/tests/io_free.rs` checks the dependency tree). Time and
+//! randomness come from the caller (the decisions) or an [`env::Env`] (the I/O).
 //!
-//! Modules:
+//! Modules with I/O:
 //! - [`config`]: peer settings all replicas share, and the checks applied to what peers send.
 //! - [`storage`]: the durable log on the Wal ([`LogStore`]); conf state and members in meta
 //!   blobs. A new cluster's log starts with a marker at (1, 1) holding the initial voters, so a
@@ -19,29 +30,54 @@
 //! - [`transport`], [`handshake`], [`frame`]: TCP peer links behind the [`Transport`] trait.
 //! - [`revocation`]: revoked node certificates, replicated through the log and refused by the
 //!   transport.
-//! - the leader lease lives in `tally_core::lease` (acks matched to send times).
 #![forbid(unsafe_code)]
 // raft-rs's protobuf messages are built field by field after `default()`, as raft-rs itself does.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod election;
+pub mod failure;
+pub mod lease;
+pub mod membership;
+pub mod peer_gate;
+pub mod raft_log;
+
+pub use failure::LogFailure;
+pub use membership::{MemberChange, MembershipError};
+pub use peer_gate::Refusal;
+
+#[cfg(feature = "io")]
 pub mod env;
+#[cfg(feature = "io")]
 pub mod frame;
+#[cfg(feature = "io")]
 pub mod handshake;
 
+#[cfg(feature = "io")]
 pub mod config;
+#[cfg(feature = "io")]
 pub mod raft_log_bridge;
+#[cfg(feature = "io")]
 pub mod revocation;
+#[cfg(feature = "io")]
 pub mod snapshot;
+#[cfg(feature = "io")]
 pub mod snapshot_stream;
+#[cfg(feature = "io")]
 pub mod storage;
+#[cfg(feature = "io")]
 pub mod transport;
 
+#[cfg(feature = "io")]
 pub use config::RaftConfig;
+#[cfg(feature = "io")]
 pub use snapshot::SnapshotSource;
+#[cfg(feature = "io")]
 pub use storage::{LogStore, MemberAddr};
+#[cfg(feature = "io")]
 pub use transport::{TcpTransport, Transport};
 
 /// A replica of the cluster as configured.
+#[cfg(feature = "io")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub node_id: u64,
@@ -51,5 +87,3 @@ pub struct Member {
     /// Highest index known durable on that replica (leader's view; 0 when unknown).
     pub matched_index: u64,
 }
-
-pub use tally_core::MembershipError;

@@ -113,7 +113,7 @@ struct ConfHistory {
 
 /// A failed log write as the replica stops on it: `what` was being done, and the kind of the OS
 /// error behind it (a full disk is waited out, anything else ends the replica).
-pub fn log_failure(what: &str, e: &RaftError) -> tally_core::LogFailure {
+pub fn log_failure(what: &str, e: &RaftError) -> crate::LogFailure {
     let kind = match e {
         RaftError::Io(io) => io.kind(),
         RaftError::Store(StorageError::Other(inner)) => {
@@ -121,7 +121,7 @@ pub fn log_failure(what: &str, e: &RaftError) -> tally_core::LogFailure {
         }
         _ => std::io::ErrorKind::Other,
     };
-    tally_core::LogFailure::new(kind, format!("{what}: {e}"))
+    crate::LogFailure::new(kind, format!("{what}: {e}"))
 }
 
 fn store_err(e: StoreError) -> RaftError {
@@ -176,7 +176,7 @@ pub fn decode_entry(le: &LogEntry) -> Result<Entry, RaftError> {
     Ok(e)
 }
 
-pub use tally_core::membership::conf_ids;
+pub use crate::membership::conf_ids;
 
 /// The Raft storage over the durable log. Owned by the raft thread (inside the `RawNode`).
 pub struct WalStorage {

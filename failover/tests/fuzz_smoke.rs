@@ -33,9 +33,9 @@ use raft::eraftpb::{
 use std::io::{self, Cursor, Read, Write};
 use std::time::{Duration, Instant};
 use tally_codec::{encode, limits, BatchEntry, BatchRecord, Digest, Signature, Tables};
-use tally_core::lease::{parse_probe_context, probe_context};
 use tally_failover::frame::write_frame;
 use tally_failover::handshake::{handshake, Hello, HANDSHAKE_BYTES_MAX};
+use tally_failover::lease::{parse_probe_context, probe_context};
 use tally_failover::snapshot::SnapshotEnvelope;
 use tally_failover::storage::{decode_entry, encode_entry};
 use tally_failover::MemberAddr;

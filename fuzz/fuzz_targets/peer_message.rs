@@ -19,7 +19,7 @@ use libfuzzer_sys::fuzz_target;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use tally_codec::{limits, BatchEntry};
-use tally_core::lease::parse_probe_context;
+use tally_failover::lease::parse_probe_context;
 use tally_failover::snapshot::SnapshotEnvelope;
 use tally_failover::storage::{decode_entry, encode_entry};
 use tally_failover::MemberAddr;

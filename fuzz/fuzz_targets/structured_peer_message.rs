@@ -21,7 +21,7 @@ use raft::eraftpb::{
 use tally_codec::limits::SNAPSHOT_BYTES_MAX;
 use tally_codec::{encode, BatchBody};
 use tally_core::confirm::check_batch_entry;
-use tally_core::lease::parse_probe_context;
+use tally_failover::lease::parse_probe_context;
 use tally_failover::snapshot::SnapshotEnvelope;
 use tally_failover::storage::{decode_entry, encode_entry};
 use tally_failover::revocation::Revocation;

@@ -1,5 +1,5 @@
 //! What the client port asks of the replica thread besides submissions: membership changes
-//! (carried out by the core's membership flow, [`tally_core::membership`]) and the judgement
+//! (carried out by the core's membership flow, [`tally_failover::membership`]) and the judgement
 //! of a linearizable read (the core's lease and commit index). Each question goes down one
 //! bounded channel with its own reply slot, and is answered within a named bound. Who leads and
 //! who the members are is read from the [`StatusBoard`], never asked.
@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tally_codec::wire::WireError;
 use tally_codec::ErrorCode;
-use tally_core::membership::CHANGE_ANSWER_MS_MAX;
 use tally_core::MemberChange;
 use tally_failover::env::Env;
 use tally_failover::handshake::Hello;
+use tally_failover::membership::CHANGE_ANSWER_MS_MAX;
 use tally_failover::revocation::{Revocation, RevokedCerts, REVOKED_MAX};
 use tally_failover::storage::MemberAddr;
 use tally_failover::transport::PeerSecurity;

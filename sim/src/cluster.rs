@@ -1479,7 +1479,7 @@ impl Sim {
                 (!gave).then(|| format!("counted a vote node {} did not give", msg.from))
             }
             T::MsgHeartbeatResponse if before.status.is_leader && msg.term == term => {
-                tally_core::lease::parse_probe_context(&msg.context)
+                tally_failover::lease::parse_probe_context(&msg.context)
                     .filter(|(t, _)| *t == term)
                     .map(|_| format!("recorded a lease acknowledgement node {} may not have sent", msg.from))
             }

@@ -9,7 +9,7 @@
 //!       conf changes seen on the wire; snapshots of odd configurations and replayed states
 //! ```
 //! The values are drawn near what the target holds, so they hit each check of the peer gate
-//! (`core/src/peer_gate.rs`) on both sides of its edge; some of them are lies Raft cannot tell
+//! (`failover/src/peer_gate.rs`) on both sides of its edge; some of them are lies Raft cannot tell
 //! from the truth (an append at a higher term matching the log, a granted vote, an
 //! acknowledgement), which the simulator records as taint (see `docs/testing.md`).
 
@@ -19,7 +19,7 @@ use raft::eraftpb::{
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore};
 use rand_chacha::ChaCha20Rng;
-use tally_core::peer_gate::TERM_MAX;
+use tally_failover::peer_gate::TERM_MAX;
 
 /// What the forger reads of its target before it lies to it.
 #[derive(Debug, Clone, Copy)]
@@ -154,7 +154,7 @@ pub fn forge(rng: &mut ChaCha20Rng, me: u64, t: &Target, samples: &Samples) -> M
     }
     if rng.gen_ratio(1, 4) {
         let sent = if rng.gen_bool(0.5) { rng.gen_range(0..100_000) } else { rng.next_u64() };
-        m.context = tally_core::lease::probe_context(term(rng, t), sent).into();
+        m.context = tally_failover::lease::probe_context(term(rng, t), sent).into();
     }
     match kind {
         MessageType::MsgAppend

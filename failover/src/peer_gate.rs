@@ -21,13 +21,13 @@
 //!
 //! Pure: the functions read the `RawNode` and the message, nothing else.
 
-use crate::confirm::ChainHead;
 use crate::lease::parse_probe_context;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
 };
 use raft::{Changer, ProgressTracker, RawNode, StateRole, Storage, INVALID_ID};
 use tally_codec::batch::next_state_digest;
+use tally_codec::batch::ChainHead;
 use tally_codec::BatchHeader;
 
 /// Terms above this are refused. raft-rs adds one to its term when it campaigns, and overflow

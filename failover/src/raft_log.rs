@@ -1,5 +1,5 @@
 //! The Raft log as raft-rs reads it: entries in memory (raft-rs's `MemStorage`), made durable by
-//! the shell through [`crate::Effect::Persist`], plus state snapshots built from the ledger for
+//! the shell through the core's `Effect::Persist`, plus state snapshots built from the ledger for
 //! followers that fell behind the log's first index.
 //!
 //! raft-rs asks for a snapshot from inside `step`/`tick`, where the ledger is out of reach; the
