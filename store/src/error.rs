@@ -47,6 +47,20 @@ pub enum StoreError {
         /// Hex fingerprint of this build's tables.
         expected: String,
     },
+    /// The data directory was written by a newer tally, in a format this binary cannot read.
+    #[error(
+        "the data directory is in format {found}, written by a newer tally; this binary reads formats 1 to {newest}: \
+         run the newer binary (a downgrade works only until the newer format is written)"
+    )]
+    FormatTooNew {
+        /// The format on disk.
+        found: u32,
+        /// The newest format this binary reads.
+        newest: u32,
+    },
+    /// The data directory's format cannot be told, or no migration reads it.
+    #[error("unknown data directory format: {0}")]
+    FormatUnknown(String),
     /// A stored value does not decode.
     #[error("cannot decode stored {what}: {source}")]
     Decode {

@@ -27,6 +27,7 @@
 
 pub mod disk;
 pub mod error;
+pub mod format;
 pub mod kv;
 pub mod record;
 pub mod segments;

@@ -366,6 +366,7 @@ fn read_trust_anchors(cfg: &NodeConfig) -> Result<(SigningKey, Genesis, ClusterI
 /// on a full disk, waits for space.
 fn open_store_and_log(cfg: &NodeConfig, data_dir: &Path, genesis: &Genesis) -> Result<(Store, Wal), String> {
     std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    prepare_data_dir(data_dir)?;
     let mut store = wait_for_space(data_dir, || Store::open(data_dir))
         .map_err(|e| format!("cannot open store in {}: {e}", data_dir.display()))?;
     if !store.is_initialized() {
@@ -377,6 +378,21 @@ fn open_store_and_log(cfg: &NodeConfig, data_dir: &Path, genesis: &Genesis) -> R
     })
     .map_err(|e| format!("cannot open log in {}: {e}", data_dir.display()))?;
     Ok((store, wal))
+}
+
+/// Brings the data directory to this binary's format before anything opens it: a new directory
+/// is marked, an older one migrated in place (with a progress line), a newer one refused.
+fn prepare_data_dir(data_dir: &Path) -> Result<(), String> {
+    use tally_store::format::{prepare, Progress, DATA_FORMAT};
+    let mut report = |p: Progress| {
+        tracing::info!(to = p.to, done = p.done, total = p.total, "migrating the data directory to format {}", p.to);
+    };
+    let prepared = wait_for_space(data_dir, || prepare(data_dir, &mut report))
+        .map_err(|e| format!("cannot open the data directory {}: {e}", data_dir.display()))?;
+    if let Some(from) = prepared.found.filter(|f| *f < DATA_FORMAT) {
+        tracing::info!(from, to = DATA_FORMAT, dir = %data_dir.display(), "data directory migrated");
+    }
+    Ok(())
 }
 
 /// The pipeline's options and how peer links are protected. The client port's TLS, how
