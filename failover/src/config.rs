@@ -32,20 +32,22 @@ pub struct RaftConfig {
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     pub cluster_id: String,
-    /// Digest of the settings all replicas must share; a peer with another one is refused.
-    /// [`RaftConfig::timing_fingerprint`] covers the Raft timing; the server may mix in more
-    /// (e.g. the genesis hash).
-    pub config_fingerprint: [u8; 32],
+    /// Who this replica is to its peers, with the digest of the settings all replicas must
+    /// share at each peer protocol version (a peer with another one is refused):
+    /// [`RaftConfig::timing_fingerprint`] covers the Raft timing; the server mixes in more
+    /// (the genesis hash).
+    pub local: crate::handshake::LocalPeer,
     /// Mutual TLS between replicas, or an explicit opt-out.
     pub peer_security: crate::transport::PeerSecurity,
 }
 
 impl RaftConfig {
-    /// A fingerprint of the Raft timing and protocol version.
-    pub fn timing_fingerprint(tick_ms: u64, election_ticks: usize, heartbeat_ticks: usize) -> [u8; 32] {
+    /// A fingerprint of the Raft timing at peer protocol `version` (release 0.3 mixed its
+    /// version, 2, in the same way).
+    pub fn timing_fingerprint(version: u16, tick_ms: u64, election_ticks: usize, heartbeat_ticks: usize) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(b"tally-raft-config-v1");
-        h.update(&crate::handshake::PEER_PROTOCOL_VERSION.to_le_bytes());
+        h.update(&version.to_le_bytes());
         h.update(&tick_ms.to_le_bytes());
         h.update(&(election_ticks as u64).to_le_bytes());
         h.update(&(heartbeat_ticks as u64).to_le_bytes());

@@ -38,7 +38,55 @@ pub struct SnapshotEnvelope {
     pub state: Vec<u8>,
 }
 
+/// A snapshot's data at peer protocol 2 (release 0.3): no revoked certificates.
+#[derive(Debug, Clone, BorshSerialize, BorshDeserialize)]
+struct SnapshotEnvelopeV2 {
+    members: Vec<MemberAddr>,
+    state: Vec<u8>,
+}
+
 impl SnapshotEnvelope {
+    /// The bytes of the envelope before its state, for a link at peer protocol `version`,
+    /// ending with the state's length (`state_len`): the state follows as it is.
+    ///
+    /// # Errors
+    /// A version that cannot carry what the envelope holds: protocol 2 has no revoked
+    /// certificates.
+    pub fn head_at(
+        version: u16,
+        members: &[MemberAddr],
+        revoked: &[Revocation],
+        state_len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let mut head = if version >= 3 {
+            SnapshotEnvelope::encode_parts(members, revoked, &[])
+        } else if revoked.is_empty() {
+            tally_codec::encode(&SnapshotEnvelopeV2 { members: members.to_vec(), state: Vec::new() })
+        } else {
+            return Err(format!(
+                "the snapshot holds {} revoked certificate(s), which peer protocol {version} (release 0.3) cannot carry",
+                revoked.len()
+            ));
+        };
+        head.truncate(head.len() - 4);
+        head.extend_from_slice(&(state_len as u32).to_le_bytes());
+        Ok(head)
+    }
+
+    /// A snapshot's data received on a link at peer protocol `version`, as this release reads
+    /// it (protocol 3's layout).
+    ///
+    /// # Errors
+    /// Data that is not an envelope of that version.
+    pub fn from_version(version: u16, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        if version >= 3 {
+            return Ok(data);
+        }
+        let v2: SnapshotEnvelopeV2 = tally_codec::decode(&data, tally_codec::limits::SNAPSHOT_BYTES_MAX)
+            .map_err(|e| format!("snapshot of peer protocol {version} does not decode: {e}"))?;
+        Ok(SnapshotEnvelope::encode_parts(&v2.members, &[], &v2.state))
+    }
+
     /// The encoding of `SnapshotEnvelope { members, revoked, state }` without copying `state`
     /// twice.
     pub fn encode_parts(members: &[MemberAddr], revoked: &[Revocation], state: &[u8]) -> Vec<u8> {
@@ -155,6 +203,40 @@ fn export_then_keep(cell: &Mutex<Slot>, export: &Export, keep: Duration, generat
 
 #[cfg(test)]
 mod tests {
+
+    fn members() -> Vec<MemberAddr> {
+        vec![MemberAddr { node_id: 1, client_addr: "127.0.0.1:7001".into(), peer_addr: "127.0.0.1:7101".into() }]
+    }
+
+    /// Release 0.3's envelope, as it encoded it (`{members, state}`).
+    #[derive(BorshSerialize)]
+    struct Release03Envelope {
+        members: Vec<MemberAddr>,
+        state: Vec<u8>,
+    }
+
+    #[test]
+    fn a_protocol_2_link_carries_release_0_3_bytes_both_ways() {
+        let state = b"the state".to_vec();
+        let mut sent = SnapshotEnvelope::head_at(2, &members(), &[], state.len()).expect("no revocations");
+        sent.extend_from_slice(&state);
+        let release_0_3 = tally_codec::encode(&Release03Envelope { members: members(), state: state.clone() });
+        assert_eq!(sent, release_0_3, "what a 0.3 replica reads");
+        let read = SnapshotEnvelope::from_version(2, release_0_3).expect("decodes");
+        assert_eq!(read, SnapshotEnvelope::encode_parts(&members(), &[], &state), "what this release reads");
+        let mut v3 = SnapshotEnvelope::head_at(3, &members(), &[], state.len()).expect("v3");
+        v3.extend_from_slice(&state);
+        assert_eq!(SnapshotEnvelope::from_version(3, v3.clone()).expect("v3"), v3, "protocol 3 passes as it is");
+    }
+
+    #[test]
+    fn revoked_certificates_do_not_go_over_a_protocol_2_link() {
+        let revoked = [Revocation { node_id: 2, cert_fingerprint: [9; 32] }];
+        let e = SnapshotEnvelope::head_at(2, &members(), &revoked, 10).expect_err("cannot carry them");
+        assert!(e.contains("revoked") && e.contains("release 0.3"), "{e}");
+        assert!(SnapshotEnvelope::head_at(3, &members(), &revoked, 10).is_ok());
+        assert!(SnapshotEnvelope::from_version(2, vec![1, 2, 3]).is_err(), "garbage is refused, not misread");
+    }
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -28,7 +28,7 @@
 //! ([`Transport::cut_inbound`]).
 
 use crate::frame::{read_frame, write_frame};
-use crate::handshake::{handshake, HandshakeError, Hello};
+use crate::handshake::{handshake, HandshakeError, LocalPeer, Side, PEER_PROTOCOL_VERSION};
 use crate::revocation::{cert_fingerprint, fingerprint_hex, RevokedCerts};
 use crate::snapshot::{SnapshotEnvelope, SnapshotSource};
 use crate::snapshot_stream::{self, Assemblies, Resume, StreamId, KIND_CHUNK, KIND_END, KIND_MESSAGE};
@@ -191,7 +191,7 @@ type PeerAddrs = Arc<Mutex<HashMap<u64, String>>>;
 
 /// TCP implementation of [`Transport`].
 pub struct TcpTransport {
-    local: Hello,
+    local: LocalPeer,
     security: PeerSecurity,
     stop: Arc<AtomicBool>,
     links: HashMap<u64, OutLink>,
@@ -214,7 +214,7 @@ impl TcpTransport {
     /// When the listener cannot be configured or its thread cannot start.
     pub fn start(
         listener: TcpListener,
-        local: Hello,
+        local: LocalPeer,
         security: PeerSecurity,
         inbox: Sender<Message>,
     ) -> std::io::Result<Self> {
@@ -381,9 +381,38 @@ enum LinkError {
     Down(String),
     /// The handshake refused the link (wrong cluster, configuration, node): logged as an error.
     Refused(String),
+    /// The peer speaks an older peer protocol version, which this replica speaks too.
+    OlderPeer { version: u16, why: String },
 }
 
-fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Result<(Stream, Resume), LinkError> {
+/// Dials node `peer`, offering the newest peer protocol version first and each older one in
+/// turn while the peer refuses (release 0.3 refuses any version but 2): the stream, the peer's
+/// resume point and the link's version.
+fn connect(
+    addr: &str,
+    local: &LocalPeer,
+    security: &PeerSecurity,
+    peer: u64,
+) -> Result<(Stream, Resume, u16), LinkError> {
+    let mut version = PEER_PROTOCOL_VERSION;
+    loop {
+        match connect_at(addr, local, security, peer, version) {
+            Err(LinkError::OlderPeer { version: older, why }) if older < version => {
+                tracing::debug!(peer, %addr, offered = version, older, reason = %why, "the peer speaks an older version; offering it");
+                version = older;
+            }
+            r => return r.map(|(s, resume)| (s, resume, version)),
+        }
+    }
+}
+
+fn connect_at(
+    addr: &str,
+    local: &LocalPeer,
+    security: &PeerSecurity,
+    peer: u64,
+    version: u16,
+) -> Result<(Stream, Resume), LinkError> {
     let down = |e: String| LinkError::Down(e);
     let sock: SocketAddr = addr
         .to_socket_addrs()
@@ -409,8 +438,9 @@ fn connect(addr: &str, local: &Hello, security: &PeerSecurity, peer: u64) -> Res
         stream.shutdown();
         return Err(LinkError::Refused(format!("node {peer} at {addr}: {why}")));
     }
-    match handshake(&mut stream, local, Some(peer)) {
+    match handshake(&mut stream, local, Side::Dialler { node: peer, version }) {
         Ok(_) => {}
+        Err(HandshakeError::OlderPeer { version, why }) => return Err(LinkError::OlderPeer { version, why }),
         Err(e @ (HandshakeError::RefusedByUs(_) | HandshakeError::RefusedByPeer(_))) => {
             return Err(LinkError::Refused(format!("handshake with node {peer} at {addr}: {e}")))
         }
@@ -437,13 +467,13 @@ const RESUME_BYTES_MAX: usize = 256;
 ///
 /// # Errors
 /// Why the node can't be reached or was refused.
-pub fn probe(addr: &str, local: &Hello, security: &PeerSecurity, node_id: u64) -> Result<(), String> {
+pub fn probe(addr: &str, local: &LocalPeer, security: &PeerSecurity, node_id: u64) -> Result<(), String> {
     match connect(addr, local, security, node_id) {
-        Ok((s, _)) => {
+        Ok((s, _, _)) => {
             s.shutdown();
             Ok(())
         }
-        Err(LinkError::Down(e) | LinkError::Refused(e)) => Err(e),
+        Err(LinkError::Down(e) | LinkError::Refused(e) | LinkError::OlderPeer { why: e, .. }) => Err(e),
     }
 }
 
@@ -466,7 +496,7 @@ struct Outbound {
     snapshots: Option<Arc<dyn SnapshotSource>>,
     peer: u64,
     addr: String,
-    local: Hello,
+    local: LocalPeer,
     security: PeerSecurity,
     rx: Receiver<Message>,
     stop: Arc<AtomicBool>,
@@ -480,6 +510,8 @@ type Conn = BufWriter<Stream>;
 /// An outbound link's connection, and what it keeps between dials.
 struct Link {
     conn: Option<(Conn, Resume)>,
+    /// The peer protocol version `conn` runs at.
+    version: u16,
     /// The certificate the listener presented on `conn`.
     fingerprint: Option<[u8; 32]>,
     backoff_ms: u64,
@@ -497,7 +529,13 @@ impl Link {
 
 impl Outbound {
     fn run(self) {
-        let mut link = Link { conn: None, fingerprint: None, backoff_ms: RECONNECT_BACKOFF_MS_MIN, last_error: None };
+        let mut link = Link {
+            conn: None,
+            version: PEER_PROTOCOL_VERSION,
+            fingerprint: None,
+            backoff_ms: RECONNECT_BACKOFF_MS_MIN,
+            last_error: None,
+        };
         // A snapshot that arrived while another was streaming (only the newest is kept).
         let mut deferred: Option<Message> = None;
         while !self.halted() {
@@ -518,7 +556,7 @@ impl Outbound {
             }
             let Some((w, resume)) = link.conn.as_mut() else { continue };
             let r = if is_snapshot(&first) {
-                let r = self.stream_snapshot(w, resume, first, &mut deferred);
+                let r = self.stream_snapshot(w, resume, link.version, first, &mut deferred);
                 self.report(r.as_ref().is_ok_and(|delivered| *delivered));
                 r.map(|_| ())
             } else {
@@ -535,8 +573,9 @@ impl Outbound {
     /// and the link waits out its backoff, which doubles up to a bound.
     fn dial(&self, link: &mut Link, first: &Message) -> bool {
         match connect(&self.addr, &self.local, &self.security, self.peer) {
-            Ok((s, resume)) => {
-                tracing::info!(peer = self.peer, addr = %self.addr, "peer link up");
+            Ok((s, resume, version)) => {
+                tracing::info!(peer = self.peer, addr = %self.addr, version, "peer link up");
+                link.version = version;
                 link.fingerprint = PeerSecurity::fingerprint(&s);
                 link.conn = Some((BufWriter::new(s), resume));
                 link.backoff_ms = RECONNECT_BACKOFF_MS_MIN;
@@ -548,7 +587,7 @@ impl Outbound {
                     self.report(false);
                 }
                 let (refused, text) = match e {
-                    LinkError::Refused(t) => (true, t),
+                    LinkError::Refused(t) | LinkError::OlderPeer { why: t, .. } => (true, t),
                     LinkError::Down(t) => (false, t),
                 };
                 // Logged once per distinct reason, not on every retry.
@@ -604,6 +643,7 @@ impl Outbound {
         &self,
         w: &mut Conn,
         resume: &mut Resume,
+        version: u16,
         mut msg: Message,
         deferred: &mut Option<Message>,
     ) -> std::io::Result<bool> {
@@ -619,16 +659,20 @@ impl Outbound {
         let envelope = tally_codec::decode::<SnapshotEnvelope>(&data, SNAPSHOT_BYTES_MAX).ok();
         let (head, state): (Vec<u8>, &[u8]) = match (&envelope, &held) {
             (Some(env), Some(exported)) if env.state.is_empty() => {
-                let mut head = SnapshotEnvelope::encode_parts(&env.members, &env.revoked, &[]);
-                head.truncate(head.len() - 4);
-                head.extend_from_slice(&(exported.state.len() as u32).to_le_bytes());
-                (head, &exported.state)
+                match SnapshotEnvelope::head_at(version, &env.members, &env.revoked, exported.state.len()) {
+                    Ok(head) => (head, &exported.state),
+                    Err(why) => return Ok(self.unsendable(&why)),
+                }
             }
             (Some(env), None) if env.state.is_empty() => {
                 tracing::warn!(peer = self.peer, index = meta.index, "snapshot state no longer held; Raft will retry");
                 return Ok(false);
             }
-            _ => (data.into(), &[]),
+            (Some(env), _) => match SnapshotEnvelope::head_at(version, &env.members, &env.revoked, env.state.len()) {
+                Ok(head) => (head, &env.state),
+                Err(why) => return Ok(self.unsendable(&why)),
+            },
+            (None, _) => (data.into(), &[]),
         };
         let parts: [&[u8]; 2] = [&head, state];
         let stream = StreamId::of_parts(meta.index, meta.term, &parts);
@@ -656,6 +700,12 @@ impl Outbound {
             "snapshot streamed"
         );
         Ok(true)
+    }
+
+    /// A snapshot this link's version cannot carry: logged, nothing sent (`false`).
+    fn unsendable(&self, why: &str) -> bool {
+        tally_net::error_limited!("snapshot_version", peer = self.peer, reason = %why, "snapshot not sent: upgrade the peer");
+        false
     }
 
     /// Writes `stream`'s chunks from offset `from`, each followed by what else is queued for the
@@ -693,7 +743,7 @@ impl Outbound {
 
 fn run_listener(
     listener: TcpListener,
-    local: Hello,
+    local: LocalPeer,
     security: PeerSecurity,
     inbox: Sender<Message>,
     stop: Arc<AtomicBool>,
@@ -748,7 +798,7 @@ fn run_listener(
 fn run_inbound(
     s: TcpStream,
     from: SocketAddr,
-    local: Hello,
+    local: LocalPeer,
     security: PeerSecurity,
     inbox: Sender<Message>,
     conns: InboundConns,
@@ -759,11 +809,11 @@ fn run_inbound(
     addrs: &PeerAddrs,
 ) {
     let mut closed_by_peer = None;
-    if let Some((mut stream, peer_id)) = authenticate(s, from, &local, &security, &slot) {
+    if let Some((mut stream, peer_id, version)) = authenticate(s, from, &local, &security, &slot) {
         claim_node(&conns, id, peer_id, PeerSecurity::fingerprint(&stream), from);
         let resume = tally_codec::encode(&assemblies.resume_for(peer_id));
         if write_frame(&mut stream, &resume).and_then(|()| stream.flush()).is_ok()
-            && read_messages(&stream, peer_id, from, &local, &inbox, &assemblies) == Closed::ByPeer
+            && read_messages(&stream, (peer_id, version), from, &local, &inbox, &assemblies) == Closed::ByPeer
         {
             closed_by_peer = Some(peer_id);
         }
@@ -864,10 +914,10 @@ enum Closed {
 fn authenticate(
     s: TcpStream,
     from: SocketAddr,
-    local: &Hello,
+    local: &LocalPeer,
     security: &PeerSecurity,
     slot: &tally_net::Admitted,
-) -> Option<(Stream, u64)> {
+) -> Option<(Stream, u64, u16)> {
     let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
     let _ = s.set_nonblocking(false);
     let _ = s.set_nodelay(true);
@@ -893,8 +943,8 @@ fn authenticate(
     // What is left of the deadline bounds the hello too.
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let _ = stream.tcp().set_read_timeout(Some(left));
-    let peer = match handshake(&mut stream, local, None) {
-        Ok(h) => h,
+    let (peer, version) = match handshake(&mut stream, local, Side::Listener) {
+        Ok(linked) => (linked.peer, linked.version),
         Err(HandshakeError::RefusedByUs(r)) => {
             tally_net::error_limited!("peer_refused", %from, reason = %r, "refused peer connection");
             return None;
@@ -915,15 +965,17 @@ fn authenticate(
     if stream.tcp().set_read_timeout(None).is_err() {
         return None;
     }
-    tracing::debug!(%from, node = peer.node_id, "peer connected");
-    Some((stream, peer.node_id))
+    tracing::debug!(%from, node = peer.node_id, version, "peer connected");
+    Some((stream, peer.node_id, version))
 }
 
+/// Reads a link's frames into `inbox` until it closes. `(peer_id, version)`: who the link is
+/// from and the protocol version it runs at.
 fn read_messages(
     s: &Stream,
-    peer_id: u64,
+    (peer_id, version): (u64, u16),
     from: SocketAddr,
-    local: &Hello,
+    local: &LocalPeer,
     inbox: &Sender<Message>,
     assemblies: &Assemblies,
 ) -> Closed {
@@ -958,6 +1010,14 @@ fn read_messages(
             }
             _ => Err("unknown frame kind".to_string()),
         };
+        // A snapshot's data as this side reads it, whatever the link's version.
+        let decoded = decoded.and_then(|mut m| {
+            if is_snapshot(&m) && !m.get_snapshot().data.is_empty() {
+                let data = std::mem::take(&mut m.mut_snapshot().data);
+                m.mut_snapshot().data = SnapshotEnvelope::from_version(version, data.into())?.into();
+            }
+            Ok(m)
+        });
         let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
@@ -989,6 +1049,7 @@ fn read_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handshake::Hello;
     use raft::eraftpb::MessageType;
 
     fn msg(from: u64, to: u64, term: u64) -> Message {
@@ -1004,7 +1065,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let (tx, rx) = bounded(64);
-        let t = TcpTransport::start(l, Hello::new(cluster, node, [1; 32]), PeerSecurity::InsecurePlaintext, tx)
+        let t = TcpTransport::start(l, LocalPeer::fixed(cluster, node, [1; 32]), PeerSecurity::InsecurePlaintext, tx)
             .expect("start");
         (t, addr, rx)
     }
@@ -1124,7 +1185,7 @@ mod tests {
         let addr = l.local_addr().expect("addr").to_string();
         let (tx, rx) = bounded(64);
         let sec = PeerSecurity::from_files(files).expect("tls").with_revoked(revoked);
-        (TcpTransport::start(l, Hello::new("c", node, [1; 32]), sec, tx).expect("start"), addr, rx)
+        (TcpTransport::start(l, LocalPeer::fixed("c", node, [1; 32]), sec, tx).expect("start"), addr, rx)
     }
 
     fn revocation_of(node: u64, files: &tally_net::TlsFiles) -> crate::revocation::Revocation {
@@ -1162,7 +1223,7 @@ mod tests {
         assert!(later.contains(&99), "node 3 still gets through: {later:?}");
         assert!(later.iter().all(|t| *t == 99 || *t < 12), "node 1 got through after the revocation: {later:?}");
         // Dialling out: b refuses to talk to a listener presenting the revoked certificate.
-        let local = Hello::new("c", 2, [1; 32]);
+        let local = LocalPeer::fixed("c", 2, [1; 32]);
         let b_sec = PeerSecurity::from_files(&f[1]).expect("tls").with_revoked(revoked);
         let err = probe(&a_addr, &local, &b_sec, 1).expect_err("a revoked listener");
         assert!(err.contains("revoked"), "{err}");
@@ -1198,7 +1259,11 @@ mod tests {
         tcp.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut s = Stream::connect(tcp, client, &tally_net::tls::node_server_name(2), deadline).expect("tls");
-        let r = handshake(&mut s, &Hello::new("c", 3, [1; 32]), Some(2));
+        let r = handshake(
+            &mut s,
+            &LocalPeer::fixed("c", 3, [1; 32]),
+            Side::Dialler { node: 2, version: PEER_PROTOCOL_VERSION },
+        );
         let _ = write_frame(&mut s, &msg(3, 2, 1000).write_to_bytes().expect("encode"));
         let _ = s.flush();
         assert!(r.is_err() || b_rx.recv_timeout(Duration::from_millis(500)).is_err());
@@ -1279,7 +1344,12 @@ mod tests {
         let dial = || {
             let mut s = TcpStream::connect(&b_addr).expect("connect");
             s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-            handshake(&mut s, &Hello::new("c", 1, [1; 32]), Some(2)).expect("handshake");
+            handshake(
+                &mut s,
+                &LocalPeer::fixed("c", 1, [1; 32]),
+                Side::Dialler { node: 2, version: PEER_PROTOCOL_VERSION },
+            )
+            .expect("handshake");
             let r = read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
             (s, tally_codec::decode::<Resume>(&r, RESUME_BYTES_MAX).expect("decode"))
         };
@@ -1344,7 +1414,12 @@ mod tests {
     fn dial_as(addr: &str, claim: u64) -> TcpStream {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        handshake(&mut s, &Hello::new("c", claim, [1; 32]), Some(2)).expect("handshake");
+        handshake(
+            &mut s,
+            &LocalPeer::fixed("c", claim, [1; 32]),
+            Side::Dialler { node: 2, version: PEER_PROTOCOL_VERSION },
+        )
+        .expect("handshake");
         read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
         s
     }
@@ -1382,7 +1457,12 @@ mod tests {
         let (mut b, b_addr, b_rx) = start(2, "c");
         let mut s = TcpStream::connect(&b_addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        handshake(&mut s, &Hello::new("c", 1, [1; 32]), Some(2)).expect("handshake");
+        handshake(
+            &mut s,
+            &LocalPeer::fixed("c", 1, [1; 32]),
+            Side::Dialler { node: 2, version: PEER_PROTOCOL_VERSION },
+        )
+        .expect("handshake");
         let resume = read_frame(&mut s, RESUME_BYTES_MAX).expect("resume point");
         assert_eq!(tally_codec::decode::<Resume>(&resume, RESUME_BYTES_MAX).expect("decode"), Resume::default());
         write_frame(&mut s, &[0xff; 64]).expect("write");

@@ -34,7 +34,7 @@ use std::io::{self, Cursor, Read, Write};
 use std::time::{Duration, Instant};
 use tally_codec::{encode, limits, BatchEntry, BatchRecord, Digest, Signature, Tables};
 use tally_failover::frame::write_frame;
-use tally_failover::handshake::{handshake, Hello, HANDSHAKE_BYTES_MAX};
+use tally_failover::handshake::{handshake, Hello, LocalPeer, Side, HANDSHAKE_BYTES_MAX, PEER_PROTOCOL_VERSION};
 use tally_failover::lease::{parse_probe_context, probe_context};
 use tally_failover::snapshot::SnapshotEnvelope;
 use tally_failover::storage::{decode_entry, encode_entry};
@@ -210,10 +210,22 @@ fn target_handshake(bytes: &[u8], valid: bool) {
     if let Ok(h) = tally_codec::decode::<Hello>(bytes, HANDSHAKE_BYTES_MAX) {
         assert_eq!(encode(&h), bytes, "Hello: accepted a non-canonical encoding");
     }
-    let local = Hello::new(CLUSTER, 1, FINGERPRINT);
-    let r = handshake(&mut Peer(Cursor::new(bytes)), &local, None);
-    if let Ok(remote) = &r {
-        assert!(local.judge(remote, None).is_ok(), "handshake accepted a hello its judge refuses");
+    let local = LocalPeer::fixed(CLUSTER, 1, FINGERPRINT);
+    let r = handshake(&mut Peer(Cursor::new(bytes)), &local, Side::Listener);
+    if let Ok(linked) = &r {
+        assert!(
+            local.judge(&linked.peer, linked.version, None).is_ok(),
+            "handshake accepted a hello its judge refuses"
+        );
+    }
+    let dialled =
+        handshake(&mut Peer(Cursor::new(bytes)), &local, Side::Dialler { node: 2, version: PEER_PROTOCOL_VERSION });
+    if let Ok(linked) = &dialled {
+        assert_eq!(linked.version, PEER_PROTOCOL_VERSION, "a dialler links at the version it offered");
+        assert!(
+            local.judge(&linked.peer, linked.version, Some(2)).is_ok(),
+            "handshake accepted a hello its judge refuses"
+        );
     }
     if valid {
         // A well-formed exchange ends in a verdict, never in `Malformed`.

@@ -10,7 +10,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::io::{self, Cursor, Read, Write};
-use tally_failover::handshake::{handshake, Hello, CLUSTER_ID_BYTES_MAX, HANDSHAKE_BYTES_MAX};
+use tally_failover::handshake::{handshake, Hello, LocalPeer, Side, CLUSTER_ID_BYTES_MAX, HANDSHAKE_BYTES_MAX, PEER_PROTOCOL_VERSION};
 
 /// Reads the remote side's bytes from the fuzz input; whatever this replica writes is dropped.
 struct Peer<'a> {
@@ -39,13 +39,18 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(tally_codec::encode(&h), data, "Hello decode accepted a non-canonical encoding");
     }
 
-    let local = Hello::new("fuzz-cluster", 1, [7; 32]);
+    let local = LocalPeer::fixed("fuzz-cluster", 1, [7; 32]);
     // Accepting side (expects anyone) and dialling side (expects node 2).
-    for expect in [None, Some(2)] {
+    for side in [Side::Listener, Side::Dialler { node: 2, version: PEER_PROTOCOL_VERSION }] {
+        let expect = match side {
+            Side::Listener => None,
+            Side::Dialler { node, .. } => Some(node),
+        };
         let mut peer = Peer { input: Cursor::new(data), written: 0 };
-        if let Ok(remote) = handshake(&mut peer, &local, expect) {
+        if let Ok(linked) = handshake(&mut peer, &local, side) {
+            let remote = &linked.peer;
             assert!(remote.cluster_id.len() <= CLUSTER_ID_BYTES_MAX, "accepted an over-long cluster id");
-            assert!(local.judge(&remote, expect).is_ok(), "handshake accepted a hello its own judge refuses");
+            assert!(local.judge(remote, linked.version, expect).is_ok(), "handshake accepted a hello its own judge refuses");
         }
         assert!(peer.written > 4, "this replica's hello was not sent");
     }

@@ -14,7 +14,7 @@ use tally_codec::wire::WireError;
 use tally_codec::ErrorCode;
 use tally_core::MemberChange;
 use tally_failover::env::Env;
-use tally_failover::handshake::Hello;
+use tally_failover::handshake::LocalPeer;
 use tally_failover::membership::CHANGE_ANSWER_MS_MAX;
 use tally_failover::revocation::{Revocation, RevokedCerts, REVOKED_MAX};
 use tally_failover::storage::MemberAddr;
@@ -41,7 +41,7 @@ pub enum Control {
 }
 
 /// What a probe of a peer address presents: this node's hello, and how links are protected.
-pub type PeerProbe = (Hello, PeerSecurity);
+pub type PeerProbe = (LocalPeer, PeerSecurity);
 
 /// The client port's handle on the replica thread.
 pub struct ReplicaControl {

@@ -43,7 +43,7 @@ use tally_codec::{ErrorCode, Tables};
 use tally_core::{Effect, Event, LogFailure, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{check_conf_context, check_entry, ConfContext, INBOX_MESSAGES_MAX};
 use tally_failover::env::Env;
-use tally_failover::handshake::Hello;
+use tally_failover::handshake::LocalPeer;
 use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts};
 use tally_failover::storage::{conf_ids, log_failure, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
@@ -118,7 +118,7 @@ pub struct ShellConfig {
 /// The replication port.
 pub struct PeerPort {
     pub listener: TcpListener,
-    pub hello: Hello,
+    pub hello: LocalPeer,
     pub security: PeerSecurity,
 }
 

@@ -56,10 +56,13 @@ pub struct Prepared {
     pub migrated: Vec<(u32, u32)>,
 }
 
+/// A migration's work on a data directory, reporting its progress.
+type MigrationRun = fn(&Path, &mut dyn FnMut(Progress)) -> Result<(), StoreError>;
+
 /// One step forward.
 struct Migration {
     from: u32,
-    run: fn(&Path, &mut dyn FnMut(Progress)) -> Result<(), StoreError>,
+    run: MigrationRun,
 }
 
 /// Every migration, in order: `MIGRATIONS[i]` takes format `i + 1` to `i + 2`.

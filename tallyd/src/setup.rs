@@ -253,10 +253,14 @@ fn admin_keys(cfg: &NodeConfig) -> Result<Vec<PublicKey>, String> {
 /// Raft settings from the node config. Peers must agree on the timing and the genesis, so both
 /// go into the fingerprint the handshake compares.
 fn raft_config(cfg: &NodeConfig, genesis_text: &[u8], peer_security: PeerSecurity) -> RaftConfig {
-    let timing = RaftConfig::timing_fingerprint(cfg.tick_ms, cfg.election_ticks, cfg.heartbeat_ticks);
-    let mut h = blake3::Hasher::new();
-    h.update(&timing);
-    h.update(blake3::hash(genesis_text).as_bytes());
+    let genesis_hash = blake3::hash(genesis_text);
+    let fingerprint_at = |version: u16| {
+        let timing = RaftConfig::timing_fingerprint(version, cfg.tick_ms, cfg.election_ticks, cfg.heartbeat_ticks);
+        let mut h = blake3::Hasher::new();
+        h.update(&timing);
+        h.update(genesis_hash.as_bytes());
+        *h.finalize().as_bytes()
+    };
     RaftConfig {
         node_id: cfg.node_id,
         peers: cfg
@@ -275,7 +279,7 @@ fn raft_config(cfg: &NodeConfig, genesis_text: &[u8], peer_security: PeerSecurit
         election_ticks: cfg.election_ticks,
         heartbeat_ticks: cfg.heartbeat_ticks,
         cluster_id: cfg.cluster_id.clone(),
-        config_fingerprint: *h.finalize().as_bytes(),
+        local: tally_failover::handshake::LocalPeer::new(&cfg.cluster_id, cfg.node_id, fingerprint_at),
         peer_security,
     }
 }
@@ -455,11 +459,7 @@ fn shell_config(
             .map_err(|e| format!("replication: cannot listen on {}: {e}", raft_cfg.peer_listen))?;
         Some(tally_pipeline::replica_thread::PeerPort {
             listener,
-            hello: tally_failover::handshake::Hello::new(
-                &raft_cfg.cluster_id,
-                raft_cfg.node_id,
-                raft_cfg.config_fingerprint,
-            ),
+            hello: raft_cfg.local.clone(),
             security: raft_cfg.peer_security.clone(),
         })
     };
