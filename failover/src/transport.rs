@@ -39,7 +39,7 @@ use raft::eraftpb::{Message, MessageType};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -93,6 +93,10 @@ pub trait Transport: Send {
     /// it was queued, so Raft does not probe the follower while the snapshot is still on its way.
     fn take_snapshot_reports(&mut self) -> Vec<(u64, bool)> {
         Vec::new()
+    }
+    /// The peer protocol version of each peer's outbound link that is up now.
+    fn link_versions(&self) -> BTreeMap<u64, u16> {
+        BTreeMap::new()
     }
 }
 
@@ -165,6 +169,8 @@ impl PeerSecurity {
 struct OutLink {
     addr: String,
     tx: Sender<Message>,
+    /// The version the link runs at while it is up; 0 while it is down.
+    version: Arc<AtomicU16>,
     /// Set when the peer leaves the configuration: the thread drops what is queued and ends.
     closed: Arc<AtomicBool>,
     thread: JoinHandle<()>,
@@ -281,7 +287,9 @@ impl Transport for TcpTransport {
             }
             let (tx, rx) = bounded(OUTBOUND_MESSAGES_MAX);
             let closed = Arc::new(AtomicBool::new(false));
+            let version = Arc::new(AtomicU16::new(0));
             let outbound = Outbound {
+                version: version.clone(),
                 snapshots: self.snapshots.clone(),
                 peer: *id,
                 addr: addr.clone(),
@@ -297,7 +305,7 @@ impl Transport for TcpTransport {
                 .spawn(move || outbound.run())
             {
                 Ok(thread) => {
-                    self.links.insert(*id, OutLink { addr: addr.clone(), tx, closed, thread });
+                    self.links.insert(*id, OutLink { addr: addr.clone(), tx, version, closed, thread });
                 }
                 Err(e) => tracing::error!(peer = id, error = %e, "cannot start peer link thread"),
             }
@@ -327,6 +335,11 @@ impl Transport for TcpTransport {
 
     fn take_snapshot_reports(&mut self) -> Vec<(u64, bool)> {
         std::mem::take(&mut *self.reports.lock())
+    }
+
+    fn link_versions(&self) -> BTreeMap<u64, u16> {
+        let versions = self.links.iter().map(|(id, l)| (*id, l.version.load(Ordering::Acquire)));
+        versions.filter(|(_, v)| *v != 0).collect()
     }
 
     fn cut_inbound(&mut self, peer: u64) {
@@ -493,6 +506,8 @@ fn is_snapshot(m: &Message) -> bool {
 
 /// One outbound link: a connection it dials (again after a failure) and writes on.
 struct Outbound {
+    /// The link's version while it is up, 0 while down (read by [`Transport::link_versions`]).
+    version: Arc<AtomicU16>,
     snapshots: Option<Arc<dyn SnapshotSource>>,
     peer: u64,
     addr: String,
@@ -550,6 +565,7 @@ impl Outbound {
             if link.conn.is_some() && self.security.revoked(link.fingerprint) {
                 tracing::warn!(peer = self.peer, addr = %self.addr, "the peer's certificate was revoked; link closed");
                 link.shutdown();
+                self.version.store(0, Ordering::Release);
             }
             if link.conn.is_none() && !self.dial(&mut link, &first) {
                 continue;
@@ -565,6 +581,7 @@ impl Outbound {
             if let Err(e) = r {
                 tracing::warn!(peer = self.peer, addr = %self.addr, error = %e, "peer link write failed; reconnecting");
                 link.shutdown();
+                self.version.store(0, Ordering::Release);
             }
         }
     }
@@ -576,6 +593,7 @@ impl Outbound {
             Ok((s, resume, version)) => {
                 tracing::info!(peer = self.peer, addr = %self.addr, version, "peer link up");
                 link.version = version;
+                self.version.store(version, Ordering::Release);
                 link.fingerprint = PeerSecurity::fingerprint(&s);
                 link.conn = Some((BufWriter::new(s), resume));
                 link.backoff_ms = RECONNECT_BACKOFF_MS_MIN;

@@ -47,7 +47,7 @@ use tally_failover::handshake::LocalPeer;
 use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts};
 use tally_failover::storage::{conf_ids, log_failure, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
-use tally_failover::{Member, MembershipError};
+use tally_failover::{Member, MemberChange, MembershipError};
 use tally_store::state::Store;
 use tally_store::wal::Wal;
 
@@ -597,6 +597,10 @@ impl ReplicaThread {
         self.next_tag += 1;
         match c {
             Control::Change { change, reply } => {
+                if let Err(e) = self.links_carry(&change) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 self.change_replies.insert(tag, reply);
                 self.handle(Event::ChangeMembers { ticket: tag, change });
             }
@@ -605,6 +609,33 @@ impl ReplicaThread {
                 self.handle(Event::Read { client: tag, now_ms });
             }
         }
+    }
+
+    /// Whether every other member can follow `change`: a revocation travels in a form release
+    /// 0.3 (peer protocol 2) cannot read, so it waits until every member's link runs protocol 3.
+    fn links_carry(&self, change: &MemberChange) -> Result<(), MembershipError> {
+        if !matches!(change, MemberChange::Revoke { .. }) || !self.replica.is_leader() {
+            return Ok(()); // a follower's core answers "not the leader"
+        }
+        let versions = self.transport.link_versions();
+        let conf = self.replica.status().conf_state;
+        let others = conf.voters.iter().chain(&conf.learners).copied().filter(|m| *m != self.id);
+        for node in others {
+            match versions.get(&node) {
+                Some(v) if *v >= 3 => {}
+                Some(v) => {
+                    return Err(MembershipError::Refused(format!(
+                        "node {node} speaks peer protocol {v} (release 0.3), which cannot apply a revocation: upgrade it first"
+                    )))
+                }
+                None => {
+                    return Err(MembershipError::Refused(format!(
+                        "node {node} is not linked, so its peer protocol is unknown: a revocation waits until every member is reachable"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One event through the core, then its effects in order.

@@ -36,8 +36,20 @@ impl Daemon {
 
     /// As [`Daemon::spawn`], with extra environment variables and command-line arguments.
     pub fn spawn_with(config: &Path, addr: &str, log: &Path, env: &[(&str, &Path)], args: &[&str]) -> Daemon {
+        Daemon::spawn_program(Path::new(env!("CARGO_BIN_EXE_tallyd")), config, addr, log, env, args)
+    }
+
+    /// As [`Daemon::spawn_with`], running `program` (another release's `tallyd`, say).
+    pub fn spawn_program(
+        program: &Path,
+        config: &Path,
+        addr: &str,
+        log: &Path,
+        env: &[(&str, &Path)],
+        args: &[&str],
+    ) -> Daemon {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        let child = Command::new(program)
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--config")
             .arg(config)
