@@ -14,13 +14,19 @@ if [[ -x $bin/tallyd && -x $bin/tally ]]; then
     echo "$bin"
     exit 0
 fi
-git rev-parse -q --verify "$tag^{commit}" >/dev/null || {
-    echo "release-binaries.sh: no tag $tag in this repository (git fetch --tags?)" >&2
-    exit 1
-}
+# Each release's commit, for a checkout that lacks the tags (a clone without --tags).
+declare -A commits=([v0.3.0]=0c153676c077df1414f3e910bce468a05bdb32d7)
+rev=$tag
+if ! git rev-parse -q --verify "$tag^{commit}" >/dev/null; then
+    rev=${commits[$tag]:-}
+    if [[ -z $rev ]] || ! git rev-parse -q --verify "$rev^{commit}" >/dev/null; then
+        echo "release-binaries.sh: no tag $tag and no known commit for it in this repository" >&2
+        exit 1
+    fi
+fi
 mkdir -p "$root"
 if [[ ! -d $root/src ]]; then
-    git worktree add --detach -f "$root/src" "$tag" >&2
+    git worktree add --detach -f "$root/src" "$rev" >&2
 fi
 # Release 0.3 named the package holding `tally` tally-client; later ones tally-cli.
 packages=(-p tallyd)

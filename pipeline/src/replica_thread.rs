@@ -239,6 +239,31 @@ fn mark_log_at_state(log: &mut WalStorage, ledger: &StoreLedger) -> Result<(), S
     Ok(())
 }
 
+/// Whether every member in `others` can apply a revocation: its link runs peer protocol 3 or
+/// later (release 0.3 speaks 2 and would refuse the entry that carries it). `versions`: each
+/// linked peer's protocol version.
+fn revocation_followable(
+    others: impl Iterator<Item = u64>,
+    versions: &BTreeMap<u64, u16>,
+) -> Result<(), MembershipError> {
+    for node in others {
+        match versions.get(&node) {
+            Some(v) if *v >= 3 => {}
+            Some(v) => {
+                return Err(MembershipError::Refused(format!(
+                    "node {node} speaks peer protocol {v} (release 0.3), which cannot apply a revocation: upgrade it first"
+                )))
+            }
+            None => {
+                return Err(MembershipError::Refused(format!(
+                    "node {node} is not linked, so its peer protocol is unknown: a revocation waits until every member is reachable"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The peer transport (its listener started, snapshots streamed from the ledger's exports) and
 /// what probes a peer address, or no peers for a cluster of one without a peer port.
 fn start_transport(
@@ -617,25 +642,9 @@ impl ReplicaThread {
         if !matches!(change, MemberChange::Revoke { .. }) || !self.replica.is_leader() {
             return Ok(()); // a follower's core answers "not the leader"
         }
-        let versions = self.transport.link_versions();
         let conf = self.replica.status().conf_state;
         let others = conf.voters.iter().chain(&conf.learners).copied().filter(|m| *m != self.id);
-        for node in others {
-            match versions.get(&node) {
-                Some(v) if *v >= 3 => {}
-                Some(v) => {
-                    return Err(MembershipError::Refused(format!(
-                        "node {node} speaks peer protocol {v} (release 0.3), which cannot apply a revocation: upgrade it first"
-                    )))
-                }
-                None => {
-                    return Err(MembershipError::Refused(format!(
-                        "node {node} is not linked, so its peer protocol is unknown: a revocation waits until every member is reachable"
-                    )))
-                }
-            }
-        }
-        Ok(())
+        revocation_followable(others, &self.transport.link_versions())
     }
 
     /// One event through the core, then its effects in order.
@@ -1009,6 +1018,22 @@ impl Drop for ReplicaThread {
 
 #[cfg(test)]
 mod tests {
+    use super::revocation_followable;
+    use std::collections::BTreeMap;
+
+    /// A revocation is proposed only when every other member's link runs peer protocol 3:
+    /// release 0.3 (protocol 2) could not apply it, and an unlinked member's version is unknown.
+    #[test]
+    fn a_revocation_waits_for_every_member_at_peer_protocol_3() {
+        let versions = BTreeMap::from([(2, 3), (3, 2)]);
+        assert!(revocation_followable([2].into_iter(), &versions).is_ok());
+        let e = revocation_followable([2, 3].into_iter(), &versions).expect_err("node 3 speaks 2");
+        assert!(e.to_string().contains("node 3 speaks peer protocol 2"), "{e}");
+        let e = revocation_followable([2, 4].into_iter(), &versions).expect_err("node 4 is not linked");
+        assert!(e.to_string().contains("node 4 is not linked"), "{e}");
+        assert!(revocation_followable([2, 3].into_iter(), &BTreeMap::from([(2, 3), (3, 3)])).is_ok());
+    }
+
     /// A refusal the core answers is counted under a stage and reason that `/metrics` exports
     /// at 0 from the start (`measure::REFUSALS`), so its first event shows in `rate()`.
     #[test]

@@ -54,7 +54,9 @@ fn start(dir: &Path) -> Vec<Daemon> {
         register_dial(a, dial.clone());
     }
     let nodes: Vec<Daemon> = (1..=3)
-        .map(|i| Daemon::spawn(&dir.join(format!("node-{i}.toml")), CLIENT_ADDRS[i - 1], &dir.join(format!("node-{i}.log"))))
+        .map(|i| {
+            Daemon::spawn(&dir.join(format!("node-{i}.toml")), CLIENT_ADDRS[i - 1], &dir.join(format!("node-{i}.log")))
+        })
         .collect();
     for d in &nodes {
         d.wait_ready(Duration::from_secs(30));
@@ -107,5 +109,123 @@ fn a_release_0_3_cluster_opens_migrated_and_serves_every_old_receipt_with_the_sa
     let receipt = client.submit_one(req).expect("a new write commits").receipt;
     assert!(receipt.header.height > last.expect("heights"), "the new batch follows 0.3's");
     assert!(receipt.verify(&op).is_ok(), "the new receipt verifies");
+    drop(nodes);
+}
+
+/// `tallyd` of release 0.3, built from its tag once (`scripts/release-binaries.sh`, cached
+/// under `target/releases/v0.3.0`). `.ci/run` builds it before the suite.
+fn release_0_3_tallyd() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/release-binaries.sh"))
+        .arg("v0.3.0")
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/release-binaries.sh");
+    assert!(out.status.success(), "building release 0.3 from its tag failed");
+    let bin = PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim()).join("tallyd");
+    assert!(bin.is_file(), "{} was not built", bin.display());
+    bin
+}
+
+/// Leader changes seen by polling every running node's status every 20 ms: the leader of the
+/// highest term reported, recorded each time it differs from the last one recorded.
+struct LeaderWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<parking_lot::Mutex<Vec<(u64, u64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaderWatch {
+    fn start(addrs: Vec<String>) -> LeaderWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (st, se) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let best = addrs.iter().filter_map(|a| status_of(a)).filter_map(|s| Some((s.term, s.leader_id?))).max();
+                if let Some((term, leader)) = best {
+                    let mut seen = se.lock();
+                    if seen.last().is_none_or(|(t, l)| *l != leader && term > *t) {
+                        seen.push((term, leader));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        LeaderWatch { stop, seen, thread: Some(thread) }
+    }
+
+    /// Leaders recorded so far.
+    fn count(&self) -> usize {
+        self.seen.lock().len()
+    }
+
+    fn finish(mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.seen.lock().clone()
+    }
+}
+
+/// Release 0.3 and this release in one cluster: replaced one replica at a time (followers
+/// first, the leader last, each stopped with SIGTERM and started again on its data directory)
+/// while a writer keeps submitting transfers. The replicas link across versions (peer
+/// protocol 2), nothing acknowledged is lost or doubled, every restart changes the leader at
+/// most once, and at the end every link runs protocol 3.
+#[test]
+fn a_rolling_upgrade_from_release_0_3_under_load_loses_nothing() {
+    let old = release_0_3_tallyd();
+    let (_dir, layout) = init_cluster(3, 8);
+    let log = |i: usize| layout.dir.join(format!("node-{}.log", i + 1));
+    let mut nodes: Vec<Daemon> = (0..3)
+        .map(|i| Daemon::spawn_program(&old, &layout.config_paths[i], &layout.configs[i].listen, &log(i), &[], &[]))
+        .collect();
+    for d in &nodes {
+        d.wait_ready(Duration::from_secs(30));
+    }
+    let addrs = layout.client_addrs();
+    let writer = Writer::start(&addrs, account_key(&layout, 0), 16, 2);
+    assert!(wait_until(Duration::from_secs(20), || writer.acked_len() > 200), "release 0.3 takes writes");
+    let (leader, _) = wait_leader(&nodes, Duration::from_secs(10));
+    let order: Vec<usize> = (0..3).filter(|i| *i != leader).chain([leader]).collect();
+    let watch = LeaderWatch::start(addrs.clone());
+    assert!(wait_until(Duration::from_secs(5), || watch.count() == 1), "the watch sees the leader");
+    for (step, i) in order.iter().copied().enumerate() {
+        let before = watch.count();
+        let acked_before = writer.acked_len();
+        nodes[i].terminate();
+        nodes[i] = Daemon::spawn(&layout.config_paths[i], &layout.configs[i].listen, &log(i));
+        nodes[i].wait_ready(Duration::from_secs(30));
+        let target = status_of(&addrs[i]).map(|s| s.committed_height).unwrap_or(0);
+        assert!(
+            wait_until(Duration::from_secs(30), || status_of(&addrs[i]).is_some_and(|s| s.applied_height >= target)),
+            "node {} (this release) catches up",
+            i + 1
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || writer.acked_len() > acked_before + 200),
+            "writes go on after step {step} (node {} upgraded)",
+            i + 1
+        );
+        let changes = watch.count() - before;
+        assert!(changes <= 1, "restarting node {} changed the leader {changes} times: {:?}", i + 1, watch.seen.lock());
+        let text = std::fs::read_to_string(log(i)).expect("log");
+        if step < 2 {
+            assert!(text.contains("version=2"), "node {} links to release 0.3 at peer protocol 2:\n{text}", i + 1);
+        }
+    }
+    let leaders = watch.finish();
+    let acked = writer.finish();
+    assert!(acked.len() > 600, "{} requests acknowledged", acked.len());
+    assert_invariants(&addrs, &layout, &acked);
+    // Each replica restarted last dialled only replicas of this release: protocol 3 throughout.
+    let last = std::fs::read_to_string(log(*order.last().expect("three"))).expect("log");
+    let after_restart = last.rsplit("data directory migrated").next().expect("restarted");
+    assert!(after_restart.contains("version=3") && !after_restart.contains("version=2"), "{after_restart}");
+    eprintln!("rolling upgrade: {} acknowledged, leaders {leaders:?}", acked.len());
     drop(nodes);
 }
