@@ -15,6 +15,9 @@ const FIXTURE: &str = "tests/fixtures/v0.3.0";
 /// The fixture cluster's client ports (its configs and stored membership name them).
 const CLIENT_ADDRS: [&str; 3] = ["127.0.0.1:15001", "127.0.0.1:15002", "127.0.0.1:15003"];
 
+/// Held by each test that runs the fixture cluster: its ports are fixed.
+static FIXTURE_PORTS: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 /// A copy of the fixture cluster in a temporary directory, its configs pointing there.
 fn copy_fixture() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -49,6 +52,11 @@ fn receipt_files() -> Vec<PathBuf> {
 }
 
 fn start(dir: &Path) -> Vec<Daemon> {
+    start_program(Path::new(env!("CARGO_BIN_EXE_tallyd")), dir)
+}
+
+/// The fixture cluster in `dir`, run by `program`.
+fn start_program(program: &Path, dir: &Path) -> Vec<Daemon> {
     let dial = tally_net::Dial::cluster(&dir.join("ca.pem")).expect("CA");
     for a in CLIENT_ADDRS {
         register_dial(a, dial.clone());
@@ -77,6 +85,7 @@ fn operator(dir: &Path) -> PublicKey {
 
 #[test]
 fn a_release_0_3_cluster_opens_migrated_and_serves_every_old_receipt_with_the_same_bytes() {
+    let _ports = FIXTURE_PORTS.lock();
     let (_tmp, dir) = copy_fixture();
     for i in 1..=3 {
         assert!(!dir.join(format!("node-{i}/FORMAT")).exists(), "release 0.3 wrote no FORMAT file");
@@ -227,5 +236,37 @@ fn a_rolling_upgrade_from_release_0_3_under_load_loses_nothing() {
     let after_restart = last.rsplit("data directory migrated").next().expect("restarted");
     assert!(after_restart.contains("version=3") && !after_restart.contains("version=2"), "{after_restart}");
     eprintln!("rolling upgrade: {} acknowledged, leaders {leaders:?}", acked.len());
+    drop(nodes);
+}
+
+/// A downgrade before any newer format is written: the fixture cluster, migrated and written to
+/// by this release, stopped, then run by release 0.3 again, serves what this release committed.
+#[test]
+fn a_downgrade_to_release_0_3_after_the_migration_keeps_everything() {
+    let old = release_0_3_tallyd();
+    let _ports = FIXTURE_PORTS.lock();
+    let (_tmp, dir) = copy_fixture();
+    let mut nodes = start(&dir);
+    wait_leader(&nodes, Duration::from_secs(30));
+    let client = connect(&dir);
+    let to = PublicKey(tally_client::keyfile::generate_key().verifying_key().to_bytes());
+    let req = client.sign(Operation::Transfer { to, amount: 3 }).expect("sign");
+    let written = client.submit_one(req).expect("commits").receipt;
+    drop(client);
+    for n in &mut nodes {
+        n.terminate();
+    }
+    for i in 1..=3 {
+        assert!(dir.join(format!("node-{i}/FORMAT")).exists(), "migrated to format 2");
+    }
+    let nodes = start_program(&old, &dir);
+    wait_leader(&nodes, Duration::from_secs(30));
+    let client = connect(&dir);
+    let served = client
+        .receipt_at(written.request_id(), written.header.height)
+        .expect("receipt query")
+        .expect("release 0.3 serves what this release committed");
+    assert_eq!(encode(&served), encode(&written));
+    assert_eq!(client.balance(to, false).expect("balance"), Some(3));
     drop(nodes);
 }
