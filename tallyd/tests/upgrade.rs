@@ -63,7 +63,8 @@ fn start_program(program: &Path, dir: &Path) -> Vec<Daemon> {
     }
     let nodes: Vec<Daemon> = (1..=3)
         .map(|i| {
-            Daemon::spawn(&dir.join(format!("node-{i}.toml")), CLIENT_ADDRS[i - 1], &dir.join(format!("node-{i}.log")))
+            let (config, log) = (dir.join(format!("node-{i}.toml")), dir.join(format!("node-{i}.log")));
+            Daemon::spawn_program(program, &config, CLIENT_ADDRS[i - 1], &log, &[], &[])
         })
         .collect();
     for d in &nodes {
