@@ -532,6 +532,9 @@ fn inject_faults(
         // itself, so a stopped one cannot hold it up.
         let leader = samples.lock().last().and_then(|s| s.leader).map(|id| id as usize - 1);
         let hit = f.inject(kind, cluster, leader, now);
+        if hit.is_empty() {
+            continue; // no target at this moment (no leader known to isolate or kill): no fault
+        }
         bar.suspend(|| {
             if !cfg.progress {
                 return;
@@ -669,11 +672,11 @@ impl Faulting {
             }
             "delay" => hit = self.delay_links(cluster),
             _ => {
-                // Dropped connections: every link cut and restored at once.
+                // Dropped connections: every link cut and restored at once; every replica hit.
                 let all: Vec<usize> = (0..n).collect();
                 cluster.cut(&all, &all);
                 self.heal_at = Some(now + Duration::from_millis(50));
-                return hit;
+                return all;
             }
         }
         self.heal_at = Some(now + Duration::from_millis(self.rng.gen_range(1_000..5_000)));
@@ -1105,9 +1108,17 @@ fn draw_timeline(r: &MonkeyReport, path: &Path) -> Result<(), Box<dyn std::error
         chart.configure_mesh().x_desc("seconds").y_desc("batches/s").draw()?;
     }
     chart.draw_series(LineSeries::new(points, &BLACK))?;
-    for e in &r.fault_events {
+    for (k, e) in r.fault_events.iter().enumerate() {
         let x = e.at_ms as f64 / 1e3;
         chart.draw_series(LineSeries::new([(x, 0.0), (x, y_max * 0.9)], RED.mix(0.6)))?;
+        if font {
+            // Each fault named with the replicas it hit, on one of four rows so neighbours
+            // do not print over each other.
+            let nodes: Vec<String> = e.nodes.iter().map(usize::to_string).collect();
+            let y = y_max * (0.86 - 0.05 * (k % 4) as f64);
+            let style = ("sans-serif", 11).into_font().color(&RED);
+            chart.draw_series(std::iter::once(Text::new(format!("{} {}", e.kind, nodes.join(",")), (x, y), style)))?;
+        }
     }
     let mut last = None;
     for s in &r.timeline {
@@ -1115,6 +1126,10 @@ fn draw_timeline(r: &MonkeyReport, path: &Path) -> Result<(), Box<dyn std::error
             if last.is_some() && last != Some(l) {
                 let x = s.at_ms as f64 / 1e3;
                 chart.draw_series(LineSeries::new([(x, y_max * 0.9), (x, y_max)], BLUE.stroke_width(3)))?;
+                if font {
+                    let style = ("sans-serif", 11).into_font().color(&BLUE);
+                    chart.draw_series(std::iter::once(Text::new(format!("leader {l}"), (x, y_max * 0.97), style)))?;
+                }
             }
             last = Some(l);
         }

@@ -217,7 +217,9 @@ pub enum Cmd {
     },
     /// The deterministic whole-cluster simulator (runs `tally-sim`, built with `cargo build -p
     /// tally-sim`): `tally sim --seeds 1000`, `tally sim --seed 634`, `--plant ack-before-commit`.
+    #[command(disable_help_flag = true)]
     Sim {
+        /// `tally-sim`'s arguments (`tally sim --help` shows them).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -228,7 +230,9 @@ pub enum Cmd {
     },
     /// The chaos monkey over real tallyd processes (runs `tally-chaos`, built with `cargo build
     /// -p tally-chaos`): `tally chaos --nodes 3 --duration 60 --seed 7`.
+    #[command(disable_help_flag = true)]
     Chaos {
+        /// `tally-chaos`'s arguments (`tally chaos --help` shows them).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -760,21 +764,22 @@ fn save_if_asked(client: &Client, path: Option<&Path>, c: &Committed, out: Outpu
     Ok(())
 }
 
-/// Submits one write; prints its id and outcome, saves the receipt (even of a rejection).
+/// Submits one write; prints its outcome, then its id and height (what `tally receipt` needs
+/// once the request has expired), saves the receipt (even of a rejection). A write that did not
+/// commit names its id on stderr, to look it up later.
 fn write(
     client: &Client,
     req: tally_codec::SignedRequest,
     receipt: Option<&Path>,
     out: Output,
 ) -> Result<ExitCode, ClientError> {
-    if out == Output::Text {
-        println!("Request id: {}", req.id());
-    }
+    let id = req.id();
     match client.submit_one(req) {
         Ok(c) => {
             match out {
                 Output::Text => {
                     println!("{}", repl::outcome_line(&c.receipt.outcome, c.durable_replicas));
+                    println!("{}", request_line(&c));
                     save_if_asked(client, receipt, &c, out)?;
                 }
                 Output::Json => {
@@ -793,10 +798,24 @@ fn write(
                 eprintln!("Error: {code}");
                 return Ok(ExitCode::FAILURE);
             }
+            println!("{}", request_line(&committed));
             Err(ClientError::Rejected { code, committed })
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            if out == Output::Text {
+                eprintln!("Request id: {id} (not known to be committed: `tally receipt {id}` tells)");
+            }
+            Err(e)
+        }
     }
+}
+
+/// "Request id: ID, height H (`tally receipt ID --height H` fetches its receipt at any time)".
+fn request_line(c: &tally_client::client::Committed) -> String {
+    let (id, height) = (c.request_id, c.receipt.header.height);
+    format!(
+        "Request id: {id}, height {height} (`tally receipt {id} --height {height}` fetches its receipt at any time)"
+    )
 }
 
 /// How long `status` waits for each member's answer.

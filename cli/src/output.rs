@@ -17,6 +17,24 @@ pub enum Output {
     Json,
 }
 
+/// A time in milliseconds since the Unix epoch as people read it: `2026-12-08 01:50:07.250 UTC`.
+/// (Batch times and lease ends are the leader's clock, in UTC; JSON keeps the milliseconds.)
+pub fn utc(ms: u64) -> String {
+    let (days, in_day) = (ms / 86_400_000, ms % 86_400_000);
+    // Howard Hinnant's civil_from_days: the proleptic Gregorian date of a day count.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1_000 % 60, in_day % 1_000);
+    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{milli:03} UTC")
+}
+
 /// Prints one JSON document on stdout.
 pub fn print(v: &Value) {
     // A `Value` always serialises; `to_string_pretty` can only fail for non-string map keys.
@@ -225,6 +243,14 @@ pub fn status(s: &StatusInfo, answered_by: u64, reachable: &[bool]) -> Value {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000 UTC", "a leap day");
+        assert_eq!(utc(1_796_693_407_250), "2026-12-08 01:30:07.250 UTC");
+        assert_eq!(utc(4_102_444_799_999), "2099-12-31 23:59:59.999 UTC");
+    }
     use super::*;
 
     #[test]

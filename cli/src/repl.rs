@@ -229,12 +229,13 @@ fn parse_transfer(rest: &str) -> Result<ReplCommand, String> {
     Ok(ReplCommand::Transfer { to, amount })
 }
 
-/// "1 replica" / "3 replicas".
+/// "durable on 1 replica" / "durable on 3 replicas": the replicas that had the batch on disk
+/// when the leader answered (a majority at least; the others catch up).
 pub fn replicas(n: u8) -> String {
     if n == 1 {
-        "1 replica".to_string()
+        "durable on 1 replica".to_string()
     } else {
-        format!("{n} replicas")
+        format!("durable on {n} replicas")
     }
 }
 
@@ -252,9 +253,11 @@ pub fn outcome_line(outcome: &Outcome, durable_replicas: u8) -> String {
             format!("Error: revision mismatch: the document is at revision {current}")
         }
         Outcome::LeaseGranted { lease, expires_at_ms } => {
-            format!("Lease {lease} granted ({r}); it ends at {expires_at_ms} ms batch time unless kept alive")
+            format!("Lease {lease} granted ({r}); it ends at {} unless kept alive", crate::output::utc(*expires_at_ms))
         }
-        Outcome::LeaseRenewed { expires_at_ms } => format!("Renewed ({r}) until {expires_at_ms} ms batch time"),
+        Outcome::LeaseRenewed { expires_at_ms } => {
+            format!("Renewed ({r}) until {}", crate::output::utc(*expires_at_ms))
+        }
         Outcome::LeaseRevoked => format!("Revoked ({r})"),
         Outcome::ClaimGranted { height } => format!("Granted ({r}) at height {height}"),
         Outcome::ClaimDenied { holder, height } => format!("Denied: held by {holder} since height {height}"),
@@ -284,10 +287,12 @@ pub fn watch_line(e: &tally_codec::wire::WatchEvent) -> String {
             format!("claim {domain}/{slot} granted to {holder}{lease}")
         }
         Change::ClaimReleased { domain, slot } => format!("claim {domain}/{slot} released"),
-        Change::LeaseSet { lease, owner, expires_at_ms } => format!("lease {lease} of {owner} until {expires_at_ms}"),
+        Change::LeaseSet { lease, owner, expires_at_ms } => {
+            format!("lease {lease} of {owner} until {}", crate::output::utc(*expires_at_ms))
+        }
         Change::LeaseEnded { lease } => format!("lease {lease} ended"),
     };
-    format!("height {} time {}: {what}", e.height, e.time_ms)
+    format!("height {} at {}: {what}", e.height, crate::output::utc(e.time_ms))
 }
 
 /// Status as a few readable lines (shared with `tally status`).
@@ -562,10 +567,10 @@ mod tests {
 
     #[test]
     fn outcome_lines_match_the_session() {
-        assert_eq!(outcome_line(&Outcome::DocCreated { revision: 1 }, 3), "Created (3 replicas)");
-        assert_eq!(outcome_line(&Outcome::DocCreated { revision: 1 }, 1), "Created (1 replica)");
-        assert_eq!(outcome_line(&Outcome::DocUpdated { revision: 2 }, 2), "Updated (2 replicas)");
-        assert_eq!(outcome_line(&Outcome::DocDeleted, 3), "Deleted (3 replicas)");
+        assert_eq!(outcome_line(&Outcome::DocCreated { revision: 1 }, 3), "Created (durable on 3 replicas)");
+        assert_eq!(outcome_line(&Outcome::DocCreated { revision: 1 }, 1), "Created (durable on 1 replica)");
+        assert_eq!(outcome_line(&Outcome::DocUpdated { revision: 2 }, 2), "Updated (durable on 2 replicas)");
+        assert_eq!(outcome_line(&Outcome::DocDeleted, 3), "Deleted (durable on 3 replicas)");
         assert_eq!(outcome_line(&Outcome::Rejected(ErrorCode::InsufficientFunds), 3), "Error: insufficient funds");
     }
 
@@ -613,10 +618,10 @@ mod session_tests {
         assert_eq!(
             text,
             "Error: Key is not a proper UUID4\n\
-             Created (3 replicas)\n\
+             Created (durable on 3 replicas)\n\
              '{\"name\": \"Chapayev's Mustache comb\"}'\n\
-             Updated (3 replicas)\n\
-             Deleted (3 replicas)\n\
+             Updated (durable on 3 replicas)\n\
+             Deleted (durable on 3 replicas)\n\
              Not found\n\
              Not found\n\
              5\n"

@@ -264,17 +264,31 @@ fn wait_all_answer(layout: &ClusterLayout, children: &mut Children, wait: Durati
     }
 }
 
+/// A cluster directory `tally up` made for itself (no `--dir`): removed when it ends, the nodes
+/// stopped first (declared before them, so dropped after).
+struct TemporaryDir(PathBuf);
+
+impl Drop for TemporaryDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => println!("Removed {} (give --dir to keep a cluster's files).", self.0.display()),
+            Err(e) => eprintln!("could not remove {}: {e}", self.0.display()),
+        }
+    }
+}
+
 /// Runs `tally up`.
 ///
 /// # Errors
 /// [`ClientError`] from init, start, the leader wait or the demo; the children are stopped first.
 pub fn run_up(opts: &UpOptions) -> Result<(), ClientError> {
-    let dir = match &opts.dir {
-        Some(d) => d.clone(),
+    let (dir, _temporary) = match &opts.dir {
+        Some(d) => (d.clone(), None),
         None => {
             let mut suffix = [0u8; 4];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut suffix);
-            std::env::temp_dir().join(format!("tally-up-{}", hex::encode(suffix)))
+            let d = std::env::temp_dir().join(format!("tally-up-{}", hex::encode(suffix)));
+            (d.clone(), Some(TemporaryDir(d)))
         }
     };
     let layout = cluster_init(opts.nodes, &dir, opts.accounts, opts.base_port)?;

@@ -54,6 +54,21 @@ impl RaftConfig {
         *h.finalize().as_bytes()
     }
 
+    /// The configuration fingerprint at peer protocol `version` of replicas with this timing and
+    /// this genesis file: what a hello carries and what a peer's hello must match.
+    pub fn fingerprint(
+        version: u16,
+        tick_ms: u64,
+        election_ticks: usize,
+        heartbeat_ticks: usize,
+        genesis_text: &[u8],
+    ) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(&RaftConfig::timing_fingerprint(version, tick_ms, election_ticks, heartbeat_ticks));
+        h.update(blake3::hash(genesis_text).as_bytes());
+        *h.finalize().as_bytes()
+    }
+
     /// # Errors
     /// Node id 0, a zero tick, election ticks not above heartbeat ticks, duplicate peers.
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -249,15 +249,19 @@ mod tests {
 
     type Outcome = Result<Linked, HandshakeError>;
 
-    /// `a` dials `b` (node 2 unless `expect` says otherwise), offering `version`.
-    fn run_pair(a: LocalPeer, b: LocalPeer, expect: u64, version: u16) -> (Outcome, Outcome) {
+    /// A connection to a listener that runs `serve` on the one connection it accepts.
+    fn listen_once<T: Send + 'static>(
+        serve: impl FnOnce(TcpStream) -> T + Send + 'static,
+    ) -> (TcpStream, std::thread::JoinHandle<T>) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().expect("accept");
-            handshake(&mut s, &b, Side::Listener)
-        });
-        let mut c = TcpStream::connect(addr).expect("connect");
+        let t = std::thread::spawn(move || serve(l.accept().expect("accept").0));
+        (TcpStream::connect(addr).expect("connect"), t)
+    }
+
+    /// `a` dials `b` (node 2 unless `expect` says otherwise), offering `version`.
+    fn run_pair(a: LocalPeer, b: LocalPeer, expect: u64, version: u16) -> (Outcome, Outcome) {
+        let (mut c, t) = listen_once(move |mut s| handshake(&mut s, &b, Side::Listener));
         let ra = handshake(&mut c, &a, Side::Dialler { node: expect, version });
         (ra, t.join().expect("join"))
     }
@@ -281,13 +285,7 @@ mod tests {
     fn a_version_nobody_speaks_is_refused() {
         let (a, b) = run_pair(peer("c1", 1, 7), peer("c1", 2, 7), 2, PEER_PROTOCOL_VERSION);
         assert!(a.is_ok() && b.is_ok());
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().expect("accept");
-            handshake(&mut s, &peer("c1", 2, 7), Side::Listener)
-        });
-        let mut c = TcpStream::connect(addr).expect("connect");
+        let (mut c, t) = listen_once(move |mut s| handshake(&mut s, &peer("c1", 2, 7), Side::Listener));
         let mut future = peer("c1", 1, 7).hello(PEER_PROTOCOL_VERSION);
         future.version = PEER_PROTOCOL_VERSION + 1;
         write_frame(&mut c, &tally_codec::encode(&future)).expect("hello");
@@ -325,13 +323,7 @@ mod tests {
     #[test]
     fn a_release_0_3_listener_refuses_the_newest_and_accepts_version_2() {
         for (offer, linked) in [(PEER_PROTOCOL_VERSION, false), (2, true)] {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = l.local_addr().expect("addr");
-            let t = std::thread::spawn(move || {
-                let (mut s, _) = l.accept().expect("accept");
-                release_0_3(&mut s, &peer("c1", 2, 7))
-            });
-            let mut c = TcpStream::connect(addr).expect("connect");
+            let (mut c, t) = listen_once(move |mut s| release_0_3(&mut s, &peer("c1", 2, 7)));
             let ours = handshake(&mut c, &peer("c1", 1, 7), Side::Dialler { node: 2, version: offer });
             let theirs = t.join().expect("join");
             assert_eq!(ours.is_ok(), linked, "offer {offer}: {ours:?}");
@@ -344,13 +336,7 @@ mod tests {
 
     #[test]
     fn a_release_0_3_dialler_links_at_version_2() {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().expect("accept");
-            handshake(&mut s, &peer("c1", 2, 7), Side::Listener)
-        });
-        let mut c = TcpStream::connect(addr).expect("connect");
+        let (mut c, t) = listen_once(move |mut s| handshake(&mut s, &peer("c1", 2, 7), Side::Listener));
         let old = release_0_3(&mut c, &peer("c1", 1, 7)).expect("0.3 accepts");
         assert_eq!(old.version, 2);
         let new = t.join().expect("join").expect("the listener accepts");
@@ -385,13 +371,7 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().expect("accept");
-            handshake(&mut s, &peer("c1", 2, 7), Side::Listener)
-        });
-        let mut c = TcpStream::connect(addr).expect("connect");
+        let (mut c, t) = listen_once(move |mut s| handshake(&mut s, &peer("c1", 2, 7), Side::Listener));
         write_frame(&mut c, b"\x01\x02garbage").expect("write");
         drop(c);
         assert!(t.join().expect("join").is_err());

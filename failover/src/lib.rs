@@ -45,27 +45,12 @@ pub use failure::LogFailure;
 pub use membership::{MemberChange, MembershipError};
 pub use peer_gate::Refusal;
 
-#[cfg(feature = "io")]
-pub mod env;
-#[cfg(feature = "io")]
-pub mod frame;
-#[cfg(feature = "io")]
-pub mod handshake;
+/// Declares the modules that touch the outside world, each built only with the `io` feature.
+macro_rules! io_modules {
+    ($($m:ident),* $(,)?) => { $( #[cfg(feature = "io")] pub mod $m; )* };
+}
 
-#[cfg(feature = "io")]
-pub mod config;
-#[cfg(feature = "io")]
-pub mod raft_log_bridge;
-#[cfg(feature = "io")]
-pub mod revocation;
-#[cfg(feature = "io")]
-pub mod snapshot;
-#[cfg(feature = "io")]
-pub mod snapshot_stream;
-#[cfg(feature = "io")]
-pub mod storage;
-#[cfg(feature = "io")]
-pub mod transport;
+io_modules!(config, env, frame, handshake, raft_log_bridge, revocation, snapshot, snapshot_stream, storage, transport);
 
 #[cfg(feature = "io")]
 pub use config::RaftConfig;

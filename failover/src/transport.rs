@@ -987,6 +987,39 @@ fn authenticate(
     Some((stream, peer.node_id, version))
 }
 
+/// The raft-rs message a frame from `peer_id` completes, with a snapshot's data as this side
+/// reads it whatever the link's `version`; `None` for a snapshot chunk, held until its end.
+fn decode_frame(bytes: &[u8], (peer_id, version): (u64, u16), assemblies: &Assemblies) -> Option<Result<Message, String>> {
+    let decoded = match bytes.split_first() {
+        Some((&KIND_MESSAGE, body)) => Message::parse_from_bytes(body).map_err(|e| e.to_string()),
+        Some((&KIND_CHUNK, body)) => match assemblies.chunk(peer_id, body) {
+            Ok(()) => return None,
+            Err(e) => Err(e.to_string()),
+        },
+        Some((&KIND_END, body)) if body.len() >= 32 => {
+            let (digest, body) = body.split_at(32);
+            let digest: [u8; 32] = digest.try_into().unwrap_or([0; 32]);
+            Message::parse_from_bytes(body).map_err(|e| e.to_string()).and_then(|mut m| {
+                let (stream, data) = assemblies.end(peer_id, &digest).map_err(|e| e.to_string())?;
+                let meta = m.get_snapshot().get_metadata();
+                if !is_snapshot(&m) || (meta.index, meta.term) != (stream.index, stream.term) {
+                    return Err("snapshot end does not match its stream".to_string());
+                }
+                m.mut_snapshot().data = data.into();
+                Ok(m)
+            })
+        }
+        _ => Err("unknown frame kind".to_string()),
+    };
+    Some(decoded.and_then(|mut m| {
+        if is_snapshot(&m) && !m.get_snapshot().data.is_empty() {
+            let data = std::mem::take(&mut m.mut_snapshot().data);
+            m.mut_snapshot().data = SnapshotEnvelope::from_version(version, data.into())?.into();
+        }
+        Ok(m)
+    }))
+}
+
 /// Reads a link's frames into `inbox` until it closes. `(peer_id, version)`: who the link is
 /// from and the protocol version it runs at.
 fn read_messages(
@@ -1007,35 +1040,7 @@ fn read_messages(
                 return if e.kind() == std::io::ErrorKind::ConnectionReset { Closed::ByPeer } else { Closed::ByUs };
             }
         };
-        let decoded = match bytes.split_first() {
-            Some((&KIND_MESSAGE, body)) => Message::parse_from_bytes(body).map_err(|e| e.to_string()),
-            Some((&KIND_CHUNK, body)) => match assemblies.chunk(peer_id, body) {
-                Ok(()) => continue,
-                Err(e) => Err(e.to_string()),
-            },
-            Some((&KIND_END, body)) if body.len() >= 32 => {
-                let (digest, body) = body.split_at(32);
-                let digest: [u8; 32] = digest.try_into().unwrap_or([0; 32]);
-                Message::parse_from_bytes(body).map_err(|e| e.to_string()).and_then(|mut m| {
-                    let (stream, data) = assemblies.end(peer_id, &digest).map_err(|e| e.to_string())?;
-                    let meta = m.get_snapshot().get_metadata();
-                    if !is_snapshot(&m) || (meta.index, meta.term) != (stream.index, stream.term) {
-                        return Err("snapshot end does not match its stream".to_string());
-                    }
-                    m.mut_snapshot().data = data.into();
-                    Ok(m)
-                })
-            }
-            _ => Err("unknown frame kind".to_string()),
-        };
-        // A snapshot's data as this side reads it, whatever the link's version.
-        let decoded = decoded.and_then(|mut m| {
-            if is_snapshot(&m) && !m.get_snapshot().data.is_empty() {
-                let data = std::mem::take(&mut m.mut_snapshot().data);
-                m.mut_snapshot().data = SnapshotEnvelope::from_version(version, data.into())?.into();
-            }
-            Ok(m)
-        });
+        let Some(decoded) = decode_frame(&bytes, (peer_id, version), assemblies) else { continue };
         let msg = match decoded {
             Ok(m) => m,
             Err(e) => {

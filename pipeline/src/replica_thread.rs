@@ -239,26 +239,19 @@ fn mark_log_at_state(log: &mut WalStorage, ledger: &StoreLedger) -> Result<(), S
     Ok(())
 }
 
-/// Whether every member in `others` can apply a revocation: its link runs peer protocol 3 or
-/// later (release 0.3 speaks 2 and would refuse the entry that carries it). `versions`: each
-/// linked peer's protocol version.
+/// Whether the members in `others` can apply a revocation: none of them is linked at peer
+/// protocol 2 (release 0.3 would refuse the entry that carries it). `versions`: each linked
+/// peer's protocol version. A member that is not linked (down, say) does not hold a revocation
+/// back: shutting a leaked key out must not wait for it.
 fn revocation_followable(
     others: impl Iterator<Item = u64>,
     versions: &BTreeMap<u64, u16>,
 ) -> Result<(), MembershipError> {
     for node in others {
-        match versions.get(&node) {
-            Some(v) if *v >= 3 => {}
-            Some(v) => {
-                return Err(MembershipError::Refused(format!(
-                    "node {node} speaks peer protocol {v} (release 0.3), which cannot apply a revocation: upgrade it first"
-                )))
-            }
-            None => {
-                return Err(MembershipError::Refused(format!(
-                    "node {node} is not linked, so its peer protocol is unknown: a revocation waits until every member is reachable"
-                )))
-            }
+        if let Some(v) = versions.get(&node).filter(|v| **v < 3) {
+            return Err(MembershipError::Refused(format!(
+                "node {node} speaks peer protocol {v} (release 0.3), which cannot apply a revocation: upgrade it first"
+            )));
         }
     }
     Ok(())
@@ -636,14 +629,15 @@ impl ReplicaThread {
         }
     }
 
-    /// Whether every other member can follow `change`: a revocation travels in a form release
-    /// 0.3 (peer protocol 2) cannot read, so it waits until every member's link runs protocol 3.
+    /// Whether the other members can follow `change`: a revocation travels in a form release
+    /// 0.3 (peer protocol 2) cannot read, so it waits while a member's link runs protocol 2.
     fn links_carry(&self, change: &MemberChange) -> Result<(), MembershipError> {
-        if !matches!(change, MemberChange::Revoke { .. }) || !self.replica.is_leader() {
+        let MemberChange::Revoke { node: revoked, .. } = change else { return Ok(()) };
+        if !self.replica.is_leader() {
             return Ok(()); // a follower's core answers "not the leader"
         }
         let conf = self.replica.status().conf_state;
-        let others = conf.voters.iter().chain(&conf.learners).copied().filter(|m| *m != self.id);
+        let others = conf.voters.iter().chain(&conf.learners).copied().filter(|m| *m != self.id && m != revoked);
         revocation_followable(others, &self.transport.link_versions())
     }
 
@@ -1021,16 +1015,15 @@ mod tests {
     use super::revocation_followable;
     use std::collections::BTreeMap;
 
-    /// A revocation is proposed only when every other member's link runs peer protocol 3:
-    /// release 0.3 (protocol 2) could not apply it, and an unlinked member's version is unknown.
+    /// A revocation waits while a member's link runs peer protocol 2 (release 0.3 could not
+    /// apply it); a member that is not linked does not hold it back.
     #[test]
-    fn a_revocation_waits_for_every_member_at_peer_protocol_3() {
+    fn a_revocation_waits_while_a_member_speaks_peer_protocol_2() {
         let versions = BTreeMap::from([(2, 3), (3, 2)]);
         assert!(revocation_followable([2].into_iter(), &versions).is_ok());
         let e = revocation_followable([2, 3].into_iter(), &versions).expect_err("node 3 speaks 2");
         assert!(e.to_string().contains("node 3 speaks peer protocol 2"), "{e}");
-        let e = revocation_followable([2, 4].into_iter(), &versions).expect_err("node 4 is not linked");
-        assert!(e.to_string().contains("node 4 is not linked"), "{e}");
+        assert!(revocation_followable([2, 4].into_iter(), &versions).is_ok(), "node 4 is down");
         assert!(revocation_followable([2, 3].into_iter(), &BTreeMap::from([(2, 3), (3, 3)])).is_ok());
     }
 

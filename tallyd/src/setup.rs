@@ -253,13 +253,8 @@ fn admin_keys(cfg: &NodeConfig) -> Result<Vec<PublicKey>, String> {
 /// Raft settings from the node config. Peers must agree on the timing and the genesis, so both
 /// go into the fingerprint the handshake compares.
 fn raft_config(cfg: &NodeConfig, genesis_text: &[u8], peer_security: PeerSecurity) -> RaftConfig {
-    let genesis_hash = blake3::hash(genesis_text);
     let fingerprint_at = |version: u16| {
-        let timing = RaftConfig::timing_fingerprint(version, cfg.tick_ms, cfg.election_ticks, cfg.heartbeat_ticks);
-        let mut h = blake3::Hasher::new();
-        h.update(&timing);
-        h.update(genesis_hash.as_bytes());
-        *h.finalize().as_bytes()
+        RaftConfig::fingerprint(version, cfg.tick_ms, cfg.election_ticks, cfg.heartbeat_ticks, genesis_text)
     };
     RaftConfig {
         node_id: cfg.node_id,

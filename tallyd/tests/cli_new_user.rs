@@ -122,9 +122,9 @@ fn new_user_flow_through_the_cli() {
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
     let expected = [
         "Error: Key is not a proper UUID4",
-        "Created (1 replica)",
+        "Created (durable on 1 replica)",
         "'{\"name\": \"Chapayev's Mustache comb\"}'",
-        "Deleted (1 replica)",
+        "Deleted (durable on 1 replica)",
         "Not found",
     ];
     let mut at = 0;
@@ -299,4 +299,23 @@ fn tally_up_starts_a_three_node_cluster_and_runs_the_demo() {
             "node {i} still listening after up --no-wait"
         );
     }
+}
+
+/// `tally up` without `--dir` makes its cluster directory under the temporary directory and
+/// removes it when it stops, saying so; with `--dir` (above) the files stay.
+#[test]
+fn tally_up_removes_the_directory_it_made_for_itself() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = free_base_port(3).to_string();
+    let o = Command::new(tally_bin())
+        .env("TMPDIR", tmp.path())
+        .args(["up", "--nodes", "3", "--base-port", &base, "--no-wait"])
+        .output()
+        .expect("tally up");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("tally cluster is up"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("tmp").map(|e| e.expect("entry").file_name()).collect();
+    assert!(left.is_empty(), "tally up left {left:?} behind:\n{out}");
+    assert!(out.contains("Removed ") && out.contains("give --dir to keep"), "{out}");
 }

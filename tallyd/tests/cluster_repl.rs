@@ -10,8 +10,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-/// `tally` sits next to `tallyd` in the target directory once `cargo build --workspace` ran (the
-/// README's test command does that first). A missing binary fails the test rather than skipping.
+/// `tally` sits next to `tallyd` in the target directory (`cargo test --workspace` builds it for
+/// `cli/tests/help.rs`). A missing binary fails the test rather than skipping.
 /// The `tally repl` child: its stdin, its stdout lines on a channel, killed by PID on drop.
 struct Repl {
     child: Child,
@@ -62,9 +62,9 @@ const KEY: &str = "0d5d3807-5fbf-4228-a657-5a091c4e497f";
 const KEY2: &str = "6f1c2f4e-8a3b-4c5d-9e7f-0123456789ab";
 const DOC: &str = r#"{"name": "Chapayev's Mustache comb"}"#;
 
-/// `Created (N replicas)` with N at least 2 of 3: a majority holds every commit.
+/// `Created (durable on N replicas)` with N at least 2 of 3: a majority holds every commit.
 fn created(l: &str) -> bool {
-    l.strip_prefix("Created (")
+    l.strip_prefix("Created (durable on ")
         .and_then(|r| r.strip_suffix(" replicas)"))
         .and_then(|n| n.parse::<u32>().ok())
         .is_some_and(|n| n >= 2)
@@ -106,7 +106,7 @@ fn repl_session_survives_two_kills() {
     repl.send(&format!("SET 12345 '{DOC}'"));
     repl.expect("the UUID error", t, |l| l == "Error: Key is not a proper UUID4");
     repl.send(&format!("SET {KEY} '{DOC}'"));
-    repl.expect("Created (N replicas)", t, created);
+    repl.expect("Created (durable on N replicas)", t, created);
     repl.send(&format!("GET {KEY}"));
     repl.expect("the document", t, |l| l == format!("'{DOC}'"));
     repl.send(&format!("DELETE {KEY}"));

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tally_cli::cluster::ClusterLayout;
 use tally_failover::frame::{read_frame, write_frame};
-use tally_failover::handshake::{Hello, Verdict, HANDSHAKE_BYTES_MAX};
+use tally_failover::handshake::{Hello, Verdict, HANDSHAKE_BYTES_MAX, PEER_PROTOCOL_VERSION};
 use tally_failover::snapshot_stream::KIND_MESSAGE;
 use tally_net::Stream;
 
@@ -27,8 +27,8 @@ fn node_files(dir: &Path, claim: u64) -> tally_net::TlsFiles {
 }
 
 /// A peer link into node `target` (index into the layout), authenticated with `files` and
-/// claiming node `claim`: mutual TLS, then the hello (the target's own settings fingerprint,
-/// read from its hello, as any member knows it), then the resume frame.
+/// claiming node `claim`: mutual TLS, then the hello (the cluster's settings fingerprint, which
+/// any member knows: the timing of its config and the genesis file), then the resume frame.
 struct ForgedLink {
     stream: Stream,
     claim: u64,
@@ -44,10 +44,19 @@ impl ForgedLink {
         let deadline = Instant::now() + Duration::from_secs(3);
         let name = tally_net::tls::node_server_name(cfg.node_id);
         let mut stream = Stream::connect(tcp, client, &name, deadline).map_err(|e| format!("TLS: {e}"))?;
-        let theirs = read_frame(&mut stream, HANDSHAKE_BYTES_MAX).map_err(|e| format!("hello: {e}"))?;
-        let theirs: Hello = tally_codec::decode(&theirs, HANDSHAKE_BYTES_MAX).map_err(|e| e.to_string())?;
-        let ours = Hello { node_id: claim, ..theirs };
+        let genesis = std::fs::read(&layout.genesis_path).map_err(|e| e.to_string())?;
+        let fingerprint = tally_failover::RaftConfig::fingerprint(
+            PEER_PROTOCOL_VERSION,
+            cfg.tick_ms,
+            cfg.election_ticks,
+            cfg.heartbeat_ticks,
+            &genesis,
+        );
+        let ours = Hello::new(&cfg.cluster_id, claim, fingerprint);
         write_frame(&mut stream, &tally_codec::encode(&ours)).map_err(|e| e.to_string())?;
+        stream.flush().map_err(|e| e.to_string())?;
+        let theirs = read_frame(&mut stream, HANDSHAKE_BYTES_MAX).map_err(|e| format!("hello: {e}"))?;
+        tally_codec::decode::<Hello>(&theirs, HANDSHAKE_BYTES_MAX).map_err(|e| e.to_string())?;
         write_frame(&mut stream, &tally_codec::encode(&Verdict::Accept)).map_err(|e| e.to_string())?;
         stream.flush().map_err(|e| e.to_string())?;
         let verdict = read_frame(&mut stream, HANDSHAKE_BYTES_MAX).map_err(|e| format!("verdict: {e}"))?;

@@ -148,10 +148,15 @@ pub fn cannot_run(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
 }
 
-/// The `tally` binary next to `tallyd` (`cargo build --workspace` puts it there).
+/// The `tally` binary next to `tallyd` (`cargo test --workspace` builds it for
+/// `cli/tests/help.rs`; `cargo build -p tally-cli` does too).
 pub fn tally_bin() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_tallyd")).with_file_name("tally");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` (or `cargo build -p tally-cli` first)",
+        p.display()
+    );
     p
 }
 
