@@ -833,37 +833,41 @@ fn status_at(addr: &str, dial: &tally_net::Dial) -> Option<tally_codec::wire::St
 
 fn status(addrs: &Target, key_path: Option<&Path>, out: Output) -> Result<ExitCode, ClientError> {
     let client = connect(addrs, read_key(key_path)?)?;
+    // Addresses as the cluster advertises them, dialled as this host reaches them (the map of
+    // a `--hosts` directory's client.toml; the same address elsewhere).
+    let dialled = |a: &str| addrs.addr_map.get(a).cloned().unwrap_or_else(|| a.to_string());
     // The leader's view (match indexes are only known there); the first answer's when the
     // leader can't be reached from here.
     let first = client.status()?;
     let view = match (&first.leader_addr, first.leader_id) {
-        (Some(a), Some(l)) if l != first.node_id => status_at(a, &addrs.dial).unwrap_or_else(|| first.clone()),
+        (Some(a), Some(l)) if l != first.node_id => status_at(&dialled(a), &addrs.dial).unwrap_or_else(|| first.clone()),
         _ => first.clone(),
     };
+    // Every member probed from here, the same way for the text and the JSON.
+    let reachable: Vec<bool> = std::thread::scope(|sc| {
+        let probes: Vec<_> = view
+            .members
+            .iter()
+            .map(|m| {
+                let (dial, addr) = (&addrs.dial, dialled(&m.client_addr));
+                sc.spawn(move || status_at(&addr, dial).is_some_and(|s| s.node_id == m.node_id))
+            })
+            .collect();
+        probes.into_iter().map(|h| h.join().unwrap_or(false)).collect()
+    });
     if out == Output::Json {
-        // Every member probed from here for reachability.
-        let reachable: Vec<bool> = std::thread::scope(|sc| {
-            let probes: Vec<_> = view
-                .members
-                .iter()
-                .map(|m| {
-                    let dial = &addrs.dial;
-                    sc.spawn(move || status_at(&m.client_addr, dial).is_some_and(|s| s.node_id == m.node_id))
-                })
-                .collect();
-            probes.into_iter().map(|h| h.join().unwrap_or(false)).collect()
-        });
         output::print(&output::status(&view, first.node_id, &reachable));
         return Ok(ExitCode::SUCCESS);
     }
     for line in repl::status_info_lines(&view) {
         println!("{line}");
     }
-    client.probe_members();
-    let (reachable, configured) = client.reachable();
-    println!("Reachable from here: {reachable} of {configured} replicas");
-    if let Some(w) = client.majority_warning() {
-        println!("{w}");
+    let (voters_reachable, configured) = output::voters_reachable(&view, &reachable);
+    println!("Reachable from here: {voters_reachable} of {configured} replicas");
+    let needed = configured / 2 + 1;
+    if voters_reachable < needed {
+        let warning = tally_client::client::ClientEvent::MinorityWarning { reachable: voters_reachable, configured, needed };
+        println!("{warning}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -201,6 +201,14 @@ pub fn role(s: &StatusInfo, m: &tally_codec::wire::MemberInfo) -> &'static str {
 
 /// `status`: the view of the node in `s` (the leader when it could be reached), each member's
 /// reachability from here (`reachable[i]` for `s.members[i]`), and who answered first.
+/// Of the voters of `s`, how many `reachable` (by member, in `s.members` order) says answer,
+/// and how many replicas the configuration has.
+pub fn voters_reachable(s: &StatusInfo, reachable: &[bool]) -> (usize, usize) {
+    let voters = s.members.iter().filter(|m| m.is_voter).count();
+    let answering = s.members.iter().zip(reachable).filter(|(m, r)| m.is_voter && **r).count();
+    (answering, (s.replicas_configured as usize).max(voters))
+}
+
 pub fn status(s: &StatusInfo, answered_by: u64, reachable: &[bool]) -> Value {
     let top = s.members.iter().map(|m| m.matched_index).max().unwrap_or(0);
     let members: Vec<Value> = s
@@ -220,9 +228,7 @@ pub fn status(s: &StatusInfo, answered_by: u64, reachable: &[bool]) -> Value {
             })
         })
         .collect();
-    let voters = s.members.iter().filter(|m| m.is_voter).count();
-    let voters_reachable = s.members.iter().zip(reachable).filter(|(m, r)| m.is_voter && **r).count();
-    let configured = (s.replicas_configured as usize).max(voters);
+    let (voters_reachable, configured) = voters_reachable(s, reachable);
     json!({
         "cluster_id": s.cluster_id.to_string(),
         "operator_key": s.operator_key.to_string(),

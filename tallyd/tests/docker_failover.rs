@@ -378,6 +378,19 @@ fn docker_compose_cluster_fails_over_heals_a_partition_and_loses_nothing() {
         }
     }
 
+    // `tally status` from the host, text and JSON alike: the leader's view, every member
+    // reachable through the published ports (JSON said 0 of 3 when it dialled the advertised
+    // tally-<i> names).
+    let dir = layout.dir.to_str().expect("utf-8");
+    let o = tally_command().args(["--cluster-dir", dir, "-o", "json", "status"]).output().expect("tally status");
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert_eq!(s["reachable"], NODES, "JSON status from the host: {s:#}");
+    assert_eq!(s["majority_reachable"], true, "{s:#}");
+    assert_eq!(s["view_of"], s["leader_id"], "the leader's view: {s:#}");
+    let o = tally_command().args(["--cluster-dir", dir, "status"]).output().expect("tally status");
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains(&format!("Reachable from here: {NODES} of {NODES} replicas")), "{t}");
+
     // Load from the host: the client library (members advertised as tally-<i>:PORT, dialled
     // through the map of client.toml) and one-request probes to every published port.
     let opts = ClientOptions { addr_map: Arc::new(layout.addr_map()), ..short_opts() };
