@@ -157,6 +157,9 @@ struct View {
     warned: Option<usize>,
     /// Since when the current node has answered without knowing a leader.
     no_leader_since: Option<Instant>,
+    /// The client moved to another node: `Reconnected` is emitted after the next round of
+    /// probes (with a heartbeat), so that it names live nodes and a leader that answers.
+    report_due: bool,
 }
 
 struct Inner {
@@ -721,12 +724,30 @@ impl Inner {
             .map(|(_, a)| a.clone())
             .collect();
         let (leader_id, term) = v.status.as_ref().map(|s| (s.leader_id, s.term)).unwrap_or((None, 0));
+        // A leader the current node still names but that answers nothing (it just died, the
+        // election is under way) is not reported as the leader.
+        let current = v.status.as_ref().map(|s| s.node_id);
+        let answers = |id: u64| Some(id) == current || v.last_ok.get(&id).is_some_and(|t| t.elapsed() < window);
+        let leader_id = leader_id.filter(|l| answers(*l));
         ConnectionReport { addr, leader_id, term, known }
     }
 
     fn emit(&self, ev: ClientEvent) {
         // A full channel means nobody is listening closely; dropping is better than blocking.
         let _ = self.events_tx.try_send(ev);
+    }
+
+    /// The client moved to another node. With a heartbeat, `Reconnected` (and the majority
+    /// check) wait for its next round of probes, so the report names the members that answer
+    /// now, not those that answered in the last seconds (the node that just died among them);
+    /// without one, they are emitted now.
+    fn moved(&self) {
+        if self.opts.heartbeat.is_some() {
+            self.view.lock().report_due = true;
+        } else {
+            self.emit(ClientEvent::Reconnected(self.report()));
+            self.check_majority();
+        }
     }
 
     /// Emits a warning when the reachable count drops below a majority (once per count), and a
@@ -808,8 +829,7 @@ impl Inner {
                 Ok((conn, info)) => {
                     self.install(conn.clone(), info);
                     tracing::info!(%addr, "switched node");
-                    self.emit(ClientEvent::Reconnected(self.report()));
-                    self.check_majority();
+                    self.moved();
                     return Ok(conn);
                 }
                 Err(e) => last = e.to_string(),
@@ -841,8 +861,7 @@ impl Inner {
         }
         if let Ok((conn, info)) = self.open(hint) {
             self.install(conn, info);
-            self.emit(ClientEvent::Reconnected(self.report()));
-            self.check_majority();
+            self.moved();
         }
     }
 
@@ -983,6 +1002,12 @@ impl Inner {
             handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
         });
         let mut v = self.view.lock();
+        // A member probed that did not answer is unreachable now, whenever it last answered.
+        for (id, _) in members.iter().filter(|(id, a)| Some(*id) != current && addrs.contains(a)) {
+            if !answered.contains(id) {
+                v.last_ok.remove(id);
+            }
+        }
         for id in answered {
             v.last_ok.insert(id, Instant::now());
         }
@@ -1015,6 +1040,9 @@ impl Inner {
                 break;
             }
             self.probe_members();
+            if std::mem::take(&mut self.view.lock().report_due) {
+                self.emit(ClientEvent::Reconnected(self.report()));
+            }
             self.check_majority();
             if let Some(rest) = period.checked_sub(started.elapsed()) {
                 std::thread::sleep(rest);
@@ -1143,6 +1171,30 @@ mod failover_tests {
         // And the client keeps working on the new node.
         assert!(client.set(doc, r#"{"x": 2}"#).is_ok());
         assert_eq!(b.state.seen.lock().len(), 1);
+    }
+
+    /// The leader dies while the client is on it; the survivors still name it for a moment.
+    /// `Reconnected` names no leader that answers nothing and lists the live nodes only, and 2
+    /// of 3 is no minority (the REPL said "leader: node 1", kept the dead node among the known
+    /// ones, dropped a live one and warned "1 of 3 reachable").
+    #[test]
+    fn after_the_leader_dies_the_report_names_live_nodes_and_no_dead_leader() {
+        let (a, b, c) = (FakeNode::start(1), FakeNode::start(2), FakeNode::start(3));
+        cluster(&[&a, &b, &c], &[], Some(&a));
+        let client = Client::connect(std::slice::from_ref(&a.addr), key(), opts(true)).expect("connect");
+        std::thread::sleep(Duration::from_millis(500)); // a few heartbeats: every member answered
+        let events = client.events();
+        a.kill(); // b and c still say node 1 leads
+        let ev = next_event(&events, |e| matches!(e, ClientEvent::Reconnected(_))).expect("reconnected");
+        let ClientEvent::Reconnected(r) = &ev else { unreachable!() };
+        assert_eq!(r.leader_id, None, "node 1 answers nothing: {ev}");
+        assert_eq!(r.known, vec![b.addr.clone(), c.addr.clone()], "the live nodes, not the dead one: {ev}");
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(client.reachable(), (2, 3), "two of three answer");
+        assert!(client.majority_warning().is_none());
+        while let Ok(ev) = events.try_recv() {
+            assert!(!matches!(ev, ClientEvent::MinorityWarning { .. }), "warned with 2 of 3 answering: {ev}");
+        }
     }
 
     #[test]
