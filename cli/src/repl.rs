@@ -435,29 +435,19 @@ pub fn run(client: &Client) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The session on a terminal (rustyline: line editing, history). What happened in the
+/// background (`Reconnected …`, a minority warning) is printed before the next prompt, not
+/// while rustyline reads: its external printer left typed-ahead input stuck (`> h`, waiting for
+/// another key; rustyline issue #976).
 fn run_terminal(client: &Client, events: crossbeam::channel::Receiver<ClientEvent>) -> Result<(), ClientError> {
     use rustyline::error::ReadlineError;
-    use rustyline::ExternalPrinter;
     let term_err = |e: ReadlineError| ClientError::Invalid(format!("terminal: {e}"));
     let mut rl = rustyline::DefaultEditor::new().map_err(term_err)?;
-    match rl.create_external_printer() {
-        Ok(mut printer) => {
-            std::thread::spawn(move || {
-                for ev in events.iter() {
-                    let _ = printer.print(format!("{ev}\n"));
-                }
-            });
-        }
-        Err(_) => {
-            std::thread::spawn(move || {
-                for ev in events.iter() {
-                    println!("{ev}");
-                }
-            });
-        }
-    }
     let mut out = std::io::stdout();
     loop {
+        for ev in events.try_iter() {
+            println!("{ev}");
+        }
         match rl.readline("> ") {
             Ok(line) => {
                 if !line.trim().is_empty() {

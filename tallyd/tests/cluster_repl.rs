@@ -172,3 +172,54 @@ fn durable_replicas_counts_at_least_a_majority() {
         counts.len()
     );
 }
+
+/// Drives `argv` in a pseudo-terminal (python3's `pty`), writes `input` at once, before the
+/// first prompt (typed ahead), and returns what the terminal showed and whether the program
+/// ended within `timeout_s`.
+const PTY_DRIVER: &str = r#"
+import os, pty, select, sys, time
+timeout, data, argv = float(sys.argv[1]), sys.argv[2].encode(), sys.argv[3:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+os.write(fd, data)
+out, deadline, done = b"", time.time() + timeout, False
+while time.time() < deadline and not done:
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if fd in r:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        out += chunk
+        if not chunk:
+            done = True
+    elif os.waitpid(pid, os.WNOHANG)[0]:
+        done = True
+if not done:
+    os.kill(pid, 9)
+sys.stdout.buffer.write(out)
+sys.exit(0 if done else 3)
+"#;
+
+/// The REPL on a terminal with input typed ahead (`help`, `status` and `quit` written before
+/// the first prompt, as a fast typist or a paste does): every command runs and the session
+/// ends. With rustyline's external printer it showed `> h` and waited for another key.
+#[test]
+fn typed_ahead_input_on_a_terminal_is_read_whole() {
+    let (_dir, layout) = init_cluster(3, 1);
+    let _nodes = start_all(&layout);
+    let bin = tally_bin();
+    let o = Command::new("python3")
+        .args(["-c", PTY_DRIVER, "20", "help\nstatus\nquit\n"])
+        .arg(&bin)
+        .args(["--cluster-dir", layout.dir.to_str().expect("utf-8"), "--key"])
+        .arg(&layout.account_keys[0])
+        .arg("repl")
+        .output()
+        .expect("python3 drives the pty");
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "the session did not end within 20 s; the terminal showed:\n{shown}");
+    assert!(shown.contains("Commands (case-insensitive)"), "HELP ran:\n{shown}");
+    assert!(shown.contains("Answered by node"), "STATUS ran:\n{shown}");
+}
