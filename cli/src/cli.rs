@@ -840,7 +840,9 @@ fn status(addrs: &Target, key_path: Option<&Path>, out: Output) -> Result<ExitCo
     // leader can't be reached from here.
     let first = client.status()?;
     let view = match (&first.leader_addr, first.leader_id) {
-        (Some(a), Some(l)) if l != first.node_id => status_at(&dialled(a), &addrs.dial).unwrap_or_else(|| first.clone()),
+        (Some(a), Some(l)) if l != first.node_id => {
+            status_at(&dialled(a), &addrs.dial).unwrap_or_else(|| first.clone())
+        }
         _ => first.clone(),
     };
     // Every member probed from here, the same way for the text and the JSON.
@@ -866,7 +868,8 @@ fn status(addrs: &Target, key_path: Option<&Path>, out: Output) -> Result<ExitCo
     println!("Reachable from here: {voters_reachable} of {configured} replicas");
     let needed = configured / 2 + 1;
     if voters_reachable < needed {
-        let warning = tally_client::client::ClientEvent::MinorityWarning { reachable: voters_reachable, configured, needed };
+        let warning =
+            tally_client::client::ClientEvent::MinorityWarning { reachable: voters_reachable, configured, needed };
         println!("{warning}");
     }
     Ok(ExitCode::SUCCESS)

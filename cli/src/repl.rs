@@ -435,41 +435,62 @@ pub fn run(client: &Client) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// The session on a terminal (rustyline: line editing, history). What happened in the
-/// background (`Reconnected …`, a minority warning) is printed before the next prompt, not
-/// while rustyline reads: its external printer left typed-ahead input stuck (`> h`, waiting for
-/// another key; rustyline issue #976).
+/// The session on a terminal (rustyline: line editing, history). Lines already waiting when a
+/// prompt is due (typed ahead while a command ran, or before the first prompt) are read as the
+/// terminal delivers them, one whole line at a time, and not through rustyline: its reader keeps
+/// what it read past the first line and drops it when `readline` returns (rustyline issue #690;
+/// typed-ahead `help` showed `> h` and waited). A paste into the prompt (one multi-line string
+/// with bracketed paste) runs line by line. What happened in the background (`Reconnected …`,
+/// a minority warning) is printed before the next prompt.
 fn run_terminal(client: &Client, events: crossbeam::channel::Receiver<ClientEvent>) -> Result<(), ClientError> {
     use rustyline::error::ReadlineError;
     let term_err = |e: ReadlineError| ClientError::Invalid(format!("terminal: {e}"));
+    let io_err = |e: std::io::Error| ClientError::Io { addr: "terminal".into(), source: e };
     let mut rl = rustyline::DefaultEditor::new().map_err(term_err)?;
     let mut out = std::io::stdout();
     loop {
         for ev in events.try_iter() {
             println!("{ev}");
         }
-        match rl.readline("> ") {
-            Ok(line) => {
-                if !line.trim().is_empty() {
-                    let _ = rl.add_history_entry(line.as_str());
-                }
-                let keep_going = match parse_line(&line) {
-                    Ok(cmd) => execute(client, cmd, &mut out)
-                        .map_err(|e| ClientError::Io { addr: "terminal".into(), source: e })?,
-                    Err(msg) => {
-                        println!("Error: {msg}");
-                        true
-                    }
-                };
-                if !keep_going {
-                    return Ok(());
-                }
+        let input = if line_waiting() {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).map_err(io_err)? == 0 {
+                return Ok(()); // end of input
             }
-            Err(ReadlineError::Interrupted) => continue,
-            Err(ReadlineError::Eof) => return Ok(()),
-            Err(e) => return Err(term_err(e)),
+            line
+        } else {
+            match rl.readline("> ") {
+                Ok(line) => line,
+                Err(ReadlineError::Interrupted) => continue,
+                Err(ReadlineError::Eof) => return Ok(()),
+                Err(e) => return Err(term_err(e)),
+            }
+        };
+        for line in input.lines() {
+            if !line.trim().is_empty() {
+                let _ = rl.add_history_entry(line);
+            }
+            let keep_going = match parse_line(line) {
+                Ok(cmd) => execute(client, cmd, &mut out).map_err(io_err)?,
+                Err(msg) => {
+                    println!("Error: {msg}");
+                    true
+                }
+            };
+            if !keep_going {
+                return Ok(());
+            }
         }
     }
+}
+
+/// Whether the terminal holds a whole line (or the end of input) not read yet: in the
+/// terminal's line mode, between prompts, stdin is readable only then.
+fn line_waiting() -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+    matches!(poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0)
 }
 
 #[cfg(test)]

@@ -173,17 +173,22 @@ fn durable_replicas_counts_at_least_a_majority() {
     );
 }
 
-/// Drives `argv` in a pseudo-terminal (python3's `pty`), writes `input` at once, before the
-/// first prompt (typed ahead), and returns what the terminal showed and whether the program
-/// ended within `timeout_s`.
+/// Drives `argv` in a pseudo-terminal (python3's `pty`): writes the lines of `input` with `gap`
+/// seconds between them (0: all at once, before the first prompt, typed ahead), and prints what
+/// the terminal showed; exit 0 if the program ended within `timeout` seconds.
 const PTY_DRIVER: &str = r#"
 import os, pty, select, sys, time
-timeout, data, argv = float(sys.argv[1]), sys.argv[2].encode(), sys.argv[3:]
+timeout, gap, lines, argv = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3].encode().splitlines(True), sys.argv[4:]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(argv[0], argv)
-os.write(fd, data)
 out, deadline, done = b"", time.time() + timeout, False
+for line in lines:
+    if gap:
+        time.sleep(gap)
+        while select.select([fd], [], [], 0)[0]:
+            out += os.read(fd, 65536)
+    os.write(fd, line)
 while time.time() < deadline and not done:
     r, _, _ = select.select([fd], [], [], 0.2)
     if fd in r:
@@ -203,23 +208,26 @@ sys.exit(0 if done else 3)
 "#;
 
 /// The REPL on a terminal with input typed ahead (`help`, `status` and `quit` written before
-/// the first prompt, as a fast typist or a paste does): every command runs and the session
-/// ends. With rustyline's external printer it showed `> h` and waited for another key.
+/// the first prompt, as a fast typist or a paste does), and typed slowly (through rustyline's
+/// line editing): every command runs and the session ends. With rustyline reading typed-ahead
+/// input it showed `> h` and waited for another key.
 #[test]
 fn typed_ahead_input_on_a_terminal_is_read_whole() {
     let (_dir, layout) = init_cluster(3, 1);
     let _nodes = start_all(&layout);
     let bin = tally_bin();
-    let o = Command::new("python3")
-        .args(["-c", PTY_DRIVER, "20", "help\nstatus\nquit\n"])
-        .arg(&bin)
-        .args(["--cluster-dir", layout.dir.to_str().expect("utf-8"), "--key"])
-        .arg(&layout.account_keys[0])
-        .arg("repl")
-        .output()
-        .expect("python3 drives the pty");
-    let shown = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "the session did not end within 20 s; the terminal showed:\n{shown}");
-    assert!(shown.contains("Commands (case-insensitive)"), "HELP ran:\n{shown}");
-    assert!(shown.contains("Answered by node"), "STATUS ran:\n{shown}");
+    for gap in ["0", "0.7"] {
+        let o = Command::new("python3")
+            .args(["-c", PTY_DRIVER, "20", gap, "help\nstatus\nquit\n"])
+            .arg(&bin)
+            .args(["--cluster-dir", layout.dir.to_str().expect("utf-8"), "--key"])
+            .arg(&layout.account_keys[0])
+            .arg("repl")
+            .output()
+            .expect("python3 drives the pty");
+        let shown = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "gap {gap}: the session did not end within 20 s; the terminal showed:\n{shown}");
+        assert!(shown.contains("Commands (case-insensitive)"), "gap {gap}: HELP ran:\n{shown}");
+        assert!(shown.contains("Answered by node"), "gap {gap}: STATUS ran:\n{shown}");
+    }
 }
