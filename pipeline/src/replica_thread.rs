@@ -43,7 +43,7 @@ use tally_codec::{ErrorCode, Tables};
 use tally_core::{Effect, Event, LogFailure, Persist, Plant, Refusal, Replica, ReplicaConfig, RestoredLog, Status};
 use tally_failover::config::{check_conf_context, check_entry, ConfContext, INBOX_MESSAGES_MAX};
 use tally_failover::env::Env;
-use tally_failover::handshake::LocalPeer;
+use tally_failover::handshake::{LocalPeer, PEER_PROTOCOL_VERSION};
 use tally_failover::revocation::{fingerprint_hex, Revocation, RevokedCerts};
 use tally_failover::storage::{conf_ids, log_failure, MemberAddr, WalStorage};
 use tally_failover::transport::{PeerSecurity, TcpTransport, Transport};
@@ -922,6 +922,12 @@ impl ReplicaThread {
             members: members_of(&status, &addrs),
             voters: status.conf_state.voters.clone(),
             leader_commit: leader_commit.max(status.commit_index),
+            older_peers: self
+                .transport
+                .link_versions()
+                .into_iter()
+                .filter(|(_, v)| *v < PEER_PROTOCOL_VERSION)
+                .collect(),
         };
         self.status.publish(published);
         // Frames relayed to a replica that no longer leads are answered (retryable) now.

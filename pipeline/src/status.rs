@@ -49,6 +49,9 @@ pub struct ReplicaStatus {
     /// Why this replica stopped replicating (a failed log or store write, a full disk); a
     /// stopped replica sends nothing, so its followers elect another leader.
     pub stopped: Option<LogFailure>,
+    /// Peers this replica's links reach at an older peer protocol than its newest, with that
+    /// version: replicas of an older release, in the middle of a rolling upgrade.
+    pub older_peers: Vec<(u64, u16)>,
 }
 
 /// The replica thread's part of the status, published after every pass.
@@ -60,6 +63,7 @@ pub struct Published {
     pub members: Vec<Member>,
     pub voters: Vec<u64>,
     pub leader_commit: u64,
+    pub older_peers: Vec<(u64, u16)>,
 }
 
 /// The status and a condition readers wait on (the applied point moving, a stop).
@@ -118,6 +122,7 @@ impl StatusBoard {
         s.members = p.members;
         s.voters = p.voters;
         s.leader_commit = p.leader_commit;
+        s.older_peers = p.older_peers;
     }
 
     /// The commit index the replica thread knows, before it answers anyone.
@@ -189,6 +194,7 @@ mod tests {
             members: Vec::new(),
             voters: vec![1, 2, 3],
             leader_commit: 9,
+            older_peers: Vec::new(),
         }
     }
 

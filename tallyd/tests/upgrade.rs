@@ -226,10 +226,30 @@ fn a_rolling_upgrade_from_release_0_3_under_load_loses_nothing() {
         let text = std::fs::read_to_string(log(i)).expect("log");
         if step < 2 {
             assert!(text.contains("version=2"), "node {} links to release 0.3 at peer protocol 2:\n{text}", i + 1);
+            // The status of an upgraded replica names the replicas of release 0.3 it is linked to:
+            // at least the leader, which is upgraded last.
+            let old_leader = leader as u64 + 1;
+            let said = |s: &tally_codec::wire::StatusInfo| {
+                s.warnings.iter().any(|w| w.starts_with(&format!("node {old_leader} speaks peer protocol 2")))
+            };
+            assert!(
+                wait_until(Duration::from_secs(10), || status_of(&addrs[i]).is_some_and(|s| said(&s))),
+                "node {} warns that node {old_leader} runs release 0.3: {:?}",
+                i + 1,
+                status_of(&addrs[i]).map(|s| s.warnings)
+            );
         }
     }
     let leaders = watch.finish();
     let acked = writer.finish();
+    for a in &addrs {
+        let upgraded = |s: &tally_codec::wire::StatusInfo| !s.warnings.iter().any(|w| w.contains("peer protocol 2"));
+        assert!(
+            wait_until(Duration::from_secs(10), || status_of(a).is_some_and(|s| upgraded(&s))),
+            "{a}: no warning of an older release once every replica runs this one: {:?}",
+            status_of(a).map(|s| s.warnings)
+        );
+    }
     assert!(acked.len() > 600, "{} requests acknowledged", acked.len());
     assert_invariants(&addrs, &layout, &acked);
     // Each replica restarted last dialled only replicas of this release: protocol 3 throughout.

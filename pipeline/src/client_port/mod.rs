@@ -567,6 +567,12 @@ pub fn status(port: &ClientPort) -> StatusInfo {
     if s.leader_id.is_none() {
         warnings.push("no leader known; writes wait until one is elected".into());
     }
+    for (node, version) in &s.older_peers {
+        warnings.push(format!(
+            "node {node} speaks peer protocol {version} (an older release): the cluster runs mixed releases \
+             until it is upgraded; `tally cluster revoke-node` waits until then"
+        ));
+    }
     StatusInfo {
         node_id: s.node_id,
         cluster_id: port.opts.cluster_id,
