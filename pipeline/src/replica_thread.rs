@@ -257,6 +257,14 @@ fn revocation_followable(
     Ok(())
 }
 
+/// The peers linked at an older protocol than this replica's newest, among the links that are
+/// fresh: a leader writes to every member (heartbeats), a follower only to its leader; a link
+/// nothing was written on since its peer restarted still shows the version it had.
+fn older_peers(versions: &BTreeMap<u64, u16>, is_leader: bool, leader: Option<u64>) -> Vec<(u64, u16)> {
+    let fresh = |id: u64| is_leader || Some(id) == leader;
+    versions.iter().filter(|(id, v)| fresh(**id) && **v < PEER_PROTOCOL_VERSION).map(|(id, v)| (*id, *v)).collect()
+}
+
 /// The peer transport (its listener started, snapshots streamed from the ledger's exports) and
 /// what probes a peer address, or no peers for a cluster of one without a peer port.
 fn start_transport(
@@ -922,12 +930,7 @@ impl ReplicaThread {
             members: members_of(&status, &addrs),
             voters: status.conf_state.voters.clone(),
             leader_commit: leader_commit.max(status.commit_index),
-            older_peers: self
-                .transport
-                .link_versions()
-                .into_iter()
-                .filter(|(_, v)| *v < PEER_PROTOCOL_VERSION)
-                .collect(),
+            older_peers: older_peers(&self.transport.link_versions(), status.is_leader, status.leader_id),
         };
         self.status.publish(published);
         // Frames relayed to a replica that no longer leads are answered (retryable) now.
@@ -1020,6 +1023,17 @@ impl Drop for ReplicaThread {
 mod tests {
     use super::revocation_followable;
     use std::collections::BTreeMap;
+
+    /// A leader names every member linked at an older protocol; a follower only its leader (its
+    /// links to other followers carry nothing, so their versions may be stale).
+    #[test]
+    fn older_peers_are_named_where_links_are_fresh() {
+        let versions = BTreeMap::from([(1, 2), (2, 3), (3, 2)]);
+        assert_eq!(super::older_peers(&versions, true, Some(4)), vec![(1, 2), (3, 2)]);
+        assert_eq!(super::older_peers(&versions, false, Some(1)), vec![(1, 2)]);
+        assert_eq!(super::older_peers(&versions, false, Some(2)), vec![]);
+        assert_eq!(super::older_peers(&versions, false, None), vec![]);
+    }
 
     /// A revocation waits while a member's link runs peer protocol 2 (release 0.3 could not
     /// apply it); a member that is not linked does not hold it back.
