@@ -525,8 +525,6 @@ type Conn = BufWriter<Stream>;
 /// An outbound link's connection, and what it keeps between dials.
 struct Link {
     conn: Option<(Conn, Resume)>,
-    /// The peer protocol version `conn` runs at.
-    version: u16,
     /// The certificate the listener presented on `conn`.
     fingerprint: Option<[u8; 32]>,
     backoff_ms: u64,
@@ -544,13 +542,7 @@ impl Link {
 
 impl Outbound {
     fn run(self) {
-        let mut link = Link {
-            conn: None,
-            version: PEER_PROTOCOL_VERSION,
-            fingerprint: None,
-            backoff_ms: RECONNECT_BACKOFF_MS_MIN,
-            last_error: None,
-        };
+        let mut link = Link { conn: None, fingerprint: None, backoff_ms: RECONNECT_BACKOFF_MS_MIN, last_error: None };
         // A snapshot that arrived while another was streaming (only the newest is kept).
         let mut deferred: Option<Message> = None;
         while !self.halted() {
@@ -564,15 +556,15 @@ impl Outbound {
             };
             if link.conn.is_some() && self.security.revoked(link.fingerprint) {
                 tracing::warn!(peer = self.peer, addr = %self.addr, "the peer's certificate was revoked; link closed");
-                link.shutdown();
-                self.version.store(0, Ordering::Release);
+                self.close(&mut link);
             }
             if link.conn.is_none() && !self.dial(&mut link, &first) {
                 continue;
             }
             let Some((w, resume)) = link.conn.as_mut() else { continue };
             let r = if is_snapshot(&first) {
-                let r = self.stream_snapshot(w, resume, link.version, first, &mut deferred);
+                let version = self.version.load(Ordering::Acquire);
+                let r = self.stream_snapshot(w, resume, version, first, &mut deferred);
                 self.report(r.as_ref().is_ok_and(|delivered| *delivered));
                 r.map(|_| ())
             } else {
@@ -580,8 +572,7 @@ impl Outbound {
             };
             if let Err(e) = r {
                 tracing::warn!(peer = self.peer, addr = %self.addr, error = %e, "peer link write failed; reconnecting");
-                link.shutdown();
-                self.version.store(0, Ordering::Release);
+                self.close(&mut link);
             }
         }
     }
@@ -592,7 +583,6 @@ impl Outbound {
         match connect(&self.addr, &self.local, &self.security, self.peer) {
             Ok((s, resume, version)) => {
                 tracing::info!(peer = self.peer, addr = %self.addr, version, "peer link up");
-                link.version = version;
                 self.version.store(version, Ordering::Release);
                 link.fingerprint = PeerSecurity::fingerprint(&s);
                 link.conn = Some((BufWriter::new(s), resume));
@@ -622,6 +612,12 @@ impl Outbound {
                 false
             }
         }
+    }
+
+    /// Closes the link's connection; its version is unknown until the next dial.
+    fn close(&self, link: &mut Link) {
+        link.shutdown();
+        self.version.store(0, Ordering::Release);
     }
 
     /// The transport stops, or the peer left the configuration.
